@@ -1,0 +1,3 @@
+from velora_cli.cli import main
+
+main()
