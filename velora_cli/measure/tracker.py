@@ -1,0 +1,359 @@
+"""Live tensor storages by category, observed op by op during one training step.
+
+`MemoryTracker` is a `TorchDispatchMode`-based ledger of every tensor *storage* alive on the model's
+device. It sees each op's outputs (forward, backward and optimizer step alike), counts each storage
+once however many views point at it, and hears about frees through a weakref finalizer on the
+storage. It works the same on real CPU tensors and on meta tensors (which have a storage with
+`nbytes()` but `data_ptr() == 0`, so storages are keyed by Python identity, never by address).
+
+The number it reports is meant to predict `torch.cuda.max_memory_allocated()` for the same step:
+each storage is rounded up to `round_to` bytes (512, the CUDA caching allocator's minimum block,
+c10/cuda/CUDACachingAllocator.cpp `kMinBlockSize`). What it cannot see: scratch buffers a kernel
+allocates internally and frees before returning (cuBLAS workspace, flash-attention scratch), the
+CUDA context, and fragmentation; `max_memory_reserved` is therefore always higher.
+
+We own this instead of wrapping `torch.distributed._tools.mem_tracker.MemTracker` (private API) for
+three reasons: it refuses a second call of the root module in one context, it rounds only CUDA
+storages (so a meta estimate cannot be rounded), and its categories are fixed when a storage is
+created (optimizer temporaries count as optimizer state, the gradients' buffers as temporaries
+until a hook relabels them).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import weakref
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import torch
+from torch import nn
+from torch.optim.optimizer import (
+    register_optimizer_step_post_hook,
+    register_optimizer_step_pre_hook,
+)
+from torch.utils._python_dispatch import TorchDispatchMode, is_traceable_wrapper_subclass
+from torch.utils._pytree import tree_leaves
+
+# Report order; also the precedence of roles (a storage that is both takes the earlier one).
+CATEGORIES = ("params", "buffers", "grads", "optimizer", "activations", "temporaries")
+_RANK = {name: rank for rank, name in enumerate(CATEGORIES)}
+
+# The CUDA caching allocator rounds every block up to 512 bytes (kMinBlockSize).
+CUDA_MIN_BLOCK = 512
+
+
+class _Entry:
+    """One live storage: its (rounded) size and its role, which may be upgraded later."""
+
+    __slots__ = ("nbytes", "category", "ref")
+
+    def __init__(self, nbytes: int, category: str) -> None:
+        self.nbytes = nbytes
+        self.category = category
+        self.ref: weakref.ref | None = None
+
+
+class _OpRecorder(TorchDispatchMode):
+    """Hands the outputs of every dispatched op to the tracker."""
+
+    def __init__(self, tracker: MemoryTracker) -> None:
+        super().__init__()
+        self._tracker = tracker
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[override]
+        out = func(*args, **(kwargs or {}))
+        self._tracker._record_op_outputs(out)
+        return out
+
+
+def _storages(t: torch.Tensor) -> Iterator[tuple[torch.UntypedStorage, str]]:
+    """Yield (storage, device type) behind a tensor, looking inside traceable wrapper subclasses.
+
+    The device is the tensor's, not the storage's: a FakeTensor's storage is on meta.
+    """
+    if is_traceable_wrapper_subclass(t):
+        names, _ = t.__tensor_flatten__()
+        for name in names:
+            inner = getattr(t, name)
+            if isinstance(inner, torch.Tensor):
+                yield from _storages(inner)
+        return
+    yield t.untyped_storage(), t.device.type
+
+
+def _in_backward_without_grad() -> bool:
+    """True inside autograd's backward pass, except in a checkpoint's recomputed forward.
+
+    The engine sets a graph task id while it runs (-1 outside); activation checkpointing recomputes
+    its forward with `torch.enable_grad()` inside backward, and those outputs are activations again.
+    """
+    return torch._C._current_graph_task_id() != -1 and not torch.is_grad_enabled()
+
+
+class MemoryTracker:
+    """Track the live bytes of one training step by category and record their peak.
+
+    Categories (`CATEGORIES`): `params`, `buffers`, `grads` (a parameter's `.grad`), `optimizer`
+    (tensors in `optimizer.state`), `activations` (created outside backward and outside the
+    optimizer step: the forward pass, the loss, and a checkpoint's recomputed forward) and
+    `temporaries` (created in backward or in the optimizer step and not state or gradient).
+
+    How categories are decided: a storage gets `activations` or `temporaries` when an op creates
+    it, then is *upgraded* to the role it turns out to play: `grads` when a parameter's
+    post-accumulate-grad hook fires (AccumulateGrad often adopts the incoming gradient's buffer
+    rather than copying it, so the same allocation starts as a backward temporary), `optimizer`
+    when an optimizer's step post-hook finds it in `optimizer.state` (AdamW's exp_avg/exp_avg_sq are
+    created lazily inside the first `step()`). Roles are stored on the storage's record and the
+    peak keeps the records, not sums, so the peak breakdown shows each storage by the role it
+    ended up playing: an exp_avg alive at a peak inside `step()` counts as `optimizer` and the
+    sqrt temporaries of a foreach AdamW as `temporaries`, whatever the order of events. Peak
+    *totals* never depend on this choice. Roles only move up the precedence of `CATEGORIES`.
+
+    Only storages on the model's device are counted (`device`, default: the first parameter's):
+    on a meta or CUDA model, AdamW's `state["step"]` scalars live on the CPU, as they do on a GPU.
+    Tensors created before `__enter__` are counted only if they are the model's parameters,
+    buffers or gradients or the optimizer's state (the baseline) or an op writes them later.
+
+    Args:
+        model: the module whose parameters, buffers and gradients are tracked.
+        optimizer: optimizer whose existing state counts in the baseline; optimizers stepped inside
+            the context are discovered through the global step hooks in any case.
+        round_to: round each storage up to a multiple of this many bytes (512 mimics the CUDA
+            caching allocator; 1 counts exact `nbytes()`).
+        device: device whose storages are counted (default: the model's first parameter's).
+
+    Example:
+        >>> model = nn.Linear(8, 8)
+        >>> opt = torch.optim.AdamW(model.parameters())
+        >>> with MemoryTracker(model, opt, round_to=1) as tracker:
+        ...     with tracker.phase("forward"):
+        ...         loss = model(torch.randn(4, 8)).sum()
+        ...     with tracker.phase("backward"):
+        ...         loss.backward()
+        ...     opt.step()
+        >>> tracker.peak_breakdown["optimizer"]  # 2 moments x 288 B + 2 CPU step counters x 4 B
+        584
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        optimizer: torch.optim.Optimizer | None = None,
+        *,
+        round_to: int = CUDA_MIN_BLOCK,
+        device: torch.device | str | None = None,
+    ) -> None:
+        if round_to < 1:
+            raise ValueError(f"round_to must be a positive number of bytes, got {round_to}")
+        self.model = model
+        self.round_to = round_to
+        if device is None:
+            first = next(model.parameters(), None)
+            device = first.device if first is not None else torch.device("cpu")
+        self.device_type = torch.device(device).type
+        self._optimizers: weakref.WeakSet[torch.optim.Optimizer] = weakref.WeakSet()
+        if optimizer is not None:
+            self._optimizers.add(optimizer)
+
+        self._live: dict[int, _Entry] = {}  # id(storage) -> entry; removed by the finalizer
+        self._current = 0
+        self.peak_bytes = 0
+        self._peak_entries: list[_Entry] = []
+        self.phase_peaks: dict[str, int] = {}
+        self._phase_entries: dict[str, list[_Entry]] = {}
+        self._phase_stack: list[str] = []
+        self._in_optimizer_step = 0
+        self._active = False
+        self._handles: list[Any] = []
+        self._recorder: _OpRecorder | None = None
+
+    # -- context ---------------------------------------------------------------------------------
+
+    def __enter__(self) -> MemoryTracker:
+        """Start tracking: count the baseline and start recording ops.
+
+        Returns:
+            The tracker itself.
+        """
+        if self._active:
+            raise RuntimeError("MemoryTracker is not re-entrant; use a new tracker per step")
+        self._active = True
+        self._scan_roles()
+        self._new_peak_check()
+        for param in self.model.parameters():
+            if param.requires_grad:
+                self._handles.append(
+                    param.register_post_accumulate_grad_hook(self._on_grad_accumulated)
+                )
+        self._handles.append(register_optimizer_step_pre_hook(self._on_step_start))
+        self._handles.append(register_optimizer_step_post_hook(self._on_step_end))
+        self._recorder = _OpRecorder(self)
+        self._recorder.__enter__()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        """Stop recording ops and remove the hooks; recorded peaks stay readable."""
+        assert self._recorder is not None
+        self._recorder.__exit__(*exc)
+        self._recorder = None
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+        self._active = False
+
+    @contextlib.contextmanager
+    def phase(self, name: str) -> Iterator[None]:
+        """Record the peak total within a named region (phases may nest or repeat).
+
+        Args:
+            name: the key in `phase_peaks`; entering the same name again keeps the maximum.
+
+        Returns:
+            A context manager; on entry the current total is the phase's starting peak.
+        """
+        self._phase_stack.append(name)
+        if self._current > self.phase_peaks.get(name, -1):
+            self.phase_peaks[name] = self._current
+            self._phase_entries[name] = list(self._live.values())
+        try:
+            yield
+        finally:
+            self._phase_stack.pop()
+
+    # -- results ---------------------------------------------------------------------------------
+
+    @property
+    def peak_breakdown(self) -> dict[str, int]:
+        """Bytes by category at the moment of `peak_bytes` (sums to `peak_bytes`)."""
+        return self._by_category(self._peak_entries)
+
+    def phase_breakdown(self, name: str) -> dict[str, int]:
+        """Bytes by category at the peak of one phase.
+
+        Args:
+            name: a phase name used with `phase()`.
+
+        Returns:
+            Category -> bytes, summing to `phase_peaks[name]`.
+
+        Raises:
+            KeyError: if no phase of that name was entered.
+        """
+        if name not in self._phase_entries:
+            raise KeyError(f"no phase {name!r}; recorded phases: {sorted(self._phase_entries)}")
+        return self._by_category(self._phase_entries[name])
+
+    def snapshot(self) -> dict[str, int]:
+        """Live bytes by category now (params, buffers, grads and optimizer state re-scanned).
+
+        Returns:
+            Category -> bytes for every category in `CATEGORIES`.
+        """
+        self._scan_roles()
+        if self._active:
+            self._new_peak_check()
+        return self._by_category(list(self._live.values()))
+
+    @property
+    def current_bytes(self) -> int:
+        """Total live bytes now."""
+        return self._current
+
+    # -- bookkeeping -----------------------------------------------------------------------------
+
+    @staticmethod
+    def _by_category(entries: list[_Entry]) -> dict[str, int]:
+        totals = dict.fromkeys(CATEGORIES, 0)
+        for entry in entries:
+            totals[entry.category] += entry.nbytes
+        return totals
+
+    def _rounded(self, nbytes: int) -> int:
+        # A zero-byte storage gets no block from the CUDA allocator.
+        return -(-nbytes // self.round_to) * self.round_to
+
+    def _track(self, t: torch.Tensor, category: str) -> None:
+        """Count the tensor's storages if new; upgrade their role if `category` ranks higher."""
+        for storage, device_type in _storages(t):
+            if device_type != self.device_type:
+                continue
+            key = id(storage)
+            nbytes = self._rounded(storage.nbytes())
+            entry = self._live.get(key)
+            if entry is not None and entry.nbytes != nbytes:
+                # Resized in place (resize_, out= ops): a new record with the same role, so the
+                # peak lists keep the old one and a past breakdown still sums to its total.
+                resized = _Entry(nbytes, entry.category)
+                resized.ref = entry.ref
+                self._current += nbytes - entry.nbytes
+                self._live[key] = entry = resized
+            if entry is None:
+                if nbytes == 0:
+                    continue
+                entry = _Entry(nbytes, category)
+                entry.ref = weakref.ref(storage, self._finalizer(key))
+                self._live[key] = entry
+                self._current += nbytes
+            elif _RANK[category] < _RANK[entry.category]:
+                entry.category = category
+
+    def _finalizer(self, key: int) -> Callable[[weakref.ref], None]:
+        def on_free(_ref: weakref.ref) -> None:
+            entry = self._live.pop(key, None)
+            if entry is not None:
+                self._current -= entry.nbytes
+
+        return on_free
+
+    def _new_peak_check(self) -> None:
+        current = self._current
+        if current > self.peak_bytes:
+            self.peak_bytes = current
+            self._peak_entries = list(self._live.values())
+        for name in self._phase_stack:
+            if current > self.phase_peaks[name]:
+                self.phase_peaks[name] = current
+                self._phase_entries[name] = list(self._live.values())
+
+    def _record_op_outputs(self, out: Any) -> None:
+        if self._in_optimizer_step or _in_backward_without_grad():
+            category = "temporaries"
+        else:
+            category = "activations"
+        for leaf in tree_leaves(out):
+            if isinstance(leaf, torch.Tensor):
+                self._track(leaf, category)
+        self._new_peak_check()
+
+    def _scan_roles(self) -> None:
+        """Find the model's params, buffers, grads and known optimizers' state by identity."""
+        for param in self.model.parameters():
+            self._track(param, "params")
+            if param.grad is not None:
+                self._track(param.grad, "grads")
+        for buffer in self.model.buffers():
+            self._track(buffer, "buffers")
+        for optimizer in list(self._optimizers):
+            self._scan_optimizer(optimizer)
+
+    def _scan_optimizer(self, optimizer: torch.optim.Optimizer) -> None:
+        for state in optimizer.state.values():
+            for value in state.values():
+                if isinstance(value, torch.Tensor):
+                    self._track(value, "optimizer")
+
+    # -- hooks -----------------------------------------------------------------------------------
+
+    def _on_grad_accumulated(self, param: torch.Tensor) -> None:
+        if param.grad is not None:
+            self._track(param.grad, "grads")
+
+    def _on_step_start(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+        self._in_optimizer_step += 1
+
+    def _on_step_end(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+        self._in_optimizer_step -= 1
+        self._optimizers.add(optimizer)
+        self._scan_roles()
+        self._new_peak_check()
