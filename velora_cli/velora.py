@@ -19,6 +19,7 @@ fewer) and allocates no (T, D) tensor.
 
 from __future__ import annotations
 
+import contextlib
 import math
 
 import torch
@@ -182,6 +183,20 @@ def reference_weight_grad(
     return grad.t() if transposed else grad
 
 
+# Autocast ignores meta tensors; the estimate backend emulates it (measure/amp.py) and pushes its
+# dtype here so VeLoRA layers cast exactly as they would under real autocast on a GPU.
+_emulated_autocast: list[torch.dtype] = []
+
+
+def autocast_dtype(device_type: str) -> torch.dtype | None:
+    """The dtype autocast would run a linear in on ``device_type``, or None when it is off."""
+    if device_type == "meta":  # no autocast backend for meta: only the emulation applies
+        return _emulated_autocast[-1] if _emulated_autocast else None
+    if torch.is_autocast_enabled(device_type):
+        return torch.get_autocast_dtype(device_type)
+    return None
+
+
 # --------------------------------------------------------------------------------------------
 # Modules
 # --------------------------------------------------------------------------------------------
@@ -262,16 +277,17 @@ class _VeLoRAMixin:
     def _velora_forward(self, x: torch.Tensor) -> torch.Tensor:
         weight, bias = self.weight, self.bias
         device_type = x.device.type
-        if torch.is_autocast_enabled(device_type):
-            # Cast as autocast would for a linear, then run the Function with autocast off so the
-            # saved z and the backward see one dtype. The casts are differentiable: gradients
-            # reach the fp32 master weights.
-            dtype = torch.get_autocast_dtype(device_type)
-            x, weight = x.to(dtype), weight.to(dtype)
-            bias = bias.to(dtype) if bias is not None else None
-            with torch.autocast(device_type, enabled=False):
-                return VeLoRAFunction.apply(x, weight, bias, self._current_v(x), self.transposed)
-        return VeLoRAFunction.apply(x, weight, bias, self._current_v(x), self.transposed)
+        dtype = autocast_dtype(device_type)
+        if dtype is None:
+            return VeLoRAFunction.apply(x, weight, bias, self._current_v(x), self.transposed)
+        # Cast as autocast would for a linear, then run the Function with autocast off so the
+        # saved z and the backward see one dtype. The casts are differentiable: gradients reach
+        # the fp32 master weights. Like a plain autocast linear, the half weight copy is saved.
+        x, weight = x.to(dtype), weight.to(dtype)
+        bias = bias.to(dtype) if bias is not None else None
+        real = device_type != "meta"
+        with torch.autocast(device_type, enabled=False) if real else contextlib.nullcontext():
+            return VeLoRAFunction.apply(x, weight, bias, self._current_v(x), self.transposed)
 
     def _velora_repr(self) -> str:
         return f"sub_token_size={self.sub_token_size}, init={self.init}"

@@ -44,6 +44,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from velora_cli.velora import autocast_dtype
+
 # Must not contain "flash": transformers treats such names as kernels to fetch from the hub.
 ESTIMATE_ATTENTION = "velora_estimate"
 
@@ -199,6 +201,12 @@ def velora_estimate_attention(
         (attn_output of shape (B, N, H, d), None): no attention weights, as with sdpa.
     """
     device = query.device.type
+    # SDPA is on autocast's lower-precision list: under autocast (real, or emulated on meta) the
+    # GPU runs it in the autocast dtype, whatever RoPE's fp32 cos/sin promoted q and k to. The
+    # fused ops called below bypass autocast, so cast as it would.
+    amp_dtype = autocast_dtype(device)
+    if amp_dtype is not None:
+        query, key, value = (t.to(amp_dtype) for t in (query, key, value))
     reason = _fallback_reason(query, attention_mask, dropout, kwargs)
     kernel = gpu_attention_kernel(query, key, value)
     if device not in ("meta", "cpu") or reason or (device == "meta" and kernel == "math"):

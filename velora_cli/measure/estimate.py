@@ -1,0 +1,62 @@
+"""The ``estimate`` backend: the same training step on meta tensors, no allocation, no GPU.
+
+The model is built on the meta device and runs forward, backward and AdamW exactly as on a GPU,
+with an attention function whose saved tensors match the fused SDPA kernels (on meta, SDPA's math
+path would save the N×N matrix). The storage tracker, rounding each allocation to 512 bytes like
+the CUDA caching allocator, gives the predicted peak and its breakdown. What it cannot see:
+kernel workspaces (cuBLAS), the CUDA context, fragmentation.
+
+Mixed precision (``--amp``): autocast does not apply to meta tensors, so the estimate emulates
+CUDA autocast's cast policy for matmul-class ops (see ``amp_emulation``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from velora_cli.measure import failed_row
+from velora_cli.measure.train_step import SpecError, StepSpec
+
+
+@dataclass
+class EstimateBackend:
+    """Predicted memory of one step from meta tensors; no timing."""
+
+    warmup: int = 1
+    name: str = "estimate"
+
+    def measure(self, spec: StepSpec, *, breakdown: bool = False) -> dict[str, Any]:
+        from velora_cli.measure.attention import register_estimate_attention
+        from velora_cli.measure.cpu import _is_user_error
+        from velora_cli.measure.observe import tracked_step
+        from velora_cli.measure.train_step import prepare, train_step
+
+        try:
+            prepared = prepare(spec, "meta", attn_implementation=register_estimate_attention())
+            with amp_emulation(spec.amp):
+                for _ in range(self.warmup):
+                    train_step(prepared)
+                row = tracked_step(prepared, breakdown=breakdown)
+        except (SpecError, ValueError, RuntimeError, NotImplementedError) as exc:
+            if isinstance(exc, SpecError) or _is_user_error(exc):
+                raise
+            return failed_row(self.name, exc)
+        row.update(
+            status="ok",
+            backend=self.name,
+            step_seconds=None,
+            tokens_per_second=None,
+        )
+        return row
+
+
+def amp_emulation(amp: str | None):
+    """Emulate CUDA autocast on meta tensors (which autocast ignores); a no-op without amp."""
+    import contextlib
+
+    if amp is None:
+        return contextlib.nullcontext()
+    from velora_cli.measure.amp import MetaAutocast
+
+    return MetaAutocast(amp)

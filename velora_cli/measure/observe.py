@@ -1,0 +1,51 @@
+"""Observe one tracked step: the shared core of the cpu and estimate backends.
+
+Both run the same sequence on a prepared model: warm-up steps (create optimizer state, set v from
+the first batch), then one step under the storage tracker and the saved-tensor counter. They
+differ only in the device (real CPU tensors vs meta tensors) and in whether time is measured.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from velora_cli.accounting import SavedTensorCounter
+from velora_cli.measure.tracker import MemoryTracker
+from velora_cli.measure.train_step import Prepared, train_step
+
+
+def tracked_step(prepared: Prepared, *, breakdown: bool, round_to: int = 512) -> dict[str, Any]:
+    """Run one step under the tracker; return the memory fields of a row."""
+    counter = SavedTensorCounter(prepared.model)
+    with MemoryTracker(prepared.model, prepared.optimizer, round_to=round_to) as tracker:
+        train_step(prepared, forward_context=lambda: counter, phase=tracker.phase)
+    phases = dict(tracker.phase_peaks)
+    row: dict[str, Any] = {
+        "peak_bytes": tracker.peak_bytes,
+        "peak_phase": max(phases, key=phases.get) if phases else None,
+        "fwd_bwd_peak_bytes": phases.get("forward_backward"),
+        "optimizer_peak_bytes": phases.get("optimizer"),
+        "activation_bytes": counter.result.total_bytes,
+        "param_bytes": prepared.param_bytes(),
+        "grad_bytes": prepared.grad_bytes(),
+        "optimizer_bytes": prepared.optimizer_bytes(),
+        "peak_breakdown": dict(tracker.peak_breakdown),
+        "wrapped_layers": len(prepared.wrapped),
+        "trainable_params": prepared.trainable_params(),
+    }
+    if breakdown:
+        row["activation_breakdown"] = dict(
+            sorted(counter.result.by_pattern().items(), key=lambda kv: -kv[1])
+        )
+    return row
+
+
+def timed_steps(prepared: Prepared, steps: int) -> list[float]:
+    """Wall-clock seconds of ``steps`` consecutive steps."""
+    times = []
+    for _ in range(steps):
+        start = time.perf_counter()
+        train_step(prepared)
+        times.append(time.perf_counter() - start)
+    return times

@@ -1,0 +1,338 @@
+"""One training step, defined once and run by every backend (cuda, cpu, estimate).
+
+A step is: forward, loss, backward, optimizer step, ``zero_grad(set_to_none=True)``, over
+``grad_accum_steps`` micro-batches. What varies between rows of a profile is a ``Strategy``
+(VeLoRA placement and sub-token size, gradient checkpointing); what varies between runs is a
+``StepSpec`` (model, shapes, precision, mode). Both are plain frozen data so they cross process
+boundaries as JSON (the cuda backend runs each row in a fresh process).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
+
+DTYPES = ("fp32", "bf16", "fp16")
+AMP = ("bf16", "fp16")
+MODES = ("full", "lora")
+OPTIMIZERS = ("adamw", "sgd")
+
+
+class SpecError(ValueError):
+    """A step or strategy setting that makes no sense (shown to the user as one line)."""
+
+
+@dataclass(frozen=True)
+class Strategy:
+    """How activation memory is saved in one row: VeLoRA placement/size and checkpointing.
+
+    ``gc`` is False (no checkpointing), True (every layer, non-reentrant) or an int n > 1
+    (every n-th layer).
+    """
+
+    placement: str | None = None
+    num_groups: int | None = None
+    sub_token_size: int | None = None
+    gc: bool | int = False
+
+    def __post_init__(self):
+        errors = []
+        if self.placement is None and (self.num_groups or self.sub_token_size):
+            errors.append("a sub-token size needs a placement")
+        if self.num_groups is not None and self.sub_token_size is not None:
+            errors.append("give num_groups or sub_token_size, not both")
+        if not isinstance(self.gc, bool) and (not isinstance(self.gc, int) or self.gc < 1):
+            errors.append(f"gc must be False, True or a layer interval >= 1, not {self.gc!r}")
+        if errors:
+            raise SpecError("; ".join(errors))
+
+    @property
+    def kind(self) -> str:
+        """``baseline``, ``gc`` or ``velora`` (VeLoRA, with or without checkpointing)."""
+        if self.placement:
+            return "velora"
+        return "gc" if self.gc else "baseline"
+
+    @property
+    def gc_every(self) -> int | None:
+        """Checkpointing interval in layers (1 = every layer), or None without checkpointing."""
+        if self.gc is False:
+            return None
+        return 1 if self.gc is True else int(self.gc)
+
+    @property
+    def label(self) -> str:
+        parts = []
+        if self.placement:
+            size = f"M={self.sub_token_size}" if self.sub_token_size else f"g{self.num_groups}"
+            parts.append(f"velora {self.placement} {size}")
+        if self.gc_every == 1:
+            parts.append("gc")
+        elif self.gc_every:
+            parts.append(f"gc every {self.gc_every}")
+        return " + ".join(parts) or "baseline"
+
+
+@dataclass(frozen=True)
+class StepSpec:
+    """Everything that defines the measured training step except the strategy."""
+
+    model: str
+    batch_size: int = 4
+    seq_len: int = 256
+    dtype: str = "fp32"
+    amp: str | None = None
+    mode: str = "full"
+    lora_rank: int = 8
+    lora_targets: str = "all-linear"
+    optimizer: str = "adamw"
+    grad_accum_steps: int = 1
+    weights: bool = False
+    trust_remote_code: bool = False
+    init: str = "batch_average_once"
+    seed: int = 0
+    strategy: Strategy = field(default_factory=Strategy)
+
+    def __post_init__(self):
+        errors = []
+        if self.batch_size < 1:
+            errors.append(f"--batch-size must be at least 1, got {self.batch_size}")
+        if self.seq_len < 1:
+            errors.append(f"--seq-len must be at least 1, got {self.seq_len}")
+        if self.grad_accum_steps < 1:
+            errors.append(f"gradient accumulation steps must be >= 1, got {self.grad_accum_steps}")
+        if self.dtype not in DTYPES:
+            errors.append(f"--dtype {self.dtype!r}: choose {'|'.join(DTYPES)}")
+        if self.amp is not None and self.amp not in AMP:
+            errors.append(f"--amp {self.amp!r}: choose {'|'.join(AMP)}")
+        if self.amp is not None and self.dtype != "fp32":
+            errors.append("--amp keeps fp32 master weights: use it with --dtype fp32")
+        if self.mode not in MODES:
+            errors.append(f"--mode {self.mode!r}: choose {'|'.join(MODES)}")
+        if self.optimizer not in OPTIMIZERS:
+            errors.append(f"--optimizer {self.optimizer!r}: choose {'|'.join(OPTIMIZERS)}")
+        if self.lora_rank < 1:
+            errors.append(f"--lora-rank must be >= 1, got {self.lora_rank}")
+        if errors:
+            raise SpecError("; ".join(errors))
+
+    @property
+    def precision(self) -> str:
+        """Which precision scheme is measured, in words."""
+        if self.amp:
+            return f"mixed precision: fp32 master weights, {self.amp} autocast"
+        return f"pure {self.dtype}: {self.dtype} weights, gradients and optimizer state"
+
+    def with_strategy(self, strategy: Strategy) -> StepSpec:
+        return dataclasses.replace(self, strategy=strategy)
+
+    def to_json(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> StepSpec:
+        data = dict(data)
+        data["strategy"] = Strategy(**data.get("strategy", {}))
+        return cls(**data)
+
+
+def torch_dtype(name: str):
+    import torch
+
+    return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[name]
+
+
+@dataclass
+class Prepared:
+    """A model ready to train with its optimizer and a fixed batch."""
+
+    spec: StepSpec
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    micro_batches: list[dict[str, torch.Tensor]]
+    wrapped: list[str]
+    device: torch.device
+    notice: str | None = None
+
+    def param_bytes(self) -> int:
+        return sum(p.numel() * p.element_size() for p in self.model.parameters())
+
+    def grad_bytes(self) -> int:
+        """Bytes the gradients take once formed (one per trainable parameter)."""
+        return sum(p.numel() * p.element_size() for p in self.model.parameters() if p.requires_grad)
+
+    def trainable_params(self) -> int:
+        return sum(p.numel() for p in self.model.parameters() if p.requires_grad)
+
+    def optimizer_bytes(self) -> int:
+        """Bytes of optimizer state tensors (after the first step has created them)."""
+        import torch
+
+        seen, total = set(), 0
+        for state in self.optimizer.state.values():
+            for name, value in state.items():
+                # AdamW's "step" counter is a host scalar even on a GPU: not device memory.
+                if isinstance(value, torch.Tensor) and name != "step":
+                    key = value.untyped_storage()._cdata
+                    if key not in seen:
+                        seen.add(key)
+                        total += value.untyped_storage().nbytes()
+        return total
+
+
+def enable_checkpointing(model: nn.Module, every_n: int) -> None:
+    """Non-reentrant gradient checkpointing of every ``every_n``-th decoder layer."""
+    kwargs = {"use_reentrant": False}
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    if hasattr(base, "activation_checkpointing_enable"):  # transformers >= 5
+        base.activation_checkpointing_enable(
+            activation_checkpointing_kwargs=kwargs, every_n_layers=every_n
+        )
+    elif hasattr(base, "gradient_checkpointing_enable"):
+        if every_n != 1:
+            raise SpecError(
+                "checkpointing every n-th layer needs transformers >= 5; use --gc-every 1"
+            )
+        base.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+    else:
+        raise SpecError(f"{type(base).__name__} does not support gradient checkpointing")
+    if hasattr(base, "enable_input_require_grads") and not any(
+        p.requires_grad for p in base.get_input_embeddings().parameters()
+    ):
+        base.enable_input_require_grads()  # frozen embeddings (LoRA): keep checkpoints in graph
+
+
+def _apply_lora(model: nn.Module, spec: StepSpec) -> nn.Module:
+    try:
+        import peft
+    except ImportError as exc:
+        raise SpecError("--mode lora needs peft: pip install 'velora-cli[lora]'") from exc
+    targets: str | list[str] = spec.lora_targets
+    if targets != "all-linear":
+        targets = [t.strip() for t in spec.lora_targets.split(",") if t.strip()]
+    config = peft.LoraConfig(
+        r=spec.lora_rank, lora_alpha=2 * spec.lora_rank, lora_dropout=0.0, target_modules=targets
+    )
+    try:
+        return peft.get_peft_model(model, config)
+    except ValueError as exc:
+        raise SpecError(f"--lora-targets {spec.lora_targets!r}: {exc}") from None
+
+
+def make_batch(spec: StepSpec, vocab_size: int, device) -> list[dict]:
+    """Random token ids (seeded), full length, no padding: labels = inputs.
+
+    An all-ones attention mask is passed, as the HF Trainer does: transformers reduces it to plain
+    causal attention (and, on meta, it keeps transformers from probing position ids for packed
+    sequences, which would read tensor values).
+    """
+    import torch
+
+    micro = spec.batch_size // spec.grad_accum_steps
+    if micro * spec.grad_accum_steps != spec.batch_size:
+        raise SpecError(
+            f"batch size {spec.batch_size} is not a multiple of {spec.grad_accum_steps} "
+            "accumulation steps"
+        )
+    batches = []
+    for i in range(spec.grad_accum_steps):
+        if torch.device(device).type == "meta":
+            ids = torch.empty(micro, spec.seq_len, dtype=torch.long, device="meta")
+        else:
+            gen = torch.Generator().manual_seed(spec.seed + i)
+            ids = torch.randint(0, vocab_size, (micro, spec.seq_len), generator=gen).to(device)
+        mask = torch.ones_like(ids) if ids.device.type != "meta" else torch.empty_like(ids)
+        batches.append({"input_ids": ids, "attention_mask": mask, "labels": ids})
+    return batches
+
+
+def prepare(spec: StepSpec, device: str, *, attn_implementation: str | None = None) -> Prepared:
+    """Build the model for ``spec`` on ``device`` (``cpu``, ``cuda`` or ``meta``) with its
+    strategy applied, an optimizer over the trainable parameters, and the batch."""
+    import torch
+
+    from velora_cli.models import build_model, resolve_model
+    from velora_cli.placement import apply_velora
+
+    model_spec = resolve_model(spec.model, trust_remote_code=spec.trust_remote_code)
+    max_pos = getattr(model_spec.config, "max_position_embeddings", None)
+    if max_pos and spec.seq_len > max_pos:
+        raise SpecError(
+            f"--seq-len {spec.seq_len} exceeds {spec.model}'s max_position_embeddings ({max_pos})"
+        )
+    weight_dtype = torch.float32 if spec.amp else torch_dtype(spec.dtype)
+    model = build_model(
+        model_spec,
+        device=device,
+        dtype=weight_dtype,
+        weights=spec.weights,
+        attn_implementation=attn_implementation,
+        trust_remote_code=spec.trust_remote_code,
+    )
+    if spec.mode == "lora":
+        model = _apply_lora(model, spec)
+    wrapped: list[str] = []
+    strategy = spec.strategy
+    if strategy.placement:
+        wrapped = apply_velora(
+            model,
+            strategy.placement,
+            sub_token_size=strategy.sub_token_size,
+            num_groups=strategy.num_groups,
+            init=spec.init,
+            seed=spec.seed,
+        )
+    if strategy.gc_every:
+        enable_checkpointing(model, strategy.gc_every)
+    model.train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    if spec.optimizer == "adamw":
+        # foreach=True everywhere: CUDA's default implementation, so every backend runs (and the
+        # estimate predicts) the same optimizer temporaries.
+        optimizer = torch.optim.AdamW(params, lr=1e-5, foreach=True)
+    else:
+        optimizer = torch.optim.SGD(params, lr=1e-5, momentum=0.9, foreach=True)
+    batches = make_batch(spec, model_spec.config.get_text_config().vocab_size, device)
+    return Prepared(
+        spec, model, optimizer, batches, wrapped, torch.device(device), model_spec.notice
+    )
+
+
+def train_step(prepared: Prepared, *, forward_context=None, phase=None) -> None:
+    """One optimizer step over all micro-batches.
+
+    Args:
+        forward_context: optional zero-argument callable returning a context manager entered
+            around the *first* micro-batch's forward pass (e.g. a saved-tensor counter).
+        phase: optional callable name -> context manager marking the ``forward_backward`` and
+            ``optimizer`` phases (the tracker's ``phase``).
+    """
+    phase = phase or (lambda name: contextlib.nullcontext())
+    import torch
+
+    spec = prepared.spec
+    device_type = prepared.device.type
+    # On meta, autocast does nothing: the estimate backend wraps the step in its emulation.
+    amp = (
+        torch.autocast(device_type, dtype=torch_dtype(spec.amp))
+        if spec.amp and device_type != "meta"
+        else contextlib.nullcontext()
+    )
+    with phase("forward_backward"):
+        for i, batch in enumerate(prepared.micro_batches):
+            ctx = forward_context() if (forward_context and i == 0) else contextlib.nullcontext()
+            with ctx, amp:
+                loss = prepared.model(**batch).loss
+            if spec.grad_accum_steps > 1:
+                loss = loss / spec.grad_accum_steps
+            loss.backward()
+            del loss
+    with phase("optimizer"):
+        prepared.optimizer.step()
+        prepared.optimizer.zero_grad(set_to_none=True)

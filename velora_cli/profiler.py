@@ -1,0 +1,325 @@
+"""``velora profile``: plan the rows, validate them, measure each on a backend, save as we go.
+
+Rows are strategies (baseline, gradient checkpointing, VeLoRA placements × sub-token sizes,
+VeLoRA + checkpointing) of one training step (``StepSpec``). Every row is measured by the same
+backend; the document is rewritten atomically after each row, so an interrupted profile keeps
+every row it finished.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as _dt
+import json
+import os
+import platform
+import re
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from velora_cli.measure.train_step import SpecError, StepSpec, Strategy
+
+DEFAULT_PLACEMENTS = ("paper", "qkv+down", "mlp", "all-linear")
+DEFAULT_NUM_GROUPS = (64, 32, 16)
+DEFAULT_GC_EVERY = (2,)
+# Below this many parameters × tokens, `auto` without a GPU also times real CPU steps.
+CPU_TIMING_LIMIT = 60e6 * 2048
+
+
+def plan_strategies(
+    placements: list[str],
+    *,
+    num_groups: list[int] | None = None,
+    sub_token_sizes: list[int] | None = None,
+    gc_every: tuple[int, ...] | list[int] = DEFAULT_GC_EVERY,
+    velora_gc: bool = True,
+) -> list[Strategy]:
+    """The rows of a profile, in display order.
+
+    baseline; gc (every layer); gc every n for each n > 1 in ``gc_every``; VeLoRA for each
+    placement × sub-token choice; and, when ``velora_gc``, VeLoRA + full checkpointing for each
+    placement at the middle sub-token choice.
+    """
+    if num_groups and sub_token_sizes:
+        raise SpecError("give --num-groups or --sub-token-size, not both")
+    sizes: list[dict[str, int]]
+    if sub_token_sizes:
+        sizes = [{"sub_token_size": m} for m in sub_token_sizes]
+    else:
+        sizes = [{"num_groups": g} for g in (num_groups or DEFAULT_NUM_GROUPS)]
+    for choice in sizes:
+        value = next(iter(choice.values()))
+        if value < 1:
+            raise SpecError(f"sub-token sizes and group counts must be >= 1, got {value}")
+    rows = [Strategy(), Strategy(gc=True)]
+    rows += [Strategy(gc=n) for n in dict.fromkeys(gc_every) if n > 1]
+    rows += [Strategy(placement=p, **s) for p in placements for s in sizes]
+    if velora_gc and placements:
+        middle = sizes[len(sizes) // 2]
+        rows += [Strategy(placement=p, gc=True, **middle) for p in placements]
+    return rows
+
+
+def validate_strategies(spec: StepSpec, strategies: list[Strategy]) -> dict[Strategy, str]:
+    """Check every VeLoRA row against the model's layer widths before measuring anything.
+
+    Builds the model once on meta (instant, no memory). Raises when a sub-token choice fits no
+    targeted layer of any placement (a user error); returns the rows where it fits only some
+    layers, with the reason, so they can be reported as ``error`` rows.
+
+    Raises:
+        SpecError: a placement matches nothing, or a sub-token choice divides no targeted layer.
+    """
+    from velora_cli.measure.train_step import prepare
+    from velora_cli.placement import PlacementError, _in_features, select_layers
+    from velora_cli.velora import SubTokenSizeError, resolve_sub_token_size
+
+    probe = prepare(dataclasses.replace(spec, strategy=Strategy()), "meta")
+    model = probe.model
+    invalid: dict[Strategy, str] = {}
+    fits_somewhere: dict[tuple, bool] = {}
+    for strategy in strategies:
+        if not strategy.placement:
+            continue
+        try:
+            layers = select_layers(model, strategy.placement)
+        except PlacementError as exc:
+            raise SpecError(str(exc)) from None
+        choice = (strategy.num_groups, strategy.sub_token_size)
+        bad = []
+        for name, module in layers.items():
+            width = (
+                module.lora_A[next(iter(module.lora_A))].in_features
+                if hasattr(module, "lora_A")
+                else _in_features(module)
+            )
+            try:
+                resolve_sub_token_size(
+                    width,
+                    sub_token_size=strategy.sub_token_size,
+                    num_groups=strategy.num_groups,
+                    layer=name,
+                )
+                fits_somewhere[choice] = True
+            except SubTokenSizeError as exc:
+                bad.append(str(exc))
+        fits_somewhere.setdefault(choice, False)
+        if bad:
+            invalid[strategy] = f"{bad[0]}" + (
+                f" (and {len(bad) - 1} more layers)" if len(bad) > 1 else ""
+            )
+    for (groups, size), ok in fits_somewhere.items():
+        if not ok:
+            what = f"--num-groups {groups}" if groups else f"--sub-token-size {size}"
+            raise SpecError(
+                f"{what} divides no targeted layer's width; e.g. {next(iter(invalid.values()))}"
+            )
+    return invalid
+
+
+def environment() -> dict[str, Any]:
+    """Versions and the device a profile was measured on."""
+    import torch
+    import transformers
+
+    env: dict[str, Any] = {
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "cpu_threads": torch.get_num_threads(),
+    }
+    try:
+        import peft
+
+        env["peft"] = peft.__version__
+    except ImportError:
+        env["peft"] = None
+    if torch.cuda.is_available():
+        props = torch.cuda.get_device_properties(0)
+        env.update(
+            cuda=torch.version.cuda, gpu_name=props.name, gpu_memory_bytes=props.total_memory
+        )
+        try:
+            import pynvml
+
+            pynvml.nvmlInit()
+            env["driver"] = pynvml.nvmlSystemGetDriverVersion()
+            pynvml.nvmlShutdown()
+        except Exception:  # noqa: BLE001 - NVML missing or failing: no driver version
+            env["driver"] = None
+    else:
+        env.update(cuda=None, gpu_name=None, gpu_memory_bytes=None, driver=None)
+    return env
+
+
+def with_deltas(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Add differences against the baseline row to every measured row."""
+    base = next((r for r in rows if r.get("strategy") == "baseline" and r["status"] == "ok"), None)
+    out = []
+    for row in rows:
+        row = dict(row)
+        if base is not None and row["status"] == "ok":
+            for key in ("peak_bytes", "activation_bytes"):
+                if row.get(key) is not None and base.get(key):
+                    row[f"{key.removesuffix('_bytes')}_delta_bytes"] = row[key] - base[key]
+                    row[f"{key.removesuffix('_bytes')}_delta_pct"] = (
+                        100 * (row[key] - base[key]) / base[key]
+                    )
+            if row.get("step_seconds") and base.get("step_seconds"):
+                row["step_time_ratio"] = row["step_seconds"] / base["step_seconds"]
+        out.append(row)
+    return out
+
+
+def strategy_fields(strategy: Strategy) -> dict[str, Any]:
+    return {
+        "strategy": strategy.kind,
+        "label": strategy.label,
+        "placement": strategy.placement,
+        "num_groups": strategy.num_groups,
+        "sub_token_size": strategy.sub_token_size,
+        "gc": strategy.gc,
+    }
+
+
+def write_atomic(path: Path, document: dict[str, Any]) -> None:
+    """Write JSON so that a reader (or a crash) never sees a half-written file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as fh:
+            json.dump(document, fh, indent=2)
+            fh.write("\n")
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def default_save_path(spec: StepSpec, backend: str, directory: Path | None = None) -> Path:
+    directory = directory or Path(os.environ.get("VELORA_PROFILES_DIR", "profiles"))
+    slug = re.sub(r"[^A-Za-z0-9_.-]+", "_", spec.model).strip("_")
+    stamp = _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
+    return directory / f"profile-{slug}-{backend}-{stamp}.json"
+
+
+def make_backend(name: str, spec: StepSpec, *, warmup: int | None = None, steps: int | None = None):
+    """The backend object for ``--backend`` (``auto`` resolved here)."""
+    from velora_cli.measure.cpu import CpuBackend
+    from velora_cli.measure.cuda import CudaBackend, cuda_available
+    from velora_cli.measure.estimate import EstimateBackend
+
+    if name == "auto":
+        name = "cuda" if cuda_available() else "estimate+cpu"
+    if name == "cuda":
+        if not cuda_available():
+            raise SpecError(
+                "--backend cuda: no CUDA device is visible (torch.cuda.is_available() "
+                "is False); use --backend estimate or cpu"
+            )
+        return CudaBackend(**_opts(warmup, steps))
+    if name == "cpu":
+        return CpuBackend(**_opts(warmup, steps))
+    if name == "estimate":
+        return EstimateBackend()
+    if name == "estimate+cpu":
+        return EstimatePlusCpu(cpu=CpuBackend(**_opts(warmup, steps)))
+    raise SpecError(f"unknown backend {name!r}; choose auto, cuda, cpu or estimate")
+
+
+def _opts(warmup, steps):
+    return {k: v for k, v in (("warmup", warmup), ("steps", steps)) if v is not None}
+
+
+@dataclasses.dataclass
+class EstimatePlusCpu:
+    """``auto`` without a GPU: memory from the estimate (what a GPU would hold), and real CPU
+    step times when the model is small enough to step on this machine in reasonable time."""
+
+    cpu: Any
+    name: str = "estimate"
+
+    def measure(self, spec: StepSpec, *, breakdown: bool = False) -> dict[str, Any]:
+        from velora_cli.measure.estimate import EstimateBackend
+
+        row = EstimateBackend().measure(spec, breakdown=breakdown)
+        if row["status"] != "ok" or not self._time_on_cpu(spec, row):
+            return row
+        timed = self.cpu.measure(spec)
+        if timed["status"] == "ok":
+            row.update(
+                step_seconds=timed["step_seconds"],
+                step_seconds_source=timed["step_seconds_source"],
+                tokens_per_second=timed["tokens_per_second"],
+            )
+        return row
+
+    @staticmethod
+    def _time_on_cpu(spec: StepSpec, row: dict[str, Any]) -> bool:
+        params = row.get("param_bytes", 0) / {"fp32": 4, "bf16": 2, "fp16": 2}[spec.dtype]
+        return params * spec.batch_size * spec.seq_len <= CPU_TIMING_LIMIT
+
+
+def run_profile(
+    spec: StepSpec,
+    strategies: list[Strategy],
+    backend,
+    *,
+    breakdown: bool = False,
+    save_path: Path | None = None,
+    on_row: Callable[[int, int, dict[str, Any]], None] | None = None,
+    before_row: Callable[[int, int, Strategy], None] | None = None,
+    notices: list[str] | None = None,
+) -> dict[str, Any]:
+    """Measure every strategy and return the profile document (saved after each row).
+
+    Args:
+        spec: the training step; its strategy is replaced by each row's.
+        strategies: rows from ``plan_strategies``.
+        backend: an object with ``name`` and ``measure(spec, breakdown=...)``.
+        save_path: where the document is written (atomically, after every row).
+        on_row / before_row: progress callbacks (index, total, row or strategy).
+    """
+    invalid = validate_strategies(spec, strategies)
+    document: dict[str, Any] = {
+        "model": spec.model,
+        "mode": spec.mode,
+        "batch_size": spec.batch_size,
+        "seq_len": spec.seq_len,
+        "dtype": spec.dtype,
+        "amp": spec.amp,
+        "precision": spec.precision,
+        "optimizer": spec.optimizer,
+        "backend": backend.name,
+        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "settings": {k: v for k, v in spec.to_json().items() if k != "strategy"},
+        "environment": environment(),
+        "notices": list(notices or []),
+        "rows": [],
+    }
+    if spec.mode == "lora":
+        document["notices"].append(
+            "lora mode: VeLoRA compresses the input of each adapter's A "
+            "projection (the paper's fine-tuning placement)"
+        )
+    rows: list[dict[str, Any]] = []
+    for index, strategy in enumerate(strategies):
+        if before_row:
+            before_row(index, len(strategies), strategy)
+        if strategy in invalid:
+            row = {"status": "error", "backend": backend.name, "error": invalid[strategy]}
+        else:
+            row = backend.measure(spec.with_strategy(strategy), breakdown=breakdown)
+        row = {**strategy_fields(strategy), **row}
+        rows.append(row)
+        document["rows"] = with_deltas(rows)
+        if save_path is not None:
+            write_atomic(save_path, document)
+        if on_row:
+            on_row(index, len(strategies), document["rows"][-1])
+    return document
