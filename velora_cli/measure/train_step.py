@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -186,9 +187,17 @@ class Prepared:
         return total
 
 
-def enable_checkpointing(model: nn.Module, every_n: int) -> None:
-    """Non-reentrant gradient checkpointing of every ``every_n``-th decoder layer."""
-    kwargs = {"use_reentrant": False}
+def enable_checkpointing(model: nn.Module, every_n: int, *, recompute_context=None) -> None:
+    """Non-reentrant gradient checkpointing of every ``every_n``-th decoder layer.
+
+    Args:
+        recompute_context: optional zero-argument callable returning a context manager entered
+            around each recomputation (checkpoint restores real autocast itself; the estimate's
+            emulated autocast must be restored this way).
+    """
+    kwargs: dict[str, Any] = {"use_reentrant": False}
+    if recompute_context is not None:
+        kwargs["context_fn"] = lambda: (contextlib.nullcontext(), recompute_context())
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     if hasattr(base, "activation_checkpointing_enable"):  # transformers >= 5
         base.activation_checkpointing_enable(
@@ -289,7 +298,12 @@ def prepare(spec: StepSpec, device: str, *, attn_implementation: str | None = No
             seed=spec.seed,
         )
     if strategy.gc_every:
-        enable_checkpointing(model, strategy.gc_every)
+        recompute_context = None
+        if device == "meta" and spec.amp:
+            from velora_cli.measure.amp import MetaAutocast
+
+            recompute_context = functools.partial(MetaAutocast, spec.amp)
+        enable_checkpointing(model, strategy.gc_every, recompute_context=recompute_context)
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
     if spec.optimizer == "adamw":
