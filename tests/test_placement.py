@@ -240,3 +240,15 @@ def test_peft_lora_wraps_adapter_a_projections(tokens):
     assert all(".v_proj." in n or ".down_proj." in n for n in names)
     model(input_ids=tokens, labels=tokens).loss.backward()
     assert all(model.get_submodule(n).weight.grad is not None for n in names)
+
+
+def test_shared_input_note_says_which_compressions_free_nothing(llama):
+    from velora_cli.placement import select_layers, shared_input_note
+
+    note = shared_input_note(llama, select_layers(llama, "paper"))
+    assert (
+        note
+        == "v_proj's input is still saved by k_proj, q_proj: compressing it frees nothing there"
+    )
+    assert shared_input_note(llama, select_layers(llama, "qkv+down")) is None
+    assert "gate_proj" in shared_input_note(llama, select_layers(llama, ["up_proj"]))

@@ -8,7 +8,7 @@ selected by a preset. Explicit glob patterns select whatever linear layers they 
 
 Memory truth (REFERENCE.md §2): compressing one consumer of a shared input frees nothing while its
 siblings still save that input. Llama's q/k/v share one input and gate/up another; only the down
-projection's input belongs to one layer. ``shared_input_groups`` tells the profiler about this.
+projection's input belongs to one layer. ``shared_input_note`` tells the profiler about this.
 """
 
 from __future__ import annotations
@@ -273,3 +273,38 @@ def remove_velora(model: nn.Module) -> list[str]:
 def velora_layers(model: nn.Module) -> dict[str, nn.Module]:
     """The VeLoRA layers in ``model``, by qualified name."""
     return {name: m for name, m in model.named_modules() if is_velora(m)}
+
+
+def shared_input_note(model: nn.Module, names: list[str] | dict[str, nn.Module]) -> str | None:
+    """Say which selected layers free nothing because an unselected sibling saves their input.
+
+    Siblings are layers of the same block (same parent module) whose roles read one input
+    (``SHARED_INPUTS``: q/k/v, gate/up). Returns one line such as
+    ``"v_proj's input is still saved by q_proj, k_proj: compressing it frees nothing"``, or None.
+    """
+    selected = set(names)
+    candidates = candidate_layers(model)
+    notes: dict[str, set[str]] = {}
+    for name in selected:
+        parent, _, leaf = name.rpartition(".")
+        role = layer_role(name)
+        group = next((g for g in SHARED_INPUTS if role in g), None)
+        if group is None:
+            continue
+        grand = parent.rpartition(".")[0]  # q/k/v live in self_attn, gate/up in mlp
+        holders = {
+            other.rpartition(".")[2]
+            for other in candidates
+            if other not in selected
+            and other.rpartition(".")[0] in (parent, grand)
+            and layer_role(other) in group
+        }
+        if holders:
+            notes.setdefault(leaf, set()).update(holders)
+    if not notes:
+        return None
+    parts = [
+        f"{leaf}'s input is still saved by {', '.join(sorted(h))}"
+        for leaf, h in sorted(notes.items())
+    ]
+    return "; ".join(parts) + ": compressing it frees nothing there"

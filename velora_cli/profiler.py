@@ -62,18 +62,29 @@ def plan_strategies(
     return rows
 
 
-def validate_strategies(spec: StepSpec, strategies: list[Strategy]) -> dict[Strategy, str]:
+def validate_strategies(
+    spec: StepSpec, strategies: list[Strategy], notes: dict[str, str | None] | None = None
+) -> dict[Strategy, str]:
     """Check every VeLoRA row against the model's layer widths before measuring anything.
 
     Builds the model once on meta (instant, no memory). Raises when a sub-token choice fits no
     targeted layer of any placement (a user error); returns the rows where it fits only some
     layers, with the reason, so they can be reported as ``error`` rows.
 
+    Args:
+        notes: filled with placement -> ``shared_input_note`` (which compressed inputs stay
+            saved by siblings), when given.
+
     Raises:
         SpecError: a placement matches nothing, or a sub-token choice divides no targeted layer.
     """
     from velora_cli.measure.train_step import prepare
-    from velora_cli.placement import PlacementError, _in_features, select_layers
+    from velora_cli.placement import (
+        PlacementError,
+        _in_features,
+        select_layers,
+        shared_input_note,
+    )
     from velora_cli.velora import SubTokenSizeError, resolve_sub_token_size
 
     probe = prepare(dataclasses.replace(spec, strategy=Strategy()), "meta")
@@ -87,6 +98,8 @@ def validate_strategies(spec: StepSpec, strategies: list[Strategy]) -> dict[Stra
             layers = select_layers(model, strategy.placement)
         except PlacementError as exc:
             raise SpecError(str(exc)) from None
+        if notes is not None and strategy.placement not in notes:
+            notes[strategy.placement] = shared_input_note(model, layers)
         choice = (strategy.num_groups, strategy.sub_token_size)
         bad = []
         for name, module in layers.items():
@@ -285,7 +298,8 @@ def run_profile(
         save_path: where the document is written (atomically, after every row).
         on_row / before_row: progress callbacks (index, total, row or strategy).
     """
-    invalid = validate_strategies(spec, strategies)
+    placement_notes: dict[str, str | None] = {}
+    invalid = validate_strategies(spec, strategies, notes=placement_notes)
     document: dict[str, Any] = {
         "model": spec.model,
         "mode": spec.mode,
@@ -316,6 +330,8 @@ def run_profile(
         else:
             row = backend.measure(spec.with_strategy(strategy), breakdown=breakdown)
         row = {**strategy_fields(strategy), **row}
+        if strategy.placement and placement_notes.get(strategy.placement):
+            row.setdefault("note", placement_notes[strategy.placement])
         rows.append(row)
         document["rows"] = with_deltas(rows)
         if save_path is not None:
