@@ -68,7 +68,8 @@ def profile_table(document: dict[str, Any]):
         f"{document['seq_len']} · {document['precision']} · backend {document['backend']}"
     )
     table = Table(title=title, title_justify="left")
-    table.add_column("strategy", min_width=22, overflow="fold")
+    width = max((len(r["label"]) for r in document["rows"]), default=10)
+    table.add_column("strategy", min_width=width, no_wrap=True)
     for name in (
         "peak",
         "Δ peak",
@@ -81,16 +82,13 @@ def profile_table(document: dict[str, Any]):
     ):
         table.add_column(name, justify="right", no_wrap=True)
     for row in document["rows"]:
-        if row["status"] != "ok":
-            reason = row.get("error", "")
-            table.add_row(
-                row["label"], f"[red]{row['status']}[/red]", "", "", reason[:60], "", "", "", ""
-            )
+        if row["status"] != "ok":  # the reason is listed under the table
+            table.add_row(row["label"], f"[red]{row['status']}[/red]", *[""] * 7)
             continue
         tps = row.get("tokens_per_second")
         ratio = row.get("step_time_ratio")
         table.add_row(
-            row["label"] + (f" [dim]({row['note']})[/dim]" if row.get("note") else ""),
+            row["label"] + (" *" if row.get("note") else ""),
             _bytes(row.get("peak_bytes")),
             ""
             if row["strategy"] == "baseline"
@@ -110,6 +108,11 @@ def profile_table(document: dict[str, Any]):
 def profile_footer(document: dict[str, Any]) -> list[str]:
     """Lines under the table: what was measured and how."""
     lines = list(document.get("notices", []))
+    for row in document["rows"]:
+        if row["status"] != "ok":
+            lines.append(f"{row['label']}: {row['status']}: {row.get('error', '')}")
+    notes = {r["note"] for r in document["rows"] if r.get("note") and r["status"] == "ok"}
+    lines += [f"* {note}" for note in sorted(notes)]
     env = document.get("environment", {})
     device = env.get("gpu_name") or f"CPU ({env.get('cpu_threads')} threads)"
     lines.append(
