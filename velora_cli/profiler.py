@@ -263,7 +263,7 @@ class EstimatePlusCpu:
         row = EstimateBackend().measure(spec, breakdown=breakdown)
         if row["status"] != "ok" or not self._time_on_cpu(spec, row):
             return row
-        timed = self.cpu.measure(spec)
+        timed = self.cpu.time_only(spec)
         if timed["status"] == "ok":
             row.update(
                 step_seconds=timed["step_seconds"],

@@ -24,6 +24,14 @@ class CpuBackend:
     name: str = "cpu"
 
     def measure(self, spec: StepSpec, *, breakdown: bool = False) -> dict[str, Any]:
+        """Tracked memory and wall-clock time of one row."""
+        return self._run(spec, breakdown=breakdown, track=True)
+
+    def time_only(self, spec: StepSpec) -> dict[str, Any]:
+        """Wall-clock time only (no tracked step): for rows whose memory comes from elsewhere."""
+        return self._run(spec, breakdown=False, track=False)
+
+    def _run(self, spec: StepSpec, *, breakdown: bool, track: bool) -> dict[str, Any]:
         import torch
 
         from velora_cli.measure.attention import register_estimate_attention
@@ -34,7 +42,7 @@ class CpuBackend:
             prepared = prepare(spec, "cpu", attn_implementation=register_estimate_attention())
             for _ in range(self.warmup):
                 train_step(prepared)
-            row = tracked_step(prepared, breakdown=breakdown)
+            row = tracked_step(prepared, breakdown=breakdown) if track else {}
             times = timed_steps(prepared, self.steps)
         except (SpecError, ValueError, RuntimeError, MemoryError) as exc:
             if isinstance(exc, SpecError) or _is_user_error(exc):
@@ -47,7 +55,7 @@ class CpuBackend:
             backend=self.name,
             step_seconds=seconds,
             step_seconds_source="measured (cpu wall clock, median of "
-            f"{len(times)} after {self.warmup + 1} warm-up)",
+            f"{len(times)} after {self.warmup + int(track)} warm-up)",
             tokens_per_second=tokens / seconds,
             threads=torch.get_num_threads(),
         )
