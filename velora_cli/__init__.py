@@ -11,6 +11,7 @@ from __future__ import annotations
 __version__ = "0.1.0"
 
 _LAZY = {
+    "apply_config": "velora_cli.configs",
     "apply_velora": "velora_cli.placement",
     "remove_velora": "velora_cli.placement",
     "velora_layers": "velora_cli.placement",

@@ -373,18 +373,353 @@ def models() -> None:
     _wide_console().print(table)
 
 
+# Options of tune and export-config.
+Budget = Annotated[
+    str | None,
+    typer.Option(
+        "--budget",
+        help="Memory budget: 10GB (10^9 bytes), 10GiB, 9.5G (= GB), 10240MB, 10240MiB, "
+        "123456B. Default on a GPU: its free memory.",
+    ),
+]
+Margin = Annotated[
+    float, typer.Option("--margin", help="Headroom kept below the budget (0.05 = 5%).")
+]
+Objective = Annotated[
+    str,
+    typer.Option(
+        "--objective",
+        help="speed (highest tokens/s), memory (lowest peak) or accuracy (smallest loss "
+        "change), among the configurations that fit.",
+    ),
+]
+TuneBackend = Annotated[
+    str,
+    typer.Option(
+        "--backend",
+        help="auto|cuda|cpu|estimate. auto: cuda when available, else estimate (peaks on "
+        "meta tensors, no step run: nothing is verified by a real run).",
+    ),
+]
+TuneModes = Annotated[
+    str, typer.Option("--mode", help="Training modes to search, comma-separated: full, lora.")
+]
+TunePlacements = Annotated[
+    str,
+    typer.Option(
+        "--placements",
+        help="VeLoRA placements to try, comma-separated (presets as in profile); no "
+        "VeLoRA is always tried.",
+    ),
+]
+TuneNumGroups = Annotated[
+    str, typer.Option("--num-groups", help="Sub-token choices as numbers of groups D/M.")
+]
+TuneGcEvery = Annotated[
+    str,
+    typer.Option(
+        "--gc-every",
+        help="Checkpointing every n-th layer to try (comma-separated); none and every "
+        "layer are always tried.",
+    ),
+]
+MicroBatches = Annotated[
+    str | None,
+    typer.Option(
+        "--micro-batches",
+        help="Micro-batch sizes (divisors of --batch-size; the rest is gradient "
+        "accumulation). Default: every power of two that divides it.",
+    ),
+]
+ProbeSteps = Annotated[
+    int,
+    typer.Option("--probe-steps", help="Optimizer steps of the accuracy probe (0: no probes)."),
+]
+MaxLossIncrease = Annotated[
+    float,
+    typer.Option(
+        "--max-loss-increase",
+        help="Tolerance on the probe's held-out loss vs the baseline (0.01 = +1%).",
+    ),
+]
+ProbeData = Annotated[
+    str | None,
+    typer.Option(
+        "--data",
+        help="Probe text: a .txt or .jsonl (text field) file, or a Hugging Face dataset "
+        "name. Default: English text bundled with Python.",
+    ),
+]
+MaxMeasured = Annotated[
+    int | None,
+    typer.Option(
+        "--max-measured",
+        help="Measure at most N candidates (verification not counted). Default: 4 on "
+        "the cpu backend, no limit otherwise.",
+    ),
+]
+Resume = Annotated[
+    bool,
+    typer.Option("--resume", help="Continue the latest tune journal under profiles/."),
+]
+ResumeFrom = Annotated[
+    str | None,
+    typer.Option("--resume-from", help="Continue this tune journal (.jsonl); implies --resume."),
+]
+
+
+def _word_list(text: str, option: str, choices: tuple[str, ...] | None = None) -> list[str]:
+    values = [part.strip() for part in text.split(",") if part.strip()]
+    if not values:
+        raise UserError(f"{option} is empty")
+    bad = [v for v in values if choices and v not in choices]
+    if bad:
+        raise UserError(f"{option} {','.join(bad)}: choose from {', '.join(choices)}")
+    return values
+
+
 @app.command()
 @guarded
-def tune() -> None:
+def tune(
+    model: ModelArg = None,
+    budget: Budget = None,
+    margin: Margin = 0.05,
+    objective: Objective = "speed",
+    backend: TuneBackend = "auto",
+    batch_size: BatchSize = 4,
+    seq_len: SeqLen = 256,
+    dtype: Dtype = "fp32",
+    amp: Amp = None,
+    modes: TuneModes = "full",
+    placements: TunePlacements = "paper,all-linear",
+    num_groups: TuneNumGroups = "32",
+    gc_every: TuneGcEvery = "2",
+    micro_batches: MicroBatches = None,
+    probe_steps: ProbeSteps = 16,
+    max_loss_increase: MaxLossIncrease = 0.01,
+    data: ProbeData = None,
+    max_measured: MaxMeasured = None,
+    output_format: Annotated[
+        str, typer.Option("--format", help="table (with the recommendation) or json.")
+    ] = "table",
+    resume: Resume = False,
+    resume_from: ResumeFrom = None,
+    lora_rank: LoraRank = 8,
+    lora_targets: LoraTargets = "all-linear",
+    optimizer: Optimizer = "adamw",
+    init: Init = "batch_average_once",
+    weights: Weights = False,
+    trust_remote_code: TrustRemoteCode = False,
+) -> None:
     """Find the fastest configuration that fits a memory budget, verified by a real run."""
-    _not_yet("tune")
+    from velora_cli.tuner import OBJECTIVES
+
+    if output_format not in ("table", "json"):
+        raise UserError(f"--format {output_format!r}: choose table or json")
+    if backend not in ("auto", "cuda", "cpu", "estimate"):
+        raise UserError(f"--backend {backend!r}: choose auto, cuda, cpu or estimate")
+    if objective not in OBJECTIVES:
+        raise UserError(f"--objective {objective!r}: choose {', '.join(OBJECTIVES)}")
+    if not 0 <= margin < 1:
+        raise UserError(f"--margin {margin}: give a fraction in [0, 1), e.g. 0.05 for 5%")
+    if not max_loss_increase >= 0:
+        raise UserError(f"--max-loss-increase {max_loss_increase}: give a fraction >= 0")
+    if probe_steps < 0:
+        raise UserError("--probe-steps must be >= 0 (0 turns the probes off)")
+    if max_measured is not None and max_measured < 1:
+        raise UserError("--max-measured must be >= 1")
+    mode_list = _word_list(modes, "--mode", ("full", "lora"))
+    placement_list = [p for p in _word_list(placements, "--placements") if p != "none"]
+    groups = _int_list(num_groups, "--num-groups")
+    gc_list = _int_list(gc_every, "--gc-every")
+    if any(n < 1 for n in [*groups, *gc_list]):
+        raise UserError("--num-groups and --gc-every take integers >= 1")
+    micros = _int_list(micro_batches, "--micro-batches") if micro_batches else None
+
+    from velora_cli import autotune, models
+    from velora_cli.budget import describe_budget, format_bytes, parse_budget
+    from velora_cli.placement import parse_placement
+
+    for placement in placement_list:
+        parse_placement(placement)
+    notices = []
+    budget_bytes = parse_budget(budget) if budget is not None else None
+    from velora_cli.measure.cuda import cuda_available
+
+    gpu = cuda_available()
+    if backend == "auto":
+        backend = "cuda" if gpu else "estimate"
+        if not gpu:
+            notices.append(
+                "auto backend without a GPU: memory estimated on meta tensors, nothing run; "
+                "--backend cpu measures real steps on this CPU"
+            )
+    journal_path = None
+    if resume or resume_from:
+        from pathlib import Path
+
+        journal_path = Path(resume_from) if resume_from else autotune.latest("tune-*.jsonl")
+        if journal_path is None:
+            raise UserError(
+                f"no tune journal under {autotune.profiles_dir()}/ to resume; run velora tune "
+                "without --resume, or pass --resume-from PATH"
+            )
+    budget_source = f"--budget {budget}" if budget is not None else None
+    if budget_bytes is None and gpu:
+        import torch
+
+        budget_bytes = torch.cuda.mem_get_info()[0]
+        budget_source = "free GPU memory"
+    if budget_bytes is None and journal_path is not None and journal_path.is_file():
+        from velora_cli.tuner import Journal
+
+        budget_bytes = (Journal.load(journal_path).context or {}).get("budget_bytes")
+        budget_source = f"the budget of {journal_path}"
+    if budget_bytes is None:
+        raise UserError(
+            "no --budget given and no GPU to read the free memory from: pass --budget, "
+            "e.g. --budget 10GB"
+        )
+    echo = f"{describe_budget(budget_bytes, budget)}" if budget else describe_budget(budget_bytes)
+    _err(
+        f"budget: {echo} ({budget_source}); configurations must peak at or below "
+        f"{format_bytes(int(budget_bytes * (1 - margin)))} ({margin:.0%} margin)"
+    )
+    settings = autotune.TuneSettings(
+        model=model or models.DEFAULT_MODEL,
+        budget_bytes=budget_bytes,
+        backend=backend,
+        batch_size=batch_size,
+        seq_len=seq_len,
+        dtype=dtype,
+        amp=amp,
+        optimizer=optimizer,
+        lora_rank=lora_rank,
+        lora_targets=lora_targets,
+        init=init,
+        weights=weights,
+        trust_remote_code=trust_remote_code,
+        modes=tuple(mode_list),
+        placements=tuple(placement_list),
+        num_groups=tuple(groups),
+        gc_every=tuple(n for n in gc_list if n > 1),
+        micro_batches=tuple(micros) if micros else None,
+        margin=margin,
+        objective=objective,
+        max_loss_increase=max_loss_increase,
+        max_measured=max_measured,
+        probe_steps=probe_steps,
+        data=data,
+        budget_source=budget_source,
+    )
+    settings.base_spec()  # validates batch, seq, dtype, amp, optimizer, rank (one line each)
+    if model is None:
+        notices.append(f"no MODEL given: tuning the built-in default {settings.model}")
+    if journal_path is not None:
+        journal = autotune.resume_journal(journal_path, settings)
+        save_path = journal_path.with_suffix(".json")
+        _err(f"resuming {journal_path} ({len(journal)} finished results)")
+    else:
+        from velora_cli.tuner import Journal
+
+        save_path, journal_path = autotune.new_paths(settings.model)
+        journal = Journal(journal_path, context=settings.context())
+    try:
+        document = autotune.run(
+            settings,
+            save_path=save_path,
+            journal=journal,
+            progress=autotune.TuneProgress(_err),
+            echo=_err,
+            notices=notices,
+        )
+    except KeyboardInterrupt:
+        _err(f"journal: {journal_path}; continue with the same command and --resume")
+        raise
+    _render_tune(document, output_format)
+    _err(f"saved: {save_path}")
+    if document["recommendation"] is None:
+        _fail(document["reason"])
+
+
+def _render_tune(document: dict, output_format: str) -> None:
+    from velora_cli import report
+
+    if output_format == "json":
+        import json
+
+        typer.echo(json.dumps(document, indent=2, default=str))
+        return
+    console = _wide_console()
+    console.print(report.tune_table(document))
+    lines = report.summary_lines(document)
+    if document["recommendation"] is None:
+        lines += report.nothing_fits_lines(document)
+    for line in lines:
+        console.print(line, highlight=False, markup=False)
 
 
 @app.command("export-config")
 @guarded
-def export_config() -> None:
+def export_config(
+    source: Annotated[
+        str | None,
+        typer.Option(
+            "--from",
+            help="A tune document or velora config (default: the latest tune document "
+            "under profiles/).",
+        ),
+    ] = None,
+    output_format: Annotated[
+        str,
+        typer.Option(
+            "--format",
+            help="velora (for velora_cli.apply_config), peft (peft.LoraConfig kwargs) or "
+            "trainer (TrainingArguments kwargs + snippet).",
+        ),
+    ] = "velora",
+    output: Annotated[
+        str | None, typer.Option("--output", "-o", help="Write here (default: stdout).")
+    ] = None,
+) -> None:
     """Write the tuned configuration for training code (velora, peft or trainer format)."""
-    _not_yet("export-config")
+    if output_format not in ("velora", "peft", "trainer"):
+        raise UserError(f"--format {output_format!r}: choose velora, peft or trainer")
+    import json
+    from pathlib import Path
+
+    from velora_cli import autotune, configs
+
+    path = Path(source) if source else autotune.latest("tune-*.json")
+    if path is None:
+        raise UserError(
+            f"no tune document under {autotune.profiles_dir()}/: run velora tune first, or "
+            "pass --from FILE"
+        )
+    config = configs.load_config(path)
+    if output_format == "peft" and (why := configs.peft_blockers(config)):
+        _err(f"note: PEFT cannot express this: {'; '.join(why)}; writing the velora format")
+        output_format = "velora"
+    if output_format == "velora":
+        data = config.to_dict()
+    elif output_format == "peft":
+        data = configs.to_peft(config)
+    else:
+        notes = configs.trainer_notes(config)
+        for note in notes:
+            _err(f"note: {note}")
+        data = {
+            "format": "trainer",
+            "training_arguments": configs.to_trainer(config),
+            "notes": notes,
+            "snippet": configs.trainer_snippet(config),
+        }
+    text = json.dumps(data, indent=2) + "\n"
+    if output:
+        Path(output).write_text(text)
+        _err(f"wrote {output} ({output_format} format, from {path})")
+    else:
+        typer.echo(text, nl=False)
 
 
 def main() -> None:

@@ -178,3 +178,146 @@ def breakdown_table(document: dict[str, Any], limit: int = 12):
             name or "(model)", *[_bytes(r["activation_breakdown"].get(name, 0)) for r in rows]
         )
     return table
+
+
+# ---- velora tune ------------------------------------------------------------------------
+
+
+def describe(row: dict[str, Any]) -> str:
+    """A candidate in words: ``full · velora paper g32 · gc every 2 · micro-batch 4 × 2``."""
+    parts = [row["mode"]]
+    if row.get("placement"):
+        parts.append(f"velora {row['placement']} g{row['num_groups'] or 32}")
+    gc = row.get("gc")
+    if gc is True:
+        parts.append("gc")
+    elif gc:
+        parts.append(f"gc every {gc}")
+    parts.append(f"micro-batch {row['micro_batch_size']} × {row['grad_accum_steps']}")
+    return " · ".join(parts)
+
+
+def pareto_keys(rows: list[dict[str, Any]]) -> set[str]:
+    """Keys of the measured-ok rows on the (peak ↓, tokens/s ↑) front."""
+    ok = [r for r in rows if r.get("measure_status") == "ok" and r.get("peak_bytes") is not None]
+
+    def tps(r):
+        return r.get("tokens_per_second") or 0.0
+
+    return {
+        r["key"]
+        for r in ok
+        if not any(
+            o["peak_bytes"] <= r["peak_bytes"] and tps(o) >= tps(r)
+            and (o["peak_bytes"] < r["peak_bytes"] or tps(o) > tps(r))
+            for o in ok
+        )
+    }  # fmt: skip
+
+
+def tune_table(document: dict[str, Any]):
+    """A rich Table of the measured candidates, the measured Pareto front marked ★."""
+    from rich.table import Table
+
+    title = (
+        f"{document['model']} · batch {document['batch_size']} × seq {document['seq_len']} · "
+        f"{document['precision']} · backend {document['backend']} · budget "
+        f"{format_bytes(document['budget_bytes'])} (limit {format_bytes(document['limit_bytes'])})"
+    )
+    table = Table(title=title, title_justify="left")
+    table.add_column("", no_wrap=True)
+    table.add_column("configuration", overflow="fold", min_width=28)
+    for name in (
+        "status",
+        "est. peak",
+        "peak",
+        "step",
+        "tok/s",
+        "probe loss",
+        "Δ loss",
+        "grad cos",
+    ):
+        table.add_column(name, justify="right", no_wrap=True)
+    table.add_column("note", overflow="fold", max_width=48)
+    front = pareto_keys(document["candidates"])
+    rows = [r for r in document["candidates"] if r.get("measure_status")]
+    rows.sort(key=lambda r: (r.get("peak_bytes") is None, r.get("peak_bytes") or 0))
+    for r in rows:
+        mark = "→" if r["status"] == "chosen" else "★" if r["key"] in front else ""
+        li, cos = r.get("loss_increase"), r.get("grad_cosine_min")
+        table.add_row(
+            mark,
+            describe(r),
+            r["status"],
+            _bytes(r.get("estimate_peak_bytes")),
+            _bytes(r.get("peak_bytes")),
+            "—" if r.get("step_seconds") is None else f"{r['step_seconds']:.2f} s",
+            "—" if r.get("tokens_per_second") is None else f"{r['tokens_per_second']:,.0f}",
+            "—" if r.get("loss") is None else f"{r['loss']:.4f}",
+            "—" if li is None else f"{li:+.2%}",
+            "—" if cos is None else f"{cos:.3f}",
+            r.get("note") or "",
+        )
+    return table
+
+
+def summary_lines(document: dict[str, Any]) -> list[str]:
+    """Lines under the table: the unmeasured, the probe setup, the recommendation and why."""
+    lines = []
+    counts: dict[str, int] = {}
+    for r in document["candidates"]:
+        if not r.get("measure_status"):
+            counts[r["status"]] = counts.get(r["status"], 0) + 1
+    if counts:
+        lines.append(
+            f"not measured: {', '.join(f'{n} {status}' for status, n in sorted(counts.items()))} "
+            f"(of {len(document['candidates'])} candidates; ★ measured Pareto front)"
+        )
+    probe = document.get("probe", {})
+    if probe.get("skipped"):
+        lines.append(probe["skipped"])
+    elif probe.get("baselines"):
+        base = ", ".join(f"{m} {b['loss']:.4f}" for m, b in probe["baselines"].items())
+        lines.append(
+            f"probe: {probe['steps']} steps on {probe.get('data_description')}; "
+            f"{probe.get('tokenization')}; baseline held-out loss {base}"
+        )
+        if probe.get("note"):
+            lines.append(f"probe: {probe['note']}")
+    lines += [f"warning: {w}" for w in document.get("warnings", [])]
+    rec = document.get("recommendation")
+    if rec is None:
+        return lines
+    li = rec.get("loss_increase")
+    real = "estimated, not run" if document["backend"] == "estimate" else "verification run"
+    lines += [
+        f"recommended: {describe(rec)}",
+        f"  peak {format_bytes(rec['peak_bytes'])} ({real}) ≤ limit "
+        f"{format_bytes(rec['limit_bytes'])} (budget {format_bytes(rec['budget_bytes'])} − "
+        f"{rec['margin']:.0%})"
+        + (
+            ""
+            if rec.get("tokens_per_second") is None
+            else f" · {rec['tokens_per_second']:,.0f} tokens/s"
+        )
+        + ("" if li is None else f" · loss {li:+.2%} vs baseline"),
+        f"  why: {rec['reason']}",
+    ]
+    if document.get("path"):
+        lines.append(
+            f"  export: velora export-config --from {document['path']} --format velora|peft|trainer"
+        )
+    return lines
+
+
+def nothing_fits_lines(document: dict[str, Any]) -> list[str]:
+    """What to tell the user when no configuration fits: the smallest one seen and its peak."""
+    small = document.get("smallest")
+    lines = [f"nothing fits: {document['reason']}"]
+    if small:
+        how = "measured" if small["peak_source"] == "measured" else "estimated"
+        lines.append(
+            f"smallest configuration: {describe(small)}, peak {format_bytes(small['smallest_peak_bytes'])} "
+            f"({how}); try a larger --budget, a smaller --batch-size/--seq-len or more --placements"
+        )
+    return lines

@@ -611,7 +611,9 @@ class _Search:
             return (m.peak_bytes, tps, acc, e.candidate.key)
         if self.objective == "accuracy":
             return (acc, tps, m.peak_bytes, e.candidate.key)
-        return (tps, m.peak_bytes, acc, e.candidate.key)
+        # no measured time (an estimate-only backend): the planning's speed proxy decides
+        proxy = e.cost if m.tokens_per_second is None else ()
+        return (tps, proxy, m.peak_bytes, acc, e.candidate.key)
 
     def verify(self, e: _Entry) -> bool:
         """Re-measure `e` in a fresh run; on failure drop it from the accepted and say why."""

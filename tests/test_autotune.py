@@ -1,0 +1,185 @@
+"""The tune glue on llama-tiny: candidate → step, backends, probes, journal and resume."""
+
+import dataclasses
+import json
+
+import pytest
+
+from velora_cli import autotune, report
+from velora_cli.tuner import Candidate, Journal
+
+TINY = dict(model="llama-tiny", batch_size=4, seq_len=128)
+# baseline, gc, VeLoRA paper, VeLoRA paper + gc: the micro-batch is the whole batch, so only
+# checkpointing or VeLoRA can lower the peak
+SMALL_SPACE = dict(placements=("paper",), gc_every=(), micro_batches=(4,))
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Real steps of a tiny model on one thread: with two threads on a 2-core machine that
+    something else is also using, each of the step's many small parallel regions waits for a
+    descheduled thread, and a 20 ms step becomes 1.3 s (measured here)."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def settings(**overrides) -> autotune.TuneSettings:
+    fields = dict(TINY, budget_bytes=10**9, backend="estimate", probe_steps=0, **SMALL_SPACE)
+    fields.update(overrides)
+    return autotune.TuneSettings(**fields)
+
+
+def test_candidate_maps_to_the_step_it_describes():
+    from velora_cli.measure.train_step import Strategy
+
+    base = settings().base_spec()
+    c = Candidate("lora", "paper", 16, gc=2, micro_batch_size=2, grad_accum_steps=2)
+    spec = autotune.candidate_spec(base, c)
+    assert (spec.batch_size, spec.grad_accum_steps, spec.mode) == (4, 2, "lora")
+    assert spec.strategy == Strategy(placement="paper", num_groups=16, gc=2)
+    assert spec.seq_len == 128 and spec.model == "llama-tiny"
+
+
+def test_space_drops_sub_token_choices_that_fit_only_some_layers():
+    # 3 groups divide down_proj's 192 inputs but not v_proj's 64
+    space, notices = autotune.build_space(settings(num_groups=(32, 3)))
+    assert {c.num_groups for c in space if c.placement} == {32}
+    assert len(notices) == 1 and "g3: not tried" in notices[0] and "v_proj" in notices[0]
+
+
+def test_cuda_rows_are_judged_by_the_device_level_peak():
+    from velora_cli.measure.train_step import StepSpec
+
+    row = {"status": "ok", "peak_bytes": 100, "device_used_bytes": 180, "step_seconds": 0.1,
+           "tokens_per_second": 10.0, "backend": "cuda", "wrapped_layers": 4}  # fmt: skip
+    m = autotune._measurement(row, StepSpec("llama-tiny"), use_device_peak=True)
+    assert m.peak_bytes == 180 and m.detail["allocator_peak_bytes"] == 100
+    assert m.detail["velora_layers"] == 4 and m.detail["strategy"] == "baseline"
+    m = autotune._measurement({**row, "status": "error", "error": "x"}, StepSpec("m"), False)
+    assert m.status == "error" and m.peak_bytes is None
+
+
+def test_progress_says_what_runs_how_many_and_eta():
+    lines = []
+    progress = autotune.TuneProgress(lines.append)
+    progress("measure a", 0, 3)
+    progress("measure b", 1, 3)
+    progress("verify a", 2, 2)
+    assert lines[0].startswith("[1/3] measure a (") and "elapsed" in lines[0]
+    assert lines[1].startswith("[2/3] measure b") and "eta" in lines[1]
+
+
+@pytest.fixture(scope="module")
+def cpu_peaks():
+    """Measured peaks of baseline and full checkpointing of the tiny step on the cpu backend."""
+    from velora_cli.measure.cpu import CpuBackend
+    from velora_cli.measure.train_step import StepSpec, Strategy
+
+    spec = StepSpec(**TINY)
+    backend = CpuBackend(steps=1)
+    base = backend.measure(spec)["peak_bytes"]
+    gc = backend.measure(spec.with_strategy(Strategy(gc=True)))["peak_bytes"]
+    assert gc < base
+    return gc, base
+
+
+def test_end_to_end_cpu_tune_recommends_a_measured_configuration_under_budget(tmp_path, cpu_peaks):
+    gc_peak, base_peak = cpu_peaks
+    budget = (gc_peak + base_peak) // 2
+    s = settings(backend="cpu", budget_bytes=budget, probe_steps=2)
+    path, journal_path = autotune.new_paths(s.model, tmp_path)
+    journal = Journal(journal_path, context=s.context())
+    doc = autotune.run(s, save_path=path, journal=journal)
+
+    rec = doc["recommendation"]
+    assert rec is not None, doc["reason"]
+    assert rec["placement"] or rec["gc"], "the budget forces VeLoRA or checkpointing"
+    assert rec["status"] == "ok" and rec["verify_status"] == "ok" and rec["backend"] == "cpu"
+    assert rec["peak_bytes"] <= doc["limit_bytes"] < budget < base_peak
+    assert rec["budget_bytes"] == budget and "verification run peaked" in rec["reason"]
+    # the document: saved, with the journal beside it, and each candidate a profile-like row
+    assert json.loads(path.read_text())["recommendation"]["key"] == rec["key"]
+    assert journal_path == path.with_suffix(".jsonl") and journal_path.is_file()
+    chosen = next(r for r in doc["candidates"] if r["status"] == "chosen")
+    for field in ("label", "strategy", "activation_bytes", "micro_batch_size",
+                  "grad_accum_steps", "mode", "loss_increase"):  # fmt: skip
+        assert field in chosen
+    probed = [r for r in doc["candidates"] if r.get("loss") is not None]
+    for row in probed:  # VeLoRA candidates that fit were probed against the baseline
+        assert row["placement"] and row["grad_cosine_min"] is not None
+    assert doc["probe"]["baselines"]["full"]["loss"] > 0 if probed else True
+
+
+class CountingBackend:
+    """The estimate backend, counting calls; raises KeyboardInterrupt at call ``stop_at``."""
+
+    name = "cpu"
+
+    def __init__(self, stop_at=None):
+        from velora_cli.measure.estimate import EstimateBackend
+
+        self.inner, self.stop_at, self.keys = EstimateBackend(), stop_at, []
+
+    def measure(self, spec, breakdown=False):
+        if self.stop_at is not None and len(self.keys) + 1 == self.stop_at:
+            raise KeyboardInterrupt
+        self.keys.append((spec.strategy, spec.grad_accum_steps))
+        row = self.inner.measure(spec)
+        return {**row, "backend": "cpu", "step_seconds": 1.0, "tokens_per_second": 512.0}
+
+
+def test_interrupted_tune_resumes_without_redoing_finished_candidates(tmp_path):
+    s = settings(backend="cpu", budget_bytes=10**9, micro_batches=(4, 2), probe_steps=1)
+    path, journal_path = autotune.new_paths(s.model, tmp_path)
+    first = CountingBackend(stop_at=3)
+    with pytest.raises(KeyboardInterrupt):
+        autotune.run(s, save_path=path, journal=Journal(journal_path, context=s.context()),
+                     backend=first)  # fmt: skip
+    assert len(first.keys) == 2 and not path.exists()
+
+    second = CountingBackend()
+    journal = autotune.resume_journal(journal_path, s)
+    doc = autotune.run(s, save_path=path, journal=journal, backend=second)
+    measured = [r for r in doc["candidates"] if r["measure_status"]]
+    assert len(measured) > 2 and doc["recommendation"] is not None and path.is_file()
+    *search, verify = second.keys
+    assert len(search) == len(measured) - 2  # the two finished before Ctrl-C are not redone
+    assert not set(first.keys) & set(search)
+    assert doc["calls"]["probe"] > 0  # the probes had not run before the interrupt
+
+    third = CountingBackend()  # everything finished: a resume measures and probes nothing
+    again = autotune.run(s, save_path=None, journal=Journal.load(journal_path), backend=third)
+    assert third.keys == [] and again["calls"]["probe"] == 0
+    assert again["recommendation"]["key"] == doc["recommendation"]["key"]
+
+
+def test_resume_refuses_a_journal_of_other_settings(tmp_path):
+    s = settings()
+    journal = Journal(tmp_path / "t.jsonl", context=s.context())
+    del journal
+    with pytest.raises(autotune.TuneError, match="batch_size=4.*batch_size=8"):
+        autotune.resume_journal(tmp_path / "t.jsonl", dataclasses.replace(s, batch_size=8))
+    with pytest.raises(FileNotFoundError):
+        autotune.resume_journal(tmp_path / "none.jsonl", s)
+
+
+def test_estimate_backend_never_claims_a_real_run(tmp_path):
+    doc = autotune.run(settings(), save_path=None, journal=None)
+    rec = doc["recommendation"]
+    assert "no training step was run" in rec["reason"] and "verification run" not in rec["reason"]
+    assert any("no training step is run" in n for n in doc["notices"])
+    # without measured times, speed goes to the estimate's proxy: no recompute first
+    assert rec["gc"] is False
+    lines = report.summary_lines(doc)
+    assert any("(estimated, not run)" in line for line in lines)
+
+
+def test_nothing_fits_reports_the_smallest_configuration():
+    doc = autotune.run(settings(budget_bytes=10**6), save_path=None, journal=None)
+    assert doc["recommendation"] is None and "no configuration fits" in doc["reason"]
+    lines = report.nothing_fits_lines(doc)
+    assert "smallest configuration" in lines[1] and "gc" in lines[1]

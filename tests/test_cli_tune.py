@@ -1,0 +1,161 @@
+"""`velora tune` and `velora export-config` as a user meets them: arguments, output, errors."""
+
+import json
+
+import pytest
+from typer.testing import CliRunner
+
+from velora_cli.cli import app
+
+runner = CliRunner()
+# llama-tiny, 4 candidates (baseline, gc, VeLoRA paper, both), estimated only: a second or two
+TINY = ["llama-tiny", "--batch-size", "4", "--seq-len", "128", "--backend", "estimate",
+        "--micro-batches", "4", "--placements", "paper", "--gc-every", "1"]  # fmt: skip
+
+
+@pytest.fixture(autouse=True)
+def profiles(tmp_path, monkeypatch):
+    monkeypatch.setenv("VELORA_PROFILES_DIR", str(tmp_path / "profiles"))
+    return tmp_path / "profiles"
+
+
+def tune(*args):
+    return runner.invoke(app, ["tune", *TINY, *args])
+
+
+def test_tune_json_document_and_export_round_trip(tmp_path, profiles):
+    result = tune("--budget", "1GB", "--format", "json", "--probe-steps", "0")
+    assert result.exit_code == 0, result.output
+    assert "budget: 1 GB = 0.93 GiB" in result.stderr
+    doc = json.loads(result.stdout)
+    assert doc["budget_bytes"] == 10**9 and doc["backend"] == "estimate"
+    rec = doc["recommendation"]
+    assert rec["status"] == "ok" and rec["budget_bytes"] == 10**9
+    for field in ("micro_batch_size", "grad_accum_steps", "mode", "peak_bytes", "loss_increase"):
+        assert field in rec and all(field in row for row in doc["candidates"])
+    saved = sorted(profiles.glob("tune-llama-tiny-*"))
+    assert [p.suffix for p in saved] == [".json", ".jsonl"]
+
+    out = runner.invoke(app, ["export-config"])  # the latest tune document
+    assert out.exit_code == 0, out.output
+    velora = json.loads(out.stdout)
+    assert velora["format"] == "velora-config" and velora["model"] == "llama-tiny"
+
+    out = runner.invoke(app, ["export-config", "--format", "peft"])
+    assert out.exit_code == 0 and "PEFT cannot express this" in out.stderr
+    assert json.loads(out.stdout)["format"] == "velora-config"
+
+    target = tmp_path / "trainer.json"
+    out = runner.invoke(app, ["export-config", "--format", "trainer", "-o", str(target)])
+    assert out.exit_code == 0 and f"wrote {target}" in out.stderr
+    trainer = json.loads(target.read_text())
+    assert trainer["training_arguments"]["per_device_train_batch_size"] == 4
+    assert "TrainingArguments(" in trainer["snippet"]
+
+
+def test_tune_table_shows_the_recommendation_and_why():
+    result = tune("--budget", "1GB", "--probe-steps", "0")
+    assert result.exit_code == 0, result.output
+    assert "recommended: full" in result.stdout and "why:" in result.stdout
+    assert "estimated, not run" in result.stdout
+
+
+def test_lora_all_linear_exports_a_peft_config(profiles):
+    import peft
+
+    from velora_cli.measure.estimate import EstimateBackend
+    from velora_cli.measure.train_step import StepSpec, Strategy
+
+    # a budget between LoRA with VeLoRA on every adapter and plain LoRA, without checkpointing
+    spec = StepSpec("llama-tiny", batch_size=4, seq_len=128, mode="lora")
+    plain = EstimateBackend().measure(spec)["peak_bytes"]
+    velora = EstimateBackend().measure(spec.with_strategy(Strategy("all-linear", 32)))["peak_bytes"]
+    assert velora < plain
+    budget = f"{(velora + plain) // 2}B"
+    result = tune("--budget", budget, "--margin", "0", "--mode", "lora",
+                  "--placements", "all-linear", "--probe-steps", "0")  # fmt: skip
+    assert result.exit_code == 0, result.output
+    doc = json.loads(next(profiles.glob("tune-*.json")).read_text())
+    assert doc["recommendation"]["key"] == "lora|all-linear|g32|gc=off|mb4x1|adamw"
+    out = runner.invoke(app, ["export-config", "--format", "peft"])
+    assert out.exit_code == 0 and out.stderr == ""
+    lora = peft.LoraConfig(**json.loads(out.stdout))
+    assert lora.velora_config.num_groups == 32 and lora.r == 8
+
+
+# -- one test per error path: message and exit code --------------------------------------------
+
+
+def test_bad_budget():
+    result = tune("--budget", "10XB")
+    assert result.exit_code == 1
+    assert "error: unknown unit 'XB' in budget '10XB'" in result.stderr
+
+
+def test_no_budget_and_no_gpu():
+    result = tune()
+    assert result.exit_code == 1 and "pass --budget, e.g. --budget 10GB" in result.stderr
+
+
+def test_nothing_fits_shows_the_smallest_configuration():
+    result = tune("--budget", "1MB", "--probe-steps", "0")
+    assert result.exit_code == 1
+    assert "error: no configuration fits" in result.stderr
+    assert "smallest configuration: full" in result.stdout and "peak" in result.stdout
+
+
+def test_unknown_tune_option_values():
+    result = tune("--budget", "1GB", "--format", "xml")
+    assert result.exit_code == 1 and "--format 'xml': choose table or json" in result.stderr
+    result = tune("--budget", "1GB", "--objective", "fun")
+    assert result.exit_code == 1 and "choose speed, memory, accuracy" in result.stderr
+    result = tune("--budget", "1GB", "--micro-batches", "3")
+    assert result.exit_code == 1 and "do not divide batch size 4" in result.stderr
+
+
+def test_resume_without_a_journal():
+    result = tune("--budget", "1GB", "--resume")
+    assert result.exit_code == 1 and "no tune journal under" in result.stderr
+
+
+def test_resume_with_other_settings():
+    assert tune("--budget", "1GB", "--probe-steps", "0").exit_code == 0
+    result = tune("--probe-steps", "0", "--resume", "--seq-len", "64")
+    assert result.exit_code == 1
+    assert "cannot resume" in result.stderr and "seq_len=128" in result.stderr
+
+
+def test_resume_finishes_from_the_journal(profiles):
+    assert tune("--budget", "1GB", "--probe-steps", "0").exit_code == 0
+    result = tune("--probe-steps", "0", "--resume")  # the budget comes from the journal
+    assert result.exit_code == 0, result.output
+    assert "resuming" in result.stderr and "finished results" in result.stderr
+    progress = [line for line in result.stderr.splitlines() if line.startswith("[")]
+    assert progress and all("] resume " in line for line in progress)  # nothing run again
+    assert len(list(profiles.glob("tune-*.json"))) == 1
+
+
+def test_export_without_a_tune_document():
+    result = runner.invoke(app, ["export-config"])
+    assert result.exit_code == 1
+    assert "no tune document under" in result.stderr and "run velora tune first" in result.stderr
+
+
+def test_export_from_a_corrupt_config(tmp_path):
+    bad = tmp_path / "bad.json"
+    bad.write_text('{"format": "velora-config", ')
+    result = runner.invoke(app, ["export-config", "--from", str(bad)])
+    assert result.exit_code == 1
+    assert f"error: {bad} is not valid JSON" in result.stderr
+
+
+def test_export_unknown_format():
+    result = runner.invoke(app, ["export-config", "--format", "yaml"])
+    assert result.exit_code == 1
+    assert "--format 'yaml': choose velora, peft or trainer" in result.stderr
+
+
+def test_export_of_a_tune_where_nothing_fitted():
+    assert tune("--budget", "1MB", "--probe-steps", "0").exit_code == 1
+    result = runner.invoke(app, ["export-config"])
+    assert result.exit_code == 1 and "nothing to export" in result.stderr

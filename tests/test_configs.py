@@ -1,0 +1,242 @@
+"""The exported config: validation, loading, and the velora / peft / trainer round trips."""
+
+import dataclasses
+import json
+
+import pytest
+
+from velora_cli.configs import (
+    ConfigError,
+    VeloraConfig,
+    apply_config,
+    from_tune_document,
+    load_config,
+    peft_blockers,
+    to_peft,
+    to_trainer,
+    trainer_snippet,
+)
+
+
+def fresh_tiny(mode="full", rank=8):
+    """llama-tiny with random weights on CPU, wrapped with LoRA as the tune wraps it."""
+    import torch
+
+    from velora_cli.measure.train_step import StepSpec, _apply_lora
+    from velora_cli.models import build_model, resolve_model
+
+    model = build_model(resolve_model("llama-tiny"), device="cpu", dtype=torch.float32)
+    if mode == "lora":
+        model = _apply_lora(model, StepSpec("llama-tiny", mode="lora", lora_rank=rank))
+    return model
+
+
+def tuned_layers(mode: str, placement: str, num_groups: int) -> tuple[dict, int]:
+    """What `velora tune` records for a recommendation: its layers, built on meta."""
+    from velora_cli import autotune
+
+    settings = autotune.TuneSettings("llama-tiny", budget_bytes=10**9, backend="estimate")
+    rec = dict(mode=mode, placement=placement, num_groups=num_groups, gc=False,
+               micro_batch_size=2, grad_accum_steps=2, optimizer="adamw")  # fmt: skip
+    found = autotune._layers_of(settings, rec)
+    return found["velora_layers"], found["lora_layers"]
+
+
+def config(**overrides) -> VeloraConfig:
+    layers, _ = tuned_layers("full", "paper", 32)
+    fields = dict(model="llama-tiny", placement="paper", num_groups=32, layers=layers, gc=2,
+                  micro_batch_size=2, grad_accum_steps=4, budget_bytes=10**9,
+                  peak_bytes=5 * 10**8, backend="cpu")  # fmt: skip
+    fields.update(overrides)
+    return VeloraConfig(**fields)
+
+
+# -- validation and loading ---------------------------------------------------------------------
+
+
+def test_every_error_is_reported_at_once():
+    with pytest.raises(ConfigError) as info:
+        VeloraConfig(model="m", mode="qlora", init="zeros", gc=-1, micro_batch_size=0)
+    message = str(info.value)
+    for part in ("mode must be one of full, lora", "init must be one of", "gc must be",
+                 "micro_batch_size must be a positive integer"):  # fmt: skip
+        assert part in message
+
+
+def test_layers_must_divide_and_need_a_placement():
+    with pytest.raises(ConfigError, match="does not divide in_features 64"):
+        config(layers={"model.layers.0.mlp.down_proj": {"in_features": 64, "sub_token_size": 3}})
+    with pytest.raises(ConfigError, match="need a placement"):
+        VeloraConfig(model="m", num_groups=32)
+
+
+def test_gc_one_means_every_layer():
+    assert config(gc=1).gc is True and config(gc=1).gc_every == 1
+
+
+def test_velora_format_round_trips_through_a_file(tmp_path):
+    cfg = config()
+    path = tmp_path / "velora.json"
+    path.write_text(json.dumps(cfg.to_dict()))
+    assert load_config(path) == dataclasses.replace(cfg, source=None)
+    assert load_config(cfg.to_dict()) == cfg
+
+
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ("{not json", r"is not valid JSON \(line 1"),
+        ("[1, 2]", "expected a JSON object"),
+        ('{"r": 8, "target_modules": "all-linear"}', "not a velora config"),
+        ('{"format": "trainer", "training_arguments": {}}', "it is a trainer export"),
+        ('{"format": "velora-config", "version": 1, "model": "m", "colour": 1}', "unknown fields"),
+        ('{"format": "velora-config", "version": 9, "model": "m"}', "version 9"),
+        ('{"format": "velora-config", "version": 1, "model": "m", "mode": "x"}', "mode must be"),
+    ],
+)
+def test_bad_files_are_clear_errors(tmp_path, text, message):
+    path = tmp_path / "bad.json"
+    path.write_text(text)
+    with pytest.raises(ConfigError, match=message):
+        load_config(path)
+
+
+def test_missing_file_and_empty_tune_document(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no config file"):
+        load_config(tmp_path / "nope.json")
+    with pytest.raises(ConfigError, match="nothing to export"):
+        load_config({"recommendation": None, "candidates": []})
+
+
+def test_tune_document_recommendation_becomes_a_config():
+    layers, _ = tuned_layers("full", "paper", 32)
+    document = {
+        "model": "llama-tiny", "seq_len": 128, "dtype": "fp32", "amp": None, "backend": "cpu",
+        "settings": {"init": "batch_average_once", "lora_rank": 8, "lora_targets": "all-linear"},
+        "environment": {"torch": "2.x", "transformers": "5.x", "peft": "0.21"},
+        "candidates": [],
+        "recommendation": {
+            "mode": "full", "placement": "paper", "num_groups": 32, "gc": True,
+            "micro_batch_size": 4, "grad_accum_steps": 2, "optimizer": "adamw",
+            "budget_bytes": 10**7, "peak_bytes": 9 * 10**6, "step_seconds": 0.5,
+            "tokens_per_second": 1000.0, "velora_layers": layers, "backend": "cpu",
+        },
+    }  # fmt: skip
+    cfg = from_tune_document(document, "tune.json")
+    assert (cfg.gc, cfg.micro_batch_size, cfg.grad_accum_steps) == (True, 4, 2)
+    assert cfg.peak_bytes == 9 * 10**6 and cfg.versions["torch"] == "2.x"
+    assert load_config(document) == dataclasses.replace(cfg, source=None)
+
+
+# -- apply_config --------------------------------------------------------------------------------
+
+
+def test_apply_config_wraps_the_tuned_layers_with_their_sizes():
+    import velora_cli
+    from velora_cli.placement import velora_layers
+
+    assert velora_cli.apply_config is apply_config  # the public, lazily imported name
+    cfg = config(gc=False)
+    model = fresh_tiny()
+    names = apply_config(model, cfg.to_dict())
+    assert names == list(cfg.layers)
+    wrapped = velora_layers(model)
+    assert {n: m.sub_token_size for n, m in wrapped.items()} == {
+        n: e["sub_token_size"] for n, e in cfg.layers.items()
+    }
+    assert all(m.init == "batch_average_once" for m in wrapped.values())
+
+
+def test_apply_config_enables_checkpointing_unless_asked_not_to():
+    model = fresh_tiny()
+    apply_config(model, config(gc=True))
+    assert model.is_activation_checkpointing
+    model = fresh_tiny()
+    apply_config(model, config(gc=True), checkpointing=False)
+    assert not model.is_activation_checkpointing
+
+
+def test_apply_config_refuses_a_model_that_does_not_match():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    other = LlamaForCausalLM(LlamaConfig(hidden_size=96, intermediate_size=192,
+                             num_hidden_layers=2, num_attention_heads=4, vocab_size=128))  # fmt: skip
+    with pytest.raises(ConfigError, match="has in_features 96, the config 64"):
+        apply_config(other, config())
+    deeper = LlamaForCausalLM(LlamaConfig(hidden_size=64, intermediate_size=192,
+                              num_hidden_layers=3, num_attention_heads=4, vocab_size=128))  # fmt: skip
+    with pytest.raises(ConfigError, match="model layers were not tuned"):
+        apply_config(deeper, config())
+    with pytest.raises(ConfigError, match="wrap the model with peft.get_peft_model first"):
+        apply_config(fresh_tiny(), config(mode="lora", lora_rank=8))
+
+
+# -- peft -------------------------------------------------------------------------------------
+
+
+def lora_config(placement="all-linear", **overrides):
+    layers, lora_layers = tuned_layers("lora", placement, 32)
+    fields = dict(mode="lora", placement=placement, layers=layers, lora_layers=lora_layers,
+                  lora_rank=8, lora_targets="all-linear", gc=False)  # fmt: skip
+    return config(**{**fields, **overrides})
+
+
+def test_peft_round_trip_builds_a_velora_lora_model():
+    import peft
+
+    cfg = lora_config()
+    d = json.loads(json.dumps(to_peft(cfg)))  # what export-config writes
+    lora = peft.LoraConfig(**d)
+    assert lora.velora_config.num_groups == 32
+    assert lora.velora_config.init_type == "batch_average_once"
+    model = peft.get_peft_model(fresh_tiny(), lora)
+    velora = [n for n, m in model.named_modules() if getattr(m, "lora_velora_num_groups", None)]
+    assert len(velora) == cfg.lora_layers
+
+
+def test_peft_says_what_it_cannot_express():
+    assert any("full fine-tuning" in why for why in peft_blockers(config()))
+    assert any("checkpointing" in why for why in peft_blockers(lora_config(gc=True)))
+    assert any("PEFT applies VeLoRA to every LoRA target" in why
+               for why in peft_blockers(lora_config("paper")))  # fmt: skip
+    with pytest.raises(ConfigError, match="not expressible as a peft.LoraConfig"):
+        to_peft(config())
+
+
+def test_lora_without_velora_is_plain_lora():
+    import peft
+
+    cfg = config(mode="lora", placement=None, num_groups=None, layers=None, lora_rank=4, gc=False)
+    d = to_peft(cfg)
+    assert "velora_config" not in d and peft.LoraConfig(**d).r == 4
+
+
+def test_apply_config_on_a_peft_model_wraps_the_lora_a_projections():
+    cfg = lora_config("paper")
+    names = apply_config(fresh_tiny("lora"), cfg)
+    assert names == list(cfg.layers) and all(".lora_A.default" in n for n in names)
+
+
+# -- trainer ----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("gc", [False, True, 2])
+def test_trainer_kwargs_construct_training_arguments(tmp_path, gc):
+    from transformers import TrainingArguments
+
+    cfg = config(gc=gc)
+    kwargs = json.loads(json.dumps(to_trainer(cfg)))
+    args = TrainingArguments(output_dir=str(tmp_path), **kwargs)
+    assert args.per_device_train_batch_size == 2 and args.gradient_accumulation_steps == 4
+    assert args.activation_checkpointing is bool(gc)
+    if gc:
+        ckpt = args.activation_checkpointing_kwargs
+        assert ckpt["use_reentrant"] is False
+        assert ckpt.get("every_n_layers", 1) == (1 if gc is True else gc)
+
+
+def test_trainer_snippet_applies_velora_without_checkpointing_twice():
+    snippet = trainer_snippet(config(gc=2), "cfg.json")
+    assert 'apply_config(model, "cfg.json", checkpointing=False)' in snippet
+    assert "gradient_accumulation_steps=4" in snippet
+    compile(snippet, "snippet", "exec")

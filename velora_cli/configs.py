@@ -1,0 +1,562 @@
+"""The exported config: what `velora tune` recommended, in a form training code can use.
+
+One small frozen dataclass, `VeloraConfig`, validated once (every error reported together), and
+three ways out of it:
+
+* the velora format itself (JSON, ``to_dict``), read back with `load_config` and applied to a
+  user's model with `apply_config` (VeLoRA layers, sub-token sizes, init, checkpointing);
+* `to_peft`: keyword arguments of ``peft.LoraConfig`` with its ``velora_config`` (PEFT ≥ 0.20
+  ships VeLoRA for LoRA's A projection), when the recommendation can be said that way;
+  `peft_blockers` says why not otherwise;
+* `to_trainer`: ``transformers.TrainingArguments`` keyword arguments (checkpointing, micro-batch,
+  accumulation), with `trainer_snippet` showing where the rest goes.
+
+No torch import at module level: ``velora export-config`` only moves JSON around.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+__all__ = [
+    "ConfigError",
+    "VeloraConfig",
+    "apply_config",
+    "from_tune_document",
+    "load_config",
+    "peft_blockers",
+    "to_peft",
+    "to_trainer",
+    "trainer_notes",
+    "trainer_snippet",
+]
+
+FORMAT = "velora-config"
+VERSION = 1
+MODES = ("full", "lora")
+DTYPES = ("fp32", "bf16", "fp16")
+# The v initializations of velora.INIT_STRATEGIES, repeated here so that loading a config does not
+# import torch (PEFT's VeloraConfig.init_type takes the same three names).
+INITS = ("batch_average_once", "batch_average", "random")
+
+
+class ConfigError(ValueError):
+    """A config that cannot be read or applied; the message lists every problem found."""
+
+
+@dataclass(frozen=True)
+class VeloraConfig:
+    """A tuned training configuration, as `velora export-config` writes it.
+
+    ``layers`` maps each wrapped layer's qualified name to ``{"in_features": D,
+    "sub_token_size": M}`` (what the tune measured; `apply_config` checks the user's model
+    against it); without it, ``placement`` + ``num_groups`` are applied as presets.
+
+    Example:
+        >>> cfg = VeloraConfig(model="llama-60m", placement="paper", num_groups=32, gc=2,
+        ...                    micro_batch_size=4, grad_accum_steps=2)
+        >>> to_trainer(cfg)["gradient_accumulation_steps"]
+        2
+    """
+
+    model: str
+    mode: str = "full"
+    placement: str | None = None
+    num_groups: int | None = None
+    layers: dict[str, dict[str, int]] | None = None
+    init: str = "batch_average_once"
+    gc: bool | int = False
+    micro_batch_size: int = 1
+    grad_accum_steps: int = 1
+    seq_len: int | None = None
+    dtype: str = "fp32"
+    amp: str | None = None
+    optimizer: str = "adamw"
+    lora_rank: int | None = None
+    lora_targets: str | None = None
+    lora_layers: int | None = None  # how many layers LoRA adapts (PEFT applies VeLoRA to all)
+    budget_bytes: int | None = None
+    peak_bytes: int | None = None
+    step_seconds: float | None = None
+    tokens_per_second: float | None = None
+    loss_increase: float | None = None
+    backend: str | None = None
+    versions: dict[str, Any] = field(default_factory=dict)
+    source: str | None = None
+
+    def __post_init__(self) -> None:
+        errors = []
+        if not isinstance(self.model, str) or not self.model:
+            errors.append(f"model must be a non-empty string, got {self.model!r}")
+        if self.mode not in MODES:
+            errors.append(f"mode must be one of {', '.join(MODES)}, got {self.mode!r}")
+        if self.placement is not None and (
+            not isinstance(self.placement, str) or not self.placement
+        ):
+            errors.append(f"placement must be a preset name or null, got {self.placement!r}")
+        if self.num_groups is not None and not _positive_int(self.num_groups):
+            errors.append(f"num_groups must be a positive integer or null, got {self.num_groups!r}")
+        if self.placement is None and (self.num_groups is not None or self.layers):
+            errors.append("num_groups and layers need a placement (no placement = no VeLoRA)")
+        errors += _layer_errors(self.layers)
+        if self.init not in INITS:
+            errors.append(f"init must be one of {', '.join(INITS)}, got {self.init!r}")
+        gc = self.gc
+        if not isinstance(gc, bool) and not _positive_int(gc):
+            errors.append(f"gc must be false, true or every-n layers (an int >= 2), got {gc!r}")
+        elif gc == 1 and not isinstance(gc, bool):
+            object.__setattr__(self, "gc", True)  # every 1st layer = every layer: one spelling
+        for name in ("micro_batch_size", "grad_accum_steps"):
+            if not _positive_int(getattr(self, name)):
+                errors.append(f"{name} must be a positive integer, got {getattr(self, name)!r}")
+        if self.seq_len is not None and not _positive_int(self.seq_len):
+            errors.append(f"seq_len must be a positive integer or null, got {self.seq_len!r}")
+        if self.dtype not in DTYPES:
+            errors.append(f"dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
+        if self.amp is not None and self.amp not in DTYPES[1:]:
+            errors.append(f"amp must be bf16, fp16 or null, got {self.amp!r}")
+        if self.mode == "lora" and not _positive_int(self.lora_rank):
+            errors.append(f"mode lora needs lora_rank, a positive integer, got {self.lora_rank!r}")
+        for name in ("budget_bytes", "peak_bytes"):
+            value = getattr(self, name)
+            if value is not None and (not _positive_int(value)):
+                errors.append(f"{name} must be a positive integer (bytes) or null, got {value!r}")
+        if not isinstance(self.versions, dict):
+            errors.append(f"versions must be an object, got {type(self.versions).__name__}")
+        if errors:
+            raise ConfigError("invalid velora config: " + "; ".join(errors))
+
+    @property
+    def uses_velora(self) -> bool:
+        return self.placement is not None
+
+    @property
+    def gc_every(self) -> int | None:
+        """Checkpointing interval in layers (1 = every layer), or None without checkpointing."""
+        return None if self.gc is False else 1 if self.gc is True else int(self.gc)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The velora format: ``{"format": "velora-config", "version": 1, ...fields}``."""
+        return {"format": FORMAT, "version": VERSION, **dataclasses.asdict(self)}
+
+
+def _positive_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 1
+
+
+def _layer_errors(layers: Any) -> list[str]:
+    if layers is None:
+        return []
+    if not isinstance(layers, dict):
+        return [f"layers must map layer names to {{in_features, sub_token_size}}, got {layers!r}"]
+    errors = []
+    for name, entry in layers.items():
+        d = entry.get("in_features") if isinstance(entry, dict) else None
+        m = entry.get("sub_token_size") if isinstance(entry, dict) else None
+        if not (_positive_int(d) and _positive_int(m)):
+            errors.append(f"layers[{name!r}] needs positive in_features and sub_token_size")
+        elif d % m:
+            errors.append(f"layers[{name!r}]: sub_token_size {m} does not divide in_features {d}")
+    return errors
+
+
+# -- reading ------------------------------------------------------------------------------------
+
+
+def from_tune_document(document: dict[str, Any], source: str | None = None) -> VeloraConfig:
+    """The recommendation of a ``velora tune`` document as a `VeloraConfig`.
+
+    Raises:
+        ConfigError: the document has no recommendation (nothing fitted the budget) or is not a
+            tune document.
+    """
+    rec = document.get("recommendation")
+    where = f"{source}: " if source else ""
+    if not isinstance(rec, dict):
+        raise ConfigError(
+            f"{where}the tune found no configuration within its budget, so there is nothing to "
+            "export; rerun velora tune with a larger --budget"
+        )
+    settings = document.get("settings", {})
+    env = document.get("environment", {})
+    versions = {k: env.get(k) for k in ("torch", "transformers", "peft", "python") if k in env}
+    versions["velora"] = document.get("velora_version")
+    lora = rec.get("mode") == "lora"
+    return VeloraConfig(
+        model=document.get("model"),
+        mode=rec.get("mode", "full"),
+        placement=rec.get("placement"),
+        num_groups=rec.get("num_groups"),
+        layers=rec.get("velora_layers") or None,
+        init=settings.get("init", "batch_average_once"),
+        gc=rec.get("gc", False),
+        micro_batch_size=rec.get("micro_batch_size", 1),
+        grad_accum_steps=rec.get("grad_accum_steps", 1),
+        seq_len=document.get("seq_len"),
+        dtype=document.get("dtype", "fp32"),
+        amp=document.get("amp"),
+        optimizer=rec.get("optimizer", "adamw"),
+        lora_rank=settings.get("lora_rank") if lora else None,
+        lora_targets=settings.get("lora_targets") if lora else None,
+        lora_layers=rec.get("lora_layers") if lora else None,
+        budget_bytes=rec.get("budget_bytes", document.get("budget_bytes")),
+        peak_bytes=rec.get("peak_bytes"),
+        step_seconds=rec.get("step_seconds"),
+        tokens_per_second=rec.get("tokens_per_second"),
+        loss_increase=rec.get("loss_increase"),
+        backend=rec.get("backend", document.get("backend")),
+        versions=versions,
+        source=source,
+    )
+
+
+def load_config(path_or_dict: str | os.PathLike | dict[str, Any]) -> VeloraConfig:
+    """Read a velora-format config (or the recommendation of a tune document).
+
+    Args:
+        path_or_dict: a JSON file written by ``velora export-config`` or ``velora tune``, or the
+            parsed dict.
+
+    Returns:
+        The validated config.
+
+    Raises:
+        FileNotFoundError: no file at the path.
+        ConfigError: not JSON, not a velora config (a peft/trainer export, an unknown format),
+            unknown fields, or invalid values (all listed together).
+    """
+    source = None
+    if isinstance(path_or_dict, dict):
+        data = path_or_dict
+    else:
+        path = Path(path_or_dict)
+        source = str(path)
+        if not path.is_file():
+            raise FileNotFoundError(
+                f"no config file at {path}; write one with velora export-config"
+            )
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except json.JSONDecodeError as exc:
+            raise ConfigError(
+                f"{path} is not valid JSON (line {exc.lineno}, column {exc.colno}: {exc.msg}); "
+                "write a fresh one with velora export-config"
+            ) from None
+        except UnicodeDecodeError:
+            raise ConfigError(f"{path} is not a text file; pass a velora config JSON") from None
+    where = f"{source}: " if source else ""
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where}expected a JSON object, got {type(data).__name__}")
+    if "recommendation" in data and "candidates" in data:
+        return from_tune_document(data, source)
+    kind = data.get("format")
+    if kind != FORMAT:
+        hint = (
+            f"it is a {kind} export; "
+            if kind in ("peft", "trainer")
+            else "no 'format': 'velora-config' field; "
+        )
+        raise ConfigError(
+            f"{where}not a velora config ({hint}use velora export-config --format velora)"
+        )
+    if data.get("version") != VERSION:
+        raise ConfigError(
+            f"{where}velora config version {data.get('version')!r}; this velora reads {VERSION}"
+        )
+    names = {f.name for f in dataclasses.fields(VeloraConfig)}
+    fields_ = {k: v for k, v in data.items() if k not in ("format", "version")}
+    unknown = sorted(set(fields_) - names)
+    if unknown:
+        raise ConfigError(
+            f"{where}unknown fields {', '.join(unknown)}; known: {', '.join(sorted(names))}"
+        )
+    try:
+        return VeloraConfig(**fields_)
+    except ConfigError as exc:
+        raise ConfigError(f"{where}{exc}") from None
+    except TypeError as exc:  # a missing required field
+        raise ConfigError(f"{where}{exc}") from None
+
+
+# -- PEFT ---------------------------------------------------------------------------------------
+
+
+def peft_blockers(config: VeloraConfig) -> list[str]:
+    """Why ``config`` cannot be written as a ``peft.LoraConfig``; empty when it can.
+
+    PEFT's VeLoRA compresses the input of LoRA's A projection of every LoRA target, with one
+    num_groups; it has no full fine-tuning and no checkpointing (a Trainer/model setting).
+    """
+    why = []
+    if config.mode != "lora":
+        why.append(
+            f"mode {config.mode}: PEFT's VeLoRA only compresses LoRA's A input (full fine-tuning "
+            "is not a PEFT config)"
+        )
+    if config.gc is not False:
+        why.append("gradient checkpointing is not a LoraConfig option (see --format trainer)")
+    if config.mode == "lora" and config.uses_velora:
+        sizes = {e["in_features"] // e["sub_token_size"] for e in (config.layers or {}).values()}
+        if config.layers and len(sizes) > 1:
+            why.append(f"layers use different numbers of groups {sorted(sizes)}; PEFT takes one")
+        wrapped = len(config.layers) if config.layers else None
+        if wrapped is None or config.lora_layers is None:
+            why.append(
+                f"the config does not record whether placement {config.placement!r} covers "
+                "every LoRA layer, as PEFT's VeLoRA would (export the config from a tune)"
+            )
+        elif wrapped != config.lora_layers:
+            why.append(
+                f"placement {config.placement!r} compresses {wrapped} of the "
+                f"{config.lora_layers} LoRA layers; PEFT applies VeLoRA to every LoRA target "
+                "(tune with --placements all-linear for a PEFT-expressible result)"
+            )
+    return why
+
+
+def to_peft(config: VeloraConfig) -> dict[str, Any]:
+    """Keyword arguments for ``peft.LoraConfig(**d)``, with ``velora_config`` when VeLoRA is used.
+
+    The LoRA settings are those the tune measured (rank r, alpha 2r, no dropout, its targets).
+
+    Raises:
+        ConfigError: the config is not expressible in PEFT (`peft_blockers` says why).
+    """
+    why = peft_blockers(config)
+    if why:
+        raise ConfigError("not expressible as a peft.LoraConfig: " + "; ".join(why))
+    targets: str | list[str] = config.lora_targets or "all-linear"
+    if targets != "all-linear":
+        targets = [t.strip() for t in targets.split(",") if t.strip()]
+    d: dict[str, Any] = {
+        "r": config.lora_rank,
+        "lora_alpha": 2 * config.lora_rank,
+        "lora_dropout": 0.0,
+        "target_modules": targets,
+    }
+    if config.uses_velora:
+        groups = config.num_groups
+        if config.layers:
+            groups = next(e["in_features"] // e["sub_token_size"] for e in config.layers.values())
+        d["velora_config"] = {"num_groups": groups, "scale": 1.0, "init_type": config.init}
+    return d
+
+
+# -- transformers Trainer -----------------------------------------------------------------------
+
+
+def _trainer_has(name: str) -> bool:
+    """Whether the installed ``TrainingArguments`` has field ``name`` (False without transformers)."""
+    try:
+        from transformers import TrainingArguments
+    except ImportError:
+        return False
+    return name in {f.name for f in dataclasses.fields(TrainingArguments)}
+
+
+def to_trainer(config: VeloraConfig) -> dict[str, Any]:
+    """Keyword arguments for ``transformers.TrainingArguments(output_dir=..., **d)``.
+
+    Checkpointing: transformers ≥ 5 names it ``activation_checkpointing`` and takes
+    ``every_n_layers`` in its kwargs; older versions only have ``gradient_checkpointing`` (every
+    layer), and an every-n config then needs `trainer_snippet`'s explicit call instead. The
+    micro-batch is per device: on N devices the effective batch is N times the tuned one.
+    """
+    d: dict[str, Any] = {
+        "per_device_train_batch_size": config.micro_batch_size,
+        "gradient_accumulation_steps": config.grad_accum_steps,
+    }
+    if config.gc is not False:
+        every = config.gc_every
+        kwargs: dict[str, Any] = {"use_reentrant": False}
+        if _trainer_has("activation_checkpointing"):
+            if every != 1:
+                kwargs["every_n_layers"] = every
+            d["activation_checkpointing"] = True
+            d["activation_checkpointing_kwargs"] = kwargs
+        elif every == 1:
+            d["gradient_checkpointing"] = True
+            d["gradient_checkpointing_kwargs"] = kwargs
+        # else: every-n is not a TrainingArguments option here; trainer_snippet enables it
+    if config.amp:
+        d[config.amp] = True  # bf16=True / fp16=True: mixed precision with fp32 master weights
+    d["optim"] = {"adamw": "adamw_torch", "sgd": "sgd"}.get(config.optimizer, config.optimizer)
+    return d
+
+
+def trainer_notes(config: VeloraConfig) -> list[str]:
+    """What the Trainer keyword arguments leave to the user, one line each."""
+    notes = []
+    if config.uses_velora:
+        notes.append(
+            "VeLoRA is not a TrainingArguments option: call velora_cli.apply_config(model, "
+            "config, checkpointing=False) before building the Trainer (snippet)"
+        )
+    if config.gc_every not in (None, 1) and not _trainer_has("activation_checkpointing"):
+        notes.append(
+            f"checkpointing every {config.gc_every} layers is not a TrainingArguments option in "
+            "this transformers version: the snippet enables it on the model"
+        )
+    if config.mode == "lora":
+        notes.append("LoRA: wrap the model with peft.get_peft_model first (snippet)")
+    if config.amp is None and config.dtype != "fp32":
+        notes.append(f"pure {config.dtype} was tuned: load the model in that dtype")
+    return notes
+
+
+def trainer_snippet(config: VeloraConfig, config_path: str = "velora-config.json") -> str:
+    """A short Python snippet that trains with ``config`` under the HF Trainer."""
+    dtype = {"fp32": "torch.float32", "bf16": "torch.bfloat16", "fp16": "torch.float16"}
+    weights = dtype[config.dtype if config.amp is None else "fp32"]
+    where = "" if "/" in config.model else "  # a velora built-in: your checkpoint's id or path"
+    lines = [
+        *(["import peft"] if config.mode == "lora" else []),
+        "import torch",
+        "from transformers import AutoModelForCausalLM, Trainer, TrainingArguments",
+        *(["from velora_cli import apply_config"] if config.uses_velora else []),
+        "",
+        f'model = AutoModelForCausalLM.from_pretrained("{config.model}", dtype={weights}){where}',
+    ]
+    if config.mode == "lora":
+        targets: str | list[str] = config.lora_targets or "all-linear"
+        if targets != "all-linear":
+            targets = [t.strip() for t in targets.split(",") if t.strip()]
+        lines += [
+            f"model = peft.get_peft_model(model, peft.LoraConfig(r={config.lora_rank}, "
+            f"lora_alpha={2 * (config.lora_rank or 8)}, lora_dropout=0.0, "
+            f"target_modules={targets!r}))",
+        ]
+    manual_gc = config.gc_every not in (None, 1) and not _trainer_has("activation_checkpointing")
+    if config.uses_velora:
+        lines.append(f'apply_config(model, "{config_path}", checkpointing={manual_gc})  # VeLoRA')
+    elif manual_gc:
+        lines.append(
+            "model.activation_checkpointing_enable(every_n_layers="
+            f'{config.gc_every}, activation_checkpointing_kwargs={{"use_reentrant": False}})'
+        )
+    kwargs = ", ".join(f"{k}={v!r}" for k, v in to_trainer(config).items())
+    lines += [
+        f'args = TrainingArguments(output_dir="out", {kwargs})',
+        "trainer = Trainer(model=model, args=args, train_dataset=train_dataset)",
+        "trainer.train()",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+# -- applying to a model ------------------------------------------------------------------------
+
+
+def apply_config(
+    model,
+    path_or_dict: str | os.PathLike | dict[str, Any] | VeloraConfig,
+    *,
+    checkpointing: bool = True,
+) -> list[str]:
+    """Apply a velora config to ``model`` in place: VeLoRA layers, sizes, init, checkpointing.
+
+    The layers the config's placement selects in ``model`` must be the ones the tune wrapped,
+    with the same widths; nothing is changed unless they are.
+
+    Args:
+        model: the Hugging Face model to train (wrapped with peft first for a LoRA config).
+        path_or_dict: a velora config file, its dict, a tune document, or a `VeloraConfig`.
+        checkpointing: also enable the config's gradient checkpointing (False when the HF
+            Trainer does it from ``TrainingArguments``).
+
+    Returns:
+        The qualified names of the wrapped layers (empty when the config uses no VeLoRA).
+
+    Raises:
+        ConfigError: the model does not match the config (missing layers, other widths, no LoRA
+            layers for a LoRA config), or checkpointing is not supported by the model.
+    """
+    from velora_cli.placement import PlacementError, apply_velora, select_layers
+    from velora_cli.velora import SubTokenSizeError
+
+    config = path_or_dict if isinstance(path_or_dict, VeloraConfig) else load_config(path_or_dict)
+    has_lora = any(hasattr(m, "lora_A") for m in model.modules())
+    if config.mode == "lora" and not has_lora:
+        raise ConfigError(
+            f"this config was tuned for LoRA (rank {config.lora_rank}, targets "
+            f"{config.lora_targets}); wrap the model with peft.get_peft_model first"
+        )
+    if config.mode == "full" and has_lora:
+        raise ConfigError(
+            "this config was tuned for full fine-tuning, but the model has LoRA layers"
+        )
+    sizes: dict[str, int] | None = None
+    if config.uses_velora:
+        try:
+            selected = _targets(select_layers(model, config.placement))
+        except PlacementError as exc:
+            raise ConfigError(str(exc)) from None
+        if config.layers:
+            errors = _layer_mismatches(config.layers, selected)
+            if errors:
+                raise ConfigError(
+                    f"the model does not match the tuned config ({config.model}): "
+                    + "; ".join(errors)
+                )
+            sizes = {name: entry["sub_token_size"] for name, entry in config.layers.items()}
+    wrapped: list[str] = []
+    if config.uses_velora:
+        try:
+            wrapped = apply_velora(
+                model,
+                config.placement,  # selects exactly config.layers (checked above)
+                sub_token_size=_exact_sizes(sizes) if sizes else None,
+                num_groups=None if sizes else config.num_groups,
+                init=config.init,
+            )
+        except (PlacementError, SubTokenSizeError) as exc:
+            raise ConfigError(str(exc)) from None
+    if checkpointing and config.gc_every:
+        from velora_cli.measure.train_step import SpecError, enable_checkpointing
+
+        try:
+            enable_checkpointing(model, config.gc_every)
+        except SpecError as exc:
+            raise ConfigError(str(exc)) from None
+    return wrapped
+
+
+def _targets(selected: dict) -> dict[str, int]:
+    """Selected layers → {name of the module VeLoRA wraps: in_features}; LoRA → its A layers."""
+    from velora_cli.placement import _in_features
+
+    out = {}
+    for name, module in selected.items():
+        lora_a = getattr(module, "lora_A", None)
+        if lora_a is not None and hasattr(lora_a, "items"):
+            for adapter, layer in lora_a.items():
+                out[f"{name}.lora_A.{adapter}"] = layer.in_features
+        else:
+            out[name] = _in_features(module)
+    return out
+
+
+def _layer_mismatches(expected: dict[str, dict[str, int]], found: dict[str, int]) -> list[str]:
+    errors = []
+    missing = [n for n in expected if n not in found]
+    extra = [n for n in found if n not in expected]
+    if missing:
+        errors.append(f"{len(missing)} tuned layers are not in the model (e.g. {missing[0]})")
+    if extra:
+        errors.append(f"{len(extra)} model layers were not tuned (e.g. {extra[0]})")
+    for name, entry in expected.items():
+        if name in found and found[name] != entry["in_features"]:
+            errors.append(
+                f"{name} has in_features {found[name]}, the config {entry['in_features']}"
+            )
+    return errors
+
+
+def _exact_sizes(sizes: dict[str, int]) -> dict[str, int]:
+    # "[.]" is fnmatch for a literal dot: a glob that matches this one name only, where
+    # apply_velora would match a plain string as a substring of a longer name
+    return {name.replace(".", "[.]"): m for name, m in sizes.items()}
