@@ -103,10 +103,6 @@ def root(
     _state["debug"] = debug
 
 
-def _not_yet(command: str) -> None:
-    _fail(f"`velora {command}` is not available yet in this version ({__version__})")
-
-
 def _int_list(text: str, option: str) -> list[int]:
     try:
         values = [int(part) for part in text.split(",") if part.strip()]
