@@ -312,3 +312,57 @@ def test_cli_debug_shows_traceback():
         app, ["--debug", "profile", "llama-tiny", "--batch-size", "0", "--no-save"]
     )
     assert result.exit_code == 1 and result.exception is not None
+
+
+def test_cli_default_sizes_that_do_not_fit_are_left_out_with_a_notice(tmp_path):
+    from transformers import LlamaConfig
+
+    LlamaConfig(
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=1,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        vocab_size=256,
+    ).save_pretrained(tmp_path / "m")
+    result = _run(
+        str(tmp_path / "m"),
+        "--backend",
+        "estimate",
+        "-b",
+        "1",
+        "-s",
+        "8",
+        "--placements",
+        "paper",
+        "--gc-every",
+        "1",
+        "--no-velora-gc",
+        "--format",
+        "json",
+    )
+    assert result.exit_code == 0, result.output
+    labels = [r["label"] for r in json.loads(result.stdout)["rows"]]
+    assert labels == ["baseline", "gc", "velora paper g32", "velora paper g16"]
+    assert "default --num-groups 64 left out" in result.stderr
+    # asked for explicitly, the same choice is a row with its reason
+    result = _run(
+        str(tmp_path / "m"),
+        "--backend",
+        "estimate",
+        "-b",
+        "1",
+        "-s",
+        "8",
+        "--placements",
+        "paper",
+        "--num-groups",
+        "64,32",
+        "--gc-every",
+        "1",
+        "--no-velora-gc",
+        "--format",
+        "json",
+    )
+    rows = json.loads(result.stdout)["rows"]
+    assert rows[2]["status"] == "error" and "in_features=96" in rows[2]["error"]

@@ -272,6 +272,17 @@ def profile(
     notices = [resolved.notice] if resolved.notice else []
     if model is None:
         notices.append(f"no MODEL given: profiling the built-in default {spec.model}")
+    if groups is None and sizes is None:
+        # Default sub-token choices that do not fit this model's widths are left out (one
+        # notice), rather than reported as failed rows the user never asked for.
+        invalid = profiler.validate_strategies(spec, strategies)
+        if invalid:
+            dropped = sorted({s.num_groups for s in invalid}, reverse=True)
+            strategies = [s for s in strategies if s not in invalid]
+            notices.append(
+                f"default --num-groups {', '.join(map(str, dropped))} left out: does not divide "
+                f"every targeted layer of {spec.model} (e.g. {next(iter(invalid.values()))})"
+            )
     backend_obj = profiler.make_backend(backend, spec, warmup=warmup, steps=steps)
     if backend == "auto" and backend_obj.name == "estimate":
         notices.append(
