@@ -159,3 +159,12 @@ def test_export_of_a_tune_where_nothing_fitted():
     assert tune("--budget", "1MB", "--probe-steps", "0").exit_code == 1
     result = runner.invoke(app, ["export-config"])
     assert result.exit_code == 1 and "nothing to export" in result.stderr
+
+
+def test_probe_steps_default_matches_the_probe_module():
+    import inspect
+
+    from velora_cli import autotune, cli, probes
+
+    default = inspect.signature(cli.tune).parameters["probe_steps"].default
+    assert default == probes.DEFAULT_STEPS == autotune.DEFAULT_PROBE_STEPS

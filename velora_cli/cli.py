@@ -502,7 +502,7 @@ def tune(
     num_groups: TuneNumGroups = "32",
     gc_every: TuneGcEvery = "2",
     micro_batches: MicroBatches = None,
-    probe_steps: ProbeSteps = 16,
+    probe_steps: ProbeSteps = 24,  # = probes.DEFAULT_STEPS (not imported: keeps --help light)
     max_loss_increase: MaxLossIncrease = 0.01,
     data: ProbeData = None,
     max_measured: MaxMeasured = None,
