@@ -10,7 +10,8 @@ from velora_cli.cli import app
 runner = CliRunner()
 # llama-tiny, 4 candidates (baseline, gc, VeLoRA paper, both), estimated only: a second or two
 TINY = ["llama-tiny", "--batch-size", "4", "--seq-len", "128", "--backend", "estimate",
-        "--micro-batches", "4", "--placements", "paper", "--gc-every", "1"]  # fmt: skip
+        "--micro-batches", "4", "--placements", "paper", "--gc-every", "1",
+        "--mode", "full"]  # fmt: skip
 
 
 @pytest.fixture(autouse=True)

@@ -56,9 +56,9 @@ def config(**overrides) -> VeloraConfig:
 
 def test_every_error_is_reported_at_once():
     with pytest.raises(ConfigError) as info:
-        VeloraConfig(model="m", mode="qlora", init="zeros", gc=-1, micro_batch_size=0)
+        VeloraConfig(model="m", mode="int8", init="zeros", gc=-1, micro_batch_size=0)
     message = str(info.value)
-    for part in ("mode must be one of full, lora", "init must be one of", "gc must be",
+    for part in ("mode must be one of full, lora, qlora", "init must be one of", "gc must be",
                  "micro_batch_size must be a positive integer"):  # fmt: skip
         assert part in message
 

@@ -208,6 +208,7 @@ def test_cost_rank_prefers_no_gc_then_sparser_gc_then_bigger_micro_then_fewer_ve
         cost_rank(Candidate(micro_batch_size=2)),
         cost_rank(Candidate("full", "paper", 32, micro_batch_size=2)),
         cost_rank(Candidate("full", "paper", 32, micro_batch_size=2), velora_layers=12),
+        cost_rank(Candidate("qlora", micro_batch_size=4)),  # dequantizes: after full/lora
         cost_rank(Candidate(gc=4, micro_batch_size=8)),
         cost_rank(Candidate(gc=2, micro_batch_size=8)),
         cost_rank(Candidate(gc=True, micro_batch_size=8)),
@@ -282,21 +283,21 @@ def test_candidates_surface_when_what_dominated_them_fails():
 
 
 def test_pareto_without_estimated_times_uses_cost_rank():
-    a = Candidate(micro_batch_size=1)  # cost (0, -1, 0)
-    b = Candidate(gc=True, micro_batch_size=1)  # cost (1, -1, 0): slower, smaller
+    a = Candidate(micro_batch_size=1)  # cost (0, 0, -1, 0)
+    b = Candidate(gc=True, micro_batch_size=1)  # cost (1, 0, -1, 0): slower, smaller
     c = Candidate(
         gc=2, micro_batch_size=1
-    )  # cost (0.5, -1, 0): slower than a and bigger: dominated
-    d = Candidate(micro_batch_size=2, grad_accum_steps=1)  # cost (0, -2, 0): fastest, biggest
+    )  # cost (0.5, 0, -1, 0): slower than a and bigger: dominated
+    d = Candidate(micro_batch_size=2, grad_accum_steps=1)  # cost (0, 0, -2, 0): fastest, biggest
     peaks = {a: 300, b: 200, c: 350, d: 500}
-    fake = Fake(peak=lambda x: peaks[x], tps=lambda x: 100.0 / cost_rank(x)[1] ** 2, est_tps=False)
+    fake = Fake(peak=lambda x: peaks[x], tps=lambda x: 100.0 / cost_rank(x)[2] ** 2, est_tps=False)
     result = fake.tune([a, b, c, d], budget_bytes=10_000)
     rows = by_key(result)
     assert {k for k, r in rows.items() if r["on_estimate_front"]} == {a.key, b.key, d.key}
     assert c.key not in fake.keys("measure")
     assert rows[c.key]["status"] == "not-measured-dominated"
     assert rows[a.key]["estimate_tokens_per_second"] is None
-    assert rows[b.key]["cost_rank"] == [1.0, -1, 0]
+    assert rows[b.key]["cost_rank"] == [1.0, 0, -1, 0]
 
 
 FAST = Candidate("full", None, None, False, 4, 1)  # est 2600, 1500 tok/s

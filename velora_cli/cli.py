@@ -130,8 +130,15 @@ Amp = Annotated[
     str | None,
     typer.Option("--amp", help="Mixed precision (fp32 master weights + autocast): bf16|fp16."),
 ]
-Mode = Annotated[str, typer.Option("--mode", help="full (all parameters) or lora (peft).")]
-LoraRank = Annotated[int, typer.Option("--lora-rank", help="LoRA rank (--mode lora).")]
+Mode = Annotated[
+    str,
+    typer.Option(
+        "--mode",
+        help="full (all parameters), lora (peft) or qlora (4-bit NF4 frozen base + LoRA; "
+        "cpu/cuda need bitsandbytes).",
+    ),
+]
+LoraRank = Annotated[int, typer.Option("--lora-rank", help="LoRA rank (--mode lora, qlora).")]
 LoraTargets = Annotated[
     str, typer.Option("--lora-targets", help="LoRA target modules, comma-separated, or all-linear.")
 ]
@@ -409,7 +416,12 @@ TuneBackend = Annotated[
     ),
 ]
 TuneModes = Annotated[
-    str, typer.Option("--mode", help="Training modes to search, comma-separated: full, lora.")
+    str,
+    typer.Option(
+        "--mode",
+        help="Training modes to search, comma-separated: full, lora, qlora (modes whose "
+        "packages are missing are left out with a notice).",
+    ),
 ]
 TunePlacements = Annotated[
     str,
@@ -497,7 +509,7 @@ def tune(
     seq_len: SeqLen = 256,
     dtype: Dtype = "fp32",
     amp: Amp = None,
-    modes: TuneModes = "full",
+    modes: TuneModes = "full,lora,qlora",
     placements: TunePlacements = "paper,all-linear",
     num_groups: TuneNumGroups = "32",
     gc_every: TuneGcEvery = "2",
@@ -535,7 +547,9 @@ def tune(
         raise UserError("--probe-steps must be >= 0 (0 turns the probes off)")
     if max_measured is not None and max_measured < 1:
         raise UserError("--max-measured must be >= 1")
-    mode_list = _word_list(modes, "--mode", ("full", "lora"))
+    from velora_cli.measure.train_step import MODES
+
+    mode_list = _word_list(modes, "--mode", MODES)
     placement_list = [p for p in _word_list(placements, "--placements") if p != "none"]
     groups = _int_list(num_groups, "--num-groups")
     gc_list = _int_list(gc_every, "--gc-every")
@@ -731,4 +745,9 @@ def export_config(
 
 def main() -> None:
     """Console-script entry point."""
+    import logging
+
+    # bitsandbytes (when installed) warns at import, on CPUs with AVX512-BF16, that an optional
+    # hub kernel package is missing; peft/transformers import it even for full training.
+    logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
     app()

@@ -38,7 +38,8 @@ __all__ = [
 
 FORMAT = "velora-config"
 VERSION = 1
-MODES = ("full", "lora")
+MODES = ("full", "lora", "qlora")
+LORA_MODES = ("lora", "qlora")  # qlora: LoRA on a 4-bit NF4 base (velora_cli.quant)
 DTYPES = ("fp32", "bf16", "fp16")
 # The v initializations of velora.INIT_STRATEGIES, repeated here so that loading a config does not
 # import torch (PEFT's VeloraConfig.init_type takes the same three names).
@@ -120,8 +121,10 @@ class VeloraConfig:
             errors.append(f"dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
         if self.amp is not None and self.amp not in DTYPES[1:]:
             errors.append(f"amp must be bf16, fp16 or null, got {self.amp!r}")
-        if self.mode == "lora" and not _positive_int(self.lora_rank):
-            errors.append(f"mode lora needs lora_rank, a positive integer, got {self.lora_rank!r}")
+        if self.mode in LORA_MODES and not _positive_int(self.lora_rank):
+            errors.append(
+                f"mode {self.mode} needs lora_rank, a positive integer, got {self.lora_rank!r}"
+            )
         for name in ("budget_bytes", "peak_bytes"):
             value = getattr(self, name)
             if value is not None and (not _positive_int(value)):
@@ -186,7 +189,7 @@ def from_tune_document(document: dict[str, Any], source: str | None = None) -> V
     env = document.get("environment", {})
     versions = {k: env.get(k) for k in ("torch", "transformers", "peft", "python") if k in env}
     versions["velora"] = document.get("velora_version")
-    lora = rec.get("mode") == "lora"
+    lora = rec.get("mode") in LORA_MODES
     return VeloraConfig(
         model=document.get("model"),
         mode=rec.get("mode", "full"),
@@ -293,14 +296,19 @@ def peft_blockers(config: VeloraConfig) -> list[str]:
     num_groups; it has no full fine-tuning and no checkpointing (a Trainer/model setting).
     """
     why = []
-    if config.mode != "lora":
+    if config.mode not in LORA_MODES:
         why.append(
             f"mode {config.mode}: PEFT's VeLoRA only compresses LoRA's A input (full fine-tuning "
             "is not a PEFT config)"
         )
     if config.gc is not False:
         why.append("gradient checkpointing is not a LoraConfig option (see --format trainer)")
-    if config.mode == "lora" and config.uses_velora:
+    if config.mode == "qlora" and config.uses_velora:
+        why.append(
+            "PEFT's VeLoRA refuses bitsandbytes 4-bit layers (peft lora.bnb.Linear4bit); "
+            "apply_config applies it to the peft model instead"
+        )
+    if config.mode in LORA_MODES and config.uses_velora:
         sizes = {e["in_features"] // e["sub_token_size"] for e in (config.layers or {}).values()}
         if config.layers and len(sizes) > 1:
             why.append(f"layers use different numbers of groups {sorted(sizes)}; PEFT takes one")
@@ -402,7 +410,13 @@ def trainer_notes(config: VeloraConfig) -> list[str]:
             f"checkpointing every {config.gc_every} layers is not a TrainingArguments option in "
             "this transformers version: the snippet enables it on the model"
         )
-    if config.mode == "lora":
+    if config.mode == "qlora":
+        notes.append(
+            "QLoRA: load the model with quantization_config=BitsAndBytesConfig(load_in_4bit=True, "
+            "bnb_4bit_quant_type='nf4', bnb_4bit_use_double_quant=True, "
+            "bnb_4bit_compute_dtype=torch.bfloat16) (snippet)"
+        )
+    if config.mode in LORA_MODES:
         notes.append("LoRA: wrap the model with peft.get_peft_model first (snippet)")
     if config.amp is None and config.dtype != "fp32":
         notes.append(f"pure {config.dtype} was tuned: load the model in that dtype")
@@ -414,15 +428,27 @@ def trainer_snippet(config: VeloraConfig, config_path: str = "velora-config.json
     dtype = {"fp32": "torch.float32", "bf16": "torch.bfloat16", "fp16": "torch.float16"}
     weights = dtype[config.dtype if config.amp is None else "fp32"]
     where = "" if "/" in config.model else "  # a velora built-in: your checkpoint's id or path"
+    qlora = config.mode == "qlora"
+    quantized = ", quantization_config=bnb" if qlora else ""
     lines = [
-        *(["import peft"] if config.mode == "lora" else []),
+        *(["import peft"] if config.mode in LORA_MODES else []),
         "import torch",
         "from transformers import AutoModelForCausalLM, Trainer, TrainingArguments",
+        *(["from transformers import BitsAndBytesConfig"] if qlora else []),
         *(["from velora_cli import apply_config"] if config.uses_velora else []),
         "",
-        f'model = AutoModelForCausalLM.from_pretrained("{config.model}", dtype={weights}){where}',
+        *(
+            [
+                'bnb = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", '
+                "bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=torch.bfloat16)"
+            ]
+            if qlora
+            else []
+        ),
+        f'model = AutoModelForCausalLM.from_pretrained("{config.model}", dtype={weights}'
+        f"{quantized}){where}",
     ]
-    if config.mode == "lora":
+    if config.mode in LORA_MODES:
         targets: str | list[str] = config.lora_targets or "all-linear"
         if targets != "all-linear":
             targets = [t.strip() for t in targets.split(",") if t.strip()]
@@ -480,7 +506,7 @@ def apply_config(
 
     config = path_or_dict if isinstance(path_or_dict, VeloraConfig) else load_config(path_or_dict)
     has_lora = any(hasattr(m, "lora_A") for m in model.modules())
-    if config.mode == "lora" and not has_lora:
+    if config.mode in LORA_MODES and not has_lora:
         raise ConfigError(
             f"this config was tuned for LoRA (rank {config.lora_rank}, targets "
             f"{config.lora_targets}); wrap the model with peft.get_peft_model first"

@@ -19,6 +19,7 @@ from collections.abc import Mapping
 
 from torch import nn
 
+from .quant import is_quantized
 from .velora import (
     VeLoRAConv1D,
     VeLoRALinear,
@@ -93,8 +94,8 @@ def candidate_layers(model: nn.Module) -> dict[str, nn.Module]:
     """Linear-like layers VeLoRA could wrap, by qualified name.
 
     Plain ``nn.Linear`` and GPT-2 ``Conv1D`` layers, and peft LoRA layers (whose adapters' A
-    projections are wrapped); modules nested inside a LoRA layer and layers already wrapped are
-    skipped.
+    projections are wrapped); modules nested inside a LoRA layer, layers already wrapped and
+    4-bit (qlora) base layers are skipped.
     """
     found: dict[str, nn.Module] = {}
     skip_prefixes: list[str] = []
@@ -104,7 +105,7 @@ def candidate_layers(model: nn.Module) -> dict[str, nn.Module]:
         if _is_lora_layer(module):
             found[name] = module
             skip_prefixes.append(name + ".")
-        elif is_velora(module):
+        elif is_velora(module) or is_quantized(module):  # 4-bit: no weight grad
             continue
         elif isinstance(module, nn.Linear) or _is_conv1d(module):
             found[name] = module

@@ -316,10 +316,16 @@ def run_profile(
         "notices": list(notices or []),
         "rows": [],
     }
-    if spec.mode == "lora":
+    if spec.mode in ("lora", "qlora"):
         document["notices"].append(
-            "lora mode: VeLoRA compresses the input of each adapter's A "
+            f"{spec.mode} mode: VeLoRA compresses the input of each adapter's A "
             "projection (the paper's fine-tuning placement)"
+        )
+    if spec.mode == "qlora":
+        document["notices"].append(
+            "qlora mode: frozen base linears (not lm_head) in 4-bit NF4, double quantization, "
+            "blocksize 64, bf16 compute (bitsandbytes); quantized_bytes = packed weights + "
+            "quantization constants"
         )
     rows: list[dict[str, Any]] = []
     for index, strategy in enumerate(strategies):

@@ -37,6 +37,8 @@ ROW_FIELDS = (
     "device_used_bytes",
     "wrapped_layers",
     "trainable_params",
+    "quantized_params",
+    "quantized_bytes",
     "note",
     "error",
 )
@@ -113,6 +115,15 @@ def profile_footer(document: dict[str, Any]) -> list[str]:
             lines.append(f"{row['label']}: {row['status']}: {row.get('error', '')}")
     notes = {r["note"] for r in document["rows"] if r.get("note") and r["status"] == "ok"}
     lines += [f"* {note}" for note in sorted(notes)]
+    quantized = next((r for r in document["rows"] if r.get("quantized_bytes")), None)
+    if quantized:
+        values, nbytes = quantized["quantized_params"], quantized["quantized_bytes"]
+        lines.append(
+            f"4-bit base: {f'{values / 1e6:,.0f}M' if values >= 1e7 else f'{values:,}'} weights"
+            f" in {format_bytes(nbytes)} "
+            f"({8 * nbytes / values:.3f} bits each, quantization constants included; "
+            "quantized_bytes in json/csv)"
+        )
     env = document.get("environment", {})
     device = env.get("gpu_name") or f"CPU ({env.get('cpu_threads')} threads)"
     lines.append(
@@ -242,6 +253,7 @@ def tune_table(document: dict[str, Any]):
     front = pareto_keys(document["candidates"])
     rows = [r for r in document["candidates"] if r.get("measure_status")]
     rows.sort(key=lambda r: (r.get("peak_bytes") is None, r.get("peak_bytes") or 0))
+    rows += unfit_modes(document["candidates"])
     for r in rows:
         mark = "→" if r["status"] == "chosen" else "★" if r["key"] in front else ""
         li, cos = r.get("loss_increase"), r.get("grad_cosine_min")
@@ -259,6 +271,28 @@ def tune_table(document: dict[str, Any]):
             r.get("note") or "",
         )
     return table
+
+
+def unfit_modes(candidates: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One row per mode whose every candidate was estimated over budget: its smallest estimate
+    (a real one; lower bounds only when there is nothing else), so the table says why the mode
+    is out."""
+    out = []
+    for mode in dict.fromkeys(r["mode"] for r in candidates):
+        rows = [r for r in candidates if r["mode"] == mode]
+        if not all(r["status"] == "infeasible-estimate" for r in rows):
+            continue
+        known = [r for r in rows if r.get("estimate_peak_bytes") is not None]
+        if not known:
+            continue
+        real = [r for r in known if not r.get("estimate_lower_bound")] or known
+        best = min(real, key=lambda r: r["estimate_peak_bytes"])
+        note = f"all {len(rows)} {mode} candidates over budget"
+        floors = [r["estimate_peak_bytes"] for r in rows if r.get("estimate_lower_bound")]
+        if floors:
+            note += f": params+grads+optimizer state alone {format_bytes(min(floors))}"
+        out.append({**best, "note": note})
+    return out
 
 
 def summary_lines(document: dict[str, Any]) -> list[str]:

@@ -62,7 +62,7 @@ class Candidate:
         'full|paper|g32|gc=2|mb4x2|adamw'
     """
 
-    mode: str = "full"  # "full" | "lora" | later "qlora"
+    mode: str = "full"  # "full" | "lora" | "qlora"
     placement: str | None = None  # VeLoRA placement preset; None = no VeLoRA
     num_groups: int | None = None  # None with a placement = the placement's default
     gc: bool | int = False  # False, True (every layer) or checkpoint every n-th layer
@@ -192,7 +192,7 @@ def search_space(
 
     Args:
         batch_size: the effective batch size, kept through gradient accumulation.
-        modes: training modes ("full", "lora").
+        modes: training modes ("full", "lora", "qlora").
         placements: VeLoRA placement presets; include None for "no VeLoRA".
         num_groups: sub-token group counts tried with each placement (None = preset default); the
             no-VeLoRA candidates take no num_groups, so they are not repeated per value.
@@ -240,14 +240,18 @@ def search_space(
     return out
 
 
-def cost_rank(candidate: Candidate, velora_layers: int | None = None) -> tuple[float, int, int]:
+def cost_rank(
+    candidate: Candidate, velora_layers: int | None = None
+) -> tuple[float, int, int, int]:
     """A speed proxy for estimates that give no time: smaller tuples are expected to run faster.
 
     Compared lexicographically, most important first:
     1. recompute fraction of gradient checkpointing: 0 without, 1/n every n layers, 1 for all
        (checkpointing re-runs the forward of the checkpointed layers, ~+1/3 step time at 1);
-    2. minus the micro-batch size (larger micro-batches: fewer, better-utilised kernels);
-    3. number of VeLoRA-wrapped layers (each adds a small projection and reconstruction), taken from
+    2. 1 for qlora, else 0: every 4-bit weight is dequantized in each forward and backward
+       matmul (memory-bound, small next to the matmuls at thousands of tokens, hence after 1);
+    3. minus the micro-batch size (larger micro-batches: fewer, better-utilised kernels);
+    4. number of VeLoRA-wrapped layers (each adds a small projection and reconstruction), taken from
        the estimate's ``detail["velora_layers"]`` when known, else 0 without VeLoRA and 1 with it.
 
     Args:
@@ -255,13 +259,13 @@ def cost_rank(candidate: Candidate, velora_layers: int | None = None) -> tuple[f
         velora_layers: how many layers the placement wraps, if known.
 
     Returns:
-        (recompute_fraction, -micro_batch_size, velora_layers).
+        (recompute_fraction, dequantizes, -micro_batch_size, velora_layers).
     """
     gc = candidate.gc
     fraction = 1.0 if gc is True else 0.0 if gc is False else 1.0 / gc
     if velora_layers is None:
         velora_layers = int(candidate.uses_velora)
-    return (fraction, -candidate.micro_batch_size, velora_layers)
+    return (fraction, int(candidate.mode == "qlora"), -candidate.micro_batch_size, velora_layers)
 
 
 def _from_dict(cls: type, data: dict) -> Any:
@@ -372,7 +376,11 @@ class _Search:
                 e.status, e.note = "infeasible-estimate", "the estimate ran out of memory"
             elif est.peak_bytes is not None and est.peak_bytes > self.budget:
                 e.status = "infeasible-estimate"
-                e.note = f"estimated peak {format_bytes(est.peak_bytes)} > budget {format_bytes(self.budget)}"
+                floor = est.detail.get("lower_bound")  # params + grads + optimizer state only
+                what = "params+grads+optimizer state" if floor else "estimated peak"
+                e.note = (
+                    f"{what} {format_bytes(est.peak_bytes)} > budget {format_bytes(self.budget)}"
+                )
             self.entries.append(e)
         alive = self.pending()
         self.speed_known = bool(alive) and all(
@@ -544,6 +552,7 @@ class _Search:
             estimate_step_seconds=est.step_seconds,
             estimate_tokens_per_second=est.tokens_per_second,
             estimate_status=est.status,
+            estimate_lower_bound=bool(est.detail.get("lower_bound")),
             cost_rank=list(e.cost),
             on_estimate_front=e.on_front,
             round=e.round,
@@ -615,7 +624,11 @@ class _Search:
                 "peak_source": "measured",
                 "smallest_peak_bytes": e.measurement.peak_bytes,
             }
-        estimated = [e for e in self.entries if e.estimate.peak_bytes is not None]
+        estimated = [
+            e
+            for e in self.entries
+            if e.estimate.peak_bytes is not None and not e.estimate.detail.get("lower_bound")
+        ]
         if estimated:
             e = min(estimated, key=lambda x: (x.est_peak, x.candidate.key))
             return {

@@ -132,6 +132,7 @@ def _worker(request: dict[str, Any]) -> dict[str, Any]:
         "tokens_per_second": spec.batch_size * spec.seq_len / seconds,
         "wrapped_layers": len(prepared.wrapped),
         "trainable_params": prepared.trainable_params(),
+        **prepared.quantized(),
     }
     if request.get("breakdown"):
         row["activation_breakdown"] = dict(

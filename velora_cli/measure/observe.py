@@ -33,6 +33,7 @@ def tracked_step(prepared: Prepared, *, breakdown: bool, round_to: int = 512) ->
         "peak_breakdown": dict(tracker.peak_breakdown),
         "wrapped_layers": len(prepared.wrapped),
         "trainable_params": prepared.trainable_params(),
+        **prepared.quantized(),
     }
     if breakdown:
         row["activation_breakdown"] = dict(

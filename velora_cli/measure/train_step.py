@@ -21,7 +21,7 @@ if TYPE_CHECKING:
 
 DTYPES = ("fp32", "bf16", "fp16")
 AMP = ("bf16", "fp16")
-MODES = ("full", "lora")
+MODES = ("full", "lora", "qlora")  # qlora: 4-bit NF4 frozen base + LoRA (quant.py)
 OPTIMIZERS = ("adamw", "sgd")
 
 
@@ -171,6 +171,15 @@ class Prepared:
     def trainable_params(self) -> int:
         return sum(p.numel() for p in self.model.parameters() if p.requires_grad)
 
+    def quantized(self) -> dict[str, int]:
+        """``quantized_params`` and ``quantized_bytes`` (4-bit weights + quantization state) in
+        qlora mode; an empty dict otherwise. ``param_bytes`` counts the packed weights only."""
+        if self.spec.mode != "qlora":
+            return {}
+        from velora_cli.quant import quantized_storage
+
+        return quantized_storage(self.model)
+
     def optimizer_bytes(self) -> int:
         """Bytes of optimizer state tensors (after the first step has created them)."""
         import torch
@@ -221,15 +230,24 @@ def _apply_lora(model: nn.Module, spec: StepSpec) -> nn.Module:
     try:
         import peft
     except ImportError as exc:
-        raise SpecError("--mode lora needs peft: pip install 'velora-cli[lora]'") from exc
+        raise SpecError(
+            f"--mode {spec.mode} needs peft: pip install 'velora-cli[{spec.mode}]'"
+        ) from exc
     targets: str | list[str] = spec.lora_targets
     if targets != "all-linear":
         targets = [t.strip() for t in spec.lora_targets.split(",") if t.strip()]
     config = peft.LoraConfig(
         r=spec.lora_rank, lora_alpha=2 * spec.lora_rank, lora_dropout=0.0, target_modules=targets
     )
+    if spec.mode == "qlora":
+        from velora_cli.quant import register_lora_layers
+
+        register_lora_layers(config)  # meta stand-ins get peft's 4-bit LoRA forward
+    # On meta, peft creates the adapters there directly instead of initializing them on the CPU
+    # first (same dtypes; a second less per 7B estimate).
+    meta = next(model.parameters()).device.type == "meta"
     try:
-        return peft.get_peft_model(model, config)
+        return peft.get_peft_model(model, config, low_cpu_mem_usage=meta)
     except ValueError as exc:
         raise SpecError(f"--lora-targets {spec.lora_targets!r}: {exc}") from None
 
@@ -284,7 +302,11 @@ def prepare(spec: StepSpec, device: str, *, attn_implementation: str | None = No
         attn_implementation=attn_implementation,
         trust_remote_code=spec.trust_remote_code,
     )
-    if spec.mode == "lora":
+    if spec.mode == "qlora":
+        from velora_cli.quant import quantize_base
+
+        quantize_base(model, device)  # frozen base linears -> 4-bit NF4 (meta: stand-ins)
+    if spec.mode in ("lora", "qlora"):
         model = _apply_lora(model, spec)
     wrapped: list[str] = []
     strategy = spec.strategy
