@@ -183,3 +183,30 @@ def test_nothing_fits_reports_the_smallest_configuration():
     assert doc["recommendation"] is None and "no configuration fits" in doc["reason"]
     lines = report.nothing_fits_lines(doc)
     assert "smallest configuration" in lines[1] and "gc" in lines[1]
+
+
+def test_summary_says_when_the_recommendation_leaves_full_training():
+    doc = {
+        "backend": "cpu",
+        "settings": {"modes": ["full", "lora"]},
+        "candidates": [],
+        "recommendation": {
+            "mode": "lora",
+            "placement": None,
+            "num_groups": None,
+            "gc": False,
+            "micro_batch_size": 8,
+            "grad_accum_steps": 1,
+            "optimizer": "adamw",
+            "peak_bytes": 10,
+            "limit_bytes": 20,
+            "budget_bytes": 21,
+            "margin": 0.05,
+            "tokens_per_second": 1.0,
+            "reason": "fastest",
+        },
+    }
+    text = "\n".join(report.summary_lines(doc))
+    assert "trains LORA adapters" in text and "--mode full" in text
+    doc["recommendation"]["mode"] = "full"
+    assert "--mode full" not in "\n".join(report.summary_lines(doc))

@@ -337,6 +337,13 @@ def summary_lines(document: dict[str, Any]) -> list[str]:
         + ("" if li is None else f" · loss {li:+.2%} vs baseline"),
         f"  why: {rec['reason']}",
     ]
+    searched = document.get("settings", {}).get("modes") or []
+    if rec.get("mode") != "full" and "full" in searched:
+        lines.append(
+            f"  note: this trains {rec['mode'].upper()} adapters on a frozen base, not all "
+            "parameters; the accuracy probe compares VeLoRA within a mode, not modes with each "
+            "other. Pass --mode full to keep full-parameter training."
+        )
     if document.get("path"):
         lines.append(
             f"  export: velora export-config --from {document['path']} --format velora|peft|trainer"
