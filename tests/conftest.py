@@ -41,3 +41,21 @@ def llama():
 def tokens():
     gen = torch.Generator().manual_seed(0)
     return torch.randint(0, 128, (2, 16), generator=gen)
+
+
+@pytest.fixture
+def mha_dir(tmp_path):
+    """A local checkpoint dir of a tiny Llama with as many kv heads as heads, so the fused
+    attention kernels (CPU, and those the estimate predicts for a GPU) save alike."""
+    from transformers import LlamaConfig
+
+    LlamaConfig(
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        vocab_size=256,
+        max_position_embeddings=256,
+    ).save_pretrained(tmp_path / "mha")
+    return str(tmp_path / "mha")

@@ -15,23 +15,6 @@ from velora_cli.profiler import plan_strategies, run_profile, validate_strategie
 runner = CliRunner()
 
 
-@pytest.fixture
-def mha_dir(tmp_path):
-    """A tiny Llama with as many kv heads as heads (fused kernels alike on CPU and GPU)."""
-    from transformers import LlamaConfig
-
-    LlamaConfig(
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=4,
-        vocab_size=256,
-        max_position_embeddings=256,
-    ).save_pretrained(tmp_path / "mha")
-    return str(tmp_path / "mha")
-
-
 def _plain_saved_bytes(model, batch):
     """An independent count: saved_tensors_hooks, storages de-duplicated, parameters excluded."""
     params = {p.untyped_storage()._cdata for p in model.parameters()}

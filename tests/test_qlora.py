@@ -30,23 +30,6 @@ def _bnb():
     return pytest.importorskip("bitsandbytes", reason="real 4-bit layers need bitsandbytes")
 
 
-@pytest.fixture
-def mha_dir(tmp_path):
-    """A tiny Llama with as many kv heads as heads (fused attention alike on CPU and GPU)."""
-    from transformers import LlamaConfig
-
-    LlamaConfig(
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=4,
-        vocab_size=256,
-        max_position_embeddings=256,
-    ).save_pretrained(tmp_path / "mha")
-    return str(tmp_path / "mha")
-
-
 def _storages(module: nn.Module) -> dict[str, tuple[tuple[int, ...], torch.dtype, int]]:
     tensors = {"weight": module.weight, **dict(module.named_buffers(recurse=False))}
     return {
