@@ -417,7 +417,8 @@ class AdaRankGrad(_ProjectedAdamW):
         work = _work_dtype(prev)
         before = torch.linalg.vector_norm(prev, dtype=work)
         change = torch.linalg.vector_norm(projected - prev, dtype=work)
-        return bool(change < group["tolerance"] * before)
+        state["relative_change"] = float(change / before) if before > 0 else 0.0
+        return state["relative_change"] < group["tolerance"]
 
     def _remember(self, state: dict, projected: torch.Tensor) -> None:
         # Ĝ_t for the next step's convergence test (a copy: at full rank it is the gradient).

@@ -19,8 +19,15 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from velora_cli.measure.train_step import SpecError, StepSpec, Strategy
+from velora_cli.measure.train_step import LOWRANK_OPTIMIZERS, SpecError, StepSpec, Strategy
 
+LOWRANK_NOTICE = (
+    "galore/adarankgrad: 2-D weights (not embeddings or the output layer) take their Adam step "
+    "in a rank-r subspace of the gradient; the measured step refreshes every subspace (their "
+    "costliest step, so the peak holds for all steps). Optimizer state is measured after that "
+    "step; adarankgrad's rank adapts during training, so its worst case at the rank cap is "
+    "listed too (the estimate backend, without values, runs every weight at that cap)"
+)
 DEFAULT_PLACEMENTS = ("paper", "qkv+down", "mlp", "all-linear")
 DEFAULT_NUM_GROUPS = (64, 32, 16)
 DEFAULT_GC_EVERY = (2,)
@@ -288,16 +295,21 @@ def run_profile(
     on_row: Callable[[int, int, dict[str, Any]], None] | None = None,
     before_row: Callable[[int, int, Strategy], None] | None = None,
     notices: list[str] | None = None,
+    optimizers: list[str] | None = None,
 ) -> dict[str, Any]:
     """Measure every strategy and return the profile document (saved after each row).
 
     Args:
         spec: the training step; its strategy is replaced by each row's.
         strategies: rows from ``plan_strategies``.
+        optimizers: measure every strategy with each of these optimizers, in this order (rows
+            labelled ``optimizer · strategy``; deltas are against the first one's baseline).
+            None: ``spec.optimizer`` only.
         backend: an object with ``name`` and ``measure(spec, breakdown=...)``.
         save_path: where the document is written (atomically, after every row).
         on_row / before_row: progress callbacks (index, total, row or strategy).
     """
+    specs = [dataclasses.replace(spec, optimizer=o) for o in optimizers or [spec.optimizer]]
     placement_notes: dict[str, str | None] = {}
     invalid = validate_strategies(spec, strategies, notes=placement_notes)
     document: dict[str, Any] = {
@@ -308,7 +320,8 @@ def run_profile(
         "dtype": spec.dtype,
         "amp": spec.amp,
         "precision": spec.precision,
-        "optimizer": spec.optimizer,
+        "optimizer": ",".join(s.optimizer for s in specs),
+        "optimizers": [s.optimizer_label for s in specs],
         "backend": backend.name,
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "settings": {k: v for k, v in spec.to_json().items() if k != "strategy"},
@@ -327,15 +340,20 @@ def run_profile(
             "blocksize 64, bf16 compute (bitsandbytes); quantized_bytes = packed weights + "
             "quantization constants"
         )
+    if any(s.optimizer in LOWRANK_OPTIMIZERS for s in specs):
+        document["notices"].append(LOWRANK_NOTICE)
     rows: list[dict[str, Any]] = []
-    for index, strategy in enumerate(strategies):
+    plan = [(s, strategy) for s in specs for strategy in strategies]
+    for index, (row_spec, strategy) in enumerate(plan):
         if before_row:
-            before_row(index, len(strategies), strategy)
+            before_row(index, len(plan), strategy)
         if strategy in invalid:
             row = {"status": "error", "backend": backend.name, "error": invalid[strategy]}
         else:
-            row = backend.measure(spec.with_strategy(strategy), breakdown=breakdown)
-        row = {**strategy_fields(strategy), **row}
+            row = backend.measure(row_spec.with_strategy(strategy), breakdown=breakdown)
+        row = {**strategy_fields(strategy), "optimizer": row_spec.optimizer_label, **row}
+        if len(specs) > 1:
+            row["label"] = f"{row_spec.optimizer} · {row['label']}"
         if strategy.placement and placement_notes.get(strategy.placement):
             row.setdefault("note", placement_notes[strategy.placement])
         rows.append(row)
@@ -343,5 +361,5 @@ def run_profile(
         if save_path is not None:
             write_atomic(save_path, document)
         if on_row:
-            on_row(index, len(strategies), document["rows"][-1])
+            on_row(index, len(plan), document["rows"][-1])
     return document

@@ -35,7 +35,7 @@ class CpuBackend:
         import torch
 
         from velora_cli.measure.attention import register_estimate_attention
-        from velora_cli.measure.observe import timed_steps, tracked_step
+        from velora_cli.measure.observe import force_refresh, timed_steps, tracked_step
         from velora_cli.measure.train_step import prepare, train_step
 
         try:
@@ -44,6 +44,8 @@ class CpuBackend:
                 train_step(prepared)
             row = tracked_step(prepared, breakdown=breakdown) if track else {}
             times = timed_steps(prepared, self.steps)
+            if force_refresh(prepared):  # galore/adarankgrad: the subspace refresh step apart
+                row["refresh_step_seconds"] = timed_steps(prepared, 1)[0]
         except (SpecError, ValueError, RuntimeError, MemoryError) as exc:
             if isinstance(exc, SpecError) or _is_user_error(exc):
                 raise

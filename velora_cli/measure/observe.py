@@ -16,7 +16,12 @@ from velora_cli.measure.train_step import Prepared, train_step
 
 
 def tracked_step(prepared: Prepared, *, breakdown: bool, round_to: int = 512) -> dict[str, Any]:
-    """Run one step under the tracker; return the memory fields of a row."""
+    """Run one step under the tracker; return the memory fields of a row.
+
+    With galore/adarankgrad the tracked step refreshes every subspace (SVD or range finder on
+    each gradient): their costliest step, so the peak holds for every step.
+    """
+    force_refresh(prepared)
     counter = SavedTensorCounter(prepared.model)
     with MemoryTracker(prepared.model, prepared.optimizer, round_to=round_to) as tracker:
         train_step(prepared, forward_context=lambda: counter, phase=tracker.phase)
@@ -34,12 +39,22 @@ def tracked_step(prepared: Prepared, *, breakdown: bool, round_to: int = 512) ->
         "wrapped_layers": len(prepared.wrapped),
         "trainable_params": prepared.trainable_params(),
         **prepared.quantized(),
+        **prepared.optimizer_details(),
     }
     if breakdown:
         row["activation_breakdown"] = dict(
             sorted(counter.result.by_pattern().items(), key=lambda kv: -kv[1])
         )
     return row
+
+
+def force_refresh(prepared: Prepared) -> bool:
+    """Make the next step a subspace refresh (galore/adarankgrad); False for other optimizers."""
+    refresh = getattr(prepared.optimizer, "refresh_on_next_step", None)
+    if refresh is None:
+        return False
+    refresh()
+    return True
 
 
 def timed_steps(prepared: Prepared, steps: int) -> list[float]:

@@ -22,7 +22,8 @@ if TYPE_CHECKING:
 DTYPES = ("fp32", "bf16", "fp16")
 AMP = ("bf16", "fp16")
 MODES = ("full", "lora", "qlora")  # qlora: 4-bit NF4 frozen base + LoRA (quant.py)
-OPTIMIZERS = ("adamw", "sgd")
+OPTIMIZERS = ("adamw", "sgd", "galore", "adarankgrad")
+LOWRANK_OPTIMIZERS = ("galore", "adarankgrad")  # velora_cli.lowrank: full-parameter training only
 
 
 class SpecError(ValueError):
@@ -93,6 +94,9 @@ class StepSpec:
     lora_rank: int = 8
     lora_targets: str = "all-linear"
     optimizer: str = "adamw"
+    rank: int | None = None  # galore/adarankgrad (max) rank; None: hidden size / 4
+    update_gap: int = 200  # galore/adarankgrad: steps between subspace refreshes (at most)
+    eta: float = 0.9  # adarankgrad: gradient energy the adaptive rank keeps
     grad_accum_steps: int = 1
     weights: bool = False
     trust_remote_code: bool = False
@@ -120,8 +124,29 @@ class StepSpec:
             errors.append(f"--optimizer {self.optimizer!r}: choose {'|'.join(OPTIMIZERS)}")
         if self.lora_rank < 1:
             errors.append(f"--lora-rank must be >= 1, got {self.lora_rank}")
+        if self.optimizer in LOWRANK_OPTIMIZERS and self.mode != "full":
+            errors.append(
+                f"--optimizer {self.optimizer} projects full weight gradients; with --mode "
+                f"{self.mode} the trained adapters are already low-rank: use --mode full"
+            )
+        if self.rank is not None and self.rank < 1:
+            errors.append(f"--rank must be >= 1, got {self.rank}")
+        if self.update_gap < 1:
+            errors.append(f"--update-gap must be >= 1, got {self.update_gap}")
+        if not 0.0 < self.eta <= 1.0:
+            errors.append(f"--eta must be in (0, 1], got {self.eta}")
         if errors:
             raise SpecError("; ".join(errors))
+
+    @property
+    def optimizer_label(self) -> str:
+        """The optimizer with its settings, e.g. ``adarankgrad r≤128 η=0.9 T=200``."""
+        if self.optimizer not in LOWRANK_OPTIMIZERS:
+            return self.optimizer
+        rank = "r=auto" if self.rank is None else f"r={self.rank}"
+        if self.optimizer == "adarankgrad":
+            rank = rank.replace("=", "≤") + f" η={self.eta:g}"
+        return f"{self.optimizer} {rank} T={self.update_gap}"
 
     @property
     def precision(self) -> str:
@@ -179,6 +204,23 @@ class Prepared:
         from velora_cli.quant import quantized_storage
 
         return quantized_storage(self.model)
+
+    def optimizer_details(self) -> dict[str, Any]:
+        """For galore/adarankgrad: the rank cap, the ranks now (min/median/max over projected
+        weights), refreshes so far and the state's worst case at the cap; else empty."""
+        opt = self.optimizer
+        if not hasattr(opt, "worst_case_state_bytes"):
+            return {}
+        ranks = sorted(opt.ranks().values())
+        group = next(g for g in opt.param_groups if g["lowrank"])
+        return {
+            "optimizer_rank_cap": group["rank"],
+            "optimizer_rank_min": ranks[0] if ranks else None,
+            "optimizer_rank_median": ranks[len(ranks) // 2] if ranks else None,
+            "optimizer_rank_max": ranks[-1] if ranks else None,
+            "projected_weights": len(group["params"]),
+            "optimizer_worst_bytes": opt.worst_case_state_bytes(),
+        }
 
     def optimizer_bytes(self) -> int:
         """Bytes of optimizer state tensors (after the first step has created them)."""
@@ -328,7 +370,20 @@ def prepare(spec: StepSpec, device: str, *, attn_implementation: str | None = No
         enable_checkpointing(model, strategy.gc_every, recompute_context=recompute_context)
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
-    if spec.optimizer == "adamw":
+    if spec.optimizer in LOWRANK_OPTIMIZERS:
+        from velora_cli.lowrank import default_rank, make_optimizer
+
+        hidden = model_spec.config.get_text_config().hidden_size
+        optimizer = make_optimizer(
+            spec.optimizer,
+            model,
+            lr=1e-5,
+            rank=spec.rank or default_rank(hidden),
+            update_gap=spec.update_gap,
+            eta=spec.eta,
+            seed=spec.seed,
+        )
+    elif spec.optimizer == "adamw":
         # foreach=True everywhere: CUDA's default implementation, so every backend runs (and the
         # estimate predicts) the same optimizer temporaries.
         optimizer = torch.optim.AdamW(params, lr=1e-5, foreach=True)
