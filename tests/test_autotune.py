@@ -10,7 +10,7 @@ from velora_cli.tuner import Candidate, Journal
 
 TINY = dict(model="llama-tiny", batch_size=4, seq_len=128)
 # baseline, gc, VeLoRA paper, VeLoRA paper + gc: the micro-batch is the whole batch, so only
-# checkpointing or VeLoRA can lower the peak
+# checkpointing or VeLoRA can lower the peak (AdamW only, the default of TuneSettings)
 SMALL_SPACE = dict(placements=("paper",), gc_every=(), micro_batches=(4,))
 
 
@@ -42,6 +42,73 @@ def test_candidate_maps_to_the_step_it_describes():
     assert (spec.batch_size, spec.grad_accum_steps, spec.mode) == (4, 2, "lora")
     assert spec.strategy == Strategy(placement="paper", num_groups=16, gc=2)
     assert spec.seq_len == 128 and spec.model == "llama-tiny"
+
+
+def test_low_rank_settings_reach_every_candidate_step():
+    s = settings(optimizers=autotune.DEFAULT_OPTIMIZERS, rank=8, update_gap=50, eta=0.8)
+    spec = autotune.candidate_spec(s.base_spec(), Candidate(optimizer="adarankgrad"))
+    assert (spec.optimizer, spec.rank, spec.update_gap, spec.eta) == ("adarankgrad", 8, 50, 0.8)
+    assert spec.optimizer_label == "adarankgrad r≤8 η=0.8 T=50"
+    # the defaults are those of the optimizers and of a profile's step
+    from velora_cli import lowrank
+    from velora_cli.measure.train_step import StepSpec
+
+    assert (settings().update_gap, settings().eta) == (StepSpec("m").update_gap, StepSpec("m").eta)
+    assert (settings().update_gap, settings().eta) == (
+        lowrank.DEFAULT_UPDATE_GAP,
+        lowrank.DEFAULT_ETA,
+    )
+
+
+def test_space_tries_low_rank_optimizers_in_full_mode_only():
+    from velora_cli.measure.train_step import SpecError
+
+    s = settings(modes=("full", "lora"), optimizers=autotune.DEFAULT_OPTIMIZERS, placements=())
+    space, notices = autotune.build_space(s)
+    assert {(c.mode, c.optimizer) for c in space} == {
+        ("full", "adamw"), ("full", "galore"), ("full", "adarankgrad"), ("lora", "adamw"),
+    }  # fmt: skip
+    assert notices == []
+    space, notices = autotune.build_space(dataclasses.replace(s, optimizers=("galore",)))
+    assert {c.mode for c in space} == {"full"}
+    assert notices == ["lora: not tried, --optimizer galore needs --mode full"]
+    with pytest.raises(SpecError, match="add full to --mode, or adamw to --optimizer"):
+        dataclasses.replace(s, modes=("lora",), optimizers=("galore",)).base_spec()
+
+
+def test_static_floor_of_each_optimizer_bounds_its_estimates():
+    """The Estimator's lower bound per (mode, optimizer): params + grads + optimizer state of the
+    first estimate is below every estimated peak of that optimizer (adarankgrad: at its cap)."""
+    s = settings(optimizers=autotune.DEFAULT_OPTIMIZERS, placements=(), rank=8)
+    space, _ = autotune.build_space(s)
+    estimator = autotune.Estimator(s)
+    peaks = {c.key: estimator(c).peak_bytes for c in space}
+    floors = estimator.floors
+    assert set(floors) == {("full", o) for o in autotune.DEFAULT_OPTIMIZERS}
+    for c in space:
+        assert floors[(c.mode, c.optimizer)] <= peaks[c.key], c.key
+    assert floors[("full", "galore")] < floors[("full", "adarankgrad")] < floors[("full", "adamw")]
+
+
+def test_probe_of_a_low_rank_candidate_is_compared_with_adamw():
+    from velora_cli.probes import DEFAULT_LR, compare
+
+    s = settings(optimizers=autotune.DEFAULT_OPTIMIZERS, probe_steps=2)
+    prober = autotune.Prober(s, journal=None)
+    probe = prober(Candidate(optimizer="galore"))
+    (key, baseline), *others = prober.baselines.items()
+    assert key == "full adamw" and others == []
+    assert (baseline["optimizer"], baseline["strategy"]) == ("adamw", "baseline")
+    detail = prober.detail(Candidate(optimizer="galore"))
+    trained = detail["training"]
+    assert trained["optimizer"] == "galore" and trained["lr"] == DEFAULT_LR["galore"]
+    assert baseline["lr"] == DEFAULT_LR["adamw"]
+    assert probe.loss_increase == compare(trained, baseline)
+    assert probe.grad_cosine_min is None and detail["fidelity"] is None  # exact gradients
+    # with VeLoRA: the same AdamW baseline (not run again), and the gradient fidelity
+    with_velora = prober(Candidate("full", "paper", 32, optimizer="adarankgrad"))
+    assert list(prober.baselines) == ["full adamw"] and prober.calls == 3
+    assert with_velora.grad_cosine_min is not None
 
 
 def test_space_drops_sub_token_choices_that_fit_only_some_layers():
@@ -111,7 +178,7 @@ def test_end_to_end_cpu_tune_recommends_a_measured_configuration_under_budget(tm
     probed = [r for r in doc["candidates"] if r.get("loss") is not None]
     for row in probed:  # VeLoRA candidates that fit were probed against the baseline
         assert row["placement"] and row["grad_cosine_min"] is not None
-    assert doc["probe"]["baselines"]["full"]["loss"] > 0 if probed else True
+    assert doc["probe"]["baselines"]["full adamw"]["loss"] > 0 if probed else True
 
 
 class CountingBackend:
@@ -127,7 +194,7 @@ class CountingBackend:
     def measure(self, spec, breakdown=False):
         if self.stop_at is not None and len(self.keys) + 1 == self.stop_at:
             raise KeyboardInterrupt
-        self.keys.append((spec.strategy, spec.grad_accum_steps))
+        self.keys.append((spec.strategy, spec.grad_accum_steps, spec.optimizer))
         row = self.inner.measure(spec)
         return {**row, "backend": "cpu", "step_seconds": 1.0, "tokens_per_second": 512.0}
 
@@ -163,6 +230,11 @@ def test_resume_refuses_a_journal_of_other_settings(tmp_path):
     del journal
     with pytest.raises(autotune.TuneError, match="batch_size=4.*batch_size=8"):
         autotune.resume_journal(tmp_path / "t.jsonl", dataclasses.replace(s, batch_size=8))
+    with pytest.raises(autotune.TuneError, match="rank=None.*rank=8"):
+        autotune.resume_journal(tmp_path / "t.jsonl", dataclasses.replace(s, rank=8))
+    with pytest.raises(autotune.TuneError, match=r"optimizers=\['adamw'\]"):
+        autotune.resume_journal(tmp_path / "t.jsonl", dataclasses.replace(s, optimizers=("sgd",)))
+    assert autotune.resume_journal(tmp_path / "t.jsonl", s).context == s.context()  # tuples
     with pytest.raises(FileNotFoundError):
         autotune.resume_journal(tmp_path / "none.jsonl", s)
 

@@ -9,9 +9,10 @@ from velora_cli.cli import app
 
 runner = CliRunner()
 # llama-tiny, 4 candidates (baseline, gc, VeLoRA paper, both), estimated only: a second or two
+# (AdamW only: the low-rank optimizers, which triple the candidates, have their own test)
 TINY = ["llama-tiny", "--batch-size", "4", "--seq-len", "128", "--backend", "estimate",
         "--micro-batches", "4", "--placements", "paper", "--gc-every", "1",
-        "--mode", "full"]  # fmt: skip
+        "--mode", "full", "--optimizer", "adamw"]  # fmt: skip
 
 
 @pytest.fixture(autouse=True)
@@ -84,6 +85,36 @@ def test_lora_all_linear_exports_a_peft_config(profiles):
     assert lora.velora_config.num_groups == 32 and lora.r == 8
 
 
+def test_tune_searches_low_rank_optimizers_and_exports_them(profiles):
+    result = tune("--budget", "1GB", "--optimizer", "adamw,galore,adarankgrad", "--rank", "8",
+                  "--update-gap", "50", "--eta", "0.8", "--placements", "none",
+                  "--objective", "memory", "--probe-steps", "0", "--format", "json")  # fmt: skip
+    assert result.exit_code == 0, result.output
+    doc = json.loads(result.stdout)
+    assert doc["optimizer"] == "adamw,galore,adarankgrad"
+    assert [doc["settings"][k] for k in ("rank", "update_gap", "eta")] == [8, 50, 0.8]
+    keys = [row["key"] for row in doc["candidates"]]
+    assert len(keys) == len(set(keys)) == 3 * 2  # optimizers × (no gc, gc)
+    assert any("galore/adarankgrad (full mode only)" in note for note in doc["notices"])
+    rec = doc["recommendation"]  # the smallest optimizer state: GaLore (no kept gradient)
+    assert (rec["optimizer"], rec["gc"], rec["optimizer_rank_cap"]) == ("galore", True, 8)
+    assert rec["optimizer_targets"] == sorted(
+        ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    )
+    from velora_cli import report
+
+    assert report.describe(rec) == "full · galore · gc · micro-batch 4 × 1"
+
+    out = runner.invoke(app, ["export-config"])
+    velora = json.loads(out.stdout)
+    assert [velora[k] for k in ("optimizer", "rank", "update_gap", "eta")] == ["galore", 8, 50, 0.8]
+    out = runner.invoke(app, ["export-config", "--format", "trainer"])
+    assert out.exit_code == 0 and "note: GaLore: optim='galore_adamw' needs" in out.stderr
+    args = json.loads(out.stdout)["training_arguments"]
+    assert args["optim"] == "galore_adamw"
+    assert args["optim_args"] == "rank=8,update_proj_gap=50,scale=0.25"
+
+
 # -- one test per error path: message and exit code --------------------------------------------
 
 
@@ -112,6 +143,20 @@ def test_unknown_tune_option_values():
     assert result.exit_code == 1 and "choose speed, memory, accuracy" in result.stderr
     result = tune("--budget", "1GB", "--micro-batches", "3")
     assert result.exit_code == 1 and "do not divide batch size 4" in result.stderr
+
+
+def test_unknown_optimizer():
+    result = tune("--budget", "1GB", "--optimizer", "adamw,adam")
+    assert result.exit_code == 1
+    assert "error: --optimizer adam: choose from adamw, sgd, galore, adarankgrad" in result.stderr
+
+
+def test_low_rank_optimizer_with_adapter_modes_only():
+    result = tune("--budget", "1GB", "--mode", "lora,qlora", "--optimizer", "galore,adarankgrad")
+    assert result.exit_code == 1
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: --optimizer galore,adarankgrad projects full weight gradients")
+    assert last.endswith("add full to --mode, or adamw to --optimizer")
 
 
 def test_resume_without_a_journal():
@@ -167,5 +212,8 @@ def test_probe_steps_default_matches_the_probe_module():
 
     from velora_cli import autotune, cli, probes
 
-    default = inspect.signature(cli.tune).parameters["probe_steps"].default
-    assert default == probes.DEFAULT_STEPS == autotune.DEFAULT_PROBE_STEPS
+    defaults = {k: p.default for k, p in inspect.signature(cli.tune).parameters.items()}
+    assert defaults["probe_steps"] == probes.DEFAULT_STEPS == autotune.DEFAULT_PROBE_STEPS
+    settings = autotune.TuneSettings("m", budget_bytes=1, backend="cpu")
+    assert defaults["optimizer"] == ",".join(autotune.DEFAULT_OPTIMIZERS)
+    assert (defaults["update_gap"], defaults["eta"]) == (settings.update_gap, settings.eta)

@@ -11,9 +11,11 @@ from velora_cli.configs import (
     apply_config,
     from_tune_document,
     load_config,
+    make_optimizer,
     peft_blockers,
     to_peft,
     to_trainer,
+    trainer_notes,
     trainer_snippet,
 )
 
@@ -240,3 +242,122 @@ def test_trainer_snippet_applies_velora_without_checkpointing_twice():
     assert 'apply_config(model, "cfg.json", checkpointing=False)' in snippet
     assert "gradient_accumulation_steps=4" in snippet
     compile(snippet, "snippet", "exec")
+
+
+# -- optimizers ----------------------------------------------------------------------------------
+
+
+def lowrank_config(optimizer="galore", **overrides):
+    fields = dict(optimizer=optimizer, rank=8, update_gap=50, eta=0.8,
+                  optimizer_targets=["down_proj", "o_proj", "q_proj"])  # fmt: skip
+    return config(**{**fields, **overrides})
+
+
+def test_optimizer_settings_are_validated_together():
+    with pytest.raises(ConfigError) as info:
+        VeloraConfig(model="m", mode="lora", lora_rank=8, optimizer="galore", rank=0,
+                     update_gap=0, eta=1.5)  # fmt: skip
+    message = str(info.value)
+    for part in ("optimizer galore needs mode full", "rank must be a positive integer",
+                 "update_gap must be", "eta must be a number in (0, 1]"):  # fmt: skip
+        assert part in message
+    with pytest.raises(ConfigError, match="optimizer must be one of adamw, sgd, galore"):
+        VeloraConfig(model="m", optimizer="adam")
+
+
+def test_optimizer_constants_match_the_optimizers():
+    from velora_cli import configs, lowrank
+    from velora_cli.measure.train_step import LOWRANK_OPTIMIZERS, OPTIMIZERS
+
+    assert configs.OPTIMIZERS == OPTIMIZERS and configs.LOWRANK_OPTIMIZERS == LOWRANK_OPTIMIZERS
+    assert configs.DEFAULT_UPDATE_GAP == lowrank.DEFAULT_UPDATE_GAP
+    assert configs.DEFAULT_ETA == lowrank.DEFAULT_ETA
+    assert configs.GALORE_SCALE == lowrank.DEFAULT_SCALE
+
+
+def test_tune_document_records_the_resolved_rank_and_targets():
+    document = {
+        "model": "llama-tiny", "seq_len": 128, "candidates": [],
+        "settings": {"rank": None, "update_gap": 50, "eta": 0.8},
+        "recommendation": {"mode": "full", "optimizer": "adarankgrad", "optimizer_rank_cap": 16,
+                           "optimizer_targets": ["q_proj"], "micro_batch_size": 4},
+    }  # fmt: skip
+    cfg = from_tune_document(document)
+    assert (cfg.optimizer, cfg.rank, cfg.update_gap, cfg.eta) == ("adarankgrad", 16, 50, 0.8)
+    assert cfg.optimizer_targets == ["q_proj"]
+    document["recommendation"]["optimizer"] = "adamw"
+    assert from_tune_document(document).rank is None  # no rank for an optimizer without one
+
+
+def test_trainer_galore_projects_what_velora_projects(tmp_path):
+    from torch import nn
+    from transformers import TrainingArguments
+    from transformers.trainer_utils import check_target_module_exists
+
+    from velora_cli import autotune
+    from velora_cli.lowrank import param_groups
+
+    settings = autotune.TuneSettings("llama-tiny", budget_bytes=10**9, backend="estimate")
+    rec = dict(mode="full", placement=None, num_groups=None, micro_batch_size=4,
+               grad_accum_steps=1, optimizer="galore")  # fmt: skip
+    targets = autotune._layers_of(settings, rec)["optimizer_targets"]
+    kwargs = json.loads(json.dumps(to_trainer(lowrank_config(optimizer_targets=targets))))
+    args = TrainingArguments(output_dir=str(tmp_path), **kwargs)
+    assert (
+        args.optim == "galore_adamw" and args.optim_args == "rank=8,update_proj_gap=50,scale=0.25"
+    )
+    # transformers' GaLore takes the nn.Linear weights its targets match (trainer_optimizer.py):
+    # the same weights velora's GaLore projects
+    model = fresh_tiny()
+    theirs = {
+        id(m.weight)
+        for name, m in model.named_modules()
+        if isinstance(m, nn.Linear) and check_target_module_exists(args.optim_target_modules, name)
+    }
+    ours = {id(p) for p in param_groups(model)[0]["params"]}
+    assert theirs == ours
+    fallback = to_trainer(lowrank_config(optimizer_targets=None))["optim_target_modules"]
+    assert fallback == [r".*attn.*", r".*attention.*", r".*mlp.*"]
+
+
+def test_trainer_adarankgrad_is_built_by_velora_and_passed_to_the_trainer():
+    cfg = lowrank_config("adarankgrad")
+    assert "optim" not in to_trainer(cfg)
+    assert any("optimizers=(optimizer, None)" in note for note in trainer_notes(cfg))
+    snippet = trainer_snippet(cfg, "cfg.json")
+    assert "from velora_cli import apply_config, make_optimizer" in snippet
+    assert 'optimizer = make_optimizer(model, "cfg.json", lr=1e-2)' in snippet
+    assert "optimizers=(optimizer, None))" in snippet
+    compile(snippet, "snippet", "exec")
+    sgd = to_trainer(config(optimizer="sgd"))
+    assert (sgd["optim"], sgd["optim_args"]) == ("sgd", "momentum=0.9")  # as the tune measured
+
+
+@pytest.mark.parametrize("optimizer", ["adamw", "sgd", "galore", "adarankgrad"])
+def test_make_optimizer_round_trips_through_the_exported_config(tmp_path, optimizer):
+    import torch
+
+    import velora_cli
+    from velora_cli import lowrank
+
+    assert velora_cli.make_optimizer is make_optimizer  # the public, lazily imported name
+    rank = None if optimizer == "adarankgrad" else 8  # None: hidden size 64 / 4 = 16
+    cfg = config(gc=False, optimizer=optimizer, rank=rank, update_gap=50, eta=0.8)
+    path = tmp_path / "velora.json"
+    path.write_text(json.dumps(cfg.to_dict()))  # export -> file
+    model = fresh_tiny()
+    apply_config(model, path)
+    opt = make_optimizer(model, path, lr=1e-3)
+    expected = {"adamw": torch.optim.AdamW, "sgd": torch.optim.SGD,
+                "galore": lowrank.GaLoreAdamW, "adarankgrad": lowrank.AdaRankGrad}  # fmt: skip
+    assert type(opt) is expected[optimizer]
+    assert all(g["lr"] == 1e-3 for g in opt.param_groups)
+    if optimizer in ("galore", "adarankgrad"):
+        group = opt.param_groups[0]
+        assert (group["rank"], group["update_gap"], group["scale"]) == (rank or 16, 50, 0.25)
+        assert group.get("eta", 0.8) == 0.8
+    ids = torch.randint(0, 128, (2, 16), generator=torch.Generator().manual_seed(0))
+    before = [p.detach().clone() for p in model.parameters()]
+    model(input_ids=ids, labels=ids).loss.backward()
+    opt.step()
+    assert any(not torch.equal(a, p) for a, p in zip(before, model.parameters(), strict=True))

@@ -168,6 +168,21 @@ def test_compare_refuses_different_settings(baseline):
     assert compare(dict(baseline, loss=baseline["loss"] * 1.01), baseline) == pytest.approx(0.01)
 
 
+def test_low_rank_probe_trains_at_its_own_rate_and_compares_with_adamw(baseline):
+    from velora_cli.probes import DEFAULT_LR
+
+    galore = training_probe(StepSpec("llama-tiny", optimizer="galore", rank=4), **PROBE)
+    assert (galore["optimizer"], galore["lr"]) == ("galore", DEFAULT_LR["galore"])
+    assert galore["optimizer_label"] == "galore r=4 T=200"
+    assert (baseline["optimizer"], baseline["lr"]) == ("adamw", DEFAULT_LR["adamw"])
+    assert math.isfinite(galore["loss"]) and galore["loss"] < galore["initial_loss"]
+    assert galore["initial_loss"] == baseline["initial_loss"]  # same weights, same held-out text
+    # different optimizers each train at their own lr; the same optimizer must match it
+    assert compare(galore, baseline) == (galore["loss"] - baseline["loss"]) / baseline["loss"]
+    with pytest.raises(ProbeError, match="differ in lr"):
+        compare(dict(baseline, lr=1e-2), baseline)
+
+
 def test_probe_needs_steps():
     with pytest.raises(ProbeError, match="at least 1 step"):
         training_probe(TINY, steps=0)

@@ -14,6 +14,7 @@ from velora_cli.tuner import (
     Measurement,
     Probe,
     cost_rank,
+    optimizers_for,
     search_space,
     tune,
 )
@@ -188,6 +189,55 @@ def test_search_space_merges_gc_spellings_and_crosses_modes_and_optimizers():
     assert len(space) == 2 * 3 * 2 * 2  # modes × gc × micro (2, 1) × optimizers
 
 
+def test_search_space_crosses_low_rank_optimizers_with_full_mode_only():
+    space = search_space(
+        batch_size=2,
+        modes=["full", "lora", "qlora"],
+        placements=[None, "paper"],
+        num_groups=[32],
+        gc_options=[False],
+        optimizers=("adamw", "galore", "adarankgrad"),
+    )
+    by_mode = {m: {c.optimizer for c in space if c.mode == m} for m in ("full", "lora", "qlora")}
+    assert by_mode == {
+        "full": {"adamw", "galore", "adarankgrad"},
+        "lora": {"adamw"},
+        "qlora": {"adamw"},
+    }
+    assert len(space) == (3 + 1 + 1) * 2 * 2  # (mode, optimizer) pairs × placements × micro
+    assert len({c.key for c in space}) == len(space)
+    assert optimizers_for("lora", ["galore", "sgd", "galore"]) == ["sgd"]
+    only_lowrank = dict(SPACE, modes=["lora"], optimizers=("galore",))
+    assert search_space(**only_lowrank) == []  # nothing valid: the caller says why
+    assert [c.exact for c in labelled("adamw", "sgd", "galore", "adarankgrad")] == [
+        True,
+        True,
+        False,
+        False,
+    ]
+
+
+def test_low_rank_candidates_are_probed_even_without_velora():
+    adamw = Candidate("full", None, None, False, 4, 1)  # est 2600: over the budget
+    galore = Candidate("full", None, None, False, 4, 1, "galore")  # smaller state, +0.5%
+    adarank = Candidate("full", None, None, False, 4, 1, "adarankgrad")  # +3%: rejected
+    peaks = {adamw: 2600, galore: 1900, adarank: 1800}
+    losses = {galore: 0.005, adarank: 0.03}
+    fake = Fake(peak=lambda c: peaks[c], tps=lambda c: 1000.0, loss=lambda c: losses[c])
+    result = fake.tune([adamw, galore, adarank], budget_bytes=2100, objective="memory")
+    rows = by_key(result)
+    assert sorted(fake.keys("probe")) == sorted([galore.key, adarank.key])
+    assert rows[adarank.key]["status"] == "rejected-accuracy"
+    assert rows[adarank.key]["loss_increase"] == 0.03
+    assert result.recommendation["key"] == galore.key
+    assert result.recommendation["loss_increase"] == 0.005
+    # cost_rank: projecting costs a little, so AdamW goes first when nothing else differs
+    assert cost_rank(adamw) < cost_rank(galore) == cost_rank(adarank)
+    # no probe function: low-rank candidates are accepted but say so
+    result = fake.tune([galore], budget_bytes=2100, probe=None)
+    assert "accuracy not probed" in result.recommendation["reason"]
+
+
 @pytest.mark.parametrize(
     ("kwargs", "message"),
     [
@@ -283,12 +333,12 @@ def test_candidates_surface_when_what_dominated_them_fails():
 
 
 def test_pareto_without_estimated_times_uses_cost_rank():
-    a = Candidate(micro_batch_size=1)  # cost (0, 0, -1, 0)
-    b = Candidate(gc=True, micro_batch_size=1)  # cost (1, 0, -1, 0): slower, smaller
+    a = Candidate(micro_batch_size=1)  # cost (0, 0, -1, 0, 0)
+    b = Candidate(gc=True, micro_batch_size=1)  # cost (1, 0, -1, 0, 0): slower, smaller
     c = Candidate(
         gc=2, micro_batch_size=1
-    )  # cost (0.5, 0, -1, 0): slower than a and bigger: dominated
-    d = Candidate(micro_batch_size=2, grad_accum_steps=1)  # cost (0, 0, -2, 0): fastest, biggest
+    )  # cost (0.5, 0, -1, 0, 0): slower than a and bigger: dominated
+    d = Candidate(micro_batch_size=2, grad_accum_steps=1)  # cost (0, 0, -2, 0, 0): fastest, biggest
     peaks = {a: 300, b: 200, c: 350, d: 500}
     fake = Fake(peak=lambda x: peaks[x], tps=lambda x: 100.0 / cost_rank(x)[2] ** 2, est_tps=False)
     result = fake.tune([a, b, c, d], budget_bytes=10_000)
@@ -297,7 +347,7 @@ def test_pareto_without_estimated_times_uses_cost_rank():
     assert c.key not in fake.keys("measure")
     assert rows[c.key]["status"] == "not-measured-dominated"
     assert rows[a.key]["estimate_tokens_per_second"] is None
-    assert rows[b.key]["cost_rank"] == [1.0, 0, -1, 0]
+    assert rows[b.key]["cost_rank"] == [1.0, 0, -1, 0, 0]
 
 
 FAST = Candidate("full", None, None, False, 4, 1)  # est 2600, 1500 tok/s

@@ -4,6 +4,7 @@ The public API is imported lazily so that ``velora --help`` never pays for impor
 
     >>> from velora_cli import apply_velora, remove_velora
     >>> names = apply_velora(model, layers="paper", num_groups=32)
+    >>> from velora_cli import apply_config, make_optimizer  # a config from velora export-config
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ __version__ = "0.1.0"
 
 _LAZY = {
     "apply_config": "velora_cli.configs",
+    "make_optimizer": "velora_cli.configs",
     "apply_velora": "velora_cli.placement",
     "remove_velora": "velora_cli.placement",
     "velora_layers": "velora_cli.placement",

@@ -7,7 +7,8 @@ The tuner decides; this module turns the user's settings into its three callable
                  cached estimate itself with ``--backend estimate`` (then nothing is a real run,
                  and the recommendation says so)
     probe(c)     a short training probe against the uncompressed baseline of the same mode
-                 (run once), plus gradient fidelity; shared by candidates that differ only in
+                 (run once; AdamW's for a low-rank optimizer, which approximates its step), plus
+                 gradient fidelity with VeLoRA; shared by candidates that differ only in
                  checkpointing or micro-batch (neither changes the maths)
 
 and collects everything into the tune document (``profiles/tune-<model>-<stamp>.json``), with the
@@ -28,9 +29,20 @@ from typing import Any
 
 from velora_cli import probes
 from velora_cli.budget import format_bytes
-from velora_cli.tuner import Candidate, Journal, Measurement, Probe, search_space, tune
+from velora_cli.tuner import (
+    Candidate,
+    Journal,
+    Measurement,
+    Probe,
+    optimizers_for,
+    search_space,
+    tune,
+)
 
 DEFAULT_PLACEMENTS = ("paper", "all-linear")
+# `velora tune`'s optimizers: AdamW, and the two that shrink its state by projecting 2-D weight
+# gradients (full mode only: lora/qlora candidates are tried with AdamW alone).
+DEFAULT_OPTIMIZERS = ("adamw", "galore", "adarankgrad")
 DEFAULT_NUM_GROUPS = (32,)  # paper Table 5b: M = D/32
 DEFAULT_GC_EVERY = (2,)  # besides none and every layer
 DEFAULT_PROBE_STEPS = (
@@ -44,9 +56,15 @@ DEFAULT_MAX_MEASURED_CPU = 4
 PROBE_CPU_PARAMS = 200e6
 # What must match for a journal's results to be reused (what a measurement or probe depends on).
 CONTEXT_KEYS = (
-    "model", "batch_size", "seq_len", "dtype", "amp", "optimizer", "lora_rank", "lora_targets",
-    "init", "weights", "backend", "budget_bytes", "probe_steps", "data",
+    "model", "batch_size", "seq_len", "dtype", "amp", "optimizers", "rank", "update_gap", "eta",
+    "lora_rank", "lora_targets", "init", "weights", "backend", "budget_bytes", "probe_steps",
+    "data",
 )  # fmt: skip
+LOWRANK_NOTICE = (
+    "galore/adarankgrad (full mode only): their probe is compared with the AdamW probe of the "
+    "same mode, each at its own learning rate; memory is measured at a subspace refresh (their "
+    "costliest step), and adarankgrad's estimate is at its rank cap (an upper bound)"
+)
 
 
 class TuneError(ValueError):
@@ -64,7 +82,10 @@ class TuneSettings:
     seq_len: int = 256
     dtype: str = "fp32"
     amp: str | None = None
-    optimizer: str = "adamw"
+    optimizers: tuple[str, ...] = ("adamw",)  # the CLI searches DEFAULT_OPTIMIZERS
+    rank: int | None = None  # galore/adarankgrad (max) rank; None: hidden size / 4
+    update_gap: int = 200  # = lowrank.DEFAULT_UPDATE_GAP (not imported: it imports torch)
+    eta: float = 0.9  # = lowrank.DEFAULT_ETA
     lora_rank: int = 8
     lora_targets: str = "all-linear"
     init: str = "batch_average_once"
@@ -84,26 +105,57 @@ class TuneSettings:
     budget_source: str = "--budget"  # or "free GPU memory"
 
     def context(self) -> dict[str, Any]:
-        """The journal header: the settings a journal's results depend on."""
-        return {k: getattr(self, k) for k in CONTEXT_KEYS}
+        """The journal header: the settings a journal's results depend on (as JSON has them)."""
+        return {k: json_value(getattr(self, k)) for k in CONTEXT_KEYS}
+
+    def optimizers_by_mode(self) -> dict[str, list[str]]:
+        """Mode -> the optimizers tried in it (galore and adarankgrad in full mode only).
+
+        Raises:
+            SpecError: no mode has an optimizer to try (e.g. ``--mode lora --optimizer galore``).
+        """
+        from velora_cli.measure.train_step import SpecError
+
+        found = {mode: optimizers_for(mode, self.optimizers) for mode in self.modes}
+        if not any(found.values()):
+            raise SpecError(
+                f"--optimizer {','.join(self.optimizers)} projects full weight gradients, and "
+                f"--mode {','.join(self.modes)} trains low-rank adapters already: add full to "
+                "--mode, or adamw to --optimizer"
+            )
+        return found
 
     def base_spec(self):
+        """The step of the first mode and its first optimizer; candidates replace both.
+
+        Raises:
+            SpecError: an invalid setting (batch, precision, rank...) or no valid mode/optimizer.
+        """
         from velora_cli.measure.train_step import StepSpec
 
+        mode, optimizers = next((m, o) for m, o in self.optimizers_by_mode().items() if o)
         return StepSpec(
             model=self.model,
             batch_size=self.batch_size,
             seq_len=self.seq_len,
             dtype=self.dtype,
             amp=self.amp,
-            mode=self.modes[0],
+            mode=mode,
             lora_rank=self.lora_rank,
             lora_targets=self.lora_targets,
-            optimizer=self.optimizer,
+            optimizer=optimizers[0],
+            rank=self.rank,
+            update_gap=self.update_gap,
+            eta=self.eta,
             weights=self.weights,
             trust_remote_code=self.trust_remote_code,
             init=self.init,
         )
+
+
+def json_value(value: Any) -> Any:
+    """``value`` as it reads back from JSON (tuples become lists), so journal contexts compare."""
+    return list(value) if isinstance(value, tuple) else value
 
 
 def candidate_spec(base, c: Candidate):
@@ -124,11 +176,13 @@ def build_space(settings: TuneSettings) -> tuple[list[Candidate], list[str]]:
     """The candidates, with those whose sub-token choice does not fit every layer dropped.
 
     Returns:
-        (candidates, notices): one notice per dropped placement × num_groups.
+        (candidates, notices): one notice per dropped placement × num_groups, and per mode left
+        out (its packages are missing, or none of the optimizers applies to it).
 
     Raises:
-        SpecError: the model cannot be built as asked, a placement matches nothing, or a
-            num_groups divides none of a placement's layers (profiler.validate_strategies).
+        SpecError: the model cannot be built as asked, a placement matches nothing, a
+            num_groups divides none of a placement's layers (profiler.validate_strategies), or
+            no mode is left to try.
         ValueError: a micro-batch size that does not divide the batch size.
     """
     from velora_cli.measure.train_step import SpecError, Strategy
@@ -140,6 +194,12 @@ def build_space(settings: TuneSettings) -> tuple[list[Candidate], list[str]]:
     notices += [f"{m}: not tried, {missing[m]}" for m in settings.modes if m in missing]
     if not modes:
         raise SpecError("; ".join(f"--mode {m} {why}" for m, why in missing.items()))
+    by_mode = dataclasses.replace(settings, modes=tuple(modes)).optimizers_by_mode()
+    for mode in [m for m in modes if not by_mode[m]]:
+        notices.append(
+            f"{mode}: not tried, --optimizer {','.join(settings.optimizers)} needs --mode full"
+        )
+        modes.remove(mode)
     space = search_space(
         batch_size=settings.batch_size,
         modes=modes,
@@ -147,7 +207,7 @@ def build_space(settings: TuneSettings) -> tuple[list[Candidate], list[str]]:
         num_groups=settings.num_groups,
         gc_options=[False, True, *settings.gc_every],
         micro_batches=settings.micro_batches,
-        optimizers=(settings.optimizer,),
+        optimizers=settings.optimizers,
     )
     base = settings.base_spec()
     for mode in modes:
@@ -156,7 +216,8 @@ def build_space(settings: TuneSettings) -> tuple[list[Candidate], list[str]]:
             for p in settings.placements
             for g in settings.num_groups
         ]
-        invalid = validate_strategies(dataclasses.replace(base, mode=mode), strategies)
+        spec = dataclasses.replace(base, mode=mode, optimizer=by_mode[mode][0])
+        invalid = validate_strategies(spec, strategies)
         for strategy, why in invalid.items():
             dropped.add((mode, strategy.placement, strategy.num_groups))
             notices.append(f"{mode} {strategy.label}: not tried, {why}")
@@ -279,8 +340,12 @@ class Measurer:
 class Prober:
     """``probe(c)``: training probe vs the baseline of c's mode, and gradient fidelity.
 
-    Results are cached by what changes the maths (mode, placement, num_groups, optimizer) and
-    journaled with their details, so a resumed tune neither re-runs nor loses them.
+    The baseline is the mode's exact step (no VeLoRA) with c's optimizer, or with AdamW when c's
+    optimizer is galore or adarankgrad: they approximate AdamW's step, so their loss change is
+    measured against it (on the same steps and data, each optimizer at its own learning rate,
+    ``probes.DEFAULT_LR``). Results are cached by what changes the maths (mode, placement,
+    num_groups, optimizer) and journaled with their details, so a resumed tune neither re-runs
+    nor loses them.
     """
 
     def __init__(self, settings: TuneSettings, journal: Journal | None, device: str = "cpu"):
@@ -293,6 +358,13 @@ class Prober:
     @staticmethod
     def key(c: Candidate) -> str:
         return f"{c.mode}|{c.placement or 'none'}|g{c.num_groups or '-'}|{c.optimizer}"
+
+    @staticmethod
+    def baseline_optimizer(optimizer: str) -> str:
+        """The optimizer of the baseline a candidate with ``optimizer`` is compared with."""
+        from velora_cli.measure.train_step import LOWRANK_OPTIMIZERS
+
+        return "adamw" if optimizer in LOWRANK_OPTIMIZERS else optimizer
 
     def _journaled(self, stage: str, key: str, run: Callable[[], dict]) -> dict[str, Any]:
         if self.journal is not None and (done := self.journal.get(stage, key)) is not None:
@@ -310,14 +382,18 @@ class Prober:
             spec, steps=self.settings.probe_steps, data=self.settings.data, device=self.device
         )
 
-    def baseline(self, mode: str) -> dict[str, Any]:
+    def baseline(self, mode: str, optimizer: str) -> dict[str, Any]:
+        """The probe of ``mode``'s exact step with ``optimizer`` (run once, journaled)."""
         from velora_cli.measure.train_step import Strategy
 
-        if mode not in self.baselines:
-            spec = dataclasses.replace(self.base, mode=mode, strategy=Strategy())
-            result = self._journaled("probe-baseline", mode, lambda: self._train(spec))
-            self.baselines[mode] = result
-        return self.baselines[mode]
+        key = f"{mode} {optimizer}"
+        if key not in self.baselines:
+            spec = dataclasses.replace(
+                self.base, mode=mode, optimizer=optimizer, strategy=Strategy()
+            )
+            result = self._journaled("probe-baseline", key, lambda: self._train(spec))
+            self.baselines[key] = result
+        return self.baselines[key]
 
     def detail(self, c: Candidate) -> dict[str, Any] | None:
         """The probe details of c's configuration, from this run or the journal."""
@@ -329,12 +405,16 @@ class Prober:
         return self.details.get(key)
 
     def all_baselines(self) -> dict[str, dict[str, Any]]:
-        """Baseline probes of this run and, for a resumed tune, of the journal."""
-        for mode in self.settings.modes:
-            if mode not in self.baselines and self.journal is not None:
-                done = self.journal.get("probe-baseline", mode)
-                if done is not None:
-                    self.baselines[mode] = done
+        """Baseline probes ("<mode> <optimizer>" -> result) of this run and, for a resumed tune,
+        of the journal."""
+        if self.journal is None:
+            return self.baselines
+        for mode, optimizers in self.settings.optimizers_by_mode().items():
+            for optimizer in dict.fromkeys(self.baseline_optimizer(o) for o in optimizers):
+                key = f"{mode} {optimizer}"
+                done = self.journal.get("probe-baseline", key)
+                if key not in self.baselines and done is not None:
+                    self.baselines[key] = done
         return self.baselines
 
     def __call__(self, c: Candidate) -> Probe:
@@ -342,11 +422,13 @@ class Prober:
 
         key = self.key(c)
         if key not in self.details:
-            baseline = self.baseline(c.mode)
+            baseline = self.baseline(c.mode, self.baseline_optimizer(c.optimizer))
             spec = candidate_spec(self.base, dataclasses.replace(c, gc=False))
 
             def run() -> dict[str, Any]:
                 trained = self._train(spec)
+                if not c.uses_velora:  # exact gradients: only the optimizer approximates
+                    return {"training": trained, "fidelity": None}
                 fidelity = gradient_fidelity(spec, data=self.settings.data, device=self.device)
                 fidelity.pop("layers", None)  # per-layer cosines: summary only in the document
                 return {"training": trained, "fidelity": fidelity}
@@ -355,11 +437,12 @@ class Prober:
             detail["loss_increase"] = compare(detail["training"], baseline)
             self.details[key] = detail
         detail = self.details[key]
+        fidelity = detail["fidelity"] or {}
         return Probe(
             loss=detail["training"]["loss"],
             loss_increase=detail["loss_increase"],
-            grad_cosine_min=detail["fidelity"]["cosine_min"],
-            grad_cosine_mean=detail["fidelity"]["cosine_mean"],
+            grad_cosine_min=fidelity.get("cosine_min"),
+            grad_cosine_mean=fidelity.get("cosine_mean"),
         )
 
 
@@ -429,10 +512,11 @@ def resume_journal(path: Path, settings: TuneSettings) -> Journal:
         raise FileNotFoundError(f"no tune journal at {path}")
     journal = Journal.load(path)
     recorded = journal.context or {}
-    differ = [k for k in CONTEXT_KEYS if recorded.get(k) != getattr(settings, k)]
+    context = settings.context()
+    differ = [k for k in CONTEXT_KEYS if recorded.get(k) != context[k]]
     if differ:
         was = ", ".join(f"{k}={recorded.get(k)!r}" for k in differ)
-        now = ", ".join(f"{k}={getattr(settings, k)!r}" for k in differ)
+        now = ", ".join(f"{k}={context[k]!r}" for k in differ)
         raise TuneError(
             f"cannot resume {path}: it was recorded with {was}, this run has {now}; rerun with "
             "the same settings, or without --resume to start a new tune"
@@ -445,7 +529,10 @@ def probe_device(
 ) -> tuple[str | None, str | None]:
     """Where probes run: (device, None), or (None, why they are skipped)."""
     if settings.probe_steps == 0:
-        return None, "accuracy probes off (--probe-steps 0): VeLoRA candidates are not probed"
+        return None, (
+            "accuracy probes off (--probe-steps 0): VeLoRA and galore/adarankgrad candidates are "
+            "not probed"
+        )
     if settings.backend == "cuda":
         return "cuda", None
     row = estimator(first).detail
@@ -486,6 +573,7 @@ def run(
         The tune document (see ``velora tune --format json``).
     """
     from velora_cli import __version__
+    from velora_cli.measure.train_step import LOWRANK_OPTIMIZERS
     from velora_cli.models import resolve_model
     from velora_cli.profiler import environment, write_atomic
 
@@ -496,6 +584,8 @@ def run(
         notices.append(resolved.notice)
     candidates, dropped = build_space(settings)
     notices += dropped
+    if any(c.optimizer in LOWRANK_OPTIMIZERS for c in candidates):
+        notices.append(LOWRANK_NOTICE)
     estimator = Estimator(settings)
     measurer = Measurer(settings, estimator, backend)
     device, why = probe_device(settings, estimator, candidates[0]) if candidates else (None, None)
@@ -544,7 +634,7 @@ def run(
         "dtype": settings.dtype,
         "amp": settings.amp,
         "precision": spec.precision,
-        "optimizer": settings.optimizer,
+        "optimizer": ",".join(settings.optimizers),
         "backend": settings.backend,
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "velora_version": __version__,
@@ -580,7 +670,11 @@ def run(
 
 
 def _layers_of(settings: TuneSettings, rec: dict[str, Any]) -> dict[str, Any]:
-    """The recommendation's wrapped layers and their sizes, built on meta (for export-config)."""
+    """The recommendation's wrapped layers and their sizes, built on meta (for export-config);
+    for galore/adarankgrad also the rank cap and the linear modules whose weights they project
+    (names for transformers' ``optim_target_modules``)."""
+    from torch import nn
+
     from velora_cli.measure.train_step import prepare
 
     c = Candidate(
@@ -598,7 +692,19 @@ def _layers_of(settings: TuneSettings, rec: dict[str, Any]) -> dict[str, Any]:
         module = model.get_submodule(name)
         layers[name] = {"in_features": module.in_features, "sub_token_size": module.sub_token_size}
     lora = sum(1 for m in model.modules() if hasattr(m, "lora_A") and hasattr(m.lora_A, "items"))
-    return {"velora_layers": layers, "lora_layers": lora if c.mode != "full" else None}
+    found = {"velora_layers": layers, "lora_layers": lora if c.mode != "full" else None}
+    projected = [g for g in prepared.optimizer.param_groups if g.get("lowrank")]
+    if projected:
+        weights = {id(p) for p in projected[0]["params"]}
+        found["optimizer_rank_cap"] = projected[0]["rank"]
+        found["optimizer_targets"] = sorted(
+            {
+                name.rsplit(".", 1)[-1]
+                for name, module in model.named_modules()
+                if id(getattr(module, "weight", None)) in weights and isinstance(module, nn.Linear)
+            }
+        )
+    return found
 
 
 def _timing_warnings(rec: dict[str, Any]) -> list[str]:
@@ -647,22 +753,21 @@ def _probe_section(prober: Prober | None, settings: TuneSettings, why: str | Non
 
 
 def _summary(training: dict[str, Any]) -> dict[str, Any]:
-    keep = ("loss", "initial_loss", "steps", "lr", "batch_size", "seq_len", "seconds", "threads")
+    keep = ("loss", "initial_loss", "steps", "optimizer", "lr", "batch_size", "seq_len",
+            "seconds", "threads")  # fmt: skip
     return {k: training.get(k) for k in keep}
 
 
 def _with_probe(row: dict[str, Any], prober: Prober | None) -> dict[str, Any]:
-    if prober is None or not row.get("placement"):
-        return row
     c = Candidate(row["mode"], row["placement"], row["num_groups"], optimizer=row["optimizer"])
-    detail = prober.detail(c)
+    detail = None if prober is None or c.exact else prober.detail(c)
     if detail is None:
         return row
     return {
         **row,
         "probe_initial_loss": detail["training"].get("initial_loss"),
         "probe_seconds": detail["training"].get("seconds"),
-        "grad_rel_error_max": detail["fidelity"].get("rel_error_max"),
+        "grad_rel_error_max": (detail["fidelity"] or {}).get("rel_error_max"),
     }
 
 

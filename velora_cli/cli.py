@@ -6,6 +6,7 @@ line on stderr and exit code 1; ``--debug`` shows the traceback instead.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import io
 import sys
@@ -142,7 +143,32 @@ LoraRank = Annotated[int, typer.Option("--lora-rank", help="LoRA rank (--mode lo
 LoraTargets = Annotated[
     str, typer.Option("--lora-targets", help="LoRA target modules, comma-separated, or all-linear.")
 ]
-Optimizer = Annotated[str, typer.Option("--optimizer", help="adamw|sgd.")]
+Optimizer = Annotated[
+    str,
+    typer.Option(
+        "--optimizer",
+        help="adamw|sgd|galore|adarankgrad (the last two: low-rank gradient projection of "
+        "2-D weights, --mode full).",
+    ),
+]
+Rank = Annotated[
+    int | None,
+    typer.Option(
+        "--rank",
+        help="galore: projection rank; adarankgrad: the most its adaptive rank may reach. "
+        "Default: hidden size / 4 (GaLore's ratio).",
+    ),
+]
+UpdateGap = Annotated[
+    int,
+    typer.Option("--update-gap", help="galore/adarankgrad: steps between subspace refreshes."),
+]
+Eta = Annotated[
+    float,
+    typer.Option(
+        "--eta", help="adarankgrad: fraction of each gradient's energy the adaptive rank keeps."
+    ),
+]
 Backend = Annotated[
     str,
     typer.Option(
@@ -178,7 +204,17 @@ def profile(
     mode: Mode = "full",
     lora_rank: LoraRank = 8,
     lora_targets: LoraTargets = "all-linear",
-    optimizer: Optimizer = "adamw",
+    optimizer: Annotated[
+        str,
+        typer.Option(
+            "--optimizer",
+            help="adamw|sgd|galore|adarankgrad, or several comma-separated: every row is "
+            "measured with each (galore/adarankgrad: low-rank gradient projection, --mode full).",
+        ),
+    ] = "adamw",
+    rank: Rank = None,
+    update_gap: UpdateGap = 200,
+    eta: Eta = 0.9,
     placements: Annotated[
         str,
         typer.Option(
@@ -246,6 +282,9 @@ def profile(
     if any(n < 1 for n in gc_list):
         raise UserError("--gc-every takes layer intervals >= 1")
     placement_list = [p.strip() for p in placements.split(",") if p.strip()]
+    optimizers = list(dict.fromkeys(o.strip() for o in optimizer.split(",") if o.strip()))
+    if not optimizers:
+        raise UserError("--optimizer: give at least one of adamw, sgd, galore, adarankgrad")
 
     from velora_cli import models, profiler
     from velora_cli.measure.train_step import StepSpec
@@ -259,11 +298,16 @@ def profile(
         mode=mode,
         lora_rank=lora_rank,
         lora_targets=lora_targets,
-        optimizer=optimizer,
+        optimizer=optimizers[0],
+        rank=rank,
+        update_gap=update_gap,
+        eta=eta,
         weights=weights,
         trust_remote_code=trust_remote_code,
         init=init,
     )
+    for name in optimizers[1:]:
+        dataclasses.replace(spec, optimizer=name)  # validated before anything is measured
     from velora_cli.placement import parse_placement
 
     for placement in placement_list:
@@ -302,7 +346,7 @@ def profile(
 
     from velora_cli.progress import RowProgress
 
-    with RowProgress(len(strategies)) as progress:
+    with RowProgress(len(strategies) * len(optimizers)) as progress:
         document = profiler.run_profile(
             spec,
             strategies,
@@ -312,8 +356,9 @@ def profile(
             before_row=progress.start,
             on_row=progress.done,
             notices=notices,
+            optimizers=optimizers,
         )
-    _render_profile(document, output_format, output)
+    _render_profile(document, output_format, output, breakdown=breakdown)
     if save_path is not None:
         _err(f"saved: {save_path}")
 
@@ -330,7 +375,9 @@ def _err(message: str) -> None:
     typer.echo(message, err=True)
 
 
-def _render_profile(document, output_format: str, output: str | None) -> None:
+def _render_profile(
+    document, output_format: str, output: str | None, *, breakdown: bool = False
+) -> None:
     from velora_cli import report
 
     if output_format == "json":
@@ -342,9 +389,12 @@ def _render_profile(document, output_format: str, output: str | None) -> None:
 
         console = Console(file=io.StringIO(), width=140) if output else _wide_console()
         console.print(report.profile_table(document))
-        table = report.breakdown_table(document)
-        if table is not None:
-            console.print(table)
+        for table in (
+            report.category_table(document, always=breakdown),
+            report.breakdown_table(document),
+        ):
+            if table is not None:
+                console.print(table)
         for line in report.profile_footer(document):
             console.print(f"[dim]{line}[/dim]", highlight=False)
         if not output:
@@ -421,6 +471,14 @@ TuneModes = Annotated[
         "--mode",
         help="Training modes to search, comma-separated: full, lora, qlora (modes whose "
         "packages are missing are left out with a notice).",
+    ),
+]
+TuneOptimizers = Annotated[
+    str,
+    typer.Option(
+        "--optimizer",
+        help="Optimizers to search, comma-separated: adamw, sgd, galore, adarankgrad (the last "
+        "two: low-rank gradient projection, tried in full mode only).",
     ),
 ]
 TunePlacements = Annotated[
@@ -525,7 +583,10 @@ def tune(
     resume_from: ResumeFrom = None,
     lora_rank: LoraRank = 8,
     lora_targets: LoraTargets = "all-linear",
-    optimizer: Optimizer = "adamw",
+    optimizer: TuneOptimizers = "adamw,galore,adarankgrad",  # = autotune.DEFAULT_OPTIMIZERS
+    rank: Rank = None,
+    update_gap: UpdateGap = 200,  # = lowrank.DEFAULT_UPDATE_GAP (not imported: torch)
+    eta: Eta = 0.9,  # = lowrank.DEFAULT_ETA
     init: Init = "batch_average_once",
     weights: Weights = False,
     trust_remote_code: TrustRemoteCode = False,
@@ -547,9 +608,10 @@ def tune(
         raise UserError("--probe-steps must be >= 0 (0 turns the probes off)")
     if max_measured is not None and max_measured < 1:
         raise UserError("--max-measured must be >= 1")
-    from velora_cli.measure.train_step import MODES
+    from velora_cli.measure.train_step import MODES, OPTIMIZERS
 
     mode_list = _word_list(modes, "--mode", MODES)
+    optimizer_list = _word_list(optimizer, "--optimizer", OPTIMIZERS)
     placement_list = [p for p in _word_list(placements, "--placements") if p != "none"]
     groups = _int_list(num_groups, "--num-groups")
     gc_list = _int_list(gc_every, "--gc-every")
@@ -614,7 +676,10 @@ def tune(
         seq_len=seq_len,
         dtype=dtype,
         amp=amp,
-        optimizer=optimizer,
+        optimizers=tuple(dict.fromkeys(optimizer_list)),
+        rank=rank,
+        update_gap=update_gap,
+        eta=eta,
         lora_rank=lora_rank,
         lora_targets=lora_targets,
         init=init,
@@ -633,7 +698,7 @@ def tune(
         data=data,
         budget_source=budget_source,
     )
-    settings.base_spec()  # validates batch, seq, dtype, amp, optimizer, rank (one line each)
+    settings.base_spec()  # validates batch, precision, modes × optimizers, ranks (one line)
     if model is None:
         notices.append(f"no MODEL given: tuning the built-in default {settings.model}")
     if journal_path is not None:

@@ -4,12 +4,13 @@ One small frozen dataclass, `VeloraConfig`, validated once (every error reported
 three ways out of it:
 
 * the velora format itself (JSON, ``to_dict``), read back with `load_config` and applied to a
-  user's model with `apply_config` (VeLoRA layers, sub-token sizes, init, checkpointing);
+  user's model with `apply_config` (VeLoRA layers, sub-token sizes, init, checkpointing); its
+  optimizer (AdamW, SGD, GaLore or AdaRankGrad) is built by `make_optimizer`;
 * `to_peft`: keyword arguments of ``peft.LoraConfig`` with its ``velora_config`` (PEFT ≥ 0.20
   ships VeLoRA for LoRA's A projection), when the recommendation can be said that way;
   `peft_blockers` says why not otherwise;
 * `to_trainer`: ``transformers.TrainingArguments`` keyword arguments (checkpointing, micro-batch,
-  accumulation), with `trainer_snippet` showing where the rest goes.
+  accumulation, optimizer), with `trainer_snippet` showing where the rest goes.
 
 No torch import at module level: ``velora export-config`` only moves JSON around.
 """
@@ -29,6 +30,7 @@ __all__ = [
     "apply_config",
     "from_tune_document",
     "load_config",
+    "make_optimizer",
     "peft_blockers",
     "to_peft",
     "to_trainer",
@@ -44,6 +46,17 @@ DTYPES = ("fp32", "bf16", "fp16")
 # The v initializations of velora.INIT_STRATEGIES, repeated here so that loading a config does not
 # import torch (PEFT's VeloraConfig.init_type takes the same three names).
 INITS = ("batch_average_once", "batch_average", "random")
+# The optimizers of measure.train_step and the settings of velora_cli.lowrank, repeated for the
+# same reason (tested equal).
+OPTIMIZERS = ("adamw", "sgd", "galore", "adarankgrad")
+LOWRANK_OPTIMIZERS = ("galore", "adarankgrad")
+DEFAULT_UPDATE_GAP = 200
+DEFAULT_ETA = 0.9
+GALORE_SCALE = 0.25  # lowrank.DEFAULT_SCALE, which transformers' galore_adamw defaults to too
+SGD_MOMENTUM = 0.9  # what the tune measured (train_step.prepare)
+# transformers' GaLore projects the nn.Linear modules named in optim_target_modules; without the
+# names the tune recorded, attention and MLP linears by the usual module names (GaLore's README).
+GALORE_TARGETS = (r".*attn.*", r".*attention.*", r".*mlp.*")
 
 
 class ConfigError(ValueError):
@@ -57,6 +70,10 @@ class VeloraConfig:
     ``layers`` maps each wrapped layer's qualified name to ``{"in_features": D,
     "sub_token_size": M}`` (what the tune measured; `apply_config` checks the user's model
     against it); without it, ``placement`` + ``num_groups`` are applied as presets.
+
+    ``rank``, ``update_gap`` and ``eta`` set galore/adarankgrad (``rank`` None: the model's
+    hidden size / 4, resolved by `make_optimizer`); ``optimizer_targets`` names the linear
+    modules whose weights they project in the tuned model (for transformers' GaLore).
 
     Example:
         >>> cfg = VeloraConfig(model="llama-60m", placement="paper", num_groups=32, gc=2,
@@ -78,6 +95,10 @@ class VeloraConfig:
     dtype: str = "fp32"
     amp: str | None = None
     optimizer: str = "adamw"
+    rank: int | None = None
+    update_gap: int = DEFAULT_UPDATE_GAP
+    eta: float = DEFAULT_ETA
+    optimizer_targets: list[str] | None = None
     lora_rank: int | None = None
     lora_targets: str | None = None
     lora_layers: int | None = None  # how many layers LoRA adapts (PEFT applies VeLoRA to all)
@@ -121,6 +142,7 @@ class VeloraConfig:
             errors.append(f"dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
         if self.amp is not None and self.amp not in DTYPES[1:]:
             errors.append(f"amp must be bf16, fp16 or null, got {self.amp!r}")
+        errors += self._optimizer_errors()
         if self.mode in LORA_MODES and not _positive_int(self.lora_rank):
             errors.append(
                 f"mode {self.mode} needs lora_rank, a positive integer, got {self.lora_rank!r}"
@@ -133,6 +155,30 @@ class VeloraConfig:
             errors.append(f"versions must be an object, got {type(self.versions).__name__}")
         if errors:
             raise ConfigError("invalid velora config: " + "; ".join(errors))
+
+    def _optimizer_errors(self) -> list[str]:
+        errors = []
+        if self.optimizer not in OPTIMIZERS:
+            errors.append(
+                f"optimizer must be one of {', '.join(OPTIMIZERS)}, got {self.optimizer!r}"
+            )
+        elif self.optimizer in LOWRANK_OPTIMIZERS and self.mode != "full":
+            errors.append(f"optimizer {self.optimizer} needs mode full, got {self.mode!r}")
+        if self.rank is not None and not _positive_int(self.rank):
+            errors.append(f"rank must be a positive integer or null, got {self.rank!r}")
+        if not _positive_int(self.update_gap):
+            errors.append(f"update_gap must be a positive integer, got {self.update_gap!r}")
+        eta = self.eta
+        if isinstance(eta, bool) or not isinstance(eta, (int, float)) or not 0 < eta <= 1:
+            errors.append(f"eta must be a number in (0, 1], got {eta!r}")
+        targets = self.optimizer_targets
+        if targets is not None and not (
+            isinstance(targets, list) and targets and all(isinstance(t, str) for t in targets)
+        ):
+            errors.append(
+                f"optimizer_targets must be a list of module names or null, got {targets!r}"
+            )
+        return errors
 
     @property
     def uses_velora(self) -> bool:
@@ -190,6 +236,7 @@ def from_tune_document(document: dict[str, Any], source: str | None = None) -> V
     versions = {k: env.get(k) for k in ("torch", "transformers", "peft", "python") if k in env}
     versions["velora"] = document.get("velora_version")
     lora = rec.get("mode") in LORA_MODES
+    lowrank = rec.get("optimizer") in LOWRANK_OPTIMIZERS
     return VeloraConfig(
         model=document.get("model"),
         mode=rec.get("mode", "full"),
@@ -204,6 +251,10 @@ def from_tune_document(document: dict[str, Any], source: str | None = None) -> V
         dtype=document.get("dtype", "fp32"),
         amp=document.get("amp"),
         optimizer=rec.get("optimizer", "adamw"),
+        rank=(rec.get("optimizer_rank_cap") or settings.get("rank")) if lowrank else None,
+        update_gap=settings.get("update_gap", DEFAULT_UPDATE_GAP),
+        eta=settings.get("eta", DEFAULT_ETA),
+        optimizer_targets=rec.get("optimizer_targets") if lowrank else None,
         lora_rank=settings.get("lora_rank") if lora else None,
         lora_targets=settings.get("lora_targets") if lora else None,
         lora_layers=rec.get("lora_layers") if lora else None,
@@ -374,6 +425,10 @@ def to_trainer(config: VeloraConfig) -> dict[str, Any]:
     ``every_n_layers`` in its kwargs; older versions only have ``gradient_checkpointing`` (every
     layer), and an every-n config then needs `trainer_snippet`'s explicit call instead. The
     micro-batch is per device: on N devices the effective batch is N times the tuned one.
+
+    Optimizer: galore is transformers' ``galore_adamw`` (the ``galore-torch`` package) over the
+    linear modules the tune projected; adarankgrad has no ``optim`` name, so none is given: build
+    it with `make_optimizer` and pass ``Trainer(..., optimizers=(optimizer, None))``.
     """
     d: dict[str, Any] = {
         "per_device_train_batch_size": config.micro_batch_size,
@@ -393,7 +448,16 @@ def to_trainer(config: VeloraConfig) -> dict[str, Any]:
         # else: every-n is not a TrainingArguments option here; trainer_snippet enables it
     if config.amp:
         d[config.amp] = True  # bf16=True / fp16=True: mixed precision with fp32 master weights
-    d["optim"] = {"adamw": "adamw_torch", "sgd": "sgd"}.get(config.optimizer, config.optimizer)
+    if config.optimizer == "adamw":
+        d["optim"] = "adamw_torch"
+    elif config.optimizer == "sgd":
+        d["optim"] = "sgd"
+        d["optim_args"] = f"momentum={SGD_MOMENTUM}"
+    elif config.optimizer == "galore":
+        d["optim"] = "galore_adamw"
+        d["optim_target_modules"] = list(config.optimizer_targets or GALORE_TARGETS)
+        rank = "" if config.rank is None else f"rank={config.rank},"
+        d["optim_args"] = f"{rank}update_proj_gap={config.update_gap},scale={GALORE_SCALE}"
     return d
 
 
@@ -420,6 +484,24 @@ def trainer_notes(config: VeloraConfig) -> list[str]:
         notes.append("LoRA: wrap the model with peft.get_peft_model first (snippet)")
     if config.amp is None and config.dtype != "fp32":
         notes.append(f"pure {config.dtype} was tuned: load the model in that dtype")
+    if config.optimizer == "galore":
+        notes.append(
+            "GaLore: optim='galore_adamw' needs pip install galore-torch and projects nn.Linear "
+            "weights only; velora's own (what the tune measured) is "
+            "velora_cli.make_optimizer(model, config, lr=...), passed as "
+            "Trainer(..., optimizers=(optimizer, None))"
+        )
+        if config.rank is None:
+            notes.append(
+                "GaLore rank: not recorded, transformers defaults to 128; velora uses the "
+                "hidden size / 4 (add rank=... to optim_args)"
+            )
+    if config.optimizer == "adarankgrad":
+        notes.append(
+            "AdaRankGrad is not a TrainingArguments optim: build it with optimizer = "
+            "velora_cli.make_optimizer(model, config, lr=...) and pass "
+            "Trainer(..., optimizers=(optimizer, None)) (snippet)"
+        )
     return notes
 
 
@@ -430,12 +512,17 @@ def trainer_snippet(config: VeloraConfig, config_path: str = "velora-config.json
     where = "" if "/" in config.model else "  # a velora built-in: your checkpoint's id or path"
     qlora = config.mode == "qlora"
     quantized = ", quantization_config=bnb" if qlora else ""
+    own_optimizer = config.optimizer == "adarankgrad"  # no Trainer optim: velora builds it
+    imports = [
+        *(["apply_config"] if config.uses_velora else []),
+        *(["make_optimizer"] if own_optimizer else []),
+    ]
     lines = [
         *(["import peft"] if config.mode in LORA_MODES else []),
         "import torch",
         "from transformers import AutoModelForCausalLM, Trainer, TrainingArguments",
         *(["from transformers import BitsAndBytesConfig"] if qlora else []),
-        *(["from velora_cli import apply_config"] if config.uses_velora else []),
+        *(["from velora_cli import " + ", ".join(imports)] if imports else []),
         "",
         *(
             [
@@ -466,11 +553,17 @@ def trainer_snippet(config: VeloraConfig, config_path: str = "velora-config.json
             f'{config.gc_every}, activation_checkpointing_kwargs={{"use_reentrant": False}})'
         )
     kwargs = ", ".join(f"{k}={v!r}" for k, v in to_trainer(config).items())
-    lines += [
-        f'args = TrainingArguments(output_dir="out", {kwargs})',
-        "trainer = Trainer(model=model, args=args, train_dataset=train_dataset)",
-        "trainer.train()",
-    ]
+    lines.append(f'args = TrainingArguments(output_dir="out", {kwargs})')
+    if own_optimizer:
+        lines += [
+            f'optimizer = make_optimizer(model, "{config_path}", lr=1e-2)  # GaLore\'s '
+            "pre-training lr; tune it",
+            "trainer = Trainer(model=model, args=args, train_dataset=train_dataset, "
+            "optimizers=(optimizer, None))",
+        ]
+    else:
+        lines.append("trainer = Trainer(model=model, args=args, train_dataset=train_dataset)")
+    lines.append("trainer.train()")
     return "\n".join(lines) + "\n"
 
 
@@ -549,6 +642,70 @@ def apply_config(
         except SpecError as exc:
             raise ConfigError(str(exc)) from None
     return wrapped
+
+
+def make_optimizer(
+    model, path_or_dict: str | os.PathLike | dict[str, Any] | VeloraConfig, *, lr: float
+):
+    """The optimizer the config was tuned with, over ``model``'s trainable parameters.
+
+    AdamW and SGD (momentum 0.9) as ``torch.optim`` builds them; galore and adarankgrad as
+    `velora_cli.lowrank` does (2-D weights projected, embeddings and the output layer plain
+    AdamW), with the config's rank (None: the model's hidden size / 4), update gap and η. Call it
+    after `apply_config` (VeLoRA keeps the layers' parameters, so either order works).
+
+    Args:
+        model: the model to train (after ``peft.get_peft_model`` for a LoRA config).
+        path_or_dict: a velora config file, its dict, a tune document, or a `VeloraConfig`.
+        lr: the learning rate (the tune does not choose one; GaLore's paper pre-trains at 1e-2,
+            AdamW at 1e-3).
+
+    Returns:
+        A ``torch.optim.Optimizer``.
+
+    Raises:
+        ConfigError: a low-rank optimizer without a rank for a model that has no
+            ``config.hidden_size``, or a setting out of range.
+
+    Example:
+        >>> apply_config(model, "velora-config.json")
+        >>> optimizer = make_optimizer(model, "velora-config.json", lr=1e-3)
+        >>> trainer = Trainer(model=model, args=args, optimizers=(optimizer, None))
+    """
+    import torch
+
+    config = path_or_dict if isinstance(path_or_dict, VeloraConfig) else load_config(path_or_dict)
+    params = [p for p in model.parameters() if p.requires_grad]
+    if config.optimizer == "adamw":
+        return torch.optim.AdamW(params, lr=lr)
+    if config.optimizer == "sgd":
+        return torch.optim.SGD(params, lr=lr, momentum=SGD_MOMENTUM)
+    from velora_cli import lowrank
+
+    rank = config.rank
+    if rank is None:
+        model_config = getattr(model, "config", None)
+        if hasattr(model_config, "get_text_config"):
+            model_config = model_config.get_text_config()  # multimodal: the language model's
+        hidden = getattr(model_config, "hidden_size", None)
+        if hidden is None:
+            raise ConfigError(
+                f"{config.optimizer} needs a rank: the config has none and the model no "
+                "config.hidden_size to take a quarter of; set rank in the config"
+            )
+        rank = lowrank.default_rank(hidden)
+    try:
+        return lowrank.make_optimizer(
+            config.optimizer,
+            model,
+            lr=lr,
+            rank=rank,
+            update_gap=config.update_gap,
+            eta=config.eta,
+            scale=GALORE_SCALE,
+        )
+    except lowrank.LowRankError as exc:
+        raise ConfigError(str(exc)) from None
 
 
 def _targets(selected: dict) -> dict[str, int]:

@@ -29,6 +29,10 @@ where a little delay reads as a large change (all-linear M=D/32 +2.8%, paper +0.
 flip with K: hence 24. Gradient fidelity is the sharper signal at random init (mean cosine
 0.24-0.72 there: sub-tokens of random weights share no direction, the case VeLoRA compresses
 worst).
+
+A low-rank optimizer (galore, adarankgrad) approximates AdamW's step instead of the gradient: its
+probe is compared with the AdamW baseline of the same mode, on the same steps and data, each
+optimizer at its own learning rate (``DEFAULT_LR``).
 """
 
 from __future__ import annotations
@@ -57,7 +61,9 @@ DEFAULT_EVAL_BATCHES = 4
 # AdamW at 1e-3 (GaLore/VeLoRA pre-train LLaMA-60M at 1e-3) with a short warmup and cosine decay
 # moves a from-scratch llama-60m's held-out loss from 10.4 to 3.45 in 24 steps; SGD (momentum
 # 0.9) needs a larger step: 1e-2 gives 10.4 -> 4.06, 1e-1 diverges.
-DEFAULT_LR = {"adamw": 1e-3, "sgd": 1e-2}
+# GaLore and AdaRankGrad: GaLore's paper pre-trains LLaMA at 1e-2 with update scale 0.25 (an
+# effective 2.5e-3 on the projected step), AdamW at 1e-3.
+DEFAULT_LR = {"adamw": 1e-3, "sgd": 1e-2, "galore": 1e-2, "adarankgrad": 1e-2}
 MIN_LR_FACTOR = 0.1  # cosine decay ends at lr/10 (GaLore's and nanoGPT's choice)
 MLM_PROBABILITY = 0.15  # masked-LM probes mask this share of positions (BERT's recipe)
 _MAX_CHARS = 1_000_000  # probe text read at most (unless a probe needs more)
@@ -186,8 +192,8 @@ def training_probe(
     weights for every strategy, same precision and mode) and trained with the spec's optimizer
     on consecutive ``probe_batch_size × probe_seq_len`` windows of the probe text, one batch per
     step, in the same order for every strategy; the held-out batches come from the end of the
-    text and never overlap the training ones. The baseline is the same call with ``Strategy()``;
-    :func:`compare` gives the relative loss increase. Gradient checkpointing is applied as the
+    text and never overlap the training ones. The baseline is the same call with ``Strategy()``
+    (and AdamW for a low-rank optimizer); :func:`compare` gives the relative loss increase. Gradient checkpointing is applied as the
     strategy says (it does not change the numbers); the spec's batch size and gradient
     accumulation are not used (the probe is a proxy with its own, smaller batch).
 
@@ -197,7 +203,8 @@ def training_probe(
         data: probe text, as for :func:`velora_cli.data.load_texts` (None: built-in text).
         seed: seed of LoRA's initialization and of the ``random`` init of v (replaces
             ``spec.seed``). Weights are seeded by :func:`velora_cli.models.build_model`.
-        lr: peak learning rate; None: 1e-3 for AdamW, 1e-2 for SGD.
+        lr: peak learning rate; None: the optimizer's ``DEFAULT_LR`` (1e-3 for AdamW, 1e-2 for
+            SGD, galore and adarankgrad).
         warmup_steps: linear warmup from lr/warmup to lr, then cosine decay to lr/10 at step K;
             None: K/8, at least 1.
         probe_batch_size: sequences per step.
@@ -210,7 +217,8 @@ def training_probe(
         before training, to check the loss moved), ``train_losses`` (K values, one per step),
         ``steps``, ``strategy`` (its label), ``data`` and ``tokenization`` (one-line
         descriptions), ``from_scratch`` (True for random weights) and ``note`` (saying the probe
-        then measures from-scratch training dynamics, else None), ``lr``, ``warmup_steps``,
+        then measures from-scratch training dynamics, else None), ``optimizer`` (its name),
+        ``optimizer_label`` (with its settings), ``lr``, ``warmup_steps``,
         ``batch_size``, ``seq_len``, ``eval_batches``, ``threads`` (torch's CPU thread count, on
         which the last bits of CPU results may depend) and ``seconds`` (wall time of the call).
 
@@ -263,6 +271,8 @@ def training_probe(
         "tokenization": inputs["tokenization"],
         "from_scratch": from_scratch,
         "note": _FROM_SCRATCH if from_scratch else None,
+        "optimizer": probe_spec.optimizer,
+        "optimizer_label": probe_spec.optimizer_label,
         "lr": lr,
         "warmup_steps": warmup,
         "batch_size": probe_batch_size,
@@ -294,19 +304,22 @@ def compare(probe: dict[str, Any], baseline: dict[str, Any]) -> float:
     """Relative change of the held-out loss against the baseline: 0.01 means +1%.
 
     Args:
-        probe: a :func:`training_probe` result with a strategy.
-        baseline: the same call with ``Strategy()``.
+        probe: a :func:`training_probe` result with a strategy or a low-rank optimizer.
+        baseline: the same call with ``Strategy()`` (with AdamW for a low-rank optimizer).
 
     Returns:
         ``(probe["loss"] - baseline["loss"]) / baseline["loss"]``; ``inf`` when the probe's loss
         is not finite (diverged) and the baseline's is.
 
     Raises:
-        ProbeError: the two were run with different settings (steps, data, shapes, learning
-            rate), so their losses are not comparable, or the baseline's loss is not finite or
-            not positive.
+        ProbeError: the two were run with different settings (steps, data, shapes, or learning
+            rate with the same optimizer: different optimizers each train at their own), so
+            their losses are not comparable, or the baseline's loss is not finite or not
+            positive.
     """
-    keys = ("steps", "data", "tokenization", "batch_size", "seq_len", "eval_batches", "lr")
+    keys = ("steps", "data", "tokenization", "batch_size", "seq_len", "eval_batches")
+    if probe.get("optimizer") == baseline.get("optimizer"):
+        keys += ("lr",)
     differ = [k for k in keys if probe.get(k) != baseline.get(k)]
     if differ:
         raise ProbeError(

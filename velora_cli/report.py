@@ -22,8 +22,15 @@ ROW_FIELDS = (
     "activation_bytes",
     "param_bytes",
     "grad_bytes",
+    "optimizer",
     "optimizer_bytes",
+    "optimizer_worst_bytes",
+    "optimizer_rank_cap",
+    "optimizer_rank_min",
+    "optimizer_rank_median",
+    "optimizer_rank_max",
     "step_seconds",
+    "refresh_step_seconds",
     "tokens_per_second",
     "peak_phase",
     "fwd_bwd_peak_bytes",
@@ -48,11 +55,11 @@ def _bytes(value: int | None) -> str:
     return "—" if value is None else format_bytes(value)
 
 
-def _delta(value: int | None, pct: float | None) -> str:
-    if value is None:
+def _delta(pct: float | None) -> str:
+    """A change against the reference row in percent (the bytes are in json/csv)."""
+    if pct is None:
         return ""
-    sign = "+" if value > 0 else ("−" if value < 0 else "±")
-    return f"{sign}{format_bytes(abs(value))} ({pct:+.0f}%)" if pct is not None else ""
+    return f"{pct:+.0f}%".replace("-", "−") if round(pct) else "±0%"
 
 
 def _seconds(value: float | None) -> str:
@@ -76,6 +83,7 @@ def profile_table(document: dict[str, Any]):
         "peak",
         "Δ peak",
         "fwd+bwd peak",
+        "opt. state",
         "saved act.",
         "Δ saved act.",
         "step",
@@ -83,23 +91,22 @@ def profile_table(document: dict[str, Any]):
         "× time",
     ):
         table.add_column(name, justify="right", no_wrap=True)
+    reference = next((r for r in document["rows"] if r["status"] == "ok"), None)
     for row in document["rows"]:
         if row["status"] != "ok":  # the reason is listed under the table
-            table.add_row(row["label"], f"[red]{row['status']}[/red]", *[""] * 7)
+            table.add_row(row["label"], f"[red]{row['status']}[/red]", *[""] * 8)
             continue
         tps = row.get("tokens_per_second")
         ratio = row.get("step_time_ratio")
+        own = row is reference  # deltas are against the first (baseline) row
         table.add_row(
             row["label"] + (" *" if row.get("note") else ""),
             _bytes(row.get("peak_bytes")),
-            ""
-            if row["strategy"] == "baseline"
-            else _delta(row.get("peak_delta_bytes"), row.get("peak_delta_pct")),
+            "" if own else _delta(row.get("peak_delta_pct")),
             _bytes(row.get("fwd_bwd_peak_bytes")),
+            _bytes(row.get("optimizer_bytes")),
             _bytes(row.get("activation_bytes")),
-            ""
-            if row["strategy"] == "baseline"
-            else _delta(row.get("activation_delta_bytes"), row.get("activation_delta_pct")),
+            "" if own else _delta(row.get("activation_delta_pct")),
             _seconds(row.get("step_seconds")),
             "—" if tps is None else f"{tps:,.0f}",
             "—" if ratio is None else f"{ratio:.2f}",
@@ -109,7 +116,7 @@ def profile_table(document: dict[str, Any]):
 
 def profile_footer(document: dict[str, Any]) -> list[str]:
     """Lines under the table: what was measured and how."""
-    lines = list(document.get("notices", []))
+    lines = list(document.get("notices", [])) + optimizer_lines(document)
     for row in document["rows"]:
         if row["status"] != "ok":
             lines.append(f"{row['label']}: {row['status']}: {row.get('error', '')}")
@@ -168,6 +175,59 @@ def to_csv(rows: list[dict[str, Any]]) -> str:
     return out.getvalue()
 
 
+def category_table(document: dict[str, Any], *, always: bool = False):
+    """Memory at each row's peak by category, with the optimizer's ranks and refresh step.
+
+    Shown when rows differ by optimizer or use a low-rank one (or with ``always``); else None.
+    """
+    from rich.table import Table
+
+    rows = [r for r in document["rows"] if r["status"] == "ok" and r.get("peak_breakdown")]
+    lowrank = any(r.get("optimizer_rank_cap") for r in rows)
+    if not rows or not (always or lowrank or len(document.get("optimizers", [])) > 1):
+        return None
+    timed = any(r.get("refresh_step_seconds") is not None for r in rows)
+    table = Table(title="memory at each row's peak, by category", title_justify="left")
+    table.add_column("row", overflow="fold")
+    categories = ("params", "grads", "optimizer", "activations", "temporaries")
+    for name in ("params", "grads", "opt. state", "activations", "temporaries"):
+        table.add_column(name, justify="right", no_wrap=True)
+    if lowrank:
+        table.add_column("ranks", justify="right", no_wrap=True)
+    if timed:
+        table.add_column("refresh step", justify="right", no_wrap=True)
+    for r in rows:
+        cells = [_bytes(r["peak_breakdown"].get(c, 0)) for c in categories]
+        if lowrank and r.get("optimizer_rank_cap"):
+            low, mid, high = (r.get(f"optimizer_rank_{k}") for k in ("min", "median", "max"))
+            cells.append(str(low) if low == high else f"{low}–{high} (med {mid})")
+        elif lowrank:
+            cells.append("")
+        if timed:
+            refresh = r.get("refresh_step_seconds")
+            cells.append("" if refresh is None else _seconds(refresh))
+        table.add_row(r["label"], *cells)
+    return table
+
+
+def optimizer_lines(document: dict[str, Any]) -> list[str]:
+    """One line per low-rank optimizer: rank cap, state now vs its worst case, refresh cost."""
+    lines, seen = [], set()
+    for r in document["rows"]:
+        name = r.get("optimizer")
+        if r["status"] != "ok" or not r.get("optimizer_rank_cap") or name in seen:
+            continue
+        seen.add(name)
+        line = (
+            f"{name}: {r['projected_weights']} projected weights, rank cap "
+            f"{r['optimizer_rank_cap']}; optimizer state at the cap {_bytes(r['optimizer_worst_bytes'])}"
+        )
+        if r.get("refresh_step_seconds") is not None:
+            line += "; 'refresh step': a step that refreshes every subspace (1 in ≤ T steps)"
+        lines.append(line)
+    return lines
+
+
 def breakdown_table(document: dict[str, Any], limit: int = 12):
     """Saved-activation bytes by module pattern, one column per ok row with a breakdown."""
     from rich.table import Table
@@ -195,8 +255,11 @@ def breakdown_table(document: dict[str, Any], limit: int = 12):
 
 
 def describe(row: dict[str, Any]) -> str:
-    """A candidate in words: ``full · velora paper g32 · gc every 2 · micro-batch 4 × 2``."""
+    """A candidate in words: ``full · velora paper g32 · gc every 2 · micro-batch 4 × 2``, with
+    its optimizer after the mode when it is not AdamW (``full · adarankgrad · ...``)."""
     parts = [row["mode"]]
+    if row.get("optimizer", "adamw") != "adamw":
+        parts.append(row["optimizer"])
     if row.get("placement"):
         parts.append(f"velora {row['placement']} g{row['num_groups'] or 32}")
     gc = row.get("gc")
@@ -311,7 +374,7 @@ def summary_lines(document: dict[str, Any]) -> list[str]:
     if probe.get("skipped"):
         lines.append(probe["skipped"])
     elif probe.get("baselines"):
-        base = ", ".join(f"{m} {b['loss']:.4f}" for m, b in probe["baselines"].items())
+        base = ", ".join(f"{key} {b['loss']:.4f}" for key, b in probe["baselines"].items())
         lines.append(
             f"probe: {probe['steps']} steps on {probe.get('data_description')}; "
             f"{probe.get('tokenization')}; baseline held-out loss {base}"
@@ -334,7 +397,7 @@ def summary_lines(document: dict[str, Any]) -> list[str]:
             if rec.get("tokens_per_second") is None
             else f" · {rec['tokens_per_second']:,.0f} tokens/s"
         )
-        + ("" if li is None else f" · loss {li:+.2%} vs baseline"),
+        + ("" if li is None else f" · loss {li:+.2%} vs {_baseline_of(rec)}"),
         f"  why: {rec['reason']}",
     ]
     searched = document.get("settings", {}).get("modes") or []
@@ -349,6 +412,13 @@ def summary_lines(document: dict[str, Any]) -> list[str]:
             f"  export: velora export-config --from {document['path']} --format velora|peft|trainer"
         )
     return lines
+
+
+def _baseline_of(row: dict[str, Any]) -> str:
+    """What a candidate's loss change is measured against (autotune.Prober)."""
+    from velora_cli.measure.train_step import LOWRANK_OPTIMIZERS
+
+    return "the AdamW baseline" if row.get("optimizer") in LOWRANK_OPTIMIZERS else "baseline"
 
 
 def nothing_fits_lines(document: dict[str, Any]) -> list[str]:

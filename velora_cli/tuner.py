@@ -13,9 +13,10 @@ Strategy (issue 4, §2):
    least `MIN_FIRST_ROUND` candidates are planned. "Speed" is the estimated tokens/s when the estimate
    gives one for every candidate, otherwise `cost_rank`;
 3. measure the planned candidates; feasible = status "ok" and measured peak ≤ budget·(1 − margin);
-4. probe feasible candidates that use VeLoRA and reject those above `max_loss_increase`; candidates
-   without VeLoRA have loss_increase 0.0 exactly (checkpointing and micro-batching do not change the
-   maths) and are never probed. Candidates that differ only in checkpointing share one probe;
+4. probe feasible candidates that change the maths (VeLoRA, a low-rank optimizer) and reject those
+   above `max_loss_increase`; the others have loss_increase 0.0 exactly (checkpointing and
+   micro-batching do not change the maths) and are never probed. Candidates that differ only in
+   checkpointing share one probe;
 5. repeat 2-4 on what is left, with the accepted candidates kept in the front: candidates that an
    accepted one dominates cannot win and are never measured, those only dominated by a rejected
    one now surface. Candidates whose estimated peak is at least that of a measured over-budget
@@ -35,6 +36,7 @@ from typing import Any
 
 from velora_cli.budget import format_bytes
 from velora_cli.journal import Journal
+from velora_cli.measure.train_step import LOWRANK_OPTIMIZERS  # plain names: no torch import
 
 __all__ = [
     "Candidate",
@@ -43,6 +45,7 @@ __all__ = [
     "Probe",
     "TuneResult",
     "cost_rank",
+    "optimizers_for",
     "search_space",
     "tune",
 ]
@@ -95,6 +98,12 @@ class Candidate:
     @property
     def uses_velora(self) -> bool:
         return self.placement is not None
+
+    @property
+    def exact(self) -> bool:
+        """True when the step computes what its mode's baseline computes (no VeLoRA, no low-rank
+        optimizer): checkpointing and micro-batching do not change the maths, so no probe."""
+        return not self.uses_velora and self.optimizer not in LOWRANK_OPTIMIZERS
 
     @property
     def batch_size(self) -> int:
@@ -178,6 +187,12 @@ def _unique(items: Iterable) -> list:
     return out
 
 
+def optimizers_for(mode: str, optimizers: Sequence[str]) -> list[str]:
+    """The optimizers tried in ``mode``: galore and adarankgrad project full weight gradients, so
+    they are crossed with full mode only (LoRA's trained adapters are low-rank already)."""
+    return [o for o in _unique(optimizers) if mode == "full" or o not in LOWRANK_OPTIMIZERS]
+
+
 def search_space(
     *,
     batch_size: int,
@@ -199,10 +214,11 @@ def search_space(
         gc_options: False, True or every-n ints; 0/1 mean False/True and are merged with them.
         micro_batches: micro-batch sizes; default every power of two dividing `batch_size`, plus
             `batch_size` itself. grad_accum_steps = batch_size // micro.
-        optimizers: optimizer names.
+        optimizers: optimizer names; low-rank ones go with full mode only (`optimizers_for`).
 
     Returns:
-        Candidates ordered mode, placement, num_groups, gc, micro-batch (largest first), optimizer.
+        Candidates ordered mode, placement, num_groups, gc, micro-batch (largest first), optimizer;
+        empty when no optimizer applies to any mode.
 
     Raises:
         ValueError: batch_size < 1, an empty axis, or a micro-batch size that does not divide
@@ -234,7 +250,7 @@ def search_space(
             for g in [None] if placement is None else groups:
                 for gc in gcs:
                     for micro in sorted(micros, reverse=True):
-                        for opt in _unique(optimizers):
+                        for opt in optimizers_for(mode, optimizers):
                             accum = batch_size // micro
                             out.append(Candidate(mode, placement, g, gc, micro, accum, opt))
     return out
@@ -242,7 +258,7 @@ def search_space(
 
 def cost_rank(
     candidate: Candidate, velora_layers: int | None = None
-) -> tuple[float, int, int, int]:
+) -> tuple[float, int, int, int, int]:
     """A speed proxy for estimates that give no time: smaller tuples are expected to run faster.
 
     Compared lexicographically, most important first:
@@ -251,7 +267,10 @@ def cost_rank(
     2. 1 for qlora, else 0: every 4-bit weight is dequantized in each forward and backward
        matmul (memory-bound, small next to the matmuls at thousands of tokens, hence after 1);
     3. minus the micro-batch size (larger micro-batches: fewer, better-utilised kernels);
-    4. number of VeLoRA-wrapped layers (each adds a small projection and reconstruction), taken from
+    4. 1 for a low-rank optimizer (galore, adarankgrad), else 0: each step projects every 2-D
+       gradient and its update (2 matmuls of m·n·r per weight, ~r/(3·tokens) of the forward and
+       backward) and each refresh adds an SVD or a range finder;
+    5. number of VeLoRA-wrapped layers (each adds a small projection and reconstruction), taken from
        the estimate's ``detail["velora_layers"]`` when known, else 0 without VeLoRA and 1 with it.
 
     Args:
@@ -259,13 +278,15 @@ def cost_rank(
         velora_layers: how many layers the placement wraps, if known.
 
     Returns:
-        (recompute_fraction, dequantizes, -micro_batch_size, velora_layers).
+        (recompute_fraction, dequantizes, -micro_batch_size, projects, velora_layers).
     """
     gc = candidate.gc
     fraction = 1.0 if gc is True else 0.0 if gc is False else 1.0 / gc
     if velora_layers is None:
         velora_layers = int(candidate.uses_velora)
-    return (fraction, int(candidate.mode == "qlora"), -candidate.micro_batch_size, velora_layers)
+    dequantizes = int(candidate.mode == "qlora")
+    projects = int(candidate.optimizer in LOWRANK_OPTIMIZERS)
+    return (fraction, dequantizes, -candidate.micro_batch_size, projects, velora_layers)
 
 
 def _from_dict(cls: type, data: dict) -> Any:
@@ -299,7 +320,7 @@ class _Entry:
 
     @property
     def loss_increase(self) -> float | None:
-        if not self.candidate.uses_velora:
+        if self.candidate.exact:
             return 0.0  # checkpointing and micro-batching do not change the maths
         return None if self.probe is None else self.probe.loss_increase
 
@@ -412,7 +433,7 @@ class _Search:
         if self.objective == "memory":
             return (e.est_peak, speed, key)
         if self.objective == "accuracy":
-            return (int(e.candidate.uses_velora), speed, e.est_peak, key)
+            return (int(not e.candidate.exact), speed, e.est_peak, key)
         return (speed, e.est_peak, key)
 
     def _skip_presumed_over(self) -> None:
@@ -490,7 +511,7 @@ class _Search:
 
     def _judge_accuracy(self, e: _Entry) -> None:
         c = e.candidate
-        if c.uses_velora and self.probe_fn is not None:
+        if not c.exact and self.probe_fn is not None:
             pkey = _probe_key(c)
             if pkey not in self.probes:
                 verb = "resume probe" if self._cached("probe", pkey) else "probe"
@@ -506,7 +527,7 @@ class _Search:
                 e.status = "rejected-accuracy"
                 e.note = f"loss {li:+.2%} vs baseline > tolerance {self.max_loss:+.2%}"
                 return
-        elif c.uses_velora:
+        elif not c.exact:
             e.note = "accuracy not probed"
         e.status = "feasible"
         self.accepted.append(e)
@@ -702,8 +723,9 @@ def tune(
         candidates: configurations to consider (duplicates by key are dropped).
         estimate: cheap prediction; its ``detail["velora_layers"]`` feeds `cost_rank`.
         measure: a real measurement on the chosen backend; also used for the verification run.
-        probe: accuracy probe for VeLoRA candidates (loss_increase relative to the baseline);
-            None turns the accuracy gate off (rows say "accuracy not probed").
+        probe: accuracy probe (loss_increase relative to the baseline) for candidates that are
+            not `Candidate.exact` (VeLoRA, a low-rank optimizer); None turns the accuracy gate
+            off (rows say "accuracy not probed").
         budget_bytes: the memory budget, compared with the measured peak.
         margin: headroom kept below the budget: feasible iff peak ≤ budget·(1 − margin).
         objective: "speed" (highest tokens/s), "memory" (lowest peak) or "accuracy" (smallest loss
