@@ -52,8 +52,8 @@ DEFAULT_SCALE = 0.25
 # most 10% of the gradient's squared norm, i.e. the projected gradient keeps a cosine of at least
 # √0.9 ≈ 0.95 with the full one; lower values shrink the state faster but lose more of each step.
 DEFAULT_ETA = 0.9
-# Relative change ‖Ĝ_t − Ĝ_{t−1}‖/‖Ĝ_{t−1}‖ under which the projected optimization counts as
-# converged and the subspace is refreshed early (see AdaRankGrad's docstring for the measurement).
+# Relative change ‖Ĝ_t − m̂_{t−1}‖/‖m̂_{t−1}‖ of the projected gradient from its running mean under
+# which the projected optimization counts as converged and the subspace is refreshed early.
 DEFAULT_TOLERANCE = 0.5
 OVERSAMPLING = 8  # extra sketch columns (HMT §4.2 recommend 5-10)
 POWER_ITERATIONS = 2  # HMT §4.5: 1-2 for gradients, whose spectra decay slowly at first
@@ -222,7 +222,6 @@ class _ProjectedAdamW(torch.optim.Optimizer):
         mass1 = state["mass1"].unsqueeze(axis)
         mass2_sqrt = state["mass2"].sqrt().unsqueeze(axis)
         direction = (exp_avg / mass1) / (exp_avg_sq.sqrt() / mass2_sqrt).add_(group["eps"])
-        self._remember(state, projected)
         del projected
         update = _project_back(direction, state.get("basis"), state["left"])
         del direction
@@ -243,9 +242,6 @@ class _ProjectedAdamW(torch.optim.Optimizer):
 
     def _converged(self, state: dict, projected: torch.Tensor, group: dict) -> bool:
         return False
-
-    def _remember(self, state: dict, projected: torch.Tensor) -> None:
-        """Hook after the moments are updated (AdaRankGrad keeps the projected gradient)."""
 
     def _new_basis(self, grad: torch.Tensor, group: dict, state: dict) -> torch.Tensor | None:
         raise NotImplementedError
@@ -294,14 +290,11 @@ class _ProjectedAdamW(torch.optim.Optimizer):
                 mass = 8 if p.dtype == torch.float64 else 4
                 r = min(group["rank"], small)
                 if r >= small:  # full rank: identity basis, per-direction masses
-                    total += self._moment_copies() * p.numel() * size + 2 * small * mass
+                    total += 2 * p.numel() * size + 2 * small * mass
                     continue
-                moments = self._moment_copies() * large * r * size
+                moments = 2 * large * r * size
                 total += moments + small * r * size + 2 * r * mass
         return total
-
-    def _moment_copies(self) -> int:
-        return 2
 
 
 class GaLoreAdamW(_ProjectedAdamW):
@@ -344,14 +337,12 @@ class AdaRankGrad(_ProjectedAdamW):
        iterations with QR between them), then the SVD of the small sketch B = Yᵀ·G.
     2. **Rank**: the smallest r whose leading singular values keep ``eta`` of ‖G‖²_F (the exact
        norm, not the sketch's), capped by ``rank``; at r = min(m, n) Q is the identity.
-    3. **Convergence**: after projecting, if ‖Ĝ_t − Ĝ_{t−1}‖_F < ``tolerance``·‖Ĝ_{t−1}‖_F the
+    3. **Convergence**: after projecting, if ‖Ĝ_t − m̂_{t−1}‖_F < ``tolerance``·‖m̂_{t−1}‖_F the
        projected problem has stopped moving and the subspace is refreshed right away (the
-       gradient is re-projected into the new one). This keeps Ĝ_{t−1} in the state: one more
-       max(m,n)×r tensor than GaLore at the same rank. ``tolerance`` 0.5 (default) was chosen
-       from measurement: on llama-60m from scratch the relative change between consecutive
-       projected minibatch gradients sits at 0.6-1.4 for most of training (minibatch noise), so
-       0.5 fires only when the projected gradient is clearly settling, and ``update_gap`` bounds
-       the time spent in a stale subspace.
+       gradient is re-projected into the new one). m̂_{t−1} is Adam's bias-corrected first moment,
+       the running mean of the projected gradients. Our choice: comparing with it rather than
+       with Ĝ_{t−1} alone needs no copy of Ĝ_{t−1} (a third max(m,n)×r tensor: +50% state at
+       the rank cap) and is less noisy than one previous minibatch. TOLERANCE_NOTE
     4. **Moment transport** on a refresh, with R = Q_newᵀ·Q_old (r_new × r_old, the old basis
        vectors' coordinates in the new basis):
        m ← R·m (exact: the mean of the new coordinates is the rotated mean of the old ones,
@@ -411,22 +402,15 @@ class AdaRankGrad(_ProjectedAdamW):
         self._generators: dict[torch.device, torch.Generator] = {}
 
     def _converged(self, state: dict, projected: torch.Tensor, group: dict) -> bool:
-        prev = state.get("prev")
-        if prev is None or projected.device.type == "meta":
-            return False  # meta: no values to compare (the estimate forces a refresh instead)
-        work = _work_dtype(prev)
-        before = torch.linalg.vector_norm(prev, dtype=work)
-        change = torch.linalg.vector_norm(projected - prev, dtype=work)
-        state["relative_change"] = float(change / before) if before > 0 else 0.0
+        if projected.device.type == "meta":
+            return False  # no values to compare (the estimate forces a refresh instead)
+        axis = 1 if state["left"] else 0
+        mean = state["exp_avg"] / state["mass1"].clamp_min(1e-30).unsqueeze(axis)  # m̂_{t−1}
+        work = _work_dtype(projected)
+        before = torch.linalg.vector_norm(mean, dtype=work)
+        change = torch.linalg.vector_norm(projected - mean, dtype=work)
+        state["relative_change"] = float(change / before) if before > 0 else float("inf")
         return state["relative_change"] < group["tolerance"]
-
-    def _remember(self, state: dict, projected: torch.Tensor) -> None:
-        # Ĝ_t for the next step's convergence test (a copy: at full rank it is the gradient).
-        prev = state.get("prev")
-        if prev is not None and prev.shape == projected.shape:
-            prev.copy_(projected)
-        else:
-            state["prev"] = projected.clone(memory_format=torch.contiguous_format)
 
     def _new_basis(self, grad: torch.Tensor, group: dict, state: dict) -> torch.Tensor | None:
         small = min(grad.shape)
@@ -474,7 +458,6 @@ class AdaRankGrad(_ProjectedAdamW):
             _fresh_moments(state, shape, p, state["left"])
             return
         rotation = _rotation(old, new)
-        state.pop("prev", None)  # Ĝ_{t−1} was in the old basis
         if rotation is None:
             return
         rotation = rotation.to(state["exp_avg"].dtype)
@@ -489,9 +472,6 @@ class AdaRankGrad(_ProjectedAdamW):
         # old masses are all w, 0 for a direction outside the old subspace.
         for key in ("mass1", "mass2"):
             state[key] = squared.to(state[key].dtype) @ state[key]
-
-    def _moment_copies(self) -> int:
-        return 3  # exp_avg, exp_avg_sq and the previous projected gradient
 
 
 def make_optimizer(
