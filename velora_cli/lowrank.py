@@ -334,7 +334,8 @@ class AdaRankGrad(_ProjectedAdamW):
 
     1. **Subspace** (on the first step, after ``update_gap`` steps, or on convergence): a
        randomized range finder (HMT Alg. 4.4: Gaussian sketch of ``rank + 8`` columns, 2 power
-       iterations with QR between them), then the SVD of the small sketch B = Yᵀ·G.
+       iterations with QR between them), then the SVD of the small matrix B = PᵀG, P an
+       orthonormal basis of the sketch (G's transpose for a right-side weight).
     2. **Rank**: the smallest r whose leading singular values keep ``eta`` of ‖G‖²_F (the exact
        norm, not the sketch's), capped by ``rank``; at r = min(m, n) Q is the identity.
     3. **Convergence**: after projecting, if ‖Ĝ_t − m̂_{t−1}‖_F < ``tolerance``·‖m̂_{t−1}‖_F the
@@ -342,7 +343,12 @@ class AdaRankGrad(_ProjectedAdamW):
        gradient is re-projected into the new one). m̂_{t−1} is Adam's bias-corrected first moment,
        the running mean of the projected gradients. Our choice: comparing with it rather than
        with Ĝ_{t−1} alone needs no copy of Ĝ_{t−1} (a third max(m,n)×r tensor: +50% state at
-       the rank cap) and is less noisy than one previous minibatch. TOLERANCE_NOTE
+       the rank cap) and is less noisy than one previous minibatch. ``tolerance`` 0.5 from
+       measurement (benchmarks/optimizer_probe.py: llama-60m from scratch, 300 steps of 2×128
+       tokens): the per-step median of this ratio over the 56 projected weights had deciles
+       1.8-5.9 (minibatch noise dominates the mean), so 0.5 refreshes only weights whose
+       projected gradient has clearly settled (22 early refreshes in 300 steps, against 56 on
+       the first step and 52 at the 200-step gap), and ``update_gap`` bounds a stale subspace.
     4. **Moment transport** on a refresh, with R = Q_newᵀ·Q_old (r_new × r_old, the old basis
        vectors' coordinates in the new basis):
        m ← R·m (exact: the mean of the new coordinates is the rotated mean of the old ones,
