@@ -87,7 +87,8 @@ def test_static_floor_of_each_optimizer_bounds_its_estimates():
     assert set(floors) == {("full", o) for o in autotune.DEFAULT_OPTIMIZERS}
     for c in space:
         assert floors[(c.mode, c.optimizer)] <= peaks[c.key], c.key
-    assert floors[("full", "galore")] < floors[("full", "adarankgrad")] < floors[("full", "adamw")]
+    # at the rank cap AdaRankGrad holds what GaLore holds (moments, basis, masses)
+    assert floors[("full", "galore")] == floors[("full", "adarankgrad")] < floors[("full", "adamw")]
 
 
 def test_probe_of_a_low_rank_candidate_is_compared_with_adamw():

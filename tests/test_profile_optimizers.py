@@ -3,6 +3,7 @@
 import json
 
 import pytest
+import torch
 from typer.testing import CliRunner
 
 from velora_cli.cli import app
@@ -103,3 +104,22 @@ def test_cli_optimizer_errors_are_one_line(args, message):
 def test_spec_rejects_lowrank_with_adapters():
     with pytest.raises(SpecError, match="--mode full"):
         StepSpec(model="llama-tiny", mode="qlora", optimizer="adarankgrad")
+
+
+def test_timed_steps_draw_new_batches_of_the_same_shape(mha_dir):
+    """A repeated batch would make AdaRankGrad's convergence test fire on every timed step."""
+    from velora_cli.measure.train_step import prepare
+
+    prepared = prepare(_spec(mha_dir, "adarankgrad"), "cpu")
+    first = prepared.micro_batches[0]["input_ids"].clone()
+    prepared.next_batch()
+    second = prepared.micro_batches[0]["input_ids"]
+    assert second.shape == first.shape and not torch.equal(first, second)
+    again = prepare(_spec(mha_dir, "adarankgrad"), "cpu")
+    again.next_batch()
+    assert torch.equal(again.micro_batches[0]["input_ids"], second)  # seeded
+
+
+def test_cpu_row_counts_refreshes_made_by_timed_steps(mha_dir):
+    row = CpuBackend(warmup=1, steps=2).measure(_spec(mha_dir, "adarankgrad"))
+    assert row["status"] == "ok" and row["timed_refreshes"] >= 0

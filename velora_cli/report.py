@@ -31,6 +31,7 @@ ROW_FIELDS = (
     "optimizer_rank_max",
     "step_seconds",
     "refresh_step_seconds",
+    "timed_refreshes",
     "tokens_per_second",
     "peak_phase",
     "fwd_bwd_peak_bytes",
@@ -204,8 +205,11 @@ def category_table(document: dict[str, Any], *, always: bool = False):
         elif lowrank:
             cells.append("")
         if timed:
-            refresh = r.get("refresh_step_seconds")
-            cells.append("" if refresh is None else _seconds(refresh))
+            refresh, extra = r.get("refresh_step_seconds"), r.get("timed_refreshes")
+            cell = "" if refresh is None else _seconds(refresh)
+            if extra:  # the convergence test refreshed some weights within the timed steps
+                cell += f" (+{extra} in timed steps)"
+            cells.append(cell)
         table.add_row(r["label"], *cells)
     return table
 

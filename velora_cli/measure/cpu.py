@@ -43,7 +43,10 @@ class CpuBackend:
             for _ in range(self.warmup):
                 train_step(prepared)
             row = tracked_step(prepared, breakdown=breakdown) if track else {}
+            before = prepared.subspace_refreshes()
             times = timed_steps(prepared, self.steps)
+            if before is not None:  # refreshes the convergence test made in the timed steps
+                row["timed_refreshes"] = prepared.subspace_refreshes() - before
             if force_refresh(prepared):  # galore/adarankgrad: the subspace refresh step apart
                 row["refresh_step_seconds"] = timed_steps(prepared, 1)[0]
         except (SpecError, ValueError, RuntimeError, MemoryError) as exc:

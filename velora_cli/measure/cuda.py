@@ -106,8 +106,10 @@ def _worker(request: dict[str, Any]) -> dict[str, Any]:
         # galore/adarankgrad: the first timed step refreshes every subspace (their costliest
         # step): inside the peak window, its time reported apart from the median.
         refreshing = force_refresh(prepared)
+        before = prepared.subspace_refreshes()
         times = []
         for _ in range(request["steps"] + int(refreshing)):
+            prepared.next_batch()  # a new batch per step, as training (and the cpu backend)
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             start.record()
             train_step(prepared)
@@ -115,6 +117,7 @@ def _worker(request: dict[str, Any]) -> dict[str, Any]:
             torch.cuda.synchronize()
             times.append(start.elapsed_time(end) / 1e3)
         refresh_seconds = times.pop(0) if refreshing else None
+        timed_refreshes = None if before is None else prepared.subspace_refreshes() - before
         peak = torch.cuda.max_memory_allocated(device)
         reserved = torch.cuda.max_memory_reserved(device)
         used = nvml_used_bytes(device.index or 0)
@@ -133,6 +136,10 @@ def _worker(request: dict[str, Any]) -> dict[str, Any]:
         "optimizer_bytes": prepared.optimizer_bytes(),
         "step_seconds": seconds,
         "refresh_step_seconds": refresh_seconds,
+        # refreshes beyond the forced one's (one per projected weight), made by the timed steps
+        "timed_refreshes": None
+        if timed_refreshes is None
+        else timed_refreshes - len(prepared.optimizer.ranks()),
         "step_seconds_source": f"measured (CUDA events, median of {len(times)} after "
         f"{request['warmup'] + 1} warm-up)",
         "tokens_per_second": spec.batch_size * spec.seq_len / seconds,

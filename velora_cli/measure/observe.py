@@ -58,9 +58,10 @@ def force_refresh(prepared: Prepared) -> bool:
 
 
 def timed_steps(prepared: Prepared, steps: int) -> list[float]:
-    """Wall-clock seconds of ``steps`` consecutive steps."""
+    """Wall-clock seconds of ``steps`` consecutive steps, each on a new batch."""
     times = []
     for _ in range(steps):
+        prepared.next_batch()
         start = time.perf_counter()
         train_step(prepared)
         times.append(time.perf_counter() - start)

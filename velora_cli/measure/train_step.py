@@ -185,6 +185,21 @@ class Prepared:
     wrapped: list[str]
     device: torch.device
     notice: str | None = None
+    vocab_size: int | None = None
+    batches_drawn: int = 0
+
+    def next_batch(self) -> None:
+        """Replace the micro-batches with new random ones of the same shapes.
+
+        Timed steps use a new batch each, as training does: memory does not depend on the
+        values, but a low-rank optimizer does (AdaRankGrad refreshes its subspace when the
+        projected gradient stops changing, which one repeated batch would fake).
+        """
+        self.batches_drawn += 1
+        seed = self.spec.seed + self.batches_drawn * self.spec.grad_accum_steps
+        self.micro_batches = make_batch(
+            dataclasses.replace(self.spec, seed=seed), self.vocab_size, self.device
+        )
 
     def param_bytes(self) -> int:
         return sum(p.numel() * p.element_size() for p in self.model.parameters())
@@ -221,6 +236,12 @@ class Prepared:
             "projected_weights": len(group["params"]),
             "optimizer_worst_bytes": opt.worst_case_state_bytes(),
         }
+
+    def subspace_refreshes(self) -> int | None:
+        """Subspace refreshes so far, summed over projected weights (None: not low-rank)."""
+        if not hasattr(self.optimizer, "worst_case_state_bytes"):
+            return None
+        return sum(s.get("refreshes", 0) for s in self.optimizer.state.values())
 
     def optimizer_bytes(self) -> int:
         """Bytes of optimizer state tensors (after the first step has created them)."""
@@ -389,9 +410,17 @@ def prepare(spec: StepSpec, device: str, *, attn_implementation: str | None = No
         optimizer = torch.optim.AdamW(params, lr=1e-5, foreach=True)
     else:
         optimizer = torch.optim.SGD(params, lr=1e-5, momentum=0.9, foreach=True)
-    batches = make_batch(spec, model_spec.config.get_text_config().vocab_size, device)
+    vocab_size = model_spec.config.get_text_config().vocab_size
+    batches = make_batch(spec, vocab_size, device)
     return Prepared(
-        spec, model, optimizer, batches, wrapped, torch.device(device), model_spec.notice
+        spec,
+        model,
+        optimizer,
+        batches,
+        wrapped,
+        torch.device(device),
+        model_spec.notice,
+        vocab_size,
     )
 
 
