@@ -672,39 +672,19 @@ def make_optimizer(
         >>> optimizer = make_optimizer(model, "velora-config.json", lr=1e-3)
         >>> trainer = Trainer(model=model, args=args, optimizers=(optimizer, None))
     """
-    import torch
+    from velora_cli.measure.train_step import SpecError, build_optimizer
 
     config = path_or_dict if isinstance(path_or_dict, VeloraConfig) else load_config(path_or_dict)
-    params = [p for p in model.parameters() if p.requires_grad]
-    if config.optimizer == "adamw":
-        return torch.optim.AdamW(params, lr=lr)
-    if config.optimizer == "sgd":
-        return torch.optim.SGD(params, lr=lr, momentum=SGD_MOMENTUM)
-    from velora_cli import lowrank
-
-    rank = config.rank
-    if rank is None:
-        model_config = getattr(model, "config", None)
-        if hasattr(model_config, "get_text_config"):
-            model_config = model_config.get_text_config()  # multimodal: the language model's
-        hidden = getattr(model_config, "hidden_size", None)
-        if hidden is None:
-            raise ConfigError(
-                f"{config.optimizer} needs a rank: the config has none and the model no "
-                "config.hidden_size to take a quarter of; set rank in the config"
-            )
-        rank = lowrank.default_rank(hidden)
     try:
-        return lowrank.make_optimizer(
+        return build_optimizer(
             config.optimizer,
             model,
             lr=lr,
-            rank=rank,
+            rank=config.rank,
             update_gap=config.update_gap,
             eta=config.eta,
-            scale=GALORE_SCALE,
         )
-    except lowrank.LowRankError as exc:
+    except SpecError as exc:
         raise ConfigError(str(exc)) from None
 
 

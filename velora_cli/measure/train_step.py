@@ -390,26 +390,15 @@ def prepare(spec: StepSpec, device: str, *, attn_implementation: str | None = No
             recompute_context = functools.partial(MetaAutocast, spec.amp)
         enable_checkpointing(model, strategy.gc_every, recompute_context=recompute_context)
     model.train()
-    params = [p for p in model.parameters() if p.requires_grad]
-    if spec.optimizer in LOWRANK_OPTIMIZERS:
-        from velora_cli.lowrank import default_rank, make_optimizer
-
-        hidden = model_spec.config.get_text_config().hidden_size
-        optimizer = make_optimizer(
-            spec.optimizer,
-            model,
-            lr=1e-5,
-            rank=spec.rank or default_rank(hidden),
-            update_gap=spec.update_gap,
-            eta=spec.eta,
-            seed=spec.seed,
-        )
-    elif spec.optimizer == "adamw":
-        # foreach=True everywhere: CUDA's default implementation, so every backend runs (and the
-        # estimate predicts) the same optimizer temporaries.
-        optimizer = torch.optim.AdamW(params, lr=1e-5, foreach=True)
-    else:
-        optimizer = torch.optim.SGD(params, lr=1e-5, momentum=0.9, foreach=True)
+    optimizer = build_optimizer(
+        spec.optimizer,
+        model,
+        lr=1e-5,
+        rank=spec.rank,
+        update_gap=spec.update_gap,
+        eta=spec.eta,
+        seed=spec.seed,
+    )
     vocab_size = model_spec.config.get_text_config().vocab_size
     batches = make_batch(spec, vocab_size, device)
     return Prepared(
@@ -422,6 +411,56 @@ def prepare(spec: StepSpec, device: str, *, attn_implementation: str | None = No
         model_spec.notice,
         vocab_size,
     )
+
+
+def build_optimizer(
+    name: str,
+    model: nn.Module,
+    *,
+    lr: float,
+    rank: int | None = None,
+    update_gap: int = 200,
+    eta: float = 0.9,
+    seed: int = 0,
+) -> torch.optim.Optimizer:
+    """The optimizer ``name`` over ``model``'s trainable parameters, as every step measures it.
+
+    AdamW and SGD (momentum 0.9) with ``foreach=True`` (CUDA's default implementation, so every
+    backend runs, and the estimate predicts, the same optimizer temporaries); galore and
+    adarankgrad from `velora_cli.lowrank`, ``rank`` None meaning the model's hidden size / 4.
+
+    Raises:
+        SpecError: an unknown name, a low-rank optimizer without a rank for a model with no
+            ``config.hidden_size``, or a setting out of range.
+    """
+    import torch
+
+    params = [p for p in model.parameters() if p.requires_grad]
+    if name == "adamw":
+        return torch.optim.AdamW(params, lr=lr, foreach=True)
+    if name == "sgd":
+        return torch.optim.SGD(params, lr=lr, momentum=0.9, foreach=True)
+    if name not in LOWRANK_OPTIMIZERS:
+        raise SpecError(f"--optimizer {name!r}: choose {'|'.join(OPTIMIZERS)}")
+    from velora_cli import lowrank
+
+    if rank is None:
+        config = getattr(model, "config", None)
+        if hasattr(config, "get_text_config"):
+            config = config.get_text_config()  # multimodal: the language model's
+        hidden = getattr(config, "hidden_size", None)
+        if hidden is None:
+            raise SpecError(
+                f"{name} needs a rank: give --rank (the model has no config.hidden_size to "
+                "take a quarter of)"
+            )
+        rank = lowrank.default_rank(hidden)
+    try:
+        return lowrank.make_optimizer(
+            name, model, lr=lr, rank=rank, update_gap=update_gap, eta=eta, seed=seed
+        )
+    except lowrank.LowRankError as exc:
+        raise SpecError(str(exc)) from None
 
 
 def train_step(prepared: Prepared, *, forward_context=None, phase=None) -> None:
