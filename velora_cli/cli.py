@@ -811,8 +811,14 @@ def export_config(
 def main() -> None:
     """Console-script entry point."""
     import logging
+    import warnings
 
     # bitsandbytes (when installed) warns at import, on CPUs with AVX512-BF16, that an optional
     # hub kernel package is missing; peft/transformers import it even for full training.
     logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
+    # peft asks transformers 5 a deprecated question on LoRA + checkpointing rows; the warning is
+    # about their code, not the user's, and interleaves with our progress lines.
+    warnings.filterwarnings(
+        "ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning
+    )
     app()
