@@ -375,33 +375,18 @@ class AdaRankGrad(_ProjectedAdamW):
     def __init__(
         self,
         params: Iterable[Any],
-        lr: float = 1e-3,
-        betas: tuple[float, float] = (0.9, 0.999),
-        eps: float = 1e-8,
-        weight_decay: float = 0.01,
-        *,
-        rank: int = 128,
-        update_gap: int = DEFAULT_UPDATE_GAP,
-        scale: float = DEFAULT_SCALE,
+        *args: Any,
         eta: float = DEFAULT_ETA,
         tolerance: float = DEFAULT_TOLERANCE,
-        seed: int = 0,
+        **kwargs: Any,
     ) -> None:
+        """As ``GaLoreAdamW`` (lr, betas, eps, weight_decay, rank, update_gap, scale, seed),
+        plus ``eta`` and ``tolerance``."""
         if not 0.0 < eta <= 1.0:
             raise LowRankError(f"--eta must be in (0, 1], got {eta}")
         if tolerance < 0:
             raise LowRankError(f"tolerance must be >= 0, got {tolerance}")
-        super().__init__(
-            params,
-            lr,
-            betas,
-            eps,
-            weight_decay,
-            rank=rank,
-            update_gap=update_gap,
-            scale=scale,
-            seed=seed,
-        )
+        super().__init__(params, *args, **kwargs)
         for group in self.param_groups:
             group.setdefault("eta", eta)
             group.setdefault("tolerance", tolerance)
