@@ -210,9 +210,10 @@ def test_export_of_a_tune_where_nothing_fitted():
 def test_probe_steps_default_matches_the_probe_module():
     import inspect
 
-    from velora_cli import autotune, cli, probes
+    from velora_cli import autotune, probes
+    from velora_cli.commands.tune import tune
 
-    defaults = {k: p.default for k, p in inspect.signature(cli.tune).parameters.items()}
+    defaults = {k: p.default for k, p in inspect.signature(tune).parameters.items()}
     assert defaults["probe_steps"] == probes.DEFAULT_STEPS == autotune.DEFAULT_PROBE_STEPS
     settings = autotune.TuneSettings("m", budget_bytes=1, backend="cpu")
     assert defaults["optimizer"] == ",".join(autotune.DEFAULT_OPTIMIZERS)

@@ -1,0 +1,233 @@
+"""``velora profile``: measure every strategy's peak memory and step time on one backend."""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+from typing import Annotated
+
+import typer
+
+from velora_cli.commands.errors import UserError, guarded
+from velora_cli.commands.options import (
+    Amp,
+    Backend,
+    BatchSize,
+    Dtype,
+    Eta,
+    Init,
+    LoraRank,
+    LoraTargets,
+    Mode,
+    ModelArg,
+    Rank,
+    SeqLen,
+    TrustRemoteCode,
+    UpdateGap,
+    Weights,
+    int_list,
+)
+from velora_cli.commands.output import err, wide_console
+
+
+@guarded
+def profile(
+    model: ModelArg = None,
+    batch_size: BatchSize = 4,
+    seq_len: SeqLen = 256,
+    dtype: Dtype = "fp32",
+    amp: Amp = None,
+    mode: Mode = "full",
+    lora_rank: LoraRank = 8,
+    lora_targets: LoraTargets = "all-linear",
+    optimizer: Annotated[
+        str,
+        typer.Option(
+            "--optimizer",
+            help="adamw|sgd|galore|adarankgrad, or several comma-separated: every row is "
+            "measured with each (galore/adarankgrad: low-rank gradient projection, --mode full).",
+        ),
+    ] = "adamw",
+    rank: Rank = None,
+    update_gap: UpdateGap = 200,
+    eta: Eta = 0.9,
+    placements: Annotated[
+        str,
+        typer.Option(
+            "--placements",
+            help="VeLoRA placements, comma-separated; presets "
+            "paper, qkv, attn, mlp, down, all-linear, combinable with '+'.",
+        ),
+    ] = "paper,qkv+down,mlp,all-linear",
+    num_groups: Annotated[
+        str | None,
+        typer.Option(
+            "--num-groups", help="Sub-token choices as numbers of groups D/M (default 64,32,16)."
+        ),
+    ] = None,
+    sub_token_size: Annotated[
+        str | None,
+        typer.Option(
+            "--sub-token-size", help="Sub-token choices as absolute M (instead of --num-groups)."
+        ),
+    ] = None,
+    gc_every: Annotated[
+        str,
+        typer.Option(
+            "--gc-every",
+            help="Extra checkpointing rows: every n-th layer "
+            "(comma-separated; full checkpointing is always a row).",
+        ),
+    ] = "2",
+    velora_gc: Annotated[
+        bool,
+        typer.Option("--velora-gc/--no-velora-gc", help="Rows with VeLoRA + full checkpointing."),
+    ] = True,
+    backend: Backend = "auto",
+    init: Init = "batch_average_once",
+    warmup: Annotated[int | None, typer.Option("--warmup", help="Warm-up steps per row.")] = None,
+    steps: Annotated[int | None, typer.Option("--steps", help="Timed steps per row.")] = None,
+    breakdown: Annotated[
+        bool, typer.Option("--breakdown", help="Saved activations per module type.")
+    ] = False,
+    output_format: Annotated[
+        str, typer.Option("--format", help="table|json|csv (to stdout or --output).")
+    ] = "table",
+    output: Annotated[str | None, typer.Option("--output", "-o", help="Write here.")] = None,
+    save: Annotated[
+        bool,
+        typer.Option(
+            "--save/--no-save",
+            help="Save the profile document under profiles/ (or $VELORA_PROFILES_DIR).",
+        ),
+    ] = True,
+    weights: Weights = False,
+    trust_remote_code: TrustRemoteCode = False,
+) -> None:
+    """Measure peak memory and step time of VeLoRA placements vs baseline and checkpointing."""
+    if output_format not in ("table", "json", "csv"):
+        raise UserError(f"--format {output_format!r}: choose table, json or csv")
+    if backend not in ("auto", "cuda", "cpu", "estimate"):
+        raise UserError(f"--backend {backend!r}: choose auto, cuda, cpu or estimate")
+    for name, value in (("--warmup", warmup), ("--steps", steps)):
+        if value is not None and value < (0 if name == "--warmup" else 1):
+            raise UserError(f"{name} must be {'>= 0' if name == '--warmup' else '>= 1'}")
+    groups = int_list(num_groups, "--num-groups") if num_groups else None
+    sizes = int_list(sub_token_size, "--sub-token-size") if sub_token_size else None
+    gc_list = int_list(gc_every, "--gc-every")
+    if any(n < 1 for n in gc_list):
+        raise UserError("--gc-every takes layer intervals >= 1")
+    placement_list = [p.strip() for p in placements.split(",") if p.strip()]
+    optimizers = list(dict.fromkeys(o.strip() for o in optimizer.split(",") if o.strip()))
+    if not optimizers:
+        raise UserError("--optimizer: give at least one of adamw, sgd, galore, adarankgrad")
+
+    from velora_cli import models, profiler
+    from velora_cli.measure.train_step import StepSpec
+
+    spec = StepSpec(
+        model=model or models.DEFAULT_MODEL,
+        batch_size=batch_size,
+        seq_len=seq_len,
+        dtype=dtype,
+        amp=amp,
+        mode=mode,
+        lora_rank=lora_rank,
+        lora_targets=lora_targets,
+        optimizer=optimizers[0],
+        rank=rank,
+        update_gap=update_gap,
+        eta=eta,
+        weights=weights,
+        trust_remote_code=trust_remote_code,
+        init=init,
+    )
+    for name in optimizers[1:]:
+        dataclasses.replace(spec, optimizer=name)  # validated before anything is measured
+    from velora_cli.placement import parse_placement
+
+    for placement in placement_list:
+        parse_placement(placement)
+    strategies = profiler.plan_strategies(
+        placement_list,
+        num_groups=groups,
+        sub_token_sizes=sizes,
+        gc_every=gc_list,
+        velora_gc=velora_gc,
+    )
+    resolved = models.resolve_model(spec.model, trust_remote_code=trust_remote_code)
+    notices = [resolved.notice] if resolved.notice else []
+    if model is None:
+        notices.append(f"no MODEL given: profiling the built-in default {spec.model}")
+    if groups is None and sizes is None:
+        # Default sub-token choices that do not fit this model's widths are left out (one
+        # notice), rather than reported as failed rows the user never asked for.
+        invalid = profiler.validate_strategies(spec, strategies)
+        if invalid:
+            dropped = sorted({s.num_groups for s in invalid}, reverse=True)
+            strategies = [s for s in strategies if s not in invalid]
+            notices.append(
+                f"default --num-groups {', '.join(map(str, dropped))} left out: does not divide "
+                f"every targeted layer of {spec.model} (e.g. {next(iter(invalid.values()))})"
+            )
+    backend_obj = profiler.make_backend(backend, spec, warmup=warmup, steps=steps)
+    if backend == "auto" and backend_obj.name == "estimate":
+        notices.append(
+            "auto backend without a GPU: memory estimated on meta tensors; step "
+            "times measured on this CPU where the model is small enough"
+        )
+    save_path = profiler.default_save_path(spec, backend_obj.name) if save else None
+    for notice in notices:
+        err(f"note: {notice}")
+
+    from velora_cli.progress import RowProgress
+
+    with RowProgress(len(strategies) * len(optimizers)) as progress:
+        document = profiler.run_profile(
+            spec,
+            strategies,
+            backend_obj,
+            breakdown=breakdown,
+            save_path=save_path,
+            before_row=progress.start,
+            on_row=progress.done,
+            notices=notices,
+            optimizers=optimizers,
+        )
+    render_profile(document, output_format, output, breakdown=breakdown)
+    if save_path is not None:
+        err(f"saved: {save_path}")
+
+
+def render_profile(
+    document, output_format: str, output: str | None, *, breakdown: bool = False
+) -> None:
+    from velora_cli import report
+
+    if output_format == "json":
+        text = report.to_json(document)
+    elif output_format == "csv":
+        text = report.to_csv(document["rows"])
+    else:
+        from rich.console import Console
+
+        console = Console(file=io.StringIO(), width=140) if output else wide_console()
+        console.print(report.profile_table(document))
+        for table in (
+            report.category_table(document, always=breakdown),
+            report.breakdown_table(document),
+        ):
+            if table is not None:
+                console.print(table)
+        for line in report.profile_footer(document):
+            console.print(f"[dim]{line}[/dim]", highlight=False)
+        if not output:
+            return
+        text = console.file.getvalue()
+    if output:
+        from pathlib import Path
+
+        Path(output).write_text(text if text.endswith("\n") else text + "\n")
+        err(f"wrote {output}")
+    else:
+        typer.echo(text)

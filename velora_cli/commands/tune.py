@@ -1,0 +1,232 @@
+"""``velora tune``: the best configuration under a memory budget, verified by a real run."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import typer
+
+from velora_cli.commands.errors import UserError, fail, guarded
+from velora_cli.commands.options import (
+    Amp,
+    BatchSize,
+    Budget,
+    Dtype,
+    Eta,
+    Init,
+    LoraRank,
+    LoraTargets,
+    Margin,
+    MaxLossIncrease,
+    MaxMeasured,
+    MicroBatches,
+    ModelArg,
+    Objective,
+    ProbeData,
+    ProbeSteps,
+    Rank,
+    Resume,
+    ResumeFrom,
+    SeqLen,
+    TrustRemoteCode,
+    TuneBackend,
+    TuneGcEvery,
+    TuneModes,
+    TuneNumGroups,
+    TuneOptimizers,
+    TunePlacements,
+    UpdateGap,
+    Weights,
+    int_list,
+    word_list,
+)
+from velora_cli.commands.output import err, wide_console
+
+
+@guarded
+def tune(
+    model: ModelArg = None,
+    budget: Budget = None,
+    margin: Margin = 0.05,
+    objective: Objective = "speed",
+    backend: TuneBackend = "auto",
+    batch_size: BatchSize = 4,
+    seq_len: SeqLen = 256,
+    dtype: Dtype = "fp32",
+    amp: Amp = None,
+    modes: TuneModes = "full,lora,qlora",
+    placements: TunePlacements = "paper,all-linear",
+    num_groups: TuneNumGroups = "32",
+    gc_every: TuneGcEvery = "2",
+    micro_batches: MicroBatches = None,
+    probe_steps: ProbeSteps = 24,  # = probes.DEFAULT_STEPS (not imported: keeps --help light)
+    max_loss_increase: MaxLossIncrease = 0.01,
+    data: ProbeData = None,
+    max_measured: MaxMeasured = None,
+    output_format: Annotated[
+        str, typer.Option("--format", help="table (with the recommendation) or json.")
+    ] = "table",
+    resume: Resume = False,
+    resume_from: ResumeFrom = None,
+    lora_rank: LoraRank = 8,
+    lora_targets: LoraTargets = "all-linear",
+    optimizer: TuneOptimizers = "adamw,galore,adarankgrad",  # = autotune.DEFAULT_OPTIMIZERS
+    rank: Rank = None,
+    update_gap: UpdateGap = 200,  # = lowrank.DEFAULT_UPDATE_GAP (not imported: torch)
+    eta: Eta = 0.9,  # = lowrank.DEFAULT_ETA
+    init: Init = "batch_average_once",
+    weights: Weights = False,
+    trust_remote_code: TrustRemoteCode = False,
+) -> None:
+    """Find the fastest configuration that fits a memory budget, verified by a real run."""
+    from velora_cli.tuner import OBJECTIVES
+
+    if output_format not in ("table", "json"):
+        raise UserError(f"--format {output_format!r}: choose table or json")
+    if backend not in ("auto", "cuda", "cpu", "estimate"):
+        raise UserError(f"--backend {backend!r}: choose auto, cuda, cpu or estimate")
+    if objective not in OBJECTIVES:
+        raise UserError(f"--objective {objective!r}: choose {', '.join(OBJECTIVES)}")
+    if not 0 <= margin < 1:
+        raise UserError(f"--margin {margin}: give a fraction in [0, 1), e.g. 0.05 for 5%")
+    if not max_loss_increase >= 0:
+        raise UserError(f"--max-loss-increase {max_loss_increase}: give a fraction >= 0")
+    if probe_steps < 0:
+        raise UserError("--probe-steps must be >= 0 (0 turns the probes off)")
+    if max_measured is not None and max_measured < 1:
+        raise UserError("--max-measured must be >= 1")
+    from velora_cli.measure.train_step import MODES, OPTIMIZERS
+
+    mode_list = word_list(modes, "--mode", MODES)
+    optimizer_list = word_list(optimizer, "--optimizer", OPTIMIZERS)
+    placement_list = [p for p in word_list(placements, "--placements") if p != "none"]
+    groups = int_list(num_groups, "--num-groups")
+    gc_list = int_list(gc_every, "--gc-every")
+    if any(n < 1 for n in [*groups, *gc_list]):
+        raise UserError("--num-groups and --gc-every take integers >= 1")
+    micros = int_list(micro_batches, "--micro-batches") if micro_batches else None
+
+    from velora_cli import autotune, models
+    from velora_cli.budget import describe_budget, format_bytes, parse_budget
+    from velora_cli.placement import parse_placement
+
+    for placement in placement_list:
+        parse_placement(placement)
+    notices = []
+    budget_bytes = parse_budget(budget) if budget is not None else None
+    from velora_cli.measure.cuda import cuda_available
+
+    gpu = cuda_available()
+    if backend == "auto":
+        backend = "cuda" if gpu else "estimate"
+        if not gpu:
+            notices.append(
+                "auto backend without a GPU: memory estimated on meta tensors, nothing run; "
+                "--backend cpu measures real steps on this CPU"
+            )
+    journal_path = None
+    if resume or resume_from:
+        from pathlib import Path
+
+        journal_path = Path(resume_from) if resume_from else autotune.latest("tune-*.jsonl")
+        if journal_path is None:
+            raise UserError(
+                f"no tune journal under {autotune.profiles_dir()}/ to resume; run velora tune "
+                "without --resume, or pass --resume-from PATH"
+            )
+    budget_source = f"--budget {budget}" if budget is not None else None
+    if budget_bytes is None and gpu:
+        import torch
+
+        budget_bytes = torch.cuda.mem_get_info()[0]
+        budget_source = "free GPU memory"
+    if budget_bytes is None and journal_path is not None and journal_path.is_file():
+        from velora_cli.tuner import Journal
+
+        budget_bytes = (Journal.load(journal_path).context or {}).get("budget_bytes")
+        budget_source = f"the budget of {journal_path}"
+    if budget_bytes is None:
+        raise UserError(
+            "no --budget given and no GPU to read the free memory from: pass --budget, "
+            "e.g. --budget 10GB"
+        )
+    echo = f"{describe_budget(budget_bytes, budget)}" if budget else describe_budget(budget_bytes)
+    err(
+        f"budget: {echo} ({budget_source}); configurations must peak at or below "
+        f"{format_bytes(int(budget_bytes * (1 - margin)))} ({margin:.0%} margin)"
+    )
+    settings = autotune.TuneSettings(
+        model=model or models.DEFAULT_MODEL,
+        budget_bytes=budget_bytes,
+        backend=backend,
+        batch_size=batch_size,
+        seq_len=seq_len,
+        dtype=dtype,
+        amp=amp,
+        optimizers=tuple(dict.fromkeys(optimizer_list)),
+        rank=rank,
+        update_gap=update_gap,
+        eta=eta,
+        lora_rank=lora_rank,
+        lora_targets=lora_targets,
+        init=init,
+        weights=weights,
+        trust_remote_code=trust_remote_code,
+        modes=tuple(mode_list),
+        placements=tuple(placement_list),
+        num_groups=tuple(groups),
+        gc_every=tuple(n for n in gc_list if n > 1),
+        micro_batches=tuple(micros) if micros else None,
+        margin=margin,
+        objective=objective,
+        max_loss_increase=max_loss_increase,
+        max_measured=max_measured,
+        probe_steps=probe_steps,
+        data=data,
+        budget_source=budget_source,
+    )
+    settings.base_spec()  # validates batch, precision, modes × optimizers, ranks (one line)
+    if model is None:
+        notices.append(f"no MODEL given: tuning the built-in default {settings.model}")
+    if journal_path is not None:
+        journal = autotune.resume_journal(journal_path, settings)
+        save_path = journal_path.with_suffix(".json")
+        err(f"resuming {journal_path} ({len(journal)} finished results)")
+    else:
+        from velora_cli.tuner import Journal
+
+        save_path, journal_path = autotune.new_paths(settings.model)
+        journal = Journal(journal_path, context=settings.context())
+    try:
+        document = autotune.run(
+            settings,
+            save_path=save_path,
+            journal=journal,
+            progress=autotune.TuneProgress(err),
+            echo=err,
+            notices=notices,
+        )
+    except KeyboardInterrupt:
+        err(f"journal: {journal_path}; continue with the same command and --resume")
+        raise
+    render_tune(document, output_format)
+    err(f"saved: {save_path}")
+    if document["recommendation"] is None:
+        fail(document["reason"])
+
+
+def render_tune(document: dict, output_format: str) -> None:
+    from velora_cli import report
+
+    if output_format == "json":
+        import json
+
+        typer.echo(json.dumps(document, indent=2, default=str))
+        return
+    console = wide_console()
+    console.print(report.tune_table(document))
+    lines = report.summary_lines(document)
+    if document["recommendation"] is None:
+        lines += report.nothing_fits_lines(document)
+    for line in lines:
+        console.print(line, highlight=False, markup=False)
