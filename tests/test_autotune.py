@@ -6,6 +6,8 @@ import json
 import pytest
 
 from velora_cli import autotune, report
+from velora_cli.estimator import measurement_of
+from velora_cli.progress import TuneProgress
 from velora_cli.tuner import Candidate, Journal
 
 TINY = dict(model="llama-tiny", batch_size=4, seq_len=128)
@@ -124,16 +126,16 @@ def test_cuda_rows_are_judged_by_the_device_level_peak():
 
     row = {"status": "ok", "peak_bytes": 100, "device_used_bytes": 180, "step_seconds": 0.1,
            "tokens_per_second": 10.0, "backend": "cuda", "wrapped_layers": 4}  # fmt: skip
-    m = autotune._measurement(row, StepSpec("llama-tiny"), use_device_peak=True)
+    m = measurement_of(row, StepSpec("llama-tiny"), use_device_peak=True)
     assert m.peak_bytes == 180 and m.detail["allocator_peak_bytes"] == 100
     assert m.detail["velora_layers"] == 4 and m.detail["strategy"] == "baseline"
-    m = autotune._measurement({**row, "status": "error", "error": "x"}, StepSpec("m"), False)
+    m = measurement_of({**row, "status": "error", "error": "x"}, StepSpec("m"), False)
     assert m.status == "error" and m.peak_bytes is None
 
 
 def test_progress_says_what_runs_how_many_and_eta():
     lines = []
-    progress = autotune.TuneProgress(lines.append)
+    progress = TuneProgress(lines.append)
     progress("measure a", 0, 3)
     progress("measure b", 1, 3)
     progress("verify a", 2, 2)

@@ -1,18 +1,9 @@
 """``velora tune``: the glue between the search (tuner.py) and the backends, probes and journal.
 
-The tuner decides; this module turns the user's settings into its three callables:
-
-    estimate(c)  the estimate backend (meta tensors), cached per candidate
-    measure(c)   the chosen backend: cuda (budget against the device-level peak), cpu, or the
-                 cached estimate itself with ``--backend estimate`` (then nothing is a real run,
-                 and the recommendation says so)
-    probe(c)     a short training probe against the uncompressed baseline of the same mode
-                 (run once; AdamW's for a low-rank optimizer, which approximates its step), plus
-                 gradient fidelity with VeLoRA; shared by candidates that differ only in
-                 checkpointing or micro-batch (neither changes the maths)
-
-and collects everything into the tune document (``profiles/tune-<model>-<stamp>.json``), with the
-journal beside it (same name, ``.jsonl``) so that an interrupted tune resumes.
+The tuner decides; this module turns the user's settings into its three callables (`Estimator`
+and `Measurer` in estimator.py, `Prober` in prober.py) and collects everything into the tune
+document (``profiles/tune-<model>-<stamp>.json``), with the journal beside it (same name,
+``.jsonl``) so that an interrupted tune resumes.
 """
 
 from __future__ import annotations
@@ -21,155 +12,50 @@ import dataclasses
 import datetime as _dt
 import os
 import re
-import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from velora_cli import probes
 from velora_cli.budget import format_bytes
-from velora_cli.tuner import (
-    Candidate,
-    Journal,
-    Measurement,
-    Probe,
-    optimizers_for,
-    search_space,
-    tune,
+from velora_cli.estimator import Estimator, Measurer
+from velora_cli.prober import Prober, probe_device
+from velora_cli.tune_settings import (
+    CONTEXT_KEYS,
+    DEFAULT_GC_EVERY,
+    DEFAULT_MAX_MEASURED_CPU,
+    DEFAULT_NUM_GROUPS,
+    DEFAULT_OPTIMIZERS,
+    DEFAULT_PLACEMENTS,
+    DEFAULT_PROBE_STEPS,
+    TuneError,
+    TuneSettings,
+    candidate_spec,
 )
+from velora_cli.tuner import Candidate, Journal, search_space, tune
 
-DEFAULT_PLACEMENTS = ("paper", "all-linear")
-# `velora tune`'s optimizers: AdamW, and the two that shrink its state by projecting 2-D weight
-# gradients (full mode only: lora/qlora candidates are tried with AdamW alone).
-DEFAULT_OPTIMIZERS = ("adamw", "galore", "adarankgrad")
-DEFAULT_NUM_GROUPS = (32,)  # paper Table 5b: M = D/32
-DEFAULT_GC_EVERY = (2,)  # besides none and every layer
-DEFAULT_PROBE_STEPS = (
-    probes.DEFAULT_STEPS
-)  # K=16 is unstable from scratch (loss still falling steeply)
-# cpu measurements are real steps (llama-60m, 8×256: ≈ 20 s each on 2 cores), so a tune on the cpu
-# backend measures at most this many candidates by default; the fastest estimated come first.
-DEFAULT_MAX_MEASURED_CPU = 4
-# Without a GPU, probes run on the CPU; above this many parameters that takes too long (a probe is
-# 16 steps + evaluation, and AdamW holds 16 bytes per parameter), so they are skipped and said so.
-PROBE_CPU_PARAMS = 200e6
-# What must match for a journal's results to be reused (what a measurement or probe depends on).
-CONTEXT_KEYS = (
-    "model", "batch_size", "seq_len", "dtype", "amp", "optimizers", "rank", "update_gap", "eta",
-    "lora_rank", "lora_targets", "init", "weights", "backend", "budget_bytes", "probe_steps",
-    "data",
-)  # fmt: skip
+__all__ = [
+    "CONTEXT_KEYS",
+    "DEFAULT_GC_EVERY",
+    "DEFAULT_NUM_GROUPS",
+    "DEFAULT_OPTIMIZERS",
+    "DEFAULT_PLACEMENTS",
+    "DEFAULT_PROBE_STEPS",
+    "TuneError",
+    "TuneSettings",
+    "build_space",
+    "candidate_spec",
+    "latest",
+    "new_paths",
+    "profiles_dir",
+    "resume_journal",
+    "run",
+]
+
 LOWRANK_NOTICE = (
     "galore/adarankgrad (full mode only): their probe is compared with the AdamW probe of the "
     "same mode, each at its own learning rate; memory is measured at a subspace refresh (their "
     "costliest step), and adarankgrad's estimate is at its rank cap (an upper bound)"
 )
-
-
-class TuneError(ValueError):
-    """A tune that cannot start as asked (resume mismatch, no budget...); says what to do."""
-
-
-@dataclass(frozen=True)
-class TuneSettings:
-    """Everything a tune depends on, resolved from the command line."""
-
-    model: str
-    budget_bytes: int
-    backend: str  # cuda | cpu | estimate (auto already resolved)
-    batch_size: int = 8
-    seq_len: int = 256
-    dtype: str = "fp32"
-    amp: str | None = None
-    optimizers: tuple[str, ...] = ("adamw",)  # the CLI searches DEFAULT_OPTIMIZERS
-    rank: int | None = None  # galore/adarankgrad (max) rank; None: hidden size / 4
-    update_gap: int = 200  # = lowrank.DEFAULT_UPDATE_GAP (not imported: it imports torch)
-    eta: float = 0.9  # = lowrank.DEFAULT_ETA
-    lora_rank: int = 8
-    lora_targets: str = "all-linear"
-    init: str = "batch_average_once"
-    weights: bool = False
-    trust_remote_code: bool = False
-    modes: tuple[str, ...] = ("full",)
-    placements: tuple[str, ...] = DEFAULT_PLACEMENTS
-    num_groups: tuple[int, ...] = DEFAULT_NUM_GROUPS
-    gc_every: tuple[int, ...] = DEFAULT_GC_EVERY
-    micro_batches: tuple[int, ...] | None = None
-    margin: float = 0.05
-    objective: str = "speed"
-    max_loss_increase: float = 0.01
-    max_measured: int | None = None
-    probe_steps: int = DEFAULT_PROBE_STEPS  # 0: no probes
-    data: str | None = None
-    budget_source: str = "--budget"  # or "free GPU memory"
-
-    def context(self) -> dict[str, Any]:
-        """The journal header: the settings a journal's results depend on (as JSON has them)."""
-        return {k: json_value(getattr(self, k)) for k in CONTEXT_KEYS}
-
-    def optimizers_by_mode(self) -> dict[str, list[str]]:
-        """Mode -> the optimizers tried in it (galore and adarankgrad in full mode only).
-
-        Raises:
-            SpecError: no mode has an optimizer to try (e.g. ``--mode lora --optimizer galore``).
-        """
-        from velora_cli.measure.train_step import SpecError
-
-        found = {mode: optimizers_for(mode, self.optimizers) for mode in self.modes}
-        if not any(found.values()):
-            raise SpecError(
-                f"--optimizer {','.join(self.optimizers)} projects full weight gradients, and "
-                f"--mode {','.join(self.modes)} trains low-rank adapters already: add full to "
-                "--mode, or adamw to --optimizer"
-            )
-        return found
-
-    def base_spec(self):
-        """The step of the first mode and its first optimizer; candidates replace both.
-
-        Raises:
-            SpecError: an invalid setting (batch, precision, rank...) or no valid mode/optimizer.
-        """
-        from velora_cli.measure.train_step import StepSpec
-
-        mode, optimizers = next((m, o) for m, o in self.optimizers_by_mode().items() if o)
-        return StepSpec(
-            model=self.model,
-            batch_size=self.batch_size,
-            seq_len=self.seq_len,
-            dtype=self.dtype,
-            amp=self.amp,
-            mode=mode,
-            lora_rank=self.lora_rank,
-            lora_targets=self.lora_targets,
-            optimizer=optimizers[0],
-            rank=self.rank,
-            update_gap=self.update_gap,
-            eta=self.eta,
-            weights=self.weights,
-            trust_remote_code=self.trust_remote_code,
-            init=self.init,
-        )
-
-
-def json_value(value: Any) -> Any:
-    """``value`` as it reads back from JSON (tuples become lists), so journal contexts compare."""
-    return list(value) if isinstance(value, tuple) else value
-
-
-def candidate_spec(base, c: Candidate):
-    """The training step of candidate ``c``: the effective batch kept through accumulation."""
-    from velora_cli.measure.train_step import Strategy
-
-    return dataclasses.replace(
-        base,
-        batch_size=c.batch_size,
-        grad_accum_steps=c.grad_accum_steps,
-        mode=c.mode,
-        optimizer=c.optimizer,
-        strategy=Strategy(placement=c.placement, num_groups=c.num_groups, gc=c.gc),
-    )
 
 
 def build_space(settings: TuneSettings) -> tuple[list[Candidate], list[str]]:
@@ -240,245 +126,6 @@ def _missing_packages(settings: TuneSettings) -> dict[str, str]:
     return {m: w for m, w in why.items() if m in settings.modes}
 
 
-# -- the three callables ------------------------------------------------------------------------
-
-
-def _measurement(row: dict[str, Any], spec, use_device_peak: bool) -> Measurement:
-    """A backend row as the tuner's Measurement; the row's other fields travel in detail."""
-    from velora_cli.profiler import strategy_fields
-
-    status = row.get("status", "error")
-    peak = row.get("peak_bytes")
-    detail = {**strategy_fields(spec.strategy), **row}
-    if use_device_peak and row.get("device_used_bytes") is not None:
-        # cuda: the budget is the device's memory, so the device-level peak (context included)
-        peak = row["device_used_bytes"]
-        detail["allocator_peak_bytes"] = row.get("peak_bytes")
-        detail["peak_source"] = "device_used_bytes (device-level, CUDA context included)"
-    for key in ("peak_bytes", "step_seconds", "tokens_per_second", "status", "backend"):
-        detail.pop(key, None)
-    if row.get("wrapped_layers") is not None:
-        detail["velora_layers"] = row["wrapped_layers"]  # feeds tuner.cost_rank
-    return Measurement(
-        peak_bytes=peak if status == "ok" else None,
-        step_seconds=row.get("step_seconds"),
-        tokens_per_second=row.get("tokens_per_second"),
-        status=status if status in ("ok", "oom") else "error",
-        backend=row.get("backend", ""),
-        detail=detail,
-    )
-
-
-class Estimator:
-    """``estimate(c)``: the estimate backend on meta tensors, cached per candidate.
-
-    A mode that cannot fit is not stepped through candidate by candidate: params + gradients +
-    optimizer state are the same for every candidate of one mode and optimizer, and all alive
-    in the optimizer step, so the first estimate of a mode gives a floor under all its peaks.
-    When the floor alone exceeds the budget, the mode's candidates get it as their estimate,
-    marked ``lower_bound`` (7B in full and lora mode: 46 steps on meta saved), except the
-    leanest ones (full checkpointing at the smallest micro-batch), which are still estimated so
-    that "nothing fits" can name the smallest configuration and its real estimate.
-    """
-
-    def __init__(self, settings: TuneSettings):
-        from velora_cli.measure.estimate import EstimateBackend
-
-        self.base, self.backend = settings.base_spec(), EstimateBackend()
-        self.budget = settings.budget_bytes
-        self.min_micro = min(settings.micro_batches or (1,))
-        self.cache: dict[str, Measurement] = {}
-        self.floors: dict[tuple[str, str], int] = {}  # (mode, optimizer) -> bytes
-        self.calls = 0
-
-    def __call__(self, c: Candidate) -> Measurement:
-        if c.key not in self.cache:
-            spec = candidate_spec(self.base, c)
-            floor = self.floors.get((c.mode, c.optimizer))
-            leanest = c.gc is True and c.micro_batch_size == self.min_micro
-            if floor is not None and floor > self.budget and not leanest:
-                from velora_cli.profiler import strategy_fields
-
-                self.cache[c.key] = Measurement(
-                    floor, None, None, backend="estimate",
-                    detail={**strategy_fields(spec.strategy), "lower_bound": True},
-                )  # fmt: skip
-                return self.cache[c.key]
-            self.calls += 1
-            row = self.backend.measure(spec)
-            if row.get("status") == "ok":
-                static = row["param_bytes"] + row["grad_bytes"] + row["optimizer_bytes"]
-                self.floors.setdefault((c.mode, c.optimizer), static)
-            self.cache[c.key] = _measurement(row, spec, False)
-        return self.cache[c.key]
-
-
-class Measurer:
-    """``measure(c)``: one training step on the chosen backend (also the verification run)."""
-
-    def __init__(self, settings: TuneSettings, estimator: Estimator, backend=None):
-        from velora_cli.profiler import make_backend
-
-        self.settings, self.estimator = settings, estimator
-        self.base = settings.base_spec()
-        if backend is None and settings.backend != "estimate":
-            # cpu: 1 warm-up (optimizer state), the tracked step, 1 timed step; a real llama-60m
-            # step takes ~20 s on 2 cores, and the verification run re-measures the choice anyway
-            steps = 1 if settings.backend == "cpu" else None
-            backend = make_backend(settings.backend, self.base, steps=steps)
-        self.backend = backend
-        self.calls = 0
-
-    def __call__(self, c: Candidate) -> Measurement:
-        self.calls += 1
-        if self.backend is None:  # --backend estimate: the "measurement" is the estimate
-            return self.estimator(c)
-        spec = candidate_spec(self.base, c)
-        return _measurement(self.backend.measure(spec), spec, self.settings.backend == "cuda")
-
-
-class Prober:
-    """``probe(c)``: training probe vs the baseline of c's mode, and gradient fidelity.
-
-    The baseline is the mode's exact step (no VeLoRA) with c's optimizer, or with AdamW when c's
-    optimizer is galore or adarankgrad: they approximate AdamW's step, so their loss change is
-    measured against it (on the same steps and data, each optimizer at its own learning rate,
-    ``probes.DEFAULT_LR``). Results are cached by what changes the maths (mode, placement,
-    num_groups, optimizer) and journaled with their details, so a resumed tune neither re-runs
-    nor loses them.
-    """
-
-    def __init__(self, settings: TuneSettings, journal: Journal | None, device: str = "cpu"):
-        self.settings, self.journal, self.device = settings, journal, device
-        self.base = settings.base_spec()
-        self.details: dict[str, dict[str, Any]] = {}
-        self.baselines: dict[str, dict[str, Any]] = {}
-        self.calls = 0  # probes actually run (baselines included)
-
-    @staticmethod
-    def key(c: Candidate) -> str:
-        return f"{c.mode}|{c.placement or 'none'}|g{c.num_groups or '-'}|{c.optimizer}"
-
-    @staticmethod
-    def baseline_optimizer(optimizer: str) -> str:
-        """The optimizer of the baseline a candidate with ``optimizer`` is compared with."""
-        from velora_cli.measure.train_step import LOWRANK_OPTIMIZERS
-
-        return "adamw" if optimizer in LOWRANK_OPTIMIZERS else optimizer
-
-    def _journaled(self, stage: str, key: str, run: Callable[[], dict]) -> dict[str, Any]:
-        if self.journal is not None and (done := self.journal.get(stage, key)) is not None:
-            return done
-        result = run()
-        if self.journal is not None:
-            self.journal.record(stage, key, result)
-        return result
-
-    def _train(self, spec) -> dict[str, Any]:
-        from velora_cli.probes import training_probe
-
-        self.calls += 1
-        return training_probe(
-            spec, steps=self.settings.probe_steps, data=self.settings.data, device=self.device
-        )
-
-    def baseline(self, mode: str, optimizer: str) -> dict[str, Any]:
-        """The probe of ``mode``'s exact step with ``optimizer`` (run once, journaled)."""
-        from velora_cli.measure.train_step import Strategy
-
-        key = f"{mode} {optimizer}"
-        if key not in self.baselines:
-            spec = dataclasses.replace(
-                self.base, mode=mode, optimizer=optimizer, strategy=Strategy()
-            )
-            result = self._journaled("probe-baseline", key, lambda: self._train(spec))
-            self.baselines[key] = result
-        return self.baselines[key]
-
-    def detail(self, c: Candidate) -> dict[str, Any] | None:
-        """The probe details of c's configuration, from this run or the journal."""
-        key = self.key(c)
-        if key not in self.details and self.journal is not None:
-            done = self.journal.get("probe-detail", key)
-            if done is not None:
-                self.details[key] = done
-        return self.details.get(key)
-
-    def all_baselines(self) -> dict[str, dict[str, Any]]:
-        """Baseline probes ("<mode> <optimizer>" -> result) of this run and, for a resumed tune,
-        of the journal."""
-        if self.journal is None:
-            return self.baselines
-        for mode, optimizers in self.settings.optimizers_by_mode().items():
-            for optimizer in dict.fromkeys(self.baseline_optimizer(o) for o in optimizers):
-                key = f"{mode} {optimizer}"
-                done = self.journal.get("probe-baseline", key)
-                if key not in self.baselines and done is not None:
-                    self.baselines[key] = done
-        return self.baselines
-
-    def __call__(self, c: Candidate) -> Probe:
-        from velora_cli.probes import compare, gradient_fidelity
-
-        key = self.key(c)
-        if key not in self.details:
-            baseline = self.baseline(c.mode, self.baseline_optimizer(c.optimizer))
-            spec = candidate_spec(self.base, dataclasses.replace(c, gc=False))
-
-            def run() -> dict[str, Any]:
-                trained = self._train(spec)
-                if not c.uses_velora:  # exact gradients: only the optimizer approximates
-                    return {"training": trained, "fidelity": None}
-                fidelity = gradient_fidelity(spec, data=self.settings.data, device=self.device)
-                fidelity.pop("layers", None)  # per-layer cosines: summary only in the document
-                return {"training": trained, "fidelity": fidelity}
-
-            detail = self._journaled("probe-detail", key, run)
-            detail["loss_increase"] = compare(detail["training"], baseline)
-            self.details[key] = detail
-        detail = self.details[key]
-        fidelity = detail["fidelity"] or {}
-        return Probe(
-            loss=detail["training"]["loss"],
-            loss_increase=detail["loss_increase"],
-            grad_cosine_min=fidelity.get("cosine_min"),
-            grad_cosine_mean=fidelity.get("cosine_mean"),
-        )
-
-
-# -- progress -----------------------------------------------------------------------------------
-
-
-class TuneProgress:
-    """Progress lines (stderr): what runs now, how many measured of how many, elapsed and ETA."""
-
-    def __init__(self, echo: Callable[[str], None]):
-        self.echo = echo
-        self.start = time.perf_counter()
-        self.measure_times: list[float] = []
-        self._measuring_since: float | None = None
-
-    def __call__(self, message: str, done: int, total: int) -> None:
-        now = time.perf_counter()
-        if self._measuring_since is not None:
-            self.measure_times.append(now - self._measuring_since)
-            self._measuring_since = None
-        stage = message.split()[0]
-        eta = ""
-        if stage in ("measure", "verify"):
-            self._measuring_since = now
-            if self.measure_times and total > done:
-                each = sum(self.measure_times) / len(self.measure_times)
-                eta = f", eta ≥ {_duration(each * (total - done))}"
-        self.echo(f"[{min(done + (stage == 'measure'), total)}/{total}] {message} "
-                  f"({_duration(now - self.start)} elapsed{eta})")  # fmt: skip
-
-
-def _duration(seconds: float) -> str:
-    seconds = int(round(seconds))
-    return f"{seconds // 60}m{seconds % 60:02d}s" if seconds >= 60 else f"{seconds}s"
-
-
 # -- the run ------------------------------------------------------------------------------------
 
 
@@ -522,30 +169,6 @@ def resume_journal(path: Path, settings: TuneSettings) -> Journal:
             "the same settings, or without --resume to start a new tune"
         )
     return journal
-
-
-def probe_device(
-    settings: TuneSettings, estimator: Estimator, first: Candidate
-) -> tuple[str | None, str | None]:
-    """Where probes run: (device, None), or (None, why they are skipped)."""
-    if settings.probe_steps == 0:
-        return None, (
-            "accuracy probes off (--probe-steps 0): VeLoRA and galore/adarankgrad candidates are "
-            "not probed"
-        )
-    if settings.backend == "cuda":
-        return "cuda", None
-    row = estimator(first).detail
-    # qlora: 4-bit weights (packed two per byte) count as their number of values
-    unpacked = row.get("param_bytes", 0) - row.get("quantized_params", 0) // 2
-    params = unpacked / {"fp32": 4, "bf16": 2, "fp16": 2}[settings.dtype]
-    params += row.get("quantized_params", 0)
-    if settings.backend == "estimate" and params > PROBE_CPU_PARAMS:
-        return None, (
-            f"accuracy probes skipped: {settings.model} ({params / 1e6:,.0f}M parameters) is too "
-            "large to probe on this CPU; run with --backend cuda on a GPU to probe"
-        )
-    return "cpu", None
 
 
 def run(

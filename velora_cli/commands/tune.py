@@ -109,6 +109,7 @@ def tune(
     from velora_cli import autotune, models
     from velora_cli.budget import describe_budget, format_bytes, parse_budget
     from velora_cli.placement import parse_placement
+    from velora_cli.progress import TuneProgress
 
     for placement in placement_list:
         parse_placement(placement)
@@ -202,7 +203,7 @@ def tune(
             settings,
             save_path=save_path,
             journal=journal,
-            progress=autotune.TuneProgress(err),
+            progress=TuneProgress(err),
             echo=err,
             notices=notices,
         )
