@@ -12,12 +12,9 @@ from velora_cli.configs import (
     from_tune_document,
     load_config,
     make_optimizer,
-    peft_blockers,
-    to_peft,
-    to_trainer,
-    trainer_notes,
-    trainer_snippet,
 )
+from velora_cli.exports.peft import peft_blockers, to_peft
+from velora_cli.exports.trainer import to_trainer, trainer_notes, trainer_snippet
 
 
 def fresh_tiny(mode="full", rank=8):

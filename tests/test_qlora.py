@@ -313,20 +313,22 @@ def test_tune_picks_qlora_when_only_qlora_fits_and_shows_why_the_others_do_not(t
 
 def test_qlora_exports_with_its_quantization_and_without_peft_velora():
     from velora_cli import configs
+    from velora_cli.exports import peft as peft_export
+    from velora_cli.exports import trainer as trainer_export
 
     cfg = configs.VeloraConfig(
         model="meta-llama/Llama-2-7b", mode="qlora", lora_rank=8, lora_targets="all-linear",
         placement="all-linear", num_groups=32, gc=True, dtype="bf16",
     )  # fmt: skip
-    assert any("refuses bitsandbytes 4-bit layers" in why for why in configs.peft_blockers(cfg))
-    snippet = configs.trainer_snippet(cfg)
+    assert any("refuses bitsandbytes 4-bit layers" in why for why in peft_export.peft_blockers(cfg))
+    snippet = trainer_export.trainer_snippet(cfg)
     assert (
         "BitsAndBytesConfig(load_in_4bit=True" in snippet and "quantization_config=bnb" in snippet
     )
     assert "peft.get_peft_model" in snippet
-    assert any("QLoRA" in note for note in configs.trainer_notes(cfg))
+    assert any("QLoRA" in note for note in trainer_export.trainer_notes(cfg))
     plain = configs.VeloraConfig(model="m", mode="qlora", lora_rank=8)
-    assert configs.to_peft(plain)["r"] == 8
+    assert peft_export.to_peft(plain)["r"] == 8
     with pytest.raises(configs.ConfigError, match="mode qlora needs lora_rank"):
         configs.VeloraConfig(model="m", mode="qlora")
 

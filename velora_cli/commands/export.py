@@ -39,6 +39,7 @@ def export_config(
     from pathlib import Path
 
     from velora_cli import autotune, configs
+    from velora_cli.exports import peft, trainer
 
     path = Path(source) if source else autotune.latest("tune-*.json")
     if path is None:
@@ -47,22 +48,22 @@ def export_config(
             "pass --from FILE"
         )
     config = configs.load_config(path)
-    if output_format == "peft" and (why := configs.peft_blockers(config)):
+    if output_format == "peft" and (why := peft.peft_blockers(config)):
         err(f"note: PEFT cannot express this: {'; '.join(why)}; writing the velora format")
         output_format = "velora"
     if output_format == "velora":
         data = config.to_dict()
     elif output_format == "peft":
-        data = configs.to_peft(config)
+        data = peft.to_peft(config)
     else:
-        notes = configs.trainer_notes(config)
+        notes = trainer.trainer_notes(config)
         for note in notes:
             err(f"note: {note}")
         data = {
             "format": "trainer",
-            "training_arguments": configs.to_trainer(config),
+            "training_arguments": trainer.to_trainer(config),
             "notes": notes,
-            "snippet": configs.trainer_snippet(config),
+            "snippet": trainer.trainer_snippet(config),
         }
     text = json.dumps(data, indent=2) + "\n"
     if output:
