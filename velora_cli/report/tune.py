@@ -1,0 +1,187 @@
+"""Rendering a tune document: the candidates table, the recommendation, and why nothing fits."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from velora_cli.report.units import fmt_bytes, format_bytes
+
+
+def describe(row: dict[str, Any]) -> str:
+    """A candidate in words: ``full · velora paper g32 · gc every 2 · micro-batch 4 × 2``, with
+    its optimizer after the mode when it is not AdamW (``full · adarankgrad · ...``)."""
+    parts = [row["mode"]]
+    if row.get("optimizer", "adamw") != "adamw":
+        parts.append(row["optimizer"])
+    if row.get("placement"):
+        parts.append(f"velora {row['placement']} g{row['num_groups'] or 32}")
+    gc = row.get("gc")
+    if gc is True:
+        parts.append("gc")
+    elif gc:
+        parts.append(f"gc every {gc}")
+    parts.append(f"micro-batch {row['micro_batch_size']} × {row['grad_accum_steps']}")
+    return " · ".join(parts)
+
+
+def pareto_keys(rows: list[dict[str, Any]]) -> set[str]:
+    """Keys of the measured-ok rows on the (peak ↓, tokens/s ↑) front."""
+    ok = [r for r in rows if r.get("measure_status") == "ok" and r.get("peak_bytes") is not None]
+
+    def tps(r):
+        return r.get("tokens_per_second") or 0.0
+
+    return {
+        r["key"]
+        for r in ok
+        if not any(
+            o["peak_bytes"] <= r["peak_bytes"] and tps(o) >= tps(r)
+            and (o["peak_bytes"] < r["peak_bytes"] or tps(o) > tps(r))
+            for o in ok
+        )
+    }  # fmt: skip
+
+
+def tune_table(document: dict[str, Any]):
+    """A rich Table of the measured candidates, the measured Pareto front marked ★."""
+    from rich.table import Table
+
+    title = (
+        f"{document['model']} · batch {document['batch_size']} × seq {document['seq_len']} · "
+        f"{document['precision']} · backend {document['backend']} · budget "
+        f"{format_bytes(document['budget_bytes'])} (limit {format_bytes(document['limit_bytes'])})"
+    )
+    table = Table(title=title, title_justify="left")
+    table.add_column("", no_wrap=True)
+    table.add_column("configuration", overflow="fold", min_width=28)
+    for name in (
+        "status",
+        "est. peak",
+        "peak",
+        "step",
+        "tok/s",
+        "probe loss",
+        "Δ loss",
+        "grad cos",
+    ):
+        table.add_column(name, justify="right", no_wrap=True)
+    table.add_column("note", overflow="fold", max_width=48)
+    front = pareto_keys(document["candidates"])
+    rows = [r for r in document["candidates"] if r.get("measure_status")]
+    rows.sort(key=lambda r: (r.get("peak_bytes") is None, r.get("peak_bytes") or 0))
+    rows += unfit_modes(document["candidates"])
+    for r in rows:
+        mark = "→" if r["status"] == "chosen" else "★" if r["key"] in front else ""
+        li, cos = r.get("loss_increase"), r.get("grad_cosine_min")
+        table.add_row(
+            mark,
+            describe(r),
+            r["status"],
+            fmt_bytes(r.get("estimate_peak_bytes")),
+            fmt_bytes(r.get("peak_bytes")),
+            "—" if r.get("step_seconds") is None else f"{r['step_seconds']:.2f} s",
+            "—" if r.get("tokens_per_second") is None else f"{r['tokens_per_second']:,.0f}",
+            "—" if r.get("loss") is None else f"{r['loss']:.4f}",
+            "—" if li is None else f"{li:+.2%}",
+            "—" if cos is None else f"{cos:.3f}",
+            r.get("note") or "",
+        )
+    return table
+
+
+def unfit_modes(candidates: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One row per mode whose every candidate was estimated over budget: its smallest estimate
+    (a real one; lower bounds only when there is nothing else), so the table says why the mode
+    is out."""
+    out = []
+    for mode in dict.fromkeys(r["mode"] for r in candidates):
+        rows = [r for r in candidates if r["mode"] == mode]
+        if not all(r["status"] == "infeasible-estimate" for r in rows):
+            continue
+        known = [r for r in rows if r.get("estimate_peak_bytes") is not None]
+        if not known:
+            continue
+        real = [r for r in known if not r.get("estimate_lower_bound")] or known
+        best = min(real, key=lambda r: r["estimate_peak_bytes"])
+        note = f"all {len(rows)} {mode} candidates over budget"
+        floors = [r["estimate_peak_bytes"] for r in rows if r.get("estimate_lower_bound")]
+        if floors:
+            note += f": params+grads+optimizer state alone {format_bytes(min(floors))}"
+        out.append({**best, "note": note})
+    return out
+
+
+def summary_lines(document: dict[str, Any]) -> list[str]:
+    """Lines under the table: the unmeasured, the probe setup, the recommendation and why."""
+    lines = []
+    counts: dict[str, int] = {}
+    for r in document["candidates"]:
+        if not r.get("measure_status"):
+            counts[r["status"]] = counts.get(r["status"], 0) + 1
+    if counts:
+        lines.append(
+            f"not measured: {', '.join(f'{n} {status}' for status, n in sorted(counts.items()))} "
+            f"(of {len(document['candidates'])} candidates; ★ measured Pareto front)"
+        )
+    probe = document.get("probe", {})
+    if probe.get("skipped"):
+        lines.append(probe["skipped"])
+    elif probe.get("baselines"):
+        base = ", ".join(f"{key} {b['loss']:.4f}" for key, b in probe["baselines"].items())
+        lines.append(
+            f"probe: {probe['steps']} steps on {probe.get('data_description')}; "
+            f"{probe.get('tokenization')}; baseline held-out loss {base}"
+        )
+        if probe.get("note"):
+            lines.append(f"probe: {probe['note']}")
+    lines += [f"warning: {w}" for w in document.get("warnings", [])]
+    rec = document.get("recommendation")
+    if rec is None:
+        return lines
+    li = rec.get("loss_increase")
+    real = "estimated, not run" if document["backend"] == "estimate" else "verification run"
+    lines += [
+        f"recommended: {describe(rec)}",
+        f"  peak {format_bytes(rec['peak_bytes'])} ({real}) ≤ limit "
+        f"{format_bytes(rec['limit_bytes'])} (budget {format_bytes(rec['budget_bytes'])} − "
+        f"{rec['margin']:.0%})"
+        + (
+            ""
+            if rec.get("tokens_per_second") is None
+            else f" · {rec['tokens_per_second']:,.0f} tokens/s"
+        )
+        + ("" if li is None else f" · loss {li:+.2%} vs {_baseline_of(rec)}"),
+        f"  why: {rec['reason']}",
+    ]
+    searched = document.get("settings", {}).get("modes") or []
+    if rec.get("mode") != "full" and "full" in searched:
+        lines.append(
+            f"  note: this trains {rec['mode'].upper()} adapters on a frozen base, not all "
+            "parameters; the accuracy probe compares VeLoRA within a mode, not modes with each "
+            "other. Pass --mode full to keep full-parameter training."
+        )
+    if document.get("path"):
+        lines.append(
+            f"  export: velora export-config --from {document['path']} --format velora|peft|trainer"
+        )
+    return lines
+
+
+def _baseline_of(row: dict[str, Any]) -> str:
+    """What a candidate's loss change is measured against (autotune.Prober)."""
+    from velora_cli.measure.train_step import LOWRANK_OPTIMIZERS
+
+    return "the AdamW baseline" if row.get("optimizer") in LOWRANK_OPTIMIZERS else "baseline"
+
+
+def nothing_fits_lines(document: dict[str, Any]) -> list[str]:
+    """What to tell the user when no configuration fits: the smallest one seen and its peak."""
+    small = document.get("smallest")
+    lines = [f"nothing fits: {document['reason']}"]
+    if small:
+        how = "measured" if small["peak_source"] == "measured" else "estimated"
+        lines.append(
+            f"smallest configuration: {describe(small)}, peak {format_bytes(small['smallest_peak_bytes'])} "
+            f"({how}); try a larger --budget, a smaller --batch-size/--seq-len or more --placements"
+        )
+    return lines
