@@ -241,3 +241,62 @@ def test_invalid_round_to_and_reentry():
         tracker.__enter__()
     with pytest.raises(KeyError, match="no phase"):
         tracker.phase_breakdown("forward")
+
+
+# -- the allocation trace ---------------------------------------------------------------------
+
+
+class _Checked(MemoryTracker):
+    """A tracker that records its live total after every op, to compare with the trace."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.totals: list[tuple[int, int]] = []  # (events so far, live bytes)
+
+    def _record_op_outputs(self, out):
+        super()._record_op_outputs(out)
+        self.totals.append((len(self._events), self.current_bytes))
+
+
+@pytest.mark.parametrize("device", ["cpu", "meta"])
+@pytest.mark.parametrize("round_to", [1, 512])
+def test_trace_is_complete_live_bytes_match_the_tracker_at_every_op(device, round_to):
+    model = tiny_llama(device)
+    optimizer = torch.optim.AdamW(model.parameters(), foreach=True)
+    for _ in range(2):  # the traced step is the third: optimizer state exists
+        loss, _held = forward("llama", model, device)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        del loss, _held
+    with _Checked(model, optimizer, round_to=round_to, trace=True) as tracker:
+        with tracker.phase("forward_backward"):
+            loss, held = forward("llama", model, device)
+            loss.backward()
+            del loss, held
+        with tracker.phase("optimizer"):
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+    trace = tracker.trace
+    live = trace.live_bytes()
+    assert tracker.totals, "no op was recorded"
+    for events, total in tracker.totals:
+        assert live[events] == total
+    assert max(live) == tracker.peak_bytes
+    # everything the step allocated it freed again (activations, gradients, temporaries)
+    assert live[-1] == live[0]
+    assert [name for name, _, _ in trace.phases] == ["forward_backward", "optimizer"]
+    assert trace.phases[0][2] == trace.phases[1][1] and trace.phases[1][2] == len(trace.events)
+    # gradients are allocated in backward as temporaries and end up as grads
+    grads = {sid for _, sid, n in trace.events if n > 0 and trace.categories[sid] == "grads"}
+    assert len(grads) == sum(1 for p in model.parameters() if p.requires_grad)
+    initial = {trace.categories[sid] for sid, _ in trace.initial}
+    assert initial == {"params", "buffers", "optimizer"}  # buffers: RoPE inv_freq
+
+
+def test_trace_is_refused_without_trace_true():
+    model = tiny_mlp("cpu")
+    with MemoryTracker(model) as tracker:
+        model(torch.ones(2, 64)).sum()
+    with pytest.raises(RuntimeError, match="trace=True"):
+        _ = tracker.trace

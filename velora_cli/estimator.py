@@ -55,7 +55,7 @@ class Estimator:
     def __init__(self, settings: TuneSettings):
         from velora_cli.measure.estimate import EstimateBackend
 
-        self.base, self.backend = settings.base_spec(), EstimateBackend()
+        self.base, self.backend = settings.base_spec(), EstimateBackend(gpu=settings.gpu)
         self.budget = settings.budget_bytes
         self.min_micro = min(settings.micro_batches or (1,))
         self.cache: dict[str, Measurement] = {}

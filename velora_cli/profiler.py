@@ -228,8 +228,16 @@ def default_save_path(spec: StepSpec, backend: str, directory: Path | None = Non
     return directory / f"profile-{slug}-{backend}-{stamp}.json"
 
 
-def make_backend(name: str, spec: StepSpec, *, warmup: int | None = None, steps: int | None = None):
-    """The backend object for ``--backend`` (``auto`` resolved here)."""
+def make_backend(
+    name: str,
+    spec: StepSpec,
+    *,
+    warmup: int | None = None,
+    steps: int | None = None,
+    gpu: str | None = None,
+):
+    """The backend object for ``--backend`` (``auto`` resolved here); ``gpu`` is the GPU the
+    estimate predicts for (`velora_cli.gpus`)."""
     from velora_cli.measure.cpu import CpuBackend
     from velora_cli.measure.cuda import CudaBackend, cuda_available
     from velora_cli.measure.estimate import EstimateBackend
@@ -246,9 +254,9 @@ def make_backend(name: str, spec: StepSpec, *, warmup: int | None = None, steps:
     if name == "cpu":
         return CpuBackend(**_opts(warmup, steps))
     if name == "estimate":
-        return EstimateBackend()
+        return EstimateBackend(gpu=gpu)
     if name == "estimate+cpu":
-        return EstimatePlusCpu(cpu=CpuBackend(**_opts(warmup, steps)))
+        return EstimatePlusCpu(cpu=CpuBackend(**_opts(warmup, steps)), gpu=gpu)
     raise SpecError(f"unknown backend {name!r}; choose auto, cuda, cpu or estimate")
 
 
@@ -262,12 +270,17 @@ class EstimatePlusCpu:
     step times when the model is small enough to step on this machine in reasonable time."""
 
     cpu: Any
+    gpu: str | None = None
     name: str = "estimate"
 
-    def measure(self, spec: StepSpec, *, breakdown: bool = False) -> dict[str, Any]:
+    def __post_init__(self) -> None:
         from velora_cli.measure.estimate import EstimateBackend
 
-        row = EstimateBackend().measure(spec, breakdown=breakdown)
+        self.estimate = EstimateBackend(gpu=self.gpu)
+        self.gpu = self.estimate.gpu
+
+    def measure(self, spec: StepSpec, *, breakdown: bool = False) -> dict[str, Any]:
+        row = self.estimate.measure(spec, breakdown=breakdown)
         if row["status"] != "ok" or not self._time_on_cpu(spec, row):
             return row
         timed = self.cpu.time_only(spec)
@@ -323,6 +336,7 @@ def run_profile(
         "optimizer": ",".join(s.optimizer for s in specs),
         "optimizers": [s.optimizer_label for s in specs],
         "backend": backend.name,
+        "gpu": getattr(backend, "gpu", None),  # what an estimate predicts for (velora_cli.gpus)
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "settings": {k: v for k, v in spec.to_json().items() if k != "strategy"},
         "environment": environment(),

@@ -7,6 +7,7 @@ from typing import Annotated
 import typer
 
 from velora_cli.commands.errors import UserError
+from velora_cli.gpus import DEFAULT_GPU, GPUS
 
 
 def int_list(text: str, option: str) -> list[int]:
@@ -98,6 +99,13 @@ Weights = Annotated[
         "--weights",
         help="Load the checkpoint's weights (default: random "
         "weights from the config; memory and time do not depend on values).",
+    ),
+]
+Gpu = Annotated[
+    str | None,
+    typer.Option(
+        "--gpu",
+        help="The GPU the estimate predicts for: " + ", ".join(GPUS) + f". Default: {DEFAULT_GPU}.",
     ),
 ]
 TrustRemoteCode = Annotated[

@@ -15,6 +15,7 @@ from velora_cli.commands.options import (
     BatchSize,
     Dtype,
     Eta,
+    Gpu,
     Init,
     LoraRank,
     LoraTargets,
@@ -28,6 +29,7 @@ from velora_cli.commands.options import (
     int_list,
 )
 from velora_cli.commands.output import err, wide_console
+from velora_cli.gpus import get_gpu
 
 
 @guarded
@@ -103,6 +105,7 @@ def profile(
     ] = True,
     weights: Weights = False,
     trust_remote_code: TrustRemoteCode = False,
+    gpu: Gpu = None,
 ) -> None:
     """Measure peak memory and step time of VeLoRA placements vs baseline and checkpointing."""
     if output_format not in ("table", "json", "csv"):
@@ -112,6 +115,7 @@ def profile(
     for name, value in (("--warmup", warmup), ("--steps", steps)):
         if value is not None and value < (0 if name == "--warmup" else 1):
             raise UserError(f"{name} must be {'>= 0' if name == '--warmup' else '>= 1'}")
+    get_gpu(gpu)  # an unknown --gpu fails before anything is built
     groups = int_list(num_groups, "--num-groups") if num_groups else None
     sizes = int_list(sub_token_size, "--sub-token-size") if sub_token_size else None
     gc_list = int_list(gc_every, "--gc-every")
@@ -170,7 +174,7 @@ def profile(
                 f"default --num-groups {', '.join(map(str, dropped))} left out: does not divide "
                 f"every targeted layer of {spec.model} (e.g. {next(iter(invalid.values()))})"
             )
-    backend_obj = profiler.make_backend(backend, spec, warmup=warmup, steps=steps)
+    backend_obj = profiler.make_backend(backend, spec, warmup=warmup, steps=steps, gpu=gpu)
     if backend == "auto" and backend_obj.name == "estimate":
         notices.append(
             "auto backend without a GPU: memory estimated on meta tensors; step "

@@ -13,6 +13,7 @@ from velora_cli.commands.options import (
     Budget,
     Dtype,
     Eta,
+    Gpu,
     Init,
     LoraRank,
     LoraTargets,
@@ -41,6 +42,7 @@ from velora_cli.commands.options import (
     word_list,
 )
 from velora_cli.commands.output import err, wide_console
+from velora_cli.gpus import get_gpu
 
 
 @guarded
@@ -77,6 +79,7 @@ def tune(
     init: Init = "batch_average_once",
     weights: Weights = False,
     trust_remote_code: TrustRemoteCode = False,
+    gpu: Gpu = None,
 ) -> None:
     """Find the fastest configuration that fits a memory budget, verified by a real run."""
     from velora_cli.tuner import OBJECTIVES
@@ -97,6 +100,7 @@ def tune(
         raise UserError("--max-measured must be >= 1")
     from velora_cli.measure.train_step import MODES, OPTIMIZERS
 
+    get_gpu(gpu)  # an unknown --gpu fails before anything is built
     mode_list = word_list(modes, "--mode", MODES)
     optimizer_list = word_list(optimizer, "--optimizer", OPTIMIZERS)
     placement_list = [p for p in word_list(placements, "--placements") if p != "none"]
@@ -117,10 +121,10 @@ def tune(
     budget_bytes = parse_budget(budget) if budget is not None else None
     from velora_cli.measure.cuda import cuda_available
 
-    gpu = cuda_available()
+    has_cuda = cuda_available()
     if backend == "auto":
-        backend = "cuda" if gpu else "estimate"
-        if not gpu:
+        backend = "cuda" if has_cuda else "estimate"
+        if not has_cuda:
             notices.append(
                 "auto backend without a GPU: memory estimated on meta tensors, nothing run; "
                 "--backend cpu measures real steps on this CPU"
@@ -136,7 +140,7 @@ def tune(
                 "without --resume, or pass --resume-from PATH"
             )
     budget_source = f"--budget {budget}" if budget is not None else None
-    if budget_bytes is None and gpu:
+    if budget_bytes is None and has_cuda:
         import torch
 
         budget_bytes = torch.cuda.mem_get_info()[0]
@@ -185,6 +189,7 @@ def tune(
         probe_steps=probe_steps,
         data=data,
         budget_source=budget_source,
+        gpu=gpu,
     )
     settings.base_spec()  # validates batch, precision, modes × optimizers, ranks (one line)
     if model is None:

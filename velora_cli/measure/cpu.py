@@ -42,7 +42,7 @@ class CpuBackend:
             prepared = prepare(spec, "cpu", attn_implementation=register_estimate_attention())
             for _ in range(self.warmup):
                 train_step(prepared)
-            row = tracked_step(prepared, breakdown=breakdown) if track else {}
+            row = tracked_step(prepared, breakdown=breakdown)[0] if track else {}
             before = prepared.subspace_refreshes()
             times = timed_steps(prepared, self.steps)
             if before is not None:  # refreshes the convergence test made in the timed steps

@@ -24,7 +24,13 @@ class EstimateBackend:
     """Predicted memory of one step from meta tensors; no timing."""
 
     warmup: int = 1
+    gpu: str | None = None  # what it predicts for (velora_cli.gpus key); None: gpus.DEFAULT_GPU
     name: str = "estimate"
+
+    def __post_init__(self) -> None:
+        from velora_cli.gpus import get_gpu
+
+        self.gpu = get_gpu(self.gpu).key  # an unknown name fails here, before anything runs
 
     def measure(self, spec: StepSpec, *, breakdown: bool = False) -> dict[str, Any]:
         from velora_cli.measure.attention import register_estimate_attention
@@ -41,7 +47,7 @@ class EstimateBackend:
             with amp_emulation(spec.amp):
                 for _ in range(self.warmup):
                     train_step(prepared)
-                row = tracked_step(prepared, breakdown=breakdown)
+                row, _trace = tracked_step(prepared, breakdown=breakdown)
         except (SpecError, ValueError, RuntimeError, NotImplementedError) as exc:
             if isinstance(exc, SpecError) or _is_user_error(exc):
                 raise

@@ -11,21 +11,27 @@ import time
 from typing import Any
 
 from velora_cli.accounting import SavedTensorCounter
-from velora_cli.measure.tracker import MemoryTracker
+from velora_cli.measure.tracker import AllocationTrace, MemoryTracker
 from velora_cli.measure.train_step import Prepared, train_step
 
 
-def tracked_step(prepared: Prepared, *, breakdown: bool, round_to: int = 512) -> dict[str, Any]:
-    """Run one step under the tracker; return the memory fields of a row.
+def tracked_step(
+    prepared: Prepared, *, breakdown: bool, round_to: int = 512
+) -> tuple[dict[str, Any], AllocationTrace]:
+    """Run one step under the tracker; return the memory fields of a row and the step's
+    allocation trace (for the allocator model and the memory timeline).
 
     With galore/adarankgrad the tracked step refreshes every subspace (SVD or range finder on
     each gradient): their costliest step, so the peak holds for every step.
     """
     force_refresh(prepared)
     counter = SavedTensorCounter(prepared.model)
-    with MemoryTracker(prepared.model, prepared.optimizer, round_to=round_to) as tracker:
+    tracker = MemoryTracker(prepared.model, prepared.optimizer, round_to=round_to, trace=True)
+    with tracker:
         train_step(prepared, forward_context=lambda: counter, phase=tracker.phase)
-    phases = dict(tracker.phase_peaks)
+    phases = {
+        k: v for k, v in tracker.phase_peaks.items() if k in ("forward_backward", "optimizer")
+    }
     row: dict[str, Any] = {
         "peak_bytes": tracker.peak_bytes,
         "peak_phase": max(phases, key=phases.get) if phases else None,
@@ -45,7 +51,7 @@ def tracked_step(prepared: Prepared, *, breakdown: bool, round_to: int = 512) ->
         row["activation_breakdown"] = dict(
             sorted(counter.result.by_pattern().items(), key=lambda kv: -kv[1])
         )
-    return row
+    return row, tracker.trace
 
 
 def force_refresh(prepared: Prepared) -> bool:

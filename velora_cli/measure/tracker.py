@@ -24,6 +24,7 @@ from __future__ import annotations
 import contextlib
 import weakref
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -44,14 +45,62 @@ CUDA_MIN_BLOCK = 512
 
 
 class _Entry:
-    """One live storage: its (rounded) size and its role, which may be upgraded later."""
+    """One live storage: its (rounded) size and its role, which may be upgraded later.
 
-    __slots__ = ("nbytes", "category", "ref")
+    ``seq`` numbers storages in the order the tracker first saw them (the trace's storage id;
+    Python ids are reused once a storage dies); ``raw`` is the unrounded size.
+    """
 
-    def __init__(self, nbytes: int, category: str) -> None:
+    __slots__ = ("nbytes", "raw", "category", "ref", "seq")
+
+    def __init__(self, nbytes: int, category: str, raw: int = 0, seq: int = -1) -> None:
         self.nbytes = nbytes
+        self.raw = raw
         self.category = category
         self.ref: weakref.ref | None = None
+        self.seq = seq
+
+
+@dataclass(frozen=True)
+class AllocationTrace:
+    """The ordered allocations and frees of one tracked step, as the device's allocator sees them.
+
+    ``initial`` are the storages live when tracking started (params, buffers, gradients,
+    optimizer state), in the order they were found; ``events`` the step's allocations
+    (``nbytes > 0``) and frees (``nbytes < 0``) in order, each tagged with the index of the op
+    during (or after) which it happened. A resize is a free of the old storage and an allocation
+    of a new one, as the caching allocator does it. Sizes are the storages' exact ``nbytes()``;
+    ``round_to`` is the tracker's rounding, so that ``live_bytes`` reproduces its totals.
+    ``categories`` gives each storage the role it ended up playing (an AccumulateGrad buffer
+    allocated in backward is ``grads``). ``phases`` are ``(name, start, end)`` slices of
+    ``events``, in the order the phases were entered.
+
+    Example:
+        >>> with MemoryTracker(model, opt, trace=True) as tracker:
+        ...     train_step(prepared, phase=tracker.phase)
+        >>> trace = tracker.trace
+        >>> max(trace.live_bytes()) == tracker.peak_bytes
+        True
+    """
+
+    initial: tuple[tuple[int, int], ...]  # (storage id, nbytes)
+    events: tuple[tuple[int, int, int], ...]  # (op index, storage id, +nbytes | -nbytes)
+    categories: dict[int, str]
+    phases: tuple[tuple[str, int, int], ...]
+    round_to: int
+    ops: int
+
+    def rounded(self, nbytes: int) -> int:
+        return -(-abs(nbytes) // self.round_to) * self.round_to
+
+    def live_bytes(self) -> list[int]:
+        """Live bytes (rounded as the tracker rounds) before the first event and after each."""
+        live = sum(self.rounded(n) for _, n in self.initial)
+        out = [live]
+        for _, _, nbytes in self.events:
+            live += self.rounded(nbytes) if nbytes > 0 else -self.rounded(nbytes)
+            out.append(live)
+        return out
 
 
 class _OpRecorder(TorchDispatchMode):
@@ -122,6 +171,8 @@ class MemoryTracker:
         round_to: round each storage up to a multiple of this many bytes (512 mimics the CUDA
             caching allocator; 1 counts exact `nbytes()`).
         device: device whose storages are counted (default: the model's first parameter's).
+        trace: also record the ordered allocation trace (`trace`), for an allocator model or a
+            memory timeline.
 
     Example:
         >>> model = nn.Linear(8, 8)
@@ -143,6 +194,7 @@ class MemoryTracker:
         *,
         round_to: int = CUDA_MIN_BLOCK,
         device: torch.device | str | None = None,
+        trace: bool = False,
     ) -> None:
         if round_to < 1:
             raise ValueError(f"round_to must be a positive number of bytes, got {round_to}")
@@ -167,6 +219,13 @@ class MemoryTracker:
         self._active = False
         self._handles: list[Any] = []
         self._recorder: _OpRecorder | None = None
+        self._seq = 0
+        self._ops = 0
+        self._tracing = trace
+        self._initial: list[tuple[int, int]] = []
+        self._events: list[tuple[int, int, int]] = []
+        self._entries: list[_Entry] = []  # every storage seen, for the trace's final roles
+        self._phase_spans: list[list[Any]] = []
 
     # -- context ---------------------------------------------------------------------------------
 
@@ -180,6 +239,9 @@ class MemoryTracker:
             raise RuntimeError("MemoryTracker is not re-entrant; use a new tracker per step")
         self._active = True
         self._scan_roles()
+        if self._tracing:
+            self._initial = [(e.seq, e.raw) for e in self._live.values()]
+            self._events.clear()
         self._new_peak_check()
         for param in self.model.parameters():
             if param.requires_grad:
@@ -213,6 +275,8 @@ class MemoryTracker:
             A context manager; on entry the current total is the phase's starting peak.
         """
         self._phase_stack.append(name)
+        span = [name, len(self._events), None]
+        self._phase_spans.append(span)
         if self._current > self.phase_peaks.get(name, -1):
             self.phase_peaks[name] = self._current
             self._phase_entries[name] = list(self._live.values())
@@ -220,6 +284,7 @@ class MemoryTracker:
             yield
         finally:
             self._phase_stack.pop()
+            span[2] = len(self._events)
 
     # -- results ---------------------------------------------------------------------------------
 
@@ -260,6 +325,27 @@ class MemoryTracker:
         """Total live bytes now."""
         return self._current
 
+    @property
+    def trace(self) -> AllocationTrace:
+        """The allocation trace recorded so far (see `AllocationTrace`).
+
+        Raises:
+            RuntimeError: the tracker was made without ``trace=True``.
+        """
+        if not self._tracing:
+            raise RuntimeError("this MemoryTracker records no trace; create it with trace=True")
+        return AllocationTrace(
+            initial=tuple(self._initial),
+            events=tuple(self._events),
+            categories={e.seq: e.category for e in self._entries},
+            phases=tuple(
+                (name, start, len(self._events) if end is None else end)
+                for name, start, end in self._phase_spans
+            ),
+            round_to=self.round_to,
+            ops=self._ops,
+        )
+
     # -- bookkeeping -----------------------------------------------------------------------------
 
     @staticmethod
@@ -279,30 +365,47 @@ class MemoryTracker:
             if device_type != self.device_type:
                 continue
             key = id(storage)
-            nbytes = self._rounded(storage.nbytes())
+            raw = storage.nbytes()
+            nbytes = self._rounded(raw)
             entry = self._live.get(key)
-            if entry is not None and entry.nbytes != nbytes:
+            if entry is not None and entry.raw != raw:
                 # Resized in place (resize_, out= ops): a new record with the same role, so the
                 # peak lists keep the old one and a past breakdown still sums to its total.
-                resized = _Entry(nbytes, entry.category)
+                resized = self._new_entry(nbytes, entry.category, raw)
                 resized.ref = entry.ref
                 self._current += nbytes - entry.nbytes
+                self._log(-entry.raw, entry)
+                self._log(raw, resized)
                 self._live[key] = entry = resized
             if entry is None:
                 if nbytes == 0:
                     continue
-                entry = _Entry(nbytes, category)
+                entry = self._new_entry(nbytes, category, raw)
                 entry.ref = weakref.ref(storage, self._finalizer(key))
                 self._live[key] = entry
                 self._current += nbytes
+                self._log(raw, entry)
             elif _RANK[category] < _RANK[entry.category]:
                 entry.category = category
+
+    def _new_entry(self, nbytes: int, category: str, raw: int) -> _Entry:
+        entry = _Entry(nbytes, category, raw, self._seq)
+        self._seq += 1
+        if self._tracing:
+            self._entries.append(entry)
+        return entry
+
+    def _log(self, nbytes: int, entry: _Entry) -> None:
+        """Record an allocation (nbytes > 0) or a free (nbytes < 0) in the trace."""
+        if self._tracing and self._active:
+            self._events.append((self._ops, entry.seq, nbytes))
 
     def _finalizer(self, key: int) -> Callable[[weakref.ref], None]:
         def on_free(_ref: weakref.ref) -> None:
             entry = self._live.pop(key, None)
             if entry is not None:
                 self._current -= entry.nbytes
+                self._log(-entry.raw, entry)
 
         return on_free
 
@@ -317,6 +420,7 @@ class MemoryTracker:
                 self._phase_entries[name] = list(self._live.values())
 
     def _record_op_outputs(self, out: Any) -> None:
+        self._ops += 1
         if self._in_optimizer_step or _in_backward_without_grad():
             category = "temporaries"
         else:

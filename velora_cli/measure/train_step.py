@@ -469,8 +469,10 @@ def train_step(prepared: Prepared, *, forward_context=None, phase=None) -> None:
     Args:
         forward_context: optional zero-argument callable returning a context manager entered
             around the *first* micro-batch's forward pass (e.g. a saved-tensor counter).
-        phase: optional callable name -> context manager marking the ``forward_backward`` and
-            ``optimizer`` phases (the tracker's ``phase``).
+        phase: optional callable name -> context manager marking the phases (the tracker's
+            ``phase``): ``forward_backward`` around all micro-batches, ``forward`` (with the
+            loss) and ``backward`` within it for each micro-batch, then ``optimizer`` (the step)
+            and ``zero_grad``.
     """
     phase = phase or (lambda name: contextlib.nullcontext())
     import torch
@@ -486,12 +488,15 @@ def train_step(prepared: Prepared, *, forward_context=None, phase=None) -> None:
     with phase("forward_backward"):
         for i, batch in enumerate(prepared.micro_batches):
             ctx = forward_context() if (forward_context and i == 0) else contextlib.nullcontext()
-            with ctx, amp:
-                loss = prepared.model(**batch).loss
-            if spec.grad_accum_steps > 1:
-                loss = loss / spec.grad_accum_steps
-            loss.backward()
-            del loss
+            with phase("forward"):
+                with ctx, amp:
+                    loss = prepared.model(**batch).loss
+                if spec.grad_accum_steps > 1:
+                    loss = loss / spec.grad_accum_steps
+            with phase("backward"):
+                loss.backward()
+                del loss
     with phase("optimizer"):
         prepared.optimizer.step()
+    with phase("zero_grad"):
         prepared.optimizer.zero_grad(set_to_none=True)
