@@ -10,15 +10,12 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as _dt
-import json
-import os
 import platform
-import re
-import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from velora_cli.files import profiles_dir, reserve, slug, write_atomic
 from velora_cli.measure.train_step import LOWRANK_OPTIMIZERS, SpecError, StepSpec, Strategy
 
 LOWRANK_NOTICE = (
@@ -205,27 +202,15 @@ def strategy_fields(strategy: Strategy) -> dict[str, Any]:
     }
 
 
-def write_atomic(path: Path, document: dict[str, Any]) -> None:
-    """Write JSON so that a reader (or a crash) never sees a half-written file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as fh:
-            json.dump(document, fh, indent=2)
-            fh.write("\n")
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def default_save_path(spec: StepSpec, backend: str, directory: Path | None = None) -> Path:
-    directory = directory or Path(os.environ.get("VELORA_PROFILES_DIR", "profiles"))
-    slug = re.sub(r"[^A-Za-z0-9_.-]+", "_", spec.model).strip("_")
-    stamp = _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
-    return directory / f"profile-{slug}-{backend}-{stamp}.json"
+    """A new document name under the profiles directory, taken for this run alone
+    (``profile-<model>-<backend>-<stamp>[-n].json``, created exclusively: `files.reserve`).
+
+    Raises:
+        OutputError: the directory is not writable (checked before anything is measured).
+    """
+    stem = f"profile-{slug(spec.model)}-{backend}"
+    return reserve(directory or profiles_dir(), stem, ".json")
 
 
 def make_backend(
@@ -356,6 +341,8 @@ def run_profile(
         )
     if any(s.optimizer in LOWRANK_OPTIMIZERS for s in specs):
         document["notices"].append(LOWRANK_NOTICE)
+    if save_path is not None:
+        write_atomic(save_path, document)  # the settings are saved before the first row
     rows: list[dict[str, Any]] = []
     plan = [(s, strategy) for s in specs for strategy in strategies]
     for index, (row_spec, strategy) in enumerate(plan):
