@@ -259,8 +259,9 @@ def test_estimate_backend_says_that_the_probes_train(tmp_path):
     notice = next(n for n in doc["notices"] if n.startswith("--backend estimate"))
     assert doc["calls"]["probe"] > 0  # they ran: the notice and the reason say so, and where
     assert "the accuracy probes do train, 2 steps each on cpu" in notice
-    assert "no step was measured (the accuracy probes trained on cpu)" in (
-        doc["recommendation"]["reason"]
+    assert (
+        "no step was measured (the accuracy probes trained on cpu)"
+        in (doc["recommendation"]["reason"])
     )
 
 

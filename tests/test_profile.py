@@ -297,7 +297,7 @@ def test_cli_debug_shows_traceback():
     assert result.exit_code == 1 and result.exception is not None
 
 
-def test_cli_default_sizes_that_do_not_fit_are_left_out_with_a_notice(tmp_path):
+def test_cli_default_sizes_are_chosen_to_fit_the_model(tmp_path):
     from transformers import LlamaConfig
 
     LlamaConfig(
@@ -326,8 +326,10 @@ def test_cli_default_sizes_that_do_not_fit_are_left_out_with_a_notice(tmp_path):
     )
     assert result.exit_code == 0, result.output
     labels = [r["label"] for r in json.loads(result.stdout)["rows"]]
-    assert labels == ["baseline", "gc", "velora paper g32", "velora paper g16"]
-    assert "default --num-groups 64 left out" in result.stderr
+    # widths 64 and 96: 64 fits no down projection, so three choices from 32 down, no notice
+    assert labels == ["baseline", "gc", "velora paper g32", "velora paper g16", "velora paper g8"]
+    assert "left out" not in result.stderr and "note:" not in result.stderr
+    assert any("default --num-groups 32,16,8" in n for n in json.loads(result.stdout)["notices"])
     # asked for explicitly, the same choice is a row with its reason
     result = _run(
         str(tmp_path / "m"),

@@ -140,7 +140,7 @@ def reserve(directory: Path, stem: str, suffix: str, *, also: tuple[str, ...] = 
         OutputError: the directory cannot be written.
     """
     writable_dir(directory)
-    stamp = _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
+    stamp = _stamp()
     for n in range(1, 10_000):
         name = f"{stem}-{stamp}" + (f"-{n}" if n > 1 else "")
         path = directory / (name + suffix)
@@ -155,6 +155,11 @@ def reserve(directory: Path, stem: str, suffix: str, *, also: tuple[str, ...] = 
         os.close(fd)
         return path
     raise OutputError(f"no free name for {stem}-{stamp}{suffix} in {directory}")  # pragma: no cover
+
+
+def _stamp() -> str:
+    """The local time to the second, as names carry it: ``20261201-144215``."""
+    return _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
 
 
 def write_text_atomic(path: str | os.PathLike, text: str) -> None:
