@@ -221,6 +221,7 @@ class TuneProgress:
         self._beat = _Heartbeat(self._still, heartbeat)
         self.progress = None
         self._task = None
+        self._bar_stage = ""
 
     # -- the live bar (terminal, inside ``with`` only) ------------------------------------------
     def __enter__(self) -> TuneProgress:
@@ -319,6 +320,9 @@ class TuneProgress:
     def _bar(self, stage: str, message: str, done: int, total: int, eta: str) -> None:
         if self._task is None:
             self._task = self.progress.add_task(message, total=total, eta=eta)
+        elif stage != self._bar_stage:  # a new stage: its own count and clock
+            self.progress.reset(self._task, total=total, completed=done, description=message)
+        self._bar_stage = stage
         self.progress.update(self._task, description=message, completed=done, total=total, eta=eta)
 
     def _still(self, seconds: float) -> None:
