@@ -120,6 +120,7 @@ def test_tune_with_weights_on_cpu_probes_the_checkpoint(saved, built):
     assert result.exit_code == 0, result.output
     doc = json.loads(result.stdout)
     assert doc["recommendation"] is not None
+    assert any(n.startswith(f"--weights: {path / 'model.safetensors'}") for n in doc["notices"])
     assert doc["probe"]["baselines"] and doc["probe"]["note"] is None  # not from scratch
     loaded = [m for device, weights, m in built if weights]
     assert len(loaded) >= 3  # measured candidates, probes, verification: each from the checkpoint
@@ -135,6 +136,15 @@ def test_estimate_with_weights_says_nothing_is_loaded(saved):
     )
     assert result.exit_code == 0, result.output
     assert "is not loaded: the estimate holds shapes only" in result.stderr
+
+
+def test_tune_with_weights_of_a_built_in_is_one_error():
+    result = runner.invoke(
+        app, ["tune", "llama-tiny", "--weights", "--backend", "cpu", "--budget", "1GB", *SMALL]
+    )
+    assert result.exit_code == 1
+    assert "error: built-in architectures have no weights (llama-tiny)" in result.stderr
+    assert "] measure" not in result.stderr  # refused before any candidate
 
 
 def test_a_directory_without_a_checkpoint_fails_before_any_row(tmp_path):

@@ -180,6 +180,14 @@ def run(
     resolved = resolve_model(settings.model, trust_remote_code=settings.trust_remote_code)
     if resolved.notice:
         notices.append(resolved.notice)
+    if settings.weights:  # checked before anything runs: a missing checkpoint is one error
+        from velora_cli.checkpoint import check_weights
+
+        where = "the accuracy probes" if settings.backend == "estimate" else "every step run"
+        notices.append(
+            f"--weights: {check_weights(resolved)}, loaded for {where} (estimates take shapes "
+            "from the config)"
+        )
     candidates, dropped = build_space(settings)
     notices += dropped
     if any(c.optimizer in LOWRANK_OPTIMIZERS for c in candidates):
