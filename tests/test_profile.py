@@ -102,10 +102,12 @@ def test_plan_strategies():
         "velora paper g16",
         "velora mlp g32",
         "velora mlp g16",
-        "velora paper g16 + gc",
-        "velora mlp g16 + gc",
+        "velora paper g32 + gc",  # the paper's M = D/32 where it is a choice
+        "velora mlp g32 + gc",
     ]
     assert [r.kind for r in rows][:3] == ["baseline", "gc", "gc"]
+    rows = plan_strategies(["paper"], num_groups=[16, 8, 4], gc_every=[1])
+    assert rows[-1].label == "velora paper g8 + gc"  # else the middle choice
     with pytest.raises(SpecError):
         plan_strategies(["paper"], num_groups=[4], sub_token_sizes=[8])
 

@@ -17,6 +17,7 @@ from typing import Any
 
 from velora_cli.files import profiles_dir, reserve, slug, write_atomic
 from velora_cli.measure.train_step import LOWRANK_OPTIMIZERS, SpecError, StepSpec, Strategy
+from velora_cli.num_groups import PAPER_GROUPS
 
 LOWRANK_NOTICE = (
     "galore/adarankgrad: 2-D weights (not embeddings or the output layer) take their Adam step "
@@ -26,7 +27,7 @@ LOWRANK_NOTICE = (
     "listed too (the estimate backend, without values, runs every weight at that cap)"
 )
 DEFAULT_PLACEMENTS = ("paper", "qkv+down", "mlp", "all-linear")
-DEFAULT_NUM_GROUPS = (64, 32, 16)
+DEFAULT_NUM_GROUPS = (64, 32, 16)  # where no model is known; the CLI chooses per model (num_groups)
 DEFAULT_GC_EVERY = (2,)
 # Below this many parameters × tokens, `auto` without a GPU also times real CPU steps.
 CPU_TIMING_LIMIT = 60e6 * 2048
@@ -44,7 +45,8 @@ def plan_strategies(
 
     baseline; gc (every layer); gc every n for each n > 1 in ``gc_every``; VeLoRA for each
     placement × sub-token choice; and, when ``velora_gc``, VeLoRA + full checkpointing for each
-    placement at the middle sub-token choice.
+    placement at the paper's choice (``num_groups`` 32, M = D/32) when it is one of the choices,
+    else at the middle one.
     """
     if num_groups and sub_token_sizes:
         raise SpecError("give --num-groups or --sub-token-size, not both")
@@ -61,7 +63,8 @@ def plan_strategies(
     rows += [Strategy(gc=n) for n in dict.fromkeys(gc_every) if n > 1]
     rows += [Strategy(placement=p, **s) for p in placements for s in sizes]
     if velora_gc and placements:
-        middle = sizes[len(sizes) // 2]
+        paper = {"num_groups": PAPER_GROUPS}  # paper Table 5b: M = D/32
+        middle = paper if paper in sizes else sizes[len(sizes) // 2]
         rows += [Strategy(placement=p, gc=True, **middle) for p in placements]
     return rows
 
