@@ -252,3 +252,22 @@ def test_shared_input_note_says_which_compressions_free_nothing(llama):
     )
     assert shared_input_note(llama, select_layers(llama, "qkv+down")) is None
     assert "gate_proj" in shared_input_note(llama, select_layers(llama, ["up_proj"]))
+
+
+def test_applying_again_to_wrapped_layers_says_so(llama):
+    apply_velora(llama, "paper", num_groups=4)
+    for again in ("paper", "all-linear", ["*.mlp.down_proj"]):
+        with pytest.raises(PlacementError, match=r"VeLoRA layers already .*remove_velora"):
+            apply_velora(llama, again, num_groups=8)
+    assert llama.model.layers[0].mlp.down_proj.sub_token_size == 128 // 4  # untouched
+    assert apply_velora(llama, ["*.q_proj"], num_groups=8)[0].endswith("q_proj")  # not yet wrapped
+    remove_velora(llama)
+    assert len(apply_velora(llama, "paper", num_groups=8)) == 4  # re-applied on purpose
+
+
+def test_applying_again_to_wrapped_lora_adapters_says_so():
+    peft = pytest.importorskip("peft")
+    model = peft.get_peft_model(tiny_llama(), peft.LoraConfig(r=4, target_modules=["v_proj"]))
+    apply_velora(model, "paper", num_groups=4)  # v_proj's adapters and the plain down_proj
+    with pytest.raises(PlacementError, match=r"lora_A\.default, sub_token_size 16"):
+        apply_velora(model, ["*.v_proj"], num_groups=4)

@@ -302,6 +302,13 @@ def load_config(path_or_dict: str | os.PathLike | dict[str, Any]) -> VeloraConfi
         raise ConfigError(f"{where}expected a JSON object, got {type(data).__name__}")
     if "recommendation" in data and "candidates" in data:
         return from_tune_document(data, source)
+    if "rows" in data and "settings" in data:  # what velora profile saves
+        model = data.get("model") or "MODEL"
+        raise ConfigError(
+            f"{where}this is a profile document (velora profile), not a tune document: a profile "
+            "measures strategies and recommends none; run velora tune "
+            f"{model} --budget SIZE and export its document"
+        )
     kind = data.get("format")
     if kind != FORMAT:
         hint = (

@@ -218,13 +218,23 @@ def apply_velora(
         the adapters' A projections (``...q_proj.lora_A.default``).
 
     Raises:
-        PlacementError: unknown preset, nothing matched, or a size mapping misses a layer.
+        PlacementError: unknown preset, nothing matched, a size mapping misses a layer, or the
+            placement selects layers that are VeLoRA layers already (`remove_velora` first).
         SubTokenSizeError: a sub-token size or group count that does not divide a layer's width.
     """
     if sub_token_size is not None and num_groups is not None:
         raise PlacementError("give sub_token_size or num_groups, not both")
     if sub_token_size is None and num_groups is None:
         num_groups = DEFAULT_NUM_GROUPS
+    already = _already_wrapped(model, layers)
+    if already:
+        name, module = next(iter(already.items()))
+        more = f" and {len(already) - 1} more" if len(already) > 1 else ""
+        raise PlacementError(
+            f"placement {layers!r} selects layers that are VeLoRA layers already ({name}, "
+            f"sub_token_size {module.sub_token_size}{more}); call remove_velora(model) first "
+            "to apply them with new settings"
+        )
     selected = select_layers(model, layers)
 
     # Expand LoRA layers into their adapters' A projections (the paper's fine-tuning placement).
@@ -251,6 +261,22 @@ def apply_velora(
             model, name, _wrap(module, sub_token_size=sizes[name], init=init, seed=seed + index)
         )
     return list(targets)
+
+
+def _already_wrapped(model: nn.Module, layers: str | list[str]) -> dict[str, nn.Module]:
+    """The VeLoRA layers of ``model`` that ``layers`` would select (a LoRA adapter's wrapped A
+    projection counts as its LoRA layer), by qualified name."""
+    roles, patterns = parse_placement(layers)
+    found = {}
+    for name, module in velora_layers(model).items():
+        owner = name.split(".lora_A.")[0]  # ...q_proj.lora_A.default -> ...q_proj
+        if patterns:
+            hit = any(_matches(owner, p) for p in patterns)
+        else:
+            hit = in_block(owner) and ("*" in roles or layer_role(owner) in roles)
+        if hit:
+            found[name] = module
+    return found
 
 
 def remove_velora(model: nn.Module) -> list[str]:

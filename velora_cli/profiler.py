@@ -10,16 +10,14 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as _dt
-import json
-import os
 import platform
-import re
-import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from velora_cli.files import profiles_dir, reserve, slug, write_atomic
 from velora_cli.measure.train_step import LOWRANK_OPTIMIZERS, SpecError, StepSpec, Strategy
+from velora_cli.num_groups import PAPER_GROUPS
 
 LOWRANK_NOTICE = (
     "galore/adarankgrad: 2-D weights (not embeddings or the output layer) take their Adam step "
@@ -29,7 +27,7 @@ LOWRANK_NOTICE = (
     "listed too (the estimate backend, without values, runs every weight at that cap)"
 )
 DEFAULT_PLACEMENTS = ("paper", "qkv+down", "mlp", "all-linear")
-DEFAULT_NUM_GROUPS = (64, 32, 16)
+DEFAULT_NUM_GROUPS = (64, 32, 16)  # where no model is known; the CLI chooses per model (num_groups)
 DEFAULT_GC_EVERY = (2,)
 # Below this many parameters × tokens, `auto` without a GPU also times real CPU steps.
 CPU_TIMING_LIMIT = 60e6 * 2048
@@ -47,7 +45,8 @@ def plan_strategies(
 
     baseline; gc (every layer); gc every n for each n > 1 in ``gc_every``; VeLoRA for each
     placement × sub-token choice; and, when ``velora_gc``, VeLoRA + full checkpointing for each
-    placement at the middle sub-token choice.
+    placement at the paper's choice (``num_groups`` 32, M = D/32) when it is one of the choices,
+    else at the middle one.
     """
     if num_groups and sub_token_sizes:
         raise SpecError("give --num-groups or --sub-token-size, not both")
@@ -64,7 +63,8 @@ def plan_strategies(
     rows += [Strategy(gc=n) for n in dict.fromkeys(gc_every) if n > 1]
     rows += [Strategy(placement=p, **s) for p in placements for s in sizes]
     if velora_gc and placements:
-        middle = sizes[len(sizes) // 2]
+        paper = {"num_groups": PAPER_GROUPS}  # paper Table 5b: M = D/32
+        middle = paper if paper in sizes else sizes[len(sizes) // 2]
         rows += [Strategy(placement=p, gc=True, **middle) for p in placements]
     return rows
 
@@ -205,27 +205,15 @@ def strategy_fields(strategy: Strategy) -> dict[str, Any]:
     }
 
 
-def write_atomic(path: Path, document: dict[str, Any]) -> None:
-    """Write JSON so that a reader (or a crash) never sees a half-written file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as fh:
-            json.dump(document, fh, indent=2)
-            fh.write("\n")
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def default_save_path(spec: StepSpec, backend: str, directory: Path | None = None) -> Path:
-    directory = directory or Path(os.environ.get("VELORA_PROFILES_DIR", "profiles"))
-    slug = re.sub(r"[^A-Za-z0-9_.-]+", "_", spec.model).strip("_")
-    stamp = _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
-    return directory / f"profile-{slug}-{backend}-{stamp}.json"
+    """A new document name under the profiles directory, taken for this run alone
+    (``profile-<model>-<backend>-<stamp>[-n].json``, created exclusively: `files.reserve`).
+
+    Raises:
+        OutputError: the directory is not writable (checked before anything is measured).
+    """
+    stem = f"profile-{slug(spec.model)}-{backend}"
+    return reserve(directory or profiles_dir(), stem, ".json")
 
 
 def make_backend(
@@ -356,6 +344,8 @@ def run_profile(
         )
     if any(s.optimizer in LOWRANK_OPTIMIZERS for s in specs):
         document["notices"].append(LOWRANK_NOTICE)
+    if save_path is not None:
+        write_atomic(save_path, document)  # the settings are saved before the first row
     rows: list[dict[str, Any]] = []
     plan = [(s, strategy) for s in specs for strategy in strategies]
     for index, (row_spec, strategy) in enumerate(plan):

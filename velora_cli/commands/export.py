@@ -41,6 +41,10 @@ def export_config(
     from velora_cli import autotune, configs
     from velora_cli.exports import peft, trainer
 
+    if output:
+        from velora_cli.files import check_output_file
+
+        check_output_file(output, "--output")
     path = Path(source) if source else autotune.latest("tune-*.json")
     if path is None:
         raise UserError(
@@ -67,7 +71,9 @@ def export_config(
         }
     text = json.dumps(data, indent=2) + "\n"
     if output:
-        Path(output).write_text(text)
+        from velora_cli.files import write_text_atomic
+
+        write_text_atomic(output, text)
         err(f"wrote {output} ({output_format} format, from {path})")
     else:
         typer.echo(text, nl=False)

@@ -117,11 +117,14 @@ def profile_footer(document: dict[str, Any]) -> list[str]:
             "quantized_bytes in json/csv)"
         )
     env = document.get("environment", {})
-    device = env.get("gpu_name") or f"CPU ({env.get('cpu_threads')} threads)"
-    lines.append(
-        f"measured on {device}; torch {env.get('torch')}, transformers {env.get('transformers')}"
-    )
+    versions = f"torch {env.get('torch')}, transformers {env.get('transformers')}"
     sources = {r.get("step_seconds_source") for r in document["rows"] if r.get("step_seconds")}
+    if document["backend"] == "estimate":  # memory never touched a device
+        cpu = f"; step times measured on CPU ({env.get('cpu_threads')} threads)" if sources else ""
+        lines.append(f"estimated on meta tensors, no device used{cpu}; {versions}")
+    else:
+        device = env.get("gpu_name") or f"CPU ({env.get('cpu_threads')} threads)"
+        lines.append(f"measured on {device}; {versions}")
     if document["backend"] == "estimate":
         lines.append(
             "memory: estimated on meta tensors (allocations rounded as the CUDA caching "
@@ -229,7 +232,7 @@ def breakdown_table(document: dict[str, Any], limit: int = 12):
             patterns[name] = max(patterns.get(name, 0), nbytes)
     top = sorted(patterns, key=lambda n: -patterns[n])[:limit]
     table = Table(title="saved activations by module (largest first)", title_justify="left")
-    table.add_column("module")
+    table.add_column("module", overflow="fold")  # a narrow terminal wraps names, never cuts them
     for r in rows:
         table.add_column(r["label"], justify="right")
     for name in top:

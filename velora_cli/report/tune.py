@@ -6,6 +6,8 @@ from typing import Any
 
 from velora_cli.report.units import fmt_bytes, format_bytes
 
+MODE_NAMES = {"full": "full-parameter training", "lora": "LoRA", "qlora": "QLoRA"}
+
 
 def describe(row: dict[str, Any]) -> str:
     """A candidate in words: ``full · velora paper g32 · gc every 2 · micro-batch 4 × 2``, with
@@ -62,7 +64,7 @@ def tune_table(document: dict[str, Any]):
         "tok/s",
         "probe loss",
         "Δ loss",
-        "grad cos",
+        "min grad cos",  # the smallest cosine over the compressed layers (probes.gradient_fidelity)
     ):
         table.add_column(name, justify="right", no_wrap=True)
     table.add_column("note", overflow="fold", max_width=48)
@@ -82,7 +84,7 @@ def tune_table(document: dict[str, Any]):
             "—" if r.get("step_seconds") is None else f"{r['step_seconds']:.2f} s",
             "—" if r.get("tokens_per_second") is None else f"{r['tokens_per_second']:,.0f}",
             "—" if r.get("loss") is None else f"{r['loss']:.4f}",
-            "—" if li is None else f"{li:+.2%}",
+            "" if li is None or r.get("loss") is None else f"{li:+.2%}",  # unprobed: nothing
             "—" if cos is None else f"{cos:.3f}",
             r.get("note") or "",
         )
@@ -140,6 +142,14 @@ def summary_lines(document: dict[str, Any]) -> list[str]:
         return lines
     li = rec.get("loss_increase")
     real = "estimated, not run" if document["backend"] == "estimate" else "verification run"
+    searched = document.get("settings", {}).get("modes") or []
+    if rec.get("mode") != "full" and "full" in searched:  # the mode changes: say it first
+        lines.append(
+            f"recommended: {MODE_NAMES[rec['mode']]} instead of full-parameter training: it "
+            "trains adapters on a frozen base, not all parameters; pass --mode full to keep "
+            "full-parameter training (the accuracy probe compares VeLoRA within a mode, not "
+            "modes with each other)"
+        )
     lines += [
         f"recommended: {describe(rec)}",
         f"  peak {format_bytes(rec['peak_bytes'])} ({real}) ≤ limit "
@@ -150,16 +160,13 @@ def summary_lines(document: dict[str, Any]) -> list[str]:
             if rec.get("tokens_per_second") is None
             else f" · {rec['tokens_per_second']:,.0f} tokens/s"
         )
-        + ("" if li is None else f" · loss {li:+.2%} vs {_baseline_of(rec)}"),
+        + (
+            ""
+            if li is None or rec.get("loss") is None  # not probed: nothing to report
+            else f" · loss {li:+.2%} vs {_baseline_of(rec)}"
+        ),
         f"  why: {rec['reason']}",
     ]
-    searched = document.get("settings", {}).get("modes") or []
-    if rec.get("mode") != "full" and "full" in searched:
-        lines.append(
-            f"  note: this trains {rec['mode'].upper()} adapters on a frozen base, not all "
-            "parameters; the accuracy probe compares VeLoRA within a mode, not modes with each "
-            "other. Pass --mode full to keep full-parameter training."
-        )
     if document.get("path"):
         lines.append(
             f"  export: velora export-config --from {document['path']} --format velora|peft|trainer"
