@@ -248,12 +248,14 @@ def _ranker(pts: list[Point]):
 
 
 def _rank_ticks(ax, pts: list[Point]) -> None:
-    from matplotlib.ticker import FuncFormatter, MaxNLocator
+    """Ticks at round ranks (1 = fastest, at the right)."""
+    from matplotlib.ticker import MaxNLocator
 
     count = len({tuple(p.row.get("cost_rank") or ()) for p in pts})
+    ranks = [int(r) for r in MaxNLocator(nbins=6, integer=True).tick_values(1, count)]
+    ranks = sorted({1, *(r for r in ranks if 1 <= r <= count)})
     ax.set_xlim(0.5, count + 0.5)
-    ax.xaxis.set_major_locator(MaxNLocator(integer=True, nbins=8))
-    ax.xaxis.set_major_formatter(FuncFormatter(lambda x, _: f"{count - int(x) + 1}"))
+    ax.set_xticks([count - r + 1 for r in ranks], [str(r) for r in ranks])
 
 
 def _rank_label(timed: list[Point]) -> str:

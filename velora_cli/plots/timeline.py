@@ -12,7 +12,7 @@ from __future__ import annotations
 from typing import Any
 
 from velora_cli.plots.style import CATEGORY_COLOURS, CATEGORY_LABELS, byte_unit
-from velora_cli.report.units import format_bytes
+from velora_cli.report.units import fmt_delta, format_bytes
 
 # Background of each kind of phase; the label drawn in it.
 PHASE_SHADES = {
@@ -29,8 +29,8 @@ DRAWN_POINTS = 600
 
 def default_rows(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """The rows a timeline compares by default: baseline, gc (every layer), the VeLoRA row with
-    the lowest peak and the VeLoRA + checkpointing row with the lowest peak, of the first
-    optimizer; only rows that carry a timeline.
+    the lowest peak and the VeLoRA + checkpointing row with the lowest peak (ties: the fewest
+    saved activations), of the first optimizer; only rows that carry a timeline.
 
     Args:
         rows: a profile document's rows.
@@ -49,8 +49,13 @@ def default_rows(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     ]
     for with_gc in (False, True):
         velora = [r for r in ok if r.get("strategy") == "velora" and bool(r.get("gc")) == with_gc]
-        chosen.append(min(velora, key=lambda r: r["peak_bytes"]) if velora else None)
+        chosen.append(min(velora, key=_leanest) if velora else None)
     return [r for r in chosen if r is not None]
+
+
+def _leanest(row: dict[str, Any]) -> tuple[int, int]:
+    # equal peaks (all in the optimizer step, say): the one that saves the most activations
+    return (row["peak_bytes"], row.get("activation_bytes") or 0)
 
 
 def draw_timelines(fig, rows: list[dict[str, Any]], *, baseline: int | None = None) -> None:
@@ -94,7 +99,7 @@ def _panel(ax, row, data, unit: int, present: list[str], baseline: int | None) -
     peak = row["peak_bytes"]
     change = ""
     if baseline and row.get("strategy") != "baseline":
-        change = f" ({100 * (peak - baseline) / baseline:+.0f}% vs baseline)".replace("-", "−")
+        change = f" ({fmt_delta(100 * (peak - baseline) / baseline)} vs baseline)"
     ax.set_title(f"{row['label']}\npeak {format_bytes(peak)}{change}", loc="left")
     ax.set_xlabel(_x_label(data))
 
