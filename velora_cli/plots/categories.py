@@ -40,8 +40,10 @@ def draw_categories(ax, rows: list[dict[str, Any]], *, legend: bool = True) -> N
                 color=UNKNOWN_COLOUR, label="no categories (allocator peak)", lw=0)  # fmt: skip
     for i, r in enumerate(ok):
         where = (r.get("timeline") or {}).get("peak", {}).get("phase") or _phase(r)
-        ax.text(r["peak_bytes"] / unit, i, f"  {format_bytes(r['peak_bytes'])}"
-                + (f" · {where}" if where else ""), va="center", fontsize=7.5)  # fmt: skip
+        label = format_bytes(r["peak_bytes"]) + (f" · {where}" if where else "")
+        ax.annotate(label, (r["peak_bytes"] / unit, i), xytext=(4, 0), textcoords="offset points",
+                    va="center", fontsize=7.5, bbox={"boxstyle": "square,pad=0.1", "fc": "white",
+                    "ec": "none"})  # fmt: skip
     base = next((r for r in ok if r.get("strategy") == "baseline"), None)
     if base is not None:
         ax.axvline(base["peak_bytes"] / unit, color="#333333", lw=0.8, ls="--", zorder=0)

@@ -67,6 +67,7 @@ def _profile_sections(document: dict[str, Any], rows: list[str] | None):
     from velora_cli import report
     from velora_cli.plots.profile import (
         categories_figure,
+        no_timeline,
         select_rows,
         timeline_figure,
         title,
@@ -88,7 +89,7 @@ def _profile_sections(document: dict[str, Any], rows: list[str] | None):
             )
         )
     else:
-        sections.append(Section("Memory over one training step", lines=[_no_timeline(document)]))
+        sections.append(Section("Memory over one training step", lines=[no_timeline(document)]))
     sections.append(
         Section(
             "What fills memory at each row's peak",
@@ -121,16 +122,6 @@ def _profile_sections(document: dict[str, Any], rows: list[str] | None):
 def _check_profile(document: dict[str, Any]) -> None:
     if not any(r.get("status") == "ok" and r.get("peak_bytes") for r in document["rows"]):
         raise PlotError("the profile has no measured row to draw (every row failed)")
-
-
-def _no_timeline(document: dict[str, Any]) -> str:
-    if document.get("backend") == "cuda":
-        return (
-            "no timeline: the cuda backend reads the allocator's counters, not a trace; "
-            "velora profile --backend cuda --memory-snapshot DIR records CUDA snapshots for "
-            "PyTorch's memory_viz, --backend estimate draws this timeline"
-        )
-    return "no timeline in this document (written by an older velora: profile again to get one)"
 
 
 # -- tune ----------------------------------------------------------------------------------------

@@ -85,6 +85,7 @@ def combined_figure(document: dict[str, Any], rows: list[dict[str, Any]]):
     fig.suptitle(title(document), x=0.01, ha="left", fontweight="bold")
     if not rows:
         draw_categories(fig.subplots(), document["rows"], legend=True)
+        fig.supxlabel(no_timeline(document), fontsize=7, color="#555555", x=0.01, ha="left")
         return fig
     upper, lower = fig.subfigures(2, 1, height_ratios=[top, bottom])
     base = _baseline_peak(document)
@@ -96,6 +97,17 @@ def combined_figure(document: dict[str, Any], rows: list[dict[str, Any]]):
         upper.supxlabel(note, fontsize=7, color="#555555", x=0.01, ha="left")
     draw_categories(lower.subplots(), document["rows"], legend=False)  # the timelines' legend
     return fig
+
+
+def no_timeline(document: dict[str, Any]) -> str:
+    """Why a profile has no timeline to draw, and what to run instead."""
+    if document.get("backend") == "cuda":
+        return (
+            "no timeline: the cuda backend reads the allocator's counters, not a trace; "
+            "velora profile --backend cuda --memory-snapshot DIR records CUDA snapshots for "
+            "PyTorch's memory_viz, --backend estimate draws this timeline"
+        )
+    return "no timeline in this document (written by an older velora: profile again to get one)"
 
 
 def _lines(rows: list[dict[str, Any]]) -> int:
