@@ -12,7 +12,7 @@ from typing import Annotated
 import typer
 
 from velora_cli import __version__
-from velora_cli.commands import export, models, profile, tune
+from velora_cli.commands import export, models, plot, profile, tune
 from velora_cli.commands.errors import state
 
 app = typer.Typer(
@@ -53,6 +53,7 @@ app.command()(profile.profile)
 app.command()(models.models)
 app.command()(tune.tune)
 app.command("export-config")(export.export_config)
+app.command()(plot.plot)
 
 
 def main() -> None:

@@ -28,6 +28,7 @@ def measurement_of(row: dict[str, Any], spec, use_device_peak: bool) -> Measurem
         detail["peak_source"] = "device_used_bytes (device-level, CUDA context included)"
     for key in ("peak_bytes", "step_seconds", "tokens_per_second", "status", "backend"):
         detail.pop(key, None)
+    detail.pop("timeline", None)  # the profile's picture; a tune keeps hundreds of candidates
     if row.get("wrapped_layers") is not None:
         detail["velora_layers"] = row["wrapped_layers"]  # feeds tuner.cost_rank
     return Measurement(

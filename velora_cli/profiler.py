@@ -314,6 +314,7 @@ def run_profile(
     placement_notes: dict[str, str | None] = {}
     invalid = validate_strategies(spec, strategies, notes=placement_notes)
     document: dict[str, Any] = {
+        "kind": "velora-profile",
         "model": spec.model,
         "mode": spec.mode,
         "batch_size": spec.batch_size,

@@ -222,3 +222,11 @@ ResumeFrom = Annotated[
     str | None,
     typer.Option("--resume-from", help="Continue this tune journal (.jsonl); implies --resume."),
 ]
+PlotOut = Annotated[
+    str | None,
+    typer.Option(
+        "--plot",
+        help="Also draw the result at the end: .png, .svg or .html (one offline page with "
+        "the tables); needs velora-cli[plot].",
+    ),
+]

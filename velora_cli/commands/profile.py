@@ -21,6 +21,7 @@ from velora_cli.commands.options import (
     LoraTargets,
     Mode,
     ModelArg,
+    PlotOut,
     Rank,
     SeqLen,
     TrustRemoteCode,
@@ -108,6 +109,15 @@ def profile(
     weights: Weights = False,
     trust_remote_code: TrustRemoteCode = False,
     gpu: Gpu = None,
+    plot: PlotOut = None,
+    memory_snapshot: Annotated[
+        str | None,
+        typer.Option(
+            "--memory-snapshot",
+            help="cuda backend: also record a CUDA memory snapshot of each row's step into "
+            "this directory, for PyTorch's memory_viz (skipped on other backends).",
+        ),
+    ] = None,
 ) -> None:
     """Measure peak memory and step time of VeLoRA placements vs baseline and checkpointing."""
     if output_format not in ("table", "json", "csv"):
@@ -118,6 +128,11 @@ def profile(
         if value is not None and value < (0 if name == "--warmup" else 1):
             raise UserError(f"{name} must be {'>= 0' if name == '--warmup' else '>= 1'}")
     get_gpu(gpu)  # an unknown --gpu fails before anything is built
+    if plot is not None:  # before the run, not after it
+        from velora_cli import plots
+
+        plots.check_output(plot)
+        plots.require_matplotlib()
     groups = int_list(num_groups, "--num-groups") if num_groups else None
     sizes = int_list(sub_token_size, "--sub-token-size") if sub_token_size else None
     gc_list = int_list(gc_every, "--gc-every")
@@ -192,6 +207,10 @@ def profile(
             "auto backend without a GPU: memory estimated on meta tensors; step "
             "times measured on this CPU where the model is small enough"
         )
+    if memory_snapshot:
+        from velora_cli.measure.snapshot import snapshot_notice
+
+        notices.append(snapshot_notice(backend_obj, memory_snapshot))
     save_path = profiler.default_save_path(spec, backend_obj.name) if save else None
     for notice in notices:
         err(f"note: {notice}")
@@ -218,6 +237,10 @@ def profile(
     render_profile(document, output_format, output, breakdown=breakdown)
     if save_path is not None:
         err(f"saved: {save_path}")
+    if plot is not None:
+        from velora_cli import plots
+
+        err(f"wrote {plots.render(document, plot)}")
 
 
 def render_profile(

@@ -24,6 +24,7 @@ from velora_cli.commands.options import (
     MicroBatches,
     ModelArg,
     Objective,
+    PlotOut,
     ProbeData,
     ProbeSteps,
     Rank,
@@ -85,6 +86,7 @@ def tune(
     weights: Weights = False,
     trust_remote_code: TrustRemoteCode = False,
     gpu: Gpu = None,
+    plot: PlotOut = None,
 ) -> None:
     """Find the fastest configuration that fits a memory budget, verified by a real run."""
     from velora_cli.tuner import OBJECTIVES
@@ -103,6 +105,11 @@ def tune(
         raise UserError("--probe-steps must be >= 0 (0 turns the probes off)")
     if max_measured is not None and max_measured < 1:
         raise UserError("--max-measured must be >= 1")
+    if plot is not None:  # before the run, not after it
+        from velora_cli import plots
+
+        plots.check_output(plot)
+        plots.require_matplotlib()
     from velora_cli.measure.train_step import MODES, OPTIMIZERS
 
     get_gpu(gpu)  # an unknown --gpu fails before anything is built
@@ -245,6 +252,10 @@ def tune(
         journal.release()
     render_tune(document, output_format)
     err(f"saved: {save_path}")
+    if plot is not None:  # also when nothing fits: the picture says why
+        from velora_cli import plots
+
+        err(f"wrote {plots.render(document, plot)}")
     if document["recommendation"] is None:
         fail(document["reason"])
 

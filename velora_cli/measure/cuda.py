@@ -40,6 +40,7 @@ class CudaBackend:
     steps: int = 5
     timeout: float = 1800.0
     name: str = "cuda"
+    memory_snapshot: str | None = None  # a directory: record each row's step (snapshot.py)
 
     def measure(self, spec: StepSpec, *, breakdown: bool = False) -> dict[str, Any]:
         request = {
@@ -48,6 +49,10 @@ class CudaBackend:
             "steps": self.steps,
             "breakdown": breakdown,
         }
+        if self.memory_snapshot:
+            from velora_cli.measure.snapshot import snapshot_path
+
+            request["memory_snapshot"] = str(snapshot_path(self.memory_snapshot, spec))
         try:
             proc = subprocess.run(
                 [sys.executable, "-m", "velora_cli.measure.cuda"],
@@ -152,6 +157,10 @@ def _worker(request: dict[str, Any]) -> dict[str, Any]:
         row["activation_breakdown"] = dict(
             sorted(counter.result.by_pattern().items(), key=lambda kv: -kv[1])
         )
+    if request.get("memory_snapshot"):  # after the peaks were read: one more, recorded step
+        from velora_cli.measure.snapshot import record_snapshot
+
+        row.update(record_snapshot(prepared, request["memory_snapshot"]))
     return row
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import time
 from typing import Any
 
+from velora_cli import timeline
 from velora_cli.accounting import SavedTensorCounter
 from velora_cli.measure.tracker import AllocationTrace, MemoryTracker
 from velora_cli.measure.train_step import Prepared, train_step
@@ -19,7 +20,8 @@ def tracked_step(
     prepared: Prepared, *, breakdown: bool, round_to: int = 512
 ) -> tuple[dict[str, Any], AllocationTrace]:
     """Run one step under the tracker; return the memory fields of a row and the step's
-    allocation trace (for the allocator model and the memory timeline).
+    allocation trace (for the allocator model). The row's ``timeline`` is the trace made
+    compact (velora_cli/timeline.py) for the memory-timeline picture.
 
     With galore/adarankgrad the tracked step refreshes every subspace (SVD or range finder on
     each gradient): their costliest step, so the peak holds for every step.
@@ -51,7 +53,11 @@ def tracked_step(
         row["activation_breakdown"] = dict(
             sorted(counter.result.by_pattern().items(), key=lambda kv: -kv[1])
         )
-    return row, tracker.trace
+    trace = tracker.trace
+    row["timeline"] = timeline.compact(
+        trace, micro_batches=(len(prepared.micro_batches), prepared.spec.grad_accum_steps)
+    )
+    return row, trace
 
 
 def force_refresh(prepared: Prepared) -> bool:
