@@ -166,7 +166,11 @@ def profile(
     if groups is None and sizes is None:
         # Default sub-token choices that do not fit this model's widths are left out (one
         # notice), rather than reported as failed rows the user never asked for.
+        from velora_cli.placement import FROZEN_REASON
+
         invalid = profiler.validate_strategies(spec, strategies)
+        # placements that select only frozen layers stay as error rows saying so
+        invalid = {s: why for s, why in invalid.items() if FROZEN_REASON not in why}
         if invalid:
             dropped = sorted({s.num_groups for s in invalid}, reverse=True)
             strategies = [s for s in strategies if s not in invalid]
