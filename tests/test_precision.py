@@ -56,7 +56,8 @@ def observed(mode: str, dtype: str, amp: str | None) -> dict:
         # AdamW: two moments per trained value, in the state's dtype
         "state_bytes_ok": prepared.optimizer_bytes()
         == 2 * sum(p.numel() for p in trained) * max(itemsize),
-        "grad_bytes_ok": prepared.grad_bytes() == sum(p.numel() * p.element_size() for p in trained),
+        "grad_bytes_ok": prepared.grad_bytes()
+        == sum(p.numel() * p.element_size() for p in trained),
     }
 
 

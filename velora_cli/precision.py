@@ -49,9 +49,7 @@ class Precision:
                 )
             return f"pure {self.trained}: {self.trained} weights, gradients and optimizer state"
         if self.quantized:
-            base = (
-                f"frozen base linears {self.quantized}, embeddings/norms/lm_head {self.frozen}"
-            )
+            base = f"frozen base linears {self.quantized}, embeddings/norms/lm_head {self.frozen}"
         else:
             base = f"frozen base {self.frozen}"
         same = self.trained == self.grads == self.optimizer_state
