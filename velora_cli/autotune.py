@@ -252,6 +252,7 @@ def run(
     document: dict[str, Any] = {
         "kind": "velora-tune",
         "model": settings.model,
+        "task": resolved.task,  # the head trained (export-config's PEFT task_type)
         "mode": ",".join(settings.modes),
         "batch_size": settings.batch_size,
         "seq_len": settings.seq_len,
