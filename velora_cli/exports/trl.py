@@ -8,6 +8,8 @@ What it must say because TRL's defaults differ from the Trainer's (read in TRL 1
 * ``SFTConfig`` turns gradient checkpointing on and ``bf16`` on by default: both are written
   explicitly, as measured (off unless the tune chose them).
 * ``max_length`` (default 1024) is the measured sequence length.
+* ``SFTTrainer`` computes the loss through a tiled LM head (``add_fused_lm_head``) instead of the
+  model's full logits: the one part of its step that differs from velora's (said in the notes).
 * ``SFTTrainer`` casts the trained parameters of a 4-bit model to bf16 (QLoRA), where velora
   measured them in fp32 (peft's default): the snippet casts them back, so the run is the one
   measured; drop those lines to keep TRL's bf16 adapters (less memory than planned).
@@ -98,6 +100,12 @@ def notes(config: VeloraConfig, lora: dict[str, Any] | None, own_velora: bool) -
             "SFTTrainer(...); without that the adapters, their gradients and AdamW state take "
             "half the bytes planned"
         )
+    out.append(
+        f"TRL {trl_version()} computes the loss through a tiled LM head (add_fused_lm_head: "
+        "log-probs without the full logits velora's step materializes): that part of the "
+        "memory differs from the plan (lower for a large vocabulary); VeloraCallback reports "
+        "the run's real peaks beside the plan"
+    )
     if config.seq_len:
         out.append(
             f"max_length {config.seq_len}: velora measured every sequence at {config.seq_len} "
