@@ -73,18 +73,25 @@ def profiles(tmp_path, monkeypatch):
     return tmp_path / "profiles"
 
 
-def test_a_prepared_run_matches_its_plan_and_is_recorded(tmp_path, profiles, capsys):
-    import velora_cli
-
-    assert velora_cli.VeloraCallback is VeloraCallback  # the public, lazily imported name
+@pytest.fixture(scope="module")
+def prepared_run(tmp_path_factory):
+    """One Trainer run of a model prepared as planned (apply_config), its record on disk."""
+    tmp = tmp_path_factory.mktemp("run")
     config = tuned()
     model = tiny()
     apply_config(model, config)
-    callback = VeloraCallback(config)
-    trainer, mismatch = train(model, callback, tmp_path)
+    callback = VeloraCallback(config, path=tmp / "profiles" / "run-llama-tiny-test.json")
+    trainer, mismatch = train(model, callback, tmp)
+    return config, callback, trainer, mismatch
+
+
+def test_a_prepared_run_matches_its_plan_and_is_recorded(prepared_run):
+    import velora_cli
+
+    assert velora_cli.VeloraCallback is VeloraCallback  # the public, lazily imported name
+    config, callback, trainer, mismatch = prepared_run
     assert mismatch == [] and callback.mismatches == []
-    [path] = profiles.glob("run-llama-tiny-*.json")
-    record = load_run(path)
+    record = load_run(callback.path)
     assert record["kind"] == "velora-run" and record["status"] == "finished"
     assert record["device"] == "cpu" and len(record["intervals"]) == 2
     assert record["observed"]["micro_batch_size"] == 2 and record["observed"]["gc_every"] is None
@@ -103,8 +110,49 @@ def test_a_prepared_run_matches_its_plan_and_is_recorded(tmp_path, profiles, cap
     logged = [h for h in trainer.state.log_history if "velora/tensor_peak_bytes" in h]
     assert len(logged) == 2 and "velora/tensor_peak_bytes_vs_plan" in logged[0]
     assert "velora/rss_peak_bytes_vs_plan" not in logged[0]  # RSS is not like for like
-    err = capsys.readouterr().err
-    assert "velora step 4: tracked tensors" in err and "peak RSS (whole process)" in err
+    line = callback.line(last)
+    assert line.startswith("velora step 4: tracked tensors") and "peak RSS (whole process)" in line
+
+
+def test_profile_compare_shows_the_run_beside_the_prediction(prepared_run, monkeypatch):
+    from typer.testing import CliRunner
+
+    from velora_cli.cli import app
+
+    _, callback, _, _ = prepared_run
+    monkeypatch.setenv("VELORA_PROFILES_DIR", str(callback.path.parent))
+    runner = CliRunner()
+    result = runner.invoke(app, ["profile", "--compare", "latest", "--backend", "estimate",
+                                 "--format", "json", "--no-save"])  # fmt: skip
+    assert result.exit_code == 0, result.output
+    document = json.loads(result.stdout)
+    assert document["kind"] == "velora-run-comparison" and document["backend"] == "estimate"
+    assert document["spec"]["grad_accum_steps"] == 2 and document["spec"]["seq_len"] == SEQ
+    rows = {r["figure"]: r for r in document["rows"]}
+    tensor = rows["tensor_peak_bytes"]  # the meta estimate of the step the Trainer ran
+    assert tensor["predicted"] == document["row"]["peak_bytes"]
+    assert abs(tensor["relative_error"]) < 0.02 and abs(tensor["plan_error"]) < 0.02, tensor
+    assert not rows["rss_peak_bytes"]["like_for_like"]
+    table = runner.invoke(app, ["profile", "--compare", str(callback.path), "--backend",
+                                "estimate", "--no-save"])  # fmt: skip
+    assert table.exit_code == 0 and "tracked tensor peak" in table.stdout
+    assert "not like for like" in table.stdout
+    refused = runner.invoke(app, ["profile", "--compare", "latest", "-b", "8"])
+    assert refused.exit_code == 1
+    assert "--compare predicts what the run ran, so --batch-size cannot change it" in refused.stderr
+
+
+def test_profile_compare_without_a_record(tmp_path):
+    from typer.testing import CliRunner
+
+    from velora_cli.cli import app
+
+    result = CliRunner().invoke(app, ["profile", "--compare", "latest"])
+    assert result.exit_code == 1 and "no run record under" in result.stderr
+    tune = tmp_path / "tune.json"
+    tune.write_text(json.dumps({"kind": "velora-tune"}))
+    result = CliRunner().invoke(app, ["profile", "--compare", str(tune)])
+    assert result.exit_code == 1 and "not a velora run record" in result.stderr
 
 
 def test_the_mismatch_warning_fires_when_the_model_was_not_prepared(tmp_path, profiles):
@@ -197,3 +245,26 @@ def test_the_trl_export_reproduces_the_plan_under_sft_trainer(tmp_path, profiles
             "peft" if placement == "all-linear" else "velora"
         }
         assert callback.record["observed"]["gc_every"] == 1
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_a_cuda_run_records_allocator_and_device_peaks(tmp_path):
+    from transformers import Trainer, TrainingArguments
+
+    config = tuned()  # a cpu plan: its allocated prediction is the tracked tensor peak
+    model = tiny().cuda()
+    apply_config(model, config)
+    callback = VeloraCallback(config, path=tmp_path / "run.json")
+    args = TrainingArguments(output_dir=str(tmp_path / "out"), per_device_train_batch_size=2,
+                             gradient_accumulation_steps=2, max_steps=4, logging_steps=2,
+                             report_to="none", save_strategy="no", optim="adamw_torch")  # fmt: skip
+    Trainer(model=model, args=args, train_dataset=data(), callbacks=[callback]).train()
+    record = load_run(callback.path)
+    assert record["device"] == "cuda" and callback.mismatches == []
+    memory = record["intervals"][-1]["memory"]
+    assert 0 < memory["allocated_bytes"] <= memory["reserved_bytes"]
+    if memory["device_used_bytes"] is not None:  # NVML: the whole device, context included
+        assert memory["device_used_bytes"] >= memory["reserved_bytes"]
+    assert "allocated_bytes" in record["summary"]["versus"]
+    assert "tensor_peak_bytes" not in memory  # the allocator counts on CUDA
