@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from velora_cli import autotune
-from velora_cli.configs import VeloraConfig
+from velora_cli.configs import VeloraConfig, load_config
 from velora_cli.exports import NotExpressible, export
 from velora_cli.exports.peft import lora_kwargs, to_peft
 from velora_cli.placement import PRESETS, FrozenPlacementError
@@ -188,6 +188,7 @@ def test_sft_config_states_every_measured_setting(tmp_path, gc):
         )
     assert args.max_length == 32
     assert data["peft_config"]["velora_config"]["num_groups"] == 4 and not data["apply_velora"]
+    assert load_config(data) == config  # VeloraCallback(trl export) reads its velora part
     compile(data["snippet"], "snippet", "exec")
 
 
