@@ -55,18 +55,22 @@ def num_groups_of(config: VeloraConfig) -> list[int]:
     return [g for g, _ in counts.most_common()]
 
 
+def task_of(config: VeloraConfig) -> str | None:
+    """The head the model trains (``causal-lm``, ``masked-lm``): the config's, else read from
+    the model; None when the model cannot be resolved here (an unreachable hub id)."""
+    if config.task is not None:
+        return config.task
+    from velora_cli.models import ModelError, resolve_model
+
+    try:
+        return resolve_model(config.model).task
+    except ModelError:
+        return None
+
+
 def task_type(config: VeloraConfig) -> str | None:
-    """PEFT's ``task_type`` for the model's head (the config's, else read from the model).
-
-    Raises:
-        ModelError: the config does not say, and the model cannot be resolved here.
-    """
-    task = config.task
-    if task is None:
-        from velora_cli.models import resolve_model
-
-        task = resolve_model(config.model).task
-    return TASK_TYPES.get(task)
+    """PEFT's ``task_type`` for the model's head (None: PEFT has none, or the head is unknown)."""
+    return TASK_TYPES.get(task_of(config))
 
 
 def lora_kwargs(config: VeloraConfig, task: str | None) -> dict[str, Any]:
@@ -188,10 +192,16 @@ def notes(config: VeloraConfig, task: str | None) -> list[str]:
             f"velora_config.scale {VELORA_SCALE}: velora's VeLoRA has no scale, so the measured "
             "run used 1.0 (a different scale changes the weight gradient, not the memory)"
         )
-    if task is None:
+    head = task_of(config)
+    if task is None and head is None:
         out.append(
-            f"no task_type: PEFT has none for a {config.task or 'masked-lm'} head, so "
-            "get_peft_model builds a plain PeftModel (as velora measured)"
+            f"no task_type: {config.model}'s head is unknown here; add task_type='CAUSAL_LM' "
+            "for a causal LM (velora measured a plain PeftModel, the same layers)"
+        )
+    elif task is None:
+        out.append(
+            f"no task_type: PEFT has none for a {head} head, so get_peft_model builds a plain "
+            "PeftModel (as velora measured)"
         )
     rest = [f"micro-batch {config.micro_batch_size} × {config.grad_accum_steps} accumulation"]
     if config.gc_every:

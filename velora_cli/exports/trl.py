@@ -189,15 +189,11 @@ def export(config: VeloraConfig) -> Export:
             "--format trl needs TRL, which cannot be imported here: pip install trl "
             "(--format trainer writes the same settings for transformers' Trainer)"
         )
-    task = config.task
-    if task is None:
-        from velora_cli.models import resolve_model
-
-        task = resolve_model(config.model).task
-    if task != "causal-lm":
+    task = peft_export.task_of(config)
+    if task == "masked-lm":
         raise NotExpressible(
             "an SFTTrainer run",
-            [f"TRL's SFTTrainer trains causal language models; {config.model} is {task}"],
+            [f"TRL's SFTTrainer trains causal language models; {config.model} is masked-lm"],
             None,
             "--format trainer writes this configuration for transformers' Trainer",
         )
