@@ -212,3 +212,37 @@ def test_trl_missing_is_one_clear_line(monkeypatch):
     monkeypatch.setattr(trl_export, "trl_version", lambda: None)
     with pytest.raises(FormatUnavailable, match="needs TRL.*pip install trl"):
         export("trl", VeloraConfig(model="llama-tiny"))
+
+
+def test_export_config_never_writes_another_format_where_peft_was_asked(tmp_path):
+    from typer.testing import CliRunner
+
+    from velora_cli.cli import app
+
+    found = measured("lora", "paper", "all-linear")
+    document = {
+        "kind": "velora-tune", "model": "llama-tiny", "task": "causal-lm", "seq_len": 32,
+        "dtype": "fp32", "backend": "estimate", "candidates": [],
+        "settings": {"lora_rank": 8, "lora_targets": "all-linear"},
+        "recommendation": {"mode": "lora", "placement": "paper", "num_groups": GROUPS,
+                           "gc": False, "micro_batch_size": 2, "grad_accum_steps": 2,
+                           "optimizer": "adamw", "budget_bytes": 10**9, "peak_bytes": 10**6,
+                           "velora_layers": found["velora_layers"],
+                           "lora_layers": found["lora_layers"]},
+    }  # fmt: skip
+    tune = tmp_path / "tune.json"
+    tune.write_text(json.dumps(document))
+    target = tmp_path / "lora.json"
+    runner = CliRunner()
+    result = runner.invoke(app, ["export-config", "--from", str(tune), "--format", "peft",
+                                 "-o", str(target)])  # fmt: skip
+    assert result.exit_code == 1 and not target.exists() and result.stdout == ""
+    [line] = result.stderr.strip().splitlines()  # one line: the reason, the nearest, the command
+    assert line.startswith("error: not expressible as a peft.LoraConfig: placement 'paper'")
+    assert "Nearest that is: VeLoRA on all 14 LoRA adapters, g4" in line
+    assert "velora tune llama-tiny --budget 1GB --backend estimate --batch-size 4" in line
+    assert "--placements all-linear --num-groups 4 && velora export-config --format peft" in line
+    # the same plan as TRL: exact, with velora's VeLoRA on the peft model
+    if importlib.util.find_spec("trl"):
+        result = runner.invoke(app, ["export-config", "--from", str(tune), "--format", "trl"])
+        assert result.exit_code == 0 and json.loads(result.stdout)["apply_velora"] is True

@@ -39,8 +39,8 @@ BNB_4BIT = (
 
 def trained_layers(config: VeloraConfig) -> dict[str, dict[str, int]]:
     """The measured VeLoRA layers that train: in LoRA modes the adapters' A projections only
-    (a tune before velora 0.1's issue 14 also listed frozen base linears, which compress
-    nothing)."""
+    (tune documents written before placements skipped frozen layers also list frozen base
+    linears, which compress nothing)."""
     layers = config.layers or {}
     if config.mode in LORA_MODES:
         return {name: e for name, e in layers.items() if ".lora_A." in name}
