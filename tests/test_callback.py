@@ -180,6 +180,9 @@ def test_checks_on_bare_models():
     assert any("checkpointing: the plan has every 2 layers, the model has none" in m for m in found)
     model.get_base_model().activation_checkpointing_enable(every_n_layers=2)
     assert observe(model)["gc_every"] == 2
+    sgd = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
+    assert any("optimizer: SGD, the plan measured adamw" in m
+               for m in mismatches(config, observe(model, optimizer=sgd)))  # fmt: skip
     # a 4-bit base with bf16 adapters (what TRL's SFTTrainer makes of QLoRA) against a QLoRA plan
     qlora = dataclasses.replace(config, mode="qlora", placement=None, num_groups=None, layers=None)
     for p in model.parameters():

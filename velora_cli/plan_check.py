@@ -18,6 +18,14 @@ DTYPE_NAMES = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}
 # What a wrapper adds in front of module names: DDP/accelerate (module.), torch.compile
 # (_orig_mod.); PEFT's base_model.model. is kept (velora's plan records it too).
 WRAPPER_PREFIXES = ("module.", "_orig_mod.")
+# the optimizer classes (lower case) that run each planned optimizer: torch's AdamW and SGD,
+# velora's GaLoreAdamW and AdaRankGrad, galore-torch's GaLoreAdamW (transformers' galore_adamw)
+OPTIMIZER_CLASSES = {
+    "adamw": {"adamw"},
+    "sgd": {"sgd"},
+    "galore": {"galoreadamw"},
+    "adarankgrad": {"adarankgrad"},
+}
 OPTIMIZER_CLASSES = {
     "adamw": "adamw",
     "sgd": "sgd",
@@ -203,8 +211,10 @@ def mismatches(config: VeloraConfig, seen: dict[str, Any]) -> list[str]:
             f"frozen parameters are {'/'.join(seen['frozen_dtypes'])}, the plan measured "
             f"{planned.frozen} (load the model with that dtype)"
         )
-    # class names: torch's AdamW/SGD, velora's GaLoreAdamW/AdaRankGrad, galore-torch's GaLoreAdamW
-    if seen.get("optimizer") and config.optimizer not in seen["optimizer"].lower():
+    if (
+        seen.get("optimizer")
+        and seen["optimizer"].lower() not in OPTIMIZER_CLASSES[config.optimizer]
+    ):
         out.append(
             f"optimizer: {seen['optimizer']}, the plan measured {config.optimizer} (velora "
             "export-config --format trainer/trl sets optim)"
