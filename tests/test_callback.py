@@ -52,15 +52,17 @@ def data(n=24):
     return rows
 
 
-def train(model, callback, tmp_path, micro=2, accum=2, steps=4, **args):
+def train(model, callback, tmp_path, micro=2, accum=2, steps=4, evaluate=False, **args):
     from transformers import Trainer, TrainingArguments
 
     args = TrainingArguments(
         output_dir=str(tmp_path / "out"), per_device_train_batch_size=micro,
         gradient_accumulation_steps=accum, max_steps=steps, logging_steps=2, report_to="none",
-        save_strategy="no", use_cpu=True, optim="adamw_torch", disable_tqdm=True, **args,
+        save_strategy="no", use_cpu=True, optim="adamw_torch", disable_tqdm=True,
+        **({"eval_strategy": "steps", "eval_steps": 2} if evaluate else {}), **args,
     )  # fmt: skip
-    trainer = Trainer(model=model, args=args, train_dataset=data(), callbacks=[callback])
+    trainer = Trainer(model=model, args=args, train_dataset=data(), callbacks=[callback],
+                      eval_dataset=data(4) if evaluate else None)  # fmt: skip
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         trainer.train()
@@ -158,7 +160,9 @@ def test_profile_compare_without_a_record(tmp_path):
 def test_the_mismatch_warning_fires_when_the_model_was_not_prepared(tmp_path, profiles):
     config = tuned(gc=True)
     callback = VeloraCallback(config)
-    _, mismatch = train(tiny(), callback, tmp_path, micro=4, accum=1)  # no apply_config
+    _, mismatch = train(
+        tiny(), callback, tmp_path, micro=4, accum=1, evaluate=True
+    )  # no apply_config
     assert len(mismatch) == 1
     message = str(mismatch[0].message)
     assert "VeLoRA: 0 of 4 planned layers are wrapped" in message
@@ -166,6 +170,10 @@ def test_the_mismatch_warning_fires_when_the_model_was_not_prepared(tmp_path, pr
     assert "per_device_train_batch_size=4, the plan 2" in message
     record = load_run(next(profiles.glob("run-*.json")))
     assert len(record["mismatches"]) == 4  # VeLoRA, checkpointing, micro-batch, accumulation
+    # evaluations are recorded apart from the training intervals
+    assert [e["step"] for e in record["evaluations"]] == [2, 4]
+    assert all(e["memory"]["rss_peak_bytes"] > 0 for e in record["evaluations"])
+    assert len(record["intervals"]) == 2 and record["intervals"][-1]["step"] == 4
 
 
 def test_checks_on_bare_models():

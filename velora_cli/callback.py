@@ -73,11 +73,11 @@ class VeloraCallback(TrainerCallback):
         self._main = True
         self._pending: dict[str, Any] | None = None  # the last interval, for the next on_log
         self._last_tracked = False
-        self._reset_counts()
-        self._tokens = 0
-        self._seq_max = 0
+        self._carry: dict[str, int | None] = {}  # peaks read before an evaluation mid-interval
+        self._cuda = self._torch = None
         self._step_start: float | None = None
         self._step_tokens = 0
+        self._reset_counts()
 
     # -- train begin: the check ------------------------------------------------------------------
 
@@ -186,6 +186,9 @@ class VeloraCallback(TrainerCallback):
         self._peaks.sample()
         if control.should_log or control.should_training_stop:
             self._close_interval(state)
+        elif control.should_evaluate:  # keep the training peaks apart from the evaluation's
+            self._carry = _highest(self._carry, self._peaks.read())
+            self._peaks.reset()
 
     # -- each logging interval: beside the plan ------------------------------------------------------
 
@@ -195,7 +198,8 @@ class VeloraCallback(TrainerCallback):
         memory: dict[str, int | None] = {}
         if self._tensor_peak is not None:
             memory["tensor_peak_bytes"] = self._tensor_peak
-        memory.update(self._peaks.read())
+        memory.update(_highest(self._carry, self._peaks.read()))
+        self._carry = {}
         timed_seconds = sum(s for s, _ in self._timed)
         timed_tokens = sum(t for _, t in self._timed)
         tps = timed_tokens / timed_seconds if timed_seconds > 0 else None
@@ -224,7 +228,7 @@ class VeloraCallback(TrainerCallback):
         self._reset_counts()
 
     def on_evaluate(self, args, state, control, **kwargs):
-        """An evaluation's peaks, apart: the next training interval starts after it."""
+        """An evaluation's own peaks (the training steps before it were read at step end)."""
         if self._peaks is None:
             return
         if self._main and self.record is not None:
@@ -314,13 +318,21 @@ class VeloraCallback(TrainerCallback):
         self._interval_start = time.perf_counter()
 
     def _sync(self) -> None:
-        if getattr(self, "_cuda", None) is not None:
+        if self._cuda is not None:
             self._torch.cuda.synchronize(self._cuda)
 
     def _write(self) -> None:
         from velora_cli.profiler import write_atomic
 
         write_atomic(self.path, self.record)
+
+
+def _highest(a: dict[str, int | None], b: dict[str, int | None]) -> dict[str, int | None]:
+    """Figure by figure, the higher of two peak readings (None where neither has one)."""
+    out = dict(a)
+    for name, value in b.items():
+        out[name] = value if out.get(name) is None else max(out[name], value or 0)
+    return out
 
 
 def _now() -> str:
