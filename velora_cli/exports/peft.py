@@ -110,7 +110,7 @@ def check(config: VeloraConfig) -> tuple[list[str], Nearest | None, str]:
         return (
             [f"mode {config.mode}: a LoraConfig trains adapters, not the model's own weights"],
             Nearest(
-                "LoRA r=8 on all linear layers"
+                f"LoRA r={nearest.lora_rank} on all linear layers"
                 + (f", VeLoRA on every adapter (g{groups})" if config.uses_velora else ""),
                 nearest,
                 tune_command(nearest, then="peft"),
