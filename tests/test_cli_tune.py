@@ -43,9 +43,12 @@ def test_tune_json_document_and_export_round_trip(tmp_path, profiles):
     velora = json.loads(out.stdout)
     assert velora["format"] == "velora-config" and velora["model"] == "llama-tiny"
 
-    out = runner.invoke(app, ["export-config", "--format", "peft"])
-    assert out.exit_code == 0 and "PEFT cannot express this" in out.stderr
-    assert json.loads(out.stdout)["format"] == "velora-config"
+    lora = tmp_path / "lora.json"  # a full fine-tune: never velora's format where PEFT was asked
+    out = runner.invoke(app, ["export-config", "--format", "peft", "-o", str(lora)])
+    assert out.exit_code == 1 and out.stdout == "" and not lora.exists()
+    assert "error: not expressible as a peft.LoraConfig: mode full" in out.stderr
+    assert "measure it with: velora tune llama-tiny --budget 1GB" in out.stderr
+    assert len(out.stderr.strip().splitlines()) == 1
 
     target = tmp_path / "trainer.json"
     out = runner.invoke(app, ["export-config", "--format", "trainer", "-o", str(target)])
@@ -80,9 +83,11 @@ def test_lora_all_linear_exports_a_peft_config(profiles):
     doc = json.loads(next(profiles.glob("tune-*.json")).read_text())
     assert doc["recommendation"]["key"] == "lora|all-linear|g32|gc=off|mb4x1|adamw"
     out = runner.invoke(app, ["export-config", "--format", "peft"])
-    assert out.exit_code == 0 and out.stderr == ""
+    assert out.exit_code == 0 and all(line.startswith("note: ") for line in out.stderr.splitlines())
+    assert "the measured run used 1.0" in out.stderr
     lora = peft.LoraConfig(**json.loads(out.stdout))
     assert lora.velora_config.num_groups == 32 and lora.r == 8
+    assert lora.task_type == "CAUSAL_LM" and "task" in doc and doc["task"] == "causal-lm"
 
 
 def test_tune_searches_low_rank_optimizers_and_exports_them(profiles):
@@ -198,7 +203,7 @@ def test_export_from_a_corrupt_config(tmp_path):
 def test_export_unknown_format():
     result = runner.invoke(app, ["export-config", "--format", "yaml"])
     assert result.exit_code == 1
-    assert "--format 'yaml': choose velora, peft or trainer" in result.stderr
+    assert "--format 'yaml': choose velora, peft, trainer, trl" in result.stderr
 
 
 def test_export_of_a_tune_where_nothing_fitted():

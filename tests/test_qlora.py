@@ -320,7 +320,7 @@ def test_qlora_exports_with_its_quantization_and_without_peft_velora():
         model="meta-llama/Llama-2-7b", mode="qlora", lora_rank=8, lora_targets="all-linear",
         placement="all-linear", num_groups=32, gc=True, dtype="bf16",
     )  # fmt: skip
-    assert any("refuses bitsandbytes 4-bit layers" in why for why in peft_export.peft_blockers(cfg))
+    assert any("refuses VeLoRA on bitsandbytes 4-bit" in why for why in peft_export.check(cfg)[0])
     snippet = trainer_export.trainer_snippet(cfg)
     assert (
         "BitsAndBytesConfig(load_in_4bit=True" in snippet and "quantization_config=bnb" in snippet

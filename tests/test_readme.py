@@ -62,8 +62,33 @@ def test_apply_config_block_runs(model, tmp_path, monkeypatch):
     config = VeloraConfig(model="llama-tiny", placement="paper", num_groups=32, gc=True)
     Path("velora-config.json").write_text(__import__("json").dumps(config.to_dict()))
     namespace = {"model": model}
-    exec(compile(block_with("python", "apply_config"), "README.md (export)", "exec"), namespace)
+    block = block_with("python", "# wraps the recommended layers")
+    exec(compile(block, "README.md (export)", "exec"), namespace)
     assert model.model.layers[1].mlp.down_proj.sub_token_size == 43
+
+
+def test_callback_block_runs_with_a_tiny_model_in_place_of_the_hub_one(tmp_path, monkeypatch):
+    """The Trainer example as written; only the hub download and the dataset are stand-ins."""
+    import torch
+    import transformers
+    from conftest import tiny_llama
+
+    from velora_cli.configs import VeloraConfig
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("VELORA_PROFILES_DIR", str(tmp_path / "profiles"))
+    config = VeloraConfig(model="llama-tiny", mode="lora", lora_rank=32,
+                          lora_targets="q_proj,v_proj", placement="qkv", num_groups=4,
+                          micro_batch_size=4, grad_accum_steps=2)  # fmt: skip
+    Path("velora-config.json").write_text(__import__("json").dumps(config.to_dict()))
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained",
+                        lambda *a, **k: tiny_llama())  # fmt: skip
+    ids = torch.randint(0, 128, (8, 16), generator=torch.Generator().manual_seed(0))
+    train_dataset = [{"input_ids": row, "labels": row} for row in ids]
+    namespace = {"train_dataset": train_dataset}
+    exec(compile(block_with("python", "VeloraCallback"), "README.md (callback)", "exec"), namespace)
+    (record,) = (tmp_path / "profiles").glob("run-*.json")
+    assert "velora-run" in record.read_text()
 
 
 def command_lines() -> list[str]:

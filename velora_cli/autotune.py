@@ -173,6 +173,7 @@ def run(
     from velora_cli import __version__
     from velora_cli.measure.train_step import LOWRANK_OPTIMIZERS
     from velora_cli.models import resolve_model
+    from velora_cli.precision import describe_modes
     from velora_cli.profiler import environment, write_atomic
 
     echo = echo or (lambda line: None)
@@ -235,16 +236,17 @@ def run(
         if settings.backend == "estimate":
             recommendation["reason"] = _estimate_reason(recommendation, result, prober)
         warnings += _timing_warnings(recommendation)
-    spec = settings.base_spec()
+    tried = [m for m in settings.modes if any(c.mode == m for c in candidates)]
     document: dict[str, Any] = {
         "kind": "velora-tune",
         "model": settings.model,
+        "task": resolved.task,  # the head trained (export-config's PEFT task_type)
         "mode": ",".join(settings.modes),
         "batch_size": settings.batch_size,
         "seq_len": settings.seq_len,
         "dtype": settings.dtype,
         "amp": settings.amp,
-        "precision": spec.precision,
+        "precision": describe_modes(tried or settings.modes, settings.dtype, settings.amp),
         "optimizer": ",".join(settings.optimizers),
         "backend": settings.backend,
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),

@@ -51,18 +51,25 @@ def targeted_widths(spec, placements: Iterable[str]) -> dict[str, int]:
     """Qualified name -> input width of every layer the placements compress, on a meta build
     of ``spec``'s model (LoRA modes: each adapter's A projection, which VeLoRA wraps there).
 
+    A placement that selects only frozen layers (LoRA on other targets) adds no width: its rows
+    are reported as errors saying so (profiler.validate_strategies).
+
     Raises:
         PlacementError: a placement matches no layer.
     """
     import dataclasses
 
     from velora_cli.measure.train_step import Strategy, prepare
-    from velora_cli.placement import _in_features, select_layers
+    from velora_cli.placement import FrozenPlacementError, _in_features, select_layers
 
     model = prepare(dataclasses.replace(spec, strategy=Strategy()), "meta").model
     widths: dict[str, int] = {}
     for placement in placements:
-        for name, module in select_layers(model, placement).items():
+        try:
+            selected = select_layers(model, placement)
+        except FrozenPlacementError:
+            continue
+        for name, module in selected.items():
             if hasattr(module, "lora_A"):
                 widths[name] = module.lora_A[next(iter(module.lora_A))].in_features
             else:
@@ -74,6 +81,8 @@ def default_num_groups(spec, placements: list[str]) -> tuple[tuple[int, ...], st
     """The default ``--num-groups`` for ``spec``'s model and these placements, and a line saying
     how they were chosen."""
     widths = targeted_widths(spec, placements)
+    if not widths:  # every placement selects only frozen layers: their rows are errors anyway
+        return (PAPER_GROUPS,), "every placement selects only layers that do not train"
     choices = choose_num_groups(widths.values())
     distinct = ", ".join(map(str, sorted(set(widths.values()))))
     line = (

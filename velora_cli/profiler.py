@@ -87,6 +87,7 @@ def validate_strategies(
     """
     from velora_cli.measure.train_step import prepare
     from velora_cli.placement import (
+        FrozenPlacementError,
         PlacementError,
         _in_features,
         select_layers,
@@ -103,6 +104,9 @@ def validate_strategies(
             continue
         try:
             layers = select_layers(model, strategy.placement)
+        except FrozenPlacementError as exc:  # a row that cannot apply here, not a typo
+            invalid[strategy] = str(exc)
+            continue
         except PlacementError as exc:
             raise SpecError(str(exc)) from None
         if notes is not None and strategy.placement not in notes:

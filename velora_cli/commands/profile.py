@@ -118,8 +118,25 @@ def profile(
             "this directory, for PyTorch's memory_viz (skipped on other backends).",
         ),
     ] = None,
+    compare: Annotated[
+        str | None,
+        typer.Option(
+            "--compare",
+            help="A run record of velora_cli.VeloraCallback (or 'latest'): predict the step "
+            "it ran on --backend and show its measured figures beside the prediction.",
+        ),
+    ] = None,
+    ctx: typer.Context = None,
 ) -> None:
     """Measure peak memory and step time of VeLoRA placements vs baseline and checkpointing."""
+    if compare is not None:
+        from velora_cli.commands.compare import compare_run
+
+        return compare_run(
+            compare, ctx=ctx, model=model, backend=backend, gpu=gpu, warmup=warmup,
+            steps=steps, output_format=output_format, output=output, save=save,
+            weights=weights, trust_remote_code=trust_remote_code,
+        )  # fmt: skip
     if output_format not in ("table", "json", "csv"):
         raise UserError(f"--format {output_format!r}: choose table, json or csv")
     if backend not in ("auto", "cuda", "cpu", "estimate"):

@@ -157,10 +157,10 @@ class StepSpec:
 
     @property
     def precision(self) -> str:
-        """Which precision scheme is measured, in words."""
-        if self.amp:
-            return f"mixed precision: fp32 master weights, {self.amp} autocast"
-        return f"pure {self.dtype}: {self.dtype} weights, gradients and optimizer state"
+        """What each part of the step is stored in, in words (`velora_cli.precision`)."""
+        from velora_cli.precision import describe
+
+        return describe(self.mode, self.dtype, self.amp).text
 
     def with_strategy(self, strategy: Strategy) -> StepSpec:
         return dataclasses.replace(self, strategy=strategy)

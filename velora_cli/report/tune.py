@@ -169,7 +169,7 @@ def summary_lines(document: dict[str, Any]) -> list[str]:
     ]
     if document.get("path"):
         lines.append(
-            f"  export: velora export-config --from {document['path']} --format velora|peft|trainer"
+            f"  export: velora export-config --from {document['path']} --format velora|peft|trainer|trl"
         )
     return lines
 
