@@ -7,6 +7,8 @@ torch-function modes are no longer active), in:
 - ``MetaMathAttention`` (math_attention.py): SDPA's math path as CUDA runs it (fused dropout of
   the probabilities, in-place mask add);
 - ``MetaCudaDropout`` (dropout.py): ``native_dropout``'s bool mask instead of a noise tensor;
+- ``MetaFusedRmsNorm`` (rms_norm.py): ``_fused_rms_norm``'s saved input and rstd;
+- ``MetaHalfToFloatSoftmax`` (softmax.py): fp16 -> fp32 softmax without an fp32 copy of the input;
 - ``MetaAutocast`` (amp.py), with ``--amp``: CUDA autocast's cast policy.
 
 Autocast is entered last, so it is the first to see a call and casts its arguments before the
@@ -33,8 +35,10 @@ def cuda_emulation(amp: str | None = None) -> Iterator[None]:
     from velora_cli.measure.amp import MetaAutocast
     from velora_cli.measure.dropout import MetaCudaDropout
     from velora_cli.measure.math_attention import MetaMathAttention
+    from velora_cli.measure.rms_norm import MetaFusedRmsNorm
+    from velora_cli.measure.softmax import MetaHalfToFloatSoftmax
 
-    modes = [MetaMathAttention(), MetaCudaDropout()]
+    modes = [MetaMathAttention(), MetaCudaDropout(), MetaFusedRmsNorm(), MetaHalfToFloatSoftmax()]
     if amp:
         modes.append(MetaAutocast(amp))  # last: the innermost mode sees each call first
     with contextlib.ExitStack() as stack:

@@ -7,9 +7,9 @@ the CUDA caching allocator, gives the predicted peak and its breakdown. What it 
 kernel workspaces (cuBLAS), the CUDA context, fragmentation.
 
 Where ATen picks a kernel by device, meta tensors take the CPU-like path; the step runs inside
-``emulation.cuda_emulation`` so that they save what CUDA saves: dropout's bool mask, SDPA's math
-path as on a GPU, and under ``--amp`` CUDA autocast's cast policy (autocast does not apply to meta
-tensors).
+``emulation.cuda_emulation`` so that they save what CUDA saves: dropout's bool mask, fused
+RMSNorm, SDPA's math path as on a GPU, and under ``--amp`` CUDA autocast's cast policy (autocast
+does not apply to meta tensors).
 """
 
 from __future__ import annotations
