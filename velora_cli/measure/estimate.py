@@ -6,8 +6,10 @@ path would save the N×N matrix). The storage tracker, rounding each allocation 
 the CUDA caching allocator, gives the predicted peak and its breakdown. What it cannot see:
 kernel workspaces (cuBLAS), the CUDA context, fragmentation.
 
-Mixed precision (``--amp``): autocast does not apply to meta tensors, so the estimate emulates
-CUDA autocast's cast policy for matmul-class ops (see ``amp_emulation``).
+Where ATen picks a kernel by device, meta tensors take the CPU-like path; the step runs inside
+``emulation.cuda_emulation`` so that they save what CUDA saves: dropout's bool mask, fused
+RMSNorm, SDPA's math path as on a GPU, and under ``--amp`` CUDA autocast's cast policy (autocast
+does not apply to meta tensors).
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ class EstimateBackend:
     def measure(self, spec: StepSpec, *, breakdown: bool = False) -> dict[str, Any]:
         from velora_cli.measure.attention import register_estimate_attention
         from velora_cli.measure.cpu import _is_user_error
+        from velora_cli.measure.emulation import cuda_emulation
         from velora_cli.measure.observe import tracked_step
         from velora_cli.measure.train_step import prepare, train_step
 
@@ -44,7 +47,7 @@ class EstimateBackend:
             # params, accumulated grads, optimizer state, one micro-batch of activations), so two
             # give the step's peak; 7B at 4 accumulation steps estimates in half the time.
             prepared.micro_batches = prepared.micro_batches[:2]
-            with amp_emulation(spec.amp):
+            with cuda_emulation(spec.amp):
                 for _ in range(self.warmup):
                     train_step(prepared)
                 row, _trace = tracked_step(prepared, breakdown=breakdown)
@@ -59,14 +62,3 @@ class EstimateBackend:
             tokens_per_second=None,
         )
         return row
-
-
-def amp_emulation(amp: str | None):
-    """Emulate CUDA autocast on meta tensors (which autocast ignores); a no-op without amp."""
-    import contextlib
-
-    if amp is None:
-        return contextlib.nullcontext()
-    from velora_cli.measure.amp import MetaAutocast
-
-    return MetaAutocast(amp)

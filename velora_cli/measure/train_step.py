@@ -272,7 +272,7 @@ def enable_checkpointing(model: nn.Module, every_n: int, *, recompute_context=No
     Args:
         recompute_context: optional zero-argument callable returning a context manager entered
             around each recomputation (checkpoint restores real autocast itself; the estimate's
-            emulated autocast must be restored this way).
+            emulation of CUDA, ``emulation.cuda_emulation``, must be restored this way).
     """
     kwargs: dict[str, Any] = {"use_reentrant": False}
     if recompute_context is not None:
@@ -394,10 +394,10 @@ def prepare(spec: StepSpec, device: str, *, attn_implementation: str | None = No
         )
     if strategy.gc_every:
         recompute_context = None
-        if device == "meta" and spec.amp:
-            from velora_cli.measure.amp import MetaAutocast
+        if device == "meta":  # the step's emulation of CUDA is not active in a recomputation
+            from velora_cli.measure.emulation import cuda_emulation
 
-            recompute_context = functools.partial(MetaAutocast, spec.amp)
+            recompute_context = functools.partial(cuda_emulation, spec.amp)
         enable_checkpointing(model, strategy.gc_every, recompute_context=recompute_context)
     model.train()
     optimizer = build_optimizer(
