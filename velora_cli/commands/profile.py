@@ -10,6 +10,7 @@ import typer
 
 from velora_cli.commands.errors import UserError, guarded
 from velora_cli.commands.options import (
+    AllocConf,
     Amp,
     Backend,
     BatchSize,
@@ -106,6 +107,7 @@ def profile(
     weights: Weights = False,
     trust_remote_code: TrustRemoteCode = False,
     gpu: Gpu = None,
+    alloc_conf: AllocConf = None,
 ) -> None:
     """Measure peak memory and step time of VeLoRA placements vs baseline and checkpointing."""
     if output_format not in ("table", "json", "csv"):
@@ -116,6 +118,10 @@ def profile(
         if value is not None and value < (0 if name == "--warmup" else 1):
             raise UserError(f"{name} must be {'>= 0' if name == '--warmup' else '>= 1'}")
     get_gpu(gpu)  # an unknown --gpu fails before anything is built
+    if alloc_conf is not None:
+        from velora_cli.measure.allocator_config import parse_alloc_conf
+
+        parse_alloc_conf(alloc_conf)  # a bad string fails before anything is built
     groups = int_list(num_groups, "--num-groups") if num_groups else None
     sizes = int_list(sub_token_size, "--sub-token-size") if sub_token_size else None
     gc_list = int_list(gc_every, "--gc-every")
@@ -174,7 +180,9 @@ def profile(
                 f"default --num-groups {', '.join(map(str, dropped))} left out: does not divide "
                 f"every targeted layer of {spec.model} (e.g. {next(iter(invalid.values()))})"
             )
-    backend_obj = profiler.make_backend(backend, spec, warmup=warmup, steps=steps, gpu=gpu)
+    backend_obj = profiler.make_backend(
+        backend, spec, warmup=warmup, steps=steps, gpu=gpu, alloc_conf=alloc_conf
+    )
     if backend == "auto" and backend_obj.name == "estimate":
         notices.append(
             "auto backend without a GPU: memory estimated on meta tensors; step "
@@ -220,6 +228,7 @@ def render_profile(
         for table in (
             report.category_table(document, always=breakdown),
             report.breakdown_table(document),
+            report.device_table(document),
         ):
             if table is not None:
                 console.print(table)

@@ -8,6 +8,7 @@ import typer
 
 from velora_cli.commands.errors import UserError, fail, guarded
 from velora_cli.commands.options import (
+    AllocConf,
     Amp,
     BatchSize,
     Budget,
@@ -80,6 +81,7 @@ def tune(
     weights: Weights = False,
     trust_remote_code: TrustRemoteCode = False,
     gpu: Gpu = None,
+    alloc_conf: AllocConf = None,
 ) -> None:
     """Find the fastest configuration that fits a memory budget, verified by a real run."""
     from velora_cli.tuner import OBJECTIVES
@@ -101,6 +103,10 @@ def tune(
     from velora_cli.measure.train_step import MODES, OPTIMIZERS
 
     get_gpu(gpu)  # an unknown --gpu fails before anything is built
+    from velora_cli.measure.allocator_config import alloc_conf_from_env, parse_alloc_conf
+
+    alloc_conf = alloc_conf if alloc_conf is not None else alloc_conf_from_env()
+    parse_alloc_conf(alloc_conf)  # a bad string fails before anything is built
     mode_list = word_list(modes, "--mode", MODES)
     optimizer_list = word_list(optimizer, "--optimizer", OPTIMIZERS)
     placement_list = [p for p in word_list(placements, "--placements") if p != "none"]
@@ -190,6 +196,7 @@ def tune(
         data=data,
         budget_source=budget_source,
         gpu=gpu,
+        alloc_conf=alloc_conf,
     )
     settings.base_spec()  # validates batch, precision, modes × optimizers, ranks (one line)
     if model is None:

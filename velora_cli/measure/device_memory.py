@@ -274,26 +274,42 @@ def estimate_error(measured: Mapping[str, Any], predicted: Mapping[str, Any]) ->
     """How far a prediction is from a cuda row's measurements, for calibrating the model.
 
     Args:
-        measured: a cuda row (``peak_bytes`` = max_memory_allocated, ``reserved_bytes``,
-            ``device_used_bytes`` from NVML; missing ones are skipped).
+        measured: a cuda row (``peak_bytes`` = max_memory_allocated, ``reserved_bytes`` =
+            max_memory_reserved, ``device_used_bytes`` from NVML; missing ones are skipped).
         predicted: the estimate's device-memory fields for the same step.
 
     Returns:
-        ``{name: {"predicted", "measured", "error_bytes" (predicted − measured), "error_pct"}}``
-        for allocated, reserved and device; plus ``context_implied_bytes`` (NVML used − measured
-        reserved: what the CUDA context constant should be) when both were measured.
+        For each of allocated, reserved and device: ``estimate_error_<name>_bytes`` (predicted −
+        measured) and ``estimate_error_<name>_pct`` (of the measurement); plus
+        ``context_implied_bytes`` (NVML used − measured reserved: what the CUDA context constant
+        should be) when both were measured.
     """
     out: dict[str, Any] = {}
     for name, measured_key, predicted_key in COMPARED:
         real, guess = measured.get(measured_key), predicted.get(predicted_key)
         if real is None or guess is None:
             continue
-        out[name] = {
-            "predicted": guess,
-            "measured": real,
-            "error_bytes": guess - real,
-            "error_pct": 100 * (guess - real) / real if real else None,
-        }
+        out[f"estimate_error_{name}_bytes"] = guess - real
+        out[f"estimate_error_{name}_pct"] = 100 * (guess - real) / real if real else None
     if measured.get("device_used_bytes") is not None and measured.get("reserved_bytes") is not None:
         out["context_implied_bytes"] = measured["device_used_bytes"] - measured["reserved_bytes"]
     return out
+
+
+def scratch_for_step(spec: Any, model: Any) -> dict[str, tuple[int, ...]]:
+    """Kernel scratch per op for a `StepSpec` and its (transformers) model: the micro-batch shape
+    and the compute dtype (bf16/fp16 under ``--amp`` or ``--dtype``; fp32 takes no flash path)."""
+    from velora_cli.measure.kernel_scratch import scratch_for_model
+
+    config = getattr(model, "config", None)
+    if config is None:
+        return {}
+    if hasattr(config, "get_text_config"):
+        config = config.get_text_config()
+    dtype_bytes = 2 if spec.amp or spec.dtype in ("bf16", "fp16") else 4
+    return scratch_for_model(
+        config,
+        micro_batch=spec.batch_size // spec.grad_accum_steps,
+        seq_len=spec.seq_len,
+        dtype_bytes=dtype_bytes,
+    )

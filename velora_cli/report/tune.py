@@ -140,6 +140,8 @@ def summary_lines(document: dict[str, Any]) -> list[str]:
         return lines
     li = rec.get("loss_increase")
     real = "estimated, not run" if document["backend"] == "estimate" else "verification run"
+    if str(rec.get("peak_source", "")).startswith("predicted_device_bytes"):
+        real = "predicted device memory: allocator-reserved + CUDA context; " + real
     lines += [
         f"recommended: {describe(rec)}",
         f"  peak {format_bytes(rec['peak_bytes'])} ({real}) ≤ limit "
