@@ -288,14 +288,14 @@ def test_tune_space_leaves_out_qlora_where_bitsandbytes_is_needed_and_missing(mo
 
 
 def test_tune_picks_qlora_when_only_qlora_fits_and_shows_why_the_others_do_not(tmp_path):
+    from transformers import LlamaConfig
+
     from velora_cli import autotune, report
     from velora_cli.measure.train_step import Strategy
 
     # The tune compares the budget with the predicted device memory, whose allocator segments
     # (2 and 20 MiB) hide llama-tiny's sub-MiB base weights: a 512-wide model's 25 MB of fp32
     # base weights (about 3 MB in 4-bit) separate qlora from lora.
-    from transformers import LlamaConfig
-
     model = str(tmp_path / "llama-512")
     LlamaConfig(
         hidden_size=512, intermediate_size=1376, num_hidden_layers=2, num_attention_heads=8,

@@ -128,9 +128,9 @@ def _step_events(
     freed_slots: list[int] = []
     for index, (_op, sid, nbytes) in enumerate(trace.events):
         events.extend(inserts.get(index, ()))
-        for size in scratch_at.get(index, ()):
-            key = keys.special()
-            events += [(ALLOC, key, size), (FREE, key, 0)]
+        scratch = [(keys.special(), size) for size in scratch_at.get(index, ())]
+        events += [(ALLOC, key, size) for key, size in scratch]  # live together in the op,
+        events += [(FREE, key, 0) for key, _ in reversed(scratch)]  # freed as it returns
         if nbytes > 0:
             live[sid] = keys.step(step, sid)
             events.append((ALLOC, live[sid], nbytes))
