@@ -162,6 +162,10 @@ def test_estimate_error_compares_a_cuda_row_with_the_prediction():
     # NVML unavailable: no device comparison, no implied context
     error = estimate_error({**measured, "device_used_bytes": None}, predicted)
     assert "estimate_error_device_pct" not in error and "context_implied_bytes" not in error
+    # the worker's own NVML usage, where reported, is what the per-process model predicts
+    error = estimate_error({**measured, "process_used_bytes": 500 * M}, predicted)
+    assert error["estimate_error_process_bytes"] == 536 * M
+    assert error["context_implied_bytes"] == 484 * M
 
 
 def test_expandable_saving_is_reported_over_five_percent():

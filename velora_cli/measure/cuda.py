@@ -125,6 +125,26 @@ def nvml_used_bytes(index: int) -> int | None:
         return None
 
 
+def nvml_process_used_bytes(index: int, pid: int) -> int | None:
+    """GPU memory NVML attributes to process ``pid`` (its CUDA context + what its allocator
+    reserved), or None: without NVML, or where the process is not listed (a container's PID
+    namespace) or its usage is not reported."""
+    try:
+        import pynvml
+
+        pynvml.nvmlInit()
+        try:
+            handle = pynvml.nvmlDeviceGetHandleByIndex(index)
+            for proc in pynvml.nvmlDeviceGetComputeRunningProcesses(handle):
+                if proc.pid == pid and proc.usedGpuMemory is not None:
+                    return int(proc.usedGpuMemory)
+            return None
+        finally:
+            pynvml.nvmlShutdown()
+    except Exception:  # noqa: BLE001 - NVMLError subclasses, missing library: no reading
+        return None
+
+
 def _worker(request: dict[str, Any]) -> dict[str, Any]:
     """Measure one row in this process (the child side)."""
     import statistics
@@ -165,6 +185,7 @@ def _worker(request: dict[str, Any]) -> dict[str, Any]:
         peak = torch.cuda.max_memory_allocated(device)
         reserved = torch.cuda.max_memory_reserved(device)
         used = nvml_used_bytes(device.index or 0)
+        own = nvml_process_used_bytes(device.index or 0, os.getpid())
     except torch.cuda.OutOfMemoryError as exc:
         return failed_row("cuda", exc)
     seconds = statistics.median(times)
@@ -174,6 +195,7 @@ def _worker(request: dict[str, Any]) -> dict[str, Any]:
         "peak_bytes": peak,
         "reserved_bytes": reserved,
         "device_used_bytes": used,
+        "process_used_bytes": own,  # this worker alone (device_used_bytes counts all processes)
         "gpu_name": torch.cuda.get_device_name(device),
         "activation_bytes": counter.result.total_bytes,
         "param_bytes": prepared.param_bytes(),

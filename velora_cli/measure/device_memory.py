@@ -267,6 +267,7 @@ COMPARED = (
     ("allocated", "peak_bytes", "predicted_allocated_bytes"),  # max_memory_allocated
     ("reserved", "reserved_bytes", "predicted_reserved_bytes"),  # max_memory_reserved
     ("device", "device_used_bytes", "predicted_device_bytes"),  # NVML used, all processes
+    ("process", "process_used_bytes", "predicted_device_bytes"),  # NVML, the worker alone
 )
 
 
@@ -275,14 +276,16 @@ def estimate_error(measured: Mapping[str, Any], predicted: Mapping[str, Any]) ->
 
     Args:
         measured: a cuda row (``peak_bytes`` = max_memory_allocated, ``reserved_bytes`` =
-            max_memory_reserved, ``device_used_bytes`` from NVML; missing ones are skipped).
+            max_memory_reserved, ``device_used_bytes`` from NVML for the whole device,
+            ``process_used_bytes`` for the worker alone; missing ones are skipped).
         predicted: the estimate's device-memory fields for the same step.
 
     Returns:
-        For each of allocated, reserved and device: ``estimate_error_<name>_bytes`` (predicted −
-        measured) and ``estimate_error_<name>_pct`` (of the measurement); plus
+        For each of allocated, reserved, device and process: ``estimate_error_<name>_bytes``
+        (predicted − measured) and ``estimate_error_<name>_pct`` (of the measurement); plus
         ``context_implied_bytes`` (NVML used − measured reserved: what the CUDA context constant
-        should be) when both were measured.
+        should be; from the worker's own usage where NVML reports it, else the device's, which
+        also counts other processes, the parent's context included if it made one).
     """
     out: dict[str, Any] = {}
     for name, measured_key, predicted_key in COMPARED:
@@ -291,8 +294,11 @@ def estimate_error(measured: Mapping[str, Any], predicted: Mapping[str, Any]) ->
             continue
         out[f"estimate_error_{name}_bytes"] = guess - real
         out[f"estimate_error_{name}_pct"] = 100 * (guess - real) / real if real else None
-    if measured.get("device_used_bytes") is not None and measured.get("reserved_bytes") is not None:
-        out["context_implied_bytes"] = measured["device_used_bytes"] - measured["reserved_bytes"]
+    used = measured.get("process_used_bytes")
+    if used is None:
+        used = measured.get("device_used_bytes")
+    if used is not None and measured.get("reserved_bytes") is not None:
+        out["context_implied_bytes"] = used - measured["reserved_bytes"]
     return out
 
 

@@ -54,6 +54,8 @@ ROW_FIELDS = (
     "estimate_error_allocated_pct",
     "estimate_error_reserved_pct",
     "estimate_error_device_pct",
+    "process_used_bytes",
+    "estimate_error_process_pct",
     "wrapped_layers",
     "trainable_params",
     "quantized_params",
