@@ -56,6 +56,7 @@ import bisect
 from collections.abc import Iterable
 from dataclasses import dataclass
 
+from velora_cli.measure.allocator_blocks import Block, Pool, Segment, round_size
 from velora_cli.measure.allocator_config import (
     MIN_BLOCK_SIZE,
     MIN_LARGE_ALLOC,
@@ -107,75 +108,6 @@ class AllocatorStats:
         return self.peak_reserved_bytes - self.allocated_at_peak_reserved
 
 
-class _Segment:
-    __slots__ = ("base", "expandable", "page")
-
-    def __init__(self, base: int, expandable: bool, page: int) -> None:
-        self.base, self.expandable, self.page = base, expandable, page
-
-
-class _Block:
-    __slots__ = ("addr", "size", "small", "segment", "allocated", "mapped", "prev", "next")
-
-    def __init__(self, addr: int, size: int, small: bool, segment: _Segment, mapped=True) -> None:
-        self.addr, self.size, self.small, self.segment = addr, size, small, segment
-        self.allocated, self.mapped = False, mapped
-        self.prev: _Block | None = None
-        self.next: _Block | None = None
-
-    def is_split(self) -> bool:
-        return self.prev is not None or self.next is not None
-
-
-class _Pool:
-    """Free mapped blocks sorted by (size, address), and unmapped blocks by address."""
-
-    def __init__(self, small: bool) -> None:
-        self.small = small
-        self.keys: list[tuple[int, int]] = []
-        self.free: dict[int, _Block] = {}
-        self.unmapped_addrs: list[int] = []
-        self.unmapped: dict[int, _Block] = {}
-
-    def add(self, block: _Block) -> None:
-        if block.mapped:
-            bisect.insort(self.keys, (block.size, block.addr))
-            self.free[block.addr] = block
-        else:
-            bisect.insort(self.unmapped_addrs, block.addr)
-            self.unmapped[block.addr] = block
-
-    def remove(self, block: _Block) -> None:
-        if block.mapped:
-            del self.keys[bisect.bisect_left(self.keys, (block.size, block.addr))]
-            del self.free[block.addr]
-        else:
-            del self.unmapped_addrs[bisect.bisect_left(self.unmapped_addrs, block.addr)]
-            del self.unmapped[block.addr]
-
-
-def _roundup_power2_next_division(size: int, divisions: int) -> int:
-    """``roundup_power2_next_division``: 1200 with 4 divisions of [1024, 2048) gives 1280."""
-    if size & (size - 1) == 0:
-        return size
-    floor = 1 << (size.bit_length() - 1)
-    step = floor >> (divisions.bit_length() - 1)
-    if step == 0:
-        return floor << 1
-    low = size & ~(step - 1)
-    return size if low == size else low + step
-
-
-def round_size(size: int, config: AllocatorConfig | None = None) -> int:
-    """``round_size``: the block size a request of ``size`` bytes gets."""
-    if size < MIN_BLOCK_SIZE:
-        return MIN_BLOCK_SIZE
-    divisions = config.divisions(size) if config is not None else 0
-    if divisions > 1 and size > MIN_BLOCK_SIZE * divisions:
-        return _roundup_power2_next_division(size, divisions)
-    return -(-size // MIN_BLOCK_SIZE) * MIN_BLOCK_SIZE
-
-
 class CachingAllocator:
     """One device's caching allocator (default stream only); see the module docstring.
 
@@ -195,8 +127,8 @@ class CachingAllocator:
         self.config = config or AllocatorConfig()
         self.capacity = capacity
         self.address_space = address_space
-        self.pools = {True: _Pool(True), False: _Pool(False)}
-        self.expandable: dict[bool, list[_Segment]] = {True: [], False: []}
+        self.pools = {True: Pool(True), False: Pool(False)}
+        self.expandable: dict[bool, list[Segment]] = {True: [], False: []}
         self.allocated = self.reserved = 0
         self.peak_allocated = self.peak_reserved = self.allocated_at_peak = 0
         self.segments = self.device_allocs = self.device_frees = 0
@@ -204,7 +136,7 @@ class CachingAllocator:
 
     # -- public --------------------------------------------------------------------------------
 
-    def malloc(self, nbytes: int) -> _Block:
+    def malloc(self, nbytes: int) -> Block:
         """``DeviceCachingAllocator::malloc``: a block for ``nbytes`` (> 0) bytes.
 
         Raises:
@@ -229,7 +161,7 @@ class CachingAllocator:
         self._note_peaks()
         return block
 
-    def free(self, block: _Block) -> None:
+    def free(self, block: Block) -> None:
         """``free_locked`` + ``free_block``: return ``block`` to its pool, merged with free
         neighbours."""
         if not block.allocated:
@@ -298,11 +230,11 @@ class CachingAllocator:
         return addr
 
     @staticmethod
-    def _expandable_size(block: _Block) -> int:
+    def _expandable_size(block: Block) -> int:
         nxt = block.next
         return block.size + (nxt.size if nxt is not None and not nxt.mapped else 0)
 
-    def _get_free_block(self, pool: _Pool, size: int) -> _Block | None:
+    def _get_free_block(self, pool: Pool, size: int) -> Block | None:
         """``get_free_block``: best fit with the expandable and oversize rules."""
         keys = pool.keys
         i = bisect.bisect_left(keys, (size, -1))
@@ -328,17 +260,17 @@ class CachingAllocator:
         pool.remove(block)
         return block
 
-    def _should_split(self, block: _Block, size: int) -> bool:
+    def _should_split(self, block: Block, size: int) -> bool:
         remaining = block.size - size
         if block.small or self.config.expandable_segments:
             return remaining >= MIN_BLOCK_SIZE
         limit = self.config.max_split_size
         return (limit is None or size < limit) and remaining > SMALL_SIZE
 
-    def _alloc_found_block(self, pool: _Pool, block: _Block, size: int, split: bool) -> _Block:
+    def _alloc_found_block(self, pool: Pool, block: Block, size: int, split: bool) -> Block:
         if split:
             remaining = block
-            block = _Block(remaining.addr, size, remaining.small, remaining.segment)
+            block = Block(remaining.addr, size, remaining.small, remaining.segment)
             block.prev = remaining.prev
             if block.prev is not None:
                 block.prev.next = block
@@ -353,26 +285,26 @@ class CachingAllocator:
     def _fits(self, nbytes: int) -> bool:
         return self.capacity is None or self.reserved + nbytes <= self.capacity
 
-    def _alloc_block(self, pool: _Pool, size: int, alloc_size: int) -> _Block | None:
+    def _alloc_block(self, pool: Pool, size: int, alloc_size: int) -> Block | None:
         """``alloc_block``: a new segment, or expandable pages mapped for ``size``."""
         if self.config.expandable_segments:
             return self._try_allocate_expandable_block(pool, size)
         if not self._fits(alloc_size):
             return None
-        segment = _Segment(self._address(alloc_size), expandable=False, page=alloc_size)
+        segment = Segment(self._address(alloc_size), expandable=False, page=alloc_size)
         self.reserved += alloc_size
         self.segments += 1
         self.device_allocs += 1
-        return _Block(segment.base, alloc_size, pool.small, segment)
+        return Block(segment.base, alloc_size, pool.small, segment)
 
-    def _release_block(self, pool: _Pool, block: _Block) -> None:
+    def _release_block(self, pool: Pool, block: Block) -> None:
         """``release_block``: ``cudaFree`` of a whole free segment."""
         pool.remove(block)
         self.reserved -= block.size
         self.segments -= 1
         self.device_frees += 1
 
-    def _release_available_cached_blocks(self, pool: _Pool, size: int) -> bool:
+    def _release_available_cached_blocks(self, pool: Pool, size: int) -> bool:
         """Free oversize cached segments (only with ``max_split_size``): the smallest one that
         covers the request, or else the largest ones until their sum does."""
         limit = self.config.max_split_size
@@ -396,7 +328,7 @@ class CachingAllocator:
             self._release_block(pool, block)
         return released >= want
 
-    def _merge(self, pool: _Pool, dst: _Block, src: _Block | None) -> int:
+    def _merge(self, pool: Pool, dst: Block, src: Block | None) -> int:
         """``try_merge_blocks``: fold free neighbour ``src`` (same mapped state) into ``dst``."""
         if src is None or src.allocated or src.mapped != dst.mapped:
             return 0
@@ -414,11 +346,11 @@ class CachingAllocator:
 
     # -- expandable segments -------------------------------------------------------------------
 
-    def _find_expandable_block(self, pool: _Pool, size: int) -> _Block | None:
+    def _find_expandable_block(self, pool: Pool, size: int) -> Block | None:
         """``find_expandable_block``: the lowest unmapped range (with the free block just before
         it) that can hold ``size``; else a new segment's whole unmapped range."""
 
-        def allocatable(b: _Block | None) -> bool:
+        def allocatable(b: Block | None) -> bool:
             return b is not None and not b.allocated
 
         for addr in pool.unmapped_addrs:
@@ -435,13 +367,13 @@ class CachingAllocator:
         span = -(-self.address_space // page) * page
         if span < size:
             return None  # a single allocation cannot span segments
-        segment = _Segment(self._address(span, page), expandable=True, page=page)
+        segment = Segment(self._address(span, page), expandable=True, page=page)
         self.expandable[pool.small].append(segment)
-        block = _Block(segment.base, span, pool.small, segment, mapped=False)
+        block = Block(segment.base, span, pool.small, segment, mapped=False)
         pool.add(block)
         return block
 
-    def _map_block(self, pool: _Pool, block: _Block, size: int) -> bool:
+    def _map_block(self, pool: Pool, block: Block, size: int) -> bool:
         """``map_block``: map whole pages for the first ``size`` bytes of unmapped ``block``."""
         page = block.segment.page
         mapped = -(-size // page) * page
@@ -450,7 +382,7 @@ class CachingAllocator:
         pool.remove(block)
         block.mapped = True
         if mapped < block.size:
-            rest = _Block(
+            rest = Block(
                 block.addr + mapped, block.size - mapped, block.small, block.segment, False
             )
             rest.prev, rest.next = block, block.next
@@ -466,7 +398,7 @@ class CachingAllocator:
         self.device_allocs += 1
         return True
 
-    def _try_allocate_expandable_block(self, pool: _Pool, size: int) -> _Block | None:
+    def _try_allocate_expandable_block(self, pool: Pool, size: int) -> Block | None:
         candidate = self._find_expandable_block(pool, size)
         if candidate is None:
             return None
@@ -481,7 +413,7 @@ class CachingAllocator:
         pool.remove(candidate)
         return candidate
 
-    def _unmap_block(self, pool: _Pool, block: _Block) -> None:
+    def _unmap_block(self, pool: Pool, block: Block) -> None:
         """``unmap_block``: unmap the pages wholly inside free ``block``."""
         segment, page = block.segment, block.segment.page
         begin = -(-(block.addr - segment.base) // page)
@@ -492,14 +424,14 @@ class CachingAllocator:
         start, length = segment.base + begin * page, (end - begin) * page
         before, after = start - block.addr, block.addr + block.size - (start + length)
         if before > 0:
-            head = _Block(block.addr, before, block.small, segment)
+            head = Block(block.addr, before, block.small, segment)
             head.prev, head.next = block.prev, block
             if block.prev is not None:
                 block.prev.next = head
             block.prev = head
             pool.add(head)
         if after > 0:
-            tail = _Block(start + length, after, block.small, segment)
+            tail = Block(start + length, after, block.small, segment)
             tail.prev, tail.next = block, block.next
             if block.next is not None:
                 block.next.prev = tail
@@ -537,7 +469,7 @@ def simulate(
         AllocatorOutOfMemory: an allocation that does not fit ``capacity``.
     """
     allocator = CachingAllocator(config, capacity=capacity)
-    live: dict[int, _Block | None] = {}
+    live: dict[int, Block | None] = {}
     for kind, key, nbytes in events:
         if kind == ALLOC:
             if key in live:
