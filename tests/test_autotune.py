@@ -30,7 +30,8 @@ def one_thread():
 
 
 def settings(**overrides) -> autotune.TuneSettings:
-    fields = dict(TINY, budget_bytes=10**9, backend="estimate", probe_steps=0, **SMALL_SPACE)
+    # estimates are device-level (CUDA context included): 2 GB fits llama-tiny
+    fields = dict(TINY, budget_bytes=2 * 10**9, backend="estimate", probe_steps=0, **SMALL_SPACE)
     fields.update(overrides)
     return autotune.TuneSettings(**fields)
 
@@ -251,7 +252,10 @@ def test_estimate_backend_never_claims_a_real_run(tmp_path):
     # without measured times, speed goes to the estimate's proxy: no recompute first
     assert rec["gc"] is False
     lines = report.summary_lines(doc)
-    assert any("(estimated, not run)" in line for line in lines)
+    assert any("estimated, not run)" in line for line in lines)
+    # and which figure met the budget: the device-level prediction, not allocated bytes
+    assert any("(predicted device memory: allocator-reserved + CUDA context" in x for x in lines)
+    assert "the budget was compared with predicted device memory" in rec["reason"]
 
 
 def test_estimate_backend_says_that_the_probes_train(tmp_path):

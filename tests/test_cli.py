@@ -117,7 +117,7 @@ def test_cuda_without_a_gpu_is_refused_before_the_model_is_looked_up(profiles, m
 
 
 def test_export_output_paths(profiles, tmp_path):
-    assert runner.invoke(app, [*TUNE, "--budget", "1GB"]).exit_code == 0
+    assert runner.invoke(app, [*TUNE, "--budget", "2GB"]).exit_code == 0
     message = one_line_error(runner.invoke(app, ["export-config", "-o", str(tmp_path)]))
     assert f"--output {tmp_path} is a directory; give a file name" in message
     missing = tmp_path / "no" / "such" / "c.json"
@@ -131,7 +131,7 @@ def test_export_output_paths(profiles, tmp_path):
 def test_export_read_only_directory_is_one_line(profiles, tmp_path, monkeypatch):
     from velora_cli import files
 
-    assert runner.invoke(app, [*TUNE, "--budget", "1GB"]).exit_code == 0
+    assert runner.invoke(app, [*TUNE, "--budget", "2GB"]).exit_code == 0
 
     def refuse(*args, **kwargs):
         raise PermissionError(13, "Permission denied")

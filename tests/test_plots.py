@@ -125,7 +125,7 @@ def test_profile_html_page_has_the_pictures_tables_settings_and_nothing_online(
 
 
 def test_tune_pictures_and_page(tmp_path):
-    result = runner.invoke(app, [*TUNE, "--budget", "1GB", "--plot", str(tmp_path / "t.png")])
+    result = runner.invoke(app, [*TUNE, "--budget", "2GB", "--plot", str(tmp_path / "t.png")])
     assert result.exit_code == 0, result.output
     assert f"wrote {tmp_path / 't.png'}" in result.stderr
     png = (tmp_path / "t.png").read_bytes()

@@ -127,7 +127,7 @@ def test_profile_and_tune_print_progress_lines_when_piped(tmp_path, monkeypatch)
             "--backend",
             "estimate",
             "--budget",
-            "1GB",
+            "2GB",
             "--seq-len",
             "32",
             "--mode",

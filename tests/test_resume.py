@@ -34,7 +34,7 @@ def headers(path):
 
 
 def test_tunes_in_the_same_second_keep_their_own_journals(profiles):
-    assert tune("--budget", "1GB").exit_code == 0
+    assert tune("--budget", "3GB").exit_code == 0
     assert tune("--budget", "2GB").exit_code == 0
     journals = sorted(profiles.glob("tune-*.jsonl"))
     assert len(journals) == 2 and len(list(profiles.glob("tune-*.json"))) == 2
@@ -44,13 +44,13 @@ def test_tunes_in_the_same_second_keep_their_own_journals(profiles):
         budgets.append(header["context"]["budget_bytes"])
         document = json.loads(path.with_suffix(".json").read_text())
         assert document["budget_bytes"] == header["context"]["budget_bytes"]
-    assert sorted(budgets) == [10**9, 2 * 10**9]
+    assert sorted(budgets) == [2 * 10**9, 3 * 10**9]
 
 
 def test_resume_takes_the_newest_journal_of_these_settings(profiles):
-    assert tune("--budget", "1GB").exit_code == 0
+    assert tune("--budget", "2GB").exit_code == 0
     mine = next(profiles.glob("tune-*.jsonl"))
-    assert tune("--budget", "1GB", "--seq-len", "64").exit_code == 0  # newer, other settings
+    assert tune("--budget", "2GB", "--seq-len", "64").exit_code == 0  # newer, other settings
     result = tune("--resume")  # the budget comes from the journal it takes
     assert result.exit_code == 0, result.output
     assert f"resuming {mine} (" in result.stderr and f"the budget of {mine}" in result.stderr
@@ -59,9 +59,9 @@ def test_resume_takes_the_newest_journal_of_these_settings(profiles):
 
 
 def test_resume_passes_over_a_journal_that_a_running_tune_holds(profiles):
-    assert tune("--budget", "1GB").exit_code == 0
+    assert tune("--budget", "2GB").exit_code == 0
     older = next(profiles.glob("tune-*.jsonl"))
-    assert tune("--budget", "1GB").exit_code == 0
+    assert tune("--budget", "2GB").exit_code == 0
     newer = next(p for p in profiles.glob("tune-*.jsonl") if p != older)
     older.touch()  # the held one is the newest
     running = Journal.load(older)
@@ -79,7 +79,7 @@ def test_resume_passes_over_a_journal_that_a_running_tune_holds(profiles):
 
 
 def test_resume_without_a_matching_journal_names_the_difference(profiles):
-    assert tune("--budget", "1GB").exit_code == 0
+    assert tune("--budget", "2GB").exit_code == 0
     result = tune("--resume", "--seq-len", "64")
     assert result.exit_code == 1
     message = result.stderr.strip().splitlines()[-1]
@@ -91,18 +91,18 @@ def test_resume_from_an_empty_journal(profiles):
     profiles.mkdir()
     empty = profiles / "tune-llama-tiny-1.jsonl"
     empty.write_text("")
-    result = tune("--budget", "1GB", "--resume-from", str(empty))
+    result = tune("--budget", "2GB", "--resume-from", str(empty))
     assert result.exit_code == 1
     assert f"cannot resume {empty}: it is empty, so it records no settings" in result.stderr
     assert "model=None" not in result.stderr
-    result = tune("--budget", "1GB", "--resume")  # an empty journal is no candidate either
+    result = tune("--budget", "2GB", "--resume")  # an empty journal is no candidate either
     assert result.exit_code == 1 and "records its settings (all empty or unreadable)" in (
         result.stderr
     )
 
 
 def test_a_damaged_line_is_skipped_and_named_the_rest_kept(profiles):
-    assert tune("--budget", "1GB").exit_code == 0
+    assert tune("--budget", "2GB").exit_code == 0
     path = next(profiles.glob("tune-*.jsonl"))
     lines = path.read_text().splitlines(keepends=True)
     path.write_text("".join(lines[:2]) + "garbage\n" + "".join(lines[2:]))

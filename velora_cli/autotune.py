@@ -341,11 +341,17 @@ def _estimate_reason(rec: dict[str, Any], result, prober: Prober | None) -> str:
         "memory": f"the smallest estimated peak ({format_bytes(rec['peak_bytes'])})",
         "accuracy": "the smallest loss change vs the uncompressed baseline",
     }[result.objective]
+    figure = (
+        "predicted device memory (the caching allocator's reserved memory + CUDA context)"
+        if str(rec.get("peak_source", "")).startswith("predicted_device_bytes")
+        else "the estimated allocated peak"
+    )
     return (
         f"{rec['key']} has {won} of the {n} configurations estimated within "
         f"{format_bytes(result.limit_bytes)} (budget {format_bytes(result.budget_bytes)} − "
         f"{rec['margin']:.0%})"
         + (" and the loss tolerance" if rec.get("loss") is not None else "")
+        + f"; the budget was compared with {figure}"
         + "; estimates only (--backend estimate): no step was measured"
         + ("" if prober is None else " (the accuracy probes trained on " + prober.device + ")")
     )

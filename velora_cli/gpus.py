@@ -10,6 +10,14 @@ Memory is the advertised capacity (datasheet "GB", taken as 10^9 bytes); the dri
 little less as usable (ECC, reserved regions), so a budget taken from this table is labelled as
 nominal.
 
+Beyond the caching allocator's segments a training process holds the CUDA context (driver state
+and the kernels loaded, lazily since CUDA 11.7) and per-thread cuBLAS workspaces; the latter are
+allocated through the caching allocator (``CublasHandlePool.cpp::setWorkspaceForHandle`` calls
+``CUDACachingAllocator::get()->allocate``), so they are part of allocated and reserved memory and
+the device-memory model places them there (measure/device_memory.py). Their sizes come from
+``parseChosenWorkspaceSize`` (`GpuSpec.cublas_workspace_bytes`); the context is a constant
+(`GpuSpec.context_bytes`).
+
 Example:
     >>> gpu = get_gpu("h100")
     >>> gpu.name, gpu.flops("bf16") / 1e12
@@ -21,6 +29,23 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 DEFAULT_GPU = "h100"  # the most common training GPU velora's users rent (stated in --gpu's help)
+
+MiB = 1 << 20
+# What NVML counts as used beyond the caching allocator's reserved memory: the CUDA context and the
+# kernels loaded into it. Not measured here for any GPU in the table; PyTorch maintainers quote
+# ~300-400 MB at context creation with lazy module loading (CUDA >= 11.7; pytorch/pytorch#107667,
+# #109888), and a training step loads more kernels (cuBLAS, attention, optimizer). 1 GiB is the
+# stated conservative default; the cuda backend's estimate_error fields measure the real figure.
+DEFAULT_CUDA_CONTEXT_BYTES = 1024 * MiB
+CUDA_CONTEXT_SOURCE = (
+    "stated conservative default (1 GiB): context creation takes ~300-400 MB with lazy loading "
+    "(pytorch/pytorch#107667, #109888), kernels loaded by the step add to it; not measured"
+)
+# CublasHandlePool.cpp parseChosenWorkspaceSize (torch 2.11/2.13): 32 MiB on compute capability
+# 9.x and 10.x-12.x (Hopper, Blackwell: cuBLAS's recommendation), else ":4096:2:16:8" = 2 x 4096 KiB
+# + 8 x 16 KiB. CUBLAS_WORKSPACE_CONFIG overrides both.
+CUBLAS_WORKSPACE_LARGE = 32 * MiB
+CUBLAS_WORKSPACE_DEFAULT = 2 * 4096 * 1024 + 8 * 16 * 1024
 
 
 class GpuError(ValueError):
@@ -46,6 +71,27 @@ class GpuSpec:
     source: str  # where the figures come from
     aliases: tuple[str, ...] = ()
     notes: tuple[str, ...] = field(default=())
+    # NVML-used bytes beyond reserved (CUDA context and loaded kernels), when measured for this
+    # GPU, with where the figure comes from; None: DEFAULT_CUDA_CONTEXT_BYTES.
+    cuda_context_bytes: int | None = None
+    cuda_context_source: str | None = None
+
+    @property
+    def context_bytes(self) -> int:
+        """The CUDA context (and loaded kernels) this GPU's process holds outside the allocator."""
+        if self.cuda_context_bytes is None:
+            return DEFAULT_CUDA_CONTEXT_BYTES
+        return self.cuda_context_bytes
+
+    @property
+    def context_source(self) -> str:
+        return self.cuda_context_source or CUDA_CONTEXT_SOURCE
+
+    @property
+    def cublas_workspace_bytes(self) -> int:
+        """One cuBLAS handle's workspace by default on this architecture (parseChosenWorkspaceSize)."""
+        major = self.compute_capability[0]
+        return CUBLAS_WORKSPACE_LARGE if major in (9, 10, 11, 12) else CUBLAS_WORKSPACE_DEFAULT
 
     def flops(self, precision: str) -> float:
         """Dense peak FLOP/s of one math precision.

@@ -227,9 +227,11 @@ def make_backend(
     warmup: int | None = None,
     steps: int | None = None,
     gpu: str | None = None,
+    alloc_conf: str | None = None,
 ):
     """The backend object for ``--backend`` (``auto`` resolved here); ``gpu`` is the GPU the
-    estimate predicts for (`velora_cli.gpus`)."""
+    estimate predicts for (`velora_cli.gpus`), ``alloc_conf`` the caching-allocator settings
+    (None: the environment's)."""
     from velora_cli.measure.cpu import CpuBackend
     from velora_cli.measure.cuda import CudaBackend, cuda_available
     from velora_cli.measure.estimate import EstimateBackend
@@ -242,13 +244,15 @@ def make_backend(
                 "--backend cuda: no CUDA device is visible (torch.cuda.is_available() "
                 "is False); use --backend estimate or cpu"
             )
-        return CudaBackend(**_opts(warmup, steps))
+        return CudaBackend(**_opts(warmup, steps), alloc_conf=alloc_conf)
     if name == "cpu":
         return CpuBackend(**_opts(warmup, steps))
     if name == "estimate":
-        return EstimateBackend(gpu=gpu)
+        return EstimateBackend(gpu=gpu, alloc_conf=alloc_conf)
     if name == "estimate+cpu":
-        return EstimatePlusCpu(cpu=CpuBackend(**_opts(warmup, steps)), gpu=gpu)
+        return EstimatePlusCpu(
+            cpu=CpuBackend(**_opts(warmup, steps)), gpu=gpu, alloc_conf=alloc_conf
+        )
     raise SpecError(f"unknown backend {name!r}; choose auto, cuda, cpu or estimate")
 
 
@@ -264,11 +268,12 @@ class EstimatePlusCpu:
     cpu: Any
     gpu: str | None = None
     name: str = "estimate"
+    alloc_conf: str | None = None
 
     def __post_init__(self) -> None:
         from velora_cli.measure.estimate import EstimateBackend
 
-        self.estimate = EstimateBackend(gpu=self.gpu)
+        self.estimate = EstimateBackend(gpu=self.gpu, alloc_conf=self.alloc_conf)
         self.gpu = self.estimate.gpu
 
     def measure(self, spec: StepSpec, *, breakdown: bool = False) -> dict[str, Any]:

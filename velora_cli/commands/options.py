@@ -108,6 +108,15 @@ Gpu = Annotated[
         help="The GPU the estimate predicts for: " + ", ".join(GPUS) + f". Default: {DEFAULT_GPU}.",
     ),
 ]
+AllocConf = Annotated[
+    str | None,
+    typer.Option(
+        "--alloc-conf",
+        help="Caching-allocator settings (PYTORCH_CUDA_ALLOC_CONF syntax, e.g. "
+        "expandable_segments:True) for the device-memory prediction and cuda runs. Default: "
+        "the environment's.",
+    ),
+]
 TrustRemoteCode = Annotated[
     bool, typer.Option("--trust-remote-code", help="Allow model code from the hub repo.")
 ]

@@ -10,6 +10,7 @@ import typer
 
 from velora_cli.commands.errors import UserError, guarded
 from velora_cli.commands.options import (
+    AllocConf,
     Amp,
     Backend,
     BatchSize,
@@ -127,6 +128,7 @@ def profile(
         ),
     ] = None,
     ctx: typer.Context = None,
+    alloc_conf: AllocConf = None,
 ) -> None:
     """Measure peak memory and step time of VeLoRA placements vs baseline and checkpointing."""
     if compare is not None:
@@ -150,6 +152,10 @@ def profile(
 
         plots.check_output(plot)
         plots.require_matplotlib()
+    if alloc_conf is not None:
+        from velora_cli.measure.allocator_config import parse_alloc_conf
+
+        parse_alloc_conf(alloc_conf)  # a bad string fails before anything is built
     groups = int_list(num_groups, "--num-groups") if num_groups else None
     sizes = int_list(sub_token_size, "--sub-token-size") if sub_token_size else None
     gc_list = int_list(gc_every, "--gc-every")
@@ -191,7 +197,9 @@ def profile(
 
         check_output_file(output, "--output")  # before anything is measured
     # the backend first: --backend cuda without a GPU fails before any hub lookup
-    backend_obj = profiler.make_backend(backend, spec, warmup=warmup, steps=steps, gpu=gpu)
+    backend_obj = profiler.make_backend(
+        backend, spec, warmup=warmup, steps=steps, gpu=gpu, alloc_conf=alloc_conf
+    )
     resolved = models.resolve_model(spec.model, trust_remote_code=trust_remote_code)
     notices = [resolved.notice] if resolved.notice else []
     if model is None:
@@ -275,6 +283,7 @@ def render_profile(
         for table in (
             report.category_table(document, always=breakdown),
             report.breakdown_table(document),
+            report.device_table(document),
         ):
             if table is not None:
                 console.print(table)

@@ -9,6 +9,7 @@ import typer
 
 from velora_cli.commands.errors import UserError, fail, guarded
 from velora_cli.commands.options import (
+    AllocConf,
     Amp,
     BatchSize,
     Budget,
@@ -87,6 +88,7 @@ def tune(
     trust_remote_code: TrustRemoteCode = False,
     gpu: Gpu = None,
     plot: PlotOut = None,
+    alloc_conf: AllocConf = None,
 ) -> None:
     """Find the fastest configuration that fits a memory budget, verified by a real run."""
     from velora_cli.tuner import OBJECTIVES
@@ -113,6 +115,10 @@ def tune(
     from velora_cli.measure.train_step import MODES, OPTIMIZERS
 
     get_gpu(gpu)  # an unknown --gpu fails before anything is built
+    from velora_cli.measure.allocator_config import alloc_conf_from_env, parse_alloc_conf
+
+    alloc_conf = alloc_conf if alloc_conf is not None else alloc_conf_from_env()
+    parse_alloc_conf(alloc_conf)  # a bad string fails before anything is built
     mode_list = word_list(modes, "--mode", MODES)
     optimizer_list = word_list(optimizer, "--optimizer", OPTIMIZERS)
     placement_list = [p for p in word_list(placements, "--placements") if p != "none"]
@@ -180,6 +186,7 @@ def tune(
         probe_steps=probe_steps,
         data=data,
         gpu=gpu,
+        alloc_conf=alloc_conf,
     )
     settings.base_spec()  # validates batch, precision, modes × optimizers, ranks (one line)
     from pathlib import Path

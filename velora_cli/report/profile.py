@@ -44,6 +44,18 @@ ROW_FIELDS = (
     "step_time_ratio",
     "reserved_bytes",
     "device_used_bytes",
+    "predicted_allocated_bytes",
+    "predicted_reserved_bytes",
+    "fragmentation_bytes",
+    "predicted_reserved_expandable_bytes",
+    "fragmentation_expandable_bytes",
+    "predicted_device_bytes",
+    "predicted_device_expandable_bytes",
+    "estimate_error_allocated_pct",
+    "estimate_error_reserved_pct",
+    "estimate_error_device_pct",
+    "process_used_bytes",
+    "estimate_error_process_pct",
     "wrapped_layers",
     "trainable_params",
     "quantized_params",
@@ -125,11 +137,12 @@ def profile_footer(document: dict[str, Any]) -> list[str]:
     else:
         device = env.get("gpu_name") or f"CPU ({env.get('cpu_threads')} threads)"
         lines.append(f"measured on {device}; {versions}")
-    if document["backend"] == "estimate":
+    if document["backend"] == "estimate" and not device_rows(document):
         lines.append(
             "memory: estimated on meta tensors (allocations rounded as the CUDA caching "
             "allocator does; CUDA context and kernel workspaces not included)"
         )
+    lines += device_memory_lines(document)
     ok = [r for r in document["rows"] if r["status"] == "ok"]
     in_optimizer = [r for r in ok if r.get("peak_phase") == "optimizer"]
     if ok and len(in_optimizer) == len(ok):
@@ -240,3 +253,96 @@ def breakdown_table(document: dict[str, Any], limit: int = 12):
             name or "(model)", *[fmt_bytes(r["activation_breakdown"].get(name, 0)) for r in rows]
         )
     return table
+
+
+def device_rows(document: dict[str, Any]) -> list[dict[str, Any]]:
+    """The ok rows with a device-memory prediction (estimate rows, cuda rows compared with it)."""
+    return [
+        r
+        for r in document["rows"]
+        if r["status"] == "ok" and r.get("predicted_reserved_bytes") is not None
+    ]
+
+
+def device_table(document: dict[str, Any]):
+    """What the GPU must hold per row: allocated, reserved (fragmentation), device memory, and
+    the same with ``expandable_segments:True``; for cuda rows the measurements beside the
+    prediction. None when no row has a prediction."""
+    from rich.table import Table
+
+    from velora_cli.measure.device_memory import expandable_saving
+
+    rows = device_rows(document)
+    if not rows:
+        return None
+    cuda = document["backend"] == "cuda"
+    where = "measured on this GPU vs predicted" if cuda else f"predicted for {document.get('gpu')}"
+    table = Table(title=f"what the GPU must hold ({where})", title_justify="left")
+    table.add_column("strategy", no_wrap=True)
+    if cuda:
+        columns = ("allocated", "pred.", "reserved", "pred.", "device", "pred.")
+    else:
+        columns = ("allocated", "reserved", "fragment.", "device", "exp. seg. device", "saving")
+    for name in columns:
+        table.add_column(name, justify="right", no_wrap=True)
+    for r in rows:
+        if cuda:
+            cells = [
+                fmt_bytes(r.get(key))
+                for key in (
+                    "peak_bytes", "predicted_allocated_bytes", "reserved_bytes",
+                    "predicted_reserved_bytes", "device_used_bytes", "predicted_device_bytes",
+                )
+            ]  # fmt: skip
+        else:
+            saving = expandable_saving(r)
+            cells = [
+                fmt_bytes(r["predicted_allocated_bytes"]),
+                fmt_bytes(r["predicted_reserved_bytes"]),
+                fmt_bytes(r["fragmentation_bytes"]),
+                fmt_bytes(r["predicted_device_bytes"]),
+                fmt_bytes(r["predicted_device_expandable_bytes"]),
+                "" if saving is None else f"{format_bytes(saving[0])} ({saving[1]:.1%})",
+            ]
+        table.add_row(r["label"], *cells)
+    return table
+
+
+def device_memory_lines(document: dict[str, Any]) -> list[str]:
+    """What the device-memory figures are, where expandable segments would pay, and (cuda) how
+    far the allocator model was from the measurement."""
+    from velora_cli.measure.device_memory import EXPANDABLE_WORTH, expandable_saving
+
+    rows = device_rows(document)
+    if not rows:
+        return []
+    if document["backend"] == "cuda":
+        errors = [
+            f"{r['label']} "
+            + "/".join(
+                "—" if r.get(f"estimate_error_{k}_pct") is None
+                else f"{r[f'estimate_error_{k}_pct']:+.1f}%"
+                for k in ("allocated", "reserved", "device")
+            )
+            for r in rows
+        ]  # fmt: skip
+        return [
+            "allocator model vs this run (predicted − measured, of allocated/reserved/device): "
+            + "; ".join(errors)
+        ]
+    lines = [
+        "what the GPU must hold, predicted: allocated = what max_memory_allocated would read "
+        "(the peak's tensors as whole allocator blocks, plus cuBLAS workspaces and kernel "
+        "scratch); reserved = the caching allocator's segments, replayed from the step's "
+        "allocation trace; fragment. = reserved − allocated at that peak; device = reserved + "
+        "CUDA context (NVML's used memory: what must fit the GPU)"
+    ]
+    lines += sorted({r["device_memory_notes"] for r in rows if r.get("device_memory_notes")})
+    worth = [(r, s) for r in rows if (s := expandable_saving(r)) is not None]
+    if worth:
+        lines.append(
+            f"PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True would save more than "
+            f"{EXPANDABLE_WORTH:.0%} of device memory on: "
+            + ", ".join(f"{r['label']} ({format_bytes(s[0])}, {s[1]:.1%})" for r, s in worth)
+        )
+    return lines

@@ -150,6 +150,8 @@ def summary_lines(document: dict[str, Any]) -> list[str]:
             "full-parameter training (the accuracy probe compares VeLoRA within a mode, not "
             "modes with each other)"
         )
+    if str(rec.get("peak_source", "")).startswith("predicted_device_bytes"):
+        real = "predicted device memory: allocator-reserved + CUDA context; " + real
     lines += [
         f"recommended: {describe(rec)}",
         f"  peak {format_bytes(rec['peak_bytes'])} ({real}) ≤ limit "
