@@ -177,8 +177,8 @@ def profile(
     backend_obj = profiler.make_backend(backend, spec, warmup=warmup, steps=steps, gpu=gpu)
     if backend == "auto" and backend_obj.name == "estimate":
         notices.append(
-            "auto backend without a GPU: memory estimated on meta tensors; step "
-            "times measured on this CPU where the model is small enough"
+            "auto backend without a GPU: memory estimated on meta tensors and step time "
+            f"predicted for {get_gpu(gpu).name} (--gpu); --backend cpu times real CPU steps"
         )
     save_path = profiler.default_save_path(spec, backend_obj.name) if save else None
     for notice in notices:

@@ -5,7 +5,10 @@ makes an out-of-memory harmless: it becomes a row with status ``oom`` and the pr
 Measurement hygiene (REFERENCE.md §2): warm-up steps (cuBLAS workspace, optimizer state, v),
 ``empty_cache`` + ``reset_peak_memory_stats``, then timed steps with CUDA events; the peak is
 ``max_memory_allocated`` over the timed steps, reported with ``max_memory_reserved`` and the
-device-level used memory from NVML (includes the CUDA context).
+device-level used memory from NVML (includes the CUDA context). Beside each measured row the
+parent adds the step time the roofline predicts for the GPU the row ran on (``predicted_*``,
+``prediction_error``; measure/step_time.py), computed on meta tensors after the child has exited,
+so every GPU run calibrates the prediction without touching the measurement.
 
 The parent runs ``python -m velora_cli.measure.cuda`` with the step spec as JSON on stdin; the
 child prints one JSON row on its last stdout line.
@@ -39,6 +42,7 @@ class CudaBackend:
     warmup: int = 2
     steps: int = 5
     timeout: float = 1800.0
+    predict: bool = True  # add the roofline's prediction for this GPU beside each ok row
     name: str = "cuda"
 
     def measure(self, spec: StepSpec, *, breakdown: bool = False) -> dict[str, Any]:
@@ -61,7 +65,12 @@ class CudaBackend:
             return failed_row(self.name, TimeoutError(f"no result within {self.timeout:.0f} s"))
         for line in reversed(proc.stdout.splitlines()):
             if line.startswith(_MARK):
-                return json.loads(line[len(_MARK) :])
+                row = json.loads(line[len(_MARK) :])
+                if self.predict and row.get("status") == "ok":
+                    from velora_cli.measure.step_time import predicted_beside
+
+                    row.update(predicted_beside(spec, row))
+                return row
         tail = (proc.stderr.strip().splitlines() or ["no output"])[-1]
         return failed_row(self.name, RuntimeError(f"worker exited {proc.returncode}: {tail}"))
 
@@ -143,6 +152,7 @@ def _worker(request: dict[str, Any]) -> dict[str, Any]:
         "step_seconds_source": f"measured (CUDA events, median of {len(times)} after "
         f"{request['warmup'] + 1} warm-up)",
         "tokens_per_second": spec.batch_size * spec.seq_len / seconds,
+        "gpu_name": torch.cuda.get_device_name(device),  # the parent predicts for this GPU
         "wrapped_layers": len(prepared.wrapped),
         "trainable_params": prepared.trainable_params(),
         **prepared.quantized(),

@@ -4,7 +4,9 @@ The model is built on the meta device and runs forward, backward and AdamW exact
 with an attention function whose saved tensors match the fused SDPA kernels (on meta, SDPA's math
 path would save the N×N matrix). The storage tracker, rounding each allocation to 512 bytes like
 the CUDA caching allocator, gives the predicted peak and its breakdown. What it cannot see:
-kernel workspaces (cuBLAS), the CUDA context, fragmentation.
+kernel workspaces (cuBLAS), the CUDA context, fragmentation. The same tracked step's ops are
+counted (FLOPs, bytes) and give the step time predicted for ``gpu`` by a per-op roofline
+(measure/roofline.py): ``predicted_step_seconds``, not a measurement (``step_seconds`` stays None).
 
 Mixed precision (``--amp``): autocast does not apply to meta tensors, so the estimate emulates
 CUDA autocast's cast policy for matmul-class ops (see ``amp_emulation``).
@@ -21,7 +23,7 @@ from velora_cli.measure.train_step import SpecError, StepSpec
 
 @dataclass
 class EstimateBackend:
-    """Predicted memory of one step from meta tensors; no timing."""
+    """Predicted memory of one step from meta tensors, and its step time predicted for ``gpu``."""
 
     warmup: int = 1
     gpu: str | None = None  # what it predicts for (velora_cli.gpus key); None: gpus.DEFAULT_GPU
@@ -36,6 +38,8 @@ class EstimateBackend:
         from velora_cli.measure.attention import register_estimate_attention
         from velora_cli.measure.cpu import _is_user_error
         from velora_cli.measure.observe import tracked_step
+        from velora_cli.measure.opcount import OpCounter
+        from velora_cli.measure.step_time import prediction_fields, prediction_source
         from velora_cli.measure.train_step import prepare, train_step
 
         try:
@@ -47,7 +51,9 @@ class EstimateBackend:
             with amp_emulation(spec.amp):
                 for _ in range(self.warmup):
                     train_step(prepared)
-                row, _trace = tracked_step(prepared, breakdown=breakdown)
+                ops = OpCounter("meta")
+                row, _trace = tracked_step(prepared, breakdown=breakdown, op_counter=ops)
+                row.update(prediction_fields(prepared, ops.counts(), self.gpu))
         except (SpecError, ValueError, RuntimeError, NotImplementedError) as exc:
             if isinstance(exc, SpecError) or _is_user_error(exc):
                 raise
@@ -57,6 +63,7 @@ class EstimateBackend:
             backend=self.name,
             step_seconds=None,
             tokens_per_second=None,
+            step_seconds_source=prediction_source(self.gpu),
         )
         return row
 

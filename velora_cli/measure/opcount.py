@@ -1,0 +1,500 @@
+"""What every op of a training step computes and moves: FLOPs and bytes, op by op.
+
+`OpCounter` is a `TorchDispatchMode` that sees every aten op the step dispatches (forward,
+backward — a checkpoint's recomputed forward included — and the optimizer step) and records
+one `OpCost` for each: its class (`KINDS`), math precision, FLOPs, bytes moved, and for GEMMs the
+shape. Nothing is special-cased per strategy: VeLoRA's compression and factorized weight gradient,
+QLoRA's dequantization, the low-rank optimizers' projections and SVD/QR refreshes are ops like
+any other and come out of the same rules. It runs on meta tensors (the estimate backend), where
+shapes, dtypes and strides are all it needs.
+
+FLOPs: torch's own formulas (`torch.utils.flop_counter.flop_registry`: mm, addmm, bmm, baddbmm,
+convolutions) where they exist, and ours where torch has none or counts what the kernel does
+not compute:
+- fused attention (flash, memory-efficient, cuDNN, CPU flash; forward and backward): torch
+  counts the full N×N score matrix even when ``is_causal`` (its comment says so); the kernels
+  skip masked tiles, so we count the unmasked (query, key) pairs only;
+- mv/addmv/dot (VeLoRA's compression z = X·v is an ``mv``): 2 FLOPs per multiply-add;
+- ``_linalg_svd`` and ``linalg_qr`` (GaLore/AdaRankGrad refreshes), from Golub & Van Loan,
+  *Matrix Computations* (4th ed.): R-SVD with thin U and V 6·m·n² + 20·n³ (Fig. 8.6.1),
+  Householder QR with thin Q 4·n²·(m − n/3) (§5.2: R costs 2·n²·(m − n/3), forming Q as much);
+- everything else, ``_foreach_*`` included: one FLOP per element written (reductions: per
+  element read). These ops are bandwidth-bound; the count only keeps compute from being zero.
+
+Bytes: every tensor an op reads plus every tensor it writes, each counted by its distinct
+elements (a broadcast dimension with stride 0 is read once), the same tensor read twice counted
+once. Written = the arguments the schema marks as mutated (in-place ops, ``out=``, ``_foreach_*_``)
+or else the returned tensors; an ``out=`` argument and the target of a fill (``zero_``,
+``fill_``, ``copy_``'s destination, random fills) are written, not read. Gathers (embedding,
+index_select, nll_loss) read as many source rows as they fetch, not the whole table. Views and
+other metadata-only ops (their outputs alias their inputs), bare allocations (``empty``) and
+ops with no tensor on the counted device (AdamW's step counters live on the host) move nothing
+and launch nothing.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import math
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
+
+# Op classes: each has its own efficiency in the roofline (measure/roofline.py).
+KINDS = ("gemm", "attention", "linalg", "elementwise", "reduction", "copy", "foreach")
+
+_GEMM = {"mm", "addmm", "bmm", "baddbmm", "addbmm", "mv", "addmv", "dot", "vdot", "_scaled_mm"}
+_ATTENTION = {
+    "_scaled_dot_product_flash_attention",
+    "_scaled_dot_product_flash_attention_backward",
+    "_scaled_dot_product_efficient_attention",
+    "_scaled_dot_product_efficient_attention_backward",
+    "_scaled_dot_product_cudnn_attention",
+    "_scaled_dot_product_cudnn_attention_backward",
+    "_scaled_dot_product_flash_attention_for_cpu",
+    "_scaled_dot_product_flash_attention_for_cpu_backward",
+}
+_LINALG = {
+    "_linalg_svd",
+    "linalg_qr",
+    "_linalg_eigh",
+    "linalg_cholesky_ex",
+    "_linalg_solve_ex",
+    "linalg_householder_product",
+    "geqrf",
+    "ormqr",
+    "linalg_solve_triangular",
+    "triangular_solve",
+}
+_REDUCTION = {
+    "sum",
+    "mean",
+    "amax",
+    "amin",
+    "max",
+    "min",
+    "prod",
+    "norm",
+    "linalg_vector_norm",
+    "var",
+    "var_mean",
+    "std",
+    "std_mean",
+    "logsumexp",
+    "cumsum",
+    "argmax",
+    "argmin",
+    "all",
+    "any",
+    "_softmax",
+    "_safe_softmax",
+    "_log_softmax",
+    "_softmax_backward_data",
+    "_log_softmax_backward_data",
+    "native_layer_norm",
+    "native_layer_norm_backward",
+    "_fused_rms_norm",
+    "_fused_rms_norm_backward",
+    "nll_loss_forward",
+    "topk",
+    "sort",
+}
+_COPY = {
+    "_to_copy",
+    "copy_",
+    "clone",
+    "cat",
+    "stack",
+    "constant_pad_nd",
+    "slice_backward",
+    "select_backward",
+    "index_select",
+    "gather",
+    "embedding",
+    "embedding_dense_backward",
+    "index_put_",
+    "index_add_",
+    "scatter",
+    "scatter_add",
+    "repeat",
+    "tril",
+    "triu",
+}
+# CUDA's multi_tensor_apply splits each tensor of a _foreach_* op into chunks of this many elements
+# (kChunkSize in aten/src/ATen/native/cuda/MultiTensorApply.cuh).
+FOREACH_CHUNK = 65536
+# Multi-tensor kernels like the _foreach_* ops (torch.optim's fused=True implementations).
+_FUSED_OPTIMIZERS = {"_fused_adam_", "_fused_adamw_", "_fused_sgd_", "_fused_adagrad_"}
+# Allocate without writing (no kernel).
+_ALLOCATION = {
+    "empty",
+    "empty_like",
+    "empty_strided",
+    "new_empty",
+    "new_empty_strided",
+    "resize_",
+}
+# Write their destination without reading it.
+_WRITE_ONLY = {
+    "fill_",
+    "zero_",
+    "copy_",
+    "normal_",
+    "uniform_",
+    "random_",
+    "bernoulli_",
+    "exponential_",
+    "_foreach_zero_",
+    "_foreach_copy_",
+}
+# Read as many rows of their source (first argument) as they write: (source arg, index arg).
+_GATHER = {
+    "embedding": ("weight", "indices"),
+    "index_select": ("self", "index"),
+    "gather": ("self", "index"),
+    "nll_loss_forward": ("self", "target"),
+}
+
+
+@dataclass(frozen=True)
+class OpCost:
+    """What one op computes and moves; hashable, so a step's ops are counted as a multiset.
+
+    ``gemm`` is (batch, m, n, k) for matrix products (out = (m×k)·(k×n), batch of them);
+    ``tensors`` is the length of a ``_foreach_*`` op's tensor lists and ``lists`` how many lists
+    it reads or writes (CUDA's multi_tensor_apply launches depend on both; 1 and 1 otherwise).
+    """
+
+    kind: str
+    op: str  # aten op name, e.g. "mm"
+    precision: str  # "bf16" | "fp16" | "fp32" | "fp64" (math precision of the inputs)
+    flops: int
+    bytes: int
+    gemm: tuple[int, int, int, int] | None = None
+    tensors: int = 1
+    lists: int = 1
+    chunks: int = 0  # foreach: 65536-element chunks of its tensors (multi_tensor_apply's unit)
+
+
+# -- reading an op's arguments ----------------------------------------------------------------
+
+
+@functools.cache
+def _schema_roles(func) -> tuple[tuple[str, ...], frozenset[str], frozenset[str]]:
+    """(argument names in order, names the op mutates, names that are ``out=`` arguments)."""
+    args = func._schema.arguments
+    written = frozenset(a.name for a in args if a.alias_info is not None and a.alias_info.is_write)
+    outs = frozenset(a.name for a in args if a.is_out)
+    return tuple(a.name for a in args), written, outs
+
+
+def _bind(func, args: tuple, kwargs: dict) -> dict[str, Any]:
+    names = _schema_roles(func)[0]
+    bound = dict(zip(names, args, strict=False))  # omitted trailing args: defaults
+    bound.update(kwargs)
+    return bound
+
+
+def _tensors(value: Any) -> list[torch.Tensor]:
+    return [t for t in tree_leaves(value) if isinstance(t, torch.Tensor)]
+
+
+def tensor_bytes(t: torch.Tensor) -> int:
+    """Bytes an op touches for ``t``: distinct elements × element size (stride-0 dimensions, from
+    ``expand``, hold one element)."""
+    if t.numel() == 0:
+        return 0
+    if t.layout != torch.strided:
+        return t.numel() * t.element_size()
+    distinct = 1
+    for size, stride in zip(t.shape, t.stride(), strict=True):
+        if stride != 0:
+            distinct *= size
+    return distinct * t.element_size()
+
+
+def _identity(t: torch.Tensor) -> tuple:
+    return (t.untyped_storage()._cdata, t.storage_offset(), tuple(t.shape), tuple(t.stride()))
+
+
+def _precision(tensors: list[torch.Tensor]) -> str:
+    for t in tensors:
+        if t.is_floating_point():
+            return {
+                torch.bfloat16: "bf16",
+                torch.float16: "fp16",
+                torch.float64: "fp64",
+            }.get(t.dtype, "fp32")
+    return "fp32"
+
+
+# -- FLOP formulas ------------------------------------------------------------------------------
+
+
+def gemm_shape(op: str, bound: dict[str, Any]) -> tuple[int, int, int, int]:
+    """(batch, m, n, k) of a matrix-product op: out (m×n) = (m×k)·(k×n), ``batch`` times."""
+    if op in ("mm", "_scaled_mm"):
+        a, b = bound["self"], bound["mat2"]
+    elif op == "addmm":
+        a, b = bound["mat1"], bound["mat2"]
+    elif op == "bmm":
+        a, b = bound["self"], bound["mat2"]
+    elif op in ("baddbmm", "addbmm"):
+        a, b = bound["batch1"], bound["batch2"]
+    elif op in ("mv", "addmv"):
+        a = bound["self"] if op == "mv" else bound["mat"]
+        return 1, a.shape[0], 1, a.shape[1]
+    elif op in ("dot", "vdot"):
+        return 1, 1, 1, bound["self"].shape[0]
+    else:
+        raise KeyError(op)
+    if a.dim() == 3:  # (batch, m, k) · (batch, k, n)
+        return a.shape[0], a.shape[1], b.shape[2], a.shape[2]
+    return 1, a.shape[0], b.shape[1], a.shape[1]
+
+
+def _attention_pairs(q_len: int, kv_len: int, causal: bool) -> int:
+    """(query, key) pairs a fused kernel computes. Causal masking is upper-left aligned (query i
+    sees keys 0..i), as in PyTorch's fused kernels and the estimate's attention, which crops keys
+    to the query length as transformers does."""
+    if not causal:
+        return q_len * kv_len
+    n = min(q_len, kv_len)
+    return n * (n + 1) // 2 + (q_len - n) * kv_len
+
+
+def attention_flops(op: str, bound: dict[str, Any]) -> int:
+    """FLOPs of a fused attention op, counting only unmasked (query, key) pairs.
+
+    Forward: S = Q·Kᵀ and O = P·V, 2·pairs·(d + d_v) per (batch, head). Backward (as torch's
+    ``sdpa_backward_flop_count``): S recomputed, dP = dO·Vᵀ, dV = Pᵀ·dO, dQ = dS·K, dK = dSᵀ·Q,
+    2·pairs·(3·d + 2·d_v). Query heads H (grouped-query attention broadcasts the kv heads).
+    """
+    q, k, v = bound["query"], bound["key"], bound["value"]
+    batch, heads, q_len, d = q.shape
+    kv_len, d_v = k.shape[2], v.shape[3]
+    pairs = batch * heads * _attention_pairs(q_len, kv_len, bool(bound.get("is_causal", False)))
+    if op.endswith("_backward"):
+        return 2 * pairs * (3 * d + 2 * d_v)
+    return 2 * pairs * (d + d_v)
+
+
+def linalg_flops(op: str, bound: dict[str, Any]) -> int:
+    """FLOPs of a dense factorization (Golub & Van Loan, see the module docstring)."""
+    a = bound.get("A", bound.get("self"))
+    *batch, rows, cols = a.shape
+    big, small = max(rows, cols), min(rows, cols)
+    count = math.prod(batch)
+    if op == "_linalg_svd":
+        return count * (6 * big * small**2 + 20 * small**3)
+    if op in ("linalg_qr", "geqrf", "linalg_householder_product", "ormqr"):
+        return count * 4 * small**2 * (big - small // 3)
+    if op in ("_linalg_eigh",):
+        return count * 9 * small**3  # tridiagonalization + QR iterations with vectors (GVL §8.3)
+    return count * 2 * big * small**2  # triangular solves, Cholesky: O(n²·m)
+
+
+def _flops(kind: str, op: str, func, bound, args, kwargs, out, written, read) -> int:
+    if kind == "attention":
+        return attention_flops(op, bound)
+    if kind == "linalg":
+        return linalg_flops(op, bound)
+    if kind == "gemm":
+        from torch.utils.flop_counter import flop_registry
+
+        formula = flop_registry.get(func.overloadpacket)
+        if formula is not None:
+            return int(formula(*args, **kwargs, out_val=out))
+        batch, m, n, k = gemm_shape(op, bound)
+        return 2 * batch * m * n * k
+    if kind == "reduction":
+        return sum(t.numel() for t in read)
+    return sum(t.numel() for t in written)
+
+
+# -- one op -------------------------------------------------------------------------------------
+
+
+def _kind(op: str) -> str:
+    if op in _GEMM:
+        return "gemm"
+    if op in _ATTENTION:
+        return "attention"
+    if op in _LINALG:
+        return "linalg"
+    if op in _REDUCTION:
+        return "reduction"
+    if op.startswith("_foreach_") or op in _FUSED_OPTIMIZERS:
+        return "foreach"
+    if op in _COPY:
+        return "copy"
+    return "elementwise"
+
+
+def op_cost(func, args: tuple, kwargs: dict, out: Any, device_type: str) -> OpCost | None:
+    """The `OpCost` of one dispatched op, or None when it moves nothing on ``device_type``.
+
+    Args:
+        func: the ``torch._ops.OpOverload`` dispatched.
+        args, kwargs: its arguments; out: what it returned.
+        device_type: the device whose kernels are counted (``meta`` for the estimate).
+    """
+    op = func._opname
+    if op in _ALLOCATION or func._schema.name.split("::")[0] not in ("aten", "velora"):
+        return None
+    inputs, outputs = _tensors((args, kwargs)), _tensors(out)
+    if not any(t.device.type == device_type for t in inputs + outputs):
+        return None  # host-side work (AdamW's step counters), or no tensor at all
+    _, mutated, out_args = _schema_roles(func)
+    bound = _bind(func, args, kwargs)
+    if not mutated and (func.is_view or _aliases_only(inputs, outputs)):
+        return None  # a view, detach, _unsafe_view...: metadata only
+    written = _tensors([bound[n] for n in mutated if n in bound]) if mutated else outputs
+    skip = set(out_args) | (set(mutated) if op in _WRITE_ONLY else set())
+    read = _tensors([v for name, v in bound.items() if name not in skip])
+    kind = _kind(op)
+    nbytes = _read_bytes(op, bound, read) + sum(tensor_bytes(t) for t in written)
+    flops = _flops(kind, op, func, bound, args, kwargs, out, written, read)
+    extra: dict[str, Any] = {}
+    if kind == "gemm":
+        extra["gemm"] = gemm_shape(op, bound)
+    elif kind == "foreach":
+        lists = [v for v in bound.values() if isinstance(v, (list, tuple)) and _tensors(v)]
+        extra["tensors"] = max((len(v) for v in lists), default=1)
+        extra["chunks"] = (
+            sum(-(-t.numel() // FOREACH_CHUNK) for t in _tensors(lists[0])) if lists else 0
+        )
+        extra["lists"] = len(lists) + (0 if mutated else 1)  # out-of-place: one more list
+    return OpCost(kind, op, _precision(inputs), flops, nbytes, **extra)
+
+
+def _aliases_only(inputs: list[torch.Tensor], outputs: list[torch.Tensor]) -> bool:
+    if not outputs:
+        return False
+    storages = {t.untyped_storage()._cdata for t in inputs}
+    return all(t.untyped_storage()._cdata in storages for t in outputs)
+
+
+def _read_bytes(op: str, bound: dict[str, Any], read: list[torch.Tensor]) -> int:
+    seen, total = set(), 0
+    source = None
+    if op in _GATHER:
+        name, index = _GATHER[op]
+        source, idx = bound.get(name), bound.get(index)
+        if isinstance(source, torch.Tensor) and isinstance(idx, torch.Tensor):
+            # one row (embedding: a row of D values; else one element) per index
+            row = source.shape[-1] if op == "embedding" else 1
+            total += min(tensor_bytes(source), idx.numel() * row * source.element_size())
+    for t in read:
+        if t is source:
+            continue
+        key = _identity(t)
+        if key not in seen:
+            seen.add(key)
+            total += tensor_bytes(t)
+    return total
+
+
+# -- the step -------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Segment:
+    """The ops of one phase of the step (``forward``/``backward`` of micro-batch ``micro``,
+    ``optimizer``, ``zero_grad``, or ``other``), each distinct `OpCost` with its count."""
+
+    phase: str
+    micro: int | None
+    ops: tuple[tuple[OpCost, int], ...]
+
+    @property
+    def flops(self) -> int:
+        return sum(op.flops * n for op, n in self.ops)
+
+    @property
+    def bytes(self) -> int:
+        return sum(op.bytes * n for op, n in self.ops)
+
+
+@dataclass(frozen=True)
+class StepCounts:
+    """Every counted op of one step, by phase, in the order the phases ran."""
+
+    segments: tuple[Segment, ...]
+
+    @property
+    def micro_batches(self) -> int:
+        return len({s.micro for s in self.segments if s.micro is not None})
+
+    @property
+    def flops(self) -> int:
+        return sum(s.flops for s in self.segments)
+
+    @property
+    def bytes(self) -> int:
+        return sum(s.bytes for s in self.segments)
+
+    def ops(self) -> Counter:
+        """All distinct ops of the step with their counts, phases merged."""
+        total: Counter = Counter()
+        for s in self.segments:
+            for op, n in s.ops:
+                total[op] += n
+        return total
+
+
+class OpCounter(TorchDispatchMode):
+    """Count the FLOPs and bytes of every op dispatched while active, by step phase.
+
+    Phases come from ``phase(name)`` (pass it as `train_step`'s ``phase``, or combined with the
+    memory tracker's); each ``forward`` entered starts a new micro-batch.
+
+    Example:
+        >>> counter = OpCounter()
+        >>> with counter:
+        ...     train_step(prepared, phase=counter.phase)
+        >>> counter.counts().flops
+        123456789
+    """
+
+    def __init__(self, device_type: str = "meta") -> None:
+        super().__init__()
+        self.device_type = device_type
+        self._phases: list[str] = []
+        self._micro = -1
+        self._segments: dict[tuple[str, int | None], Counter] = {}
+
+    @contextlib.contextmanager
+    def phase(self, name: str) -> Iterator[None]:
+        if name == "forward":
+            self._micro += 1
+        self._phases.append(name)
+        try:
+            yield
+        finally:
+            self._phases.pop()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[override]
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        cost = op_cost(func, args, kwargs, out, self.device_type)
+        if cost is not None:
+            phase = self._phases[-1] if self._phases else "other"
+            micro = self._micro if phase in ("forward", "backward") else None
+            self._segments.setdefault((phase, micro), Counter())[cost] += 1
+        return out
+
+    def counts(self) -> StepCounts:
+        """The ops counted so far, as plain data."""
+        return StepCounts(
+            tuple(
+                Segment(phase, micro, tuple(ops.items()))
+                for (phase, micro), ops in self._segments.items()
+            )
+        )
