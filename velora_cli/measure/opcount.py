@@ -185,18 +185,40 @@ class OpCost:
 # -- reading an op's arguments ----------------------------------------------------------------
 
 
+@dataclass(frozen=True)
+class _OpInfo:
+    """What one op overload's schema says, looked up once per overload."""
+
+    name: str  # e.g. "mm"
+    counted: bool  # an aten/velora op that may launch a kernel (not a bare allocation)
+    view: bool  # the schema returns an alias of an input
+    kind: str
+    arguments: tuple[str, ...]  # argument names in order
+    mutated: frozenset[str]  # arguments the op writes (in-place self, out=)
+    not_read: frozenset[str]  # out= arguments, and the destination of write-only ops
+
+
 @functools.cache
-def _schema_roles(func) -> tuple[tuple[str, ...], frozenset[str], frozenset[str]]:
-    """(argument names in order, names the op mutates, names that are ``out=`` arguments)."""
-    args = func._schema.arguments
-    written = frozenset(a.name for a in args if a.alias_info is not None and a.alias_info.is_write)
-    outs = frozenset(a.name for a in args if a.is_out)
-    return tuple(a.name for a in args), written, outs
+def _info(func) -> _OpInfo:
+    schema = func._schema
+    name = func._opname
+    mutated = frozenset(
+        a.name for a in schema.arguments if a.alias_info is not None and a.alias_info.is_write
+    )
+    outs = frozenset(a.name for a in schema.arguments if a.is_out)
+    return _OpInfo(
+        name=name,
+        counted=name not in _ALLOCATION and schema.name.split("::")[0] in ("aten", "velora"),
+        view=bool(func.is_view),
+        kind=_kind(name),
+        arguments=tuple(a.name for a in schema.arguments),
+        mutated=mutated,
+        not_read=outs | (mutated if name in _WRITE_ONLY else frozenset()),
+    )
 
 
-def _bind(func, args: tuple, kwargs: dict) -> dict[str, Any]:
-    names = _schema_roles(func)[0]
-    bound = dict(zip(names, args, strict=False))  # omitted trailing args: defaults
+def _bind(info: _OpInfo, args: tuple, kwargs: dict) -> dict[str, Any]:
+    bound = dict(zip(info.arguments, args, strict=False))  # omitted trailing args: defaults
     bound.update(kwargs)
     return bound
 
@@ -345,20 +367,18 @@ def op_cost(func, args: tuple, kwargs: dict, out: Any, device_type: str) -> OpCo
         args, kwargs: its arguments; out: what it returned.
         device_type: the device whose kernels are counted (``meta`` for the estimate).
     """
-    op = func._opname
-    if op in _ALLOCATION or func._schema.name.split("::")[0] not in ("aten", "velora"):
+    info = _info(func)
+    if not info.counted:
         return None
     inputs, outputs = _tensors((args, kwargs)), _tensors(out)
     if not any(t.device.type == device_type for t in inputs + outputs):
         return None  # host-side work (AdamW's step counters), or no tensor at all
-    _, mutated, out_args = _schema_roles(func)
-    bound = _bind(func, args, kwargs)
-    if not mutated and (func.is_view or _aliases_only(inputs, outputs)):
+    mutated, op, kind = info.mutated, info.name, info.kind
+    if not mutated and (info.view or _aliases_only(inputs, outputs)):
         return None  # a view, detach, _unsafe_view...: metadata only
+    bound = _bind(info, args, kwargs)
     written = _tensors([bound[n] for n in mutated if n in bound]) if mutated else outputs
-    skip = set(out_args) | (set(mutated) if op in _WRITE_ONLY else set())
-    read = _tensors([v for name, v in bound.items() if name not in skip])
-    kind = _kind(op)
+    read = _tensors([v for name, v in bound.items() if name not in info.not_read])
     nbytes = _read_bytes(op, bound, read) + sum(tensor_bytes(t) for t in written)
     flops = _flops(kind, op, func, bound, args, kwargs, out, written, read)
     extra: dict[str, Any] = {}

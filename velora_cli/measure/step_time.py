@@ -97,7 +97,10 @@ def predicted_beside(spec: StepSpec, row: dict[str, Any]) -> dict[str, Any]:
             "prediction_note": f"no prediction: {row.get('gpu_name')!r} is not in velora's GPU "
             "table (velora_cli/gpus.py)"
         }
-    estimate = EstimateBackend(gpu=gpu.key).measure(spec)
+    try:
+        estimate = EstimateBackend(gpu=gpu.key).measure(spec)
+    except Exception as exc:  # noqa: BLE001 - a failed prediction must not lose the measurement
+        estimate = {"status": "error", "error": f"{type(exc).__name__}: {exc}"}
     if estimate.get("status") != "ok":
         return {"prediction_note": f"no prediction: the estimate failed: {estimate.get('error')}"}
     fields = {k: estimate[k] for k in PREDICTED_FIELDS if k in estimate}
