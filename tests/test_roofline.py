@@ -353,3 +353,27 @@ def test_profile_table_marks_predictions():
     assert "~step" in text and "~tok/s" in text and "25.0 ms" in text and "1.25" in text
     footer = " ".join(report.profile_footer(doc))
     assert "~ predicted step time, not measured" in footer and "NVIDIA H100" in footer
+
+
+def test_measured_rows_show_the_prediction_beside_the_measurement():
+    from rich.console import Console
+
+    from velora_cli import report
+
+    row = {"label": "baseline", "status": "ok", "strategy": "baseline", "peak_bytes": 1 << 30,
+           "step_seconds": 0.030, "tokens_per_second": 34133.0, "step_seconds_source": "measured",
+           "predicted_step_seconds": 0.024, "predicted_gpu": "h200", "prediction_error": -0.2}  # fmt: skip
+    doc = {"model": "m", "mode": "full", "batch_size": 4, "seq_len": 256, "precision": "bf16",
+           "backend": "cuda", "rows": [row], "environment": {}}  # fmt: skip
+    console = Console(width=200, record=True)
+    console.print(report.profile_table(doc))
+    header = console.export_text().splitlines()[2]
+    assert header.index(" step ") < header.index("~step") < header.index("tok/s")
+    assert "baseline −20%" in " ".join(report.profile_footer(doc)).replace("-", "−")
+
+
+def test_every_gpu_has_an_sm_count_for_the_gemm_model():
+    from velora_cli.gpus import GPUS, SM_SOURCE
+
+    assert all(50 <= gpu.sms <= 200 for gpu in GPUS.values()), {k: g.sms for k, g in GPUS.items()}
+    assert GPUS["h100"].sms == 132 and GPUS["a100-80gb"].sms == 108 and "whitepaper" in SM_SOURCE
