@@ -8,18 +8,7 @@ QLoRA's dequantization, the low-rank optimizers' projections and SVD/QR refreshe
 any other and come out of the same rules. It runs on meta tensors (the estimate backend), where
 shapes, dtypes and strides are all it needs.
 
-FLOPs: torch's own formulas (`torch.utils.flop_counter.flop_registry`: mm, addmm, bmm, baddbmm,
-convolutions) where they exist, and ours where torch has none or counts what the kernel does
-not compute:
-- fused attention (flash, memory-efficient, cuDNN, CPU flash; forward and backward): torch
-  counts the full N×N score matrix even when ``is_causal`` (its comment says so); the kernels
-  skip masked tiles, so we count the unmasked (query, key) pairs only;
-- mv/addmv/dot (VeLoRA's compression z = X·v is an ``mv``): 2 FLOPs per multiply-add;
-- ``_linalg_svd`` and ``linalg_qr`` (GaLore/AdaRankGrad refreshes), from Golub & Van Loan,
-  *Matrix Computations* (4th ed.): R-SVD with thin U and V 6·m·n² + 20·n³ (Fig. 8.6.1),
-  Householder QR with thin Q 4·n²·(m − n/3) (§5.2: R costs 2·n²·(m − n/3), forming Q as much);
-- everything else, ``_foreach_*`` included: one FLOP per element written (reductions: per
-  element read). These ops are bandwidth-bound; the count only keeps compute from being zero.
+FLOPs: torch's own formulas where it has them, ours otherwise (measure/flops.py).
 
 Bytes: every tensor an op reads plus every tensor it writes, each counted by its distinct
 elements (a broadcast dimension with stride 0 is read once), the same tensor read twice counted
@@ -36,7 +25,6 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import math
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -45,6 +33,8 @@ from typing import Any
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
+
+from velora_cli.measure.flops import gemm_shape, op_flops
 
 # Op classes: each has its own efficiency in the roofline (measure/roofline.py).
 KINDS = ("gemm", "attention", "linalg", "elementwise", "reduction", "copy", "foreach")
@@ -256,90 +246,6 @@ def _precision(tensors: list[torch.Tensor]) -> str:
     return "fp32"
 
 
-# -- FLOP formulas ------------------------------------------------------------------------------
-
-
-def gemm_shape(op: str, bound: dict[str, Any]) -> tuple[int, int, int, int]:
-    """(batch, m, n, k) of a matrix-product op: out (m×n) = (m×k)·(k×n), ``batch`` times."""
-    if op in ("mm", "_scaled_mm"):
-        a, b = bound["self"], bound["mat2"]
-    elif op == "addmm":
-        a, b = bound["mat1"], bound["mat2"]
-    elif op == "bmm":
-        a, b = bound["self"], bound["mat2"]
-    elif op in ("baddbmm", "addbmm"):
-        a, b = bound["batch1"], bound["batch2"]
-    elif op in ("mv", "addmv"):
-        a = bound["self"] if op == "mv" else bound["mat"]
-        return 1, a.shape[0], 1, a.shape[1]
-    elif op in ("dot", "vdot"):
-        return 1, 1, 1, bound["self"].shape[0]
-    else:
-        raise KeyError(op)
-    if a.dim() == 3:  # (batch, m, k) · (batch, k, n)
-        return a.shape[0], a.shape[1], b.shape[2], a.shape[2]
-    return 1, a.shape[0], b.shape[1], a.shape[1]
-
-
-def _attention_pairs(q_len: int, kv_len: int, causal: bool) -> int:
-    """(query, key) pairs a fused kernel computes. Causal masking is upper-left aligned (query i
-    sees keys 0..i), as in PyTorch's fused kernels and the estimate's attention, which crops keys
-    to the query length as transformers does."""
-    if not causal:
-        return q_len * kv_len
-    n = min(q_len, kv_len)
-    return n * (n + 1) // 2 + (q_len - n) * kv_len
-
-
-def attention_flops(op: str, bound: dict[str, Any]) -> int:
-    """FLOPs of a fused attention op, counting only unmasked (query, key) pairs.
-
-    Forward: S = Q·Kᵀ and O = P·V, 2·pairs·(d + d_v) per (batch, head). Backward (as torch's
-    ``sdpa_backward_flop_count``): S recomputed, dP = dO·Vᵀ, dV = Pᵀ·dO, dQ = dS·K, dK = dSᵀ·Q,
-    2·pairs·(3·d + 2·d_v). Query heads H (grouped-query attention broadcasts the kv heads).
-    """
-    q, k, v = bound["query"], bound["key"], bound["value"]
-    batch, heads, q_len, d = q.shape
-    kv_len, d_v = k.shape[2], v.shape[3]
-    pairs = batch * heads * _attention_pairs(q_len, kv_len, bool(bound.get("is_causal", False)))
-    if op.endswith("_backward"):
-        return 2 * pairs * (3 * d + 2 * d_v)
-    return 2 * pairs * (d + d_v)
-
-
-def linalg_flops(op: str, bound: dict[str, Any]) -> int:
-    """FLOPs of a dense factorization (Golub & Van Loan, see the module docstring)."""
-    a = bound.get("A", bound.get("self"))
-    *batch, rows, cols = a.shape
-    big, small = max(rows, cols), min(rows, cols)
-    count = math.prod(batch)
-    if op == "_linalg_svd":
-        return count * (6 * big * small**2 + 20 * small**3)
-    if op in ("linalg_qr", "geqrf", "linalg_householder_product", "ormqr"):
-        return count * 4 * small**2 * (big - small // 3)
-    if op in ("_linalg_eigh",):
-        return count * 9 * small**3  # tridiagonalization + QR iterations with vectors (GVL §8.3)
-    return count * 2 * big * small**2  # triangular solves, Cholesky: O(n²·m)
-
-
-def _flops(kind: str, op: str, func, bound, args, kwargs, out, written, read) -> int:
-    if kind == "attention":
-        return attention_flops(op, bound)
-    if kind == "linalg":
-        return linalg_flops(op, bound)
-    if kind == "gemm":
-        from torch.utils.flop_counter import flop_registry
-
-        formula = flop_registry.get(func.overloadpacket)
-        if formula is not None:
-            return int(formula(*args, **kwargs, out_val=out))
-        batch, m, n, k = gemm_shape(op, bound)
-        return 2 * batch * m * n * k
-    if kind == "reduction":
-        return sum(t.numel() for t in read)
-    return sum(t.numel() for t in written)
-
-
 # -- one op -------------------------------------------------------------------------------------
 
 
@@ -380,7 +286,7 @@ def op_cost(func, args: tuple, kwargs: dict, out: Any, device_type: str) -> OpCo
     written = _tensors([bound[n] for n in mutated if n in bound]) if mutated else outputs
     read = _tensors([v for name, v in bound.items() if name not in info.not_read])
     nbytes = _read_bytes(op, bound, read) + sum(tensor_bytes(t) for t in written)
-    flops = _flops(kind, op, func, bound, args, kwargs, out, written, read)
+    flops = op_flops(kind, op, func, bound, args, kwargs, out, written, read)
     extra: dict[str, Any] = {}
     if kind == "gemm":
         extra["gemm"] = gemm_shape(op, bound)
