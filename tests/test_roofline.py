@@ -53,18 +53,20 @@ def test_gemm_time_on_a_fake_gpu_by_hand():
 
 def test_gemm_shape_model_by_hand():
     device = gpu_device(FAKE)  # 4 SMs
+    ramp = (256 / (256 + 128)) / (8192 / (8192 + 128))  # k = 256 against the 8192³ reference
+    # k = 256 cannot be split (each split needs >= 256): tiles and waves only.
     # 128×128: one 128-tile on 4 SMs (1/4 busy) or four 64-tiles at half speed: 1/2
-    assert gemm_efficiency(device, 1, 128, 128, 8192) == pytest.approx(0.5 * 0.8)
-    # 384×128: three 128-tiles, one wave of four SMs: 3/4
-    assert gemm_efficiency(device, 1, 384, 128, 8192) == pytest.approx(0.75 * 0.8)
+    assert gemm_efficiency(device, 1, 128, 128, 256) == pytest.approx(0.8 * 0.5 * ramp)
+    # 384×128: three 128-tiles, one wave of four SMs: 3/4 (64-tiles: 12 in 3 full waves, ½)
+    assert gemm_efficiency(device, 1, 384, 128, 256) == pytest.approx(0.8 * 0.75 * ramp)
     # 100×100: one tile, 100²/128² of it useful, on 1 of 4 SMs; 64-tiles: 4 tiles, 100²/(4·64²)/2
     expected = max(100 * 100 / (4 * 128 * 128), 0.5 * 100 * 100 / (4 * 64 * 64))
-    assert gemm_efficiency(device, 1, 100, 100, 8192) == pytest.approx(expected * 0.8)
-    # a short K: k/(k + 128) relative to 8192/(8192 + 128)
-    ramp = (128 / 256) / (8192 / 8320)
-    assert gemm_efficiency(device, 1, 256, 256, 128) == pytest.approx(0.8 * ramp)
-    # batched GEMMs fill the SMs with tiles of every batch
-    assert gemm_efficiency(device, 4, 128, 128, 8192) == pytest.approx(0.8)
+    assert gemm_efficiency(device, 1, 100, 100, 256) == pytest.approx(0.8 * expected * ramp)
+    # batched GEMMs fill the SMs with tiles of every batch: 4 × 128×128 in one full wave
+    assert gemm_efficiency(device, 4, 128, 128, 256) == pytest.approx(0.8 * ramp)
+    # split-K: 128×128×8192 splits K in 4 (one 128-tile per SM, each k = 2048 long)
+    split = (2048 / (2048 + 128)) / (8192 / (8192 + 128))
+    assert gemm_efficiency(device, 1, 128, 128, 8192) == pytest.approx(0.8 * split)
 
 
 def test_fp32_matmuls_run_without_tf32_by_default():

@@ -48,6 +48,12 @@ GEMM_TILES = ((128, 128, 1.0), (64, 64, 0.5))
 # much as this many K steps of its main loop (assumption), so short reductions run slower:
 # k / (k + GEMM_K_OVERHEAD), relative to k = 8192 (the measured size).
 GEMM_K_OVERHEAD = 128
+# Split-K: for a small output with a long reduction (LoRA's and VeLoRA's skinny weight
+# gradients) cuBLAS splits K over several tiles and adds the partial sums. Modelled as splits of
+# 1, 2, 4, 8 or 16, each at least this long in K (assumption); the partial sums' extra traffic
+# (m·n fp32 per split, small when split-K pays) is not charged.
+GEMM_SPLITS = (1, 2, 4, 8, 16)
+GEMM_MIN_SPLIT_K = 256
 # Fused attention (PyTorch's SDPA flash kernel is FlashAttention-2): "FlashAttention-2 achieves
 # only 35% utilization on H100" (FlashAttention-3 paper, Shah et al. 2024, §1); on A100 it
 # reaches 50–73% forward and less backward (FlashAttention-2 paper, Dao 2023, §4.1): 0.55 taken.
@@ -172,29 +178,31 @@ def gemm_efficiency(device: Device, batch: int, m: int, n: int, k: int) -> float
     """The fraction of the peak a (batch × m×k·k×n) GEMM reaches on ``device``.
 
     ``device.gemm_efficiency`` is the efficiency of an 8192³ GEMM (the measured point); other
-    shapes scale it by their tile utilization and K ramp relative to 8192³. Tile utilization: the
-    output splits into ceil(m/tm)·ceil(n/tn) tiles per batch, which run ``sms`` at a time; the
-    padding of partial tiles and the idle SMs of a last, partial wave are wasted. The better of
-    `GEMM_TILES` is taken. K ramp: k / (k + `GEMM_K_OVERHEAD`).
+    shapes scale it by their utilization relative to 8192³. Utilization, for the best tile of
+    `GEMM_TILES` and split of `GEMM_SPLITS`: the output splits into ceil(m/tm)·ceil(n/tn) tiles
+    per batch and split, which run ``sms`` at a time (the padding of partial tiles and the idle
+    SMs of a last, partial wave are wasted), × the tile's relative efficiency × the K ramp of one
+    split, (k/s) / (k/s + `GEMM_K_OVERHEAD`).
     """
     if device.sms <= 0:
         return device.gemm_efficiency
-    shape = _tile_utilization(device.sms, batch, m, n) * _k_ramp(k)
-    reference = _tile_utilization(device.sms, 1, 8192, 8192) * _k_ramp(8192)
+    shape = _utilization(device.sms, batch, m, n, k)
+    reference = _utilization(device.sms, 1, 8192, 8192, 8192)
     return device.gemm_efficiency * min(1.0, shape / reference)
 
 
-def _tile_utilization(sms: int, batch: int, m: int, n: int) -> float:
+def _utilization(sms: int, batch: int, m: int, n: int, k: int) -> float:
     best = 0.0
     for tm, tn, relative in GEMM_TILES:
-        tiles = batch * math.ceil(m / tm) * math.ceil(n / tn)
-        waves = math.ceil(tiles / sms)
-        best = max(best, relative * batch * m * n / (waves * sms * tm * tn))
+        for splits in GEMM_SPLITS:
+            if splits > 1 and k / splits < GEMM_MIN_SPLIT_K:
+                break
+            tiles = batch * math.ceil(m / tm) * math.ceil(n / tn) * splits
+            waves = math.ceil(tiles / sms)
+            busy = batch * m * n * splits / (waves * sms * tm * tn)
+            slab = k / splits
+            best = max(best, relative * busy * slab / (slab + GEMM_K_OVERHEAD))
     return best
-
-
-def _k_ramp(k: int) -> float:
-    return k / (k + GEMM_K_OVERHEAD)
 
 
 def op_launches(op: OpCost, device: Device) -> int:
