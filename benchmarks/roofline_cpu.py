@@ -6,12 +6,16 @@
 
 In one run, in this order:
 1. measure this CPU: achievable fp32 GEMM FLOP/s (an n³ matmul), memory bandwidth (a large copy,
-   bytes read + written) and the per-op overhead of eager PyTorch (a tiny add);
+   bytes read + written), the per-op overhead of eager PyTorch (a tiny add) and the extra cost
+   per byte of writing a fresh large allocation (page faults: a fill of a new tensor against a
+   fill of an existing one);
 2. build a roofline "device" from those figures (`roofline.measured_device`: every efficiency 1,
    no GPU tile model, one kernel per tensor in _foreach_ ops) and predict each row's step from
    the ops of its meta step (the same counting and model as the estimate backend);
-3. time real CPU steps of each row (median of --steps after --warmup), then measure the CPU again
-   (a drift between the two says the machine's load changed: distrust the run).
+3. time real CPU steps of each row, interleaved (one step of each row in turn, --steps rounds,
+   after --warmup; all rows' models are alive at once), so a change of load hits every row
+   alike; report the median (and the minimum); then measure the CPU again (a drift between the
+   two says the machine's load changed: distrust the run).
 Prints per-row predicted and measured time, the error, the ratios to baseline and whether the
 ranking agrees. This tests the FLOP/byte accounting and the additive per-op model, not a GPU's
 efficiencies (those are assumptions in velora_cli/measure/roofline.py until a GPU run calibrates
@@ -65,10 +69,13 @@ def measure_cpu(gemm_size: int, copy_mib: int, repeat: int) -> dict[str, float]:
     copy = _median_seconds(lambda: dst.copy_(src), repeat)
     x, y = torch.randn(1), torch.randn(1)
     tiny = _median_seconds(lambda: [torch.add(x, y) for _ in range(1000)], repeat) / 1000
+    fill_new = _median_seconds(lambda: torch.empty(n).fill_(1.0), repeat)  # n·4 ≥ 32 MiB
+    fill_old = _median_seconds(lambda: dst.fill_(1.0), repeat)
     return {
         "gemm_flops": 2 * gemm_size**3 / gemm,
         "bandwidth": 2 * n * 4 / copy,
         "launch_seconds": tiny,
+        "fresh_seconds_per_byte": max(0.0, fill_new - fill_old) / (n * 4),
     }
 
 
@@ -80,22 +87,26 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=5, help="timed CPU steps per row (>= 5)")
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--gemm-size", type=int, default=1024)
-    parser.add_argument("--copy-mib", type=int, default=256)
+    parser.add_argument("--copy-mib", type=int, default=256, help="copy/fill size, >= 32")
     parser.add_argument("--repeat", type=int, default=10, help="repeats of each CPU figure")
     parser.add_argument("--out", help="write the figures and rows as JSON here")
     args = parser.parse_args()
     if args.steps < 5:
         parser.error("--steps must be >= 5 (the median of at least five steps)")
+    if args.copy_mib < 32:
+        parser.error("--copy-mib must be >= 32 (a fresh allocation that size is mmap'ed)")
 
     before = measure_cpu(args.gemm_size, args.copy_mib, args.repeat)
     device = measured_device("cpu", **before)
     print(
         f"CPU before: GEMM {before['gemm_flops'] / 1e9:.1f} GFLOP/s ({args.gemm_size}³ fp32), "
         f"copy {before['bandwidth'] / 1e9:.2f} GB/s, per-op overhead "
-        f"{before['launch_seconds'] * 1e6:.1f} µs; {torch.get_num_threads()} threads"
+        f"{before['launch_seconds'] * 1e6:.1f} µs, fresh pages "
+        f"{1e-9 / max(before['fresh_seconds_per_byte'], 1e-15):.2f} GB/s; "
+        f"{torch.get_num_threads()} threads"
     )
     attention = register_estimate_attention()
-    rows = []
+    rows, runs = [], []
     for label, strategy in ROWS.items():
         spec = StepSpec(
             model=args.model, batch_size=args.batch_size, seq_len=args.seq_len, strategy=strategy
@@ -107,7 +118,11 @@ def main() -> None:
         on_cpu = prepare(spec, "cpu", attn_implementation=attention)
         for _ in range(args.warmup):
             train_step(on_cpu)
-        times = timed_steps(on_cpu, args.steps)
+        runs.append((label, predicted, on_cpu, []))
+    for _ in range(args.steps):  # interleaved: one step of each row per round
+        for _label, _predicted, on_cpu, times in runs:
+            times += timed_steps(on_cpu, 1)
+    for label, predicted, _on_cpu, times in runs:
         measured = statistics.median(times)
         rows.append(
             {
@@ -117,6 +132,7 @@ def main() -> None:
                 "measured_seconds": measured,
                 "measured_all": times,
                 "error": predicted.seconds / measured - 1,
+                "error_vs_min": predicted.seconds / min(times) - 1,
                 "flops": predicted.flops,
                 "bytes": predicted.bytes,
                 "kernels": predicted.kernels,
@@ -124,7 +140,8 @@ def main() -> None:
         )
         print(
             f"  {label:<22} predicted {predicted.seconds:7.3f} s   measured {measured:7.3f} s "
-            f"(min {min(times):.3f}, max {max(times):.3f})   error {rows[-1]['error']:+.0%}",
+            f"(min {min(times):.3f}, max {max(times):.3f})   error {rows[-1]['error']:+.0%} "
+            f"(vs min {rows[-1]['error_vs_min']:+.0%})",
             flush=True,
         )
     after = measure_cpu(args.gemm_size, args.copy_mib, args.repeat)

@@ -211,3 +211,13 @@ def test_phases_and_micro_batches_are_kept_apart():
         ("optimizer", None),
     ]
     assert counts.micro_batches == 2
+
+
+def test_large_new_outputs_are_marked_fresh():
+    from velora_cli.measure.opcount import FRESH_ALLOCATION
+
+    big, small = meta(FRESH_ALLOCATION // F32), meta(1024)
+    sqrt, sqrt_ = torch.ops.aten.sqrt.default, torch.ops.aten.sqrt_.default
+    assert op_cost(sqrt, (big,), {}, big.sqrt(), "meta").fresh_bytes == FRESH_ALLOCATION
+    assert op_cost(sqrt, (small,), {}, small.sqrt(), "meta").fresh_bytes == 0
+    assert op_cost(sqrt_, (big,), {}, big, "meta").fresh_bytes == 0  # in place: no new memory

@@ -379,3 +379,13 @@ def test_every_gpu_has_an_sm_count_for_the_gemm_model():
 
     assert all(50 <= gpu.sms <= 200 for gpu in GPUS.values()), {k: g.sms for k, g in GPUS.items()}
     assert GPUS["h100"].sms == 132 and GPUS["a100-80gb"].sms == 108 and "whitepaper" in SM_SOURCE
+
+
+def test_fresh_pages_cost_only_on_a_device_that_faults_them():
+    op = OpCost("elementwise", "sqrt", "fp32", 0, 10**8, fresh_bytes=5 * 10**7)
+    cpu = measured_device(
+        "cpu", gemm_flops=1e10, bandwidth=1e10, launch_seconds=0.0, fresh_seconds_per_byte=1e-9
+    )
+    assert op_seconds(op, cpu) == pytest.approx(1e8 / 1e10 + 5e7 * 1e-9)
+    gpu = gpu_device(FAKE)
+    assert op_seconds(op, gpu) == pytest.approx(1e8 / (1e9 * 0.85) + 5e-6)

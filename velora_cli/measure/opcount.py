@@ -119,6 +119,11 @@ _COPY = {
 # CUDA's multi_tensor_apply splits each tensor of a _foreach_* op into chunks of this many elements
 # (kChunkSize in aten/src/ATen/native/cuda/MultiTensorApply.cuh).
 FOREACH_CHUNK = 65536
+# New outputs at least this large are fresh pages on a CPU: glibc's malloc serves them with mmap
+# (its mmap threshold rises to at most DEFAULT_MMAP_THRESHOLD_MAX, 32 MiB on 64-bit) and each
+# first write page-faults. A GPU's caching allocator reuses its segments: only a CPU roofline
+# device charges `OpCost.fresh_bytes`.
+FRESH_ALLOCATION = 32 * 2**20
 # Multi-tensor kernels like the _foreach_* ops (torch.optim's fused=True implementations).
 _FUSED_OPTIMIZERS = {"_fused_adam_", "_fused_adamw_", "_fused_sgd_", "_fused_adagrad_"}
 # Allocate without writing (no kernel).
@@ -170,6 +175,7 @@ class OpCost:
     tensors: int = 1
     lists: int = 1
     chunks: int = 0  # foreach: 65536-element chunks of its tensors (multi_tensor_apply's unit)
+    fresh_bytes: int = 0  # written into new allocations of >= FRESH_ALLOCATION bytes each
 
 
 # -- reading an op's arguments ----------------------------------------------------------------
@@ -297,6 +303,10 @@ def op_cost(func, args: tuple, kwargs: dict, out: Any, device_type: str) -> OpCo
             sum(-(-t.numel() // FOREACH_CHUNK) for t in _tensors(lists[0])) if lists else 0
         )
         extra["lists"] = len(lists) + (0 if mutated else 1)  # out-of-place: one more list
+    if not mutated:
+        fresh = sum(tensor_bytes(t) for t in outputs if tensor_bytes(t) >= FRESH_ALLOCATION)
+        if fresh:
+            extra["fresh_bytes"] = fresh
     return OpCost(kind, op, _precision(inputs), flops, nbytes, **extra)
 
 

@@ -102,6 +102,8 @@ class Device:
         multi_tensor_apply: ``_foreach_*`` ops launch as CUDA's multi_tensor_apply does; False:
             one kernel per tensor (the CPU's per-tensor loop).
         fp32_matmul: the precision fp32 GEMMs run in, ``fp32`` or ``tf32``.
+        fresh_seconds_per_byte: extra cost of writing a large new allocation (a CPU's page
+            faults, `opcount.FRESH_ALLOCATION`); 0 on a GPU, whose caching allocator reuses memory.
     """
 
     key: str
@@ -115,6 +117,7 @@ class Device:
     launch_seconds: float = LAUNCH_SECONDS
     multi_tensor_apply: bool = True
     fp32_matmul: str = "fp32"
+    fresh_seconds_per_byte: float = 0.0
     notes: tuple[str, ...] = field(default=())
 
     def peak(self, precision: str) -> float:
@@ -152,7 +155,12 @@ def gpu_device(gpu: GpuSpec, *, fp32_matmul: str | None = None) -> Device:
 
 
 def measured_device(
-    name: str, *, gemm_flops: float, bandwidth: float, launch_seconds: float
+    name: str,
+    *,
+    gemm_flops: float,
+    bandwidth: float,
+    launch_seconds: float,
+    fresh_seconds_per_byte: float = 0.0,
 ) -> Device:
     """A device from measured achievable figures (efficiency 1 for every class, no GEMM shape
     model, one kernel per tensor in ``_foreach_*`` ops): the CPU check's device."""
@@ -168,6 +176,7 @@ def measured_device(
         gemm_efficiency=1.0,
         launch_seconds=launch_seconds,
         multi_tensor_apply=False,
+        fresh_seconds_per_byte=fresh_seconds_per_byte,
     )
 
 
@@ -230,7 +239,8 @@ def op_seconds(op: OpCost, device: Device) -> float:
         efficiency = device.compute_efficiency.get(op.kind, 1.0)
     compute = op.flops / (peak * efficiency) if op.flops else 0.0
     memory = op.bytes / (device.bandwidth * device.bandwidth_efficiency.get(op.kind, 1.0))
-    return max(compute, memory) + op_launches(op, device) * device.launch_seconds
+    fresh = op.fresh_bytes * device.fresh_seconds_per_byte
+    return max(compute, memory) + fresh + op_launches(op, device) * device.launch_seconds
 
 
 # -- the step -------------------------------------------------------------------------------------
