@@ -200,6 +200,8 @@ def run(
     if why:
         notices.append(why)
     if settings.backend == "estimate":
+        from velora_cli.gpus import get_gpu
+
         probes = (
             f"; the accuracy probes do train, {settings.probe_steps} steps each on {prober.device}"
             if prober is not None
@@ -207,8 +209,9 @@ def run(
         )
         notices.append(
             "--backend estimate: every peak is estimated on meta tensors and no step is measured "
-            f"(no step times: speed is ranked by the estimate's proxy){probes}; check the "
-            "recommendation with --backend cuda before relying on it"
+            f"(speed is ranked by the tokens/s predicted for {get_gpu(settings.gpu).name} by a "
+            f"per-op roofline, not measured){probes}; check the recommendation with --backend "
+            "cuda before relying on it"
         )
     for line in notices:
         echo(f"note: {line}")
@@ -334,10 +337,18 @@ def _timing_warnings(rec: dict[str, Any]) -> list[str]:
 
 def _estimate_reason(rec: dict[str, Any], result, prober: Prober | None) -> str:
     n = sum(row["status"] in ("feasible", "chosen") for row in result.candidates)
-    won = {
-        "speed": "the best estimated speed rank (least checkpointing recompute, then no 4-bit "
+    speed = (
+        "the best estimated speed rank (least checkpointing recompute, then no 4-bit "
         "dequantization, then the largest micro-batch, then the fewest VeLoRA layers; no step "
-        "was timed)",
+        "was timed)"
+    )
+    if rec.get("tokens_per_second") is not None:
+        speed = (
+            f"the highest predicted throughput ({rec['tokens_per_second']:,.0f} tokens/s, "
+            f"{rec.get('step_seconds_source', 'predicted')}; no step was timed)"
+        )
+    won = {
+        "speed": speed,
         "memory": f"the smallest estimated peak ({format_bytes(rec['peak_bytes'])})",
         "accuracy": "the smallest loss change vs the uncompressed baseline",
     }[result.objective]

@@ -26,6 +26,10 @@ def measurement_of(
 ) -> Measurement:
     """A backend row as the tuner's Measurement; the row's other fields travel in detail.
 
+    An estimate row has no measured time: its step time and tokens/s are the roofline's
+    prediction (``predicted_*``, marked by ``step_seconds_source``), so the tuner ranks
+    estimates by predicted tokens/s. A measured row keeps its measured time.
+
     Args:
         use_device_peak: a cuda row's peak is its device-level (NVML) memory.
         predicted_device: an estimate row's peak is its predicted device memory.
@@ -34,6 +38,9 @@ def measurement_of(
 
     status = row.get("status", "error")
     peak = row.get("peak_bytes")
+    seconds, tokens = row.get("step_seconds"), row.get("tokens_per_second")
+    if seconds is None and row.get("predicted_step_seconds") is not None:
+        seconds, tokens = row["predicted_step_seconds"], row["predicted_tokens_per_second"]
     detail = {**strategy_fields(spec.strategy), **row}
     if use_device_peak and row.get("device_used_bytes") is not None:
         # cuda: the budget is the device's memory, so the device-level peak (context included)
@@ -51,8 +58,8 @@ def measurement_of(
         detail["velora_layers"] = row["wrapped_layers"]  # feeds tuner.cost_rank
     return Measurement(
         peak_bytes=peak if status == "ok" else None,
-        step_seconds=row.get("step_seconds"),
-        tokens_per_second=row.get("tokens_per_second"),
+        step_seconds=seconds,
+        tokens_per_second=tokens,
         status=status if status in ("ok", "oom") else "error",
         backend=row.get("backend", ""),
         detail=detail,

@@ -69,6 +69,9 @@ class GpuSpec:
     bandwidth: float  # DRAM bytes/s
     dense_flops: dict[str, float]
     source: str  # where the figures come from
+    # streaming multiprocessors: how many GEMM tiles run at once (the roofline's wave
+    # quantization); from NVIDIA's architecture whitepapers (`SM_SOURCE`)
+    sms: int = 0
     aliases: tuple[str, ...] = ()
     notes: tuple[str, ...] = field(default=())
     # NVML-used bytes beyond reserved (CUDA context and loaded kernels), when measured for this
@@ -111,6 +114,12 @@ def _tflops(**figures: float) -> dict[str, float]:
 
 
 _DATASHEET = "NVIDIA {} datasheet (dense figures: half of the with-sparsity tensor peaks)"
+SM_SOURCE = (
+    "SM counts: NVIDIA H100 Tensor Core GPU Architecture whitepaper (H100 SXM5 132, PCIe 114; "
+    "H200 is the same GH100 SXM part), NVIDIA A100 Tensor Core GPU Architecture whitepaper (108), "
+    "NVIDIA Ada GPU Architecture whitepaper (RTX 4090 128; L40S 142, L4 58 per their datasheets), "
+    "NVIDIA Ampere GA102 GPU Architecture whitepaper (RTX 3090 82, A10 72)"
+)
 
 GPUS: dict[str, GpuSpec] = {
     g.key: g
@@ -122,6 +131,7 @@ GPUS: dict[str, GpuSpec] = {
             compute_capability=(9, 0),
             memory_bytes=80 * 10**9,
             bandwidth=3.35e12,
+            sms=132,
             dense_flops=_tflops(bf16=989.4, fp16=989.4, tf32=494.7, fp32=66.9),
             source=_DATASHEET.format("H100 Tensor Core GPU"),
             aliases=("h100-sxm", "h100-sxm5", "h100-80gb"),
@@ -133,6 +143,7 @@ GPUS: dict[str, GpuSpec] = {
             compute_capability=(9, 0),
             memory_bytes=80 * 10**9,
             bandwidth=2.0e12,
+            sms=114,
             dense_flops=_tflops(bf16=756.5, fp16=756.5, tf32=378.0, fp32=51.2),
             source=_DATASHEET.format("H100 Tensor Core GPU"),
         ),
@@ -143,6 +154,7 @@ GPUS: dict[str, GpuSpec] = {
             compute_capability=(9, 0),
             memory_bytes=141 * 10**9,
             bandwidth=4.8e12,
+            sms=132,
             dense_flops=_tflops(bf16=989.4, fp16=989.4, tf32=494.7, fp32=66.9),
             source=_DATASHEET.format("H200 Tensor Core GPU"),
             aliases=("h200-sxm",),
@@ -158,6 +170,7 @@ GPUS: dict[str, GpuSpec] = {
             compute_capability=(8, 0),
             memory_bytes=80 * 10**9,
             bandwidth=2.039e12,
+            sms=108,
             dense_flops=_tflops(bf16=312.0, fp16=312.0, tf32=156.0, fp32=19.5),
             source=_DATASHEET.format("A100 Tensor Core GPU"),
             aliases=("a100", "a100-80g", "a100-sxm"),
@@ -169,6 +182,7 @@ GPUS: dict[str, GpuSpec] = {
             compute_capability=(8, 0),
             memory_bytes=40 * 10**9,
             bandwidth=1.555e12,
+            sms=108,
             dense_flops=_tflops(bf16=312.0, fp16=312.0, tf32=156.0, fp32=19.5),
             source=_DATASHEET.format("A100 Tensor Core GPU"),
             aliases=("a100-40g",),
@@ -180,6 +194,7 @@ GPUS: dict[str, GpuSpec] = {
             compute_capability=(8, 9),
             memory_bytes=48 * 10**9,
             bandwidth=0.864e12,
+            sms=142,
             dense_flops=_tflops(bf16=362.05, fp16=362.05, tf32=183.0, fp32=91.6),
             source=_DATASHEET.format("L40S GPU"),
         ),
@@ -190,6 +205,7 @@ GPUS: dict[str, GpuSpec] = {
             compute_capability=(8, 9),
             memory_bytes=24 * 10**9,
             bandwidth=0.300e12,
+            sms=58,
             dense_flops=_tflops(bf16=121.0, fp16=121.0, tf32=60.0, fp32=30.3),
             source=_DATASHEET.format("L4 Tensor Core GPU"),
         ),
@@ -200,6 +216,7 @@ GPUS: dict[str, GpuSpec] = {
             compute_capability=(8, 6),
             memory_bytes=24 * 10**9,
             bandwidth=0.600e12,
+            sms=72,
             dense_flops=_tflops(bf16=125.0, fp16=125.0, tf32=62.5, fp32=31.2),
             source=_DATASHEET.format("A10 Tensor Core GPU"),
         ),
@@ -210,6 +227,7 @@ GPUS: dict[str, GpuSpec] = {
             compute_capability=(8, 9),
             memory_bytes=24 * 10**9,
             bandwidth=1.008e12,
+            sms=128,
             dense_flops=_tflops(bf16=165.2, fp16=165.2, tf32=82.6, fp32=82.6),
             source="NVIDIA Ada Lovelace architecture whitepaper (RTX 4090: tensor figures with "
             "fp32 accumulation, dense)",
@@ -222,6 +240,7 @@ GPUS: dict[str, GpuSpec] = {
             compute_capability=(8, 6),
             memory_bytes=24 * 10**9,
             bandwidth=0.936e12,
+            sms=82,
             dense_flops=_tflops(bf16=71.0, fp16=71.0, tf32=35.6, fp32=35.6),
             source="NVIDIA Ampere GA102 GPU architecture whitepaper (RTX 3090: tensor figures "
             "with fp32 accumulation, dense)",

@@ -29,8 +29,6 @@ LOWRANK_NOTICE = (
 DEFAULT_PLACEMENTS = ("paper", "qkv+down", "mlp", "all-linear")
 DEFAULT_NUM_GROUPS = (64, 32, 16)  # where no model is known; the CLI chooses per model (num_groups)
 DEFAULT_GC_EVERY = (2,)
-# Below this many parameters × tokens, `auto` without a GPU also times real CPU steps.
-CPU_TIMING_LIMIT = 60e6 * 2048
 
 
 def plan_strategies(
@@ -194,6 +192,10 @@ def with_deltas(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
                     )
             if row.get("step_seconds") and base.get("step_seconds"):
                 row["step_time_ratio"] = row["step_seconds"] / base["step_seconds"]
+            if row.get("predicted_step_seconds") and base.get("predicted_step_seconds"):
+                row["predicted_time_ratio"] = (
+                    row["predicted_step_seconds"] / base["predicted_step_seconds"]
+                )
         out.append(row)
     return out
 
@@ -229,15 +231,17 @@ def make_backend(
     gpu: str | None = None,
     alloc_conf: str | None = None,
 ):
-    """The backend object for ``--backend`` (``auto`` resolved here); ``gpu`` is the GPU the
-    estimate predicts for (`velora_cli.gpus`), ``alloc_conf`` the caching-allocator settings
-    (None: the environment's)."""
+    """The backend object for ``--backend`` (``auto`` resolved here: ``cuda`` when a GPU is
+    visible, else ``estimate``: memory and step time predicted for ``gpu``, nothing stepped on
+    this CPU; ``--backend cpu`` times real CPU steps); ``gpu`` is the GPU the estimate predicts
+    for (`velora_cli.gpus`), ``alloc_conf`` the caching-allocator settings (None: the
+    environment's)."""
     from velora_cli.measure.cpu import CpuBackend
     from velora_cli.measure.cuda import CudaBackend, cuda_available
     from velora_cli.measure.estimate import EstimateBackend
 
     if name == "auto":
-        name = "cuda" if cuda_available() else "estimate+cpu"
+        name = "cuda" if cuda_available() else "estimate"
     if name == "cuda":
         if not cuda_available():
             raise SpecError(
@@ -249,50 +253,11 @@ def make_backend(
         return CpuBackend(**_opts(warmup, steps))
     if name == "estimate":
         return EstimateBackend(gpu=gpu, alloc_conf=alloc_conf)
-    if name == "estimate+cpu":
-        return EstimatePlusCpu(
-            cpu=CpuBackend(**_opts(warmup, steps)), gpu=gpu, alloc_conf=alloc_conf
-        )
     raise SpecError(f"unknown backend {name!r}; choose auto, cuda, cpu or estimate")
 
 
 def _opts(warmup, steps):
     return {k: v for k, v in (("warmup", warmup), ("steps", steps)) if v is not None}
-
-
-@dataclasses.dataclass
-class EstimatePlusCpu:
-    """``auto`` without a GPU: memory from the estimate (what a GPU would hold), and real CPU
-    step times when the model is small enough to step on this machine in reasonable time."""
-
-    cpu: Any
-    gpu: str | None = None
-    name: str = "estimate"
-    alloc_conf: str | None = None
-
-    def __post_init__(self) -> None:
-        from velora_cli.measure.estimate import EstimateBackend
-
-        self.estimate = EstimateBackend(gpu=self.gpu, alloc_conf=self.alloc_conf)
-        self.gpu = self.estimate.gpu
-
-    def measure(self, spec: StepSpec, *, breakdown: bool = False) -> dict[str, Any]:
-        row = self.estimate.measure(spec, breakdown=breakdown)
-        if row["status"] != "ok" or not self._time_on_cpu(spec, row):
-            return row
-        timed = self.cpu.time_only(spec)
-        if timed["status"] == "ok":
-            row.update(
-                step_seconds=timed["step_seconds"],
-                step_seconds_source=timed["step_seconds_source"],
-                tokens_per_second=timed["tokens_per_second"],
-            )
-        return row
-
-    @staticmethod
-    def _time_on_cpu(spec: StepSpec, row: dict[str, Any]) -> bool:
-        params = row.get("param_bytes", 0) / {"fp32": 4, "bf16": 2, "fp16": 2}[spec.dtype]
-        return params * spec.batch_size * spec.seq_len <= CPU_TIMING_LIMIT
 
 
 def run_profile(

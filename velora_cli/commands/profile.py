@@ -229,8 +229,8 @@ def profile(
     )
     if backend == "auto" and backend_obj.name == "estimate":
         notices.append(
-            "auto backend without a GPU: memory estimated on meta tensors; step "
-            "times measured on this CPU where the model is small enough"
+            "auto backend without a GPU: memory estimated on meta tensors and step time "
+            f"predicted for {get_gpu(gpu).name} (--gpu); --backend cpu times real CPU steps"
         )
     if memory_snapshot:
         from velora_cli.measure.snapshot import snapshot_notice

@@ -6,9 +6,11 @@ Measurement hygiene (REFERENCE.md §2): warm-up steps (cuBLAS workspace, optimiz
 ``empty_cache`` + ``reset_peak_memory_stats``, then timed steps with CUDA events; the peak is
 ``max_memory_allocated`` over the timed steps, reported with ``max_memory_reserved`` and the
 device-level used memory from NVML (includes the CUDA context). Beside them, each ok row carries
-what the estimate backend predicts for the same step on this GPU (``predicted_*`` fields) and
-how far off it is (``estimate_error_*``, device_memory.estimate_error), so every GPU run
-calibrates the allocator model; the parent computes it on meta tensors and never touches CUDA.
+what the estimate backend predicts for the same step on this GPU (``predicted_*`` fields: the
+allocator model's reserved and device-level memory, the roofline's step time) and how far off it
+is (``estimate_error_*``, device_memory.estimate_error; ``prediction_error`` for the step time),
+so every GPU run calibrates both models; the parent computes it on meta tensors after the child
+has exited and never touches CUDA.
 
 The parent runs ``python -m velora_cli.measure.cuda`` with the step spec as JSON on stdin; the
 child prints one JSON row on its last stdout line.
@@ -90,6 +92,7 @@ class CudaBackend:
         from velora_cli.gpus import DEFAULT_GPU, gpu_from_device_name
         from velora_cli.measure.device_memory import estimate_error
         from velora_cli.measure.estimate import EstimateBackend
+        from velora_cli.measure.step_time import PREDICTED_FIELDS
 
         gpu = gpu_from_device_name(row.get("gpu_name") or "")
         try:
@@ -103,14 +106,27 @@ class CudaBackend:
             estimate = {"status": "error", "error": " ".join(str(exc).split())}
         if estimate.get("status") != "ok":
             return {"estimate_error_note": f"no estimate: {estimate.get('error')}"}
-        keys = [k for k in estimate if k.startswith("predicted_") or k == "device_memory_notes"]
+        keys = [
+            k
+            for k in estimate
+            if k.startswith("predicted_") or k in PREDICTED_FIELDS or k == "device_memory_notes"
+        ]
         out = {k: estimate[k] for k in keys}
         out["estimate_gpu"] = estimate_gpu = gpu.key if gpu else DEFAULT_GPU
         if gpu is None:
             out["estimate_error_note"] = (
-                f"{row.get('gpu_name')!r} is not in the GPU table: predicted with {estimate_gpu}'s "
-                "constants"
+                f"{row.get('gpu_name')!r} is not in the GPU table: memory predicted with "
+                f"{estimate_gpu}'s constants"
             )
+            # a step time needs this GPU's throughputs: none rather than another GPU's
+            for key in PREDICTED_FIELDS:
+                out.pop(key, None)
+            out["prediction_note"] = (
+                f"no step-time prediction: {row.get('gpu_name')!r} is not in velora's GPU table "
+                "(velora_cli/gpus.py)"
+            )
+        elif row.get("step_seconds") and out.get("predicted_step_seconds"):
+            out["prediction_error"] = out["predicted_step_seconds"] / row["step_seconds"] - 1
         out.update(estimate_error(row, estimate))
         return out
 

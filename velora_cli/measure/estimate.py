@@ -6,7 +6,10 @@ path would save the N×N matrix). The storage tracker, rounding each allocation 
 the CUDA caching allocator, gives the predicted peak and its breakdown. The step's allocation
 trace, replayed through a model of the caching allocator with the cuBLAS workspaces and kernel
 scratch the tracker cannot see (device_memory.py), gives what the GPU must hold: reserved
-segments, fragmentation, and with the CUDA context the device-level figure.
+segments, fragmentation, and with the CUDA context the device-level figure. The same tracked
+step's ops are counted (FLOPs, bytes) and give the step time predicted for ``gpu`` by a per-op
+roofline (measure/roofline.py): ``predicted_step_seconds``, not a measurement (``step_seconds``
+stays None).
 
 Where ATen picks a kernel by device, meta tensors take the CPU-like path; the step runs inside
 ``emulation.cuda_emulation`` so that they save what CUDA saves: dropout's bool mask, fused
@@ -25,7 +28,7 @@ from velora_cli.measure.train_step import SpecError, StepSpec
 
 @dataclass
 class EstimateBackend:
-    """Predicted memory of one step from meta tensors; no timing."""
+    """Predicted memory of one step from meta tensors, and its step time predicted for ``gpu``."""
 
     warmup: int = 1
     gpu: str | None = None  # what it predicts for (velora_cli.gpus key); None: gpus.DEFAULT_GPU
@@ -50,6 +53,8 @@ class EstimateBackend:
         from velora_cli.measure.cpu import _is_user_error
         from velora_cli.measure.emulation import cuda_emulation
         from velora_cli.measure.observe import tracked_step
+        from velora_cli.measure.opcount import OpCounter
+        from velora_cli.measure.step_time import prediction_fields, prediction_source
         from velora_cli.measure.train_step import prepare, train_step
 
         try:
@@ -61,7 +66,9 @@ class EstimateBackend:
             with cuda_emulation(spec.amp):
                 for _ in range(self.warmup):
                     train_step(prepared)
-                row, trace = tracked_step(prepared, breakdown=breakdown)
+                ops = OpCounter("meta")
+                row, trace = tracked_step(prepared, breakdown=breakdown, op_counter=ops)
+                row.update(prediction_fields(prepared, ops.counts(), self.gpu))
             row.update(self.device_memory(prepared, trace))
         except (SpecError, ValueError, RuntimeError, NotImplementedError) as exc:
             if isinstance(exc, SpecError) or _is_user_error(exc):
@@ -72,6 +79,7 @@ class EstimateBackend:
             backend=self.name,
             step_seconds=None,
             tokens_per_second=None,
+            step_seconds_source=prediction_source(self.gpu),
         )
         return row
 

@@ -42,6 +42,16 @@ ROW_FIELDS = (
     "activation_delta_bytes",
     "activation_delta_pct",
     "step_time_ratio",
+    "predicted_step_seconds",
+    "predicted_tokens_per_second",
+    "predicted_refresh_step_seconds",
+    "predicted_time_ratio",
+    "predicted_gpu",
+    "prediction_error",
+    "step_seconds_source",
+    "step_flops",
+    "step_bytes_moved",
+    "step_kernels",
     "reserved_bytes",
     "device_used_bytes",
     "predicted_allocated_bytes",
@@ -76,6 +86,17 @@ def profile_table(document: dict[str, Any]):
     table = Table(title=title, title_justify="left")
     width = max((len(r["label"]) for r in document["rows"]), default=10)
     table.add_column("strategy", min_width=width, no_wrap=True)
+    # Predicted step times (roofline, for a GPU) are shown as predictions: in the step columns
+    # when nothing was timed (estimate), else in a column of their own beside the measured step.
+    ok = [r for r in document["rows"] if r["status"] == "ok"]
+    timed = any(r.get("step_seconds") is not None for r in ok)
+    predicted = any(r.get("predicted_step_seconds") is not None for r in ok)
+    prefix = "" if timed or not predicted else "predicted_"
+    time_columns = ["step", "tok/s", "× time"]
+    if prefix:  # "~": predicted (the footer says for which GPU and how)
+        time_columns = [f"~{name}" for name in time_columns]
+    elif predicted:
+        time_columns.insert(1, "~step")
     for name in (
         "peak",
         "Δ peak",
@@ -83,19 +104,26 @@ def profile_table(document: dict[str, Any]):
         "opt. state",
         "saved act.",
         "Δ saved act.",
-        "step",
-        "tok/s",
-        "× time",
+        *time_columns,
     ):
         table.add_column(name, justify="right", no_wrap=True)
     reference = next((r for r in document["rows"] if r["status"] == "ok"), None)
     for row in document["rows"]:
         if row["status"] != "ok":  # the reason is listed under the table
-            table.add_row(row["label"], f"[red]{row['status']}[/red]", *[""] * 8)
+            table.add_row(
+                row["label"], f"[red]{row['status']}[/red]", *[""] * (5 + len(time_columns))
+            )
             continue
-        tps = row.get("tokens_per_second")
-        ratio = row.get("step_time_ratio")
+        tps = row.get(f"{prefix}tokens_per_second")
+        ratio = row.get("predicted_time_ratio" if prefix else "step_time_ratio")
         own = row is reference  # deltas are against the first (baseline) row
+        times = [
+            fmt_seconds(row.get(f"{prefix}step_seconds")),
+            "—" if tps is None else f"{tps:,.0f}",
+            "—" if ratio is None else f"{ratio:.2f}",
+        ]
+        if predicted and not prefix:
+            times.insert(1, fmt_seconds(row.get("predicted_step_seconds")))
         table.add_row(
             row["label"] + (" *" if row.get("note") else ""),
             fmt_bytes(row.get("peak_bytes")),
@@ -104,9 +132,7 @@ def profile_table(document: dict[str, Any]):
             fmt_bytes(row.get("optimizer_bytes")),
             fmt_bytes(row.get("activation_bytes")),
             "" if own else fmt_delta(row.get("activation_delta_pct")),
-            fmt_seconds(row.get("step_seconds")),
-            "—" if tps is None else f"{tps:,.0f}",
-            "—" if ratio is None else f"{ratio:.2f}",
+            *times,
         )
     return table
 
@@ -158,8 +184,34 @@ def profile_footer(document: dict[str, Any]) -> list[str]:
         )
     for source in sorted(s for s in sources if s):
         lines.append(f"step time: {source}")
-    if not sources:
+    lines += prediction_lines(document)
+    if not sources and not any(r.get("predicted_step_seconds") for r in ok):
         lines.append("step time: not measured by this backend")
+    return lines
+
+
+def prediction_lines(document: dict[str, Any]) -> list[str]:
+    """What the predicted step times are: for which GPU, from what, and how far to trust them."""
+    from velora_cli.gpus import GPUS
+
+    rows = [r for r in document["rows"] if r.get("predicted_step_seconds") is not None]
+    if not rows:
+        return []
+    gpus = sorted({r.get("predicted_gpu") for r in rows if r.get("predicted_gpu")})
+    names = ", ".join(GPUS[g].name if g in GPUS else g for g in gpus)
+    lines = [
+        f"~ predicted step time, not measured: for {names}, by a per-op roofline over the FLOPs and "
+        "bytes of every op of the meta step (velora_cli/measure/roofline.py); its kernel "
+        "efficiencies are assumptions not yet calibrated on a GPU: compare strategies, not "
+        "absolute times; measure with --backend cuda"
+    ]
+    errors = [r["prediction_error"] for r in rows if r.get("prediction_error") is not None]
+    if errors:
+        lines.append(
+            "prediction vs measured step: "
+            + ", ".join(f"{r['label']} {r['prediction_error']:+.0%}" for r in rows
+                        if r.get("prediction_error") is not None)
+        )  # fmt: skip
     return lines
 
 

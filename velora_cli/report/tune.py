@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from velora_cli.report.units import fmt_bytes, format_bytes
+from velora_cli.report.units import fmt_bytes, fmt_seconds, format_bytes
 
 MODE_NAMES = {"full": "full-parameter training", "lora": "LoRA", "qlora": "QLoRA"}
 
@@ -56,12 +56,13 @@ def tune_table(document: dict[str, Any]):
     table = Table(title=title, title_justify="left")
     table.add_column("", no_wrap=True)
     table.add_column("configuration", overflow="fold", min_width=28)
+    predicted = "~" if document["backend"] == "estimate" else ""  # roofline predictions
     for name in (
         "status",
         "est. peak",
         "peak",
-        "step",
-        "tok/s",
+        f"{predicted}step",
+        f"{predicted}tok/s",
         "probe loss",
         "Δ loss",
         "min grad cos",  # the smallest cosine over the compressed layers (probes.gradient_fidelity)
@@ -81,7 +82,7 @@ def tune_table(document: dict[str, Any]):
             r["status"],
             fmt_bytes(r.get("estimate_peak_bytes")),
             fmt_bytes(r.get("peak_bytes")),
-            "—" if r.get("step_seconds") is None else f"{r['step_seconds']:.2f} s",
+            fmt_seconds(r.get("step_seconds")),
             "—" if r.get("tokens_per_second") is None else f"{r['tokens_per_second']:,.0f}",
             "—" if r.get("loss") is None else f"{r['loss']:.4f}",
             "" if li is None or r.get("loss") is None else f"{li:+.2%}",  # unprobed: nothing
@@ -137,6 +138,8 @@ def summary_lines(document: dict[str, Any]) -> list[str]:
         if probe.get("note"):
             lines.append(f"probe: {probe['note']}")
     lines += [f"warning: {w}" for w in document.get("warnings", [])]
+    if document["backend"] == "estimate":
+        lines.append("~ step, tok/s: predicted by the roofline for the --gpu, not measured")
     rec = document.get("recommendation")
     if rec is None:
         return lines
@@ -161,6 +164,7 @@ def summary_lines(document: dict[str, Any]) -> list[str]:
             ""
             if rec.get("tokens_per_second") is None
             else f" · {rec['tokens_per_second']:,.0f} tokens/s"
+            + (" (predicted)" if document["backend"] == "estimate" else "")
         )
         + (
             ""
