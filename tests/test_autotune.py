@@ -129,6 +129,9 @@ def test_cuda_rows_are_judged_by_the_device_level_peak():
            "tokens_per_second": 10.0, "backend": "cuda", "wrapped_layers": 4}  # fmt: skip
     m = measurement_of(row, StepSpec("llama-tiny"), use_device_peak=True)
     assert m.peak_bytes == 180 and m.detail["allocator_peak_bytes"] == 100
+    # where NVML lists the worker, its own usage counts (not another process's context)
+    m = measurement_of({**row, "process_used_bytes": 150}, StepSpec("llama-tiny"), True)
+    assert m.peak_bytes == 150 and m.detail["peak_source"].startswith("process_used_bytes")
     assert m.detail["velora_layers"] == 4 and m.detail["strategy"] == "baseline"
     m = measurement_of({**row, "status": "error", "error": "x"}, StepSpec("m"), False)
     assert m.status == "error" and m.peak_bytes is None

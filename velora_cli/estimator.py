@@ -42,8 +42,16 @@ def measurement_of(
     if seconds is None and row.get("predicted_step_seconds") is not None:
         seconds, tokens = row["predicted_step_seconds"], row["predicted_tokens_per_second"]
     detail = {**strategy_fields(spec.strategy), **row}
-    if use_device_peak and row.get("device_used_bytes") is not None:
-        # cuda: the budget is the device's memory, so the device-level peak (context included)
+    if use_device_peak and row.get("process_used_bytes") is not None:
+        # cuda: the budget is the device's memory, so the device-level peak of the worker alone
+        # (its CUDA context + reserved), not the whole device's (another process's context)
+        peak = row["process_used_bytes"]
+        detail["allocator_peak_bytes"] = row.get("peak_bytes")
+        detail["peak_source"] = (
+            "process_used_bytes (NVML, this step's process, CUDA context included)"
+        )
+    elif use_device_peak and row.get("device_used_bytes") is not None:
+        # NVML lists no per-process usage here (a container's PID namespace): the whole device's
         peak = row["device_used_bytes"]
         detail["allocator_peak_bytes"] = row.get("peak_bytes")
         detail["peak_source"] = "device_used_bytes (device-level, CUDA context included)"
