@@ -13,6 +13,7 @@ from velora_cli.commands.options import (
     Amp,
     Backend,
     BatchSize,
+    CpuOffload,
     Dtype,
     Eta,
     Gpu,
@@ -21,12 +22,14 @@ from velora_cli.commands.options import (
     LoraTargets,
     Mode,
     ModelArg,
+    ParallelOption,
     Rank,
     SeqLen,
     TrustRemoteCode,
     UpdateGap,
     Weights,
     int_list,
+    word_list,
 )
 from velora_cli.commands.output import err, wide_console
 from velora_cli.gpus import get_gpu
@@ -106,6 +109,16 @@ def profile(
     weights: Weights = False,
     trust_remote_code: TrustRemoteCode = False,
     gpu: Gpu = None,
+    world_size: Annotated[
+        int,
+        typer.Option(
+            "--world-size",
+            help="Ranks (GPUs) of the job; --batch-size is per rank. 1: one process, no "
+            "torch.distributed (unless --parallel is given).",
+        ),
+    ] = 1,
+    parallel: ParallelOption = None,
+    cpu_offload: CpuOffload = False,
 ) -> None:
     """Measure peak memory and step time of VeLoRA placements vs baseline and checkpointing."""
     if output_format not in ("table", "json", "csv"):
@@ -128,6 +141,11 @@ def profile(
 
     from velora_cli import models, profiler
     from velora_cli.measure.train_step import StepSpec
+    from velora_cli.parallel import PARALLEL
+
+    parallels = word_list(parallel, "--parallel", PARALLEL) if parallel else None
+    if parallels is None and world_size > 1:
+        parallels = ["fsdp"]
 
     spec = StepSpec(
         model=model or models.DEFAULT_MODEL,
@@ -145,9 +163,14 @@ def profile(
         weights=weights,
         trust_remote_code=trust_remote_code,
         init=init,
+        world_size=world_size,
+        parallel=parallels[0] if parallels else None,
+        cpu_offload=cpu_offload,
     )
     for name in optimizers[1:]:
         dataclasses.replace(spec, optimizer=name)  # validated before anything is measured
+    for name in (parallels or [])[1:]:
+        dataclasses.replace(spec, parallel=name)
     from velora_cli.placement import parse_placement
 
     for placement in placement_list:
@@ -197,6 +220,7 @@ def profile(
             on_row=progress.done,
             notices=notices,
             optimizers=optimizers,
+            parallels=parallels,
         )
     render_profile(document, output_format, output, breakdown=breakdown)
     if save_path is not None:
@@ -217,8 +241,11 @@ def render_profile(
 
         console = Console(file=io.StringIO(), width=140) if output else wide_console()
         console.print(report.profile_table(document))
+        from velora_cli.report.ranks import rank_table
+
+        ranks = rank_table(document)  # per rank: its categories replace the table below
         for table in (
-            report.category_table(document, always=breakdown),
+            report.category_table(document, always=breakdown) if ranks is None else ranks,
             report.breakdown_table(document),
         ):
             if table is not None:
