@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from typing import Annotated
 
 import typer
@@ -24,8 +25,9 @@ def export_config(
         str,
         typer.Option(
             "--format",
-            help="velora (for velora_cli.apply_config), peft (peft.LoraConfig kwargs) or "
-            "trainer (TrainingArguments kwargs + snippet).",
+            help="velora (for velora_cli.apply_config), peft (peft.LoraConfig kwargs), "
+            "trainer (TrainingArguments kwargs + snippet), accelerate (an accelerate launch "
+            "config: FSDP2/DDP) or torchrun (a launch line + a script that shards the model).",
         ),
     ] = "velora",
     output: Annotated[
@@ -33,8 +35,10 @@ def export_config(
     ] = None,
 ) -> None:
     """Write the tuned configuration for training code (velora, peft or trainer format)."""
-    if output_format not in ("velora", "peft", "trainer"):
-        raise UserError(f"--format {output_format!r}: choose velora, peft or trainer")
+    if output_format not in ("velora", "peft", "trainer", "accelerate", "torchrun"):
+        raise UserError(
+            f"--format {output_format!r}: choose velora, peft, trainer, accelerate or torchrun"
+        )
     import json
     from pathlib import Path
 
@@ -48,6 +52,12 @@ def export_config(
             "pass --from FILE"
         )
     config = configs.load_config(path)
+    from velora_cli.exports.launch import LAUNCH_FORMATS, write_launch_export
+
+    if output_format in LAUNCH_FORMATS:  # multi-GPU launchers: text files, not JSON
+        echo = functools.partial(typer.echo, nl=False)
+        write_launch_export(config, output_format, output, echo=echo, err=err, source=path)
+        return
     if output_format == "peft" and (why := peft.peft_blockers(config)):
         err(f"note: PEFT cannot express this: {'; '.join(why)}; writing the velora format")
         output_format = "velora"

@@ -93,6 +93,9 @@ def run_job(
     threads = request.get("threads") or max(1, (os.cpu_count() or 1) // world_size)
     request = {**request, "threads": threads}
     port = free_port()
+    # The ranks import this very velora_cli, wherever the launcher was started from.
+    root = str(Path(__file__).resolve().parents[2])
+    pythonpath = os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p)
     procs: list[subprocess.Popen] = []
     stopped: dict[int, str] = {}
     with tempfile.TemporaryDirectory(prefix="velora-ranks-") as tmp:
@@ -110,6 +113,7 @@ def run_job(
                     "MASTER_ADDR": "127.0.0.1",
                     "MASTER_PORT": str(port),
                     "OMP_NUM_THREADS": str(threads),
+                    "PYTHONPATH": pythonpath,
                 }
                 with outs[rank].open("w") as out, errs[rank].open("w") as err:
                     proc = subprocess.Popen(

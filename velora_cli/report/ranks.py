@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from velora_cli.report.units import fmt_bytes
+from velora_cli.report.units import fmt_bytes, format_bytes
 
 # (row key, column title): the categories a rank's tracker reports (velora_cli.parallel.roles)
 RANK_CATEGORIES = (
@@ -77,3 +77,43 @@ def rank_lines(document: dict[str, Any]) -> list[str]:
             "cpu offload: sharded parameters, gradients and optimizer state live in host memory"
         )
     return lines
+
+
+def gpu_count_table(document: dict[str, Any]):
+    """``velora tune --world-size 1,2,4,8``: the best configuration per GPU count."""
+    from rich.table import Table
+
+    from velora_cli.report.tune import describe
+
+    needed = document.get("gpus_needed")
+    budget = f"budget {format_bytes(document['budget_bytes'])} per GPU"
+    title = (
+        f"how many GPUs: {needed} ({budget})"
+        if needed
+        else f"how many GPUs: none of these counts fits ({budget})"
+    )
+    table = Table(title=title, title_justify="left")
+    for name in ("GPUs", "best configuration", "peak per rank", "tok/s (job)", "tok/s per GPU"):
+        table.add_column(name, justify="left" if name == "best configuration" else "right")
+    for entry in document["by_world_size"]:
+        rec = entry["recommendation"]
+        if rec is None:
+            smallest = entry.get("smallest") or {}
+            best = smallest.get("smallest_peak_bytes")
+            table.add_row(
+                str(entry["world_size"]),
+                "nothing fits" + (f" (smallest {fmt_bytes(best)})" if best else ""),
+                "",
+                "",
+                "",
+            )
+            continue
+        tps, per_gpu = rec.get("tokens_per_second"), entry.get("tokens_per_second_per_gpu")
+        table.add_row(
+            ("→ " if entry["world_size"] == needed else "") + str(entry["world_size"]),
+            describe(rec),
+            fmt_bytes(rec.get("peak_bytes")),
+            "—" if tps is None else f"{tps:,.0f}",
+            "—" if per_gpu is None else f"{per_gpu:,.0f}",
+        )
+    return table
