@@ -81,6 +81,7 @@ def test_profile_table_says_memory_is_per_rank():
         (["--parallel", "ddp", "--cpu-offload"], "use it with --parallel fsdp"),
         (["--world-size", "2", "--backend", "cuda"], "--backend cuda"),
         (["--world-size", "0"], "--world-size must be"),
+        (["--parallel", "fsdp", "--cpu-offload", "--backend", "cpu"], "host and device memory"),
     ],
 )
 def test_profile_layout_errors_are_one_line(args, message):

@@ -192,3 +192,28 @@ def test_job_row_takes_the_largest_rank_and_the_slowest_step():
     ranks[0] = {"rank": 0, "status": "error", "error": "boom"}
     failed = job_row(s, ranks, backend="cpu")
     assert failed["status"] == "error" and failed["error"] == "rank 0: boom"
+
+
+def test_cpu_offload_keeps_the_sharded_states_off_the_device():
+    row = ParallelEstimateBackend().measure(spec("fsdp", cpu_offload=True))
+    plain = ParallelEstimateBackend().measure(spec("fsdp"))
+    at_peak = row["peak_breakdown"]
+    assert at_peak["params"] == at_peak["grads"] == at_peak["optimizer"] == 0
+    assert row["total_peak_bytes"] == plain["peak_bytes"] > row["peak_bytes"]
+    assert row["host_bytes"] >= plain["param_bytes"] + plain["optimizer_bytes"]
+
+
+def test_device_peak_is_found_at_its_own_moment():
+    from velora_cli.measure.tracker import AllocationTrace
+    from velora_cli.parallel.offload import device_peak
+
+    # storage 0: params (host) 4096 B; 1: activation 2048 B, freed; 2: optimizer (host) 8192 B
+    trace = AllocationTrace(
+        initial=((0, 4096),),
+        events=((1, 1, 2048), (2, 1, -2048), (3, 2, 8192)),
+        categories={0: "params", 1: "activations", 2: "optimizer"},
+        phases=(),
+        round_to=512,
+        ops=3,
+    )
+    assert device_peak(trace) == (2048, {"activations": 2048}, 4096 + 8192)

@@ -243,8 +243,8 @@ def make_backend(
 
     single = _single_backend(name, spec, warmup=warmup, steps=steps, gpu=gpu)
     backend = with_ranks(single, warmup=warmup, steps=steps, gpu=gpu)
-    if spec.parallel is not None and hasattr(backend.ranks, "check_devices"):
-        backend.ranks.check_devices(spec.world_size)  # cuda: one visible GPU per rank
+    if spec.parallel is not None and hasattr(backend.ranks, "check"):
+        backend.ranks.check(spec)  # cuda: one visible GPU per rank; cpu: no offload
     return backend
 
 

@@ -74,6 +74,10 @@ def estimate_rank(spec: StepSpec, rank: int, *, warmup: int = 1, breakdown: bool
             roles = rank_roles(prepared, fake_world=True)
             warm_up(prepared, warmup, roles.buckets)
             row, trace = tracked_rank_step(prepared, roles, breakdown=breakdown)
+    if spec.cpu_offload:
+        from velora_cli.parallel.offload import offloaded_row
+
+        row = offloaded_row(row, trace)
     row.update(rank=rank, status="ok", step_seconds=None)
     return row, trace
 

@@ -222,6 +222,16 @@ class RanksBackend:
     def __post_init__(self) -> None:
         self.name = self.device
 
+    def check(self, spec: StepSpec) -> None:
+        """Raises SpecError for a step this backend cannot measure (before anything starts)."""
+        if self.device == "cpu" and spec.cpu_offload:
+            raise SpecError(
+                "--cpu-offload on --backend cpu: host and device memory are one here, so "
+                "offloading changes nothing measurable; use --backend estimate (the device peak "
+                "without the offloaded states) or --backend cuda"
+            )
+        self.check_devices(spec.world_size)
+
     def check_devices(self, world_size: int) -> None:
         """Raises SpecError when fewer GPUs than ranks are visible (cuda only)."""
         if self.device != "cuda":
@@ -256,7 +266,8 @@ class RanksBackend:
         if len(world) != 1:
             raise SpecError(f"measure_many takes one world size, got {sorted(world)}")
         (world_size,) = world
-        self.check_devices(world_size)
+        for spec in specs:
+            self.check(spec)
         rows = run_job(self.request(specs, breakdown=breakdown), world_size, timeout=self.timeout)
         return [
             job_row(spec, ranks, backend=self.name) for spec, ranks in zip(specs, rows, strict=True)
