@@ -33,7 +33,13 @@ def spec(parallel="fsdp", strategy=Strategy(), world_size=2, **kw) -> StepSpec:
 
 
 def test_estimate_matches_real_gloo_ranks_within_2_percent():
-    specs = [spec(p, s) for p in PARALLEL for s in STRATEGIES.values()]
+    # every strategy under fsdp, the three kinds under ddp and fsdp-no-reshard
+    specs = [
+        spec(p, s)
+        for p in PARALLEL
+        for name, s in STRATEGIES.items()
+        if p == "fsdp" or name != "velora+gc"
+    ]
     real = RanksBackend(device="cpu", steps=1, timeout=600).measure_many(specs)
     estimate = ParallelEstimateBackend(ranks="all")
     for s, measured in zip(specs, real, strict=True):
