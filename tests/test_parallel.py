@@ -223,3 +223,13 @@ def test_device_peak_is_found_at_its_own_moment():
         ops=3,
     )
     assert device_peak(trace) == (2048, {"activations": 2048}, 4096 + 8192)
+
+
+def test_ddp_estimate_runs_the_low_rank_optimizers_over_the_wrapped_module():
+    from velora_cli.measure.estimate import EstimateBackend
+
+    for name in ("galore", "adarankgrad"):
+        row, _ = estimate_rank(spec("ddp", optimizer=name), 0)
+        single = EstimateBackend().measure(spec(None, world_size=1, optimizer=name))
+        assert row["optimizer_bytes"] == single["optimizer_bytes"], name  # same projections
+        assert row["optimizer_rank_cap"] == single["optimizer_rank_cap"] == 16  # hidden 64 / 4

@@ -86,14 +86,16 @@ def shard(model: nn.Module, parallel: str, *, cpu_offload: bool = False, device=
 
 def shard_prepared(prepared: Prepared, *, device=None) -> None:
     """Shard ``prepared.model`` for its spec and rebuild the optimizer over the new parameters
-    (DTensor shards under FSDP2), with the settings `prepare` used."""
+    (DTensor shards under FSDP2), with the settings `prepare` used. Under DDP the optimizer is
+    built over the wrapped module (the same parameters): GaLore/AdaRankGrad read its config and
+    tell its embeddings apart."""
     spec = prepared.spec
     prepared.model = shard(
         prepared.model, spec.parallel, cpu_offload=spec.cpu_offload, device=device
     )
     prepared.optimizer = build_optimizer(
         spec.optimizer,
-        prepared.model,
+        getattr(prepared.model, "module", prepared.model),
         lr=1e-5,
         rank=spec.rank,
         update_gap=spec.update_gap,
