@@ -90,6 +90,7 @@ def test_profile_layout_errors_are_one_line(args, message):
     assert message in result.stderr and "Traceback" not in result.output
 
 
+@pytest.mark.slow
 def test_how_many_gpus_picks_2_when_only_sharding_fits(checkpoint, tmp_path, profiles):
     from velora_cli.measure.estimate import EstimateBackend
     from velora_cli.measure.train_step import StepSpec, Strategy

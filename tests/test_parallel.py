@@ -32,6 +32,7 @@ def spec(parallel="fsdp", strategy=Strategy(), world_size=2, **kw) -> StepSpec:
     )
 
 
+@pytest.mark.slow
 def test_estimate_matches_real_gloo_ranks_within_2_percent():
     # every strategy under fsdp, the three kinds under ddp and fsdp-no-reshard
     specs = [
@@ -60,6 +61,7 @@ def test_estimate_matches_real_gloo_ranks_within_2_percent():
     assert by[("fsdp", "gc")]["activation_bytes"] < fsdp["activation_bytes"]
 
 
+@pytest.mark.slow
 def test_fsdp_step_equals_one_process_on_the_global_batch():
     from velora_cli.parallel.check import compare_step
 
@@ -144,6 +146,7 @@ def test_a_killed_rank_fails_its_row_and_no_process_is_left(monkeypatch):
     assert all(_gone(pid) for pid in pids)
 
 
+@pytest.mark.slow
 def test_a_hung_rank_is_stopped_at_the_timeout(monkeypatch):
     monkeypatch.setenv("VELORA_TEST_FAULT", "1:hang")
     (ranks,) = run_job(_fault_request([spec()]), 2, timeout=5, grace=1.0)
