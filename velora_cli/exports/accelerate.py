@@ -99,9 +99,9 @@ def accelerate_notes(config: VeloraConfig) -> list[str]:
     if config.parallel.startswith("fsdp"):
         notes.append(
             "accelerate also shards the input embedding and [final norm, lm_head] as units of "
-            "their own; velora measured them in the root unit (its peak holds them unsharded "
-            "through forward and backward), so accelerate's peak can only be lower by up to "
-            "their unsharded size"
+            "their own; velora measured them in the root unit (all-gathered for the whole "
+            "forward and again from the start of backward), so accelerate's peak can only be "
+            "lower, by up to their unsharded size"
         )
     if config.mode == "lora":
         notes.append("LoRA: wrap the model with peft.get_peft_model before apply_config")
