@@ -25,6 +25,7 @@ RANK_FIELDS = (
     "reserved_bytes",
     "device_used_bytes",
     "host_bytes",
+    "tracked_peaks_bytes",
 )
 
 
