@@ -219,7 +219,9 @@ def test_export_from_a_corrupt_config(tmp_path):
 def test_export_unknown_format():
     result = runner.invoke(app, ["export-config", "--format", "yaml"])
     assert result.exit_code == 1
-    assert "--format 'yaml': choose velora, peft, trainer, trl" in result.stderr
+    assert (
+        "--format 'yaml': choose velora, peft, trainer, trl, accelerate, torchrun" in result.stderr
+    )
 
 
 def test_export_of_a_tune_where_nothing_fitted():

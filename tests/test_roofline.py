@@ -328,7 +328,7 @@ def test_auto_without_a_gpu_predicts_instead_of_timing_the_cpu(monkeypatch):
 
     monkeypatch.setattr(cuda, "cuda_available", lambda: False)
     backend = profiler.make_backend("auto", spec())
-    assert isinstance(backend, EstimateBackend) and backend.gpu == "h100"
+    assert isinstance(backend.single, EstimateBackend) and backend.single.gpu == "h100"
 
 
 def test_profile_table_marks_predictions():

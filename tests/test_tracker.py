@@ -304,3 +304,50 @@ def test_trace_is_refused_without_trace_true():
         model(torch.ones(2, 64)).sum()
     with pytest.raises(RuntimeError, match="trace=True"):
         _ = tracker.trace
+
+
+def test_storage_resize_is_a_free_and_an_allocation_with_track_resize():
+    """FSDP2 frees unsharded parameters with UntypedStorage.resize_(0), not a dispatched op."""
+    model = tiny_mlp("cpu")
+    original = torch.UntypedStorage.resize_
+    with MemoryTracker(model, round_to=1, trace=True, track_resize=True) as tracker:
+        t = torch.empty(256)  # 1024 B
+        start = tracker.current_bytes
+        t.untyped_storage().resize_(0)
+        assert tracker.current_bytes == start - 1024
+        t.untyped_storage().resize_(2048)
+        assert tracker.current_bytes == start + 1024
+        trace = tracker.trace
+    assert torch.UntypedStorage.resize_ is original  # restored on exit
+    assert [n for _, _, n in trace.events[-2:]] == [-1024, 2048]
+    assert trace.live_bytes()[-1] == tracker.current_bytes
+    with MemoryTracker(model, round_to=1) as plain:  # without it the free goes unseen
+        u = torch.empty(256)
+        u.untyped_storage().resize_(0)
+        assert plain.snapshot()["activations"] == 1024
+    del t, u
+
+
+def test_roles_give_storages_the_tracker_cannot_see_their_category():
+    model = tiny_mlp("cpu")
+    bucket = torch.empty(512)  # made before tracking, like DDP's gradient buckets
+    gathered = torch.empty(128)
+    gathered.untyped_storage().resize_(0)  # freed until re-allocated, like FSDP2's
+    roles = lambda: [(bucket, "comm"), (gathered, "unsharded")]  # noqa: E731
+    tracker = MemoryTracker(
+        model, round_to=1, extra_categories=("unsharded", "comm"), roles=roles, track_resize=True
+    )
+    with tracker:
+        gathered.untyped_storage().resize_(512)
+        scratch = torch.ones(64)
+        tracker.assign(scratch, "comm")
+        tracker.assign(model[0].weight, "comm")  # a parameter stays a parameter
+    at_peak = tracker.peak_breakdown
+    assert list(at_peak) == ["params", "buffers", "grads", "optimizer", "unsharded", "comm",
+                             "activations", "temporaries"]  # fmt: skip
+    assert at_peak["comm"] == 2048 + 256 and at_peak["unsharded"] == 512
+    assert at_peak["params"] == sum(p.numel() * 4 for p in model.parameters())
+    with pytest.raises(ValueError, match="unknown category"):
+        tracker.assign(scratch, "gathered")
+    with pytest.raises(ValueError, match="repeat built-in"):
+        MemoryTracker(model, extra_categories=("grads",))

@@ -94,7 +94,12 @@ def build_space(settings: TuneSettings) -> tuple[list[Candidate], list[str]]:
         gc_options=[False, True, *settings.gc_every],
         micro_batches=settings.micro_batches,
         optimizers=settings.optimizers,
+        layouts=settings.layouts(),
     )
+    from velora_cli.parallel.tune import drop_unsupported_layouts
+
+    space, why = drop_unsupported_layouts(space, settings)
+    notices += why
     base = settings.base_spec()
     for mode in modes:
         strategies = [

@@ -29,9 +29,16 @@ class Candidate:
     micro_batch_size: int = 1
     grad_accum_steps: int = 1
     optimizer: str = "adamw"
+    world_size: int = 1  # ranks (GPUs); the batch sizes above are per rank
+    parallel: str | None = None  # ddp | fsdp | fsdp-no-reshard; None: one process
 
     def __post_init__(self) -> None:
         errors = []
+        if (self.parallel is None) != (self.world_size == 1) or self.world_size < 1:
+            errors.append(
+                f"world_size {self.world_size!r} with parallel {self.parallel!r}: one process "
+                "is world_size 1 without parallel, several ranks need a parallel strategy"
+            )
         gc = self.gc
         if isinstance(gc, bool) or gc in (0, 1):  # gc=1 is every layer, gc=0 never: one spelling
             object.__setattr__(self, "gc", bool(gc))
@@ -72,10 +79,11 @@ class Candidate:
         """Stable id for the journal and for resume, e.g. ``full|paper|g32|gc=2|mb4x2|adamw``."""
         gc = "all" if self.gc is True else "off" if self.gc is False else self.gc
         groups = "-" if self.num_groups is None else self.num_groups
-        return (
+        key = (
             f"{self.mode}|{self.placement or 'none'}|g{groups}|gc={gc}"
             f"|mb{self.micro_batch_size}x{self.grad_accum_steps}|{self.optimizer}"
         )
+        return key + (f"|{self.parallel}x{self.world_size}" if self.parallel else "")
 
 
 @dataclass(frozen=True)
@@ -129,6 +137,7 @@ def search_space(
     gc_options: Sequence[bool | int],
     micro_batches: Sequence[int] | None = None,
     optimizers: Sequence[str] = ("adamw",),
+    layouts: Sequence[tuple[int, str | None]] = ((1, None),),
 ) -> list[Candidate]:
     """Every combination worth trying, without duplicates.
 
@@ -142,6 +151,9 @@ def search_space(
         micro_batches: micro-batch sizes; default every power of two dividing `batch_size`, plus
             `batch_size` itself. grad_accum_steps = batch_size // micro.
         optimizers: optimizer names; low-rank ones go with full mode only (`optimizers_for`).
+        layouts: (world size, parallel strategy) pairs, ``(1, None)`` for one process; the
+            batch is per rank. Low-rank optimizers are not crossed with FSDP (each rank holds
+            a shard of every gradient).
 
     Returns:
         Candidates ordered mode, placement, num_groups, gc, micro-batch (largest first), optimizer;
@@ -179,13 +191,20 @@ def search_space(
                     for micro in sorted(micros, reverse=True):
                         for opt in optimizers_for(mode, optimizers):
                             accum = batch_size // micro
-                            out.append(Candidate(mode, placement, g, gc, micro, accum, opt))
+                            for world, parallel in layouts:
+                                if opt in LOWRANK_OPTIMIZERS and (parallel or "").startswith(
+                                    "fsdp"
+                                ):
+                                    continue
+                                out.append(
+                                    Candidate(
+                                        mode, placement, g, gc, micro, accum, opt, world, parallel
+                                    )
+                                )
     return out
 
 
-def cost_rank(
-    candidate: Candidate, velora_layers: int | None = None
-) -> tuple[float, int, int, int, int]:
+def cost_rank(candidate: Candidate, velora_layers: int | None = None) -> tuple:
     """A speed proxy for estimates that give no time: smaller tuples are expected to run faster.
 
     Compared lexicographically, most important first:
@@ -204,8 +223,13 @@ def cost_rank(
         candidate: the configuration.
         velora_layers: how many layers the placement wraps, if known.
 
+    6. the communication volume of the parallel strategy per step, in units of the model's
+       parameters (ZeRO paper §7: DDP's all-reduce and FSDP without resharding move 2Ψ, FSDP
+       with resharding 3Ψ, its second all-gather in backward), last because
+       the engines overlap it with compute; one process has no such element.
+
     Returns:
-        (recompute_fraction, dequantizes, -micro_batch_size, projects, velora_layers).
+        (recompute_fraction, dequantizes, -micro_batch_size, projects, velora_layers[, comm]).
     """
     gc = candidate.gc
     fraction = 1.0 if gc is True else 0.0 if gc is False else 1.0 / gc
@@ -213,4 +237,7 @@ def cost_rank(
         velora_layers = int(candidate.uses_velora)
     dequantizes = int(candidate.mode == "qlora")
     projects = int(candidate.optimizer in LOWRANK_OPTIMIZERS)
-    return (fraction, dequantizes, -candidate.micro_batch_size, projects, velora_layers)
+    rank = (fraction, dequantizes, -candidate.micro_batch_size, projects, velora_layers)
+    if candidate.parallel is None:
+        return rank  # no communication: sorts before any (…, comm) of the same prefix
+    return (*rank, {"ddp": 2, "fsdp-no-reshard": 2}.get(candidate.parallel, 3))

@@ -111,6 +111,12 @@ class VeloraConfig:
     backend: str | None = None
     versions: dict[str, Any] = field(default_factory=dict)
     source: str | None = None
+    # the multi-GPU layout (velora_cli.parallel): ranks, ddp|fsdp|fsdp-no-reshard, FSDP2 CPU
+    # offload, the decoder layer classes sharded one by one; batch sizes above are per rank
+    world_size: int = 1
+    parallel: str | None = None
+    cpu_offload: bool = False
+    layer_classes: list[str] | None = None
 
     def __post_init__(self) -> None:
         errors = []
@@ -144,6 +150,7 @@ class VeloraConfig:
         if self.amp is not None and self.amp not in DTYPES[1:]:
             errors.append(f"amp must be bf16, fp16 or null, got {self.amp!r}")
         errors += self._optimizer_errors()
+        errors += _layout_errors(self)
         if self.mode in LORA_MODES and not _positive_int(self.lora_rank):
             errors.append(
                 f"mode {self.mode} needs lora_rank, a positive integer, got {self.lora_rank!r}"
@@ -201,6 +208,20 @@ class VeloraConfig:
     def to_dict(self) -> dict[str, Any]:
         """The velora format: ``{"format": "velora-config", "version": 1, ...fields}``."""
         return {"format": FORMAT, "version": VERSION, **dataclasses.asdict(self)}
+
+
+def _layout_errors(config: VeloraConfig) -> list[str]:
+    parallels = ("ddp", "fsdp", "fsdp-no-reshard")  # velora_cli.parallel.PARALLEL (no torch)
+    errors = []
+    if not _positive_int(config.world_size):
+        errors.append(f"world_size must be a positive integer, got {config.world_size!r}")
+    if config.parallel is not None and config.parallel not in parallels:
+        errors.append(f"parallel must be one of {', '.join(parallels)} or null")
+    elif config.parallel is None and config.world_size != 1:
+        errors.append("world_size > 1 needs a parallel strategy (ddp, fsdp, fsdp-no-reshard)")
+    if config.cpu_offload and not (config.parallel or "").startswith("fsdp"):
+        errors.append("cpu_offload is FSDP2's CPUOffloadPolicy: it needs parallel fsdp*")
+    return errors
 
 
 def _positive_int(value: Any) -> bool:
@@ -277,6 +298,9 @@ def from_tune_document(document: dict[str, Any], source: str | None = None) -> V
         backend=rec.get("backend", document.get("backend")),
         versions=versions,
         source=source,
+        world_size=rec.get("world_size") or 1,
+        parallel=rec.get("parallel"),
+        layer_classes=rec.get("layer_classes"),
     )
 
 

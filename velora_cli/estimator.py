@@ -88,22 +88,27 @@ class Estimator:
 
     def __init__(self, settings: TuneSettings):
         from velora_cli.measure.estimate import EstimateBackend
+        from velora_cli.parallel.backends import with_ranks
 
         self.base = settings.base_spec()
-        self.backend = EstimateBackend(gpu=settings.gpu, alloc_conf=settings.alloc_conf)
+        self.backend = with_ranks(
+            EstimateBackend(gpu=settings.gpu, alloc_conf=settings.alloc_conf), gpu=settings.gpu
+        )
+        # rank 0 holds the largest FSDP2 shards, so its peak is the job's (parallel/estimate.py)
+        self.backend.ranks.ranks = (0,)
         # the budget is a GPU's memory: compare it with what the device must hold (a cpu tune
         # compares tracked CPU tensors, so its estimates stay allocated bytes too)
         self.device_level = settings.backend in ("estimate", "cuda")
         self.budget = settings.budget_bytes
         self.min_micro = min(settings.micro_batches or (1,))
         self.cache: dict[str, Measurement] = {}
-        self.floors: dict[tuple[str, str], int] = {}  # (mode, optimizer) -> bytes
+        self.floors: dict[tuple, int] = {}  # (mode, optimizer[, world size, parallel]) -> bytes
         self.calls = 0
 
     def __call__(self, c: Candidate) -> Measurement:
         if c.key not in self.cache:
             spec = candidate_spec(self.base, c)
-            floor = self.floors.get((c.mode, c.optimizer))
+            floor = self.floors.get(_floor_key(c))
             leanest = c.gc is True and c.micro_batch_size == self.min_micro
             if floor is not None and floor > self.budget and not leanest:
                 from velora_cli.profiler import strategy_fields
@@ -117,9 +122,17 @@ class Estimator:
             row = self.backend.measure(spec)
             if row.get("status") == "ok":
                 static = row["param_bytes"] + row["grad_bytes"] + row["optimizer_bytes"]
-                self.floors.setdefault((c.mode, c.optimizer), static)
+                self.floors.setdefault(_floor_key(c), static)
             self.cache[c.key] = measurement_of(row, spec, False, predicted_device=self.device_level)
         return self.cache[c.key]
+
+
+def _floor_key(c: Candidate) -> tuple:
+    """Candidates sharing params + grads + optimizer state per rank: one mode, optimizer and
+    (for a parallel layout) world size and strategy."""
+    if c.parallel is None:
+        return (c.mode, c.optimizer)
+    return (c.mode, c.optimizer, c.world_size, c.parallel)
 
 
 class Measurer:

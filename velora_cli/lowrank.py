@@ -393,7 +393,7 @@ class AdaRankGrad(_ProjectedAdamW):
         self._generators: dict[torch.device, torch.Generator] = {}
 
     def _converged(self, state: dict, projected: torch.Tensor, group: dict) -> bool:
-        if projected.device.type == "meta":
+        if _no_values(projected):
             return False  # no values to compare (the estimate forces a refresh instead)
         axis = 1 if state["left"] else 0
         mean = state["exp_avg"] / state["mass1"].clamp_min(1e-30).unsqueeze(axis)  # m̂_{t−1}
@@ -409,7 +409,7 @@ class AdaRankGrad(_ProjectedAdamW):
         a = grad if state["left"] else grad.T  # its column space is the one kept
         sketch = min(cap + OVERSAMPLING, small)
         u, s = self._top_subspace(a, sketch)  # (rows(a), sketch), (sketch,)
-        if grad.device.type == "meta" or group["eta"] >= 1.0:
+        if _no_values(grad) or group["eta"] >= 1.0:
             r = cap  # meta: no values, the worst case (the estimate is an upper bound); η=1: all
         else:
             total = torch.linalg.vector_norm(grad, dtype=_work_dtype(grad)).square()
@@ -436,7 +436,9 @@ class AdaRankGrad(_ProjectedAdamW):
         return q @ ub, s
 
     def _generator(self, device: torch.device) -> torch.Generator | None:
-        if device.type == "meta":
+        from torch._guards import active_fake_mode
+
+        if device.type == "meta" or active_fake_mode() is not None:  # no values to draw
             return None
         if device not in self._generators:
             self._generators[device] = torch.Generator(device=device).manual_seed(self.seed)
@@ -519,6 +521,13 @@ def _fresh_moments(state: dict, shape: tuple[int, int], p: torch.Tensor, left: b
     directions = shape[0] if left else shape[1]
     state["mass1"] = torch.zeros(directions, dtype=_work_dtype(p), device=p.device)
     state["mass2"] = torch.zeros(directions, dtype=_work_dtype(p), device=p.device)
+
+
+def _no_values(t: torch.Tensor) -> bool:
+    """Meta and fake tensors (the per-rank estimate, velora_cli.parallel) have no values."""
+    from torch._subclasses.fake_tensor import is_fake
+
+    return t.device.type == "meta" or is_fake(t)
 
 
 def _work_dtype(t: torch.Tensor) -> torch.dtype:

@@ -105,7 +105,8 @@ class Prober:
         key = self.key(c)
         if key not in self.details:
             baseline = self.baseline(c.mode, self.baseline_optimizer(c.optimizer))
-            spec = candidate_spec(self.base, dataclasses.replace(c, gc=False))
+            one_process = dataclasses.replace(c, gc=False, world_size=1, parallel=None)
+            spec = candidate_spec(self.base, one_process)  # the maths, not the layout
 
             def run() -> dict[str, Any]:
                 trained = self._train(spec)

@@ -235,7 +235,27 @@ def make_backend(
     visible, else ``estimate``: memory and step time predicted for ``gpu``, nothing stepped on
     this CPU; ``--backend cpu`` times real CPU steps); ``gpu`` is the GPU the estimate predicts
     for (`velora_cli.gpus`), ``alloc_conf`` the caching-allocator settings (None: the
-    environment's)."""
+    environment's). Steps with ``parallel`` (DDP/FSDP2) go to its per-rank twin
+    (`velora_cli.parallel.backends`)."""
+    from velora_cli.parallel.backends import with_ranks
+
+    single = _single_backend(name, spec, warmup=warmup, steps=steps, gpu=gpu, alloc_conf=alloc_conf)
+    backend = with_ranks(single, warmup=warmup, steps=steps, gpu=gpu)
+    if spec.parallel is not None and hasattr(backend.ranks, "check"):
+        backend.ranks.check(spec)  # cuda: one visible GPU per rank; cpu: no offload
+    return backend
+
+
+def _single_backend(
+    name: str,
+    spec: StepSpec,
+    *,
+    warmup: int | None = None,
+    steps: int | None = None,
+    gpu: str | None = None,
+    alloc_conf: str | None = None,
+):
+    """The single-process backend for ``--backend`` (``auto`` resolved here)."""
     from velora_cli.measure.cpu import CpuBackend
     from velora_cli.measure.cuda import CudaBackend, cuda_available
     from velora_cli.measure.estimate import EstimateBackend
@@ -271,6 +291,7 @@ def run_profile(
     before_row: Callable[[int, int, Strategy], None] | None = None,
     notices: list[str] | None = None,
     optimizers: list[str] | None = None,
+    parallels: list[str] | None = None,
 ) -> dict[str, Any]:
     """Measure every strategy and return the profile document (saved after each row).
 
@@ -283,8 +304,15 @@ def run_profile(
         backend: an object with ``name`` and ``measure(spec, breakdown=...)``.
         save_path: where the document is written (atomically, after every row).
         on_row / before_row: progress callbacks (index, total, row or strategy).
+        parallels: measure every row with each of these (``ddp``, ``fsdp``,
+            ``fsdp-no-reshard``, at ``spec.world_size`` ranks; labels ``fsdp · strategy``).
+            None: ``spec.parallel`` only.
     """
-    specs = [dataclasses.replace(spec, optimizer=o) for o in optimizers or [spec.optimizer]]
+    specs = [
+        dataclasses.replace(spec, optimizer=o, parallel=p)
+        for o in optimizers or [spec.optimizer]
+        for p in parallels or [spec.parallel]
+    ]
     placement_notes: dict[str, str | None] = {}
     invalid = validate_strategies(spec, strategies, notes=placement_notes)
     document: dict[str, Any] = {
@@ -296,8 +324,8 @@ def run_profile(
         "dtype": spec.dtype,
         "amp": spec.amp,
         "precision": spec.precision,
-        "optimizer": ",".join(s.optimizer for s in specs),
-        "optimizers": [s.optimizer_label for s in specs],
+        "optimizer": ",".join(dict.fromkeys(s.optimizer for s in specs)),
+        "optimizers": list(dict.fromkeys(s.optimizer_label for s in specs)),
         "backend": backend.name,
         "gpu": getattr(backend, "gpu", None),  # what an estimate predicts for (velora_cli.gpus)
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
@@ -306,6 +334,12 @@ def run_profile(
         "notices": list(notices or []),
         "rows": [],
     }
+    if spec.parallel is not None:
+        from velora_cli.parallel.job import layout_fields
+
+        document.update(
+            layout_fields(spec), parallel=",".join(dict.fromkeys(s.parallel for s in specs))
+        )
     if spec.mode in ("lora", "qlora"):
         document["notices"].append(
             f"{spec.mode} mode: VeLoRA compresses the input of each adapter's A "
@@ -332,7 +366,9 @@ def run_profile(
             row = backend.measure(row_spec.with_strategy(strategy), breakdown=breakdown)
         row = {**strategy_fields(strategy), "optimizer": row_spec.optimizer_label, **row}
         if len(specs) > 1:
-            row["label"] = f"{row_spec.optimizer} · {row['label']}"
+            varying = [row_spec.optimizer] * (len(specs) > len(parallels or [None]))
+            varying += [row_spec.parallel] * (len(parallels or []) > 1)
+            row["label"] = " · ".join([*varying, row["label"]])
         if strategy.placement and placement_notes.get(strategy.placement):
             row.setdefault("note", placement_notes[strategy.placement])
         rows.append(row)

@@ -29,7 +29,7 @@ PROBE_CPU_PARAMS = 200e6
 CONTEXT_KEYS = (
     "model", "batch_size", "seq_len", "dtype", "amp", "optimizers", "rank", "update_gap", "eta",
     "lora_rank", "lora_targets", "init", "weights", "backend", "budget_bytes", "probe_steps",
-    "data", "gpu", "alloc_conf",
+    "data", "gpu", "alloc_conf", "world_sizes", "parallels",
 )  # fmt: skip
 
 
@@ -71,10 +71,23 @@ class TuneSettings:
     budget_source: str = "--budget"  # or "free GPU memory"
     gpu: str | None = None  # what the estimate predicts for (velora_cli.gpus); None: the default
     alloc_conf: str | None = None  # PYTORCH_CUDA_ALLOC_CONF for the estimate's allocator model
+    world_sizes: tuple[int, ...] = (1,)  # ranks (GPUs) to try; the batch is per rank
+    parallels: tuple[str, ...] = ("ddp", "fsdp", "fsdp-no-reshard")  # with world sizes > 1
 
     def context(self) -> dict[str, Any]:
-        """The journal header: the settings a journal's results depend on (as JSON has them)."""
-        return {k: json_value(getattr(self, k)) for k in CONTEXT_KEYS}
+        """The journal header: the settings a journal's results depend on (as JSON has them).
+
+        One process only (world size 1) records no layout, as journals did before there was one.
+        """
+        context = {k: json_value(getattr(self, k)) for k in CONTEXT_KEYS}
+        multi = self.world_sizes != (1,)
+        context["world_sizes"] = list(self.world_sizes) if multi else None
+        context["parallels"] = list(self.parallels) if multi else None
+        return context
+
+    def layouts(self) -> list[tuple[int, str | None]]:
+        """(world size, parallel) pairs to search: one process for 1, each strategy above."""
+        return [(n, p) for n in self.world_sizes for p in ([None] if n == 1 else self.parallels)]
 
     def optimizers_by_mode(self) -> dict[str, list[str]]:
         """Mode -> the optimizers tried in it (galore and adarankgrad in full mode only).
@@ -137,4 +150,6 @@ def candidate_spec(base, c: Candidate):
         mode=c.mode,
         optimizer=c.optimizer,
         strategy=Strategy(placement=c.placement, num_groups=c.num_groups, gc=c.gc),
+        world_size=c.world_size,
+        parallel=c.parallel,
     )

@@ -136,8 +136,9 @@ class _Entry:
 
 
 def _probe_key(c: Candidate) -> str:
-    # gc does not change the maths, so candidates that differ only in gc share one probe
-    return replace(c, gc=False).key
+    # gc and the parallel layout do not change the maths: candidates that differ only there
+    # share one probe
+    return replace(c, gc=False, world_size=1, parallel=None).key
 
 
 class _Search:

@@ -249,8 +249,12 @@ class _VeLoRAMixin:
     def _batch_average(self, x: torch.Tensor) -> torch.Tensor:
         """normalize(mean of every sub-token of x), in v's dtype (fp32 or fp64); uniform if the
         mean vanishes."""
+        from torch._subclasses.fake_tensor import is_fake
+
         mean = x.detach().reshape(-1, self.sub_token_size).to(self.v.dtype).mean(0)  # (M,)
-        if mean.device.type != "meta" and not bool(torch.linalg.vector_norm(mean) > 1e-12):
+        # Meta and fake tensors (the per-rank estimate, velora_cli.parallel) have no values.
+        has_values = mean.device.type != "meta" and not is_fake(mean)
+        if has_values and not bool(torch.linalg.vector_norm(mean) > 1e-12):
             mean = torch.ones_like(mean)
         return F.normalize(mean, dim=0)
 

@@ -3,13 +3,14 @@
 
 from __future__ import annotations
 
+import functools
 from typing import Annotated
 
 import typer
 
 from velora_cli.commands.errors import UserError, guarded
 from velora_cli.commands.output import err
-from velora_cli.exports import FORMATS
+from velora_cli.exports import FORMATS, LAUNCHERS
 
 
 @guarded
@@ -27,6 +28,8 @@ def export_config(
         typer.Option(
             "--format",
             help="; ".join(f"{name}: {what}" for name, (_, what) in FORMATS.items())
+            + "; "
+            + "; ".join(f"{name}: {what}" for name, what in LAUNCHERS.items())
             + ". A format that cannot state the measured configuration refuses (exit 1) and "
             "names the nearest one it can, with the command that measures it.",
         ),
@@ -35,9 +38,10 @@ def export_config(
         str | None, typer.Option("--output", "-o", help="Write here (default: stdout).")
     ] = None,
 ) -> None:
-    """Write the tuned configuration for training code (velora, peft, trainer or trl format)."""
-    if output_format not in FORMATS:
-        raise UserError(f"--format {output_format!r}: choose {', '.join(FORMATS)}")
+    """Write the tuned configuration for training code (velora, peft, trainer, trl, accelerate
+    or torchrun format)."""
+    if output_format not in FORMATS and output_format not in LAUNCHERS:
+        raise UserError(f"--format {output_format!r}: choose {', '.join([*FORMATS, *LAUNCHERS])}")
     import json
     from pathlib import Path
 
@@ -54,6 +58,12 @@ def export_config(
             "pass --from FILE"
         )
     config = configs.load_config(path)
+    if output_format in LAUNCHERS:  # multi-GPU launchers: text files, not JSON
+        from velora_cli.exports.launch import write_launch_export
+
+        echo = functools.partial(typer.echo, nl=False)
+        write_launch_export(config, output_format, output, echo=echo, err=err, source=path)
+        return
     result = exports.export(output_format, config)  # NotExpressible: one line, exit 1
     for note in result.notes:
         err(f"note: {note}")

@@ -239,3 +239,23 @@ PlotOut = Annotated[
         "the tables); needs velora-cli[plot].",
     ),
 ]
+
+
+# Options of the multi-GPU layout (velora_cli.parallel).
+ParallelOption = Annotated[
+    str | None,
+    typer.Option(
+        "--parallel",
+        help="ddp (replicated, gradient all-reduce), fsdp (FSDP2 fully_shard per decoder layer "
+        "+ root, reshard after forward: ZeRO-3 like) or fsdp-no-reshard (ZeRO-2 like); "
+        "comma-separated for several. Default with --world-size > 1: fsdp.",
+    ),
+]
+CpuOffload = Annotated[
+    bool,
+    typer.Option(
+        "--cpu-offload",
+        help="FSDP2 CPUOffloadPolicy: sharded parameters, gradients and optimizer state in host "
+        "memory (the optimizer step runs on the CPU).",
+    ),
+]

@@ -14,6 +14,7 @@ from velora_cli.commands.options import (
     Amp,
     Backend,
     BatchSize,
+    CpuOffload,
     Dtype,
     Eta,
     Gpu,
@@ -22,6 +23,7 @@ from velora_cli.commands.options import (
     LoraTargets,
     Mode,
     ModelArg,
+    ParallelOption,
     PlotOut,
     Rank,
     SeqLen,
@@ -29,6 +31,7 @@ from velora_cli.commands.options import (
     UpdateGap,
     Weights,
     int_list,
+    word_list,
 )
 from velora_cli.commands.output import err, wide_console
 from velora_cli.gpus import get_gpu
@@ -129,6 +132,16 @@ def profile(
     ] = None,
     ctx: typer.Context = None,
     alloc_conf: AllocConf = None,
+    world_size: Annotated[
+        int,
+        typer.Option(
+            "--world-size",
+            help="Ranks (GPUs) of the job; --batch-size is per rank. 1: one process, no "
+            "torch.distributed (unless --parallel is given).",
+        ),
+    ] = 1,
+    parallel: ParallelOption = None,
+    cpu_offload: CpuOffload = False,
 ) -> None:
     """Measure peak memory and step time of VeLoRA placements vs baseline and checkpointing."""
     if compare is not None:
@@ -168,6 +181,11 @@ def profile(
 
     from velora_cli import models, profiler
     from velora_cli.measure.train_step import StepSpec
+    from velora_cli.parallel import PARALLEL
+
+    parallels = word_list(parallel, "--parallel", PARALLEL) if parallel else None
+    if parallels is None and world_size > 1:
+        parallels = ["fsdp"]
 
     spec = StepSpec(
         model=model or models.DEFAULT_MODEL,
@@ -185,9 +203,14 @@ def profile(
         weights=weights,
         trust_remote_code=trust_remote_code,
         init=init,
+        world_size=world_size,
+        parallel=parallels[0] if parallels else None,
+        cpu_offload=cpu_offload,
     )
     for name in optimizers[1:]:
         dataclasses.replace(spec, optimizer=name)  # validated before anything is measured
+    for name in (parallels or [])[1:]:
+        dataclasses.replace(spec, parallel=name)
     from velora_cli.placement import parse_placement
 
     for placement in placement_list:
@@ -243,7 +266,7 @@ def profile(
     from velora_cli.progress import RowProgress
 
     try:
-        with RowProgress(len(strategies) * len(optimizers)) as progress:
+        with RowProgress(len(strategies) * len(optimizers) * len(parallels or [None])) as progress:
             document = profiler.run_profile(
                 spec,
                 strategies,
@@ -254,6 +277,7 @@ def profile(
                 on_row=progress.done,
                 notices=notices + quiet,
                 optimizers=optimizers,
+                parallels=parallels,
             )
     except BaseException:
         if save_path is not None and save_path.is_file() and save_path.stat().st_size == 0:
@@ -280,8 +304,11 @@ def render_profile(
     else:
         console = wide_console(io.StringIO()) if output else wide_console()
         console.print(report.profile_table(document))
+        from velora_cli.report.ranks import rank_table
+
+        ranks = rank_table(document)  # per rank: its categories replace the table below
         for table in (
-            report.category_table(document, always=breakdown),
+            report.category_table(document, always=breakdown) if ranks is None else ranks,
             report.breakdown_table(document),
             report.device_table(document),
         ):

@@ -89,6 +89,21 @@ def tune(
     gpu: Gpu = None,
     plot: PlotOut = None,
     alloc_conf: AllocConf = None,
+    world_size: Annotated[
+        str,
+        typer.Option(
+            "--world-size",
+            help="GPU counts to try, comma-separated (e.g. 1,2,4,8: how many GPUs do I need?); "
+            "the budget is per GPU, --batch-size per rank.",
+        ),
+    ] = "1",
+    parallel: Annotated[
+        str,
+        typer.Option(
+            "--parallel",
+            help="Parallel strategies tried with more than one GPU: ddp, fsdp, fsdp-no-reshard.",
+        ),
+    ] = "ddp,fsdp,fsdp-no-reshard",
 ) -> None:
     """Find the fastest configuration that fits a memory budget, verified by a real run."""
     from velora_cli.tuner import OBJECTIVES
@@ -127,6 +142,12 @@ def tune(
     if any(n < 1 for n in [*groups, *gc_list]):
         raise UserError("--num-groups and --gc-every take integers >= 1")
     micros = int_list(micro_batches, "--micro-batches") if micro_batches else None
+    from velora_cli.parallel import PARALLEL
+
+    world_sizes = tuple(sorted(set(int_list(world_size, "--world-size"))))
+    if world_sizes[0] < 1:
+        raise UserError("--world-size takes GPU counts >= 1, e.g. 1,2,4,8")
+    parallel_list = tuple(dict.fromkeys(word_list(parallel, "--parallel", PARALLEL)))
 
     from velora_cli import autotune, models
     from velora_cli.budget import describe_budget, format_bytes, parse_budget
@@ -150,6 +171,15 @@ def tune(
             "--backend cuda: no CUDA device is visible (torch.cuda.is_available() is False); "
             "use --backend estimate or cpu"
         )
+    if backend == "cuda" or (backend == "auto" and has_cuda):
+        import torch
+
+        if torch.cuda.device_count() < world_sizes[-1]:
+            raise UserError(
+                f"--world-size {world_sizes[-1]} on --backend cuda needs one GPU per rank and "
+                f"{torch.cuda.device_count()} are visible: use --backend estimate, or smaller "
+                "world sizes"
+            )
     if backend == "auto":
         backend = "cuda" if has_cuda else "estimate"
         if not has_cuda:
@@ -187,6 +217,8 @@ def tune(
         data=data,
         gpu=gpu,
         alloc_conf=alloc_conf,
+        world_sizes=world_sizes,
+        parallels=parallel_list,
     )
     settings.base_spec()  # validates batch, precision, modes × optimizers, ranks (one line)
     from pathlib import Path
@@ -240,11 +272,14 @@ def tune(
         raise UserError(
             f"{journal_path} is being written by another velora tune; run without --resume"
         )
+    from velora_cli.parallel.tune import run_world_sizes
+
+    runner = autotune.run if world_sizes == (1,) else run_world_sizes
     try:
         # --backend estimate: a "measurement" looks the estimate up, nothing runs to report
         silent = ("measure", "verify") if backend == "estimate" else ()
         with TuneProgress(err, silent=silent) as progress:
-            document = autotune.run(
+            document = runner(
                 settings,
                 save_path=save_path,
                 journal=journal,
@@ -277,6 +312,10 @@ def render_tune(document: dict, output_format: str) -> None:
         return
     console = wide_console()
     console.print(report.tune_table(document))
+    if document.get("by_world_size"):
+        from velora_cli.report.ranks import gpu_count_table
+
+        console.print(gpu_count_table(document))
     lines = report.summary_lines(document)
     if document["recommendation"] is None:
         lines += report.nothing_fits_lines(document)

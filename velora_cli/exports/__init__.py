@@ -24,6 +24,12 @@ FORMATS: dict[str, tuple[str, str]] = {
     "trainer": ("velora_cli.exports.trainer", "TrainingArguments keyword arguments + snippet"),
     "trl": ("velora_cli.exports.trl", "TRL SFTConfig keyword arguments, peft_config + snippet"),
 }
+# Multi-GPU launchers write text files (YAML, a shell line + a script), not JSON: name -> what
+# (exports/launch.py writes them)
+LAUNCHERS: dict[str, str] = {
+    "accelerate": "an accelerate launch config (FSDP2 or DDP)",
+    "torchrun": "a torchrun launch line + a script that shards the model the same way",
+}
 
 
 @dataclass(frozen=True)

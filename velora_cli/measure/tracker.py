@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import weakref
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -38,7 +38,8 @@ from torch.utils._pytree import tree_leaves
 
 # Report order; also the precedence of roles (a storage that is both takes the earlier one).
 CATEGORIES = ("params", "buffers", "grads", "optimizer", "activations", "temporaries")
-_RANK = {name: rank for rank, name in enumerate(CATEGORIES)}
+# Where a tracker's `extra_categories` go in that order: after the states, before activations.
+_EXTRA_AT = CATEGORIES.index("activations")
 
 # The CUDA caching allocator rounds every block up to 512 bytes (kMinBlockSize).
 CUDA_MIN_BLOCK = 512
@@ -178,6 +179,15 @@ class MemoryTracker:
         device: device whose storages are counted (default: the model's first parameter's).
         trace: also record the ordered allocation trace (`trace`), for an allocator model or a
             memory timeline.
+        extra_categories: role names beyond `CATEGORIES` (e.g. ``unsharded``, ``comm`` for
+            FSDP2's all-gathered parameters and communication buffers); they rank after
+            ``optimizer`` and before ``activations``, in the order given.
+        roles: a callable returning ``(tensor, category)`` pairs: storages whose role the
+            tracker cannot see by itself (DDP's gradient buckets, FSDP2's unsharded
+            parameters). Asked whenever roles are scanned; a storage named here keeps its role
+            when it is freed and re-allocated by a storage resize.
+        track_resize: also see ``UntypedStorage.resize_`` (not a dispatched op), by which FSDP2
+            frees and re-allocates unsharded parameters; patched while the tracker is active.
 
     Example:
         >>> model = nn.Linear(8, 8)
@@ -200,9 +210,21 @@ class MemoryTracker:
         round_to: int = CUDA_MIN_BLOCK,
         device: torch.device | str | None = None,
         trace: bool = False,
+        extra_categories: tuple[str, ...] = (),
+        roles: Callable[[], Iterable[tuple[torch.Tensor, str]]] | None = None,
+        track_resize: bool = False,
     ) -> None:
         if round_to < 1:
             raise ValueError(f"round_to must be a positive number of bytes, got {round_to}")
+        clash = [c for c in extra_categories if c in CATEGORIES]
+        if clash:
+            raise ValueError(f"extra_categories {clash} repeat built-in categories {CATEGORIES}")
+        self.categories = CATEGORIES[:_EXTRA_AT] + tuple(extra_categories) + CATEGORIES[_EXTRA_AT:]
+        self._rank = {name: rank for rank, name in enumerate(self.categories)}
+        self._role_source = roles
+        self._roles: dict[int, tuple[str, Any]] = {}  # id(storage) -> (role, storage kept alive)
+        self._track_resize = track_resize
+        self._original_resize: Any = None
         self.model = model
         self.round_to = round_to
         if device is None:
@@ -256,6 +278,8 @@ class MemoryTracker:
                 )
         self._handles.append(register_optimizer_step_pre_hook(self._on_step_start))
         self._handles.append(register_optimizer_step_post_hook(self._on_step_end))
+        if self._track_resize:
+            self._patch_resize()
         self._recorder = _OpRecorder(self)
         self._recorder.__enter__()
         return self
@@ -265,6 +289,9 @@ class MemoryTracker:
         assert self._recorder is not None
         self._recorder.__exit__(*exc)
         self._recorder = None
+        if self._original_resize is not None:
+            torch.UntypedStorage.resize_ = self._original_resize  # type: ignore[method-assign]
+            self._original_resize = None
         for handle in self._handles:
             handle.remove()
         self._handles.clear()
@@ -331,6 +358,23 @@ class MemoryTracker:
         """Total live bytes now."""
         return self._current
 
+    def assign(self, tensor: torch.Tensor, category: str) -> None:
+        """Give the storages behind ``tensor`` a role, counting them if they are new.
+
+        Roles only move up the precedence of `categories` (a gradient stays ``grads``).
+
+        Args:
+            tensor: any tensor (views and wrapper subclasses such as DTensor are unwrapped).
+            category: one of `categories`.
+
+        Raises:
+            ValueError: an unknown category.
+        """
+        if category not in self._rank:
+            raise ValueError(f"unknown category {category!r}; choose from {self.categories}")
+        self._track(tensor, category)
+        self._new_peak_check()
+
     @property
     def trace(self) -> AllocationTrace:
         """The allocation trace recorded so far (see `AllocationTrace`).
@@ -355,9 +399,8 @@ class MemoryTracker:
 
     # -- bookkeeping -----------------------------------------------------------------------------
 
-    @staticmethod
-    def _by_category(entries: list[_Entry]) -> dict[str, int]:
-        totals = dict.fromkeys(CATEGORIES, 0)
+    def _by_category(self, entries: list[_Entry]) -> dict[str, int]:
+        totals = dict.fromkeys(self.categories, 0)
         for entry in entries:
             totals[entry.category] += entry.nbytes
         return totals
@@ -372,28 +415,70 @@ class MemoryTracker:
             if device_type != self.device_type:
                 continue
             key = id(storage)
+            role = self._roles.get(key)
+            if role is not None and self._rank[role[0]] < self._rank[category]:
+                category = role[0]
             raw = storage.nbytes()
-            nbytes = self._rounded(raw)
             entry = self._live.get(key)
             if entry is not None and entry.raw != raw:
-                # Resized in place (resize_, out= ops): a new record with the same role, so the
-                # peak lists keep the old one and a past breakdown still sums to its total.
-                resized = self._new_entry(nbytes, entry.category, raw)
-                resized.ref = entry.ref
-                self._current += nbytes - entry.nbytes
-                self._log(-entry.raw, entry)
-                self._log(raw, resized)
-                self._live[key] = entry = resized
+                entry = self._resized(key, entry, raw)
             if entry is None:
-                if nbytes == 0:
+                if raw == 0:
                     continue
-                entry = self._new_entry(nbytes, category, raw)
-                entry.ref = weakref.ref(storage, self._finalizer(key))
-                self._live[key] = entry
-                self._current += nbytes
-                self._log(raw, entry)
-            elif _RANK[category] < _RANK[entry.category]:
+                entry = self._add(key, storage, raw, category)
+            elif self._rank[category] < self._rank[entry.category]:
                 entry.category = category
+
+    def _add(self, key: int, storage: torch.UntypedStorage, raw: int, category: str) -> _Entry:
+        entry = self._new_entry(self._rounded(raw), category, raw)
+        entry.ref = weakref.ref(storage, self._finalizer(key))
+        self._live[key] = entry
+        self._current += entry.nbytes
+        self._log(raw, entry)
+        return entry
+
+    def _resized(self, key: int, entry: _Entry, raw: int) -> _Entry:
+        """A storage resized in place (resize_, out= ops): a new record with the same role, so
+        the peak lists keep the old one and a past breakdown still sums to its total. A resize
+        to 0 bytes is a free (FSDP2 frees unsharded parameters so), from 0 an allocation."""
+        resized = self._new_entry(self._rounded(raw), entry.category, raw)
+        resized.ref = entry.ref
+        self._current += resized.nbytes - entry.nbytes
+        if entry.raw:
+            self._log(-entry.raw, entry)
+        if raw:
+            self._log(raw, resized)
+        self._live[key] = resized
+        return resized
+
+    def _patch_resize(self) -> None:
+        """Route ``UntypedStorage.resize_`` through the tracker (it bypasses the dispatcher)."""
+        original = self._original_resize = torch.UntypedStorage.resize_
+        tracker = self
+
+        def resize_(storage: torch.UntypedStorage, size: int):
+            out = original(storage, size)
+            tracker._on_resize(storage)
+            return out
+
+        torch.UntypedStorage.resize_ = resize_  # type: ignore[method-assign]
+
+    def _on_resize(self, storage: torch.UntypedStorage) -> None:
+        key, raw = id(storage), storage.nbytes()
+        entry = self._live.get(key)
+        if entry is not None:
+            if entry.raw != raw:
+                self._resized(key, entry, raw)
+        elif raw and (key in self._roles or storage.device.type == self.device_type):
+            role = self._roles.get(key)
+            self._add(key, storage, raw, role[0] if role else self._context_category())
+        self._new_peak_check()
+
+    def _context_category(self) -> str:
+        """The role of a storage created now: backward and optimizer temporaries, or activations."""
+        if self._in_optimizer_step or _in_backward_without_grad():
+            return "temporaries"
+        return "activations"
 
     def _new_entry(self, nbytes: int, category: str, raw: int) -> _Entry:
         entry = _Entry(nbytes, category, raw, self._seq)
@@ -428,10 +513,7 @@ class MemoryTracker:
 
     def _record_op_outputs(self, out: Any) -> None:
         self._ops += 1
-        if self._in_optimizer_step or _in_backward_without_grad():
-            category = "temporaries"
-        else:
-            category = "activations"
+        category = self._context_category()
         for leaf in tree_leaves(out):
             if isinstance(leaf, torch.Tensor):
                 self._track(leaf, category)
@@ -447,6 +529,14 @@ class MemoryTracker:
             self._track(buffer, "buffers")
         for optimizer in list(self._optimizers):
             self._scan_optimizer(optimizer)
+        if self._role_source is not None:
+            for tensor, category in self._role_source():
+                if category not in self._rank:
+                    raise ValueError(f"roles gave {category!r}; categories: {self.categories}")
+                for storage, device_type in _storages(tensor):
+                    if device_type == self.device_type:
+                        self._roles[id(storage)] = (category, storage)
+                self._track(tensor, category)
 
     def _scan_optimizer(self, optimizer: torch.optim.Optimizer) -> None:
         for state in optimizer.state.values():

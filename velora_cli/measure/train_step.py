@@ -105,6 +105,11 @@ class StepSpec:
     init: str = "batch_average_once"
     seed: int = 0
     strategy: Strategy = field(default_factory=Strategy)
+    # velora_cli.parallel: ranks (the batch above is per rank), ddp|fsdp|fsdp-no-reshard or None
+    # (one process, no torch.distributed), FSDP2's CPUOffloadPolicy
+    world_size: int = 1
+    parallel: str | None = None
+    cpu_offload: bool = False
 
     def __post_init__(self):
         errors = []
@@ -142,6 +147,9 @@ class StepSpec:
             errors.append(f"--update-gap must be >= 1, got {self.update_gap}")
         if not 0.0 < self.eta <= 1.0:
             errors.append(f"--eta must be in (0, 1], got {self.eta}")
+        from velora_cli.parallel import layout_errors
+
+        errors += layout_errors(self)
         if errors:
             raise SpecError("; ".join(errors))
 

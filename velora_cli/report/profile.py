@@ -8,6 +8,7 @@ import io
 import json
 from typing import Any
 
+from velora_cli.report.ranks import layout_title, rank_lines
 from velora_cli.report.units import fmt_bytes, fmt_delta, fmt_seconds, format_bytes
 
 ROW_FIELDS = (
@@ -72,6 +73,10 @@ ROW_FIELDS = (
     "quantized_bytes",
     "note",
     "error",
+    "world_size",
+    "parallel",
+    "global_batch_size",
+    "peak_rank",
 )
 
 
@@ -82,7 +87,7 @@ def profile_table(document: dict[str, Any]):
     title = (
         f"{document['model']} · {document['mode']} · batch {document['batch_size']} × seq "
         f"{document['seq_len']} · {document['precision']} · backend {document['backend']}"
-    )
+    ) + layout_title(document)
     table = Table(title=title, title_justify="left")
     width = max((len(r["label"]) for r in document["rows"]), default=10)
     table.add_column("strategy", min_width=width, no_wrap=True)
@@ -182,6 +187,7 @@ def profile_footer(document: dict[str, Any]) -> list[str]:
             f"{len(in_optimizer)} of {len(ok)} rows peak in the optimizer step, the "
             "others in forward/backward"
         )
+    lines += rank_lines(document)
     for source in sorted(s for s in sources if s):
         lines.append(f"step time: {source}")
     lines += prediction_lines(document)

@@ -13,6 +13,8 @@ def describe(row: dict[str, Any]) -> str:
     """A candidate in words: ``full · velora paper g32 · gc every 2 · micro-batch 4 × 2``, with
     its optimizer after the mode when it is not AdamW (``full · adarankgrad · ...``)."""
     parts = [row["mode"]]
+    if row.get("parallel"):
+        parts.append(f"{row['parallel']} ×{row['world_size']}")
     if row.get("optimizer", "adamw") != "adamw":
         parts.append(row["optimizer"])
     if row.get("placement"):
@@ -97,8 +99,8 @@ def unfit_modes(candidates: list[dict[str, Any]]) -> list[dict[str, Any]]:
     (a real one; lower bounds only when there is nothing else), so the table says why the mode
     is out."""
     out = []
-    for mode in dict.fromkeys(r["mode"] for r in candidates):
-        rows = [r for r in candidates if r["mode"] == mode]
+    for mode, world in dict.fromkeys((r["mode"], r.get("world_size", 1)) for r in candidates):
+        rows = [r for r in candidates if (r["mode"], r.get("world_size", 1)) == (mode, world)]
         if not all(r["status"] == "infeasible-estimate" for r in rows):
             continue
         known = [r for r in rows if r.get("estimate_peak_bytes") is not None]
@@ -106,7 +108,8 @@ def unfit_modes(candidates: list[dict[str, Any]]) -> list[dict[str, Any]]:
             continue
         real = [r for r in known if not r.get("estimate_lower_bound")] or known
         best = min(real, key=lambda r: r["estimate_peak_bytes"])
-        note = f"all {len(rows)} {mode} candidates over budget"
+        where = f" at {world} GPUs" if world > 1 else ""
+        note = f"all {len(rows)} {mode} candidates{where} over budget"
         floors = [r["estimate_peak_bytes"] for r in rows if r.get("estimate_lower_bound")]
         if floors:
             note += f": params+grads+optimizer state alone {format_bytes(min(floors))}"
@@ -174,9 +177,10 @@ def summary_lines(document: dict[str, Any]) -> list[str]:
         f"  why: {rec['reason']}",
     ]
     if document.get("path"):
-        lines.append(
-            f"  export: velora export-config --from {document['path']} --format velora|peft|trainer|trl"
+        formats = "velora|peft|trainer|trl" + (
+            "|accelerate|torchrun" if rec.get("parallel") else ""
         )
+        lines.append(f"  export: velora export-config --from {document['path']} --format {formats}")
     return lines
 
 

@@ -1,0 +1,167 @@
+"""`--world-size` and `--parallel` as a user meets them: profile per rank, "how many GPUs do I
+need", the accelerate and torchrun exports (the script is run with torchrun on 2 gloo ranks)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+from typer.testing import CliRunner
+
+from velora_cli.cli import app
+
+runner = CliRunner()
+
+
+@pytest.fixture(autouse=True)
+def profiles(tmp_path, monkeypatch):
+    monkeypatch.setenv("VELORA_PROFILES_DIR", str(tmp_path / "profiles"))
+    return tmp_path / "profiles"
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    """A tiny Llama saved with weights, so the exported script can load it offline."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    path = tmp_path_factory.mktemp("ckpt") / "tiny"
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        vocab_size=256,
+        max_position_embeddings=256,
+    )
+    LlamaForCausalLM(config).save_pretrained(path)
+    return str(path)
+
+
+def test_profile_per_rank_rows_and_the_global_batch():
+    result = runner.invoke(
+        app,
+        ["profile", "llama-tiny", "--backend", "estimate", "--world-size", "2", "--parallel",
+         "ddp,fsdp", "--placements", "paper", "--num-groups", "8", "--gc-every", "1",
+         "--no-velora-gc", "--batch-size", "2", "--seq-len", "64", "--format", "json",
+         "--no-save"],
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    doc = json.loads(result.stdout)
+    assert (doc["world_size"], doc["global_batch_size"], doc["parallel"]) == (2, 4, "ddp,fsdp")
+    labels = [r["label"] for r in doc["rows"]]
+    assert labels[:3] == ["ddp · baseline", "ddp · gc", "ddp · velora paper g8"]
+    assert labels[3:] == ["fsdp · baseline", "fsdp · gc", "fsdp · velora paper g8"]
+    ddp, fsdp = doc["rows"][0], doc["rows"][3]
+    assert fsdp["peak_bytes"] < ddp["peak_bytes"]
+    assert set(fsdp["peak_breakdown"]) >= {"unsharded", "comm"}
+    assert fsdp["estimated_ranks"] == [0, 1] and ddp["estimated_ranks"] == [0]
+
+
+def test_profile_table_says_memory_is_per_rank():
+    result = runner.invoke(
+        app,
+        ["profile", "llama-tiny", "--backend", "estimate", "--world-size", "2", "--placements",
+         "paper", "--num-groups", "8", "--gc-every", "1", "--no-velora-gc", "--no-save"],
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    text = " ".join(result.stdout.split())  # the title wraps
+    assert "fsdp ×2, memory per rank" in text and "global batch 8 × seq 256" in text
+    assert "per rank: memory at the peak of the largest rank" in text
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--world-size", "2", "--parallel", "zero3"], "--parallel zero3: choose from ddp"),
+        (["--parallel", "ddp", "--cpu-offload"], "use it with --parallel fsdp"),
+        (["--world-size", "2", "--backend", "cuda"], "--backend cuda"),
+        (["--world-size", "0"], "--world-size must be"),
+        (["--parallel", "fsdp", "--cpu-offload", "--backend", "cpu"], "host and device memory"),
+    ],
+)
+def test_profile_layout_errors_are_one_line(args, message):
+    result = runner.invoke(app, ["profile", "llama-tiny", "--no-save", *args])
+    assert result.exit_code == 1, result.output
+    assert message in result.stderr and "Traceback" not in result.output
+
+
+@pytest.mark.slow
+def test_how_many_gpus_picks_2_when_only_sharding_fits(checkpoint, tmp_path, profiles):
+    from velora_cli.measure.estimate import EstimateBackend
+    from velora_cli.measure.train_step import StepSpec, Strategy
+    from velora_cli.parallel.estimate import ParallelEstimateBackend
+
+    # a budget under one process's leanest peak (full checkpointing) and over FSDP2's on 2 ranks
+    lean = StepSpec(checkpoint, batch_size=1, seq_len=64, strategy=Strategy(gc=True))
+    single = EstimateBackend().measure(lean)["peak_bytes"]
+    sharded = ParallelEstimateBackend().measure(
+        StepSpec(
+            checkpoint,
+            batch_size=1,
+            seq_len=64,
+            strategy=Strategy(gc=True),
+            world_size=2,
+            parallel="fsdp",
+        )  # fmt: skip
+    )["peak_bytes"]
+    assert sharded < single
+    result = runner.invoke(
+        app,
+        ["tune", checkpoint, "--world-size", "1,2", "--budget", f"{(single + sharded) // 2}B",
+         "--margin", "0", "--backend", "estimate", "--mode", "full", "--batch-size", "1",
+         "--seq-len", "64", "--optimizer", "adamw", "--placements", "paper", "--num-groups", "8",
+         "--gc-every", "1", "--parallel", "fsdp,fsdp-no-reshard", "--probe-steps", "0",
+         "--format", "json"],
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    doc = json.loads(result.stdout)
+    assert doc["gpus_needed"] == 2 and doc["world_sizes"] == [1, 2]
+    one, two = doc["by_world_size"]
+    assert one["recommendation"] is None and two["recommendation"]["world_size"] == 2
+    rec = doc["recommendation"]
+    assert rec["parallel"] in ("fsdp", "fsdp-no-reshard") and rec["world_size"] == 2
+    assert rec["layer_classes"] == ["LlamaDecoderLayer"]
+    assert {c["world_size"] for c in doc["candidates"]} == {1, 2}
+
+    # accelerate: a config file accelerate itself reads back
+    target = tmp_path / "accelerate.yaml"
+    out = runner.invoke(app, ["export-config", "--format", "accelerate", "-o", str(target)])
+    assert out.exit_code == 0, out.output
+    from accelerate.commands.config.config_args import ClusterConfig
+
+    cluster = ClusterConfig.from_yaml_file(str(target))
+    assert cluster.distributed_type == "FSDP" and cluster.num_processes == 2
+    fsdp = cluster.fsdp_config
+    assert fsdp["fsdp_version"] == 2
+    assert fsdp["fsdp_reshard_after_forward"] is (rec["parallel"] == "fsdp")
+    assert fsdp["fsdp_transformer_layer_cls_to_wrap"] == "LlamaDecoderLayer"
+    assert fsdp["fsdp_activation_checkpointing"] is (rec["gc"] is True)
+
+    # torchrun: the script runs on 2 gloo ranks and trains a step
+    script = tmp_path / "train_velora.py"
+    out = runner.invoke(app, ["export-config", "--format", "torchrun", "-o", str(script)])
+    assert out.exit_code == 0, out.output
+    assert "torchrun --standalone --nproc-per-node 2 train_velora.py" in out.stderr
+    run = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+         str(script), "--dry-run", "1"],
+        capture_output=True, text=True, timeout=300, cwd=tmp_path,
+        env={**__import__("os").environ, "PYTHONPATH": str(__import__("pathlib").Path.cwd())},
+    )  # fmt: skip
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert "rank 0: 1 steps done" in run.stdout and "rank 1: 1 steps done" in run.stdout
+
+
+def test_launcher_exports_refuse_a_single_process_configuration(tmp_path):
+    from velora_cli.configs import VeloraConfig
+
+    config = tmp_path / "one.json"
+    config.write_text(json.dumps(VeloraConfig(model="llama-tiny").to_dict()))
+    for fmt in ("accelerate", "torchrun"):
+        out = runner.invoke(app, ["export-config", "--from", str(config), "--format", fmt])
+        assert out.exit_code == 1 and "world size 1" in out.stderr, out.output

@@ -1,0 +1,130 @@
+"""The per-rank estimate: the real DDP/FSDP2 code path, one rank at a time, in this process.
+
+Each rank is rank r of a fake process group of size N, on fake CPU tensors (`fake`): the model
+is built on meta with the row's strategy (VeLoRA, checkpointing), moved to fake tensors, wrapped
+by DDP or ``fully_shard`` exactly as a real rank does (`shard`), warmed up and tracked
+(`rank_step`). Nothing is allocated; the tracker rounds every storage to 512 bytes as the CUDA
+caching allocator does, so the row predicts each rank's ``max_memory_allocated``.
+
+Which ranks: DDP ranks are identical (rank 0 is estimated). FSDP2 pads every rank's shard of a
+parameter to ``ceil(dim0 / N)`` rows (the sharded storage, gradient and all-gather buffers are
+the same size on every rank); only the optimizer state, created like the unpadded local shard,
+is smaller on the last ranks when ``dim0`` is not a multiple of N. Rank 0 holds the largest
+shard of every parameter, hence the largest peak; ranks 0 and N−1 are estimated (the extremes),
+or every rank with ``ranks="all"``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from velora_cli.measure import failed_row
+from velora_cli.measure.train_step import SpecError, StepSpec
+
+
+def estimated_ranks(spec: StepSpec, ranks: str | tuple[int, ...] | None = None) -> list[int]:
+    """The ranks the estimate runs: the given ones, ``"all"``, or the default (module docstring)."""
+    world = spec.world_size
+    if ranks == "all":
+        return list(range(world))
+    if ranks is not None:
+        bad = [r for r in ranks if not 0 <= r < world]
+        if bad:
+            raise SpecError(f"ranks {bad} outside world size {world}")
+        return sorted(set(ranks))
+    if spec.parallel == "ddp":
+        return [0]
+    return sorted({0, world - 1})
+
+
+def estimate_rank(spec: StepSpec, rank: int, *, warmup: int = 1, breakdown: bool = False):
+    """Estimate one rank of ``spec``'s job.
+
+    Returns:
+        (row, trace): the rank's row (`rank_step.tracked_rank_step`, with ``rank``) and its
+        `AllocationTrace`, for the allocator model and the memory timeline.
+
+    Raises:
+        SpecError: the model or strategy cannot be built as asked.
+    """
+    from velora_cli.measure.train_step import prepare
+    from velora_cli.parallel.fake import (
+        ddp_on_fake_tensors,
+        fake_tensors,
+        fake_world,
+        real_bucket_indices,
+        register_rank_attention,
+        to_fake_cpu,
+    )
+    from velora_cli.parallel.rank_step import rank_roles, tracked_rank_step, warm_up
+    from velora_cli.parallel.shard import shard_prepared
+
+    attention = register_rank_attention()
+    with fake_world(spec.world_size, rank):
+        prepared = prepare(spec, "meta", attn_implementation=attention)
+        # As the single-process estimate: micro-batches after the second repeat it exactly.
+        prepared.micro_batches = prepared.micro_batches[:2]
+        with fake_tensors():
+            to_fake_cpu(prepared)
+            with ddp_on_fake_tensors():
+                shard_prepared(prepared)
+            if spec.parallel == "ddp":
+                real_bucket_indices(prepared.model)
+            roles = rank_roles(prepared, fake_world=True)
+            warm_up(prepared, warmup, roles.buckets)
+            row, trace = tracked_rank_step(prepared, roles, breakdown=breakdown)
+    if spec.cpu_offload:
+        from velora_cli.parallel.offload import offloaded_row
+
+        row = offloaded_row(row, trace)
+    row.update(rank=rank, status="ok", step_seconds=None)
+    return row, trace
+
+
+@dataclass
+class ParallelEstimateBackend:
+    """Predicted per-rank memory of a DDP/FSDP2 step (rows: `job.job_row`); no timing.
+
+    Args:
+        warmup: warm-up steps before the tracked one (DDP always takes at least 2).
+        gpu: what the estimate predicts for (`velora_cli.gpus` key); None: the default.
+        ranks: None (ranks 0 and N−1 under FSDP, 0 under DDP), ``"all"``, or a tuple.
+    """
+
+    warmup: int = 1
+    gpu: str | None = None
+    ranks: str | tuple[int, ...] | None = None
+    name: str = "estimate"
+
+    def __post_init__(self) -> None:
+        from velora_cli.gpus import get_gpu
+
+        self.gpu = get_gpu(self.gpu).key
+
+    def measure(self, spec: StepSpec, *, breakdown: bool = False) -> dict[str, Any]:
+        from velora_cli.measure.cpu import _is_user_error
+        from velora_cli.parallel.job import job_row
+
+        rows = []
+        ranks = estimated_ranks(spec, self.ranks)
+        for rank in ranks:
+            try:
+                rows.append(estimate_rank(spec, rank, warmup=self.warmup, breakdown=breakdown)[0])
+            except (SpecError, ValueError, RuntimeError, NotImplementedError) as exc:
+                if isinstance(exc, SpecError) or _is_user_error(exc):
+                    raise
+                rows.append({**failed_row(self.name, exc), "rank": rank})
+        row = job_row(spec, rows, backend=self.name)
+        row.update(estimated_ranks=ranks, step_seconds=None, tokens_per_second=None)
+        if len(ranks) < spec.world_size and row["status"] == "ok":
+            row["ranks_note"] = (
+                f"ranks {', '.join(map(str, ranks))} of {spec.world_size} estimated: "
+                + (
+                    "DDP ranks are identical"
+                    if spec.parallel == "ddp"
+                    else "FSDP2 pads every shard to rank 0's size; only the optimizer state of "
+                    "the last ranks can be smaller"
+                )
+            )
+        return row
