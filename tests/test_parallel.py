@@ -236,3 +236,19 @@ def test_ddp_estimate_runs_the_low_rank_optimizers_over_the_wrapped_module():
         single = EstimateBackend().measure(spec(None, world_size=1, optimizer=name))
         assert row["optimizer_bytes"] == single["optimizer_bytes"], name  # same projections
         assert row["optimizer_rank_cap"] == single["optimizer_rank_cap"] == 16  # hidden 64 / 4
+
+
+def test_rank_rows_predict_what_the_gpu_must_hold_as_one_process_rows_do():
+    """The allocator model runs over each rank's trace, so a tune compares a budget with one-
+    process and multi-rank candidates alike (device level, CUDA context included)."""
+    for parallel in ("ddp", "fsdp"):
+        row = ParallelEstimateBackend().measure(spec(parallel))
+        assert row["status"] == "ok", row
+        for rank in row["ranks"]:
+            assert rank["predicted_device_bytes"] > rank["predicted_reserved_bytes"]
+            assert rank["predicted_reserved_bytes"] >= rank["predicted_allocated_bytes"]
+            assert rank["predicted_allocated_bytes"] >= rank["peak_bytes"]
+        assert row["predicted_device_bytes"] == max(
+            r["predicted_device_bytes"] for r in row["ranks"]
+        )
+        assert "NCCL" in row["device_memory_notes"]

@@ -92,7 +92,10 @@ class EstimateBackend:
             trace,
             gpu=get_gpu(self.gpu),
             config=self.allocator,
-            scratch=scratch_for_step(prepared.spec, prepared.model),
+            # a DDP rank's model is the wrapped one's .module (its config names the shapes)
+            scratch=scratch_for_step(
+                prepared.spec, getattr(prepared.model, "module", prepared.model)
+            ),
             warmup=self.cuda_warmup,
             steps=self.cuda_steps,
         )

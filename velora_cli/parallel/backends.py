@@ -53,5 +53,5 @@ def with_ranks(
         options = {k: v for k, v in (("warmup", warmup), ("steps", steps)) if v is not None}
         ranks: Any = RanksBackend(device=single.name, **options)
     else:
-        ranks = ParallelEstimateBackend(gpu=gpu)
+        ranks = ParallelEstimateBackend(gpu=gpu, alloc_conf=getattr(single, "alloc_conf", None))
     return RankAware(single, ranks)

@@ -16,10 +16,12 @@ or every rank with ``ranks="all"``.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 from velora_cli.measure import failed_row
+from velora_cli.measure.tracker import AllocationTrace
 from velora_cli.measure.train_step import SpecError, StepSpec
 
 
@@ -38,8 +40,21 @@ def estimated_ranks(spec: StepSpec, ranks: str | tuple[int, ...] | None = None) 
     return sorted({0, world - 1})
 
 
-def estimate_rank(spec: StepSpec, rank: int, *, warmup: int = 1, breakdown: bool = False):
+def estimate_rank(
+    spec: StepSpec,
+    rank: int,
+    *,
+    warmup: int = 1,
+    breakdown: bool = False,
+    device_memory: Callable[[Any, AllocationTrace], dict[str, Any]] | None = None,
+):
     """Estimate one rank of ``spec``'s job.
+
+    Args:
+        device_memory: ``(prepared, trace) -> row fields`` of what the GPU must hold
+            (`EstimateBackend.device_memory`: the caching allocator replayed over the rank's
+            trace, the CUDA context); with ``--cpu-offload`` it sees only the storages that stay
+            on the device.
 
     Returns:
         (row, trace): the rank's row (`rank_step.tracked_rank_step`, with ``rank``) and its
@@ -74,10 +89,18 @@ def estimate_rank(spec: StepSpec, rank: int, *, warmup: int = 1, breakdown: bool
             roles = rank_roles(prepared, fake_world=True)
             warm_up(prepared, warmup, roles.buckets)
             row, trace = tracked_rank_step(prepared, roles, breakdown=breakdown)
+    device_trace = trace
     if spec.cpu_offload:
-        from velora_cli.parallel.offload import offloaded_row
+        from velora_cli.parallel.offload import device_resident, offloaded_row
 
         row = offloaded_row(row, trace)
+        device_trace = device_resident(trace)
+    if device_memory is not None:
+        row.update(device_memory(prepared, device_trace))
+        row["device_memory_notes"] += (
+            "; not modelled: NCCL's own communicator buffers (allocated outside PyTorch's caching "
+            "allocator)"
+        )
     row.update(rank=rank, status="ok", step_seconds=None)
     return row, trace
 
@@ -85,6 +108,10 @@ def estimate_rank(spec: StepSpec, rank: int, *, warmup: int = 1, breakdown: bool
 @dataclass
 class ParallelEstimateBackend:
     """Predicted per-rank memory of a DDP/FSDP2 step (rows: `job.job_row`); no timing.
+
+    Each rank's row has the tracker's allocated figures and, from its allocation trace, what the
+    GPU must hold (`EstimateBackend.device_memory`: reserved, fragmentation, device level), so
+    one-process and multi-rank candidates are compared with a budget alike.
 
     Args:
         warmup: warm-up steps before the tracked one (DDP always takes at least 2).
@@ -96,11 +123,14 @@ class ParallelEstimateBackend:
     gpu: str | None = None
     ranks: str | tuple[int, ...] | None = None
     name: str = "estimate"
+    alloc_conf: str | None = None  # the allocator model's settings (EstimateBackend's)
 
     def __post_init__(self) -> None:
-        from velora_cli.gpus import get_gpu
+        from velora_cli.measure.estimate import EstimateBackend
 
-        self.gpu = get_gpu(self.gpu).key
+        # the single-process estimate's device-memory model, applied to each rank's trace
+        self.device = EstimateBackend(gpu=self.gpu, alloc_conf=self.alloc_conf)
+        self.gpu, self.alloc_conf = self.device.gpu, self.device.alloc_conf
 
     def measure(self, spec: StepSpec, *, breakdown: bool = False) -> dict[str, Any]:
         from velora_cli.measure.cpu import _is_user_error
@@ -110,7 +140,14 @@ class ParallelEstimateBackend:
         ranks = estimated_ranks(spec, self.ranks)
         for rank in ranks:
             try:
-                rows.append(estimate_rank(spec, rank, warmup=self.warmup, breakdown=breakdown)[0])
+                row, _trace = estimate_rank(
+                    spec,
+                    rank,
+                    warmup=self.warmup,
+                    breakdown=breakdown,
+                    device_memory=self.device.device_memory,
+                )
+                rows.append(row)
             except (SpecError, ValueError, RuntimeError, NotImplementedError) as exc:
                 if isinstance(exc, SpecError) or _is_user_error(exc):
                     raise

@@ -26,6 +26,17 @@ RANK_FIELDS = (
     "device_used_bytes",
     "host_bytes",
     "tracked_peaks_bytes",
+    "predicted_allocated_bytes",
+    "predicted_reserved_bytes",
+    "predicted_device_bytes",
+)
+# Predictions of what the GPU must hold: the job's is the largest rank's (each rank needs it).
+LARGEST = (
+    "predicted_allocated_bytes",
+    "predicted_reserved_bytes",
+    "predicted_reserved_expandable_bytes",
+    "predicted_device_bytes",
+    "predicted_device_expandable_bytes",
 )
 
 
@@ -64,6 +75,10 @@ def job_row(spec, rank_rows: list[dict[str, Any]], *, backend: str) -> dict[str,
     top = max(rank_rows, key=lambda r: (r["peak_bytes"], -r["rank"]))
     row = {k: v for k, v in top.items() if k != "rank"}
     row.update(base, status="ok", peak_rank=top["rank"])
+    for key in LARGEST:
+        values = [r[key] for r in rank_rows if r.get(key) is not None]
+        if values:
+            row[key] = max(values)
     times = [r.get("step_seconds") for r in rank_rows]
     if all(t is not None for t in times):
         step = max(times)

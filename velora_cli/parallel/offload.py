@@ -76,3 +76,16 @@ def offloaded_row(row: dict[str, Any], trace: AllocationTrace) -> dict[str, Any]
         "peak_note": "cpu offload: device peak from the rank's trace without its sharded "
         "parameters, gradients and optimizer state (host memory)",
     }
+
+
+def device_resident(trace: AllocationTrace) -> AllocationTrace:
+    """The trace without its host-resident storages (sharded parameters, gradients, optimizer
+    state under ``CPUOffloadPolicy``): what the GPU's caching allocator sees."""
+    import dataclasses
+
+    host = {sid for sid, role in trace.categories.items() if role in HOST_CATEGORIES}
+    return dataclasses.replace(
+        trace,
+        initial=tuple(item for item in trace.initial if item[0] not in host),
+        events=tuple(event for event in trace.events if event[1] not in host),
+    )
