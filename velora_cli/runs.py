@@ -26,14 +26,13 @@ A CPU run's peak RSS is compared too, marked not like for like (it counts the wh
 
 from __future__ import annotations
 
-import datetime as _dt
 import json
 import os
-import re
 from pathlib import Path
 from typing import Any
 
 from velora_cli.configs import VeloraConfig
+from velora_cli.files import profiles_dir
 
 KIND = "velora-run"
 VERSION = 1
@@ -53,21 +52,12 @@ class RunRecordError(ValueError):
     """A file that is not a readable velora run record; the message says what it is."""
 
 
-def profiles_dir() -> Path:
-    return Path(os.environ.get("VELORA_PROFILES_DIR", "profiles"))
-
-
 def new_run_path(model: str, directory: Path | None = None) -> Path:
-    """``run-<model>-<stamp>-<pid>.json`` under the profiles directory, not yet taken."""
-    directory = directory or profiles_dir()
-    slug = re.sub(r"[^A-Za-z0-9_.-]+", "_", model).strip("_.") or "model"
-    stamp = _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
-    path = directory / f"run-{slug}-{stamp}-{os.getpid()}.json"
-    n = 1
-    while path.exists():  # two runs of one process in one second
-        n += 1
-        path = directory / f"run-{slug}-{stamp}-{os.getpid()}-{n}.json"
-    return path
+    """``run-<model>-<stamp>[-n].json`` under the profiles directory, taken by this run alone
+    (created exclusively, as profile and tune documents are: `files.reserve`)."""
+    from velora_cli.files import reserve, slug
+
+    return reserve(directory or profiles_dir(), f"run-{slug(model)}", ".json")
 
 
 def prediction_of(config: VeloraConfig) -> dict[str, Any]:
@@ -165,8 +155,10 @@ def load_run(path: str | os.PathLike) -> dict[str, Any]:
 
 
 def latest_run(directory: Path | None = None) -> Path | None:
-    """The most recently modified ``run-*.json`` under the profiles directory."""
+    """The most recently modified ``run-*.json`` under the profiles directory (a name taken by
+    a run that has written nothing yet is passed over)."""
     found = sorted(
-        (directory or profiles_dir()).glob("run-*.json"), key=lambda p: p.stat().st_mtime
+        (p for p in (directory or profiles_dir()).glob("run-*.json") if p.stat().st_size),
+        key=lambda p: p.stat().st_mtime,
     )
     return found[-1] if found else None

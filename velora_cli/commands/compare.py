@@ -43,6 +43,7 @@ def compare_run(
     import json
 
     from velora_cli import profiler, run_compare, runs
+    from velora_cli.files import profiles_dir
 
     if ctx is not None:
         # by name: typer ships its own copy of click, whose ParameterSource is another class
@@ -60,7 +61,7 @@ def compare_run(
         raise UserError(f"--format {output_format!r} with --compare: choose table or json")
     path = runs.latest_run() if run == "latest" else Path(run)
     if path is None:
-        raise UserError(f"no run record under {runs.profiles_dir()}/: VeloraCallback writes them")
+        raise UserError(f"no run record under {profiles_dir()}/: VeloraCallback writes them")
     record = runs.load_run(path)
     if model is not None and model != record["model"]:
         raise UserError(f"MODEL {model!r} is not the run's model {record['model']!r}: drop it")
