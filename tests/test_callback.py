@@ -279,3 +279,28 @@ def test_a_cuda_run_records_allocator_and_device_peaks(tmp_path):
         assert memory["device_used_bytes"] >= memory["reserved_bytes"]
     assert "allocated_bytes" in record["summary"]["versus"]
     assert "tensor_peak_bytes" not in memory  # the allocator counts on CUDA
+
+
+def test_velora_plot_draws_a_run_record(prepared_run, tmp_path):
+    pytest.importorskip("matplotlib")
+    from html.parser import HTMLParser
+
+    from typer.testing import CliRunner
+
+    from velora_cli.cli import app
+    from velora_cli.plots.run import predictions, series
+
+    _, callback, _, _ = prepared_run
+    record = load_run(callback.path)
+    # the tracked tensor peak per interval, and its plan as the like-for-like prediction
+    assert [step for step, _ in series(record)["tensor_peak_bytes"]] == [2, 4]
+    assert set(predictions(record)) == {"tensor_peak_bytes"}  # RSS is not like for like
+    runner = CliRunner()
+    for suffix in ("png", "svg", "html"):
+        out = tmp_path / f"run.{suffix}"
+        result = runner.invoke(app, ["plot", str(callback.path), "-o", str(out)])
+        assert result.exit_code == 0, result.output
+    assert (tmp_path / "run.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    page = (tmp_path / "run.html").read_text()
+    HTMLParser().feed(page)
+    assert "<svg" in page and "tracked tensor peak" in page and "vs plan" in page

@@ -159,12 +159,39 @@ def _tune_sections(document: dict[str, Any], rows: list[str] | None):
     return f"velora tune: {document['model']}", subtitle, sections
 
 
-def _no_rows(rows: list[str] | None) -> None:
+def _no_rows(rows: list[str] | None, what: str = "a tune document") -> None:
     if rows is not None:
-        raise PlotError("--rows chooses profile rows; a tune document has candidates")
+        raise PlotError(f"--rows chooses profile rows; {what} has none")
+
+
+# -- run record (velora_cli.VeloraCallback) ------------------------------------------------------
+
+
+def _run_figure(document: dict[str, Any], rows: list[str] | None):
+    from velora_cli.plots.run import run_figure
+
+    _no_rows(rows, "a run record")
+    return run_figure(document)
+
+
+def _run_sections(document: dict[str, Any], rows: list[str] | None):
+    from velora_cli.plots.run import run_figure, summary_lines, title
+
+    _no_rows(rows, "a run record")
+    sections = [
+        Section(
+            "The run beside its plan",
+            svgs=[inline_svg(run_figure(document))],
+            caption="each measured figure per logging interval; dashed: the plan's prediction "
+            "of the same figure (peak RSS, the whole process, has none)",
+        ),
+        Section("Highest over the run", lines=summary_lines(document)),
+    ]
+    return f"velora run: {document.get('model')}", title(document), sections
 
 
 KINDS: dict[str, tuple[Callable, Callable]] = {
     "velora-profile": (_profile_figure, _profile_sections),
     "velora-tune": (_tune_figure, _tune_sections),
+    "velora-run": (_run_figure, _run_sections),
 }
