@@ -16,17 +16,26 @@ from velora_cli.measure.train_step import Prepared, train_step
 
 
 def tracked_step(
-    prepared: Prepared, *, breakdown: bool, round_to: int = 512
+    prepared: Prepared,
+    *,
+    breakdown: bool,
+    round_to: int = 512,
+    tracker: MemoryTracker | None = None,
 ) -> tuple[dict[str, Any], AllocationTrace]:
     """Run one step under the tracker; return the memory fields of a row and the step's
     allocation trace (for the allocator model and the memory timeline).
 
     With galore/adarankgrad the tracked step refreshes every subspace (SVD or range finder on
     each gradient): their costliest step, so the peak holds for every step.
+
+    Args:
+        tracker: a tracker made for ``prepared`` with ``trace=True`` (e.g. the depth shortcut's
+            `measure.depth.PositionTracker`); None makes a plain one rounding to ``round_to``.
     """
     force_refresh(prepared)
     counter = SavedTensorCounter(prepared.model)
-    tracker = MemoryTracker(prepared.model, prepared.optimizer, round_to=round_to, trace=True)
+    if tracker is None:
+        tracker = MemoryTracker(prepared.model, prepared.optimizer, round_to=round_to, trace=True)
     with tracker:
         train_step(prepared, forward_context=lambda: counter, phase=tracker.phase)
     phases = {
