@@ -123,14 +123,16 @@ def test_a_crossing_the_three_peaks_do_not_show_is_extrapolated_exactly(models, 
     """At 2, 3 and 4 blocks the forward+backward peaks lie on a line; at 16 blocks the peak is
     another point of the step, which a line through the three peaks misses: the point-by-point
     extrapolation gets it to the byte."""
-    spec = StepSpec(model=models["crossing"], batch_size=1, seq_len=2048, strategy=Strategy(gc=True))
+    spec = StepSpec(
+        model=models["crossing"], batch_size=1, seq_len=2048, strategy=Strategy(gc=True)
+    )
     row, reference = both(fast, spec, breakdown=False)
     shallow = []
     for depth in (2, 3, 4):
         path = models["crossing"] + f"-{depth}"
-        CONFIGS["crossing"]().__class__(
-            **{**CONFIGS["crossing"]().to_dict(), "num_hidden_layers": depth}
-        ).save_pretrained(path)
+        config = CONFIGS["crossing"]()
+        config.num_hidden_layers = depth
+        config.save_pretrained(path)
         shallow.append(
             EstimateBackend(shortcuts=False).measure(
                 StepSpec(model=path, batch_size=1, seq_len=2048, strategy=Strategy(gc=True))
