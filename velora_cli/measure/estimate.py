@@ -18,11 +18,15 @@ a field of the estimate row is computed.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import os
+from dataclasses import dataclass, field
 from typing import Any
 
 from velora_cli.measure import failed_row
 from velora_cli.measure.train_step import SpecError, StepSpec
+
+# VELORA_ESTIMATE_REFERENCE=1 makes the reference path the default (benchmarks, debugging).
+REFERENCE_ENV = "VELORA_ESTIMATE_REFERENCE"
 
 # Every micro-batch after the second repeats the second exactly (same live storages: params,
 # accumulated grads, optimizer state, one micro-batch of activations), so two give the step's
@@ -57,16 +61,16 @@ def observe(prepared, *, breakdown: bool, tracker=None) -> tuple[dict[str, Any],
 class EstimateBackend:
     """Predicted memory of one step from meta tensors; no timing.
 
-    ``shortcuts`` (default) reuses meta models across rows and extrapolates depth where exact;
-    False is the reference path (a fresh model and warm-up per row, full depth), slower and
-    byte-identical. ``full_depth`` keeps model reuse but always steps the real depth (for rows
-    that need the real step's trace).
+    ``shortcuts`` (default, unless ``VELORA_ESTIMATE_REFERENCE=1``) reuses meta models across
+    rows and extrapolates depth where exact; False is the reference path (a fresh model and
+    warm-up per row, full depth), slower and byte-identical. ``full_depth`` keeps model reuse
+    but always steps the real depth (for rows that need the real step's trace).
     """
 
     warmup: int = 1
     gpu: str | None = None  # what it predicts for (velora_cli.gpus key); None: gpus.DEFAULT_GPU
     name: str = "estimate"
-    shortcuts: bool = True
+    shortcuts: bool = field(default_factory=lambda: os.environ.get(REFERENCE_ENV, "") != "1")
     full_depth: bool = False
 
     def __post_init__(self) -> None:
