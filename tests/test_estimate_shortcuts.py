@@ -104,7 +104,8 @@ CASES = [
     ("qwen2", {"dtype": "bf16"}, {}, "extrapolated"),
     ("qwen2", {"mode": "lora"}, G16, "extrapolated"),
     ("mistral", {"mode": "qlora", "dtype": "bf16"}, {"gc": True}, "extrapolated"),
-    ("mistral", {"optimizer": "galore", "rank": 16}, {}, "full depth"),
+    ("mistral", {"optimizer": "galore", "rank": 16}, {}, "extrapolated"),
+    ("qwen2", {"optimizer": "adarankgrad", "rank": 8}, {"gc": True}, "extrapolated"),
 ]  # fmt: skip
 
 

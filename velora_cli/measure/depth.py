@@ -194,23 +194,39 @@ class BlockMarks:
     gradient of block j's output is complete, i.e. just before block j's backward (with its
     recomputation under checkpointing) starts, and ``("bwd_after",)`` when the gradient of the
     first block's input is (if it needs one). Hooks on tensors go with the step's graph.
+
+    Optimizer: a parameter group stepped one parameter at a time (not ``foreach``: galore,
+    adarankgrad) gets ``("opt", j)`` while a parameter of block j is updated and
+    ``("opt_out",)`` for the others; its parameter list is swapped for one that marks as it is
+    iterated, and put back on exit. Foreach groups run one op per group: nothing to mark.
     """
 
-    def __init__(self, stack: nn.ModuleList, tracker: PositionTracker) -> None:
+    def __init__(self, stack: nn.ModuleList, tracker: PositionTracker, optimizer=None) -> None:
         self.stack = stack
         self.tracker = tracker
+        self.optimizer = optimizer
         self._handles: list[Any] = []
+        self._groups: list[tuple[dict, list]] = []
 
     def __enter__(self) -> BlockMarks:
         for j, block in enumerate(self.stack):
             self._handles.append(block.register_forward_pre_hook(self._pre(j), with_kwargs=True))
             self._handles.append(block.register_forward_hook(self._post(j), with_kwargs=True))
+        if self.optimizer is not None:
+            block_of = {id(p): j for j, b in enumerate(self.stack) for p in b.parameters()}
+            for group in self.optimizer.param_groups:
+                if not group.get("foreach"):
+                    self._groups.append((group, group["params"]))
+                    group["params"] = _MarkingParams(group["params"], block_of, self.tracker)
         return self
 
     def __exit__(self, *exc: object) -> None:
         for handle in self._handles:
             handle.remove()
         self._handles.clear()
+        for group, params in self._groups:
+            group["params"] = params
+        self._groups.clear()
 
     def _mark_on_grad(self, tensor: torch.Tensor, label: tuple) -> None:
         tracker = self.tracker
@@ -244,3 +260,18 @@ class BlockMarks:
             return None
 
         return hook
+
+
+class _MarkingParams(list):
+    """A parameter group's list that labels the tracker by block as the optimizer walks it."""
+
+    def __init__(self, params: list, block_of: dict[int, int], tracker: PositionTracker):
+        super().__init__(params)
+        self._block_of = block_of
+        self._tracker = tracker
+
+    def __iter__(self):
+        for p in super().__iter__():
+            j = self._block_of.get(id(p))
+            self._tracker.mark(("opt", j) if j is not None else ("opt_out",))
+            yield p

@@ -14,8 +14,9 @@ exclude that. This module therefore extrapolates the whole curve, point by point
 (`memory_at_depth`):
 
 - the logs of the three depths (`PositionLog`, from `depth.PositionTracker` + `BlockMarks`) are cut
-  into gaps (points outside blocks) and passes (forward, backward: points inside blocks, grouped
-  in units of ``period`` blocks, the checkpointing interval), and aligned across depths: same
+  into gaps (points outside blocks) and passes (forward, backward, a per-parameter optimizer:
+  points inside blocks, grouped in units of ``period`` blocks, the checkpointing interval), and
+  aligned across depths: same
   gaps with the same number of points in the same phases, and every unit after the first with
   the same number of points (the first unit may differ, e.g. LoRA's first block computes no
   input gradient);
@@ -84,7 +85,7 @@ class _Gap:
 
 @dataclass
 class _Pass:
-    direction: str  # "fwd" | "bwd"
+    direction: str  # "fwd" | "bwd" | "opt" (a per-parameter optimizer, blocks ascending)
     blocks: dict[int, list[int]] = field(default_factory=dict)
 
     def units(self, period: int) -> list[list[int]]:
@@ -93,7 +94,7 @@ class _Pass:
         out = []
         for u in range(count):
             js = range(u * period, (u + 1) * period)
-            js = js if self.direction == "fwd" else reversed(js)
+            js = reversed(js) if self.direction == "bwd" else js
             out.append([i for j in js for i in self.blocks[j]])
         return out
 
@@ -107,8 +108,8 @@ def _segments(log: PositionLog) -> list[_Gap | _Pass]:
         direction = None
         if kind == "fwd" or (kind == "fwd_after" and label[1] < depth - 1):
             direction = "fwd"
-        elif kind == "bwd":
-            direction = "bwd"
+        elif kind in ("bwd", "opt"):
+            direction = kind
         if direction is None:
             if not segments or not isinstance(segments[-1], _Gap):
                 segments.append(_Gap())
@@ -120,7 +121,7 @@ def _segments(log: PositionLog) -> list[_Gap | _Pass]:
             current = _Pass(direction)
             segments.append(current)
             last_block = None
-        if last_block is not None and (j < last_block if direction == "fwd" else j > last_block):
+        if last_block is not None and (j > last_block if direction == "bwd" else j < last_block):
             raise NotExtrapolable(f"blocks ran out of order in a {direction} pass")
         last_block = j
         current.blocks.setdefault(j, []).append(i)
@@ -204,7 +205,7 @@ def _pass_points(logs, passes, s, ms, big_m, period) -> list[_Point]:
     out: list[_Point] = []
 
     def rank(u: int, m: int) -> int:  # processing order of unit u among m units
-        return u if direction == "fwd" else m - 1 - u
+        return m - 1 - u if direction == "bwd" else u
 
     # unit 0: a fixed place at every depth
     if len({len(us[0]) for us in units}) != 1:

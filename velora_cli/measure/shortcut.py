@@ -135,7 +135,7 @@ class Shortcuts:
             if not periodic([block_signature(b) for b in stack], period):
                 raise NotExtrapolable(f"with this strategy the blocks do not repeat every {period}")
             tracker = PositionTracker(prepared.model, prepared.optimizer)
-            with BlockMarks(stack, tracker):
+            with BlockMarks(stack, tracker, prepared.optimizer):
                 row, trace = self.observe(prepared, breakdown=breakdown, tracker=tracker)
             log = PositionLog(depth, tracker.log, lambda events: breakdown_at(trace, events))
             rebuilt = memory_of_log(log)
