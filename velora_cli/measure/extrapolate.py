@@ -39,7 +39,6 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from fractions import Fraction
 from typing import Any
 
 # The row fields `memory_at_depth` gives (the rest go through `fields_at_depth`).
@@ -136,13 +135,13 @@ def _segments(log: PositionLog) -> list[_Gap | _Pass]:
 
 def _line_at(xs: Sequence[int], ys: Sequence[int], x: int, what: str) -> int:
     """The value at ``x`` of the line through three exactly collinear integer points."""
-    slope = Fraction(ys[1] - ys[0], xs[1] - xs[0])
-    if Fraction(ys[2] - ys[1], xs[2] - xs[1]) != slope:
+    rise, run = ys[1] - ys[0], xs[1] - xs[0]
+    if (ys[2] - ys[1]) * run != rise * (xs[2] - xs[1]):  # integers: exact
         raise NotExtrapolable(f"{what} is not affine in depth ({', '.join(map(str, ys))})")
-    value = ys[0] + slope * (x - xs[0])
-    if value.denominator != 1:
+    step, rest = divmod(rise * (x - xs[0]), run)
+    if rest:
         raise NotExtrapolable(f"{what} extrapolates to a fraction of a byte")
-    return int(value)
+    return ys[0] + step
 
 
 @dataclass(frozen=True)
@@ -230,28 +229,39 @@ def _pass_points(logs, passes, s, ms, big_m, period) -> list[_Point]:
         phases = {log.points[pts[p]][1] for _, _, log, pts in body}
         if len(phases) != 1:
             raise NotExtrapolable("a point inside blocks changed phase with depth")
-        alpha, beta, gamma = _plane(samples, ms)
+        beta, at = _plane(samples, ms)
         if beta > 0 or (beta == 0 and direction == "bwd"):
             u, which = big_m - 1, "last"
         else:
             u, which = 1, "first"
-        value = alpha + beta * u + gamma * big_m
-        if value.denominator != 1:
-            raise NotExtrapolable("a point inside blocks extrapolates to a fraction of a byte")
-        out.append(_Point(int(value), (s, rank(u, big_m), p), phases.pop(), ("unit", s, which, p)))
+        out.append(
+            _Point(at(u, big_m), (s, rank(u, big_m), p), phases.pop(), ("unit", s, which, p))
+        )
     return out
 
 
-def _plane(samples: dict[tuple[int, int], int], ms: list[int]) -> tuple[Fraction, ...]:
-    """α, β, γ with value = α + β·u + γ·m at every sample, or NotExtrapolable."""
+def _plane(samples: dict[tuple[int, int], int], ms: list[int]):
+    """(β, value(u, m)) with value = α + β·u + γ·m exactly at every sample, or NotExtrapolable.
+
+    The plane through (1, m1), (1, m2), (2, m2), the other samples checking it; in integers
+    scaled by m2 − m1, so that every comparison is exact.
+    """
     m1, m2 = ms[0], ms[1]
-    gamma = Fraction(samples[(1, m2)] - samples[(1, m1)], m2 - m1)
-    beta = Fraction(samples[(2, m2)] - samples[(1, m2)])
-    alpha = samples[(1, m1)] - beta - gamma * m1
+    den = m2 - m1
+    gamma = samples[(1, m2)] - samples[(1, m1)]  # γ·den
+    beta = samples[(2, m2)] - samples[(1, m2)]  # β
+    alpha = den * (samples[(1, m1)] - beta) - gamma * m1  # α·den
     for (u, m), value in samples.items():
-        if alpha + beta * u + gamma * m != value:
+        if alpha + den * beta * u + gamma * m != den * value:
             raise NotExtrapolable("the memory inside blocks is not affine in block and depth")
-    return alpha, beta, gamma
+
+    def at(u: int, m: int) -> int:
+        value, rest = divmod(alpha + den * beta * u + gamma * m, den)
+        if rest:
+            raise NotExtrapolable("a point inside blocks extrapolates to a fraction of a byte")
+        return value
+
+    return beta, at
 
 
 def _log_index(logs, cut, where, k: int, period: int) -> int:
