@@ -155,6 +155,7 @@ def test_rows_of_a_reused_model_do_not_leak_into_each_other(models):
     again = backend.measure(base)
     assert again == plain
     assert again["estimate_method"].startswith("extrapolated")
+    assert (backend.fast_path().extrapolated, backend.fast_path().full) == (3, 1)
     models_ = backend.fast_path().models
     assert models_.dropped == 0
     assert models_.builds == 4  # the real model (also stepped for gc every 2), 3 shallow ones

@@ -59,7 +59,7 @@ class Shortcuts:
         self._resolved: dict[tuple[str, bool], ModelSpec] = {}
         self._shallow: dict[tuple[str, int], ModelSpec] = {}
         self._checked: dict[tuple, str | None] = {}
-        self.extrapolated = 0  # rows given by the depth shortcut (tests and benchmarks read it)
+        self.extrapolated = 0  # rows given by the depth shortcut
         self.full = 0  # rows run at the real depth
 
     def row(self, spec: StepSpec, *, breakdown: bool, full_depth: bool = False) -> dict[str, Any]:
