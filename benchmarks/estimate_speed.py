@@ -3,6 +3,7 @@
     python benchmarks/estimate_speed.py                  # every command below, before and after
     python benchmarks/estimate_speed.py --quick          # a reduced set (minutes on a busy box)
     python benchmarks/estimate_speed.py --only profile-7b,tune-7b --json out.json
+    python benchmarks/estimate_speed.py --ideas llama-2-7b     # what each shortcut pays, in-process
 
 Each command runs twice as a fresh process, ``python -m velora_cli ...``: with
 ``VELORA_ESTIMATE_REFERENCE=1`` (before: a fresh meta model per row, its warm-up step, the step
@@ -11,6 +12,11 @@ exact, `velora_cli.measure.shortcut`). Wall time and peak RSS come from ``/usr/b
 when it exists (else from the child's rusage and a wall clock). The two documents are then
 compared: every row (profile) or candidate (tune) must agree on every field but
 ``estimate_method``, and the recommendation must be the same; a disagreement is printed.
+
+``--ideas MODEL`` times the profile's default rows in one process, for full bf16, LoRA and QLoRA
+at batch 1 × 2048, five ways: the reference; model reuse alone; reuse and the meta-op cache
+(``EstimateBackend(full_depth=True)``); all three with depth extrapolation (the default); and
+reuse with depth but without the op cache: what each idea pays.
 
 Timings on a shared machine are noise: quote the ratios measured in one run, on an idle machine.
 """
@@ -107,12 +113,59 @@ def compare(before: dict | None, after: dict | None) -> list[str]:
     return problems
 
 
+def ideas(model: str) -> None:
+    """Seconds for the default profile rows, each shortcut added in turn."""
+    sys.path.insert(0, str(ROOT))
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    from velora_cli.measure.estimate import EstimateBackend
+    from velora_cli.measure.train_step import StepSpec
+    from velora_cli.profiler import DEFAULT_PLACEMENTS, plan_strategies
+
+    def backend(full_depth: bool, op_cache: bool) -> EstimateBackend:
+        made = EstimateBackend(full_depth=full_depth)
+        if not op_cache:
+            made.fast_path().op_cache = None
+        return made
+
+    ways = {
+        "reference": lambda: EstimateBackend(shortcuts=False),
+        "reuse": lambda: backend(True, False),
+        "+op cache": lambda: backend(True, True),
+        "+depth": lambda: backend(False, True),
+        "reuse+depth": lambda: backend(False, False),
+    }
+    strategies = plan_strategies(list(DEFAULT_PLACEMENTS))
+    print(f"{model}, bf16, batch 1 x 2048: seconds for its {len(strategies)} default rows "
+          "(first row, its builds and imports included), speed-up over the reference")  # fmt: skip
+    print(f"{'mode':6}" + "".join(f"{name:>18}" for name in ways))
+    for mode in ("full", "lora", "qlora"):
+        spec = StepSpec(model=model, batch_size=1, seq_len=2048, dtype="bf16", mode=mode)
+        cells, reference = [], None
+        for make in ways.values():
+            start = time.perf_counter()
+            rows = _rows(make(), spec, strategies)
+            seconds = time.perf_counter() - start
+            assert all(r["status"] == "ok" for r in rows), [r.get("error") for r in rows]
+            reference = reference or seconds
+            cells.append(f"{seconds:7.1f}s ({reference / seconds:4.1f}x)")
+        print(f"{mode:6}" + "".join(f"{c:>18}" for c in cells))
+        sys.stdout.flush()
+
+
+def _rows(backend, spec, strategies):
+    return [backend.measure(spec.with_strategy(s)) for s in strategies]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="the reduced set of commands")
     parser.add_argument("--only", help="comma-separated names of the commands to run")
     parser.add_argument("--json", type=Path, help="write the figures here")
+    parser.add_argument("--ideas", metavar="MODEL", help="per-idea seconds for MODEL's rows")
     args = parser.parse_args()
+    if args.ideas:
+        ideas(args.ideas)
+        return
     table = QUICK if args.quick else COMMANDS
     names = args.only.split(",") if args.only else list(table)
     unknown = [n for n in names if n not in {**COMMANDS, **QUICK}]

@@ -25,7 +25,8 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
-from velora_cli.measure.tracker import CATEGORIES, AllocationTrace, MemoryTracker
+from velora_cli.measure.meta_ops import CachedTracker, MetaOpCache
+from velora_cli.measure.tracker import CATEGORIES, AllocationTrace
 
 if TYPE_CHECKING:
     from velora_cli.models import ModelSpec
@@ -116,8 +117,9 @@ def periodic(signatures: list[tuple], period: int) -> bool:
 # -- the memory curve of a step, labelled by block --------------------------------------------
 
 
-class PositionTracker(MemoryTracker):
-    """A `MemoryTracker` that logs every point where it checks its peak.
+class PositionTracker(CachedTracker):
+    """A `MemoryTracker` that logs every point where it checks its peak (and answers ops from
+    a `meta_ops.MetaOpCache`).
 
     ``log`` holds one ``(label, phases, live_bytes, events)`` per check (consecutive equal ones
     once): the label last set with
@@ -127,8 +129,15 @@ class PositionTracker(MemoryTracker):
     and the phase peaks are maxima over these points, so the log is the step's memory curve.
     """
 
-    def __init__(self, model: nn.Module, optimizer=None, *, round_to: int = 512) -> None:
-        super().__init__(model, optimizer, round_to=round_to, trace=True)
+    def __init__(
+        self,
+        model: nn.Module,
+        optimizer=None,
+        *,
+        op_cache: MetaOpCache | None,
+        round_to: int = 512,
+    ) -> None:
+        super().__init__(model, optimizer, op_cache=op_cache, round_to=round_to, trace=True)
         self.label: tuple = ("start",)
         self.log: list[tuple[tuple, tuple[str, ...], int, int]] = []
 

@@ -11,8 +11,8 @@ CUDA autocast's cast policy for matmul-class ops (see ``amp_emulation``).
 
 Two paths give the same rows: the reference (``shortcuts=False``: a fresh model per row, its
 warm-up step, the tracked step at the real depth) and the default fast path
-(`measure.shortcut`: models built once and reused across rows, and the step run at three shallow
-depths and extrapolated where that is exact). Both measure each run with `observe`, the one place
+(`measure.shortcut`: models built once and reused across rows, meta-kernel results kept by input
+metadata, and the step run at three shallow depths and extrapolated where that is exact). Both measure each run with `observe`, the one place
 a field of the estimate row is computed.
 """
 

@@ -1,5 +1,6 @@
-"""The estimate's fast path: reused meta models (`meta_cache`) and depth extrapolation
-(`extrapolate`), with the real-depth run wherever the extrapolation is not exact.
+"""The estimate's fast path: reused meta models (`meta_cache`), meta-kernel results kept by
+input metadata (`meta_ops`) and depth extrapolation (`extrapolate`), with the real-depth run
+wherever the extrapolation is not exact.
 
 For one row:
 1. The depth plan: a stack of D blocks with checkpointing every n (n = 1 without it or with
@@ -54,8 +55,12 @@ class Shortcuts:
     """
 
     def __init__(self, observe: Observe, models: MetaModels) -> None:
+        from velora_cli.measure.meta_ops import MetaOpCache
+
         self.observe = observe
         self.models = models
+        # meta-kernel results, shared by every tracked run (None: kernels run every time)
+        self.op_cache: MetaOpCache | None = MetaOpCache()
         self._resolved: dict[tuple[str, bool], ModelSpec] = {}
         self._shallow: dict[tuple[str, int], ModelSpec] = {}
         self._checked: dict[tuple, str | None] = {}
@@ -81,7 +86,7 @@ class Shortcuts:
                 return row
             except NotExtrapolable as exc:
                 why = str(exc)
-        row = self.models.run(spec, model_spec, lambda p: self.observe(p, breakdown=breakdown)[0])
+        row = self.models.run(spec, model_spec, self._full(breakdown))
         row["estimate_method"] = f"full depth ({why})"
         self.full += 1
         return row
@@ -118,6 +123,17 @@ class Shortcuts:
         out["estimate_method"] = f"extrapolated from {', '.join(map(str, depths))} blocks"
         return out
 
+    def _full(self, breakdown: bool) -> Callable[[Prepared], dict[str, Any]]:
+        from velora_cli.measure.meta_ops import CachedTracker
+
+        def body(prepared: Prepared) -> dict[str, Any]:
+            tracker = CachedTracker(
+                prepared.model, prepared.optimizer, op_cache=self.op_cache, trace=True
+            )
+            return self.observe(prepared, breakdown=breakdown, tracker=tracker)[0]
+
+        return body
+
     def _logged(self, breakdown: bool, depth: int, period: int) -> Callable[[Prepared], tuple]:
         from velora_cli.measure.depth import (
             BlockMarks,
@@ -134,7 +150,7 @@ class Shortcuts:
                 raise NotExtrapolable("no stack of identical blocks found in the model")
             if not periodic([block_signature(b) for b in stack], period):
                 raise NotExtrapolable(f"with this strategy the blocks do not repeat every {period}")
-            tracker = PositionTracker(prepared.model, prepared.optimizer)
+            tracker = PositionTracker(prepared.model, prepared.optimizer, op_cache=self.op_cache)
             with BlockMarks(stack, tracker, prepared.optimizer):
                 row, trace = self.observe(prepared, breakdown=breakdown, tracker=tracker)
             log = PositionLog(depth, tracker.log, lambda events: breakdown_at(trace, events))

@@ -111,7 +111,7 @@ class _OpRecorder(TorchDispatchMode):
         self._tracker = tracker
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[override]
-        out = func(*args, **(kwargs or {}))
+        out = self._tracker.run_op(func, args, kwargs or {})
         self._tracker._record_op_outputs(out)
         return out
 
@@ -345,6 +345,10 @@ class MemoryTracker:
             round_to=self.round_to,
             ops=self._ops,
         )
+
+    def run_op(self, func: Any, args: tuple, kwargs: dict) -> Any:
+        """Run one dispatched op (a subclass may answer it from a cache: `meta_ops`)."""
+        return func(*args, **kwargs)
 
     # -- bookkeeping -----------------------------------------------------------------------------
 
