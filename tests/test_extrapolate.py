@@ -122,3 +122,12 @@ def test_a_tie_that_appears_only_at_the_real_depth_is_refused():
     assert list(fields_at_depth(rows, (2, 3, 4), 26)["per"]) == ["a", "b"]
     with pytest.raises(NotExtrapolable, match="tie only at the real depth"):
         fields_at_depth(rows, (2, 3, 4), 25)  # a = b = 100: which came first is unknown
+
+
+def test_fields_declared_to_need_the_real_step_are_refused(monkeypatch):
+    from velora_cli.measure import extrapolate
+
+    monkeypatch.setattr(extrapolate, "FULL_DEPTH_FIELDS", {"reserved_peak"})
+    rows = [{"bytes": d, "reserved_peak": 10 * d} for d in (2, 3, 4)]
+    with pytest.raises(NotExtrapolable, match="reserved_peak needs the real step"):
+        fields_at_depth(rows, (2, 3, 4), 32)

@@ -49,6 +49,11 @@ MEMORY_FIELDS = (
     "optimizer_peak_bytes",
     "peak_breakdown",
 )
+# Row fields that must come from the real step: a row carrying one is not extrapolated. For a
+# field computed as a maximum over the step from its trace (an allocator simulation's reserved
+# peak, say), three values on a line do not exclude a faster-growing point deeper down (see
+# above); a sum over the step's ops (bytes moved, roofline seconds) is affine and needs nothing.
+FULL_DEPTH_FIELDS: set[str] = set()
 # The phases whose peaks a row reports, in the order the step enters them (observe.tracked_step).
 ROW_PHASES = ("forward_backward", "optimizer")
 FLOAT_TOLERANCE = 1e-9
@@ -362,6 +367,9 @@ def fields_at_depth(
     keys = list(rows[0])
     if any(list(row) != keys for row in rows[1:]):
         raise NotExtrapolable("the rows have different fields at different depths")
+    needs_real = [key for key in keys if key in FULL_DEPTH_FIELDS]
+    if needs_real:
+        raise NotExtrapolable(f"{needs_real[0]} needs the real step")
     return {
         key: _value_at([row[key] for row in rows], depths, depth, key)
         for key in keys
