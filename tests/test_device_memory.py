@@ -9,7 +9,7 @@ import types
 import pytest
 
 from velora_cli.gpus import get_gpu
-from velora_cli.measure.allocator import ALLOC, EMPTY_CACHE, FREE, RESET_PEAK, simulate
+from velora_cli.measure.allocator import ALLOC, EMPTY_CACHE, FREE, REPEAT, RESET_PEAK, simulate
 from velora_cli.measure.device_memory import (
     cublas_workspace_bytes,
     cuda_schedule,
@@ -98,7 +98,8 @@ def test_the_schedule_follows_the_cuda_backend():
     # load (1) + first step (2 workspaces + 2 moments + 6) + 2 more warm-up/counting steps (6
     # each), then the cache is emptied, peaks reset, and 5 timed steps follow
     assert kinds.index(EMPTY_CACHE) == 1 + 10 + 2 * 6 and kinds.index(RESET_PEAK) == 24
-    assert len(events) == 25 + 5 * 6
+    assert len(events) == 25 + 5 * (1 + 6)  # each timed step after its REPEAT marker
+    assert kinds.count(REPEAT) == 5
     assert events[0] == (ALLOC, 0, 40 * M)  # the parameter, loaded before any step
     first_optimizer = [e for e in events[:12] if e[2] == 40 * M and e[1] in (1, 2)]
     assert len(first_optimizer) == 2  # the moments are created in the first step only
@@ -311,3 +312,34 @@ def test_alloc_conf_option_errors_in_one_line():
         app, ["tune", "llama-tiny", "--budget", "2GB", "--alloc-conf", "expandable_segments:1"]
     )
     assert result.exit_code == 1 and "True or False" in result.output
+
+
+@pytest.mark.parametrize(
+    ("settings", "strategy"),
+    [({}, {}), ({"dtype": "bf16"}, {"gc": True}), ({"mode": "lora"}, {"placement": "paper",
+     "num_groups": 4}), ({"optimizer": "galore", "rank": 8}, {"gc": 2}),
+     ({"batch_size": 4, "grad_accum_steps": 2}, {})],
+)  # fmt: skip
+@pytest.mark.parametrize("alloc_conf", ["", "expandable_segments:True", "max_split_size_mb:20"])
+def test_a_steady_replay_stops_early_with_the_statistics_of_the_whole_replay(
+    settings, strategy, alloc_conf
+):
+    """The timed steps repeat one traced step: once the allocator's state at a step's start
+    equals the previous step's, the replay stops (allocator.REPEAT). The reference replays every
+    step: the same statistics, on real traces of a tiny Llama."""
+    from velora_cli.measure.allocator_config import parse_alloc_conf
+    from velora_cli.measure.attention import register_estimate_attention
+    from velora_cli.measure.emulation import cuda_emulation
+    from velora_cli.measure.estimate import EstimateBackend
+    from velora_cli.measure.train_step import StepSpec, Strategy, prepare, train_step
+
+    spec = StepSpec("llama-tiny", **{"batch_size": 2, "seq_len": 64, **settings},
+                    strategy=Strategy(**strategy))  # fmt: skip
+    prepared = prepare(spec, "meta", attn_implementation=register_estimate_attention())
+    with cuda_emulation(spec.amp):
+        train_step(prepared)
+    _row, trace = EstimateBackend(trace_fields=False).observe(prepared, breakdown=False)
+    events = cuda_schedule(trace, workspace=32 * M, warmup=2, steps=5)
+    config = parse_alloc_conf(alloc_conf)
+    every_step = [e for e in events if e[0] != REPEAT]
+    assert simulate(events, config) == simulate(every_step, config)

@@ -26,7 +26,8 @@ from velora_cli.models import (
 )
 
 # Exact parameter counts (tied embeddings counted once). Published figures: Llama-2-7B 6.74B,
-# Llama-2-13B 13.0B, Llama-3-8B 8.03B, Llama-3.2-3B 3.21B (tied embeddings), Mistral-7B 7.24B,
+# Llama-2-13B 13.0B, Llama-2-70B 69.0B (80·855_654_400 per block + 2·32000·8192 + 8192 =
+# 68_976_648_192), Llama-3-8B 8.03B, Llama-3.2-3B 3.21B (tied embeddings), Mistral-7B 7.24B,
 # Qwen2.5-0.5B 0.49B, GPT-2 124M,
 # RoBERTa-base 125M with its LM head. LLaMA 60M / 130M: GaLore's configs, counted by hand, e.g.
 # 60M = 2·32000·512 (embed + head) + 8·(4·512² + 3·512·1376 + 2·512) + 512 = 58_073_600.
@@ -37,6 +38,7 @@ EXPECTED_PARAMS = {
     "llama-1b": 1_345_423_360,
     "llama-2-7b": 6_738_415_616,
     "llama-2-13b": 13_015_864_320,
+    "llama-2-70b": 68_976_648_192,
     "llama-3-8b": 8_030_261_248,
     "llama-3.2-3b": 3_212_749_824,
     "mistral-7b": 7_241_732_096,

@@ -244,13 +244,17 @@ def test_plot_command_errors(profile_doc, args, message):
 
 
 def test_plot_refuses_what_it_cannot_draw(tmp_path):
-    run = tmp_path / "run.json"
-    run.write_text(json.dumps({"kind": "velora-run"}))
-    result = runner.invoke(app, ["plot", str(run), "-o", str(tmp_path / "r.png")])
+    other = tmp_path / "other.json"
+    other.write_text(json.dumps({"kind": "velora-notes"}))
+    result = runner.invoke(app, ["plot", str(other), "-o", str(tmp_path / "r.png")])
     assert result.exit_code == 1
-    assert "cannot draw a 'velora-run' document yet; velora plot draws velora-profile" in (
+    assert "cannot draw a 'velora-notes' document yet; velora plot draws velora-profile" in (
         result.stderr
     )
+    run = tmp_path / "run.json"  # a run record that has logged nothing yet
+    run.write_text(json.dumps({"kind": "velora-run", "intervals": []}))
+    result = runner.invoke(app, ["plot", str(run), "-o", str(tmp_path / "r.png")])
+    assert result.exit_code == 1 and "no logged interval yet" in result.stderr
     bad = tmp_path / "bad.json"
     bad.write_text("{not json")
     result = runner.invoke(app, ["plot", str(bad)])

@@ -91,9 +91,9 @@ class Estimator:
         from velora_cli.parallel.backends import with_ranks
 
         self.base = settings.base_spec()
-        self.backend = with_ranks(
-            EstimateBackend(gpu=settings.gpu, alloc_conf=settings.alloc_conf), gpu=settings.gpu
-        )
+        # the budget is compared with the default allocator settings: no expandable replay
+        single = EstimateBackend(gpu=settings.gpu, alloc_conf=settings.alloc_conf, expandable=False)
+        self.backend = with_ranks(single, gpu=settings.gpu)
         # rank 0 holds the largest FSDP2 shards, so its peak is the job's (parallel/estimate.py)
         self.backend.ranks.ranks = (0,)
         # the budget is a GPU's memory: compare it with what the device must hold (a cpu tune

@@ -68,12 +68,16 @@ from velora_cli.measure.allocator_config import (
 )
 
 __all__ = [
-    "ALLOC", "EMPTY_CACHE", "FREE", "RESET_PEAK", "AllocatorOutOfMemory", "AllocatorStats",
+    "ALLOC", "EMPTY_CACHE", "FREE", "REPEAT", "RESET_PEAK", "AllocatorOutOfMemory", "AllocatorStats",
     "CachingAllocator", "MiB", "round_size", "simulate",
 ]  # fmt: skip
 
-# Event kinds: (ALLOC, key, nbytes), (FREE, key, 0), (EMPTY_CACHE, 0, 0), (RESET_PEAK, 0, 0).
-ALLOC, FREE, EMPTY_CACHE, RESET_PEAK = "alloc", "free", "empty_cache", "reset_peak"
+# Event kinds: (ALLOC, key, nbytes), (FREE, key, 0), (EMPTY_CACHE, 0, 0), (RESET_PEAK, 0, 0),
+# (REPEAT, stride, 0): what follows, up to the next REPEAT or the end, repeats what followed the
+# previous REPEAT with every key k ≥ 0 replaced by k + stride (see `simulate`).
+ALLOC, FREE, EMPTY_CACHE, RESET_PEAK, REPEAT = (
+    "alloc", "free", "empty_cache", "reset_peak", "repeat"
+)  # fmt: skip
 Event = tuple[str, int, int]
 
 # An expandable segment reserves 9/8 of the device's memory as address space
@@ -193,6 +197,24 @@ class CachingAllocator:
         """``resetPeakStats``: peaks restart from the current values."""
         self.peak_allocated = self.allocated_at_peak = self.allocated
         self.peak_reserved = self.reserved
+
+    def state(self, live: dict[int, Block | None], *, stride: int) -> tuple:
+        """Everything the allocator's future depends on, with live keys taken modulo ``stride``
+        (the REPEAT event's renaming): free and unmapped blocks of both pools, what each live
+        key holds, the counters and the next segment's address. Peaks are left out: they only
+        grow."""
+        held = sorted(
+            (key % stride if key >= 0 else key, block.addr, block.size)
+            for key, block in live.items()
+            if block is not None
+        )
+        pools = tuple(
+            (tuple(pool.keys), tuple((a, pool.unmapped[a].size) for a in pool.unmapped_addrs))
+            for pool in (self.pools[True], self.pools[False])
+        )
+        expandable = tuple(len(self.expandable[small]) for small in (True, False))
+        counters = (self.allocated, self.reserved, self.segments, self._next_addr)
+        return (tuple(held), pools, expandable, counters)
 
     def stats(self) -> AllocatorStats:
         return AllocatorStats(
@@ -458,6 +480,13 @@ def simulate(
             PyTorch), ``(FREE, key, 0)`` frees what ``key`` allocated, ``(EMPTY_CACHE, 0, 0)``
             is ``torch.cuda.empty_cache()``, ``(RESET_PEAK, 0, 0)`` is
             ``torch.cuda.reset_peak_memory_stats()``.
+            ``(REPEAT, stride, 0)`` marks the start of a step that repeats the previous one
+            with its keys shifted by ``stride`` (the cuda backend's timed steps). The allocator
+            is deterministic, so when its state at one REPEAT equals its state at the previous one
+            (the same blocks at the same addresses, free or holding the same storages once keys
+            are taken modulo ``stride``; the same counters), every step after it replays the one
+            before exactly, and the replay stops there: the statistics (maxima since RESET_PEAK,
+            and the current figures at a step's end) are those the remaining steps would give.
         config: allocator settings (default: PyTorch's).
         capacity: reservable bytes; None: unlimited.
 
@@ -470,7 +499,14 @@ def simulate(
     """
     allocator = CachingAllocator(config, capacity=capacity)
     live: dict[int, Block | None] = {}
+    last_state = None
     for kind, key, nbytes in events:
+        if kind == REPEAT:
+            state = allocator.state(live, stride=key)
+            if state == last_state:
+                break  # steady: every later step replays the previous one
+            last_state = state
+            continue
         if kind == ALLOC:
             if key in live:
                 raise ValueError(f"key {key} allocated twice")

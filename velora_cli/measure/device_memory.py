@@ -23,11 +23,19 @@ from __future__ import annotations
 import bisect
 import os
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 from velora_cli.budget import format_bytes
-from velora_cli.measure.allocator import ALLOC, EMPTY_CACHE, FREE, RESET_PEAK, Event, simulate
+from velora_cli.measure.allocator import (
+    ALLOC,
+    EMPTY_CACHE,
+    FREE,
+    REPEAT,
+    RESET_PEAK,
+    Event,
+    simulate,
+)
 from velora_cli.measure.allocator_config import AllocatorConfig
 
 if TYPE_CHECKING:
@@ -168,21 +176,72 @@ def cuda_schedule(
 
     Returns:
         Load, ``warmup`` + 1 steps (the first creates the optimizer state and the workspaces),
-        EMPTY_CACHE, RESET_PEAK, ``steps`` steps.
+        EMPTY_CACHE, RESET_PEAK, ``steps`` steps, each after a REPEAT marker.
     """
-    keys = _Keys(trace)
-    scratch_at = scratch_positions(trace, scratch or {})
-    events: list[Event] = [
-        (ALLOC, keys.slot[sid], nbytes)
-        for sid, nbytes in trace.initial
-        if trace.categories.get(sid) != "optimizer"
-    ]
-    for step in range(warmup + 1):
-        events += _step_events(trace, keys, step, scratch_at, first=step == 0, workspace=workspace)
-    events += [(EMPTY_CACHE, 0, 0), (RESET_PEAK, 0, 0)]
-    for step in range(warmup + 1, warmup + 1 + steps):
-        events += _step_events(trace, keys, step, scratch_at, first=False, workspace=workspace)
-    return events
+    return list(
+        iter_cuda_schedule(trace, workspace=workspace, scratch=scratch, warmup=warmup, steps=steps)
+    )
+
+
+def iter_cuda_schedule(
+    trace: AllocationTrace,
+    *,
+    workspace: int,
+    scratch: Mapping[str, Sequence[int]] | None = None,
+    warmup: int = CUDA_WARMUP,
+    steps: int = CUDA_STEPS,
+) -> Iterator[Event]:
+    """`cuda_schedule`, step by step as the replay asks for it: a replay that stops at a steady
+    step (allocator.REPEAT) never builds the steps after it."""
+    return iter(Schedule(trace, workspace=workspace, scratch=scratch, warmup=warmup, steps=steps))
+
+
+class Schedule:
+    """`cuda_schedule`'s events, built a step at a time when a replay first reaches it and kept,
+    so that several replays (default settings, expandable segments) share one build and none
+    builds the steps after the one it stops at (allocator.REPEAT)."""
+
+    def __init__(
+        self,
+        trace: AllocationTrace,
+        *,
+        workspace: int,
+        scratch: Mapping[str, Sequence[int]] | None = None,
+        warmup: int = CUDA_WARMUP,
+        steps: int = CUDA_STEPS,
+    ) -> None:
+        self.trace, self.workspace, self.warmup, self.steps = trace, workspace, warmup, steps
+        self.keys = _Keys(trace)
+        self.scratch_at = scratch_positions(trace, scratch or {})
+        load = [
+            (ALLOC, self.keys.slot[sid], nbytes)
+            for sid, nbytes in trace.initial
+            if trace.categories.get(sid) != "optimizer"
+        ]
+        self.parts: list[list[Event]] = [load]
+        self._next = 0  # the next step to build
+
+    def _build(self) -> bool:
+        step, warm = self._next, self.warmup + 1
+        if step >= warm + self.steps:
+            return False
+        events = _step_events(self.trace, self.keys, step, self.scratch_at, first=step == 0,
+                              workspace=self.workspace)  # fmt: skip
+        if step >= warm:
+            # each timed step is the previous one with its keys one stride on: the replay may
+            # stop once the allocator is steady (allocator.simulate)
+            events.insert(0, (REPEAT, self.keys.stride, 0))
+        self.parts.append(events)
+        if step == warm - 1:
+            self.parts.append([(EMPTY_CACHE, 0, 0), (RESET_PEAK, 0, 0)])
+        self._next += 1
+        return True
+
+    def __iter__(self) -> Iterator[Event]:
+        index = 0
+        while index < len(self.parts) or self._build():
+            yield from self.parts[index]
+            index += 1
 
 
 def device_memory_fields(
@@ -194,14 +253,16 @@ def device_memory_fields(
     warmup: int = CUDA_WARMUP,
     steps: int = CUDA_STEPS,
     environ: Mapping[str, str] | None = None,
+    expandable: bool = True,
 ) -> dict[str, Any]:
     """The device-level prediction of one row, from its traced step.
 
     Args:
         trace: the step's allocation trace (measure/observe.tracked_step).
         gpu: the GPU predicted for (context and workspace sizes).
-        config: the allocator settings (default: PyTorch's); the expandable-segments figures
-            are always computed too.
+        config: the allocator settings (default: PyTorch's).
+        expandable: also replay with ``expandable_segments:True`` (the ``*_expandable_*``
+            fields; a tune, which compares the budget with the default settings, leaves it out).
         scratch: op name -> kernel scratch sizes (kernel_scratch.scratch_for_model).
         warmup, steps: the cuda backend's schedule.
         environ: where ``CUBLAS_WORKSPACE_CONFIG`` is read (default: os.environ).
@@ -215,9 +276,9 @@ def device_memory_fields(
     """
     config = config or AllocatorConfig()
     workspace = cublas_workspace_bytes(gpu, environ)
-    events = cuda_schedule(trace, workspace=workspace, scratch=scratch, warmup=warmup, steps=steps)
-    base = simulate(events, config)
-    expandable = simulate(events, config.with_expandable_segments(True))
+    schedule = Schedule(trace, workspace=workspace, scratch=scratch, warmup=warmup, steps=steps)
+    base = simulate(schedule, config)
+    grown = simulate(schedule, config.with_expandable_segments(True)) if expandable else None
     context = gpu.context_bytes
     scratch_at = scratch_positions(trace, scratch or {})
     largest_scratch = max((sum(s) for s in scratch_at.values()), default=0)
@@ -232,14 +293,19 @@ def device_memory_fields(
         )
         + f") + CUDA context {format_bytes(context)} (constant for {gpu.key}: {gpu.context_source})"
     )
-    return {
+    fields = {
         "predicted_allocated_bytes": base.peak_allocated_bytes,
         "predicted_reserved_bytes": base.peak_reserved_bytes,
         "fragmentation_bytes": base.fragmentation_bytes,
-        "predicted_reserved_expandable_bytes": expandable.peak_reserved_bytes,
-        "fragmentation_expandable_bytes": expandable.fragmentation_bytes,
-        "predicted_device_bytes": base.peak_reserved_bytes + context,
-        "predicted_device_expandable_bytes": expandable.peak_reserved_bytes + context,
+    }
+    if grown is not None:
+        fields["predicted_reserved_expandable_bytes"] = grown.peak_reserved_bytes
+        fields["fragmentation_expandable_bytes"] = grown.fragmentation_bytes
+    fields["predicted_device_bytes"] = base.peak_reserved_bytes + context
+    if grown is not None:
+        fields["predicted_device_expandable_bytes"] = grown.peak_reserved_bytes + context
+    return {
+        **fields,
         "cuda_context_bytes": context,
         "cublas_workspace_bytes": CUBLAS_HANDLES * workspace,
         "kernel_scratch_bytes": largest_scratch,

@@ -15,20 +15,45 @@ Where ATen picks a kernel by device, meta tensors take the CPU-like path; the st
 ``emulation.cuda_emulation`` so that they save what CUDA saves: dropout's bool mask, fused
 RMSNorm, SDPA's math path as on a GPU, and under ``--amp`` CUDA autocast's cast policy (autocast
 does not apply to meta tensors).
+
+Two paths give the same rows: the reference (``shortcuts=False``: a fresh model per row, its
+warm-up step, the tracked step) and the default fast path (`measure.shortcut`: models built once
+and reused across rows, meta-kernel results kept by input metadata, and, where a row needs no
+trace of the real step, the step run at three shallow depths and extrapolated where that is
+exact). Both measure each run with `EstimateBackend.observe`, the one place a field of the
+estimate row is computed.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import os
+from dataclasses import dataclass, field
 from typing import Any
 
 from velora_cli.measure import failed_row
 from velora_cli.measure.train_step import SpecError, StepSpec
 
+# VELORA_ESTIMATE_REFERENCE=1 makes the reference path the default (benchmarks, debugging).
+REFERENCE_ENV = "VELORA_ESTIMATE_REFERENCE"
+
+# Every micro-batch after the second repeats the second exactly (same live storages: params,
+# accumulated grads, optimizer state, one micro-batch of activations), so two give the step's
+# peak; 7B at 4 accumulation steps estimates in half the time.
+MICRO_BATCHES = 2
+
 
 @dataclass
 class EstimateBackend:
-    """Predicted memory of one step from meta tensors, and its step time predicted for ``gpu``."""
+    """Predicted memory of one step from meta tensors, and its step time predicted for ``gpu``.
+
+    ``shortcuts`` (default, unless ``VELORA_ESTIMATE_REFERENCE=1``) reuses meta models across
+    rows; False is the reference path (a fresh model and warm-up per row), slower and
+    byte-identical. ``trace_fields`` (default) gives each row the fields made from its step's
+    allocation trace: what the GPU must hold (the caching allocator replayed over it) and the
+    memory timeline; ``step_time`` (default) the roofline's step time from its ops. A row with
+    either is stepped at the real depth; without both a row may be extrapolated from shallow
+    steps. ``full_depth`` always steps the real depth.
+    """
 
     warmup: int = 1
     gpu: str | None = None  # what it predicts for (velora_cli.gpus key); None: gpus.DEFAULT_GPU
@@ -38,6 +63,11 @@ class EstimateBackend:
     # the cuda backend's warm-up and timed steps, which the allocator replay follows
     cuda_warmup: int = 2
     cuda_steps: int = 5
+    shortcuts: bool = field(default_factory=lambda: os.environ.get(REFERENCE_ENV, "") != "1")
+    full_depth: bool = False
+    trace_fields: bool = True  # device memory and the timeline, from the real step's trace
+    expandable: bool = True  # also predict device memory with expandable_segments:True
+    step_time: bool = True  # the roofline's predicted step time, from the real step's ops
 
     def __post_init__(self) -> None:
         from velora_cli.gpus import get_gpu
@@ -47,43 +77,75 @@ class EstimateBackend:
         if self.alloc_conf is None:
             self.alloc_conf = alloc_conf_from_env()
         self.allocator = parse_alloc_conf(self.alloc_conf)  # a bad string fails here too
+        self._fast = None
 
     def measure(self, spec: StepSpec, *, breakdown: bool = False) -> dict[str, Any]:
-        from velora_cli.measure.attention import register_estimate_attention
         from velora_cli.measure.cpu import _is_user_error
-        from velora_cli.measure.emulation import cuda_emulation
-        from velora_cli.measure.observe import tracked_step
-        from velora_cli.measure.opcount import OpCounter
-        from velora_cli.measure.step_time import prediction_fields, prediction_source
-        from velora_cli.measure.train_step import prepare, train_step
+        from velora_cli.measure.step_time import prediction_source
 
         try:
-            prepared = prepare(spec, "meta", attn_implementation=register_estimate_attention())
-            # Every micro-batch after the second repeats the second exactly (same live storages:
-            # params, accumulated grads, optimizer state, one micro-batch of activations), so two
-            # give the step's peak; 7B at 4 accumulation steps estimates in half the time.
-            prepared.micro_batches = prepared.micro_batches[:2]
-            with cuda_emulation(spec.amp):
-                for _ in range(self.warmup):
-                    train_step(prepared)
-                ops = OpCounter("meta")
-                row, trace = tracked_step(prepared, breakdown=breakdown, op_counter=ops)
-                row.update(prediction_fields(prepared, ops.counts(), self.gpu))
-            row.update(self.device_memory(prepared, trace))
+            if self.shortcuts and self.warmup >= 1:
+                full, why = self.full_depth, "asked for"
+                if not full and self.trace_fields:
+                    full, why = True, "device memory and the timeline need the real step's trace"
+                elif not full and self.step_time:
+                    # a foreach kernel's launches grow in steps with the tensors it takes: the
+                    # time of three shallow steps does not extrapolate exactly
+                    full, why = True, "the step time needs the real step's ops"
+                row = self.fast_path().row(spec, breakdown=breakdown, full_depth=full, why=why)
+            else:
+                row = self._reference(spec, breakdown)
         except (SpecError, ValueError, RuntimeError, NotImplementedError) as exc:
             if isinstance(exc, SpecError) or _is_user_error(exc):
                 raise
             return failed_row(self.name, exc)
-        row.update(
-            status="ok",
-            backend=self.name,
-            step_seconds=None,
-            tokens_per_second=None,
-            step_seconds_source=prediction_source(self.gpu),
-        )
+        if row.get("predicted_step_seconds"):
+            tokens = spec.batch_size * spec.seq_len
+            row["predicted_tokens_per_second"] = tokens / row["predicted_step_seconds"]
+        row.update(status="ok", backend=self.name, step_seconds=None, tokens_per_second=None)
+        if self.step_time:
+            row["step_seconds_source"] = prediction_source(self.gpu)
         return row
 
-    def device_memory(self, prepared, trace) -> dict[str, Any]:
+    def observe(self, prepared, *, breakdown: bool, tracker=None) -> tuple[dict[str, Any], Any]:
+        """One tracked step of a prepared (warmed-up) meta model: the row's fields and the trace.
+
+        Every run of the estimate goes through here: the reference path once per row, the fast
+        path once per row at the real depth or once per shallow depth (then each numeric field
+        is extrapolated if exactly affine in depth, else the row is run at the real depth,
+        `measure.shortcut`). The op counts (the roofline's step time) are sums over ops, affine
+        in depth; the device-memory fields and the timeline need the real step's trace
+        (``trace_fields``).
+
+        Args:
+            prepared: from `prepare` (or the fast path's reused model), on meta, warmed up.
+            breakdown: add saved activations per module pattern.
+            tracker: the tracker to use (`observe.tracked_step`); None: a plain one.
+
+        Returns:
+            (row fields, `AllocationTrace` of the tracked step).
+        """
+        from velora_cli.measure.emulation import cuda_emulation
+        from velora_cli.measure.observe import tracked_step
+        from velora_cli.measure.opcount import OpCounter
+        from velora_cli.measure.step_time import prediction_fields
+
+        with cuda_emulation(prepared.spec.amp):
+            ops = OpCounter("meta") if self.step_time else None
+            row, trace = tracked_step(
+                prepared, breakdown=breakdown, tracker=tracker, op_counter=ops
+            )
+            if ops is not None:
+                row.update(prediction_fields(prepared, ops.counts(), self.gpu))
+        # tokens/s is not a sum over ops (not affine in depth): `measure` derives it from the time
+        row.pop("predicted_tokens_per_second", None)
+        if self.trace_fields:
+            row.update(self.device_memory_of(prepared, trace))
+        else:
+            row.pop("timeline", None)
+        return row, trace
+
+    def device_memory_of(self, prepared, trace) -> dict[str, Any]:
         """The device-level fields of one traced step (see device_memory.device_memory_fields)."""
         from velora_cli.gpus import get_gpu
         from velora_cli.measure.device_memory import device_memory_fields, scratch_for_step
@@ -98,4 +160,37 @@ class EstimateBackend:
             ),
             warmup=self.cuda_warmup,
             steps=self.cuda_steps,
+            expandable=self.expandable,
         )
+
+    def _reference(self, spec: StepSpec, breakdown: bool) -> dict[str, Any]:
+        """The slow reference: a fresh model per row, its warm-up, the step at the real depth."""
+        from velora_cli.measure.attention import register_estimate_attention
+        from velora_cli.measure.emulation import cuda_emulation
+        from velora_cli.measure.train_step import prepare, train_step
+
+        prepared = prepare(spec, "meta", attn_implementation=register_estimate_attention())
+        prepared.micro_batches = prepared.micro_batches[:MICRO_BATCHES]
+        with cuda_emulation(spec.amp):
+            for _ in range(self.warmup):
+                train_step(prepared)
+        row, _trace = self.observe(prepared, breakdown=breakdown)
+        row["estimate_method"] = "full depth (reference: a fresh model per row)"
+        return row
+
+    def fast_path(self):
+        """The `measure.shortcut.Shortcuts` this backend's rows go through (made once)."""
+        if self._fast is None:
+            from velora_cli.measure.attention import register_estimate_attention
+            from velora_cli.measure.emulation import cuda_emulation
+            from velora_cli.measure.meta_cache import MetaModels
+            from velora_cli.measure.shortcut import Shortcuts
+
+            models = MetaModels(
+                attn_implementation=register_estimate_attention(),
+                warmup=self.warmup,
+                micro_batches=MICRO_BATCHES,
+                step_context=lambda spec: cuda_emulation(spec.amp),
+            )
+            self._fast = Shortcuts(self.observe, models)
+        return self._fast

@@ -18,7 +18,12 @@ from velora_cli.measure.train_step import Prepared, train_step
 
 
 def tracked_step(
-    prepared: Prepared, *, breakdown: bool, round_to: int = 512, op_counter=None
+    prepared: Prepared,
+    *,
+    breakdown: bool,
+    round_to: int = 512,
+    op_counter=None,
+    tracker: MemoryTracker | None = None,
 ) -> tuple[dict[str, Any], AllocationTrace]:
     """Run one step under the tracker; return the memory fields of a row and the step's
     allocation trace (for the allocator model). The row's ``timeline`` is the trace made
@@ -30,10 +35,13 @@ def tracked_step(
     Args:
         op_counter: optional `opcount.OpCounter` that also sees every op of this step, with the
             same phases (the roofline's FLOPs and bytes come from the very step the peak does).
+        tracker: a tracker made for ``prepared`` with ``trace=True`` (e.g. the depth shortcut's
+            `measure.depth.PositionTracker`); None makes a plain one rounding to ``round_to``.
     """
     force_refresh(prepared)
     counter = SavedTensorCounter(prepared.model)
-    tracker = MemoryTracker(prepared.model, prepared.optimizer, round_to=round_to, trace=True)
+    if tracker is None:
+        tracker = MemoryTracker(prepared.model, prepared.optimizer, round_to=round_to, trace=True)
     phase = tracker.phase
     if op_counter is not None:
         phase = _both(tracker.phase, op_counter.phase)

@@ -405,6 +405,11 @@ class OpCounter(TorchDispatchMode):
         self._phases: list[str] = []
         self._micro = -1
         self._segments: dict[tuple[str, int | None], Counter] = {}
+        # op cost by the op and its tensors' metadata (the same key as the meta-kernel cache,
+        # meta_ops), plus which outputs alias an input: a block repeats the same ops on the same
+        # shapes, and an op's cost depends on nothing else
+        self._costs: dict[tuple, OpCost | None] = {}
+        self.cost_hits = 0
 
     @contextlib.contextmanager
     def phase(self, name: str) -> Iterator[None]:
@@ -419,7 +424,14 @@ class OpCounter(TorchDispatchMode):
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[override]
         kwargs = kwargs or {}
         out = func(*args, **kwargs)
-        cost = op_cost(func, args, kwargs, out, self.device_type)
+        key = _cost_key(func, args, kwargs, out)
+        if key is None:
+            cost = op_cost(func, args, kwargs, out, self.device_type)
+        elif key in self._costs:
+            cost = self._costs[key]
+            self.cost_hits += 1
+        else:
+            cost = self._costs[key] = op_cost(func, args, kwargs, out, self.device_type)
         if cost is not None:
             phase = self._phases[-1] if self._phases else "other"
             micro = self._micro if phase in ("forward", "backward") else None
@@ -434,3 +446,22 @@ class OpCounter(TorchDispatchMode):
                 for (phase, micro), ops in self._segments.items()
             )
         )
+
+
+def _cost_key(func, args: tuple, kwargs: dict, out: Any) -> tuple | None:
+    """What an op's `OpCost` depends on: the op, its arguments' and outputs' metadata (shape,
+    stride, dtype, device, offset: `meta_ops` keys) and which outputs alias an input; None when
+    an argument has no such key (then the cost is computed afresh)."""
+    from velora_cli.measure.meta_ops import _Bypass, _key
+    from velora_cli.measure.meta_ops import _tensors as tensors_in
+
+    try:
+        first: dict[int, int] = {}  # storage -> index of the first tensor holding it
+        pattern = []  # the same tensor read twice counts once: which tensors share storages
+        for value in (args, tuple(kwargs.values()), out):
+            for t in tensors_in(value):
+                pattern.append(first.setdefault(t.untyped_storage()._cdata, len(pattern)))
+        return (func, _key(args), _key(tuple(sorted(kwargs.items()))), _key(out),
+                tuple(pattern))  # fmt: skip
+    except _Bypass:
+        return None

@@ -115,7 +115,7 @@ class _OpRecorder(TorchDispatchMode):
         self._tracker = tracker
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[override]
-        out = func(*args, **(kwargs or {}))
+        out = self._tracker.run_op(func, args, kwargs or {})
         if self._tracker._tracing:
             self._tracker._op_names.append(func.name() if hasattr(func, "name") else str(func))
         self._tracker._record_op_outputs(out)
@@ -396,6 +396,10 @@ class MemoryTracker:
             ops=self._ops,
             op_names=tuple(self._op_names),
         )
+
+    def run_op(self, func: Any, args: tuple, kwargs: dict) -> Any:
+        """Run one dispatched op (a subclass may answer it from a cache: `meta_ops`)."""
+        return func(*args, **kwargs)
 
     # -- bookkeeping -----------------------------------------------------------------------------
 

@@ -19,6 +19,8 @@ if TYPE_CHECKING:
     import torch
     from torch import nn
 
+    from velora_cli.models import ModelSpec
+
 DTYPES = ("fp32", "bf16", "fp16")
 AMP = ("bf16", "fp16")
 MODES = ("full", "lora", "qlora")  # qlora: 4-bit NF4 frozen base + LoRA (quant.py)
@@ -298,8 +300,16 @@ def enable_checkpointing(model: nn.Module, every_n: int, *, recompute_context=No
         base.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
     else:
         raise SpecError(f"{type(base).__name__} does not support gradient checkpointing")
-    if hasattr(base, "enable_input_require_grads") and not any(
-        p.requires_grad for p in base.get_input_embeddings().parameters()
+    # transformers >= 5 registers this hook itself; a second one would replace the handle to the
+    # first, which could then never be removed (a model reused for another row must come back
+    # as it was)
+    registered = getattr(base, "_require_grads_hooks", None) or getattr(
+        base, "_require_grads_hook", None
+    )
+    if (
+        hasattr(base, "enable_input_require_grads")
+        and not registered
+        and not any(p.requires_grad for p in base.get_input_embeddings().parameters())
     ):
         base.enable_input_require_grads()  # frozen embeddings (LoRA): keep checkpoints in graph
 
@@ -357,21 +367,37 @@ def make_batch(spec: StepSpec, vocab_size: int, device) -> list[dict]:
     return batches
 
 
-def prepare(spec: StepSpec, device: str, *, attn_implementation: str | None = None) -> Prepared:
-    """Build the model for ``spec`` on ``device`` (``cpu``, ``cuda`` or ``meta``) with its
-    strategy applied, an optimizer over the trainable parameters, and the batch."""
-    import torch
-
-    from velora_cli.models import build_model, resolve_model
-    from velora_cli.placement import apply_velora
-
-    model_spec = resolve_model(spec.model, trust_remote_code=spec.trust_remote_code)
+def check_seq_len(spec: StepSpec, model_spec: ModelSpec) -> None:
+    """Raise SpecError when ``spec.seq_len`` exceeds the model's position table."""
     max_pos = getattr(model_spec.config, "max_position_embeddings", None)
     if max_pos and spec.seq_len > max_pos:
         raise SpecError(
             f"--seq-len {spec.seq_len} exceeds {spec.model}'s max_position_embeddings ({max_pos})"
         )
     _check_sizes(spec, model_spec.config)
+
+
+def prepare(
+    spec: StepSpec,
+    device: str,
+    *,
+    attn_implementation: str | None = None,
+    model_spec: ModelSpec | None = None,
+) -> Prepared:
+    """Build the model for ``spec`` on ``device`` (``cpu``, ``cuda`` or ``meta``) with its
+    strategy applied, an optimizer over the trainable parameters, and the batch.
+
+    Args:
+        model_spec: the resolved model to build instead of resolving ``spec.model`` (the
+            estimate's depth shortcut builds the same architecture with fewer layers).
+    """
+    import torch
+
+    from velora_cli.models import build_model, resolve_model
+
+    if model_spec is None:
+        model_spec = resolve_model(spec.model, trust_remote_code=spec.trust_remote_code)
+    check_seq_len(spec, model_spec)
     weight_dtype = torch.float32 if spec.amp else torch_dtype(spec.dtype)
     model = build_model(
         model_spec,
@@ -389,24 +415,7 @@ def prepare(spec: StepSpec, device: str, *, attn_implementation: str | None = No
         quantize_base(model, device)  # frozen base linears -> 4-bit NF4 (meta: stand-ins)
     if spec.mode in ("lora", "qlora"):
         model = _apply_lora(model, spec)
-    wrapped: list[str] = []
-    strategy = spec.strategy
-    if strategy.placement:
-        wrapped = apply_velora(
-            model,
-            strategy.placement,
-            sub_token_size=strategy.sub_token_size,
-            num_groups=strategy.num_groups,
-            init=spec.init,
-            seed=spec.seed,
-        )
-    if strategy.gc_every:
-        recompute_context = None
-        if device == "meta":  # the step's emulation of CUDA is not active in a recomputation
-            from velora_cli.measure.emulation import cuda_emulation
-
-            recompute_context = functools.partial(cuda_emulation, spec.amp)
-        enable_checkpointing(model, strategy.gc_every, recompute_context=recompute_context)
+    wrapped = apply_strategy(model, spec, device)
     model.train()
     optimizer = build_optimizer(
         spec.optimizer,
@@ -448,6 +457,35 @@ def _check_sizes(spec: StepSpec, config) -> None:
             f"{tokens:,} tokens × {widest:,} (the widest activation, e.g. the logits) is more than "
             "torch can index in one tensor (2^63 elements); give realistic sizes"
         )
+
+
+def apply_strategy(model: nn.Module, spec: StepSpec, device: str) -> list[str]:
+    """Apply ``spec.strategy`` to a built model in place: VeLoRA, then checkpointing.
+
+    Returns:
+        The qualified names of the layers VeLoRA wrapped (empty without a placement).
+    """
+    from velora_cli.placement import apply_velora
+
+    wrapped: list[str] = []
+    strategy = spec.strategy
+    if strategy.placement:
+        wrapped = apply_velora(
+            model,
+            strategy.placement,
+            sub_token_size=strategy.sub_token_size,
+            num_groups=strategy.num_groups,
+            init=spec.init,
+            seed=spec.seed,
+        )
+    if strategy.gc_every:
+        recompute_context = None
+        if device == "meta":  # the step's emulation of CUDA is not active in a recomputation
+            from velora_cli.measure.emulation import cuda_emulation
+
+            recompute_context = functools.partial(cuda_emulation, spec.amp)
+        enable_checkpointing(model, strategy.gc_every, recompute_context=recompute_context)
+    return wrapped
 
 
 def build_optimizer(

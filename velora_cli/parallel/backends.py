@@ -53,5 +53,9 @@ def with_ranks(
         options = {k: v for k, v in (("warmup", warmup), ("steps", steps)) if v is not None}
         ranks: Any = RanksBackend(device=single.name, **options)
     else:
-        ranks = ParallelEstimateBackend(gpu=gpu, alloc_conf=getattr(single, "alloc_conf", None))
+        ranks = ParallelEstimateBackend(
+            gpu=gpu,
+            alloc_conf=getattr(single, "alloc_conf", None),
+            expandable=getattr(single, "expandable", True),
+        )
     return RankAware(single, ranks)

@@ -52,7 +52,7 @@ def estimate_rank(
 
     Args:
         device_memory: ``(prepared, trace) -> row fields`` of what the GPU must hold
-            (`EstimateBackend.device_memory`: the caching allocator replayed over the rank's
+            (`EstimateBackend.device_memory_of`: the caching allocator replayed over the rank's
             trace, the CUDA context); with ``--cpu-offload`` it sees only the storages that stay
             on the device.
 
@@ -110,7 +110,7 @@ class ParallelEstimateBackend:
     """Predicted per-rank memory of a DDP/FSDP2 step (rows: `job.job_row`); no timing.
 
     Each rank's row has the tracker's allocated figures and, from its allocation trace, what the
-    GPU must hold (`EstimateBackend.device_memory`: reserved, fragmentation, device level), so
+    GPU must hold (`EstimateBackend.device_memory_of`: reserved, fragmentation, device level), so
     one-process and multi-rank candidates are compared with a budget alike.
 
     Args:
@@ -124,12 +124,15 @@ class ParallelEstimateBackend:
     ranks: str | tuple[int, ...] | None = None
     name: str = "estimate"
     alloc_conf: str | None = None  # the allocator model's settings (EstimateBackend's)
+    expandable: bool = True  # also replay with expandable_segments:True
 
     def __post_init__(self) -> None:
         from velora_cli.measure.estimate import EstimateBackend
 
         # the single-process estimate's device-memory model, applied to each rank's trace
-        self.device = EstimateBackend(gpu=self.gpu, alloc_conf=self.alloc_conf)
+        self.device = EstimateBackend(
+            gpu=self.gpu, alloc_conf=self.alloc_conf, expandable=self.expandable
+        )
         self.gpu, self.alloc_conf = self.device.gpu, self.device.alloc_conf
 
     def measure(self, spec: StepSpec, *, breakdown: bool = False) -> dict[str, Any]:
@@ -145,7 +148,7 @@ class ParallelEstimateBackend:
                     rank,
                     warmup=self.warmup,
                     breakdown=breakdown,
-                    device_memory=self.device.device_memory,
+                    device_memory=self.device.device_memory_of,
                 )
                 rows.append(row)
             except (SpecError, ValueError, RuntimeError, NotImplementedError) as exc:

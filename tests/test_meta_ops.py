@@ -1,0 +1,80 @@
+"""`measure.meta_ops.MetaOpCache`: what it answers from the cache, and what it never does."""
+
+import torch
+
+from velora_cli.measure.meta_ops import MetaOpCache
+
+aten = torch.ops.aten
+
+
+def meta(*shape, dtype=torch.float32):
+    return torch.empty(*shape, dtype=dtype, device="meta")
+
+
+def test_a_functional_op_is_answered_from_the_cache_with_fresh_tensors():
+    cache = MetaOpCache()
+    a, b = meta(8, 4), meta(4, 3)
+    first = cache.call(aten.mm.default, (a, b), {})
+    second = cache.call(aten.mm.default, (meta(8, 4), meta(4, 3)), {})
+    assert (cache.misses, cache.hits) == (1, 1)
+    assert (second.shape, second.stride(), second.dtype) == (
+        first.shape,
+        first.stride(),
+        first.dtype,
+    )
+    assert second.untyped_storage()._cdata != first.untyped_storage()._cdata  # a new storage
+    assert second.untyped_storage().nbytes() == first.untyped_storage().nbytes()
+    cache.call(aten.mm.default, (meta(8, 4).t().contiguous().t(), b), {})  # other strides
+    assert cache.misses == 2
+
+
+def test_multiple_outputs_keep_their_structure():
+    cache = MetaOpCache()
+    x = meta(6, 5)
+    for _ in range(2):
+        values, indices = cache.call(aten.max.dim, (x, 1), {})
+    assert cache.hits == 1
+    assert (values.shape, indices.dtype) == ((6,), torch.int64)
+
+
+def test_views_are_never_cached():
+    cache = MetaOpCache()
+    x = meta(4, 6)
+    for _ in range(2):
+        v = cache.call(aten.view.default, (x, [6, 4]), {})
+        assert v.untyped_storage()._cdata == x.untyped_storage()._cdata  # still a view of x
+    assert (cache.hits, cache.misses, cache.bypassed) == (0, 0, 2)
+
+
+def test_an_op_writing_a_meta_tensor_returns_it_without_running_again():
+    cache = MetaOpCache()
+    x, y = meta(4, 4), meta(4, 4)
+    assert cache.call(aten.add_.Tensor, (x, y), {}) is x
+    assert cache.call(aten.add_.Tensor, (y, x), {}) is y
+    assert cache.hits == 1
+    lists = [meta(3), meta(5)]
+    for _ in range(2):
+        assert cache.call(aten._foreach_mul_.Scalar, (lists, 0.5), {}) is None
+    assert cache.hits == 2
+
+
+def test_writes_to_real_tensors_always_run():
+    cache = MetaOpCache()
+    steps = [torch.zeros(()), torch.zeros(())]
+    for _ in range(2):
+        cache.call(aten._foreach_add_.Scalar, (steps, 1.0), {})
+    assert [float(s) for s in steps] == [2.0, 2.0] and cache.hits == 0
+
+
+def test_an_op_that_changes_its_argument_shape_is_not_cached():
+    cache = MetaOpCache()
+    out = meta(0)
+    cache.call(aten.mul.out, (meta(4, 4), meta(4, 4)), {"out": out})  # resizes out to (4, 4)
+    again = meta(0)
+    cache.call(aten.mul.out, (meta(4, 4), meta(4, 4)), {"out": again})
+    assert again.shape == (4, 4) and cache.hits == 0
+    grown = meta(2)
+    cache.call(aten.resize_.default, (grown, [8]), {})
+    grown2 = meta(2)
+    cache.call(aten.resize_.default, (grown2, [8]), {})
+    assert grown2.shape == (8,) and cache.hits == 0
