@@ -1,0 +1,38 @@
+"""The GPU reference suite's dry run: the same script on the CPU with tiny shapes, so it cannot rot
+before a GPU is lent (benchmarks/gpu_suite.py)."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.slow
+def test_dry_run_writes_every_part_within_the_device_tools_file_limit(tmp_path):
+    out = tmp_path / "suite"
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "gpu_suite.py"), "--dry-run", "--out", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        cwd=ROOT,
+    )
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    files = sorted(p.name for p in out.iterdir())
+    assert files == ["documents.tar.gz", "log.txt", "summary.json", "summary.md"]  # <= 8 files
+    results = json.loads((out / "summary.json").read_text())
+    assert all(r["ok"] for r in results["correctness"].values()), results["correctness"]
+    (case,) = results["profiles"].values()
+    # cpu rows of an MHA tiny Llama beside the estimate: the plumbing compares real figures
+    figures = {(c["row"], c["figure"]) for c in case["comparisons"]}
+    assert ("baseline", "allocated peak") in figures and ("gc", "saved activations") in figures
+    assert all(c["within"] for c in case["comparisons"]), case["comparisons"]
+    assert results["layer_bench"], "the layer micro-benchmark did not run"
+    assert results["tune"]["recommendation"], results["tune"]
+    summary = (out / "summary.md").read_text()
+    assert "| case | row | figure |" in summary and "estimates within ±5%" in summary
+    assert proc.stdout.rstrip().endswith(summary.rstrip().splitlines()[-1])  # printed last
