@@ -178,3 +178,27 @@ def test_unpadded_mask_keeps_the_fused_path():
             model = tiny_llama(name, device)
             ids = torch.zeros(2, 12, dtype=torch.long, device=device)
             model(input_ids=ids, attention_mask=torch.ones_like(ids))
+
+
+def test_fallback_warnings_say_what_is_true_on_each_device():
+    from velora_cli.measure.attention import _fallback_warning
+
+    meta = _fallback_warning("a position bias was passed", "meta", 0.0)
+    assert "meta device" in meta and "too high" in meta
+    cpu = _fallback_warning("the CPU flash kernel has no dropout (dropout=0.1)", "cpu", 0.1)
+    assert "on the CPU" in cpu and "what this CPU run holds" in cpu and "math path" in cpu
+    assert "meta" not in cpu and "too high" not in cpu
+    assert "math path" not in _fallback_warning("an attention mask was passed", "cpu", 0.0)
+    assert _fallback_warning("an attention mask was passed", "cuda", 0.1) is None  # the real kernel
+    assert _fallback_warning("", "meta", 0.0) is None
+
+
+def test_cpu_dropout_fallback_warns_about_the_cpu_not_the_estimate():
+    name = register_estimate_attention()
+    model = tiny_llama(name).train()
+    for layer in model.model.layers:
+        layer.self_attn.attention_dropout = 0.1
+    ids = torch.zeros(2, 12, dtype=torch.long)
+    with pytest.warns(EstimateAttentionWarning, match="on the CPU that is its math path") as seen:
+        model(input_ids=ids)
+    assert not any("meta" in str(w.message) for w in seen)

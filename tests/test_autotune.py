@@ -30,7 +30,8 @@ def one_thread():
 
 
 def settings(**overrides) -> autotune.TuneSettings:
-    fields = dict(TINY, budget_bytes=10**9, backend="estimate", probe_steps=0, **SMALL_SPACE)
+    # estimates are device-level (CUDA context included): 2 GB fits llama-tiny
+    fields = dict(TINY, budget_bytes=2 * 10**9, backend="estimate", probe_steps=0, **SMALL_SPACE)
     fields.update(overrides)
     return autotune.TuneSettings(**fields)
 
@@ -128,6 +129,9 @@ def test_cuda_rows_are_judged_by_the_device_level_peak():
            "tokens_per_second": 10.0, "backend": "cuda", "wrapped_layers": 4}  # fmt: skip
     m = measurement_of(row, StepSpec("llama-tiny"), use_device_peak=True)
     assert m.peak_bytes == 180 and m.detail["allocator_peak_bytes"] == 100
+    # where NVML lists the worker, its own usage counts (not another process's context)
+    m = measurement_of({**row, "process_used_bytes": 150}, StepSpec("llama-tiny"), True)
+    assert m.peak_bytes == 150 and m.detail["peak_source"].startswith("process_used_bytes")
     assert m.detail["velora_layers"] == 4 and m.detail["strategy"] == "baseline"
     m = measurement_of({**row, "status": "error", "error": "x"}, StepSpec("m"), False)
     assert m.status == "error" and m.peak_bytes is None
@@ -245,12 +249,27 @@ def test_resume_refuses_a_journal_of_other_settings(tmp_path):
 def test_estimate_backend_never_claims_a_real_run(tmp_path):
     doc = autotune.run(settings(), save_path=None, journal=None)
     rec = doc["recommendation"]
-    assert "no training step was run" in rec["reason"] and "verification run" not in rec["reason"]
-    assert any("no training step is run" in n for n in doc["notices"])
+    assert "no step was measured" in rec["reason"] and "verification run" not in rec["reason"]
+    notice = next(n for n in doc["notices"] if n.startswith("--backend estimate"))
+    assert "no step is measured" in notice and "probes" not in notice  # --probe-steps 0
     # without measured times, speed goes to the estimate's proxy: no recompute first
     assert rec["gc"] is False
     lines = report.summary_lines(doc)
-    assert any("(estimated, not run)" in line for line in lines)
+    assert any("estimated, not run)" in line for line in lines)
+    # and which figure met the budget: the device-level prediction, not allocated bytes
+    assert any("(predicted device memory: allocator-reserved + CUDA context" in x for x in lines)
+    assert "the budget was compared with predicted device memory" in rec["reason"]
+
+
+def test_estimate_backend_says_that_the_probes_train(tmp_path):
+    doc = autotune.run(settings(probe_steps=2), save_path=None, journal=None)
+    notice = next(n for n in doc["notices"] if n.startswith("--backend estimate"))
+    assert doc["calls"]["probe"] > 0  # they ran: the notice and the reason say so, and where
+    assert "the accuracy probes do train, 2 steps each on cpu" in notice
+    assert (
+        "no step was measured (the accuracy probes trained on cpu)"
+        in (doc["recommendation"]["reason"])
+    )
 
 
 def test_nothing_fits_reports_the_smallest_configuration():
@@ -281,7 +300,9 @@ def test_summary_says_when_the_recommendation_leaves_full_training():
             "reason": "fastest",
         },
     }
-    text = "\n".join(report.summary_lines(doc))
-    assert "trains LORA adapters" in text and "--mode full" in text
+    lines = report.summary_lines(doc)
+    first = next(line for line in lines if line.startswith("recommended:"))
+    assert first.startswith("recommended: LoRA instead of full-parameter training")  # first
+    assert "--mode full" in first and "LORA" not in "\n".join(lines)
     doc["recommendation"]["mode"] = "full"
     assert "--mode full" not in "\n".join(report.summary_lines(doc))

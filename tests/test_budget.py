@@ -27,7 +27,8 @@ from velora_cli.budget import BudgetError, describe_budget, format_bytes, parse_
         ("  10 GiB  ", 10 * 2**30),
         (".5GiB", 2**29),
         ("1e3MB", 10**9),
-        ("1.5B", 1),  # fractions of a byte are dropped
+        ("1e-9GB", 1),  # exactly one byte (the tune refuses budgets under 1 MB)
+        ("9223372036854775807B", 2**63 - 1),  # the largest: int64 bytes
     ],
 )
 def test_accepted_forms(text, nbytes):
@@ -40,7 +41,7 @@ def test_accepted_forms(text, nbytes):
         ("10", "has no unit"),
         ("10.5", "has no unit"),
         ("0GB", "is zero"),
-        ("0", "has no unit"),
+        ("0", "is zero"),  # not "write e.g. 0GB", which is zero too
         ("-5GB", "is negative"),
         ("-5", "is negative"),
         ("nan", "cannot read"),
@@ -56,6 +57,10 @@ def test_accepted_forms(text, nbytes):
         ("10 gigabytes", "unknown unit"),
         ("10GB 2GB", "cannot read"),
         ("0.1B", "less than one byte"),
+        ("1.5B", "not a whole number of bytes"),  # never rounded silently
+        ("1e-10GB", "less than one byte"),
+        ("1e400GB", "more than 8 EiB"),  # was an OverflowError
+        ("9223372036854775808B", "more than 8 EiB"),
     ],
 )
 def test_error_forms(text, message):

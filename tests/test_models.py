@@ -26,7 +26,8 @@ from velora_cli.models import (
 )
 
 # Exact parameter counts (tied embeddings counted once). Published figures: Llama-2-7B 6.74B,
-# Llama-2-13B 13.0B, Llama-3-8B 8.03B, Mistral-7B 7.24B, Qwen2.5-0.5B 0.49B, GPT-2 124M,
+# Llama-2-13B 13.0B, Llama-3-8B 8.03B, Llama-3.2-3B 3.21B (tied embeddings), Mistral-7B 7.24B,
+# Qwen2.5-0.5B 0.49B, GPT-2 124M,
 # RoBERTa-base 125M with its LM head. LLaMA 60M / 130M: GaLore's configs, counted by hand, e.g.
 # 60M = 2·32000·512 (embed + head) + 8·(4·512² + 3·512·1376 + 2·512) + 512 = 58_073_600.
 EXPECTED_PARAMS = {
@@ -37,6 +38,7 @@ EXPECTED_PARAMS = {
     "llama-2-7b": 6_738_415_616,
     "llama-2-13b": 13_015_864_320,
     "llama-3-8b": 8_030_261_248,
+    "llama-3.2-3b": 3_212_749_824,
     "mistral-7b": 7_241_732_096,
     "qwen2.5-0.5b": 494_032_768,
     "roberta-base": 124_697_433,
@@ -128,6 +130,12 @@ def test_builtin_configs_use_published_values():
     llama3 = resolve_model("llama-3-8b").config
     assert (llama3.num_key_value_heads, llama3.vocab_size) == (8, 128256)
     assert llama3.rope_parameters["rope_theta"] == 500000.0
+    small = resolve_model("llama-3.2-3b").config
+    assert (small.hidden_size, small.intermediate_size, small.num_hidden_layers) == (3072, 8192, 28)
+    assert (small.num_attention_heads, small.num_key_value_heads, small.head_dim) == (24, 8, 128)
+    assert small.tie_word_embeddings and small.max_position_embeddings == 131072
+    assert small.rope_parameters["rope_type"] == "llama3"
+    assert small.rope_parameters["factor"] == 32.0 and small.rope_parameters["rope_theta"] == 5e5
     qwen = resolve_model("qwen2.5-0.5b").config
     assert (qwen.num_attention_heads, qwen.num_key_value_heads, qwen.tie_word_embeddings) == (
         14,

@@ -252,3 +252,73 @@ def test_shared_input_note_says_which_compressions_free_nothing(llama):
     )
     assert shared_input_note(llama, select_layers(llama, "qkv+down")) is None
     assert "gate_proj" in shared_input_note(llama, select_layers(llama, ["up_proj"]))
+
+
+def test_applying_again_to_wrapped_layers_says_so(llama):
+    apply_velora(llama, "paper", num_groups=4)
+    for again in ("paper", "all-linear", ["*.mlp.down_proj"]):
+        with pytest.raises(PlacementError, match=r"VeLoRA layers already .*remove_velora"):
+            apply_velora(llama, again, num_groups=8)
+    assert llama.model.layers[0].mlp.down_proj.sub_token_size == 128 // 4  # untouched
+    assert apply_velora(llama, ["*.q_proj"], num_groups=8)[0].endswith("q_proj")  # not yet wrapped
+    remove_velora(llama)
+    assert len(apply_velora(llama, "paper", num_groups=8)) == 4  # re-applied on purpose
+
+
+def test_applying_again_to_wrapped_lora_adapters_says_so():
+    peft = pytest.importorskip("peft")
+    model = peft.get_peft_model(tiny_llama(), peft.LoraConfig(r=4, target_modules=["v_proj"]))
+    apply_velora(model, "paper", num_groups=4)  # v_proj's adapters and the plain down_proj
+    with pytest.raises(PlacementError, match=r"lora_A\.default, sub_token_size 16"):
+        apply_velora(model, ["*.v_proj"], num_groups=4)
+
+
+# ---- layers that train (issue 14) -----------------------------------------------------------
+
+
+def _lora(model, targets):
+    import peft
+
+    return peft.get_peft_model(model, peft.LoraConfig(r=4, target_modules=targets))
+
+
+def test_on_a_lora_model_only_the_adapters_are_wrapped(llama):
+    # targets q and v: k_proj is frozen, has no adapter, and is left a plain linear
+    model = _lora(llama, ["q_proj", "v_proj"])
+    names = apply_velora(model, "qkv", num_groups=4)
+    assert len(names) == 2 * 2 and all(n.endswith(("q_proj.lora_A.default",
+                                                   "v_proj.lora_A.default")) for n in names)  # fmt: skip
+    assert all(type(m) is nn.Linear for n, m in model.named_modules() if n.endswith("k_proj"))
+
+
+def test_a_placement_with_only_frozen_layers_says_so(llama):
+    from velora_cli.placement import FrozenPlacementError
+
+    model = _lora(llama, ["q_proj", "v_proj"])
+    with pytest.raises(FrozenPlacementError, match="'mlp' selects only layers that do not train"):
+        apply_velora(model, "mlp", num_groups=4)
+    with pytest.raises(FrozenPlacementError, match="6 frozen"):  # frozen by hand, no LoRA
+        apply_velora(tiny_llama().requires_grad_(False), "mlp", num_groups=4)
+
+
+def test_profile_reports_a_frozen_placement_as_an_error_row():
+    from velora_cli.measure.train_step import StepSpec
+    from velora_cli.profiler import plan_strategies, validate_strategies
+
+    spec = StepSpec("llama-tiny", batch_size=2, seq_len=16, mode="lora",
+                    lora_targets="q_proj,v_proj")  # fmt: skip
+    strategies = plan_strategies(["qkv", "mlp"], num_groups=[4], velora_gc=False)
+    invalid = validate_strategies(spec, strategies)
+    assert {s.placement for s in invalid} == {"mlp"}
+    assert "selects only layers that do not train" in next(iter(invalid.values()))
+
+
+def test_gradient_probe_on_a_lora_subset_placement():
+    # wrapping the frozen k_proj used to break the probe: it has no weight gradient
+    from velora_cli import probes
+    from velora_cli.measure.train_step import StepSpec, Strategy
+
+    spec = StepSpec("llama-tiny", batch_size=2, seq_len=16, mode="lora",
+                    lora_targets="q_proj,v_proj", strategy=Strategy("qkv", num_groups=4))  # fmt: skip
+    result = probes.gradient_fidelity(spec)
+    assert len(result["layers"]) == 4 and 0.0 < result["cosine_min"] <= 1.0

@@ -102,10 +102,12 @@ def test_plan_strategies():
         "velora paper g16",
         "velora mlp g32",
         "velora mlp g16",
-        "velora paper g16 + gc",
-        "velora mlp g16 + gc",
+        "velora paper g32 + gc",  # the paper's M = D/32 where it is a choice
+        "velora mlp g32 + gc",
     ]
     assert [r.kind for r in rows][:3] == ["baseline", "gc", "gc"]
+    rows = plan_strategies(["paper"], num_groups=[16, 8, 4], gc_every=[1])
+    assert rows[-1].label == "velora paper g8 + gc"  # else the middle choice
     with pytest.raises(SpecError):
         plan_strategies(["paper"], num_groups=[4], sub_token_sizes=[8])
 
@@ -297,7 +299,7 @@ def test_cli_debug_shows_traceback():
     assert result.exit_code == 1 and result.exception is not None
 
 
-def test_cli_default_sizes_that_do_not_fit_are_left_out_with_a_notice(tmp_path):
+def test_cli_default_sizes_are_chosen_to_fit_the_model(tmp_path):
     from transformers import LlamaConfig
 
     LlamaConfig(
@@ -326,8 +328,10 @@ def test_cli_default_sizes_that_do_not_fit_are_left_out_with_a_notice(tmp_path):
     )
     assert result.exit_code == 0, result.output
     labels = [r["label"] for r in json.loads(result.stdout)["rows"]]
-    assert labels == ["baseline", "gc", "velora paper g32", "velora paper g16"]
-    assert "default --num-groups 64 left out" in result.stderr
+    # widths 64 and 96: 64 fits no down projection, so three choices from 32 down, no notice
+    assert labels == ["baseline", "gc", "velora paper g32", "velora paper g16", "velora paper g8"]
+    assert "left out" not in result.stderr and "note:" not in result.stderr
+    assert any("default --num-groups 32,16,8" in n for n in json.loads(result.stdout)["notices"])
     # asked for explicitly, the same choice is a row with its reason
     result = _run(
         str(tmp_path / "m"),

@@ -292,6 +292,10 @@ def test_trace_is_complete_live_bytes_match_the_tracker_at_every_op(device, roun
     assert len(grads) == sum(1 for p in model.parameters() if p.requires_grad)
     initial = {trace.categories[sid] for sid, _ in trace.initial}
     assert initial == {"params", "buffers", "optimizer"}  # buffers: RoPE inv_freq
+    # every op is named (where the allocator model puts kernel scratch), events count ops from 1
+    assert len(trace.op_names) == trace.ops and all("::" in n for n in trace.op_names)
+    assert all(1 <= op <= trace.ops for op, _, _ in trace.events)
+    assert "aten::embedding_dense_backward" in trace.op_names
 
 
 def test_trace_is_refused_without_trace_true():

@@ -5,6 +5,7 @@ The public API is imported lazily so that ``velora --help`` never pays for impor
     >>> from velora_cli import apply_velora, remove_velora
     >>> names = apply_velora(model, layers="paper", num_groups=32)
     >>> from velora_cli import apply_config, make_optimizer  # a config from velora export-config
+    >>> from velora_cli import VeloraCallback  # Trainer(..., callbacks=[VeloraCallback(config)])
 """
 
 from __future__ import annotations
@@ -22,6 +23,8 @@ _LAZY = {
     "VeLoRAFunction": "velora_cli.velora",
     "SavedTensorCounter": "velora_cli.accounting",
     "saved_activation_bytes": "velora_cli.accounting",
+    "VeloraCallback": "velora_cli.callback",
+    "load_run": "velora_cli.runs",
 }
 
 __all__ = ["__version__", *_LAZY]

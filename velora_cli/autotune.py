@@ -10,15 +10,15 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as _dt
-import os
-import re
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from velora_cli.budget import format_bytes
 from velora_cli.estimator import Estimator, Measurer
+from velora_cli.files import profiles_dir, reserve, slug
 from velora_cli.prober import Prober, probe_device
+from velora_cli.resume import open_journal as resume_journal
 from velora_cli.tune_settings import (
     CONTEXT_KEYS,
     DEFAULT_GC_EVERY,
@@ -129,46 +129,21 @@ def _missing_packages(settings: TuneSettings) -> dict[str, str]:
 # -- the run ------------------------------------------------------------------------------------
 
 
-def profiles_dir() -> Path:
-    return Path(os.environ.get("VELORA_PROFILES_DIR", "profiles"))
-
-
 def new_paths(model: str, directory: Path | None = None) -> tuple[Path, Path]:
-    """(tune document, journal) paths for a new tune: ``tune-<model>-<stamp>.json/.jsonl``."""
-    directory = directory or profiles_dir()
-    slug = re.sub(r"[^A-Za-z0-9_.-]+", "_", model).strip("_")
-    stamp = _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
-    path = directory / f"tune-{slug}-{stamp}.json"
-    return path, path.with_suffix(".jsonl")
+    """(tune document, journal) paths for a new tune, ``tune-<model>-<stamp>[-n].json/.jsonl``:
+    the journal is created exclusively (`files.reserve`), so no other run shares it.
+
+    Raises:
+        OutputError: the directory is not writable (checked before anything is estimated).
+    """
+    journal = reserve(directory or profiles_dir(), f"tune-{slug(model)}", ".jsonl", also=(".json",))
+    return journal.with_suffix(".json"), journal
 
 
 def latest(pattern: str, directory: Path | None = None) -> Path | None:
     """The most recently modified file matching ``pattern`` under the profiles directory."""
     found = sorted((directory or profiles_dir()).glob(pattern), key=lambda p: p.stat().st_mtime)
     return found[-1] if found else None
-
-
-def resume_journal(path: Path, settings: TuneSettings) -> Journal:
-    """Reopen a journal whose recorded settings match ``settings``.
-
-    Raises:
-        FileNotFoundError: no journal at ``path``.
-        TuneError: it was recorded with other settings (the message lists them).
-    """
-    if not path.is_file():
-        raise FileNotFoundError(f"no tune journal at {path}")
-    journal = Journal.load(path)
-    recorded = journal.context or {}
-    context = settings.context()
-    differ = [k for k in CONTEXT_KEYS if recorded.get(k) != context[k]]
-    if differ:
-        was = ", ".join(f"{k}={recorded.get(k)!r}" for k in differ)
-        now = ", ".join(f"{k}={context[k]!r}" for k in differ)
-        raise TuneError(
-            f"cannot resume {path}: it was recorded with {was}, this run has {now}; rerun with "
-            "the same settings, or without --resume to start a new tune"
-        )
-    return journal
 
 
 def run(
@@ -198,6 +173,7 @@ def run(
     from velora_cli import __version__
     from velora_cli.measure.train_step import LOWRANK_OPTIMIZERS
     from velora_cli.models import resolve_model
+    from velora_cli.precision import describe_modes
     from velora_cli.profiler import environment, write_atomic
 
     echo = echo or (lambda line: None)
@@ -205,6 +181,14 @@ def run(
     resolved = resolve_model(settings.model, trust_remote_code=settings.trust_remote_code)
     if resolved.notice:
         notices.append(resolved.notice)
+    if settings.weights:  # checked before anything runs: a missing checkpoint is one error
+        from velora_cli.checkpoint import check_weights
+
+        where = "the accuracy probes" if settings.backend == "estimate" else "every step run"
+        notices.append(
+            f"--weights: {check_weights(resolved)}, loaded for {where} (estimates take shapes "
+            "from the config)"
+        )
     candidates, dropped = build_space(settings)
     notices += dropped
     if any(c.optimizer in LOWRANK_OPTIMIZERS for c in candidates):
@@ -216,10 +200,18 @@ def run(
     if why:
         notices.append(why)
     if settings.backend == "estimate":
+        from velora_cli.gpus import get_gpu
+
+        probes = (
+            f"; the accuracy probes do train, {settings.probe_steps} steps each on {prober.device}"
+            if prober is not None
+            else ""
+        )
         notices.append(
-            "--backend estimate: every peak is estimated on meta tensors and no training step is "
-            "run (no step times: speed is ranked by the estimate's proxy); check the "
-            "recommendation with --backend cuda before relying on it"
+            "--backend estimate: every peak is estimated on meta tensors and no step is measured "
+            f"(speed is ranked by the tokens/s predicted for {get_gpu(settings.gpu).name} by a "
+            f"per-op roofline, not measured){probes}; check the recommendation with --backend "
+            "cuda before relying on it"
         )
     for line in notices:
         echo(f"note: {line}")
@@ -245,18 +237,19 @@ def run(
     if recommendation is not None:
         recommendation.update(_layers_of(settings, recommendation))
         if settings.backend == "estimate":
-            recommendation["reason"] = _estimate_reason(recommendation, result)
+            recommendation["reason"] = _estimate_reason(recommendation, result, prober)
         warnings += _timing_warnings(recommendation)
-    spec = settings.base_spec()
+    tried = [m for m in settings.modes if any(c.mode == m for c in candidates)]
     document: dict[str, Any] = {
         "kind": "velora-tune",
         "model": settings.model,
+        "task": resolved.task,  # the head trained (export-config's PEFT task_type)
         "mode": ",".join(settings.modes),
         "batch_size": settings.batch_size,
         "seq_len": settings.seq_len,
         "dtype": settings.dtype,
         "amp": settings.amp,
-        "precision": spec.precision,
+        "precision": describe_modes(tried or settings.modes, settings.dtype, settings.amp),
         "optimizer": ",".join(settings.optimizers),
         "backend": settings.backend,
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
@@ -342,21 +335,36 @@ def _timing_warnings(rec: dict[str, Any]) -> list[str]:
     ]
 
 
-def _estimate_reason(rec: dict[str, Any], result) -> str:
+def _estimate_reason(rec: dict[str, Any], result, prober: Prober | None) -> str:
     n = sum(row["status"] in ("feasible", "chosen") for row in result.candidates)
-    won = {
-        "speed": "the best estimated speed rank (least checkpointing recompute, then no 4-bit "
+    speed = (
+        "the best estimated speed rank (least checkpointing recompute, then no 4-bit "
         "dequantization, then the largest micro-batch, then the fewest VeLoRA layers; no step "
-        "was timed)",
+        "was timed)"
+    )
+    if rec.get("tokens_per_second") is not None:
+        speed = (
+            f"the highest predicted throughput ({rec['tokens_per_second']:,.0f} tokens/s, "
+            f"{rec.get('step_seconds_source', 'predicted')}; no step was timed)"
+        )
+    won = {
+        "speed": speed,
         "memory": f"the smallest estimated peak ({format_bytes(rec['peak_bytes'])})",
         "accuracy": "the smallest loss change vs the uncompressed baseline",
     }[result.objective]
+    figure = (
+        "predicted device memory (the caching allocator's reserved memory + CUDA context)"
+        if str(rec.get("peak_source", "")).startswith("predicted_device_bytes")
+        else "the estimated allocated peak"
+    )
     return (
         f"{rec['key']} has {won} of the {n} configurations estimated within "
         f"{format_bytes(result.limit_bytes)} (budget {format_bytes(result.budget_bytes)} − "
         f"{rec['margin']:.0%})"
         + (" and the loss tolerance" if rec.get("loss") is not None else "")
-        + "; estimates only (--backend estimate): no training step was run"
+        + f"; the budget was compared with {figure}"
+        + "; estimates only (--backend estimate): no step was measured"
+        + ("" if prober is None else " (the accuracy probes trained on " + prober.device + ")")
     )
 
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 import re
 from decimal import Decimal, InvalidOperation
 
-__all__ = ["BudgetError", "describe_budget", "format_bytes", "parse_budget"]
+__all__ = ["MAX_BYTES", "BudgetError", "describe_budget", "format_bytes", "parse_budget"]
 
 # canonical spelling -> bytes per unit
 _UNITS: dict[str, int] = {
@@ -31,6 +31,8 @@ _UNITS: dict[str, int] = {
 _ALIASES: dict[str, str] = {u.lower(): u for u in _UNITS}
 _ALIASES.update({"k": "KB", "m": "MB", "g": "GB", "t": "TB"})
 
+# The largest budget: torch counts bytes in int64, and no machine holds more than 8 EiB.
+MAX_BYTES = 2**63 - 1
 _ACCEPTED = (
     "a positive number with a unit, e.g. 10GB, 10GiB, 9.5G, 10240MB, 10240MiB, 123456B, 1.5TB"
 )
@@ -53,6 +55,8 @@ def _split(text: str) -> tuple[Decimal, str]:
     if match is None:
         raise BudgetError(f"cannot read budget {text!r}: expected {_ACCEPTED}")
     unit_text = match["unit"]
+    if not unit_text and Decimal(match["number"]) == 0:
+        raise BudgetError(f"budget {text!r} is zero: expected {_ACCEPTED}")
     if not unit_text:
         raise BudgetError(
             f"budget {text!r} has no unit: write e.g. {text.strip()}GB or {text.strip()}GiB "
@@ -76,19 +80,30 @@ def parse_budget(text: str) -> int:
             ``10GiB`` (2^30), ``9.5G`` (= GB), ``10240MB``, ``10240MiB``, ``123456B``, ``1.5TB``.
 
     Returns:
-        The budget in bytes (fractions of a byte are dropped).
+        The budget in bytes.
 
     Raises:
-        BudgetError: no unit, unknown unit, not a number (including nan/inf), zero, negative, or
-            less than one byte. The one-line message names the accepted forms.
+        BudgetError: no unit, unknown unit, not a number (including nan/inf), zero, negative,
+            less than one byte, not a whole number of bytes (``1.5B``: never rounded silently),
+            or more than `MAX_BYTES`. The one-line message names the accepted forms.
     """
     number, unit = _split(text)
     if number == 0:
         raise BudgetError(f"budget {text!r} is zero: expected {_ACCEPTED}")
-    nbytes = int(number * _UNITS[unit])  # Decimal: 9.5 * 10**9 is exact, no float rounding
-    if nbytes < 1:
+    exact = number * _UNITS[unit]  # Decimal: 9.5 * 10**9 is exact, no float rounding
+    if exact < 1:
         raise BudgetError(f"budget {text!r} is less than one byte: expected {_ACCEPTED}")
-    return nbytes
+    if exact > MAX_BYTES:
+        raise BudgetError(
+            f"budget {text!r} is more than 8 EiB, beyond any machine (and int64 byte counts): "
+            f"expected {_ACCEPTED}"
+        )
+    if exact != exact.to_integral_value():
+        raise BudgetError(
+            f"budget {text!r} is {exact.normalize():f} bytes, not a whole number of bytes: "
+            f"expected {_ACCEPTED}"
+        )
+    return int(exact)
 
 
 def describe_budget(nbytes: int, text: str | None = None) -> str:

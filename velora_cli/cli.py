@@ -12,13 +12,13 @@ from typing import Annotated
 import typer
 
 from velora_cli import __version__
-from velora_cli.commands import export, models, profile, tune
+from velora_cli.commands import export, models, plot, profile, tune
 from velora_cli.commands.errors import state
 
 app = typer.Typer(
     name="velora",
     help="Measure and tune the training memory of Hugging Face models with VeLoRA.",
-    no_args_is_help=True,
+    invoke_without_command=True,  # `velora` alone prints the help and exits 0 (see root)
     add_completion=False,
     pretty_exceptions_enable=False,
     rich_markup_mode=None,
@@ -33,6 +33,7 @@ def _version_callback(value: bool) -> None:
 
 @app.callback()
 def root(
+    ctx: typer.Context,
     version: Annotated[
         bool,
         typer.Option(
@@ -43,12 +44,16 @@ def root(
 ) -> None:
     """velora: will VeLoRA, checkpointing or both make your training run fit, and how fast?"""
     state["debug"] = debug
+    if ctx.invoked_subcommand is None:  # no command: help is what was asked for, not an error
+        typer.echo(ctx.get_help())
+        raise typer.Exit(0)
 
 
 app.command()(profile.profile)
 app.command()(models.models)
 app.command()(tune.tune)
 app.command("export-config")(export.export_config)
+app.command()(plot.plot)
 
 
 def main() -> None:

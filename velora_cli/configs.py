@@ -37,6 +37,7 @@ VERSION = 1
 MODES = ("full", "lora", "qlora")
 LORA_MODES = ("lora", "qlora")  # qlora: LoRA on a 4-bit NF4 base (velora_cli.quant)
 DTYPES = ("fp32", "bf16", "fp16")
+TASKS = ("causal-lm", "masked-lm")  # the heads velora_cli.models builds
 # The v initializations of velora.INIT_STRATEGIES, repeated here so that loading a config does not
 # import torch (PEFT's VeloraConfig.init_type takes the same three names).
 INITS = ("batch_average_once", "batch_average", "random")
@@ -96,8 +97,14 @@ class VeloraConfig:
     lora_rank: int | None = None
     lora_targets: str | None = None
     lora_layers: int | None = None  # how many layers LoRA adapts (PEFT applies VeLoRA to all)
+    task: str | None = None  # models.ModelSpec.task: causal-lm or masked-lm (the head trained)
     budget_bytes: int | None = None
-    peak_bytes: int | None = None
+    peak_bytes: int | None = None  # what the tune compared with the budget (its backend's peak)
+    # The prediction by measure: allocator peak (max_memory_allocated, or the tracked tensors of
+    # the estimate/cpu backends), reserved and device-level (NVML) peaks where the tune had them
+    allocated_bytes: int | None = None
+    reserved_bytes: int | None = None
+    device_used_bytes: int | None = None
     step_seconds: float | None = None
     tokens_per_second: float | None = None
     loss_increase: float | None = None
@@ -141,7 +148,15 @@ class VeloraConfig:
             errors.append(
                 f"mode {self.mode} needs lora_rank, a positive integer, got {self.lora_rank!r}"
             )
-        for name in ("budget_bytes", "peak_bytes"):
+        if self.task is not None and self.task not in TASKS:
+            errors.append(f"task must be one of {', '.join(TASKS)} or null, got {self.task!r}")
+        for name in (
+            "budget_bytes",
+            "peak_bytes",
+            "allocated_bytes",
+            "reserved_bytes",
+            "device_used_bytes",
+        ):
             value = getattr(self, name)
             if value is not None and (not _positive_int(value)):
                 errors.append(f"{name} must be a positive integer (bytes) or null, got {value!r}")
@@ -252,8 +267,10 @@ def from_tune_document(document: dict[str, Any], source: str | None = None) -> V
         lora_rank=settings.get("lora_rank") if lora else None,
         lora_targets=settings.get("lora_targets") if lora else None,
         lora_layers=rec.get("lora_layers") if lora else None,
+        task=rec.get("task", document.get("task")),
         budget_bytes=rec.get("budget_bytes", document.get("budget_bytes")),
         peak_bytes=rec.get("peak_bytes"),
+        **_predicted(rec),
         step_seconds=rec.get("step_seconds"),
         tokens_per_second=rec.get("tokens_per_second"),
         loss_increase=rec.get("loss_increase"),
@@ -261,6 +278,20 @@ def from_tune_document(document: dict[str, Any], source: str | None = None) -> V
         versions=versions,
         source=source,
     )
+
+
+def _predicted(rec: dict[str, Any]) -> dict[str, int | None]:
+    """The recommendation's peaks by measure. On cuda the tune's ``peak_bytes`` is the
+    device-level peak and the allocator's is ``allocator_peak_bytes``; on the estimate and cpu
+    backends ``peak_bytes`` is the tracked tensor peak, which predicts the allocator's."""
+    allocated = rec.get("allocator_peak_bytes")
+    if allocated is None and rec.get("peak_source") is None:
+        allocated = rec.get("peak_bytes")
+    return {
+        "allocated_bytes": allocated,
+        "reserved_bytes": rec.get("reserved_bytes"),
+        "device_used_bytes": rec.get("device_used_bytes"),
+    }
 
 
 def load_config(path_or_dict: str | os.PathLike | dict[str, Any]) -> VeloraConfig:
@@ -302,11 +333,21 @@ def load_config(path_or_dict: str | os.PathLike | dict[str, Any]) -> VeloraConfi
         raise ConfigError(f"{where}expected a JSON object, got {type(data).__name__}")
     if "recommendation" in data and "candidates" in data:
         return from_tune_document(data, source)
+    if "rows" in data and "settings" in data:  # what velora profile saves
+        model = data.get("model") or "MODEL"
+        raise ConfigError(
+            f"{where}this is a profile document (velora profile), not a tune document: a profile "
+            "measures strategies and recommends none; run velora tune "
+            f"{model} --budget SIZE and export its document"
+        )
     kind = data.get("format")
+    if kind == "trl" and isinstance(data.get("velora"), dict):
+        data = data["velora"]  # a trl export carries the velora config it was written from
+        kind = data.get("format")
     if kind != FORMAT:
         hint = (
             f"it is a {kind} export; "
-            if kind in ("peft", "trainer")
+            if kind in ("peft", "trainer", "trl")
             else "no 'format': 'velora-config' field; "
         )
         raise ConfigError(

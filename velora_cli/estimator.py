@@ -1,6 +1,8 @@
 """The tune's ``estimate(c)`` and ``measure(c)``: backends turned into the tuner's `Measurement`s.
 
-estimate(c)  the estimate backend (meta tensors), cached per candidate
+estimate(c)  the estimate backend (meta tensors), cached per candidate; with --backend estimate
+             or cuda its peak is the predicted device memory (allocator-reserved + CUDA
+             context, measure/device_memory.py), as the budget is the GPU's whole memory
 measure(c)   the chosen backend: cuda (budget against the device-level peak), cpu, or the
              cached estimate itself with ``--backend estimate`` (then nothing is a real run,
              and the recommendation says so)
@@ -13,27 +15,59 @@ from typing import Any
 from velora_cli.candidates import Candidate, Measurement
 from velora_cli.tune_settings import TuneSettings, candidate_spec
 
+PREDICTED_DEVICE_SOURCE = (
+    "predicted_device_bytes (estimate: the caching allocator's predicted reserved memory + CUDA "
+    "context, not allocated bytes)"
+)
 
-def measurement_of(row: dict[str, Any], spec, use_device_peak: bool) -> Measurement:
-    """A backend row as the tuner's Measurement; the row's other fields travel in detail."""
+
+def measurement_of(
+    row: dict[str, Any], spec, use_device_peak: bool, *, predicted_device: bool = False
+) -> Measurement:
+    """A backend row as the tuner's Measurement; the row's other fields travel in detail.
+
+    An estimate row has no measured time: its step time and tokens/s are the roofline's
+    prediction (``predicted_*``, marked by ``step_seconds_source``), so the tuner ranks
+    estimates by predicted tokens/s. A measured row keeps its measured time.
+
+    Args:
+        use_device_peak: a cuda row's peak is its device-level (NVML) memory.
+        predicted_device: an estimate row's peak is its predicted device memory.
+    """
     from velora_cli.profiler import strategy_fields
 
     status = row.get("status", "error")
     peak = row.get("peak_bytes")
+    seconds, tokens = row.get("step_seconds"), row.get("tokens_per_second")
+    if seconds is None and row.get("predicted_step_seconds") is not None:
+        seconds, tokens = row["predicted_step_seconds"], row["predicted_tokens_per_second"]
     detail = {**strategy_fields(spec.strategy), **row}
-    if use_device_peak and row.get("device_used_bytes") is not None:
-        # cuda: the budget is the device's memory, so the device-level peak (context included)
+    if use_device_peak and row.get("process_used_bytes") is not None:
+        # cuda: the budget is the device's memory, so the device-level peak of the worker alone
+        # (its CUDA context + reserved), not the whole device's (another process's context)
+        peak = row["process_used_bytes"]
+        detail["allocator_peak_bytes"] = row.get("peak_bytes")
+        detail["peak_source"] = (
+            "process_used_bytes (NVML, this step's process, CUDA context included)"
+        )
+    elif use_device_peak and row.get("device_used_bytes") is not None:
+        # NVML lists no per-process usage here (a container's PID namespace): the whole device's
         peak = row["device_used_bytes"]
         detail["allocator_peak_bytes"] = row.get("peak_bytes")
         detail["peak_source"] = "device_used_bytes (device-level, CUDA context included)"
+    elif predicted_device and row.get("predicted_device_bytes") is not None:
+        peak = row["predicted_device_bytes"]
+        detail["allocator_peak_bytes"] = row.get("peak_bytes")
+        detail["peak_source"] = PREDICTED_DEVICE_SOURCE
     for key in ("peak_bytes", "step_seconds", "tokens_per_second", "status", "backend"):
         detail.pop(key, None)
+    detail.pop("timeline", None)  # the profile's picture; a tune keeps hundreds of candidates
     if row.get("wrapped_layers") is not None:
         detail["velora_layers"] = row["wrapped_layers"]  # feeds tuner.cost_rank
     return Measurement(
         peak_bytes=peak if status == "ok" else None,
-        step_seconds=row.get("step_seconds"),
-        tokens_per_second=row.get("tokens_per_second"),
+        step_seconds=seconds,
+        tokens_per_second=tokens,
         status=status if status in ("ok", "oom") else "error",
         backend=row.get("backend", ""),
         detail=detail,
@@ -55,7 +89,11 @@ class Estimator:
     def __init__(self, settings: TuneSettings):
         from velora_cli.measure.estimate import EstimateBackend
 
-        self.base, self.backend = settings.base_spec(), EstimateBackend(gpu=settings.gpu)
+        self.base = settings.base_spec()
+        self.backend = EstimateBackend(gpu=settings.gpu, alloc_conf=settings.alloc_conf)
+        # the budget is a GPU's memory: compare it with what the device must hold (a cpu tune
+        # compares tracked CPU tensors, so its estimates stay allocated bytes too)
+        self.device_level = settings.backend in ("estimate", "cuda")
         self.budget = settings.budget_bytes
         self.min_micro = min(settings.micro_batches or (1,))
         self.cache: dict[str, Measurement] = {}
@@ -80,7 +118,7 @@ class Estimator:
             if row.get("status") == "ok":
                 static = row["param_bytes"] + row["grad_bytes"] + row["optimizer_bytes"]
                 self.floors.setdefault((c.mode, c.optimizer), static)
-            self.cache[c.key] = measurement_of(row, spec, False)
+            self.cache[c.key] = measurement_of(row, spec, False, predicted_device=self.device_level)
         return self.cache[c.key]
 
 

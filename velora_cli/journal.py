@@ -10,6 +10,11 @@ import json
 import os
 from pathlib import Path
 
+try:  # POSIX: a running tune holds a lock on its journal, so a resume never takes it over
+    import fcntl
+except ImportError:  # pragma: no cover - Windows: no lock, names are still unique
+    fcntl = None
+
 
 class Journal:
     """Append-only JSONL log of a tune's finished calls, so an interrupted tune can resume.
@@ -33,7 +38,9 @@ class Journal:
         """Start a new journal at `path`, replacing any file there."""
         self.path = Path(path)
         self.context = context
+        self.skipped: list[int] = []
         self._records: dict[tuple[str, str], dict] = {}
+        self._lock_fd: int | None = None
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.path.write_text("")
         self._append({"v": self.VERSION, "stage": "header", "context": context})
@@ -42,14 +49,16 @@ class Journal:
     def load(cls, path: str | os.PathLike) -> Journal:
         """Reopen an existing journal, keeping its finished records; new records append to it.
 
-        A truncated last line (crash mid-write) is ignored and cut from the file.
+        A truncated last line (crash mid-write) is ignored and cut from the file. A complete line
+        in the middle that is not a journal record (hand-edited, disk trouble) is skipped, its
+        number kept in ``skipped``; the records around it are kept.
 
         Raises:
             FileNotFoundError: no journal at `path`.
-            ValueError: a complete line in the middle is not a journal record.
         """
         journal = cls.__new__(cls)
         journal.path, journal.context, journal._records = Path(path), None, {}
+        journal.skipped, journal._lock_fd = [], None
         data = journal.path.read_bytes()
         complete, _, tail = data.rpartition(b"\n")
         lines = complete.split(b"\n") if complete else []
@@ -65,14 +74,61 @@ class Journal:
                 continue
             record = _parse_line(line)
             if record is None:
-                raise ValueError(
-                    f"{journal.path}:{number} is not a journal record; start a new tune"
-                )
-            if record["stage"] == "header":
+                journal.skipped.append(number)
+            elif record["stage"] == "header":
                 journal.context = record.get("context")
             else:
                 journal._records[(record["stage"], record["key"])] = record["result"]
         return journal
+
+    @staticmethod
+    def read_context(path: str | os.PathLike) -> dict | None:
+        """The header's context of the journal at `path` without reading its records; None when
+        the file is empty or its first line is not a header."""
+        with open(path, "rb") as f:
+            record = _parse_line(f.readline())
+        if record is None or record["stage"] != "header":
+            return None
+        return record.get("context")
+
+    def claim(self) -> bool:
+        """Lock the journal for this process (until `release` or exit), so that no other
+        ``velora tune --resume`` takes it over while this run writes it.
+
+        Returns:
+            False when another process holds it (a tune still running); True otherwise (also
+            where the platform has no locks).
+        """
+        if fcntl is None or self._lock_fd is not None:
+            return True
+        fd = os.open(self.path, os.O_RDONLY)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            os.close(fd)
+            return False
+        self._lock_fd = fd
+        return True
+
+    def release(self) -> None:
+        """Give up the lock taken by `claim` (a no-op without one)."""
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)  # closing the descriptor drops its flock
+            self._lock_fd = None
+
+    @staticmethod
+    def in_use(path: str | os.PathLike) -> bool:
+        """True when a running tune holds the journal at `path` (see `claim`)."""
+        if fcntl is None:
+            return False
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            return True
+        finally:
+            os.close(fd)  # also drops the lock just taken
+        return False
 
     def get(self, stage: str, key: str) -> dict | None:
         """The finished result of `stage` for candidate `key`, or None."""

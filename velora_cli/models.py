@@ -419,33 +419,32 @@ def build_model(
 
 
 def _load_weights(auto: Any, spec: ModelSpec, config: Any, target: Any, kwargs: dict) -> Any:
-    if spec.weights_path is None:
-        if spec.builtin is not None and spec.name.lower() != spec.builtin:  # a hub fallback
-            raise ModelError(
-                f"cannot load weights for {spec.name}: the hub was not usable, so it resolved to "
-                f"the built-in architecture {spec.builtin}, which has no weights; fix hub access "
-                "(network, HF_HUB_OFFLINE, `huggingface-cli login`) or pass a local directory"
-            )
-        hub_ids = _builtin_table().get(spec.builtin or "", {}).get("hub_ids", [])
-        example = f" (e.g. {hub_ids[0]})" if hub_ids else ""
-        raise ModelError(
-            f"built-in architectures have no weights ({spec.name}); pass a hub id{example} "
-            "or local directory, or build with random weights"
-        )
+    from velora_cli import checkpoint
+
+    checkpoint.check_weights(spec)
     if target.type == "meta":
         raise ModelError(
             f"cannot load weights for {spec.name} on the meta device, which holds shapes only; "
             "pick cpu or cuda, or build with random weights"
         )
     try:
-        return auto.from_pretrained(
-            spec.weights_path,
-            config=config,
-            device_map=None if target.type == "cpu" else str(target),
-            local_files_only=_hub_offline(),
-            **kwargs,
-        )
+        with checkpoint.quiet_loading():
+            return auto.from_pretrained(
+                spec.weights_path,
+                config=config,
+                device_map=None if target.type == "cpu" else str(target),
+                local_files_only=_hub_offline(),
+                **checkpoint.load_kwargs(spec),
+                **kwargs,
+            )
     except Exception as exc:  # OSError (missing files, hub), ValueError, safetensors errors
+        if checkpoint.unsafe_pickle(exc):
+            raise ModelError(
+                f"cannot load weights for {spec.name}: its pytorch_model.bin is a pickle that "
+                "torch.load(weights_only=True) refuses (it holds more than tensors, and loading "
+                "it would run its code); if you trust it, convert it to safetensors "
+                "(save_pretrained(..., safe_serialization=True))"
+            ) from exc
         raise ModelError(
             f"cannot load weights for {spec.name} from {spec.weights_path}: {_first_line(exc)}; "
             "pass a directory written by save_pretrained or a hub id you can download"

@@ -69,6 +69,14 @@ class PlacementError(ValueError):
     """A placement that names no preset, matches no layer, or is otherwise unusable."""
 
 
+FROZEN_REASON = "selects only layers that do not train"  # FrozenPlacementError's message
+
+
+class FrozenPlacementError(PlacementError):
+    """A placement whose layers all exist but none trains (e.g. ``mlp`` on a model whose LoRA
+    adapters sit on attention only): a strategy that cannot apply to this model, not a typo."""
+
+
 def layer_role(name: str) -> str | None:
     """The role of a block layer from its qualified name, or None when unknown."""
     for role, globs in ROLE_RULES:
@@ -90,12 +98,20 @@ def _is_lora_layer(module: nn.Module) -> bool:
     return isinstance(getattr(module, "lora_A", None), nn.ModuleDict)
 
 
+def _frozen(module: nn.Module) -> bool:
+    """A layer whose weight does not train (a LoRA model's base layer without an adapter, or
+    one the user froze): it forms no weight gradient, so VeLoRA has nothing to compress there
+    (a VeLoRA layer with a frozen weight runs as a plain linear)."""
+    weight = getattr(module, "weight", None)
+    return weight is not None and not weight.requires_grad
+
+
 def candidate_layers(model: nn.Module) -> dict[str, nn.Module]:
     """Linear-like layers VeLoRA could wrap, by qualified name.
 
-    Plain ``nn.Linear`` and GPT-2 ``Conv1D`` layers, and peft LoRA layers (whose adapters' A
-    projections are wrapped); modules nested inside a LoRA layer, layers already wrapped and
-    4-bit (qlora) base layers are skipped.
+    Plain ``nn.Linear`` and GPT-2 ``Conv1D`` layers that train, and peft LoRA layers (whose
+    adapters' A projections are wrapped); modules nested inside a LoRA layer, layers already
+    wrapped, frozen layers and 4-bit (qlora) base layers are skipped.
     """
     found: dict[str, nn.Module] = {}
     skip_prefixes: list[str] = []
@@ -105,7 +121,7 @@ def candidate_layers(model: nn.Module) -> dict[str, nn.Module]:
         if _is_lora_layer(module):
             found[name] = module
             skip_prefixes.append(name + ".")
-        elif is_velora(module) or is_quantized(module):  # 4-bit: no weight grad
+        elif is_velora(module) or is_quantized(module) or _frozen(module):  # no weight grad
             continue
         elif isinstance(module, nn.Linear) or _is_conv1d(module):
             found[name] = module
@@ -157,12 +173,36 @@ def select_layers(model: nn.Module, layers: str | list[str] = "paper") -> dict[s
         elif in_block(name) and ("*" in roles or layer_role(name) in roles):
             chosen[name] = module
     if not chosen:
+        frozen = _frozen_matches(model, roles, patterns)
+        if frozen:
+            raise FrozenPlacementError(
+                f"placement {layers!r} {FROZEN_REASON} ({len(frozen)} frozen, e.g. "
+                f"{frozen[0]}): no weight gradient, nothing for VeLoRA to compress; in LoRA "
+                "modes choose a placement that covers the adapters (--lora-targets)"
+            )
         examples = ", ".join(list(candidates)[:6]) or "none"
         raise PlacementError(
             f"placement {layers!r} matched no linear layer in {type(model).__name__}; "
             f"its linear layers include: {examples}"
         )
     return chosen
+
+
+def _frozen_matches(model: nn.Module, roles: frozenset[str], patterns: list[str]) -> list[str]:
+    """The frozen plain linears a placement would select if frozen layers counted."""
+    return [
+        name
+        for name, module in model.named_modules()
+        if (isinstance(module, nn.Linear) or _is_conv1d(module))
+        and _frozen(module)
+        and not is_quantized(module)
+        and not name.endswith(".base_layer")  # inside a LoRA layer: the adapter is the candidate
+        and (
+            any(_matches(name, p) for p in patterns)
+            if patterns
+            else in_block(name) and ("*" in roles or layer_role(name) in roles)
+        )
+    ]
 
 
 def _size_for(name: str, value: int | Mapping[str, int] | None) -> int | None:
@@ -218,13 +258,23 @@ def apply_velora(
         the adapters' A projections (``...q_proj.lora_A.default``).
 
     Raises:
-        PlacementError: unknown preset, nothing matched, or a size mapping misses a layer.
+        PlacementError: unknown preset, nothing matched, a size mapping misses a layer, or the
+            placement selects layers that are VeLoRA layers already (`remove_velora` first).
         SubTokenSizeError: a sub-token size or group count that does not divide a layer's width.
     """
     if sub_token_size is not None and num_groups is not None:
         raise PlacementError("give sub_token_size or num_groups, not both")
     if sub_token_size is None and num_groups is None:
         num_groups = DEFAULT_NUM_GROUPS
+    already = _already_wrapped(model, layers)
+    if already:
+        name, module = next(iter(already.items()))
+        more = f" and {len(already) - 1} more" if len(already) > 1 else ""
+        raise PlacementError(
+            f"placement {layers!r} selects layers that are VeLoRA layers already ({name}, "
+            f"sub_token_size {module.sub_token_size}{more}); call remove_velora(model) first "
+            "to apply them with new settings"
+        )
     selected = select_layers(model, layers)
 
     # Expand LoRA layers into their adapters' A projections (the paper's fine-tuning placement).
@@ -251,6 +301,22 @@ def apply_velora(
             model, name, _wrap(module, sub_token_size=sizes[name], init=init, seed=seed + index)
         )
     return list(targets)
+
+
+def _already_wrapped(model: nn.Module, layers: str | list[str]) -> dict[str, nn.Module]:
+    """The VeLoRA layers of ``model`` that ``layers`` would select (a LoRA adapter's wrapped A
+    projection counts as its LoRA layer), by qualified name."""
+    roles, patterns = parse_placement(layers)
+    found = {}
+    for name, module in velora_layers(model).items():
+        owner = name.split(".lora_A.")[0]  # ...q_proj.lora_A.default -> ...q_proj
+        if patterns:
+            hit = any(_matches(owner, p) for p in patterns)
+        else:
+            hit = in_block(owner) and ("*" in roles or layer_role(owner) in roles)
+        if hit:
+            found[name] = module
+    return found
 
 
 def remove_velora(model: nn.Module) -> list[str]:

@@ -10,16 +10,14 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as _dt
-import json
-import os
 import platform
-import re
-import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from velora_cli.files import profiles_dir, reserve, slug, write_atomic
 from velora_cli.measure.train_step import LOWRANK_OPTIMIZERS, SpecError, StepSpec, Strategy
+from velora_cli.num_groups import PAPER_GROUPS
 
 LOWRANK_NOTICE = (
     "galore/adarankgrad: 2-D weights (not embeddings or the output layer) take their Adam step "
@@ -29,10 +27,8 @@ LOWRANK_NOTICE = (
     "listed too (the estimate backend, without values, runs every weight at that cap)"
 )
 DEFAULT_PLACEMENTS = ("paper", "qkv+down", "mlp", "all-linear")
-DEFAULT_NUM_GROUPS = (64, 32, 16)
+DEFAULT_NUM_GROUPS = (64, 32, 16)  # where no model is known; the CLI chooses per model (num_groups)
 DEFAULT_GC_EVERY = (2,)
-# Below this many parameters × tokens, `auto` without a GPU also times real CPU steps.
-CPU_TIMING_LIMIT = 60e6 * 2048
 
 
 def plan_strategies(
@@ -47,7 +43,8 @@ def plan_strategies(
 
     baseline; gc (every layer); gc every n for each n > 1 in ``gc_every``; VeLoRA for each
     placement × sub-token choice; and, when ``velora_gc``, VeLoRA + full checkpointing for each
-    placement at the middle sub-token choice.
+    placement at the paper's choice (``num_groups`` 32, M = D/32) when it is one of the choices,
+    else at the middle one.
     """
     if num_groups and sub_token_sizes:
         raise SpecError("give --num-groups or --sub-token-size, not both")
@@ -64,7 +61,8 @@ def plan_strategies(
     rows += [Strategy(gc=n) for n in dict.fromkeys(gc_every) if n > 1]
     rows += [Strategy(placement=p, **s) for p in placements for s in sizes]
     if velora_gc and placements:
-        middle = sizes[len(sizes) // 2]
+        paper = {"num_groups": PAPER_GROUPS}  # paper Table 5b: M = D/32
+        middle = paper if paper in sizes else sizes[len(sizes) // 2]
         rows += [Strategy(placement=p, gc=True, **middle) for p in placements]
     return rows
 
@@ -87,6 +85,7 @@ def validate_strategies(
     """
     from velora_cli.measure.train_step import prepare
     from velora_cli.placement import (
+        FrozenPlacementError,
         PlacementError,
         _in_features,
         select_layers,
@@ -103,6 +102,9 @@ def validate_strategies(
             continue
         try:
             layers = select_layers(model, strategy.placement)
+        except FrozenPlacementError as exc:  # a row that cannot apply here, not a typo
+            invalid[strategy] = str(exc)
+            continue
         except PlacementError as exc:
             raise SpecError(str(exc)) from None
         if notes is not None and strategy.placement not in notes:
@@ -190,6 +192,10 @@ def with_deltas(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
                     )
             if row.get("step_seconds") and base.get("step_seconds"):
                 row["step_time_ratio"] = row["step_seconds"] / base["step_seconds"]
+            if row.get("predicted_step_seconds") and base.get("predicted_step_seconds"):
+                row["predicted_time_ratio"] = (
+                    row["predicted_step_seconds"] / base["predicted_step_seconds"]
+                )
         out.append(row)
     return out
 
@@ -205,27 +211,15 @@ def strategy_fields(strategy: Strategy) -> dict[str, Any]:
     }
 
 
-def write_atomic(path: Path, document: dict[str, Any]) -> None:
-    """Write JSON so that a reader (or a crash) never sees a half-written file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as fh:
-            json.dump(document, fh, indent=2)
-            fh.write("\n")
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def default_save_path(spec: StepSpec, backend: str, directory: Path | None = None) -> Path:
-    directory = directory or Path(os.environ.get("VELORA_PROFILES_DIR", "profiles"))
-    slug = re.sub(r"[^A-Za-z0-9_.-]+", "_", spec.model).strip("_")
-    stamp = _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
-    return directory / f"profile-{slug}-{backend}-{stamp}.json"
+    """A new document name under the profiles directory, taken for this run alone
+    (``profile-<model>-<backend>-<stamp>[-n].json``, created exclusively: `files.reserve`).
+
+    Raises:
+        OutputError: the directory is not writable (checked before anything is measured).
+    """
+    stem = f"profile-{slug(spec.model)}-{backend}"
+    return reserve(directory or profiles_dir(), stem, ".json")
 
 
 def make_backend(
@@ -235,67 +229,35 @@ def make_backend(
     warmup: int | None = None,
     steps: int | None = None,
     gpu: str | None = None,
+    alloc_conf: str | None = None,
 ):
-    """The backend object for ``--backend`` (``auto`` resolved here); ``gpu`` is the GPU the
-    estimate predicts for (`velora_cli.gpus`)."""
+    """The backend object for ``--backend`` (``auto`` resolved here: ``cuda`` when a GPU is
+    visible, else ``estimate``: memory and step time predicted for ``gpu``, nothing stepped on
+    this CPU; ``--backend cpu`` times real CPU steps); ``gpu`` is the GPU the estimate predicts
+    for (`velora_cli.gpus`), ``alloc_conf`` the caching-allocator settings (None: the
+    environment's)."""
     from velora_cli.measure.cpu import CpuBackend
     from velora_cli.measure.cuda import CudaBackend, cuda_available
     from velora_cli.measure.estimate import EstimateBackend
 
     if name == "auto":
-        name = "cuda" if cuda_available() else "estimate+cpu"
+        name = "cuda" if cuda_available() else "estimate"
     if name == "cuda":
         if not cuda_available():
             raise SpecError(
                 "--backend cuda: no CUDA device is visible (torch.cuda.is_available() "
                 "is False); use --backend estimate or cpu"
             )
-        return CudaBackend(**_opts(warmup, steps))
+        return CudaBackend(**_opts(warmup, steps), alloc_conf=alloc_conf)
     if name == "cpu":
         return CpuBackend(**_opts(warmup, steps))
     if name == "estimate":
-        return EstimateBackend(gpu=gpu)
-    if name == "estimate+cpu":
-        return EstimatePlusCpu(cpu=CpuBackend(**_opts(warmup, steps)), gpu=gpu)
+        return EstimateBackend(gpu=gpu, alloc_conf=alloc_conf)
     raise SpecError(f"unknown backend {name!r}; choose auto, cuda, cpu or estimate")
 
 
 def _opts(warmup, steps):
     return {k: v for k, v in (("warmup", warmup), ("steps", steps)) if v is not None}
-
-
-@dataclasses.dataclass
-class EstimatePlusCpu:
-    """``auto`` without a GPU: memory from the estimate (what a GPU would hold), and real CPU
-    step times when the model is small enough to step on this machine in reasonable time."""
-
-    cpu: Any
-    gpu: str | None = None
-    name: str = "estimate"
-
-    def __post_init__(self) -> None:
-        from velora_cli.measure.estimate import EstimateBackend
-
-        self.estimate = EstimateBackend(gpu=self.gpu)
-        self.gpu = self.estimate.gpu
-
-    def measure(self, spec: StepSpec, *, breakdown: bool = False) -> dict[str, Any]:
-        row = self.estimate.measure(spec, breakdown=breakdown)
-        if row["status"] != "ok" or not self._time_on_cpu(spec, row):
-            return row
-        timed = self.cpu.time_only(spec)
-        if timed["status"] == "ok":
-            row.update(
-                step_seconds=timed["step_seconds"],
-                step_seconds_source=timed["step_seconds_source"],
-                tokens_per_second=timed["tokens_per_second"],
-            )
-        return row
-
-    @staticmethod
-    def _time_on_cpu(spec: StepSpec, row: dict[str, Any]) -> bool:
-        params = row.get("param_bytes", 0) / {"fp32": 4, "bf16": 2, "fp16": 2}[spec.dtype]
-        return params * spec.batch_size * spec.seq_len <= CPU_TIMING_LIMIT
 
 
 def run_profile(
@@ -326,6 +288,7 @@ def run_profile(
     placement_notes: dict[str, str | None] = {}
     invalid = validate_strategies(spec, strategies, notes=placement_notes)
     document: dict[str, Any] = {
+        "kind": "velora-profile",
         "model": spec.model,
         "mode": spec.mode,
         "batch_size": spec.batch_size,
@@ -356,6 +319,8 @@ def run_profile(
         )
     if any(s.optimizer in LOWRANK_OPTIMIZERS for s in specs):
         document["notices"].append(LOWRANK_NOTICE)
+    if save_path is not None:
+        write_atomic(save_path, document)  # the settings are saved before the first row
     rows: list[dict[str, Any]] = []
     plan = [(s, strategy) for s in specs for strategy in strategies]
     for index, (row_spec, strategy) in enumerate(plan):

@@ -137,6 +137,21 @@ def _linear_weight(layer: nn.Module) -> torch.Tensor:
 # -- meta stand-in --------------------------------------------------------------------------------
 
 
+@torch.library.custom_op("velora::dequantize", mutates_args=())
+def dequantize(
+    codes: torch.Tensor, scales: torch.Tensor, shape: list[int], dtype: torch.dtype
+) -> torch.Tensor:
+    """bitsandbytes' dequantization as one op, for the meta stand-in: reads the packed codes and
+    their scales, writes ``shape`` values of ``dtype`` (meta tensors hold no values). One op, so
+    that the step-time roofline (measure/opcount.py) counts the bytes the real kernel moves."""
+    return torch.empty(shape, dtype=dtype, device=codes.device)
+
+
+@dequantize.register_fake
+def _(codes, scales, shape, dtype):  # the meta (and fake-tensor) kernel
+    return codes.new_empty(shape, dtype=dtype)
+
+
 class _MetaMatMul4bit(torch.autograd.Function):
     """bitsandbytes' ``MatMul4Bit`` on meta: allocates what it allocates, saves nothing."""
 
@@ -144,8 +159,8 @@ class _MetaMatMul4bit(torch.autograd.Function):
     def forward(ctx, x, packed, bias, layer):
         ctx.layer = layer
         ctx.bias_dtype = None if bias is None else bias.dtype
-        scales = layer._scales(inplace=False)  # noqa: F841 - alive until the linear returns
-        weight = torch.empty(layer.out_features, layer.in_features, dtype=x.dtype, device=x.device)
+        scales = layer._scales(inplace=False)  # alive until the linear returns
+        weight = layer._dequantize(scales, x.dtype)
         return F.linear(x, weight, bias)  # (..., O)
 
     @staticmethod
@@ -155,13 +170,9 @@ class _MetaMatMul4bit(torch.autograd.Function):
         if ctx.needs_input_grad[2]:
             grad_bias = grad_out.sum(0, dtype=ctx.bias_dtype)
         if ctx.needs_input_grad[0]:
-            layer._scales(inplace=True)
-            weight = torch.empty(
-                layer.out_features,
-                layer.in_features,
-                dtype=layer.weight_dtype,
-                device=grad_out.device,
-            ).to(grad_out.dtype)  # dequantize_4bit returns the quantized-from dtype
+            scales = layer._scales(inplace=True)
+            # dequantize_4bit returns the quantized-from dtype
+            weight = layer._dequantize(scales, layer.weight_dtype).to(grad_out.dtype)
             grad_x = torch.matmul(grad_out, weight)  # (..., D)
         return grad_x, None, grad_bias, None
 
@@ -218,10 +229,18 @@ class MetaLinear4bit(nn.Linear):
         ``F.dequantize_4bit``) or into a second buffer (forward, CUDA's fallback)."""
         if not self.config.double_quant:
             return []
-        decoded = torch.empty(self.weight_absmax.numel(), dtype=torch.float32, device="meta")
+        n = self.weight_absmax.numel()
+        decoded = dequantize(self.weight_absmax, self.weight_nested_absmax, [n], torch.float32)
         if inplace:
             return [decoded.add_(self.weight_offset)]
         return [decoded, decoded + self.weight_offset]
+
+    def _dequantize(self, scales: list[torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
+        """The whole (O, D) weight in ``dtype``, from the packed codes and the fp32 block scales
+        (the last of ``scales``; the stored fp32 absmax without double quantization)."""
+        absmax = scales[-1] if scales else self.weight_absmax
+        shape = [self.out_features, self.in_features]
+        return dequantize(self.weight, absmax, shape, dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # bitsandbytes' Linear4bit.forward: inputs and bias in the compute dtype, output back.

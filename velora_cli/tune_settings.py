@@ -29,7 +29,7 @@ PROBE_CPU_PARAMS = 200e6
 CONTEXT_KEYS = (
     "model", "batch_size", "seq_len", "dtype", "amp", "optimizers", "rank", "update_gap", "eta",
     "lora_rank", "lora_targets", "init", "weights", "backend", "budget_bytes", "probe_steps",
-    "data", "gpu",
+    "data", "gpu", "alloc_conf",
 )  # fmt: skip
 
 
@@ -70,6 +70,7 @@ class TuneSettings:
     data: str | None = None
     budget_source: str = "--budget"  # or "free GPU memory"
     gpu: str | None = None  # what the estimate predicts for (velora_cli.gpus); None: the default
+    alloc_conf: str | None = None  # PYTORCH_CUDA_ALLOC_CONF for the estimate's allocator model
 
     def context(self) -> dict[str, Any]:
         """The journal header: the settings a journal's results depend on (as JSON has them)."""

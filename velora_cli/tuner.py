@@ -188,11 +188,13 @@ class _Search:
 
     # -- 1. estimates -------------------------------------------------------------------------
     def estimate_all(self, candidates: Iterable[Candidate]) -> None:
-        seen: set[str] = set()
+        todo: dict[str, Candidate] = {}
         for c in candidates:
-            if c.key in seen:
-                continue
-            seen.add(c.key)
+            todo.setdefault(c.key, c)  # duplicates by key: the first one counts
+        todo = list(todo.values())
+        for i, c in enumerate(todo):
+            verb = "resume estimate" if self._cached("estimate", c.key) else "estimate"
+            self._report(f"{verb} {c.key}", i, len(todo))
             est, error = self._call("estimate", c.key, self.estimate_fn, c, Measurement)
             if est is None:  # unknown estimate: kept, sorted as the biggest
                 est = Measurement(None, None, None, "error", detail={"error": error})
@@ -207,6 +209,7 @@ class _Search:
                     f"{what} {format_bytes(est.peak_bytes)} > budget {format_bytes(self.budget)}"
                 )
             self.entries.append(e)
+        self._report("estimate done", len(todo), len(todo))
         alive = self.pending()
         self.speed_known = bool(alive) and all(
             e.estimate.tokens_per_second is not None for e in alive
@@ -538,9 +541,11 @@ def tune(
         max_measured: cap on candidates measured during the search (verification not counted).
         journal: where finished calls are recorded; one from `Journal.load` makes this a resume
             that reuses its estimates, measurements, probes and verifications.
-        progress: called as ``progress(message, done, total)`` before each measurement, probe and
-            verification; message starts with "measure", "probe", "verify" or "resume…" (from the
-            journal), done/total count measured candidates.
+        progress: called as ``progress(message, done, total)`` before each estimate ("estimate
+            KEY", done/total counting estimates), once after the last ("estimate done", total,
+            total), and before each measurement, probe and verification ("measure KEY", "probe
+            KEY", "verify KEY"; done/total count measured candidates); "resume " prefixes a
+            message whose result comes from the journal (`velora_cli.progress.TuneProgress`).
 
     Returns:
         TuneResult with one row per candidate, the verified recommendation (None if nothing fits),

@@ -1,4 +1,5 @@
-"""``velora export-config``: the tuned configuration for training code."""
+"""``velora export-config``: the tuned configuration for training code, in one of the formats of
+`velora_cli.exports.FORMATS` (one module each)."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import typer
 
 from velora_cli.commands.errors import UserError, guarded
 from velora_cli.commands.output import err
+from velora_cli.exports import FORMATS
 
 
 @guarded
@@ -24,23 +26,27 @@ def export_config(
         str,
         typer.Option(
             "--format",
-            help="velora (for velora_cli.apply_config), peft (peft.LoraConfig kwargs) or "
-            "trainer (TrainingArguments kwargs + snippet).",
+            help="; ".join(f"{name}: {what}" for name, (_, what) in FORMATS.items())
+            + ". A format that cannot state the measured configuration refuses (exit 1) and "
+            "names the nearest one it can, with the command that measures it.",
         ),
     ] = "velora",
     output: Annotated[
         str | None, typer.Option("--output", "-o", help="Write here (default: stdout).")
     ] = None,
 ) -> None:
-    """Write the tuned configuration for training code (velora, peft or trainer format)."""
-    if output_format not in ("velora", "peft", "trainer"):
-        raise UserError(f"--format {output_format!r}: choose velora, peft or trainer")
+    """Write the tuned configuration for training code (velora, peft, trainer or trl format)."""
+    if output_format not in FORMATS:
+        raise UserError(f"--format {output_format!r}: choose {', '.join(FORMATS)}")
     import json
     from pathlib import Path
 
-    from velora_cli import autotune, configs
-    from velora_cli.exports import peft, trainer
+    from velora_cli import autotune, configs, exports
 
+    if output:
+        from velora_cli.files import check_output_file
+
+        check_output_file(output, "--output")
     path = Path(source) if source else autotune.latest("tune-*.json")
     if path is None:
         raise UserError(
@@ -48,26 +54,14 @@ def export_config(
             "pass --from FILE"
         )
     config = configs.load_config(path)
-    if output_format == "peft" and (why := peft.peft_blockers(config)):
-        err(f"note: PEFT cannot express this: {'; '.join(why)}; writing the velora format")
-        output_format = "velora"
-    if output_format == "velora":
-        data = config.to_dict()
-    elif output_format == "peft":
-        data = peft.to_peft(config)
-    else:
-        notes = trainer.trainer_notes(config)
-        for note in notes:
-            err(f"note: {note}")
-        data = {
-            "format": "trainer",
-            "training_arguments": trainer.to_trainer(config),
-            "notes": notes,
-            "snippet": trainer.trainer_snippet(config),
-        }
-    text = json.dumps(data, indent=2) + "\n"
+    result = exports.export(output_format, config)  # NotExpressible: one line, exit 1
+    for note in result.notes:
+        err(f"note: {note}")
+    text = json.dumps(result.data, indent=2) + "\n"
     if output:
-        Path(output).write_text(text)
+        from velora_cli.files import write_text_atomic
+
+        write_text_atomic(output, text)
         err(f"wrote {output} ({output_format} format, from {path})")
     else:
         typer.echo(text, nl=False)

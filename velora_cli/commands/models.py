@@ -24,10 +24,15 @@ def models() -> None:
         table.add_row(
             row["name"],
             row["model_type"],
-            f"{row['params'] / 1e6:,.0f}M",
+            _millions(row["params"]),
             str(row["layers"]),
             str(row["hidden"]),
             format_bytes(row["params"] * 4),
             ", ".join(row.get("hub_ids", [])),
         )
     wide_console().print(table)
+
+
+def _millions(params: int) -> str:
+    """``58M``, ``6,738M``; under ten million with two significant decimals (``0.23M``)."""
+    return f"{params / 1e6:,.0f}M" if params >= 1e7 else f"{params / 1e6:.2g}M"

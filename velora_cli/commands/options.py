@@ -108,6 +108,15 @@ Gpu = Annotated[
         help="The GPU the estimate predicts for: " + ", ".join(GPUS) + f". Default: {DEFAULT_GPU}.",
     ),
 ]
+AllocConf = Annotated[
+    str | None,
+    typer.Option(
+        "--alloc-conf",
+        help="Caching-allocator settings (PYTORCH_CUDA_ALLOC_CONF syntax, e.g. "
+        "expandable_segments:True) for the device-memory prediction and cuda runs. Default: "
+        "the environment's.",
+    ),
+]
 TrustRemoteCode = Annotated[
     bool, typer.Option("--trust-remote-code", help="Allow model code from the hub repo.")
 ]
@@ -221,4 +230,12 @@ Resume = Annotated[
 ResumeFrom = Annotated[
     str | None,
     typer.Option("--resume-from", help="Continue this tune journal (.jsonl); implies --resume."),
+]
+PlotOut = Annotated[
+    str | None,
+    typer.Option(
+        "--plot",
+        help="Also draw the result at the end: .png, .svg or .html (one offline page with "
+        "the tables); needs velora-cli[plot].",
+    ),
 ]

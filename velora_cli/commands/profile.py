@@ -10,6 +10,7 @@ import typer
 
 from velora_cli.commands.errors import UserError, guarded
 from velora_cli.commands.options import (
+    AllocConf,
     Amp,
     Backend,
     BatchSize,
@@ -21,6 +22,7 @@ from velora_cli.commands.options import (
     LoraTargets,
     Mode,
     ModelArg,
+    PlotOut,
     Rank,
     SeqLen,
     TrustRemoteCode,
@@ -64,7 +66,9 @@ def profile(
     num_groups: Annotated[
         str | None,
         typer.Option(
-            "--num-groups", help="Sub-token choices as numbers of groups D/M (default 64,32,16)."
+            "--num-groups",
+            help="Sub-token choices as numbers of groups D/M. Default: per model, three that "
+            "divide every targeted layer's width, around the paper's 32 (64,32,16 for Llama-2-7b).",
         ),
     ] = None,
     sub_token_size: Annotated[
@@ -106,8 +110,35 @@ def profile(
     weights: Weights = False,
     trust_remote_code: TrustRemoteCode = False,
     gpu: Gpu = None,
+    plot: PlotOut = None,
+    memory_snapshot: Annotated[
+        str | None,
+        typer.Option(
+            "--memory-snapshot",
+            help="cuda backend: also record a CUDA memory snapshot of each row's step into "
+            "this directory, for PyTorch's memory_viz (skipped on other backends).",
+        ),
+    ] = None,
+    compare: Annotated[
+        str | None,
+        typer.Option(
+            "--compare",
+            help="A run record of velora_cli.VeloraCallback (or 'latest'): predict the step "
+            "it ran on --backend and show its measured figures beside the prediction.",
+        ),
+    ] = None,
+    ctx: typer.Context = None,
+    alloc_conf: AllocConf = None,
 ) -> None:
     """Measure peak memory and step time of VeLoRA placements vs baseline and checkpointing."""
+    if compare is not None:
+        from velora_cli.commands.compare import compare_run
+
+        return compare_run(
+            compare, ctx=ctx, model=model, backend=backend, gpu=gpu, warmup=warmup,
+            steps=steps, output_format=output_format, output=output, save=save,
+            weights=weights, trust_remote_code=trust_remote_code,
+        )  # fmt: skip
     if output_format not in ("table", "json", "csv"):
         raise UserError(f"--format {output_format!r}: choose table, json or csv")
     if backend not in ("auto", "cuda", "cpu", "estimate"):
@@ -116,6 +147,15 @@ def profile(
         if value is not None and value < (0 if name == "--warmup" else 1):
             raise UserError(f"{name} must be {'>= 0' if name == '--warmup' else '>= 1'}")
     get_gpu(gpu)  # an unknown --gpu fails before anything is built
+    if plot is not None:  # before the run, not after it
+        from velora_cli import plots
+
+        plots.check_output(plot)
+        plots.require_matplotlib()
+    if alloc_conf is not None:
+        from velora_cli.measure.allocator_config import parse_alloc_conf
+
+        parse_alloc_conf(alloc_conf)  # a bad string fails before anything is built
     groups = int_list(num_groups, "--num-groups") if num_groups else None
     sizes = int_list(sub_token_size, "--sub-token-size") if sub_token_size else None
     gc_list = int_list(gc_every, "--gc-every")
@@ -152,6 +192,34 @@ def profile(
 
     for placement in placement_list:
         parse_placement(placement)
+    if output:
+        from velora_cli.files import check_output_file
+
+        check_output_file(output, "--output")  # before anything is measured
+    # the backend first: --backend cuda without a GPU fails before any hub lookup
+    backend_obj = profiler.make_backend(
+        backend, spec, warmup=warmup, steps=steps, gpu=gpu, alloc_conf=alloc_conf
+    )
+    resolved = models.resolve_model(spec.model, trust_remote_code=trust_remote_code)
+    notices = [resolved.notice] if resolved.notice else []
+    if model is None:
+        notices.append(f"no MODEL given: profiling the built-in default {spec.model}")
+    if weights:
+        from velora_cli.checkpoint import check_weights
+
+        source = check_weights(resolved)
+        notices.append(
+            f"--weights: {source}, loaded for every row that runs a step"
+            if backend_obj.name != "estimate"
+            else f"--weights: {source} is not loaded: the estimate holds shapes only, from the "
+            "config (memory does not depend on weight values); cpu or cuda rows load it"
+        )
+    quiet = []  # recorded in the document, not echoed: how the defaults were chosen
+    if groups is None and sizes is None and placement_list:
+        from velora_cli.num_groups import default_num_groups
+
+        groups, line = default_num_groups(spec, placement_list)
+        quiet.append(line)
     strategies = profiler.plan_strategies(
         placement_list,
         num_groups=groups,
@@ -159,48 +227,45 @@ def profile(
         gc_every=gc_list,
         velora_gc=velora_gc,
     )
-    resolved = models.resolve_model(spec.model, trust_remote_code=trust_remote_code)
-    notices = [resolved.notice] if resolved.notice else []
-    if model is None:
-        notices.append(f"no MODEL given: profiling the built-in default {spec.model}")
-    if groups is None and sizes is None:
-        # Default sub-token choices that do not fit this model's widths are left out (one
-        # notice), rather than reported as failed rows the user never asked for.
-        invalid = profiler.validate_strategies(spec, strategies)
-        if invalid:
-            dropped = sorted({s.num_groups for s in invalid}, reverse=True)
-            strategies = [s for s in strategies if s not in invalid]
-            notices.append(
-                f"default --num-groups {', '.join(map(str, dropped))} left out: does not divide "
-                f"every targeted layer of {spec.model} (e.g. {next(iter(invalid.values()))})"
-            )
-    backend_obj = profiler.make_backend(backend, spec, warmup=warmup, steps=steps, gpu=gpu)
     if backend == "auto" and backend_obj.name == "estimate":
         notices.append(
-            "auto backend without a GPU: memory estimated on meta tensors; step "
-            "times measured on this CPU where the model is small enough"
+            "auto backend without a GPU: memory estimated on meta tensors and step time "
+            f"predicted for {get_gpu(gpu).name} (--gpu); --backend cpu times real CPU steps"
         )
+    if memory_snapshot:
+        from velora_cli.measure.snapshot import snapshot_notice
+
+        notices.append(snapshot_notice(backend_obj, memory_snapshot))
     save_path = profiler.default_save_path(spec, backend_obj.name) if save else None
     for notice in notices:
         err(f"note: {notice}")
 
     from velora_cli.progress import RowProgress
 
-    with RowProgress(len(strategies) * len(optimizers)) as progress:
-        document = profiler.run_profile(
-            spec,
-            strategies,
-            backend_obj,
-            breakdown=breakdown,
-            save_path=save_path,
-            before_row=progress.start,
-            on_row=progress.done,
-            notices=notices,
-            optimizers=optimizers,
-        )
+    try:
+        with RowProgress(len(strategies) * len(optimizers)) as progress:
+            document = profiler.run_profile(
+                spec,
+                strategies,
+                backend_obj,
+                breakdown=breakdown,
+                save_path=save_path,
+                before_row=progress.start,
+                on_row=progress.done,
+                notices=notices + quiet,
+                optimizers=optimizers,
+            )
+    except BaseException:
+        if save_path is not None and save_path.is_file() and save_path.stat().st_size == 0:
+            save_path.unlink()  # reserved, never written: nothing was measured
+        raise
     render_profile(document, output_format, output, breakdown=breakdown)
     if save_path is not None:
         err(f"saved: {save_path}")
+    if plot is not None:
+        from velora_cli import plots
+
+        err(f"wrote {plots.render(document, plot)}")
 
 
 def render_profile(
@@ -213,13 +278,12 @@ def render_profile(
     elif output_format == "csv":
         text = report.to_csv(document["rows"])
     else:
-        from rich.console import Console
-
-        console = Console(file=io.StringIO(), width=140) if output else wide_console()
+        console = wide_console(io.StringIO()) if output else wide_console()
         console.print(report.profile_table(document))
         for table in (
             report.category_table(document, always=breakdown),
             report.breakdown_table(document),
+            report.device_table(document),
         ):
             if table is not None:
                 console.print(table)
@@ -229,9 +293,9 @@ def render_profile(
             return
         text = console.file.getvalue()
     if output:
-        from pathlib import Path
+        from velora_cli.files import write_text_atomic
 
-        Path(output).write_text(text if text.endswith("\n") else text + "\n")
+        write_text_atomic(output, text if text.endswith("\n") else text + "\n")
         err(f"wrote {output}")
     else:
         typer.echo(text)

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Annotated
 
 import typer
 
 from velora_cli.commands.errors import UserError, fail, guarded
 from velora_cli.commands.options import (
+    AllocConf,
     Amp,
     BatchSize,
     Budget,
@@ -23,6 +25,7 @@ from velora_cli.commands.options import (
     MicroBatches,
     ModelArg,
     Objective,
+    PlotOut,
     ProbeData,
     ProbeSteps,
     Rank,
@@ -43,6 +46,10 @@ from velora_cli.commands.options import (
 )
 from velora_cli.commands.output import err, wide_console
 from velora_cli.gpus import get_gpu
+
+# Below this a budget holds no model's training step (the smallest built-in needs more): a
+# budget of "1e-9GB" is a slip of the unit, not a plan.
+MIN_BUDGET_BYTES = 10**6
 
 
 @guarded
@@ -80,6 +87,8 @@ def tune(
     weights: Weights = False,
     trust_remote_code: TrustRemoteCode = False,
     gpu: Gpu = None,
+    plot: PlotOut = None,
+    alloc_conf: AllocConf = None,
 ) -> None:
     """Find the fastest configuration that fits a memory budget, verified by a real run."""
     from velora_cli.tuner import OBJECTIVES
@@ -98,9 +107,18 @@ def tune(
         raise UserError("--probe-steps must be >= 0 (0 turns the probes off)")
     if max_measured is not None and max_measured < 1:
         raise UserError("--max-measured must be >= 1")
+    if plot is not None:  # before the run, not after it
+        from velora_cli import plots
+
+        plots.check_output(plot)
+        plots.require_matplotlib()
     from velora_cli.measure.train_step import MODES, OPTIMIZERS
 
     get_gpu(gpu)  # an unknown --gpu fails before anything is built
+    from velora_cli.measure.allocator_config import alloc_conf_from_env, parse_alloc_conf
+
+    alloc_conf = alloc_conf if alloc_conf is not None else alloc_conf_from_env()
+    parse_alloc_conf(alloc_conf)  # a bad string fails before anything is built
     mode_list = word_list(modes, "--mode", MODES)
     optimizer_list = word_list(optimizer, "--optimizer", OPTIMIZERS)
     placement_list = [p for p in word_list(placements, "--placements") if p != "none"]
@@ -119,50 +137,29 @@ def tune(
         parse_placement(placement)
     notices = []
     budget_bytes = parse_budget(budget) if budget is not None else None
+    if budget_bytes is not None and budget_bytes < MIN_BUDGET_BYTES:
+        raise UserError(
+            f"--budget {budget} = {format_bytes(budget_bytes)}: under 1 MB, less than any model's "
+            "training step; give it in MB or GB, e.g. --budget 10GB"
+        )
     from velora_cli.measure.cuda import cuda_available
 
     has_cuda = cuda_available()
+    if backend == "cuda" and not has_cuda:  # before the model is resolved (hub lookups)
+        raise UserError(
+            "--backend cuda: no CUDA device is visible (torch.cuda.is_available() is False); "
+            "use --backend estimate or cpu"
+        )
     if backend == "auto":
         backend = "cuda" if has_cuda else "estimate"
         if not has_cuda:
             notices.append(
-                "auto backend without a GPU: memory estimated on meta tensors, nothing run; "
-                "--backend cpu measures real steps on this CPU"
+                "auto backend without a GPU: peaks estimated on meta tensors (--backend "
+                "estimate); --backend cpu measures real steps on this CPU"
             )
-    journal_path = None
-    if resume or resume_from:
-        from pathlib import Path
-
-        journal_path = Path(resume_from) if resume_from else autotune.latest("tune-*.jsonl")
-        if journal_path is None:
-            raise UserError(
-                f"no tune journal under {autotune.profiles_dir()}/ to resume; run velora tune "
-                "without --resume, or pass --resume-from PATH"
-            )
-    budget_source = f"--budget {budget}" if budget is not None else None
-    if budget_bytes is None and has_cuda:
-        import torch
-
-        budget_bytes = torch.cuda.mem_get_info()[0]
-        budget_source = "free GPU memory"
-    if budget_bytes is None and journal_path is not None and journal_path.is_file():
-        from velora_cli.tuner import Journal
-
-        budget_bytes = (Journal.load(journal_path).context or {}).get("budget_bytes")
-        budget_source = f"the budget of {journal_path}"
-    if budget_bytes is None:
-        raise UserError(
-            "no --budget given and no GPU to read the free memory from: pass --budget, "
-            "e.g. --budget 10GB"
-        )
-    echo = f"{describe_budget(budget_bytes, budget)}" if budget else describe_budget(budget_bytes)
-    err(
-        f"budget: {echo} ({budget_source}); configurations must peak at or below "
-        f"{format_bytes(int(budget_bytes * (1 - margin)))} ({margin:.0%} margin)"
-    )
     settings = autotune.TuneSettings(
         model=model or models.DEFAULT_MODEL,
-        budget_bytes=budget_bytes,
+        budget_bytes=budget_bytes or 0,  # resolved below when --budget is not given
         backend=backend,
         batch_size=batch_size,
         seq_len=seq_len,
@@ -188,35 +185,84 @@ def tune(
         max_measured=max_measured,
         probe_steps=probe_steps,
         data=data,
-        budget_source=budget_source,
         gpu=gpu,
+        alloc_conf=alloc_conf,
     )
     settings.base_spec()  # validates batch, precision, modes × optimizers, ranks (one line)
+    from pathlib import Path
+
+    from velora_cli import resume as resuming
+    from velora_cli.files import profiles_dir
+    from velora_cli.tuner import Journal
+
+    journal_path = None
+    same_budget = () if budget_bytes is not None else ("budget_bytes",)
+    if resume_from:
+        journal_path = Path(resume_from)
+    elif resume:
+        journal_path, passed = resuming.find_journal(
+            profiles_dir(), settings.context(), ignore=same_budget
+        )
+        for line in passed:
+            err(f"note: {line}")
+    budget_source = f"--budget {budget}" if budget is not None else None
+    if budget_bytes is None and journal_path is not None and journal_path.is_file():
+        budget_bytes = (Journal.read_context(journal_path) or {}).get("budget_bytes")
+        budget_source = f"the budget of {journal_path}"
+    if budget_bytes is None and has_cuda:
+        import torch
+
+        budget_bytes = torch.cuda.mem_get_info()[0]
+        budget_source = "free GPU memory"
+    if budget_bytes is None:
+        raise UserError(
+            "no --budget given and no GPU to read the free memory from: pass --budget, "
+            "e.g. --budget 10GB"
+        )
+    settings = dataclasses.replace(settings, budget_bytes=budget_bytes, budget_source=budget_source)
+    echo = f"{describe_budget(budget_bytes, budget)}" if budget else describe_budget(budget_bytes)
+    err(
+        f"budget: {echo} ({budget_source}); configurations must peak at or below "
+        f"{format_bytes(int(budget_bytes * (1 - margin)))} ({margin:.0%} margin)"
+    )
     if model is None:
         notices.append(f"no MODEL given: tuning the built-in default {settings.model}")
     if journal_path is not None:
-        journal = autotune.resume_journal(journal_path, settings)
+        journal = resuming.open_journal(journal_path, settings)
         save_path = journal_path.with_suffix(".json")
         err(f"resuming {journal_path} ({len(journal)} finished results)")
+        for number in journal.skipped:
+            err(f"note: {journal_path}:{number} is not a journal record: skipped, the rest kept")
     else:
-        from velora_cli.tuner import Journal
-
         save_path, journal_path = autotune.new_paths(settings.model)
         journal = Journal(journal_path, context=settings.context())
-    try:
-        document = autotune.run(
-            settings,
-            save_path=save_path,
-            journal=journal,
-            progress=TuneProgress(err),
-            echo=err,
-            notices=notices,
+    if not journal.claim():
+        raise UserError(
+            f"{journal_path} is being written by another velora tune; run without --resume"
         )
+    try:
+        # --backend estimate: a "measurement" looks the estimate up, nothing runs to report
+        silent = ("measure", "verify") if backend == "estimate" else ()
+        with TuneProgress(err, silent=silent) as progress:
+            document = autotune.run(
+                settings,
+                save_path=save_path,
+                journal=journal,
+                progress=progress,
+                echo=err,
+                notices=notices,
+            )
     except KeyboardInterrupt:
         err(f"journal: {journal_path}; continue with the same command and --resume")
         raise
+    finally:
+        journal.release()
     render_tune(document, output_format)
     err(f"saved: {save_path}")
+    if plot is not None:  # also when nothing fits: the picture says why
+        from velora_cli import plots
+
+        err(f"wrote {plots.render(document, plot)}")
     if document["recommendation"] is None:
         fail(document["reason"])
 

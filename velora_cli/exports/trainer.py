@@ -8,6 +8,7 @@ import dataclasses
 from typing import Any
 
 from velora_cli.configs import GALORE_SCALE, GALORE_TARGETS, LORA_MODES, SGD_MOMENTUM, VeloraConfig
+from velora_cli.exports import Export
 
 
 def _trainer_has(name: str) -> bool:
@@ -166,3 +167,17 @@ def trainer_snippet(config: VeloraConfig, config_path: str = "velora-config.json
         lines.append("trainer = Trainer(model=model, args=args, train_dataset=train_dataset)")
     lines.append("trainer.train()")
     return "\n".join(lines) + "\n"
+
+
+def export(config: VeloraConfig) -> Export:
+    """The ``--format trainer`` document: the keyword arguments, the notes and the snippet."""
+    notes = trainer_notes(config)
+    return Export(
+        {
+            "format": "trainer",
+            "training_arguments": to_trainer(config),
+            "notes": notes,
+            "snippet": trainer_snippet(config),
+        },
+        notes,
+    )

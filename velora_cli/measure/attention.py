@@ -32,8 +32,10 @@ transformers' `.transpose(1, 2).contiguous()` copies it and o_proj saves that co
 Masks: the profiler feeds full-length batches without padding, so transformers' `sdpa_mask`
 (registered for this name too) returns no mask and attention is plain causal. A 4-D mask (padding,
 sliding window shorter than the sequence, packed sequences), a position bias, softcapping, a paged
-cache or dropout on CPU fall back to `sdpa_attention_forward` with an `EstimateAttentionWarning`:
-on meta that is the math path, which overcounts.
+cache or dropout on CPU fall back to `sdpa_attention_forward` with an `EstimateAttentionWarning`
+that says what is true where it runs: on meta that is the math path, which overcounts what a GPU
+keeps (replayed as a GPU runs it, `math_attention.py`); on CPU it is what the CPU holds (its math
+path with N x N probabilities when dropout > 0); on a GPU it is the real kernel, with no warning.
 """
 
 from __future__ import annotations
@@ -55,7 +57,8 @@ FLASH_RNG_STATE_BYTES = (16, 8)
 
 
 class EstimateAttentionWarning(UserWarning):
-    """The estimate attention fell back to SDPA, whose meta path saves the N x N matrix."""
+    """The estimate attention fell back to SDPA; the message says what that means on the device
+    it runs on (on meta the math path saves the N x N matrix; on CPU the figures are CPU's)."""
 
 
 def gpu_attention_kernel(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> str:
@@ -131,13 +134,9 @@ def _fallback(
 ) -> tuple[torch.Tensor, None]:
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-    if reason:
-        warnings.warn(
-            f"{ESTIMATE_ATTENTION} attention falls back to SDPA ({reason}); on the meta device "
-            "SDPA saves the N x N attention matrix, so the activation estimate is too high.",
-            EstimateAttentionWarning,
-            stacklevel=3,
-        )
+    message = _fallback_warning(reason, query.device.type, dropout)
+    if message:
+        warnings.warn(message, EstimateAttentionWarning, stacklevel=3)
     return sdpa_attention_forward(
         module,
         query,
@@ -149,6 +148,31 @@ def _fallback(
         is_causal=is_causal,
         **kwargs,
     )
+
+
+def _fallback_warning(reason: str, device: str, dropout: float) -> str | None:
+    """What a fallback to SDPA means for the backend on ``device``; None when nothing is off."""
+    if not reason:
+        return None
+    head = f"{ESTIMATE_ATTENTION} attention falls back to SDPA ({reason})"
+    if device == "meta":  # the estimate
+        return (
+            f"{head}; on the meta device SDPA takes its math path and saves the N x N attention "
+            "matrix, which a GPU's fused kernels do not keep, so the activation estimate is too "
+            "high."
+        )
+    if device == "cpu":  # the cpu backend: its figures are what this CPU holds
+        kernel = (
+            "its math path, which saves the N x N attention matrix (and, with dropout, a noise "
+            "tensor of that size)"
+            if dropout > 0
+            else "the kernel CPU SDPA picks for these inputs"
+        )
+        return (
+            f"{head}; on the CPU that is {kernel}: these figures are what this CPU run holds, "
+            "which can be more than a GPU's fused kernels keep."
+        )
+    return None  # on a GPU, SDPA is the real kernel: what is measured is what it holds
 
 
 def _fallback_reason(

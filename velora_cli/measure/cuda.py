@@ -5,7 +5,12 @@ makes an out-of-memory harmless: it becomes a row with status ``oom`` and the pr
 Measurement hygiene (REFERENCE.md §2): warm-up steps (cuBLAS workspace, optimizer state, v),
 ``empty_cache`` + ``reset_peak_memory_stats``, then timed steps with CUDA events; the peak is
 ``max_memory_allocated`` over the timed steps, reported with ``max_memory_reserved`` and the
-device-level used memory from NVML (includes the CUDA context).
+device-level used memory from NVML (includes the CUDA context). Beside them, each ok row carries
+what the estimate backend predicts for the same step on this GPU (``predicted_*`` fields: the
+allocator model's reserved and device-level memory, the roofline's step time) and how far off it
+is (``estimate_error_*``, device_memory.estimate_error; ``prediction_error`` for the step time),
+so every GPU run calibrates both models; the parent computes it on meta tensors after the child
+has exited and never touches CUDA.
 
 The parent runs ``python -m velora_cli.measure.cuda`` with the step spec as JSON on stdin; the
 child prints one JSON row on its last stdout line.
@@ -40,6 +45,9 @@ class CudaBackend:
     steps: int = 5
     timeout: float = 1800.0
     name: str = "cuda"
+    memory_snapshot: str | None = None  # a directory: record each row's step (snapshot.py)
+    compare_estimate: bool = True  # also predict each ok row on meta: estimate_error fields
+    alloc_conf: str | None = None  # PYTORCH_CUDA_ALLOC_CONF for the worker; None: inherited
 
     def measure(self, spec: StepSpec, *, breakdown: bool = False) -> dict[str, Any]:
         request = {
@@ -48,6 +56,10 @@ class CudaBackend:
             "steps": self.steps,
             "breakdown": breakdown,
         }
+        if self.memory_snapshot:
+            from velora_cli.measure.snapshot import snapshot_path
+
+            request["memory_snapshot"] = str(snapshot_path(self.memory_snapshot, spec))
         try:
             proc = subprocess.run(
                 [sys.executable, "-m", "velora_cli.measure.cuda"],
@@ -55,15 +67,68 @@ class CudaBackend:
                 capture_output=True,
                 text=True,
                 timeout=self.timeout,
-                env=os.environ.copy(),
+                env=self._environment(),
             )
         except subprocess.TimeoutExpired:
             return failed_row(self.name, TimeoutError(f"no result within {self.timeout:.0f} s"))
         for line in reversed(proc.stdout.splitlines()):
             if line.startswith(_MARK):
-                return json.loads(line[len(_MARK) :])
+                row = json.loads(line[len(_MARK) :])
+                if self.compare_estimate and row.get("status") == "ok":
+                    row.update(self.compare_with_estimate(spec, row))
+                return row
         tail = (proc.stderr.strip().splitlines() or ["no output"])[-1]
         return failed_row(self.name, RuntimeError(f"worker exited {proc.returncode}: {tail}"))
+
+    def _environment(self) -> dict[str, str]:
+        env = os.environ.copy()
+        if self.alloc_conf is not None:
+            env["PYTORCH_CUDA_ALLOC_CONF"] = self.alloc_conf
+        return env
+
+    def compare_with_estimate(self, spec: StepSpec, row: dict[str, Any]) -> dict[str, Any]:
+        """The estimate's device-memory prediction of this step, for the GPU the row ran on, and
+        its error against the row's measurements (`device_memory.estimate_error`)."""
+        from velora_cli.gpus import DEFAULT_GPU, gpu_from_device_name
+        from velora_cli.measure.device_memory import estimate_error
+        from velora_cli.measure.estimate import EstimateBackend
+        from velora_cli.measure.step_time import PREDICTED_FIELDS
+
+        gpu = gpu_from_device_name(row.get("gpu_name") or "")
+        try:
+            estimate = EstimateBackend(
+                gpu=gpu.key if gpu else DEFAULT_GPU,
+                alloc_conf=self.alloc_conf,
+                cuda_warmup=self.warmup,
+                cuda_steps=self.steps,
+            ).measure(spec)
+        except Exception as exc:  # noqa: BLE001 - the measurement stands without its comparison
+            estimate = {"status": "error", "error": " ".join(str(exc).split())}
+        if estimate.get("status") != "ok":
+            return {"estimate_error_note": f"no estimate: {estimate.get('error')}"}
+        keys = [
+            k
+            for k in estimate
+            if k.startswith("predicted_") or k in PREDICTED_FIELDS or k == "device_memory_notes"
+        ]
+        out = {k: estimate[k] for k in keys}
+        out["estimate_gpu"] = estimate_gpu = gpu.key if gpu else DEFAULT_GPU
+        if gpu is None:
+            out["estimate_error_note"] = (
+                f"{row.get('gpu_name')!r} is not in the GPU table: memory predicted with "
+                f"{estimate_gpu}'s constants"
+            )
+            # a step time needs this GPU's throughputs: none rather than another GPU's
+            for key in PREDICTED_FIELDS:
+                out.pop(key, None)
+            out["prediction_note"] = (
+                f"no step-time prediction: {row.get('gpu_name')!r} is not in velora's GPU table "
+                "(velora_cli/gpus.py)"
+            )
+        elif row.get("step_seconds") and out.get("predicted_step_seconds"):
+            out["prediction_error"] = out["predicted_step_seconds"] / row["step_seconds"] - 1
+        out.update(estimate_error(row, estimate))
+        return out
 
 
 def nvml_used_bytes(index: int) -> int | None:
@@ -75,6 +140,26 @@ def nvml_used_bytes(index: int) -> int | None:
         try:
             handle = pynvml.nvmlDeviceGetHandleByIndex(index)
             return int(pynvml.nvmlDeviceGetMemoryInfo(handle).used)
+        finally:
+            pynvml.nvmlShutdown()
+    except Exception:  # noqa: BLE001 - NVMLError subclasses, missing library: no reading
+        return None
+
+
+def nvml_process_used_bytes(index: int, pid: int) -> int | None:
+    """GPU memory NVML attributes to process ``pid`` (its CUDA context + what its allocator
+    reserved), or None: without NVML, or where the process is not listed (a container's PID
+    namespace) or its usage is not reported."""
+    try:
+        import pynvml
+
+        pynvml.nvmlInit()
+        try:
+            handle = pynvml.nvmlDeviceGetHandleByIndex(index)
+            for proc in pynvml.nvmlDeviceGetComputeRunningProcesses(handle):
+                if proc.pid == pid and proc.usedGpuMemory is not None:
+                    return int(proc.usedGpuMemory)
+            return None
         finally:
             pynvml.nvmlShutdown()
     except Exception:  # noqa: BLE001 - NVMLError subclasses, missing library: no reading
@@ -121,6 +206,7 @@ def _worker(request: dict[str, Any]) -> dict[str, Any]:
         peak = torch.cuda.max_memory_allocated(device)
         reserved = torch.cuda.max_memory_reserved(device)
         used = nvml_used_bytes(device.index or 0)
+        own = nvml_process_used_bytes(device.index or 0, os.getpid())
     except torch.cuda.OutOfMemoryError as exc:
         return failed_row("cuda", exc)
     seconds = statistics.median(times)
@@ -130,6 +216,8 @@ def _worker(request: dict[str, Any]) -> dict[str, Any]:
         "peak_bytes": peak,
         "reserved_bytes": reserved,
         "device_used_bytes": used,
+        "process_used_bytes": own,  # this worker alone (device_used_bytes counts all processes)
+        "gpu_name": torch.cuda.get_device_name(device),
         "activation_bytes": counter.result.total_bytes,
         "param_bytes": prepared.param_bytes(),
         "grad_bytes": prepared.grad_bytes(),
@@ -152,6 +240,10 @@ def _worker(request: dict[str, Any]) -> dict[str, Any]:
         row["activation_breakdown"] = dict(
             sorted(counter.result.by_pattern().items(), key=lambda kv: -kv[1])
         )
+    if request.get("memory_snapshot"):  # after the peaks were read: one more, recorded step
+        from velora_cli.measure.snapshot import record_snapshot
+
+        row.update(record_snapshot(prepared, request["memory_snapshot"]))
     return row
 
 

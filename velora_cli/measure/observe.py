@@ -7,28 +7,38 @@ differ only in the device (real CPU tensors vs meta tensors) and in whether time
 
 from __future__ import annotations
 
+import contextlib
 import time
 from typing import Any
 
+from velora_cli import timeline
 from velora_cli.accounting import SavedTensorCounter
 from velora_cli.measure.tracker import AllocationTrace, MemoryTracker
 from velora_cli.measure.train_step import Prepared, train_step
 
 
 def tracked_step(
-    prepared: Prepared, *, breakdown: bool, round_to: int = 512
+    prepared: Prepared, *, breakdown: bool, round_to: int = 512, op_counter=None
 ) -> tuple[dict[str, Any], AllocationTrace]:
     """Run one step under the tracker; return the memory fields of a row and the step's
-    allocation trace (for the allocator model and the memory timeline).
+    allocation trace (for the allocator model). The row's ``timeline`` is the trace made
+    compact (velora_cli/timeline.py) for the memory-timeline picture.
 
     With galore/adarankgrad the tracked step refreshes every subspace (SVD or range finder on
     each gradient): their costliest step, so the peak holds for every step.
+
+    Args:
+        op_counter: optional `opcount.OpCounter` that also sees every op of this step, with the
+            same phases (the roofline's FLOPs and bytes come from the very step the peak does).
     """
     force_refresh(prepared)
     counter = SavedTensorCounter(prepared.model)
     tracker = MemoryTracker(prepared.model, prepared.optimizer, round_to=round_to, trace=True)
-    with tracker:
-        train_step(prepared, forward_context=lambda: counter, phase=tracker.phase)
+    phase = tracker.phase
+    if op_counter is not None:
+        phase = _both(tracker.phase, op_counter.phase)
+    with tracker, op_counter if op_counter is not None else contextlib.nullcontext():
+        train_step(prepared, forward_context=lambda: counter, phase=phase)
     phases = {
         k: v for k, v in tracker.phase_peaks.items() if k in ("forward_backward", "optimizer")
     }
@@ -51,7 +61,22 @@ def tracked_step(
         row["activation_breakdown"] = dict(
             sorted(counter.result.by_pattern().items(), key=lambda kv: -kv[1])
         )
-    return row, tracker.trace
+    trace = tracker.trace
+    row["timeline"] = timeline.compact(
+        trace, micro_batches=(len(prepared.micro_batches), prepared.spec.grad_accum_steps)
+    )
+    return row, trace
+
+
+def _both(first, second):
+    """One ``phase(name)`` callable entering two phase markers."""
+
+    @contextlib.contextmanager
+    def phase(name: str):
+        with first(name), second(name):
+            yield
+
+    return phase
 
 
 def force_refresh(prepared: Prepared) -> bool:

@@ -89,6 +89,9 @@ class AllocationTrace:
     phases: tuple[tuple[str, int, int], ...]
     round_to: int
     ops: int
+    # the name of op k (1-based, as events count ops) at index k - 1, e.g.
+    # "aten::_scaled_dot_product_flash_attention_backward": where kernel scratch goes
+    op_names: tuple[str, ...] = ()
 
     def rounded(self, nbytes: int) -> int:
         return -(-abs(nbytes) // self.round_to) * self.round_to
@@ -112,6 +115,8 @@ class _OpRecorder(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[override]
         out = func(*args, **(kwargs or {}))
+        if self._tracker._tracing:
+            self._tracker._op_names.append(func.name() if hasattr(func, "name") else str(func))
         self._tracker._record_op_outputs(out)
         return out
 
@@ -226,6 +231,7 @@ class MemoryTracker:
         self._events: list[tuple[int, int, int]] = []
         self._entries: list[_Entry] = []  # every storage seen, for the trace's final roles
         self._phase_spans: list[list[Any]] = []
+        self._op_names: list[str] = []
 
     # -- context ---------------------------------------------------------------------------------
 
@@ -344,6 +350,7 @@ class MemoryTracker:
             ),
             round_to=self.round_to,
             ops=self._ops,
+            op_names=tuple(self._op_names),
         )
 
     # -- bookkeeping -----------------------------------------------------------------------------

@@ -24,6 +24,8 @@ AMP = ("bf16", "fp16")
 MODES = ("full", "lora", "qlora")  # qlora: 4-bit NF4 frozen base + LoRA (quant.py)
 OPTIMIZERS = ("adamw", "sgd", "galore", "adarankgrad")
 LOWRANK_OPTIMIZERS = ("galore", "adarankgrad")  # velora_cli.lowrank: full-parameter training only
+# torch indexes a tensor's elements with int64: no step may hold a tensor with more elements.
+MAX_ELEMENTS = 2**63 - 1
 
 
 class SpecError(ValueError):
@@ -110,6 +112,11 @@ class StepSpec:
             errors.append(f"--batch-size must be at least 1, got {self.batch_size}")
         if self.seq_len < 1:
             errors.append(f"--seq-len must be at least 1, got {self.seq_len}")
+        if self.batch_size * self.seq_len > MAX_ELEMENTS:
+            errors.append(
+                f"--batch-size {self.batch_size} × --seq-len {self.seq_len} tokens is more than "
+                "torch can index in one tensor (2^63 elements): give realistic sizes"
+            )
         if self.grad_accum_steps < 1:
             errors.append(f"gradient accumulation steps must be >= 1, got {self.grad_accum_steps}")
         if self.dtype not in DTYPES:
@@ -150,10 +157,10 @@ class StepSpec:
 
     @property
     def precision(self) -> str:
-        """Which precision scheme is measured, in words."""
-        if self.amp:
-            return f"mixed precision: fp32 master weights, {self.amp} autocast"
-        return f"pure {self.dtype}: {self.dtype} weights, gradients and optimizer state"
+        """What each part of the step is stored in, in words (`velora_cli.precision`)."""
+        from velora_cli.precision import describe
+
+        return describe(self.mode, self.dtype, self.amp).text
 
     def with_strategy(self, strategy: Strategy) -> StepSpec:
         return dataclasses.replace(self, strategy=strategy)
@@ -265,7 +272,7 @@ def enable_checkpointing(model: nn.Module, every_n: int, *, recompute_context=No
     Args:
         recompute_context: optional zero-argument callable returning a context manager entered
             around each recomputation (checkpoint restores real autocast itself; the estimate's
-            emulated autocast must be restored this way).
+            emulation of CUDA, ``emulation.cuda_emulation``, must be restored this way).
     """
     kwargs: dict[str, Any] = {"use_reentrant": False}
     if recompute_context is not None:
@@ -356,12 +363,15 @@ def prepare(spec: StepSpec, device: str, *, attn_implementation: str | None = No
         raise SpecError(
             f"--seq-len {spec.seq_len} exceeds {spec.model}'s max_position_embeddings ({max_pos})"
         )
+    _check_sizes(spec, model_spec.config)
     weight_dtype = torch.float32 if spec.amp else torch_dtype(spec.dtype)
     model = build_model(
         model_spec,
         device=device,
         dtype=weight_dtype,
-        weights=spec.weights,
+        # a meta build holds shapes only, which come from the config: weights are loaded where
+        # a step runs on real tensors (cpu, cuda), never for an estimate
+        weights=spec.weights and torch.device(device).type != "meta",
         attn_implementation=attn_implementation,
         trust_remote_code=spec.trust_remote_code,
     )
@@ -384,10 +394,10 @@ def prepare(spec: StepSpec, device: str, *, attn_implementation: str | None = No
         )
     if strategy.gc_every:
         recompute_context = None
-        if device == "meta" and spec.amp:
-            from velora_cli.measure.amp import MetaAutocast
+        if device == "meta":  # the step's emulation of CUDA is not active in a recomputation
+            from velora_cli.measure.emulation import cuda_emulation
 
-            recompute_context = functools.partial(MetaAutocast, spec.amp)
+            recompute_context = functools.partial(cuda_emulation, spec.amp)
         enable_checkpointing(model, strategy.gc_every, recompute_context=recompute_context)
     model.train()
     optimizer = build_optimizer(
@@ -411,6 +421,25 @@ def prepare(spec: StepSpec, device: str, *, attn_implementation: str | None = No
         model_spec.notice,
         vocab_size,
     )
+
+
+def _check_sizes(spec: StepSpec, config) -> None:
+    """Refuse steps whose largest activation could not exist: its element count must fit int64.
+
+    The widest per-token tensor is the logits (vocabulary) or the MLP's inner activation.
+    """
+    text = config.get_text_config()
+    widest = max(
+        getattr(text, name, None) or 1
+        for name in ("vocab_size", "hidden_size", "intermediate_size")
+    )
+    tokens = (spec.batch_size // spec.grad_accum_steps) * spec.seq_len
+    if tokens * widest > MAX_ELEMENTS:
+        raise SpecError(
+            f"--batch-size {spec.batch_size} × --seq-len {spec.seq_len}: one micro-batch's "
+            f"{tokens:,} tokens × {widest:,} (the widest activation, e.g. the logits) is more than "
+            "torch can index in one tensor (2^63 elements); give realistic sizes"
+        )
 
 
 def build_optimizer(

@@ -42,8 +42,30 @@ ROW_FIELDS = (
     "activation_delta_bytes",
     "activation_delta_pct",
     "step_time_ratio",
+    "predicted_step_seconds",
+    "predicted_tokens_per_second",
+    "predicted_refresh_step_seconds",
+    "predicted_time_ratio",
+    "predicted_gpu",
+    "prediction_error",
+    "step_seconds_source",
+    "step_flops",
+    "step_bytes_moved",
+    "step_kernels",
     "reserved_bytes",
     "device_used_bytes",
+    "predicted_allocated_bytes",
+    "predicted_reserved_bytes",
+    "fragmentation_bytes",
+    "predicted_reserved_expandable_bytes",
+    "fragmentation_expandable_bytes",
+    "predicted_device_bytes",
+    "predicted_device_expandable_bytes",
+    "estimate_error_allocated_pct",
+    "estimate_error_reserved_pct",
+    "estimate_error_device_pct",
+    "process_used_bytes",
+    "estimate_error_process_pct",
     "wrapped_layers",
     "trainable_params",
     "quantized_params",
@@ -64,6 +86,17 @@ def profile_table(document: dict[str, Any]):
     table = Table(title=title, title_justify="left")
     width = max((len(r["label"]) for r in document["rows"]), default=10)
     table.add_column("strategy", min_width=width, no_wrap=True)
+    # Predicted step times (roofline, for a GPU) are shown as predictions: in the step columns
+    # when nothing was timed (estimate), else in a column of their own beside the measured step.
+    ok = [r for r in document["rows"] if r["status"] == "ok"]
+    timed = any(r.get("step_seconds") is not None for r in ok)
+    predicted = any(r.get("predicted_step_seconds") is not None for r in ok)
+    prefix = "" if timed or not predicted else "predicted_"
+    time_columns = ["step", "tok/s", "× time"]
+    if prefix:  # "~": predicted (the footer says for which GPU and how)
+        time_columns = [f"~{name}" for name in time_columns]
+    elif predicted:
+        time_columns.insert(1, "~step")
     for name in (
         "peak",
         "Δ peak",
@@ -71,19 +104,26 @@ def profile_table(document: dict[str, Any]):
         "opt. state",
         "saved act.",
         "Δ saved act.",
-        "step",
-        "tok/s",
-        "× time",
+        *time_columns,
     ):
         table.add_column(name, justify="right", no_wrap=True)
     reference = next((r for r in document["rows"] if r["status"] == "ok"), None)
     for row in document["rows"]:
         if row["status"] != "ok":  # the reason is listed under the table
-            table.add_row(row["label"], f"[red]{row['status']}[/red]", *[""] * 8)
+            table.add_row(
+                row["label"], f"[red]{row['status']}[/red]", *[""] * (5 + len(time_columns))
+            )
             continue
-        tps = row.get("tokens_per_second")
-        ratio = row.get("step_time_ratio")
+        tps = row.get(f"{prefix}tokens_per_second")
+        ratio = row.get("predicted_time_ratio" if prefix else "step_time_ratio")
         own = row is reference  # deltas are against the first (baseline) row
+        times = [
+            fmt_seconds(row.get(f"{prefix}step_seconds")),
+            "—" if tps is None else f"{tps:,.0f}",
+            "—" if ratio is None else f"{ratio:.2f}",
+        ]
+        if predicted and not prefix:
+            times.insert(1, fmt_seconds(row.get("predicted_step_seconds")))
         table.add_row(
             row["label"] + (" *" if row.get("note") else ""),
             fmt_bytes(row.get("peak_bytes")),
@@ -92,9 +132,7 @@ def profile_table(document: dict[str, Any]):
             fmt_bytes(row.get("optimizer_bytes")),
             fmt_bytes(row.get("activation_bytes")),
             "" if own else fmt_delta(row.get("activation_delta_pct")),
-            fmt_seconds(row.get("step_seconds")),
-            "—" if tps is None else f"{tps:,.0f}",
-            "—" if ratio is None else f"{ratio:.2f}",
+            *times,
         )
     return table
 
@@ -117,16 +155,20 @@ def profile_footer(document: dict[str, Any]) -> list[str]:
             "quantized_bytes in json/csv)"
         )
     env = document.get("environment", {})
-    device = env.get("gpu_name") or f"CPU ({env.get('cpu_threads')} threads)"
-    lines.append(
-        f"measured on {device}; torch {env.get('torch')}, transformers {env.get('transformers')}"
-    )
+    versions = f"torch {env.get('torch')}, transformers {env.get('transformers')}"
     sources = {r.get("step_seconds_source") for r in document["rows"] if r.get("step_seconds")}
-    if document["backend"] == "estimate":
+    if document["backend"] == "estimate":  # memory never touched a device
+        cpu = f"; step times measured on CPU ({env.get('cpu_threads')} threads)" if sources else ""
+        lines.append(f"estimated on meta tensors, no device used{cpu}; {versions}")
+    else:
+        device = env.get("gpu_name") or f"CPU ({env.get('cpu_threads')} threads)"
+        lines.append(f"measured on {device}; {versions}")
+    if document["backend"] == "estimate" and not device_rows(document):
         lines.append(
             "memory: estimated on meta tensors (allocations rounded as the CUDA caching "
             "allocator does; CUDA context and kernel workspaces not included)"
         )
+    lines += device_memory_lines(document)
     ok = [r for r in document["rows"] if r["status"] == "ok"]
     in_optimizer = [r for r in ok if r.get("peak_phase") == "optimizer"]
     if ok and len(in_optimizer) == len(ok):
@@ -142,8 +184,34 @@ def profile_footer(document: dict[str, Any]) -> list[str]:
         )
     for source in sorted(s for s in sources if s):
         lines.append(f"step time: {source}")
-    if not sources:
+    lines += prediction_lines(document)
+    if not sources and not any(r.get("predicted_step_seconds") for r in ok):
         lines.append("step time: not measured by this backend")
+    return lines
+
+
+def prediction_lines(document: dict[str, Any]) -> list[str]:
+    """What the predicted step times are: for which GPU, from what, and how far to trust them."""
+    from velora_cli.gpus import GPUS
+
+    rows = [r for r in document["rows"] if r.get("predicted_step_seconds") is not None]
+    if not rows:
+        return []
+    gpus = sorted({r.get("predicted_gpu") for r in rows if r.get("predicted_gpu")})
+    names = ", ".join(GPUS[g].name if g in GPUS else g for g in gpus)
+    lines = [
+        f"~ predicted step time, not measured: for {names}, by a per-op roofline over the FLOPs and "
+        "bytes of every op of the meta step (velora_cli/measure/roofline.py); its kernel "
+        "efficiencies are assumptions not yet calibrated on a GPU: compare strategies, not "
+        "absolute times; measure with --backend cuda"
+    ]
+    errors = [r["prediction_error"] for r in rows if r.get("prediction_error") is not None]
+    if errors:
+        lines.append(
+            "prediction vs measured step: "
+            + ", ".join(f"{r['label']} {r['prediction_error']:+.0%}" for r in rows
+                        if r.get("prediction_error") is not None)
+        )  # fmt: skip
     return lines
 
 
@@ -229,7 +297,7 @@ def breakdown_table(document: dict[str, Any], limit: int = 12):
             patterns[name] = max(patterns.get(name, 0), nbytes)
     top = sorted(patterns, key=lambda n: -patterns[n])[:limit]
     table = Table(title="saved activations by module (largest first)", title_justify="left")
-    table.add_column("module")
+    table.add_column("module", overflow="fold")  # a narrow terminal wraps names, never cuts them
     for r in rows:
         table.add_column(r["label"], justify="right")
     for name in top:
@@ -237,3 +305,96 @@ def breakdown_table(document: dict[str, Any], limit: int = 12):
             name or "(model)", *[fmt_bytes(r["activation_breakdown"].get(name, 0)) for r in rows]
         )
     return table
+
+
+def device_rows(document: dict[str, Any]) -> list[dict[str, Any]]:
+    """The ok rows with a device-memory prediction (estimate rows, cuda rows compared with it)."""
+    return [
+        r
+        for r in document["rows"]
+        if r["status"] == "ok" and r.get("predicted_reserved_bytes") is not None
+    ]
+
+
+def device_table(document: dict[str, Any]):
+    """What the GPU must hold per row: allocated, reserved (fragmentation), device memory, and
+    the same with ``expandable_segments:True``; for cuda rows the measurements beside the
+    prediction. None when no row has a prediction."""
+    from rich.table import Table
+
+    from velora_cli.measure.device_memory import expandable_saving
+
+    rows = device_rows(document)
+    if not rows:
+        return None
+    cuda = document["backend"] == "cuda"
+    where = "measured on this GPU vs predicted" if cuda else f"predicted for {document.get('gpu')}"
+    table = Table(title=f"what the GPU must hold ({where})", title_justify="left")
+    table.add_column("strategy", no_wrap=True)
+    if cuda:
+        columns = ("allocated", "pred.", "reserved", "pred.", "device", "pred.")
+    else:
+        columns = ("allocated", "reserved", "fragment.", "device", "exp. seg. device", "saving")
+    for name in columns:
+        table.add_column(name, justify="right", no_wrap=True)
+    for r in rows:
+        if cuda:
+            cells = [
+                fmt_bytes(r.get(key))
+                for key in (
+                    "peak_bytes", "predicted_allocated_bytes", "reserved_bytes",
+                    "predicted_reserved_bytes", "device_used_bytes", "predicted_device_bytes",
+                )
+            ]  # fmt: skip
+        else:
+            saving = expandable_saving(r)
+            cells = [
+                fmt_bytes(r["predicted_allocated_bytes"]),
+                fmt_bytes(r["predicted_reserved_bytes"]),
+                fmt_bytes(r["fragmentation_bytes"]),
+                fmt_bytes(r["predicted_device_bytes"]),
+                fmt_bytes(r["predicted_device_expandable_bytes"]),
+                "" if saving is None else f"{format_bytes(saving[0])} ({saving[1]:.1%})",
+            ]
+        table.add_row(r["label"], *cells)
+    return table
+
+
+def device_memory_lines(document: dict[str, Any]) -> list[str]:
+    """What the device-memory figures are, where expandable segments would pay, and (cuda) how
+    far the allocator model was from the measurement."""
+    from velora_cli.measure.device_memory import EXPANDABLE_WORTH, expandable_saving
+
+    rows = device_rows(document)
+    if not rows:
+        return []
+    if document["backend"] == "cuda":
+        errors = [
+            f"{r['label']} "
+            + "/".join(
+                "—" if r.get(f"estimate_error_{k}_pct") is None
+                else f"{r[f'estimate_error_{k}_pct']:+.1f}%"
+                for k in ("allocated", "reserved", "device")
+            )
+            for r in rows
+        ]  # fmt: skip
+        return [
+            "allocator model vs this run (predicted − measured, of allocated/reserved/device): "
+            + "; ".join(errors)
+        ]
+    lines = [
+        "what the GPU must hold, predicted: allocated = what max_memory_allocated would read "
+        "(the peak's tensors as whole allocator blocks, plus cuBLAS workspaces and kernel "
+        "scratch); reserved = the caching allocator's segments, replayed from the step's "
+        "allocation trace; fragment. = reserved − allocated at that peak; device = reserved + "
+        "CUDA context (NVML's used memory: what must fit the GPU)"
+    ]
+    lines += sorted({r["device_memory_notes"] for r in rows if r.get("device_memory_notes")})
+    worth = [(r, s) for r in rows if (s := expandable_saving(r)) is not None]
+    if worth:
+        lines.append(
+            f"PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True would save more than "
+            f"{EXPANDABLE_WORTH:.0%} of device memory on: "
+            + ", ".join(f"{r['label']} ({format_bytes(s[0])}, {s[1]:.1%})" for r, s in worth)
+        )
+    return lines

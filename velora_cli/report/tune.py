@@ -4,7 +4,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from velora_cli.report.units import fmt_bytes, format_bytes
+from velora_cli.report.units import fmt_bytes, fmt_seconds, format_bytes
+
+MODE_NAMES = {"full": "full-parameter training", "lora": "LoRA", "qlora": "QLoRA"}
 
 
 def describe(row: dict[str, Any]) -> str:
@@ -54,15 +56,16 @@ def tune_table(document: dict[str, Any]):
     table = Table(title=title, title_justify="left")
     table.add_column("", no_wrap=True)
     table.add_column("configuration", overflow="fold", min_width=28)
+    predicted = "~" if document["backend"] == "estimate" else ""  # roofline predictions
     for name in (
         "status",
         "est. peak",
         "peak",
-        "step",
-        "tok/s",
+        f"{predicted}step",
+        f"{predicted}tok/s",
         "probe loss",
         "Δ loss",
-        "grad cos",
+        "min grad cos",  # the smallest cosine over the compressed layers (probes.gradient_fidelity)
     ):
         table.add_column(name, justify="right", no_wrap=True)
     table.add_column("note", overflow="fold", max_width=48)
@@ -79,10 +82,10 @@ def tune_table(document: dict[str, Any]):
             r["status"],
             fmt_bytes(r.get("estimate_peak_bytes")),
             fmt_bytes(r.get("peak_bytes")),
-            "—" if r.get("step_seconds") is None else f"{r['step_seconds']:.2f} s",
+            fmt_seconds(r.get("step_seconds")),
             "—" if r.get("tokens_per_second") is None else f"{r['tokens_per_second']:,.0f}",
             "—" if r.get("loss") is None else f"{r['loss']:.4f}",
-            "—" if li is None else f"{li:+.2%}",
+            "" if li is None or r.get("loss") is None else f"{li:+.2%}",  # unprobed: nothing
             "—" if cos is None else f"{cos:.3f}",
             r.get("note") or "",
         )
@@ -135,11 +138,23 @@ def summary_lines(document: dict[str, Any]) -> list[str]:
         if probe.get("note"):
             lines.append(f"probe: {probe['note']}")
     lines += [f"warning: {w}" for w in document.get("warnings", [])]
+    if document["backend"] == "estimate":
+        lines.append("~ step, tok/s: predicted by the roofline for the --gpu, not measured")
     rec = document.get("recommendation")
     if rec is None:
         return lines
     li = rec.get("loss_increase")
     real = "estimated, not run" if document["backend"] == "estimate" else "verification run"
+    searched = document.get("settings", {}).get("modes") or []
+    if rec.get("mode") != "full" and "full" in searched:  # the mode changes: say it first
+        lines.append(
+            f"recommended: {MODE_NAMES[rec['mode']]} instead of full-parameter training: it "
+            "trains adapters on a frozen base, not all parameters; pass --mode full to keep "
+            "full-parameter training (the accuracy probe compares VeLoRA within a mode, not "
+            "modes with each other)"
+        )
+    if str(rec.get("peak_source", "")).startswith("predicted_device_bytes"):
+        real = "predicted device memory: allocator-reserved + CUDA context; " + real
     lines += [
         f"recommended: {describe(rec)}",
         f"  peak {format_bytes(rec['peak_bytes'])} ({real}) ≤ limit "
@@ -149,20 +164,18 @@ def summary_lines(document: dict[str, Any]) -> list[str]:
             ""
             if rec.get("tokens_per_second") is None
             else f" · {rec['tokens_per_second']:,.0f} tokens/s"
+            + (" (predicted)" if document["backend"] == "estimate" else "")
         )
-        + ("" if li is None else f" · loss {li:+.2%} vs {_baseline_of(rec)}"),
+        + (
+            ""
+            if li is None or rec.get("loss") is None  # not probed: nothing to report
+            else f" · loss {li:+.2%} vs {_baseline_of(rec)}"
+        ),
         f"  why: {rec['reason']}",
     ]
-    searched = document.get("settings", {}).get("modes") or []
-    if rec.get("mode") != "full" and "full" in searched:
-        lines.append(
-            f"  note: this trains {rec['mode'].upper()} adapters on a frozen base, not all "
-            "parameters; the accuracy probe compares VeLoRA within a mode, not modes with each "
-            "other. Pass --mode full to keep full-parameter training."
-        )
     if document.get("path"):
         lines.append(
-            f"  export: velora export-config --from {document['path']} --format velora|peft|trainer"
+            f"  export: velora export-config --from {document['path']} --format velora|peft|trainer|trl"
         )
     return lines
 

@@ -21,4 +21,6 @@ def fmt_delta(pct: float | None) -> str:
 def fmt_seconds(value: float | None) -> str:
     if value is None:
         return "—"
+    if value < 0.1:  # predicted GPU steps of small models: a few ms
+        return f"{value * 1e3:.1f} ms"
     return f"{value * 1e3:.0f} ms" if value < 10 else f"{value:.1f} s"

@@ -1,0 +1,313 @@
+"""The device-memory prediction: the cuda backend's schedule replayed through the allocator model,
+kernel scratch, the comparison with a cuda row, and the fields the estimate backend adds."""
+
+from __future__ import annotations
+
+import json
+import types
+
+import pytest
+
+from velora_cli.gpus import get_gpu
+from velora_cli.measure.allocator import ALLOC, EMPTY_CACHE, FREE, RESET_PEAK, simulate
+from velora_cli.measure.device_memory import (
+    cublas_workspace_bytes,
+    cuda_schedule,
+    device_memory_fields,
+    estimate_error,
+    expandable_saving,
+    scratch_positions,
+)
+from velora_cli.measure.kernel_scratch import (
+    EMBEDDING_BACKWARD,
+    FLASH_BACKWARD,
+    embedding_backward_scratch,
+    flash_attention_backward_scratch,
+)
+from velora_cli.measure.tracker import AllocationTrace
+
+M = 1 << 20
+H100 = get_gpu("h100")
+NO_ENV: dict[str, str] = {}
+
+
+def toy_trace(**extra) -> AllocationTrace:
+    """A 40 MiB parameter with two 40 MiB AdamW moments; the step allocates a 30 MiB activation,
+    a 40 MiB gradient, a 40 MiB optimizer temporary."""
+    fields = dict(
+        initial=((0, 40 * M), (1, 40 * M), (2, 40 * M)),
+        events=(
+            (1, 3, 30 * M),  # forward: activation
+            (2, 4, 40 * M),  # backward: gradient
+            (2, 3, -30 * M),  # the activation is released
+            (3, 5, 40 * M),  # optimizer: temporary
+            (3, 5, -40 * M),
+            (4, 4, -40 * M),  # zero_grad(set_to_none=True)
+        ),
+        categories={
+            0: "params",
+            1: "optimizer",
+            2: "optimizer",
+            3: "activations",
+            4: "grads",
+            5: "temporaries",
+        },  # fmt: skip
+        phases=(
+            ("forward_backward", 0, 3),
+            ("forward", 0, 1),
+            ("backward", 1, 3),
+            ("optimizer", 3, 5),
+            ("zero_grad", 5, 6),
+        ),  # fmt: skip
+        round_to=512,
+        ops=4,
+        op_names=("aten::mm", "aten::mm_backward", "aten::_foreach_add", "aten::zero_"),
+    )
+    fields.update(extra)
+    return AllocationTrace(**fields)
+
+
+def test_the_cuda_schedule_replayed_by_hand():
+    # Load: the 40 MiB parameter, one segment. Warm-up step 1: cuBLAS workspace (32 MiB on
+    # Hopper) at the forward's start, the 30 MiB activation, the backward thread's workspace,
+    # the 40 MiB gradient; the optimizer creates its two 40 MiB moments, then a 40 MiB temporary
+    # (the cached 30 MiB block is too small): 40 + 32 + 30 + 32 + 40 + 80 + 40 = 294 MiB.
+    # Steps 2-3 reuse the cached 30, 40, 40 MiB blocks. empty_cache frees those three whole
+    # segments (184 MiB stay: parameter, workspaces, moments); the timed steps make them again:
+    # reserved peaks at 294 MiB again, when the temporary is allocated and the freed activation's
+    # 30 MiB segment sits empty: fragmentation 30 MiB. Allocated peaks then too: 184 + 40 + 40.
+    fields = device_memory_fields(toy_trace(), gpu=H100, environ=NO_ENV)
+    assert fields["predicted_reserved_bytes"] == 294 * M
+    assert fields["predicted_allocated_bytes"] == 264 * M
+    assert fields["fragmentation_bytes"] == 30 * M
+    assert fields["predicted_device_bytes"] == 294 * M + H100.context_bytes
+    assert fields["cublas_workspace_bytes"] == 2 * 32 * M
+    # Expandable segments (20 MiB pages, one growing segment): derived step by step, the
+    # mapped range reaches 300 MiB in warm-up; empty_cache unmaps the four whole free pages
+    # (220 MiB left) and the timed step maps them back, again 300 MiB: pages cost 6 MiB here.
+    assert fields["predicted_reserved_expandable_bytes"] == 300 * M
+    assert fields["fragmentation_expandable_bytes"] == 36 * M
+    assert expandable_saving(fields) is None
+    assert "CUDA context 1 GiB (constant for h100" in fields["device_memory_notes"]
+    assert "2 cuBLAS workspaces of 32 MiB" in fields["device_memory_notes"]
+
+
+def test_the_schedule_follows_the_cuda_backend():
+    events = cuda_schedule(toy_trace(), workspace=32 * M, warmup=2, steps=5)
+    kinds = [kind for kind, _, _ in events]
+    # load (1) + first step (2 workspaces + 2 moments + 6) + 2 more warm-up/counting steps (6
+    # each), then the cache is emptied, peaks reset, and 5 timed steps follow
+    assert kinds.index(EMPTY_CACHE) == 1 + 10 + 2 * 6 and kinds.index(RESET_PEAK) == 24
+    assert len(events) == 25 + 5 * 6
+    assert events[0] == (ALLOC, 0, 40 * M)  # the parameter, loaded before any step
+    first_optimizer = [e for e in events[:12] if e[2] == 40 * M and e[1] in (1, 2)]
+    assert len(first_optimizer) == 2  # the moments are created in the first step only
+    simulate(events)  # every free matches an allocation
+    # A memory-bound Ampere GPU takes :4096:2:16:8 (8 MiB + 128 KiB); the variable overrides
+    assert cublas_workspace_bytes(get_gpu("a100-80gb"), NO_ENV) == 8 * M + 128 * 1024
+    assert cublas_workspace_bytes(H100, {"CUBLAS_WORKSPACE_CONFIG": ":4096:8"}) == 32 * M
+    assert cublas_workspace_bytes(H100, {"CUBLAS_WORKSPACE_CONFIG": ":16:8"}) == 128 * 1024
+
+
+def test_a_replaced_state_tensor_carries_over_to_the_next_step():
+    # a projection refreshed in the optimizer step: the loaded storage 2 is freed and a new one
+    # (6) survives the step; the next step frees that one, and nothing leaks or is freed twice
+    trace = toy_trace(events=toy_trace().events + ((4, 2, -40 * M), (4, 6, 40 * M)))
+    trace.categories[6] = "optimizer"
+    events = cuda_schedule(trace, workspace=0, warmup=2, steps=3)
+    stats = simulate(events)
+    assert stats.allocated_bytes == 40 * M * 3  # parameter + two moments, as after every step
+
+
+def test_kernel_scratch_goes_after_the_op_outputs_and_counts_in_allocated():
+    # op 2 is a flash-attention backward whose scratch (20 MiB, 10 MiB) lives while the
+    # gradient (its output) is allocated and the activation not yet freed: allocated peaks at
+    # 184 + 30 + 40 + 30 = 284 MiB during the timed steps
+    names = ("aten::mm", FLASH_BACKWARD, "aten::_foreach_add", "aten::zero_")
+    trace = toy_trace(op_names=names)
+    scratch = {FLASH_BACKWARD: (20 * M, 10 * M)}
+    assert scratch_positions(trace, scratch) == {2: (20 * M, 10 * M)}
+    fields = device_memory_fields(trace, gpu=H100, scratch=scratch, environ=NO_ENV)
+    assert fields["predicted_allocated_bytes"] == 284 * M
+    assert fields["kernel_scratch_bytes"] == 30 * M
+    assert "kernel scratch up to 30 MiB per op" in fields["device_memory_notes"]
+    # no op names (an older trace): no scratch
+    assert scratch_positions(toy_trace(op_names=()), scratch) == {}
+
+
+def test_kernel_scratch_sizes_follow_the_cuda_sources():
+    # Llama-2-7B, batch 1 x 2048, bf16: softmax_d 1*32*2048*4 B, dq_accum 2048*32*128*4 B
+    assert flash_attention_backward_scratch(1, 32, 32, 2048, 128, 2) == (256 * 1024, 32 * M)
+    # Llama-3.2-3B, 4 x 768, 24 heads over 8 kv heads: + dk/dv expanded to 24 heads in bf16
+    sizes = flash_attention_backward_scratch(4, 24, 8, 768, 128, 2)
+    assert sizes == (4 * 24 * 768 * 4, 36 * M, 18 * M, 18 * M)
+    # sequences are rounded to 128 rows, head dims to 32 (<= 128) or 64
+    assert flash_attention_backward_scratch(1, 1, 1, 100, 72, 2) == (128 * 4, 128 * 96 * 4)
+    # embedding backward: a direct kernel up to 3072 indices, sorted segments beyond
+    assert embedding_backward_scratch(3072, 32000, 4096) == ()
+    sizes = embedding_backward_scratch(8192, 32000, 4096)
+    assert sizes[-1] == (8192 // 10 + 8192) * 4096 * 4 and len(sizes) == 7
+
+
+def test_estimate_error_compares_a_cuda_row_with_the_prediction():
+    measured = {"peak_bytes": 10 * M, "reserved_bytes": 16 * M, "device_used_bytes": 600 * M}
+    predicted = {"predicted_allocated_bytes": 11 * M, "predicted_reserved_bytes": 12 * M,
+                 "predicted_device_bytes": 1036 * M}  # fmt: skip
+    error = estimate_error(measured, predicted)
+    assert error["estimate_error_allocated_bytes"] == M
+    assert error["estimate_error_allocated_pct"] == pytest.approx(10.0)
+    assert error["estimate_error_reserved_pct"] == pytest.approx(-25.0)
+    assert error["estimate_error_device_bytes"] == 436 * M
+    assert error["context_implied_bytes"] == 584 * M  # what the context constant should be
+    # NVML unavailable: no device comparison, no implied context
+    error = estimate_error({**measured, "device_used_bytes": None}, predicted)
+    assert "estimate_error_device_pct" not in error and "context_implied_bytes" not in error
+    # the worker's own NVML usage, where reported, is what the per-process model predicts
+    error = estimate_error({**measured, "process_used_bytes": 500 * M}, predicted)
+    assert error["estimate_error_process_bytes"] == 536 * M
+    assert error["context_implied_bytes"] == 484 * M
+
+
+def test_expandable_saving_is_reported_over_five_percent():
+    row = {"predicted_device_bytes": 100 * M, "predicted_device_expandable_bytes": 94 * M}
+    assert expandable_saving(row) == (6 * M, pytest.approx(0.06))
+    assert expandable_saving({**row, "predicted_device_expandable_bytes": 96 * M}) is None
+    assert expandable_saving({}) is None
+
+
+def test_the_estimate_backend_adds_the_device_fields(monkeypatch):
+    from velora_cli.measure.estimate import EstimateBackend
+    from velora_cli.measure.train_step import StepSpec
+
+    monkeypatch.delenv("PYTORCH_CUDA_ALLOC_CONF", raising=False)
+    spec = StepSpec("llama-tiny", batch_size=2, seq_len=64, dtype="bf16")
+    row = EstimateBackend().measure(spec)
+    assert row["status"] == "ok"
+    assert row["predicted_reserved_bytes"] >= row["predicted_allocated_bytes"] > row["peak_bytes"]
+    assert row["predicted_device_bytes"] == row["predicted_reserved_bytes"] + H100.context_bytes
+    assert row["fragmentation_bytes"] >= 0 and row["allocator_conf"] == "default"
+    assert row["kernel_scratch_bytes"] > 0  # bf16: flash-attention backward takes scratch
+    # the allocator settings come from the environment, or the option, as torch reads them
+    monkeypatch.setenv("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
+    row = EstimateBackend().measure(spec)
+    assert row["allocator_conf"] == "expandable_segments:True"
+    assert row["predicted_reserved_bytes"] == row["predicted_reserved_expandable_bytes"]
+    with pytest.raises(ValueError, match="True or False"):
+        EstimateBackend(alloc_conf="expandable_segments:on")
+
+
+def test_the_cuda_backend_reports_the_estimate_beside_its_measurement(monkeypatch):
+    from velora_cli.measure import cuda
+    from velora_cli.measure.train_step import StepSpec
+
+    measured = {
+        "status": "ok", "backend": "cuda", "peak_bytes": 90 * M, "reserved_bytes": 120 * M,
+        "device_used_bytes": 700 * M, "gpu_name": "NVIDIA H100 80GB HBM3",
+    }  # fmt: skip
+    seen = {}
+
+    def fake_run(args, input, env, **kwargs):  # noqa: A002 - subprocess.run's name
+        seen["env"] = env
+        return types.SimpleNamespace(stdout="log\n" + cuda._MARK + json.dumps(measured), stderr="")
+
+    monkeypatch.setattr(cuda.subprocess, "run", fake_run)
+    spec = StepSpec("llama-tiny", batch_size=2, seq_len=32)
+    row = cuda.CudaBackend(alloc_conf="max_split_size_mb:64").measure(spec)
+    assert seen["env"]["PYTORCH_CUDA_ALLOC_CONF"] == "max_split_size_mb:64"
+    assert row["estimate_gpu"] == "h100" and row["peak_bytes"] == 90 * M
+    predicted = row["predicted_reserved_bytes"]
+    assert row["estimate_error_reserved_bytes"] == predicted - 120 * M
+    assert row["estimate_error_reserved_pct"] == pytest.approx(
+        100 * (predicted - 120 * M) / (120 * M)
+    )
+    assert row["context_implied_bytes"] == 580 * M
+    assert "max_split_size_mb:64" in row["device_memory_notes"]
+    # a GPU the table does not know: predicted with the default GPU's constants, and said so
+    measured["gpu_name"] = "NVIDIA Mystery 1"
+    row = cuda.CudaBackend().measure(spec)
+    assert row["estimate_gpu"] == "h100" and "not in the GPU table" in row["estimate_error_note"]
+    # a failed row gets no comparison
+    measured.update(status="oom")
+    assert "predicted_reserved_bytes" not in cuda.CudaBackend().measure(spec)
+
+
+def test_free_events_of_unknown_storages_are_skipped():
+    # a trace may free a storage it never saw allocated (created before tracking, not loaded)
+    trace = toy_trace(events=((1, 9, -4 * M), *toy_trace().events))
+    events = cuda_schedule(trace, workspace=0, warmup=0, steps=1)
+    assert all(key != 9 for kind, key, _ in events if kind == FREE)
+    simulate(events)
+
+
+def test_scratch_for_a_model_reads_its_config():
+    from transformers import LlamaConfig
+
+    from velora_cli.measure.kernel_scratch import scratch_for_model
+
+    config = LlamaConfig(hidden_size=3072, num_attention_heads=24, num_key_value_heads=8,
+                         head_dim=128, vocab_size=128256)  # fmt: skip
+    table = scratch_for_model(config, micro_batch=4, seq_len=768, dtype_bytes=2)
+    assert table == {FLASH_BACKWARD: flash_attention_backward_scratch(4, 24, 8, 768, 128, 2)}
+    # 4 x 1024 tokens take the embedding's sorted path
+    table = scratch_for_model(config, micro_batch=4, seq_len=1024, dtype_bytes=2)
+    assert table[EMBEDDING_BACKWARD] == embedding_backward_scratch(4096, 128256, 3072)
+
+
+def profile_document(backend="estimate", **row):
+    base = dict(status="ok", label="baseline", strategy="baseline", peak_bytes=90 * M,
+                predicted_allocated_bytes=100 * M, predicted_reserved_bytes=150 * M,
+                fragmentation_bytes=50 * M, predicted_reserved_expandable_bytes=110 * M,
+                predicted_device_bytes=1174 * M, predicted_device_expandable_bytes=1134 * M,
+                device_memory_notes="device = reserved (modelled: ...) + CUDA context")  # fmt: skip
+    base.update(row)
+    return {"backend": backend, "gpu": "h100", "rows": [base]}
+
+
+def test_the_profile_report_shows_what_the_gpu_must_hold():
+    from rich.console import Console
+
+    from velora_cli import report
+    from velora_cli.report.profile import device_memory_lines
+
+    doc = profile_document()
+    console = Console(width=140, record=True)
+    console.print(report.device_table(doc))
+    text = console.export_text()
+    assert "what the GPU must hold (predicted for h100)" in text
+    for cell in ("100 MiB", "150 MiB", "50 MiB", "1.15 GiB", "1.11 GiB"):
+        assert cell in text
+    lines = device_memory_lines(doc)
+    assert not any("expandable_segments:True would save" in line for line in lines)  # 3.4%
+    doc = profile_document(predicted_device_expandable_bytes=1000 * M)
+    console = Console(width=140, record=True)
+    console.print(report.device_table(doc))
+    assert "174 MiB (14.8%)" in console.export_text()
+    lines = device_memory_lines(doc)
+    assert any("would save more than 5% of device memory on: baseline (174 MiB, 14.8%)" in x
+               for x in lines)  # fmt: skip
+    assert "device = reserved (modelled: ...) + CUDA context" in lines
+    # a cuda document: measured beside predicted, and the model's error
+    doc = profile_document("cuda", reserved_bytes=140 * M, device_used_bytes=700 * M,
+                           estimate_error_allocated_pct=11.1, estimate_error_reserved_pct=7.1,
+                           estimate_error_device_pct=67.7)  # fmt: skip
+    assert "baseline +11.1%/+7.1%/+67.7%" in device_memory_lines(doc)[0]
+    console = Console(width=140, record=True)
+    console.print(report.device_table(doc))
+    assert "measured on this GPU vs predicted" in console.export_text()
+    assert report.device_table({"backend": "cpu", "rows": [{"status": "ok"}]}) is None
+
+
+def test_alloc_conf_option_errors_in_one_line():
+    from typer.testing import CliRunner
+
+    from velora_cli.cli import app
+
+    result = CliRunner().invoke(
+        app, ["profile", "llama-tiny", "--backend", "estimate", "--alloc-conf", "bogus:1"]
+    )
+    assert result.exit_code == 1
+    assert "error: unrecognized allocator key 'bogus'" in result.output
+    result = CliRunner().invoke(
+        app, ["tune", "llama-tiny", "--budget", "2GB", "--alloc-conf", "expandable_segments:1"]
+    )
+    assert result.exit_code == 1 and "True or False" in result.output

@@ -1,0 +1,75 @@
+"""CUDA's half-to-float softmax, emulated on meta tensors for the estimate backend.
+
+``softmax(x, dim, dtype=torch.float32)`` (and ``log_softmax``) on an fp16 ``x`` is, in ATen's
+``softmax`` / ``log_softmax`` (aten/src/ATen/native/SoftMax.cpp, PyTorch 2.13)::
+
+    if (input_.is_cuda() && input_.scalar_type() == ScalarType::Half && dtype == ScalarType::Float)
+      return at::_softmax(input_, dim_, true);               // half_to_float
+    Tensor converted = dtype.has_value() ? input_.toType(dtype.value()) : input_;
+    return at::_softmax(converted, dim_, false);
+
+Both keep the same tensor for backward (the fp32 result), but off CUDA the input is first copied
+to fp32: a transient (..., N) fp32 tensor the GPU never allocates, and in backward an fp32
+gradient that ``ToCopyBackward`` then casts to fp16, where CUDA's ``_softmax_backward_data``
+writes the fp16 gradient directly. Eager attention in fp16 does exactly this with its N x N
+scores (``softmax(attn_weights, dim=-1, dtype=torch.float32)``), so the estimate's peak would
+carry one more N x N fp32 tensor per layer at that moment. ``MetaHalfToFloatSoftmax`` routes
+such meta-tensor calls to ``_softmax(x, dim, half_to_float=True)``, which has a meta kernel.
+bf16 inputs take the conversion on CUDA too and are left alone.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch.overrides import TorchFunctionMode
+
+
+def _functional_args(input, dim=None, _stacklevel=3, dtype=None):
+    return input, dim, dtype
+
+
+def _native_args(input, dim, dtype=None):
+    return input, dim, dtype
+
+
+_SOFTMAX = {F.softmax, torch.softmax, torch.Tensor.softmax}
+_LOG_SOFTMAX = {F.log_softmax, torch.log_softmax, torch.Tensor.log_softmax}
+_PARSE = {F.softmax: _functional_args, F.log_softmax: _functional_args}
+
+
+def half_to_float_on_cuda(input: torch.Tensor, dim: int | None, dtype) -> bool:
+    """Whether CUDA runs this softmax call as ``_softmax(input, dim, half_to_float=True)``.
+
+    Args:
+        input: the scores.
+        dim: the softmax dimension (None: the legacy implicit choice, left to the real op).
+        dtype: the requested output dtype.
+
+    Returns:
+        True for an fp16 input with ``dtype=torch.float32``.
+    """
+    return dim is not None and input.dtype == torch.float16 and dtype == torch.float32
+
+
+class MetaHalfToFloatSoftmax(TorchFunctionMode):
+    """``with MetaHalfToFloatSoftmax():`` — fp16 -> fp32 softmax on meta without the fp32 copy.
+
+    Example:
+        >>> x = torch.empty(2, 4, 16, 16, device="meta", dtype=torch.float16)
+        >>> with MetaHalfToFloatSoftmax():
+        ...     p = F.softmax(x, dim=-1, dtype=torch.float32)  # no fp32 copy of x
+    """
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func in _SOFTMAX or func in _LOG_SOFTMAX:
+            input, dim, dtype = _PARSE.get(func, _native_args)(*args, **kwargs)
+            if (
+                isinstance(input, torch.Tensor)
+                and input.device.type == "meta"
+                and half_to_float_on_cuda(input, dim, dtype)
+            ):
+                kernel = torch._softmax if func in _SOFTMAX else torch._log_softmax
+                return kernel(input, dim, True)
+        return func(*args, **kwargs)
