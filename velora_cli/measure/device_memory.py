@@ -178,22 +178,7 @@ def cuda_schedule(
         Load, ``warmup`` + 1 steps (the first creates the optimizer state and the workspaces),
         EMPTY_CACHE, RESET_PEAK, ``steps`` steps, each after a REPEAT marker.
     """
-    return list(
-        iter_cuda_schedule(trace, workspace=workspace, scratch=scratch, warmup=warmup, steps=steps)
-    )
-
-
-def iter_cuda_schedule(
-    trace: AllocationTrace,
-    *,
-    workspace: int,
-    scratch: Mapping[str, Sequence[int]] | None = None,
-    warmup: int = CUDA_WARMUP,
-    steps: int = CUDA_STEPS,
-) -> Iterator[Event]:
-    """`cuda_schedule`, step by step as the replay asks for it: a replay that stops at a steady
-    step (allocator.REPEAT) never builds the steps after it."""
-    return iter(Schedule(trace, workspace=workspace, scratch=scratch, warmup=warmup, steps=steps))
+    return list(Schedule(trace, workspace=workspace, scratch=scratch, warmup=warmup, steps=steps))
 
 
 class Schedule:
