@@ -53,10 +53,12 @@ def models(tmp_path_factory):
     return paths
 
 
-@pytest.fixture(scope="module")
-def fast():
-    # no fields from the real step's trace (allocator replay, timeline) or ops (the roofline's
-    # time): rows with them run at full depth
+@pytest.fixture(scope="module", params=["every field", "memory only"])
+def fast(request):
+    # every field (the default: the allocator replay and the timeline from the step's trace, the
+    # roofline's time from its ops, synthesized at the real depth), or the memory fields alone
+    if request.param == "every field":
+        return EstimateBackend()
     return EstimateBackend(trace_fields=False, step_time=False)
 
 
@@ -189,18 +191,56 @@ def test_full_depth_keeps_reuse_and_runs_the_real_step(models):
 @pytest.mark.parametrize(
     ("model", "settings", "strategy"),
     [("llama8", {}, {"gc": True}), ("gpt2", {"mode": "lora"}, G16),
-     ("mistral", {"mode": "qlora", "dtype": "bf16"}, {})],
+     ("mistral", {"mode": "qlora", "dtype": "bf16"}, {}),
+     ("qwen2", {"optimizer": "galore", "rank": 8}, {"gc": True}),
+     ("llama16", {"batch_size": 4, "grad_accum_steps": 2}, {"gc": 2})],
 )  # fmt: skip
-def test_rows_with_device_memory_run_the_real_step_on_reused_models(models, model, settings,
-                                                                    strategy):  # fmt: skip
-    """The default rows replay the caching allocator over the real step's trace: full depth on
-    reused models, byte-identical to the reference with its allocator replay and timeline."""
+def test_the_synthesized_trace_and_op_counts_are_the_real_steps(models, monkeypatch, model,
+                                                                settings, strategy):  # fmt: skip
+    """The depth shortcut writes the real depth's allocation trace and op counts out from three
+    shallow steps: equal, storage for storage and op for op, to those of the real step (so the
+    allocator replay, the timeline and the roofline's time are the real step's)."""
+    from velora_cli.measure import step_time
+
+    seen = {"trace": [], "counts": []}
+    device_memory_of = EstimateBackend.device_memory_of
+    prediction_fields = step_time.prediction_fields
+
+    def record_trace(self, prepared, trace):
+        seen["trace"].append(trace)
+        return device_memory_of(self, prepared, trace)
+
+    def record_counts(prepared, counts, gpu, **kwargs):
+        seen["counts"].append(counts)
+        return prediction_fields(prepared, counts, gpu, **kwargs)
+
+    monkeypatch.setattr(EstimateBackend, "device_memory_of", record_trace)
+    monkeypatch.setattr(step_time, "prediction_fields", record_counts)
     spec = StepSpec(model=models[model], **{"batch_size": 2, "seq_len": 32, **settings},
                     strategy=Strategy(**strategy))  # fmt: skip
     row, reference = both(EstimateBackend(), spec)
-    assert "predicted_device_bytes" in row and "timeline" in row
+    assert "predicted_device_bytes" in row and "timeline" in row and "predicted_step_seconds" in row
+    assert assert_identical(row, reference).startswith("extrapolated")
+    (real_trace, synthesized_trace), (real_counts, synthesized_counts) = seen.values()
+    assert synthesized_trace == real_trace
+    assert synthesized_counts == real_counts
+
+
+def test_a_step_the_synthesis_refuses_runs_at_the_real_depth(models, monkeypatch):
+    from velora_cli.measure import shortcut
+    from velora_cli.measure.extrapolate import NotExtrapolable
+
+    def refuse(*args, **kwargs):
+        raise NotExtrapolable("a free names no storage of the deep step")
+
+    monkeypatch.setattr(shortcut, "synthesize", refuse)
+    spec = StepSpec(model=models["llama8"], batch_size=2, seq_len=32)
+    row, reference = both(EstimateBackend(), spec)
     method = assert_identical(row, reference)
-    assert method == "full depth (device memory and the timeline need the real step's trace)"
+    assert method == "full depth (a free names no storage of the deep step)"
+    # without fields from the trace or the ops nothing is synthesized
+    lean = EstimateBackend(trace_fields=False, step_time=False).measure(spec)
+    assert lean["estimate_method"].startswith("extrapolated")
 
 
 def test_small_models_run_in_full():

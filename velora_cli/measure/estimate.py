@@ -85,14 +85,7 @@ class EstimateBackend:
 
         try:
             if self.shortcuts and self.warmup >= 1:
-                full, why = self.full_depth, "asked for"
-                if not full and self.trace_fields:
-                    full, why = True, "device memory and the timeline need the real step's trace"
-                elif not full and self.step_time:
-                    # a foreach kernel's launches grow in steps with the tensors it takes: the
-                    # time of three shallow steps does not extrapolate exactly
-                    full, why = True, "the step time needs the real step's ops"
-                row = self.fast_path().row(spec, breakdown=breakdown, full_depth=full, why=why)
+                row = self.fast_path().row(spec, breakdown=breakdown, full_depth=self.full_depth)
             else:
                 row = self._reference(spec, breakdown)
         except (SpecError, ValueError, RuntimeError, NotImplementedError) as exc:
@@ -110,12 +103,9 @@ class EstimateBackend:
     def observe(self, prepared, *, breakdown: bool, tracker=None) -> tuple[dict[str, Any], Any]:
         """One tracked step of a prepared (warmed-up) meta model: the row's fields and the trace.
 
-        Every run of the estimate goes through here: the reference path once per row, the fast
-        path once per row at the real depth or once per shallow depth (then each numeric field
-        is extrapolated if exactly affine in depth, else the row is run at the real depth,
-        `measure.shortcut`). The op counts (the roofline's step time) are sums over ops, affine
-        in depth; the device-memory fields and the timeline need the real step's trace
-        (``trace_fields``).
+        The reference path runs it once per row, the fast path once per row at the real depth;
+        the depth shortcut runs `tracked` at three shallow depths instead and `finish` on the
+        real-depth trace and op counts it synthesizes from them (`measure.step_synthesis`).
 
         Args:
             prepared: from `prepare` (or the fast path's reused model), on meta, warmed up.
@@ -125,25 +115,45 @@ class EstimateBackend:
         Returns:
             (row fields, `AllocationTrace` of the tracked step).
         """
+        row, trace, counts = self.tracked(prepared, breakdown=breakdown, tracker=tracker)
+        return self.finish(prepared, row, trace, counts), trace
+
+    def tracked(self, prepared, *, breakdown: bool, tracker=None, counter=None) -> tuple:
+        """The tracked step alone: its memory fields (`observe.tracked_step`), its trace, and its
+        op counts (None without ``step_time``; ``counter``: the `OpCounter` to count them with).
+        """
         from velora_cli.measure.emulation import cuda_emulation
         from velora_cli.measure.observe import tracked_step
         from velora_cli.measure.opcount import OpCounter
-        from velora_cli.measure.step_time import prediction_fields
 
         with cuda_emulation(prepared.spec.amp):
-            ops = OpCounter("meta") if self.step_time else None
+            ops = None
+            if self.step_time:
+                ops = counter if counter is not None else OpCounter("meta")
             row, trace = tracked_step(
                 prepared, breakdown=breakdown, tracker=tracker, op_counter=ops
             )
-            if ops is not None:
-                row.update(prediction_fields(prepared, ops.counts(), self.gpu))
-        # tokens/s is not a sum over ops (not affine in depth): `measure` derives it from the time
+        return row, trace, None if ops is None else ops.counts()
+
+    def finish(self, prepared, row, trace, counts, *, regular=None) -> dict[str, Any]:
+        """The fields made from a step's ops and trace, added to its ``row``: the roofline's step
+        time from ``counts`` (``regular``: a low-rank optimizer's regular step, else counted
+        here), and with ``trace_fields`` the device memory from ``trace`` (else the timeline is
+        dropped). The same for a real step and a synthesized one.
+        """
+        from velora_cli.measure.emulation import cuda_emulation
+        from velora_cli.measure.step_time import prediction_fields
+
+        if counts is not None:
+            with cuda_emulation(prepared.spec.amp):
+                row.update(prediction_fields(prepared, counts, self.gpu, regular=regular))
+        # tokens/s is not a sum over ops: `measure` derives it from the time
         row.pop("predicted_tokens_per_second", None)
         if self.trace_fields:
             row.update(self.device_memory_of(prepared, trace))
         else:
             row.pop("timeline", None)
-        return row, trace
+        return row
 
     def device_memory_of(self, prepared, trace) -> dict[str, Any]:
         """The device-level fields of one traced step (see device_memory.device_memory_fields)."""
@@ -192,5 +202,5 @@ class EstimateBackend:
                 micro_batches=MICRO_BATCHES,
                 step_context=lambda spec: cuda_emulation(spec.amp),
             )
-            self._fast = Shortcuts(self.observe, models)
+            self._fast = Shortcuts(self, models)
         return self._fast

@@ -410,6 +410,9 @@ class OpCounter(TorchDispatchMode):
         # shapes, and an op's cost depends on nothing else
         self._costs: dict[tuple, OpCost | None] = {}
         self.cost_hits = 0
+        # every op in order as (phase, micro, cost or None) when a list is set here (the depth
+        # shortcut synthesizes a deeper step's counts from shallow sequences: step_synthesis.py)
+        self.sequence: list[tuple[str, int | None, OpCost | None]] | None = None
 
     @contextlib.contextmanager
     def phase(self, name: str) -> Iterator[None]:
@@ -432,10 +435,13 @@ class OpCounter(TorchDispatchMode):
             self.cost_hits += 1
         else:
             cost = self._costs[key] = op_cost(func, args, kwargs, out, self.device_type)
-        if cost is not None:
+        if cost is not None or self.sequence is not None:
             phase = self._phases[-1] if self._phases else "other"
             micro = self._micro if phase in ("forward", "backward") else None
-            self._segments.setdefault((phase, micro), Counter())[cost] += 1
+            if cost is not None:
+                self._segments.setdefault((phase, micro), Counter())[cost] += 1
+            if self.sequence is not None:
+                self.sequence.append((phase, micro, cost))
         return out
 
     def counts(self) -> StepCounts:

@@ -25,6 +25,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
+from velora_cli import timeline
 from velora_cli.measure.extrapolate import (
     MEMORY_FIELDS,
     NotExtrapolable,
@@ -34,16 +35,17 @@ from velora_cli.measure.extrapolate import (
     memory_of_log,
 )
 from velora_cli.measure.meta_cache import MetaModels, setup_key
+from velora_cli.measure.step_synthesis import synthesize
+from velora_cli.measure.train_step import LOWRANK_OPTIMIZERS
 
 if TYPE_CHECKING:
+    from velora_cli.measure.estimate import EstimateBackend
+    from velora_cli.measure.step_record import RecordingCounter
     from velora_cli.measure.train_step import Prepared, StepSpec
     from velora_cli.models import ModelSpec
 
 SHALLOW_UNITS = (2, 3, 4)  # depths run, in units of the checkpointing period
 MIN_UNITS = 8  # the real stack must have at least this many units to be extrapolated
-
-# observe(prepared, breakdown=..., tracker=...) -> (row, trace): the estimate's one-run body
-Observe = Callable[..., tuple[dict[str, Any], Any]]
 
 
 class Shortcuts:
@@ -54,10 +56,10 @@ class Shortcuts:
         models: where the meta models are built and kept.
     """
 
-    def __init__(self, observe: Observe, models: MetaModels) -> None:
+    def __init__(self, backend: EstimateBackend, models: MetaModels) -> None:
         from velora_cli.measure.meta_ops import MetaOpCache
 
-        self.observe = observe
+        self.backend = backend
         self.models = models
         # meta-kernel results, shared by every tracked run (None: kernels run every time)
         self.op_cache: MetaOpCache | None = MetaOpCache()
@@ -115,14 +117,33 @@ class Shortcuts:
         problem = self._check_blocks(spec, model_spec, depth, depths, shallow)
         if problem:
             raise NotExtrapolable(problem)
-        rows, logs = [], []
+        rows, logs, records = [], [], []
         for d, shallow_spec in zip(depths, shallow, strict=True):
-            row, log = self.models.run(spec, shallow_spec, self._logged(breakdown, d, period))
+            row, log, record, prepared = self.models.run(
+                spec, shallow_spec, self._logged(breakdown, d, period)
+            )
             rows.append(row)
             logs.append(log)
-        out = fields_at_depth(rows, depths, depth, skip=MEMORY_FIELDS)
+            records.append(record)
+        out = fields_at_depth(rows, depths, depth, skip=(*MEMORY_FIELDS, "timeline"))
         out.update(memory_at_depth(logs, depth, period))
-        out = {key: out[key] for key in rows[0]}  # the real run's field order
+        backend = self.backend
+        trace, counts, regular = None, None, None
+        if backend.trace_fields or backend.step_time:
+            trace, counts, regular = synthesize(records, depth, period, trace=backend.trace_fields)
+        if trace is not None:
+            # the synthesized trace must hold the peak the memory curve gives, at the same event
+            lives = trace.live_bytes()
+            if max(lives) != out["peak_bytes"]:
+                raise NotExtrapolable("the synthesized trace does not reach the extrapolated peak")
+            out["timeline"] = timeline.compact(
+                trace, micro_batches=(len(prepared.micro_batches), spec.grad_accum_steps)
+            )
+        out = {key: out[key] for key in rows[0] if key in out}  # the real run's field order
+        # `finish` reads the spec and the model's config from the deepest shallow run: the
+        # config differs from the real one only in its number of blocks, which nothing there
+        # reads (kernel scratch takes the attention and embedding shapes)
+        out = backend.finish(prepared, out, trace, counts, regular=regular)
         out["estimate_method"] = f"extrapolated from {', '.join(map(str, depths))} blocks"
         return out
 
@@ -133,34 +154,52 @@ class Shortcuts:
             tracker = CachedTracker(
                 prepared.model, prepared.optimizer, op_cache=self.op_cache, trace=True
             )
-            return self.observe(prepared, breakdown=breakdown, tracker=tracker)[0]
+            return self.backend.observe(prepared, breakdown=breakdown, tracker=tracker)[0]
 
         return body
 
     def _logged(self, breakdown: bool, depth: int, period: int) -> Callable[[Prepared], tuple]:
         from velora_cli.measure.depth import (
             BlockMarks,
-            PositionTracker,
             block_signature,
             breakdown_at,
             decoder_stack,
             periodic,
         )
+        from velora_cli.measure.step_record import (
+            RecordingCounter,
+            RecordingTracker,
+            StepRecord,
+            block_storages,
+        )
 
-        def body(prepared: Prepared) -> tuple[dict[str, Any], PositionLog]:
+        backend = self.backend
+
+        def body(prepared: Prepared) -> tuple:
             stack = decoder_stack(prepared.model, depth)
             if stack is None:
                 raise NotExtrapolable("no stack of identical blocks found in the model")
             if not periodic([block_signature(b) for b in stack], period):
                 raise NotExtrapolable(f"with this strategy the blocks do not repeat every {period}")
-            tracker = PositionTracker(prepared.model, prepared.optimizer, op_cache=self.op_cache)
+            tracker = RecordingTracker(
+                prepared.model,
+                prepared.optimizer,
+                op_cache=self.op_cache,
+                owned=block_storages(stack, prepared.optimizer),  # the tracker's alone
+            )
+            counter = RecordingCounter("meta") if backend.step_time else None
             with BlockMarks(stack, tracker, prepared.optimizer):
-                row, trace = self.observe(prepared, breakdown=breakdown, tracker=tracker)
+                row, trace, _ = backend.tracked(
+                    prepared, breakdown=breakdown, tracker=tracker, counter=counter
+                )
+            regular = None
+            if counter is not None and prepared.spec.optimizer in LOWRANK_OPTIMIZERS:
+                regular = _counted_step(prepared, stack)  # `prediction_fields` counts it apart
             log = PositionLog(depth, tracker.log, lambda events: breakdown_at(trace, events))
             rebuilt = memory_of_log(log)
             if any(rebuilt[k] != row.get(k) for k in MEMORY_FIELDS):
                 raise NotExtrapolable("the tracker's log does not rebuild its peaks")
-            return row, log
+            return row, log, StepRecord.of(depth, tracker, counter, regular), prepared
 
         return body
 
@@ -222,3 +261,17 @@ class Shortcuts:
         if key not in self._shallow:
             self._shallow[key] = shallow_model_spec(model_spec, depth)
         return self._shallow[key]
+
+
+def _counted_step(prepared: Prepared, stack) -> RecordingCounter:
+    """`step_time.count_step` with its ops labelled by block (a low-rank optimizer's regular
+    step, counted apart from the tracked refresh step)."""
+    from velora_cli.measure.depth import BlockMarks
+    from velora_cli.measure.emulation import cuda_emulation
+    from velora_cli.measure.step_record import RecordingCounter
+    from velora_cli.measure.train_step import train_step
+
+    counter = RecordingCounter(prepared.device.type)
+    with cuda_emulation(prepared.spec.amp), BlockMarks(stack, counter, prepared.optimizer), counter:
+        train_step(prepared, phase=counter.phase)
+    return counter

@@ -39,7 +39,9 @@ def count_step(prepared: Prepared) -> StepCounts:
     return counter.counts()
 
 
-def prediction_fields(prepared: Prepared, counts: StepCounts, gpu: str | None) -> dict[str, Any]:
+def prediction_fields(
+    prepared: Prepared, counts: StepCounts, gpu: str | None, *, regular: StepCounts | None = None
+) -> dict[str, Any]:
     """Row fields of the step time predicted for ``gpu`` from ``counts``.
 
     ``counts`` is the tracked step's (for galore/adarankgrad a forced subspace refresh, their
@@ -52,6 +54,8 @@ def prediction_fields(prepared: Prepared, counts: StepCounts, gpu: str | None) -
             fewer micro-batches than ``spec.grad_accum_steps``: the prediction repeats the last).
         counts: ops of one counted step of ``prepared``.
         gpu: a `velora_cli.gpus` name (None: the default GPU).
+        regular: with a low-rank optimizer, the regular step's counts when already known (the
+            estimate's depth shortcut synthesizes them); None: that step is counted here.
 
     Returns:
         ``predicted_step_seconds``, ``predicted_tokens_per_second``, ``predicted_gpu``, the time
@@ -66,7 +70,7 @@ def prediction_fields(prepared: Prepared, counts: StepCounts, gpu: str | None) -
     if spec.optimizer in LOWRANK_OPTIMIZERS:
         refresh = predict(counts, device, micro_batches=spec.grad_accum_steps)
         fields["predicted_refresh_step_seconds"] = refresh.seconds
-        counts = count_step(prepared)
+        counts = regular if regular is not None else count_step(prepared)
     step = predict(counts, device, micro_batches=spec.grad_accum_steps)
     return {
         "predicted_step_seconds": step.seconds,
