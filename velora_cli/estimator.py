@@ -90,6 +90,7 @@ class Estimator:
         from velora_cli.measure.estimate import EstimateBackend
         from velora_cli.parallel.backends import with_ranks
 
+        self.settings = settings
         self.base = settings.base_spec()
         # the budget is compared with the default allocator settings: no expandable replay
         single = EstimateBackend(gpu=settings.gpu, alloc_conf=settings.alloc_conf, expandable=False)
@@ -104,27 +105,85 @@ class Estimator:
         self.cache: dict[str, Measurement] = {}
         self.floors: dict[tuple, int] = {}  # (mode, optimizer[, world size, parallel]) -> bytes
         self.calls = 0
+        # the helper process (estimate_pool.py): the planned candidates, their indices, the pool
+        self._planned: list[Candidate] = []
+        self._index: dict[str, int] = {}
+        self._pool = None
+        self._pool_started = False
+        self._spent, self._estimates = 0.0, 0  # seconds and count of this process's estimates
+        self.helped = 0  # estimates the helper process made
 
     def __call__(self, c: Candidate) -> Measurement:
         if c.key not in self.cache:
             spec = candidate_spec(self.base, c)
-            floor = self.floors.get(_floor_key(c))
-            leanest = c.gc is True and c.micro_batch_size == self.min_micro
-            if floor is not None and floor > self.budget and not leanest:
+            if self.floored(c):
                 from velora_cli.profiler import strategy_fields
 
                 self.cache[c.key] = Measurement(
-                    floor, None, None, backend="estimate",
+                    self.floors[_floor_key(c)], None, None, backend="estimate",
                     detail={**strategy_fields(spec.strategy), "lower_bound": True},
                 )  # fmt: skip
                 return self.cache[c.key]
             self.calls += 1
-            row = self.backend.measure(spec)
-            if row.get("status") == "ok":
+            row = self._pooled_row(c)
+            if row.get("status") == "ok":  # a helper's row: its floor is this process's too
                 static = row["param_bytes"] + row["grad_bytes"] + row["optimizer_bytes"]
                 self.floors.setdefault(_floor_key(c), static)
             self.cache[c.key] = measurement_of(row, spec, False, predicted_device=self.device_level)
         return self.cache[c.key]
+
+    def floored(self, c: Candidate) -> bool:
+        """Whether ``c`` gets its mode's floor instead of an estimate (class docstring)."""
+        floor = self.floors.get(_floor_key(c))
+        leanest = c.gc is True and c.micro_batch_size == self.min_micro
+        return floor is not None and floor > self.budget and not leanest
+
+    def row(self, c: Candidate) -> dict[str, Any]:
+        """The estimate backend's row of ``c`` (also run in the helper process)."""
+        row = self.backend.measure(candidate_spec(self.base, c))
+        if row.get("status") == "ok":
+            static = row["param_bytes"] + row["grad_bytes"] + row["optimizer_bytes"]
+            self.floors.setdefault(_floor_key(c), static)
+        return row
+
+    # -- a second process for dear estimates (estimate_pool.py) ------------------------------
+
+    def plan(self, candidates: list[Candidate]) -> None:
+        """The candidates the tune will ask for, in its order: the helper process works the list
+        from its end once a first estimate shows it pays."""
+        self._planned = list(candidates)
+        self._index = {c.key: i for i, c in enumerate(self._planned)}
+
+    def finish(self) -> None:
+        """Stop the helper process, if one runs (the tune asks for no more estimates)."""
+        pool, self._pool = self._pool, None
+        if pool is not None:
+            pool.close()
+
+    def _pooled_row(self, c: Candidate) -> dict[str, Any]:
+        import time
+
+        from velora_cli.estimate_pool import MINE, EstimatePool, helper_wanted
+
+        index, pool = self._index.get(c.key), self._pool
+        if pool is not None and index is not None:
+            row = pool.take(index)
+            if row is not None:
+                self.helped += 1
+                return row
+        start = time.perf_counter()
+        row = self.row(c)
+        self._spent += time.perf_counter() - start
+        self._estimates += 1
+        if pool is None and index is not None and not self._pool_started:
+            left = len(self._planned) - index - 1
+            if helper_wanted(self._spent, self._estimates, left):
+                self._pool_started = True  # once: a helper that died is not replaced
+                self._pool = EstimatePool(self.settings, self._planned)
+                with self._pool.lock:  # the tune is past these: not the helper's to do
+                    for i in range(index + 1):
+                        self._pool.claims[i] = MINE
+        return row
 
 
 def _floor_key(c: Candidate) -> tuple:

@@ -193,6 +193,21 @@ class _Search:
         for c in candidates:
             todo.setdefault(c.key, c)  # duplicates by key: the first one counts
         todo = list(todo.values())
+        plan = getattr(self.estimate_fn, "plan", None)  # Estimator: a helper process may share
+        if plan is not None:
+            plan([c for c in todo if not self._cached("estimate", c.key)])
+        try:
+            self._estimate_each(todo)
+        finally:
+            finish = getattr(self.estimate_fn, "finish", None)
+            if finish is not None:
+                finish()
+        alive = self.pending()
+        self.speed_known = bool(alive) and all(
+            e.estimate.tokens_per_second is not None for e in alive
+        )
+
+    def _estimate_each(self, todo: list[Candidate]) -> None:
         for i, c in enumerate(todo):
             verb = "resume estimate" if self._cached("estimate", c.key) else "estimate"
             self._report(f"{verb} {c.key}", i, len(todo))
@@ -211,10 +226,6 @@ class _Search:
                 )
             self.entries.append(e)
         self._report("estimate done", len(todo), len(todo))
-        alive = self.pending()
-        self.speed_known = bool(alive) and all(
-            e.estimate.tokens_per_second is not None for e in alive
-        )
 
     def pending(self) -> list[_Entry]:
         return [e for e in self.entries if e.status == "pending"]

@@ -1,0 +1,89 @@
+"""The tune's helper process for dear estimates (velora_cli/estimate_pool.py): it changes no
+estimate, and the tune goes on alone when it fails or is turned off."""
+
+import time
+
+import pytest
+
+from velora_cli import autotune
+from velora_cli.estimate_pool import HELPER, helper_wanted
+
+SPACE = dict(
+    model="llama-tiny", batch_size=4, seq_len=64, budget_bytes=2 * 10**9, backend="estimate",
+    probe_steps=0, placements=("paper", "all-linear"), num_groups=(8,), gc_every=(2,),
+    micro_batches=(1, 2, 4), modes=("full", "lora"),
+)  # fmt: skip
+
+
+def plain_estimates(settings):
+    estimator = autotune.Estimator(settings)
+    space, _ = autotune.build_space(settings)
+    return space, [estimator(c) for c in space]
+
+
+def helped_estimator(settings, space, monkeypatch):
+    """An Estimator whose helper process has started and claimed a candidate."""
+    monkeypatch.setenv("VELORA_ESTIMATE_WORKERS", "2")  # whatever the first estimate costs
+    estimator = autotune.Estimator(settings)
+    estimator.plan(space)
+    first = estimator(space[0])
+    pool = estimator._pool
+    assert pool is not None and pool.process.is_alive()
+    deadline = time.monotonic() + 120
+    while HELPER not in pool.claims[:]:
+        assert time.monotonic() < deadline, "the helper never claimed a candidate"
+        time.sleep(0.05)
+    return estimator, first
+
+
+def test_the_helper_process_changes_no_estimate(monkeypatch):
+    settings = autotune.TuneSettings(**SPACE)
+    space, reference = plain_estimates(settings)
+    assert len(space) >= 20
+    estimator, first = helped_estimator(settings, space, monkeypatch)
+    helped = [first] + [estimator(c) for c in space[1:]]
+    estimator.finish()
+    assert helped == reference  # every field, the helper's rows included
+    assert estimator.helped >= 1
+    assert estimator._pool is None
+
+
+def test_a_dead_helper_leaves_the_rest_to_the_tune(monkeypatch):
+    settings = autotune.TuneSettings(**SPACE)
+    space, reference = plain_estimates(settings)
+    estimator, first = helped_estimator(settings, space, monkeypatch)
+    process = estimator._pool.process
+    process.kill()
+    process.join(10)
+    helped = [first] + [estimator(c) for c in space[1:]]
+    estimator.finish()
+    assert helped == reference
+
+
+def test_a_tune_with_the_helper_answers_as_without(monkeypatch):
+    settings = autotune.TuneSettings(**SPACE)
+    monkeypatch.setenv("VELORA_ESTIMATE_WORKERS", "1")
+    alone = autotune.run(settings, save_path=None, journal=None)
+    monkeypatch.setenv("VELORA_ESTIMATE_WORKERS", "2")
+    shared = autotune.run(settings, save_path=None, journal=None)
+    for doc in (alone, shared):
+        doc.pop("created")
+        doc.pop("environment", None)
+    assert shared["candidates"] == alone["candidates"]
+    assert shared["recommendation"] == alone["recommendation"]
+
+
+@pytest.mark.parametrize(
+    ("env", "spent", "estimates", "left", "wanted"),
+    [("", 4.0, 3, 40, True), ("", 2.0, 2, 40, False), ("", 4.0, 40, 40, False),
+     ("", 4.0, 3, 3, False), ("1", 99.0, 9, 99, False), ("2", 0.0, 1, 1, True),
+     ("2", 0.0, 0, 9, False)],
+)  # fmt: skip
+def test_a_helper_starts_only_where_it_pays(monkeypatch, env, spent, estimates, left, wanted):
+    import os
+
+    monkeypatch.setenv("VELORA_ESTIMATE_WORKERS", env)
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1}, raising=False)
+    assert helper_wanted(spent, estimates, left) is wanted
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0}, raising=False)
+    assert helper_wanted(spent, estimates, left) is False
