@@ -95,7 +95,7 @@ def tune_figure(document: dict[str, Any]):
     ranked = [p for p in pts if p.speed is None]
     panels = [k for k, part in (("speed", timed), ("rank", ranked)) if part]
     widths = [3 if k == "speed" else (2 if timed else 3) for k in panels]
-    fig = new_figure(10.5, 5.6)
+    fig = new_figure(10.5, 5.6 + 0.17 * title(document).count("\n"))
     if not pts:
         fig.text(0.5, 0.5, "no candidate has a peak to draw", ha="center")
         return fig
@@ -121,7 +121,7 @@ def tune_figure(document: dict[str, Any]):
     _legend(fig, axes, pts, document)
     if norm is not None:
         _colourbar(fig, axes, norm, cmap, document)
-    fig.suptitle(title(document), x=0.01, ha="left")
+    fig.suptitle(title(document), x=0.01, ha="left", fontsize=10)
     return fig
 
 
@@ -276,10 +276,20 @@ def _speed_label(document: dict[str, Any], pts: list[Point]) -> str:
     return "tokens/s (" + "; ".join(parts) + ")"
 
 
+TITLE_WIDTH = 90  # characters per title line: the legend is beside the axes, not the title
+
+
 def title(document: dict[str, Any]) -> str:
-    """The tune table's title (report.tune_table), on two lines."""
-    return (
+    """The tune table's title (report.tune_table): the run, then each mode's precision (one
+    line per mode, wrapped so that no line runs over the legend)."""
+    import textwrap
+
+    head = (
         f"{document['model']} · batch {document['batch_size']} × seq {document['seq_len']} · "
-        f"{document['precision']}\nbackend {document['backend']} · budget "
-        f"{format_bytes(document['budget_bytes'])} (limit {format_bytes(document['limit_bytes'])})"
+        f"backend {document['backend']} · budget {format_bytes(document['budget_bytes'])} "
+        f"(limit {format_bytes(document['limit_bytes'])})"
     )
+    lines = [head]
+    for part in str(document["precision"]).split(" | "):
+        lines += textwrap.wrap(part, TITLE_WIDTH, subsequent_indent="    ")
+    return "\n".join(lines)
