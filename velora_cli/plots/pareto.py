@@ -95,7 +95,8 @@ def tune_figure(document: dict[str, Any]):
     ranked = [p for p in pts if p.speed is None]
     panels = [k for k, part in (("speed", timed), ("rank", ranked)) if part]
     widths = [3 if k == "speed" else (2 if timed else 3) for k in panels]
-    fig = new_figure(10.5, 5.6 + 0.17 * title(document).count("\n"))
+    heading = _wrapped(title(document))
+    fig = new_figure(10.5, 5.6 + 0.17 * heading.count("\n"))
     if not pts:
         fig.text(0.5, 0.5, "no candidate has a peak to draw", ha="center")
         return fig
@@ -121,7 +122,7 @@ def tune_figure(document: dict[str, Any]):
     _legend(fig, axes, pts, document)
     if norm is not None:
         _colourbar(fig, axes, norm, cmap, document)
-    fig.suptitle(title(document), x=0.01, ha="left", fontsize=10)
+    fig.suptitle(heading, x=0.01, ha="left", fontsize=10)
     return fig
 
 
@@ -280,16 +281,21 @@ TITLE_WIDTH = 90  # characters per title line: the legend is beside the axes, no
 
 
 def title(document: dict[str, Any]) -> str:
-    """The tune table's title (report.tune_table): the run, then each mode's precision (one
-    line per mode, wrapped so that no line runs over the legend)."""
-    import textwrap
-
+    """The tune table's title (report.tune_table): the run, then each mode's precision, one
+    line each."""
     head = (
         f"{document['model']} · batch {document['batch_size']} × seq {document['seq_len']} · "
         f"backend {document['backend']} · budget {format_bytes(document['budget_bytes'])} "
         f"(limit {format_bytes(document['limit_bytes'])})"
     )
-    lines = [head]
-    for part in str(document["precision"]).split(" | "):
-        lines += textwrap.wrap(part, TITLE_WIDTH, subsequent_indent="    ")
-    return "\n".join(lines)
+    return "\n".join([head, *str(document["precision"]).split(" | ")])
+
+
+def _wrapped(text: str) -> str:
+    """``text`` with every line wrapped at `TITLE_WIDTH` (a figure's title beside its legend)."""
+    import textwrap
+
+    lines = text.split("\n")
+    return "\n".join(
+        "\n".join(textwrap.wrap(line, TITLE_WIDTH, subsequent_indent="    ")) for line in lines
+    )
