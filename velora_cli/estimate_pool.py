@@ -134,4 +134,5 @@ def _work(settings, candidates, claims, lock, results) -> None:
         except Exception as exc:  # the tune estimates it again and records the error itself
             results.put((index, "error", f"{type(exc).__name__}: {exc}"))
             continue
+        estimator.note_floor(c, row)
         results.put((index, "row", row))

@@ -126,9 +126,7 @@ class Estimator:
                 return self.cache[c.key]
             self.calls += 1
             row = self._pooled_row(c)
-            if row.get("status") == "ok":  # a helper's row: its floor is this process's too
-                static = row["param_bytes"] + row["grad_bytes"] + row["optimizer_bytes"]
-                self.floors.setdefault(_floor_key(c), static)
+            self.note_floor(c, row)
             self.cache[c.key] = measurement_of(row, spec, False, predicted_device=self.device_level)
         return self.cache[c.key]
 
@@ -140,11 +138,13 @@ class Estimator:
 
     def row(self, c: Candidate) -> dict[str, Any]:
         """The estimate backend's row of ``c`` (also run in the helper process)."""
-        row = self.backend.measure(candidate_spec(self.base, c))
+        return self.backend.measure(candidate_spec(self.base, c))
+
+    def note_floor(self, c: Candidate, row: dict[str, Any]) -> None:
+        """Keep the floor of ``c``'s mode from its first ok row (class docstring)."""
         if row.get("status") == "ok":
             static = row["param_bytes"] + row["grad_bytes"] + row["optimizer_bytes"]
             self.floors.setdefault(_floor_key(c), static)
-        return row
 
     # -- a second process for dear estimates (estimate_pool.py) ------------------------------
 

@@ -118,9 +118,12 @@ class EstimateBackend:
         row, trace, counts = self.tracked(prepared, breakdown=breakdown, tracker=tracker)
         return self.finish(prepared, row, trace, counts), trace
 
-    def tracked(self, prepared, *, breakdown: bool, tracker=None, counter=None) -> tuple:
+    def tracked(
+        self, prepared, *, breakdown: bool, tracker=None, counter=None, with_timeline=None
+    ) -> tuple:
         """The tracked step alone: its memory fields (`observe.tracked_step`), its trace, and its
         op counts (None without ``step_time``; ``counter``: the `OpCounter` to count them with).
+        The row has a timeline with ``trace_fields`` unless ``with_timeline`` says otherwise.
         """
         from velora_cli.measure.emulation import cuda_emulation
         from velora_cli.measure.observe import tracked_step
@@ -131,15 +134,19 @@ class EstimateBackend:
             if self.step_time:
                 ops = counter if counter is not None else OpCounter("meta")
             row, trace = tracked_step(
-                prepared, breakdown=breakdown, tracker=tracker, op_counter=ops
+                prepared,
+                breakdown=breakdown,
+                tracker=tracker,
+                op_counter=ops,
+                with_timeline=self.trace_fields if with_timeline is None else with_timeline,
             )
         return row, trace, None if ops is None else ops.counts()
 
     def finish(self, prepared, row, trace, counts, *, regular=None) -> dict[str, Any]:
         """The fields made from a step's ops and trace, added to its ``row``: the roofline's step
         time from ``counts`` (``regular``: a low-rank optimizer's regular step, else counted
-        here), and with ``trace_fields`` the device memory from ``trace`` (else the timeline is
-        dropped). The same for a real step and a synthesized one.
+        here), and with ``trace_fields`` the device memory from ``trace``. The same for a real
+        step and a synthesized one.
         """
         from velora_cli.measure.emulation import cuda_emulation
         from velora_cli.measure.step_time import prediction_fields
@@ -151,8 +158,6 @@ class EstimateBackend:
         row.pop("predicted_tokens_per_second", None)
         if self.trace_fields:
             row.update(self.device_memory_of(prepared, trace))
-        else:
-            row.pop("timeline", None)
         return row
 
     def device_memory_of(self, prepared, trace) -> dict[str, Any]:

@@ -24,6 +24,7 @@ def tracked_step(
     round_to: int = 512,
     op_counter=None,
     tracker: MemoryTracker | None = None,
+    with_timeline: bool = True,
 ) -> tuple[dict[str, Any], AllocationTrace]:
     """Run one step under the tracker; return the memory fields of a row and the step's
     allocation trace (for the allocator model). The row's ``timeline`` is the trace made
@@ -37,6 +38,8 @@ def tracked_step(
             same phases (the roofline's FLOPs and bytes come from the very step the peak does).
         tracker: a tracker made for ``prepared`` with ``trace=True`` (e.g. the depth shortcut's
             `measure.depth.PositionTracker`); None makes a plain one rounding to ``round_to``.
+        with_timeline: add the ``timeline`` field (a shallow step of the depth shortcut, whose
+            timeline is made from the synthesized deep trace instead, leaves it out).
     """
     force_refresh(prepared)
     counter = SavedTensorCounter(prepared.model)
@@ -47,15 +50,8 @@ def tracked_step(
         phase = _both(tracker.phase, op_counter.phase)
     with tracker, op_counter if op_counter is not None else contextlib.nullcontext():
         train_step(prepared, forward_context=lambda: counter, phase=phase)
-    phases = {
-        k: v for k, v in tracker.phase_peaks.items() if k in ("forward_backward", "optimizer")
-    }
     row: dict[str, Any] = {
-        "peak_bytes": tracker.peak_bytes,
-        "peak_phase": max(phases, key=phases.get) if phases else None,
-        "fwd_bwd_peak_bytes": phases.get("forward_backward"),
-        "optimizer_peak_bytes": phases.get("optimizer"),
-        "activation_bytes": counter.result.total_bytes,
+        **peak_fields(tracker, counter),
         "param_bytes": prepared.param_bytes(),
         "grad_bytes": prepared.grad_bytes(),
         "optimizer_bytes": prepared.optimizer_bytes(),
@@ -70,10 +66,26 @@ def tracked_step(
             sorted(counter.result.by_pattern().items(), key=lambda kv: -kv[1])
         )
     trace = tracker.trace
-    row["timeline"] = timeline.compact(
-        trace, micro_batches=(len(prepared.micro_batches), prepared.spec.grad_accum_steps)
-    )
+    if with_timeline:
+        row["timeline"] = timeline.compact(
+            trace, micro_batches=(len(prepared.micro_batches), prepared.spec.grad_accum_steps)
+        )
     return row, trace
+
+
+def peak_fields(tracker: MemoryTracker, counter: SavedTensorCounter) -> dict[str, Any]:
+    """The first fields of a tracked step's row: the peak, its phase, the peak of each phase a
+    row reports, and the saved activations."""
+    phases = {
+        k: v for k, v in tracker.phase_peaks.items() if k in ("forward_backward", "optimizer")
+    }
+    return {
+        "peak_bytes": tracker.peak_bytes,
+        "peak_phase": max(phases, key=phases.get) if phases else None,
+        "fwd_bwd_peak_bytes": phases.get("forward_backward"),
+        "optimizer_peak_bytes": phases.get("optimizer"),
+        "activation_bytes": counter.result.total_bytes,
+    }
 
 
 def _both(first, second):

@@ -125,7 +125,7 @@ class Shortcuts:
             rows.append(row)
             logs.append(log)
             records.append(record)
-        out = fields_at_depth(rows, depths, depth, skip=(*MEMORY_FIELDS, "timeline"))
+        out = fields_at_depth(rows, depths, depth, skip=MEMORY_FIELDS)
         out.update(memory_at_depth(logs, depth, period))
         backend = self.backend
         trace, counts, regular = None, None, None
@@ -136,10 +136,11 @@ class Shortcuts:
             lives = trace.live_bytes()
             if max(lives) != out["peak_bytes"]:
                 raise NotExtrapolable("the synthesized trace does not reach the extrapolated peak")
+        out = {key: out[key] for key in rows[0] if key in out}  # the real run's field order
+        if trace is not None:  # the last field of the real run's tracked step
             out["timeline"] = timeline.compact(
                 trace, micro_batches=(len(prepared.micro_batches), spec.grad_accum_steps)
             )
-        out = {key: out[key] for key in rows[0] if key in out}  # the real run's field order
         # `finish` reads the spec and the model's config from the deepest shallow run: the
         # config differs from the real one only in its number of blocks, which nothing there
         # reads (kernel scratch takes the attention and embedding shapes)
@@ -190,7 +191,11 @@ class Shortcuts:
             counter = RecordingCounter("meta") if backend.step_time else None
             with BlockMarks(stack, tracker, prepared.optimizer):
                 row, trace, _ = backend.tracked(
-                    prepared, breakdown=breakdown, tracker=tracker, counter=counter
+                    prepared,
+                    breakdown=breakdown,
+                    tracker=tracker,
+                    counter=counter,
+                    with_timeline=False,  # the deep step's comes from its synthesized trace
                 )
             regular = None
             if counter is not None and prepared.spec.optimizer in LOWRANK_OPTIMIZERS:

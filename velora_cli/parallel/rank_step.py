@@ -16,7 +16,7 @@ from typing import Any
 import torch
 
 from velora_cli.accounting import SavedTensorCounter
-from velora_cli.measure.observe import force_refresh
+from velora_cli.measure.observe import force_refresh, peak_fields
 from velora_cli.measure.tracker import AllocationTrace, MemoryTracker
 from velora_cli.measure.train_step import Prepared, train_step
 from velora_cli.parallel.roles import EXTRA_CATEGORIES, CommBuffers, DdpBuckets, RankRoles
@@ -91,9 +91,6 @@ def tracked_rank_step(
 
     with tracker, CommBuffers(tracker):
         train_step(prepared, forward_context=lambda: counter, phase=phase)
-    phases = {
-        k: v for k, v in tracker.phase_peaks.items() if k in ("forward_backward", "optimizer")
-    }
     params = list(model.parameters())
     trainable = [p for p in params if p.requires_grad]
     state = [
@@ -103,11 +100,7 @@ def tracked_rank_step(
         if isinstance(v, torch.Tensor) and k != "step"
     ]
     row: dict[str, Any] = {
-        "peak_bytes": tracker.peak_bytes,
-        "peak_phase": max(phases, key=phases.get) if phases else None,
-        "fwd_bwd_peak_bytes": phases.get("forward_backward"),
-        "optimizer_peak_bytes": phases.get("optimizer"),
-        "activation_bytes": counter.result.total_bytes,
+        **peak_fields(tracker, counter),
         "param_bytes": local_bytes(params),
         "grad_bytes": local_numel_bytes(trainable),
         "optimizer_bytes": local_bytes(state),
