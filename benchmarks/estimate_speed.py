@@ -8,7 +8,7 @@
 Each command runs twice as a fresh process, ``python -m velora_cli ...``: with
 ``VELORA_ESTIMATE_REFERENCE=1`` (before: a fresh meta model per row, its warm-up step, the step
 at the real depth) and without it (after: models reused across rows, depth extrapolated where
-exact, `velora_cli.measure.shortcut`). Wall time and peak RSS come from ``/usr/bin/time -v``
+exact, `velora_cli.shortcut.shortcuts`). Wall time and peak RSS come from ``/usr/bin/time -v``
 when it exists (else from the child's rusage and a wall clock). The two documents are then
 compared: every row (profile) or candidate (tune) must agree on every field but
 ``estimate_method``, and the recommendation must be the same; a disagreement is printed.
@@ -117,9 +117,9 @@ def ideas(model: str) -> None:
     """Seconds for the default profile rows, each shortcut added in turn."""
     sys.path.insert(0, str(ROOT))
     os.environ["HF_HUB_OFFLINE"] = "1"
-    from velora_cli.measure.estimate import EstimateBackend
+    from velora_cli.estimate.backend import EstimateBackend
     from velora_cli.measure.train_step import StepSpec
-    from velora_cli.profiler import DEFAULT_PLACEMENTS, plan_strategies
+    from velora_cli.profiling.profiler import DEFAULT_PLACEMENTS, plan_strategies
 
     def backend(full_depth: bool, op_cache: bool) -> EstimateBackend:
         made = EstimateBackend(full_depth=full_depth)

@@ -150,7 +150,7 @@ def part_correctness(suite: Suite) -> dict:
     from layer_backward import check
     from torch import nn
 
-    from velora_cli.velora import VeLoRALinear, compress
+    from velora_cli.methods.velora import VeLoRALinear, compress
 
     device = "cpu" if suite.dry_run else "cuda"
     tokens, shapes = (64, [(64, 96)]) if suite.dry_run else (4096, [(4096, 11008), (11008, 4096)])

@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from velora_cli.velora import VeLoRALinear, compress, reference_weight_grad  # noqa: E402
+from velora_cli.methods.velora import VeLoRALinear, compress, reference_weight_grad  # noqa: E402
 
 
 class NaiveVeLoRA(torch.autograd.Function):

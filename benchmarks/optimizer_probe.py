@@ -3,7 +3,7 @@
     python benchmarks/optimizer_probe.py                      # llama-60m, 300 steps, CPU
     python benchmarks/optimizer_probe.py --steps 100 --placements paper --json out.json
 
-Every run is ``velora_cli.probes.training_probe``: the same seeded from-scratch model, the same
+Every run is ``velora_cli.search.probes.training_probe``: the same seeded from-scratch model, the same
 batches of the embedded text in the same order, the same warmup + cosine schedule, and the held-out
 loss after K steps. Each optimizer runs at its default probe learning rate
 (``probes.DEFAULT_LR``; GaLore's paper pre-trains at 1e-2 with update scale 0.25, AdamW at 1e-3).
@@ -26,8 +26,8 @@ import torch
 from torch.optim.optimizer import register_optimizer_step_post_hook
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from velora_cli import probes  # noqa: E402
 from velora_cli.measure.train_step import StepSpec, Strategy  # noqa: E402
+from velora_cli.search import probes  # noqa: E402
 
 
 class Recorder:

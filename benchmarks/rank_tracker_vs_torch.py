@@ -20,7 +20,7 @@ import torch
 import torch.distributed as dist
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from velora_cli.measure.attention import register_estimate_attention  # noqa: E402
+from velora_cli.emulation.attention import register_estimate_attention  # noqa: E402
 from velora_cli.measure.train_step import StepSpec, Strategy, prepare, train_step  # noqa: E402
 from velora_cli.parallel.rank_step import rank_roles, tracked_rank_step, warm_up  # noqa: E402
 from velora_cli.parallel.shard import shard_prepared  # noqa: E402

@@ -18,7 +18,7 @@ In one run, in this order:
    two says the machine's load changed: distrust the run).
 Prints per-row predicted and measured time, the error, the ratios to baseline and whether the
 ranking agrees. This tests the FLOP/byte accounting and the additive per-op model, not a GPU's
-efficiencies (those are assumptions in velora_cli/measure/roofline.py until a GPU run calibrates
+efficiencies (those are assumptions in velora_cli/timing/roofline.py until a GPU run calibrates
 them).
 """
 
@@ -34,11 +34,11 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from velora_cli.measure.attention import register_estimate_attention  # noqa: E402
+from velora_cli.emulation.attention import register_estimate_attention  # noqa: E402
 from velora_cli.measure.observe import timed_steps  # noqa: E402
-from velora_cli.measure.roofline import measured_device, predict  # noqa: E402
-from velora_cli.measure.step_time import count_step  # noqa: E402
 from velora_cli.measure.train_step import StepSpec, Strategy, prepare, train_step  # noqa: E402
+from velora_cli.timing.roofline import measured_device, predict  # noqa: E402
+from velora_cli.timing.step_time import count_step  # noqa: E402
 
 ROWS = {
     "baseline": Strategy(),

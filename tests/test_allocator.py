@@ -1,5 +1,5 @@
 """The caching-allocator model on hand-worked traces: each expected figure is derived in the
-comments from the rules of c10/cuda/CUDACachingAllocator.cpp (see velora_cli/measure/allocator.py).
+comments from the rules of c10/cuda/CUDACachingAllocator.cpp (see velora_cli/allocator/caching.py).
 
 Sizes are in MiB unless said otherwise; "segment" is one cudaMalloc (or, with expandable
 segments, one growing virtual range mapped in pages).
@@ -11,7 +11,7 @@ import random
 
 import pytest
 
-from velora_cli.measure.allocator import (
+from velora_cli.allocator.caching import (
     ALLOC,
     EMPTY_CACHE,
     FREE,
@@ -21,7 +21,7 @@ from velora_cli.measure.allocator import (
     round_size,
     simulate,
 )
-from velora_cli.measure.allocator_config import AllocConfError, parse_alloc_conf
+from velora_cli.allocator.config import AllocConfError, parse_alloc_conf
 
 M = 1 << 20
 EXPANDABLE = parse_alloc_conf("expandable_segments:True")

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 from transformers import AttentionInterface, LlamaConfig, LlamaForCausalLM
 
-from velora_cli.measure.attention import (
+from velora_cli.emulation.attention import (
     ESTIMATE_ATTENTION,
     EstimateAttentionWarning,
     flash_attention_saved_bytes,
@@ -181,7 +181,7 @@ def test_unpadded_mask_keeps_the_fused_path():
 
 
 def test_fallback_warnings_say_what_is_true_on_each_device():
-    from velora_cli.measure.attention import _fallback_warning
+    from velora_cli.emulation.attention import _fallback_warning
 
     meta = _fallback_warning("a position bias was passed", "meta", 0.0)
     assert "meta device" in meta and "too high" in meta

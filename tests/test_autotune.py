@@ -5,10 +5,11 @@ import json
 
 import pytest
 
-from velora_cli import autotune, report
-from velora_cli.estimator import measurement_of
-from velora_cli.progress import TuneProgress
-from velora_cli.tuner import Candidate, Journal
+from velora_cli import report
+from velora_cli.report.progress import TuneProgress
+from velora_cli.search import autotune
+from velora_cli.search.estimator import measurement_of
+from velora_cli.search.tuner import Candidate, Journal
 
 TINY = dict(model="llama-tiny", batch_size=4, seq_len=128)
 # baseline, gc, VeLoRA paper, VeLoRA paper + gc: the micro-batch is the whole batch, so only
@@ -53,8 +54,8 @@ def test_low_rank_settings_reach_every_candidate_step():
     assert (spec.optimizer, spec.rank, spec.update_gap, spec.eta) == ("adarankgrad", 8, 50, 0.8)
     assert spec.optimizer_label == "adarankgrad r≤8 η=0.8 T=50"
     # the defaults are those of the optimizers and of a profile's step
-    from velora_cli import lowrank
     from velora_cli.measure.train_step import StepSpec
+    from velora_cli.methods import lowrank
 
     assert (settings().update_gap, settings().eta) == (StepSpec("m").update_gap, StepSpec("m").eta)
     assert (settings().update_gap, settings().eta) == (
@@ -95,7 +96,7 @@ def test_static_floor_of_each_optimizer_bounds_its_estimates():
 
 
 def test_probe_of_a_low_rank_candidate_is_compared_with_adamw():
-    from velora_cli.probes import DEFAULT_LR, compare
+    from velora_cli.search.probes import DEFAULT_LR, compare
 
     s = settings(optimizers=autotune.DEFAULT_OPTIMIZERS, probe_steps=2)
     prober = autotune.Prober(s, journal=None)
@@ -194,7 +195,7 @@ class CountingBackend:
     name = "cpu"
 
     def __init__(self, stop_at=None):
-        from velora_cli.measure.estimate import EstimateBackend
+        from velora_cli.estimate.backend import EstimateBackend
 
         self.inner, self.stop_at, self.keys = EstimateBackend(), stop_at, []
 

@@ -8,9 +8,10 @@ import warnings
 import pytest
 import torch
 
-from velora_cli import VeloraCallback, apply_config, autotune, load_run
-from velora_cli.callback import PlanMismatchWarning
+from velora_cli import VeloraCallback, apply_config, load_run
 from velora_cli.configs import VeloraConfig
+from velora_cli.runs.callback import PlanMismatchWarning
+from velora_cli.search import autotune
 
 SEQ = 32
 
@@ -179,7 +180,7 @@ def test_the_mismatch_warning_fires_when_the_model_was_not_prepared(tmp_path, pr
 def test_checks_on_bare_models():
     import peft
 
-    from velora_cli.plan_check import mismatches, observe
+    from velora_cli.runs.plan_check import mismatches, observe
 
     config = tuned("lora", "all-linear", gc=2)
     model = peft.get_peft_model(tiny(), peft.LoraConfig(r=4, target_modules="all-linear"))
@@ -202,7 +203,7 @@ def test_checks_on_bare_models():
 
 
 def test_run_records_are_checked_when_read(tmp_path):
-    from velora_cli.runs import RunRecordError
+    from velora_cli.runs.record import RunRecordError
 
     with pytest.raises(FileNotFoundError, match="no run record at"):
         load_run(tmp_path / "nope.json")

@@ -95,7 +95,7 @@ def test_how_many_gpus_picks_2_when_only_sharding_fits(tmp_path, profiles):
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from velora_cli.measure.estimate import EstimateBackend
+    from velora_cli.estimate.backend import EstimateBackend
     from velora_cli.measure.train_step import StepSpec, Strategy
     from velora_cli.parallel.estimate import ParallelEstimateBackend
 

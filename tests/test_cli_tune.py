@@ -72,7 +72,7 @@ def test_tune_table_shows_the_recommendation_and_why():
 def test_lora_all_linear_exports_a_peft_config(profiles):
     import peft
 
-    from velora_cli.measure.estimate import EstimateBackend
+    from velora_cli.estimate.backend import EstimateBackend
     from velora_cli.measure.train_step import StepSpec, Strategy
 
     # a budget between LoRA with VeLoRA on every adapter and plain LoRA, without checkpointing;
@@ -233,8 +233,8 @@ def test_export_of_a_tune_where_nothing_fitted():
 def test_probe_steps_default_matches_the_probe_module():
     import inspect
 
-    from velora_cli import autotune, probes
     from velora_cli.commands.tune import tune
+    from velora_cli.search import autotune, probes
 
     defaults = {k: p.default for k, p in inspect.signature(tune).parameters.items()}
     assert defaults["probe_steps"] == probes.DEFAULT_STEPS == autotune.DEFAULT_PROBE_STEPS

@@ -33,7 +33,7 @@ def fresh_tiny(mode="full", rank=8):
 
 def tuned_layers(mode: str, placement: str, num_groups: int) -> tuple[dict, int]:
     """What `velora tune` records for a recommendation: its layers, built on meta."""
-    from velora_cli import autotune
+    from velora_cli.search import autotune
 
     settings = autotune.TuneSettings("llama-tiny", budget_bytes=10**9, backend="estimate")
     rec = dict(mode=mode, placement=placement, num_groups=num_groups, gc=False,
@@ -133,7 +133,7 @@ def test_tune_document_recommendation_becomes_a_config():
 
 def test_apply_config_wraps_the_tuned_layers_with_their_sizes():
     import velora_cli
-    from velora_cli.placement import velora_layers
+    from velora_cli.methods.placement import velora_layers
 
     assert velora_cli.apply_config is apply_config  # the public, lazily imported name
     cfg = config(gc=False)
@@ -255,8 +255,9 @@ def test_optimizer_settings_are_validated_together():
 
 
 def test_optimizer_constants_match_the_optimizers():
-    from velora_cli import configs, lowrank
+    from velora_cli import configs
     from velora_cli.measure.train_step import LOWRANK_OPTIMIZERS, OPTIMIZERS
+    from velora_cli.methods import lowrank
 
     assert configs.OPTIMIZERS == OPTIMIZERS and configs.LOWRANK_OPTIMIZERS == LOWRANK_OPTIMIZERS
     assert configs.DEFAULT_UPDATE_GAP == lowrank.DEFAULT_UPDATE_GAP
@@ -283,8 +284,8 @@ def test_trainer_galore_projects_what_velora_projects(tmp_path):
     from transformers import TrainingArguments
     from transformers.trainer_utils import check_target_module_exists
 
-    from velora_cli import autotune
-    from velora_cli.lowrank import param_groups
+    from velora_cli.methods.lowrank import param_groups
+    from velora_cli.search import autotune
 
     settings = autotune.TuneSettings("llama-tiny", budget_bytes=10**9, backend="estimate")
     rec = dict(mode="full", placement=None, num_groups=None, micro_batch_size=4,
@@ -327,7 +328,7 @@ def test_make_optimizer_round_trips_through_the_exported_config(tmp_path, optimi
     import torch
 
     import velora_cli
-    from velora_cli import lowrank
+    from velora_cli.methods import lowrank
 
     assert velora_cli.make_optimizer is make_optimizer  # the public, lazily imported name
     rank = None if optimizer == "adarankgrad" else 8  # None: hidden size 64 / 4 = 16

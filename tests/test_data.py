@@ -8,14 +8,14 @@ import types
 import pytest
 import torch
 
-from velora_cli.data import (
+from velora_cli.models import resolve_model
+from velora_cli.search.data import (
     BYTE_LEVEL,
     DataError,
     load_texts,
     split_batches,
     tokenize,
 )
-from velora_cli.models import resolve_model
 
 # -- sources ------------------------------------------------------------------------------------
 

@@ -8,9 +8,8 @@ import types
 
 import pytest
 
-from velora_cli.gpus import get_gpu
-from velora_cli.measure.allocator import ALLOC, EMPTY_CACHE, FREE, REPEAT, RESET_PEAK, simulate
-from velora_cli.measure.device_memory import (
+from velora_cli.allocator.caching import ALLOC, EMPTY_CACHE, FREE, REPEAT, RESET_PEAK, simulate
+from velora_cli.allocator.device_memory import (
     cublas_workspace_bytes,
     cuda_schedule,
     device_memory_fields,
@@ -18,12 +17,13 @@ from velora_cli.measure.device_memory import (
     expandable_saving,
     scratch_positions,
 )
-from velora_cli.measure.kernel_scratch import (
+from velora_cli.allocator.kernel_scratch import (
     EMBEDDING_BACKWARD,
     FLASH_BACKWARD,
     embedding_backward_scratch,
     flash_attention_backward_scratch,
 )
+from velora_cli.gpus import get_gpu
 from velora_cli.measure.tracker import AllocationTrace
 
 M = 1 << 20
@@ -177,7 +177,7 @@ def test_expandable_saving_is_reported_over_five_percent():
 
 
 def test_the_estimate_backend_adds_the_device_fields(monkeypatch):
-    from velora_cli.measure.estimate import EstimateBackend
+    from velora_cli.estimate.backend import EstimateBackend
     from velora_cli.measure.train_step import StepSpec
 
     monkeypatch.delenv("PYTORCH_CUDA_ALLOC_CONF", raising=False)
@@ -243,7 +243,7 @@ def test_free_events_of_unknown_storages_are_skipped():
 def test_scratch_for_a_model_reads_its_config():
     from transformers import LlamaConfig
 
-    from velora_cli.measure.kernel_scratch import scratch_for_model
+    from velora_cli.allocator.kernel_scratch import scratch_for_model
 
     config = LlamaConfig(hidden_size=3072, num_attention_heads=24, num_key_value_heads=8,
                          head_dim=128, vocab_size=128256)  # fmt: skip
@@ -327,10 +327,10 @@ def test_a_steady_replay_stops_early_with_the_statistics_of_the_whole_replay(
     """The timed steps repeat one traced step: once the allocator's state at a step's start
     equals the previous step's, the replay stops (allocator.REPEAT). The reference replays every
     step: the same statistics, on real traces of a tiny Llama."""
-    from velora_cli.measure.allocator_config import parse_alloc_conf
-    from velora_cli.measure.attention import register_estimate_attention
-    from velora_cli.measure.emulation import cuda_emulation
-    from velora_cli.measure.estimate import EstimateBackend
+    from velora_cli.allocator.config import parse_alloc_conf
+    from velora_cli.emulation.attention import register_estimate_attention
+    from velora_cli.emulation.step import cuda_emulation
+    from velora_cli.estimate.backend import EstimateBackend
     from velora_cli.measure.train_step import StepSpec, Strategy, prepare, train_step
 
     spec = StepSpec("llama-tiny", **{"batch_size": 2, "seq_len": 64, **settings},

@@ -11,16 +11,16 @@ import torch
 import torch.nn.functional as F
 from transformers import BertConfig, GPT2Config, RobertaConfig
 
-from velora_cli.accounting import SavedTensorCounter
+from velora_cli.emulation.dropout import MetaCudaDropout, fused_on_cuda
+from velora_cli.estimate.backend import EstimateBackend
+from velora_cli.measure.accounting import SavedTensorCounter
 from velora_cli.measure.cpu import CpuBackend
-from velora_cli.measure.dropout import MetaCudaDropout, fused_on_cuda
-from velora_cli.measure.estimate import EstimateBackend
 from velora_cli.measure.train_step import StepSpec, Strategy
 
 BATCH, SEQ = 2, 32  # SEQ a multiple of 32: the efficient kernel's logsumexp has no padding
 LAYERS, HIDDEN, HEADS, VOCAB = 2, 64, 4, 128
 # The memory-efficient kernel's Philox seed and offset: 8 + 8 bytes per call that a GPU keeps
-# on the host and the meta kernel on "meta" (measure/attention.py documents it). The CPU flash
+# on the host and the meta kernel on "meta" (emulation/attention.py documents it). The CPU flash
 # kernel keeps no rng state.
 EFFICIENT_PHILOX_BYTES = 16
 
@@ -263,8 +263,8 @@ def test_checkpoint_recomputation_draws_bool_masks_too(tmp_path, amp):
     checkpoint finds a float noise where the forward saved a bool mask and refuses."""
     from torch.utils._python_dispatch import TorchDispatchMode
 
-    from velora_cli.measure.attention import register_estimate_attention
-    from velora_cli.measure.emulation import cuda_emulation
+    from velora_cli.emulation.attention import register_estimate_attention
+    from velora_cli.emulation.step import cuda_emulation
     from velora_cli.measure.train_step import prepare, train_step
 
     spec = StepSpec(

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from velora_cli.measure.emulation import cuda_emulation
+from velora_cli.emulation.step import cuda_emulation
 
 
 def test_autocast_casts_before_the_kernel_choices_see_the_call():

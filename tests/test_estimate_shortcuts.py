@@ -9,7 +9,7 @@ different setups and strategies follow each other on reused models as in a real 
 import pytest
 from transformers import GPT2Config, LlamaConfig, MistralConfig, Qwen2Config, RobertaConfig
 
-from velora_cli.measure.estimate import EstimateBackend
+from velora_cli.estimate.backend import EstimateBackend
 from velora_cli.measure.train_step import StepSpec, Strategy
 
 CONFIGS = {
@@ -168,9 +168,9 @@ def test_rows_of_a_reused_model_do_not_leak_into_each_other(models):
 
 
 def test_a_row_that_leaves_something_behind_drops_its_model(models):
-    from velora_cli.measure.attention import register_estimate_attention
-    from velora_cli.measure.meta_cache import MetaModels
+    from velora_cli.emulation.attention import register_estimate_attention
     from velora_cli.models import resolve_model
+    from velora_cli.shortcut.meta_cache import MetaModels
 
     cache = MetaModels(attn_implementation=register_estimate_attention())
     spec = StepSpec(model=models["llama8"], batch_size=2, seq_len=32)
@@ -200,7 +200,7 @@ def test_the_synthesized_trace_and_op_counts_are_the_real_steps(models, monkeypa
     """The depth shortcut writes the real depth's allocation trace and op counts out from three
     shallow steps: equal, storage for storage and op for op, to those of the real step (so the
     allocator replay, the timeline and the roofline's time are the real step's)."""
-    from velora_cli.measure import step_time
+    from velora_cli.timing import step_time
 
     seen = {"trace": [], "counts": []}
     device_memory_of = EstimateBackend.device_memory_of
@@ -227,8 +227,8 @@ def test_the_synthesized_trace_and_op_counts_are_the_real_steps(models, monkeypa
 
 
 def test_a_step_the_synthesis_refuses_runs_at_the_real_depth(models, monkeypatch):
-    from velora_cli.measure import shortcut
-    from velora_cli.measure.extrapolate import NotExtrapolable
+    from velora_cli.shortcut import shortcuts as shortcut
+    from velora_cli.shortcut.extrapolate import NotExtrapolable
 
     def refuse(*args, **kwargs):
         raise NotExtrapolable("a free names no storage of the deep step")
@@ -252,7 +252,7 @@ def test_small_models_run_in_full():
 
 def test_user_errors_are_raised_as_on_the_reference_path(models):
     from velora_cli.measure.train_step import SpecError
-    from velora_cli.velora import SubTokenSizeError
+    from velora_cli.methods.velora import SubTokenSizeError
 
     with pytest.raises(SpecError, match="exceeds"):
         EstimateBackend().measure(StepSpec(model=models["llama8"], seq_len=10_000))

@@ -13,11 +13,11 @@ import json
 import pytest
 import torch
 
-from velora_cli import autotune
 from velora_cli.configs import VeloraConfig, load_config
 from velora_cli.exports import NotExpressible, export
 from velora_cli.exports.peft import lora_kwargs, to_peft
-from velora_cli.placement import PRESETS, FrozenPlacementError
+from velora_cli.methods.placement import PRESETS, FrozenPlacementError
+from velora_cli.search import autotune
 
 GROUPS = 4  # divides every llama-tiny width (64, 128) and every LoRA A input
 TARGETS = ("all-linear", "q_proj,v_proj")
@@ -51,7 +51,7 @@ def tiny(mode: str):
 
     model = build_model(resolve_model("llama-tiny"), device="cpu", dtype=torch.float32)
     if mode == "qlora":
-        from velora_cli.quant import quantize_base
+        from velora_cli.methods.quant import quantize_base
 
         quantize_base(model, "cpu")  # real bitsandbytes Linear4bit layers
     return model

@@ -3,7 +3,7 @@ enough, the point-by-point rule, and the per-field rule with its refusals."""
 
 import pytest
 
-from velora_cli.measure.extrapolate import (
+from velora_cli.shortcut.extrapolate import (
     NotExtrapolable,
     PositionLog,
     fields_at_depth,
@@ -127,7 +127,7 @@ def test_a_tie_that_appears_only_at_the_real_depth_is_refused():
 
 
 def test_fields_declared_to_need_the_real_step_are_refused(monkeypatch):
-    from velora_cli.measure import extrapolate
+    from velora_cli.shortcut import extrapolate
 
     monkeypatch.setattr(extrapolate, "FULL_DEPTH_FIELDS", {"reserved_peak"})
     rows = [{"bytes": d, "reserved_peak": 10 * d} for d in (2, 3, 4)]

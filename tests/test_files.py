@@ -108,7 +108,7 @@ def test_profiles_dir_that_is_a_file_fails_before_measuring(tmp_path, monkeypatc
 
 
 def test_unwritable_profiles_dir_fails_before_the_first_row(tmp_path, monkeypatch):
-    from velora_cli.measure.estimate import EstimateBackend
+    from velora_cli.estimate.backend import EstimateBackend
 
     measured = []
     monkeypatch.setattr(EstimateBackend, "measure", lambda self, spec, **kw: measured.append(spec))

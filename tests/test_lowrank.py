@@ -1,4 +1,4 @@
-"""GaLore and AdaRankGrad (velora_cli.lowrank) against references and their documented choices."""
+"""GaLore and AdaRankGrad (velora_cli.methods.lowrank) against references and their documented choices."""
 
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ import pytest
 import torch
 from torch import nn
 
-from velora_cli import lowrank
-from velora_cli.lowrank import (
+from velora_cli.methods import lowrank
+from velora_cli.methods.lowrank import (
     AdaRankGrad,
     GaLoreAdamW,
     LowRankError,

@@ -9,8 +9,8 @@ import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 from transformers import LlamaConfig
 
-from velora_cli.measure.estimate import EstimateBackend
-from velora_cli.measure.math_attention import MetaMathAttention, math_attention
+from velora_cli.emulation.math_attention import MetaMathAttention, math_attention
+from velora_cli.estimate.backend import EstimateBackend
 from velora_cli.measure.train_step import StepSpec
 
 B, H, HKV, N, D = 2, 4, 2, 16, 8

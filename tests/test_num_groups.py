@@ -3,8 +3,8 @@
 import pytest
 
 from velora_cli.measure.train_step import StepSpec
-from velora_cli.num_groups import choose_num_groups, default_num_groups
-from velora_cli.placement import PlacementError
+from velora_cli.methods.placement import PlacementError
+from velora_cli.profiling.num_groups import choose_num_groups, default_num_groups
 
 
 @pytest.mark.parametrize(
@@ -32,7 +32,11 @@ def test_choose_num_groups_needs_widths():
 
 
 def test_defaults_of_the_default_model_fit_every_row():
-    from velora_cli.profiler import DEFAULT_PLACEMENTS, plan_strategies, validate_strategies
+    from velora_cli.profiling.profiler import (
+        DEFAULT_PLACEMENTS,
+        plan_strategies,
+        validate_strategies,
+    )
 
     spec = StepSpec("llama-60m", batch_size=1, seq_len=8)
     groups, line = default_num_groups(spec, list(DEFAULT_PLACEMENTS))

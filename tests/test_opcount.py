@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from velora_cli.measure.opcount import OpCounter, StepCounts, op_cost, tensor_bytes
+from velora_cli.timing.opcount import OpCounter, StepCounts, op_cost, tensor_bytes
 
 T, D, OUT, M = 64, 32, 48, 8  # tokens, in features, out features, sub-token size
 F32 = 4
@@ -60,7 +60,7 @@ def test_linear_forward_and_backward():
 
 
 def test_velora_layer_factorized_weight_gradient():
-    from velora_cli.velora import VeLoRALinear
+    from velora_cli.methods.velora import VeLoRALinear
 
     with torch.device("meta"):
         layer = VeLoRALinear.from_linear(nn.Linear(D, OUT, bias=False), sub_token_size=M)
@@ -214,7 +214,7 @@ def test_phases_and_micro_batches_are_kept_apart():
 
 
 def test_large_new_outputs_are_marked_fresh():
-    from velora_cli.measure.opcount import FRESH_ALLOCATION
+    from velora_cli.timing.opcount import FRESH_ALLOCATION
 
     big, small = meta(FRESH_ALLOCATION // F32), meta(1024)
     sqrt, sqrt_ = torch.ops.aten.sqrt.default, torch.ops.aten.sqrt_.default

@@ -229,7 +229,7 @@ def test_device_peak_is_found_at_its_own_moment():
 
 
 def test_ddp_estimate_runs_the_low_rank_optimizers_over_the_wrapped_module():
-    from velora_cli.measure.estimate import EstimateBackend
+    from velora_cli.estimate.backend import EstimateBackend
 
     for name in ("galore", "adarankgrad"):
         row, _ = estimate_rank(spec("ddp", optimizer=name), 0)

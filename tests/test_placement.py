@@ -6,8 +6,8 @@ from conftest import tiny_llama
 from torch import nn
 
 from velora_cli import apply_velora, remove_velora, saved_activation_bytes, velora_layers
-from velora_cli.placement import PlacementError, layer_role
-from velora_cli.velora import SubTokenSizeError, VeLoRAConv1D, VeLoRALinear
+from velora_cli.methods.placement import PlacementError, layer_role
+from velora_cli.methods.velora import SubTokenSizeError, VeLoRAConv1D, VeLoRALinear
 
 SMALL = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4)
 NO_DROPOUT = dict(hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
@@ -243,7 +243,7 @@ def test_peft_lora_wraps_adapter_a_projections(tokens):
 
 
 def test_shared_input_note_says_which_compressions_free_nothing(llama):
-    from velora_cli.placement import select_layers, shared_input_note
+    from velora_cli.methods.placement import select_layers, shared_input_note
 
     note = shared_input_note(llama, select_layers(llama, "paper"))
     assert (
@@ -292,7 +292,7 @@ def test_on_a_lora_model_only_the_adapters_are_wrapped(llama):
 
 
 def test_a_placement_with_only_frozen_layers_says_so(llama):
-    from velora_cli.placement import FrozenPlacementError
+    from velora_cli.methods.placement import FrozenPlacementError
 
     model = _lora(llama, ["q_proj", "v_proj"])
     with pytest.raises(FrozenPlacementError, match="'mlp' selects only layers that do not train"):
@@ -303,7 +303,7 @@ def test_a_placement_with_only_frozen_layers_says_so(llama):
 
 def test_profile_reports_a_frozen_placement_as_an_error_row():
     from velora_cli.measure.train_step import StepSpec
-    from velora_cli.profiler import plan_strategies, validate_strategies
+    from velora_cli.profiling.profiler import plan_strategies, validate_strategies
 
     spec = StepSpec("llama-tiny", batch_size=2, seq_len=16, mode="lora",
                     lora_targets="q_proj,v_proj")  # fmt: skip
@@ -315,8 +315,8 @@ def test_profile_reports_a_frozen_placement_as_an_error_row():
 
 def test_gradient_probe_on_a_lora_subset_placement():
     # wrapping the frozen k_proj used to break the probe: it has no weight gradient
-    from velora_cli import probes
     from velora_cli.measure.train_step import StepSpec, Strategy
+    from velora_cli.search import probes
 
     spec = StepSpec("llama-tiny", batch_size=2, seq_len=16, mode="lora",
                     lora_targets="q_proj,v_proj", strategy=Strategy("qkv", num_groups=4))  # fmt: skip

@@ -14,9 +14,9 @@ from typer.testing import CliRunner
 
 from velora_cli import plots
 from velora_cli.cli import app
-from velora_cli.measure.estimate import EstimateBackend
+from velora_cli.estimate.backend import EstimateBackend
 from velora_cli.measure.train_step import StepSpec, Strategy
-from velora_cli.profiler import run_profile
+from velora_cli.profiling.profiler import run_profile
 
 pytest.importorskip("matplotlib")
 runner = CliRunner()

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from velora_cli.measure.train_step import StepSpec, Strategy, prepare, train_step
-from velora_cli.precision import QUANTIZED, describe, describe_modes
+from velora_cli.methods.precision import QUANTIZED, describe, describe_modes
 
 NAMES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
 CASES = [
@@ -23,7 +23,7 @@ CASES = [
 
 def observed(mode: str, dtype: str, amp: str | None) -> dict:
     """The dtypes of each part after a real CPU step: parameters, gradients, optimizer state."""
-    from velora_cli.quant import is_quantized
+    from velora_cli.methods.quant import is_quantized
 
     spec = StepSpec("llama-tiny", batch_size=2, seq_len=16, dtype=dtype, amp=amp, mode=mode,
                     strategy=Strategy("all-linear", num_groups=4))  # fmt: skip

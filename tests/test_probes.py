@@ -6,9 +6,9 @@ import math
 import pytest
 import torch
 
-from velora_cli.data import BYTE_LEVEL
 from velora_cli.measure.train_step import StepSpec, Strategy
-from velora_cli.probes import ProbeError, compare, gradient_fidelity, training_probe
+from velora_cli.search.data import BYTE_LEVEL
+from velora_cli.search.probes import ProbeError, compare, gradient_fidelity, training_probe
 
 TINY = StepSpec("llama-tiny")
 # Small probe shapes: 8 steps of 2×32 byte tokens run in well under a second each.
@@ -169,7 +169,7 @@ def test_compare_refuses_different_settings(baseline):
 
 
 def test_low_rank_probe_trains_at_its_own_rate_and_compares_with_adamw(baseline):
-    from velora_cli.probes import DEFAULT_LR
+    from velora_cli.search.probes import DEFAULT_LR
 
     galore = training_probe(StepSpec("llama-tiny", optimizer="galore", rank=4), **PROBE)
     assert (galore["optimizer"], galore["lr"]) == ("galore", DEFAULT_LR["galore"])

@@ -7,10 +7,10 @@ import torch
 from typer.testing import CliRunner
 
 from velora_cli.cli import app
+from velora_cli.estimate.backend import EstimateBackend
 from velora_cli.measure.cpu import CpuBackend
-from velora_cli.measure.estimate import EstimateBackend
 from velora_cli.measure.train_step import SpecError, StepSpec, Strategy, prepare, train_step
-from velora_cli.profiler import plan_strategies, run_profile, validate_strategies
+from velora_cli.profiling.profiler import plan_strategies, run_profile, validate_strategies
 
 runner = CliRunner()
 
@@ -34,7 +34,7 @@ def _plain_saved_bytes(model, batch):
 
 
 def test_estimate_activation_bytes_match_a_plain_saved_tensor_count(mha_dir):
-    from velora_cli.measure.attention import register_estimate_attention
+    from velora_cli.emulation.attention import register_estimate_attention
 
     spec = StepSpec(model=mha_dir, batch_size=2, seq_len=32, dtype="bf16")
     row = EstimateBackend().measure(spec)

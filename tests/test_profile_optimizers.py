@@ -7,10 +7,10 @@ import torch
 from typer.testing import CliRunner
 
 from velora_cli.cli import app
+from velora_cli.estimate.backend import EstimateBackend
 from velora_cli.measure.cpu import CpuBackend
-from velora_cli.measure.estimate import EstimateBackend
 from velora_cli.measure.train_step import SpecError, StepSpec, Strategy
-from velora_cli.profiler import run_profile
+from velora_cli.profiling.profiler import run_profile
 
 runner = CliRunner()
 

@@ -6,7 +6,7 @@ from typer.testing import CliRunner
 
 from velora_cli.cli import app
 from velora_cli.measure.train_step import Strategy
-from velora_cli.progress import RowProgress, TuneProgress, duration
+from velora_cli.report.progress import RowProgress, TuneProgress, duration
 
 runner = CliRunner()
 

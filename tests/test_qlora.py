@@ -11,10 +11,10 @@ from torch import nn
 from typer.testing import CliRunner
 
 from velora_cli.cli import app
+from velora_cli.estimate.backend import EstimateBackend
 from velora_cli.measure.cpu import CpuBackend
-from velora_cli.measure.estimate import EstimateBackend
 from velora_cli.measure.train_step import StepSpec, Strategy, prepare
-from velora_cli.quant import (
+from velora_cli.methods.quant import (
     INSTALL_HINT,
     MetaLinear4bit,
     QuantConfig,
@@ -141,7 +141,7 @@ def test_velora_on_qlora_adapters_is_exact_for_inputs_on_span_of_v():
     _bnb()
     import peft
 
-    from velora_cli.placement import apply_velora
+    from velora_cli.methods.placement import apply_velora
 
     d, m = 64, 8
     torch.manual_seed(0)
@@ -242,7 +242,7 @@ def test_unknown_mode_lists_qlora():
 
 
 def _tune_settings(**overrides):
-    from velora_cli import autotune
+    from velora_cli.search import autotune
 
     fields = dict(
         model="llama-tiny", batch_size=4, seq_len=64, budget_bytes=10**9, backend="estimate",
@@ -254,8 +254,8 @@ def _tune_settings(**overrides):
 
 
 def test_estimator_floors_the_candidates_of_a_mode_that_cannot_fit():
-    from velora_cli import autotune
-    from velora_cli.tuner import Candidate
+    from velora_cli.search import autotune
+    from velora_cli.search.tuner import Candidate
 
     estimator = autotune.Estimator(_tune_settings(budget_bytes=10**6))
     first = estimator(Candidate("full", micro_batch_size=4))
@@ -274,8 +274,8 @@ def test_estimator_floors_the_candidates_of_a_mode_that_cannot_fit():
 
 
 def test_tune_space_leaves_out_qlora_where_bitsandbytes_is_needed_and_missing(monkeypatch):
-    from velora_cli import autotune
     from velora_cli.measure.train_step import SpecError
+    from velora_cli.search import autotune
 
     monkeypatch.setitem(sys.modules, "bitsandbytes", None)
     space, notices = autotune.build_space(_tune_settings(backend="cpu"))
@@ -290,8 +290,9 @@ def test_tune_space_leaves_out_qlora_where_bitsandbytes_is_needed_and_missing(mo
 def test_tune_picks_qlora_when_only_qlora_fits_and_shows_why_the_others_do_not(tmp_path):
     from transformers import LlamaConfig
 
-    from velora_cli import autotune, report
+    from velora_cli import report
     from velora_cli.measure.train_step import Strategy
+    from velora_cli.search import autotune
 
     # The tune compares the budget with the predicted device memory, whose allocator segments
     # (2 and 20 MiB) hide llama-tiny's sub-MiB base weights: a 512-wide model's 25 MB of fp32

@@ -46,7 +46,7 @@ def test_python_api_block_runs_in_order(model):
 
 def test_python_api_says_when_a_layer_is_wrapped_already(model):
     from velora_cli import apply_velora, remove_velora
-    from velora_cli.placement import PlacementError
+    from velora_cli.methods.placement import PlacementError
 
     apply_velora(model, layers="paper", num_groups=32)
     with pytest.raises(PlacementError, match=r"VeLoRA layers already .*remove_velora\(model\)"):

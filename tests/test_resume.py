@@ -6,10 +6,11 @@ import json
 import pytest
 from typer.testing import CliRunner
 
-from velora_cli import files, resume
+from velora_cli import files
 from velora_cli.cli import app
-from velora_cli.journal import Journal
-from velora_cli.tune_settings import TuneError
+from velora_cli.search import resume
+from velora_cli.search.journal import Journal
+from velora_cli.search.settings import TuneError
 
 runner = CliRunner()
 # llama-tiny, 4 candidates, estimated only (as in test_cli_tune)

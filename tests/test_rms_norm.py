@@ -9,8 +9,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from velora_cli.accounting import SavedTensorCounter
-from velora_cli.measure.rms_norm import MetaFusedRmsNorm, fused_on_cuda
+from velora_cli.emulation.rms_norm import MetaFusedRmsNorm, fused_on_cuda
+from velora_cli.measure.accounting import SavedTensorCounter
 
 ROWS, WIDTH = 2 * 16, 64  # (2, 16, 64) inputs: M = 32 rows of N = 64
 

@@ -11,9 +11,9 @@ import torch
 from torch import nn
 
 from velora_cli.gpus import GpuSpec
-from velora_cli.measure import roofline
-from velora_cli.measure.opcount import OpCost, OpCounter, Segment, StepCounts
-from velora_cli.measure.roofline import (
+from velora_cli.timing import roofline
+from velora_cli.timing.opcount import OpCost, OpCounter, Segment, StepCounts
+from velora_cli.timing.roofline import (
     gemm_efficiency,
     gpu_device,
     measured_device,
@@ -161,7 +161,7 @@ def test_later_micro_batches_repeat_the_last_counted_one():
 
 
 def attention():
-    from velora_cli.measure.attention import register_estimate_attention
+    from velora_cli.emulation.attention import register_estimate_attention
 
     return register_estimate_attention()
 
@@ -174,7 +174,7 @@ def spec(**overrides):
 
 @pytest.fixture(scope="module")
 def estimate():
-    from velora_cli.measure.estimate import EstimateBackend
+    from velora_cli.estimate.backend import EstimateBackend
 
     cache = {}
 
@@ -219,8 +219,8 @@ def test_counted_ops_carry_checkpointing_and_velora(estimate):
 def test_velora_flops_by_hand_on_a_model():
     """VeLoRA paper g8 on a 2-layer model: forward + compress (2·T·D per wrapped layer),
     backward − grad_W's (1 − 1/M) share (2·T·O·D·(1 − 1/M) per wrapped layer)."""
-    from velora_cli.measure.step_time import count_step
     from velora_cli.measure.train_step import Strategy, prepare
+    from velora_cli.timing.step_time import count_step
 
     def gemm_flops(strategy):
         prepared = prepare(spec(strategy=strategy), "meta", attn_implementation=attention())
@@ -246,8 +246,8 @@ def test_velora_flops_by_hand_on_a_model():
 
 
 def test_qlora_dequantization_is_counted():
-    from velora_cli.measure.step_time import count_step
     from velora_cli.measure.train_step import prepare
+    from velora_cli.timing.step_time import count_step
 
     prepared = prepare(spec(mode="qlora", dtype="bf16"), "meta", attn_implementation=attention())
     count_step(prepared)
@@ -273,9 +273,9 @@ def test_qlora_dequantization_is_counted():
 def test_ranking_agrees_with_cost_rank_where_it_is_unambiguous(estimate):
     """Predicted tokens/s orders candidates as `cost_rank` does on its unambiguous axes: less
     checkpointing is faster, a larger micro-batch is faster, qlora is slower than lora."""
-    from velora_cli.candidates import Candidate, cost_rank
-    from velora_cli.estimator import measurement_of
     from velora_cli.measure.train_step import Strategy
+    from velora_cli.search.candidates import Candidate, cost_rank
+    from velora_cli.search.estimator import measurement_of
 
     def tps(**o):
         return estimate(**o)["predicted_tokens_per_second"]
@@ -322,9 +322,9 @@ def test_cuda_rows_get_the_prediction_for_their_gpu(monkeypatch, estimate):
 
 
 def test_auto_without_a_gpu_predicts_instead_of_timing_the_cpu(monkeypatch):
-    from velora_cli import profiler
+    from velora_cli.estimate.backend import EstimateBackend
     from velora_cli.measure import cuda
-    from velora_cli.measure.estimate import EstimateBackend
+    from velora_cli.profiling import profiler
 
     monkeypatch.setattr(cuda, "cuda_available", lambda: False)
     backend = profiler.make_backend("auto", spec())
@@ -344,7 +344,7 @@ def test_profile_table_marks_predictions():
          "predicted_step_seconds": 0.025, "predicted_tokens_per_second": 40960.0,
          "predicted_gpu": "h100", "step_seconds": None},
     ]  # fmt: skip
-    from velora_cli.profiler import with_deltas
+    from velora_cli.profiling.profiler import with_deltas
 
     doc = {"model": "m", "mode": "full", "batch_size": 4, "seq_len": 256, "precision": "fp32",
            "backend": "estimate", "rows": with_deltas(rows), "environment": {}}  # fmt: skip

@@ -8,9 +8,9 @@ import subprocess
 import pytest
 import torch
 
+from velora_cli.estimate.backend import EstimateBackend
 from velora_cli.measure import snapshot
 from velora_cli.measure.cuda import CudaBackend
-from velora_cli.measure.estimate import EstimateBackend
 from velora_cli.measure.train_step import StepSpec, Strategy
 
 

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from velora_cli.measure.softmax import MetaHalfToFloatSoftmax, half_to_float_on_cuda
+from velora_cli.emulation.softmax import MetaHalfToFloatSoftmax, half_to_float_on_cuda
 from velora_cli.measure.tracker import MemoryTracker
 
 SHAPE = (2, 4, 16, 16)  # eager attention's (B, H, N, N) scores

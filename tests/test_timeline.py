@@ -5,9 +5,9 @@ import random
 
 import pytest
 
-from velora_cli import timeline
+from velora_cli.estimate.backend import EstimateBackend
+from velora_cli.measure import timeline
 from velora_cli.measure.cpu import CpuBackend
-from velora_cli.measure.estimate import EstimateBackend
 from velora_cli.measure.tracker import AllocationTrace
 from velora_cli.measure.train_step import StepSpec, Strategy
 
@@ -169,7 +169,7 @@ def test_decode_refuses_an_unknown_version():
 
 
 def test_tune_measurements_leave_the_timeline_out(mha_dir):
-    from velora_cli.estimator import measurement_of
+    from velora_cli.search.estimator import measurement_of
 
     spec = StepSpec(model=mha_dir, batch_size=2, seq_len=32)
     row = EstimateBackend().measure(spec)

@@ -8,7 +8,7 @@ from dataclasses import asdict
 
 import pytest
 
-from velora_cli.tuner import (
+from velora_cli.search.tuner import (
     Candidate,
     Journal,
     Measurement,
@@ -268,7 +268,9 @@ def test_cost_rank_prefers_no_gc_then_sparser_gc_then_bigger_micro_then_fewer_ve
 
 
 def test_tuner_module_does_not_import_torch():
-    code = "import sys, velora_cli.tuner, velora_cli.budget; assert 'torch' not in sys.modules"
+    code = (
+        "import sys, velora_cli.search.tuner, velora_cli.budget; assert 'torch' not in sys.modules"
+    )
     subprocess.run([sys.executable, "-c", code], check=True)
 
 

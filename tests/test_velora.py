@@ -5,8 +5,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from velora_cli.accounting import SavedTensorCounter
-from velora_cli.velora import (
+from velora_cli.measure.accounting import SavedTensorCounter
+from velora_cli.methods.velora import (
     SubTokenSizeError,
     VeLoRAConv1D,
     VeLoRAFunction,

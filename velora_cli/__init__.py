@@ -15,16 +15,16 @@ __version__ = "0.1.0"
 _LAZY = {
     "apply_config": "velora_cli.configs",
     "make_optimizer": "velora_cli.configs",
-    "apply_velora": "velora_cli.placement",
-    "remove_velora": "velora_cli.placement",
-    "velora_layers": "velora_cli.placement",
-    "VeLoRALinear": "velora_cli.velora",
-    "VeLoRAConv1D": "velora_cli.velora",
-    "VeLoRAFunction": "velora_cli.velora",
-    "SavedTensorCounter": "velora_cli.accounting",
-    "saved_activation_bytes": "velora_cli.accounting",
-    "VeloraCallback": "velora_cli.callback",
-    "load_run": "velora_cli.runs",
+    "apply_velora": "velora_cli.methods.placement",
+    "remove_velora": "velora_cli.methods.placement",
+    "velora_layers": "velora_cli.methods.placement",
+    "VeLoRALinear": "velora_cli.methods.velora",
+    "VeLoRAConv1D": "velora_cli.methods.velora",
+    "VeLoRAFunction": "velora_cli.methods.velora",
+    "SavedTensorCounter": "velora_cli.measure.accounting",
+    "saved_activation_bytes": "velora_cli.measure.accounting",
+    "VeloraCallback": "velora_cli.runs.callback",
+    "load_run": "velora_cli.runs.record",
 }
 
 __all__ = ["__version__", *_LAZY]

@@ -35,13 +35,13 @@ __all__ = [
 FORMAT = "velora-config"
 VERSION = 1
 MODES = ("full", "lora", "qlora")
-LORA_MODES = ("lora", "qlora")  # qlora: LoRA on a 4-bit NF4 base (velora_cli.quant)
+LORA_MODES = ("lora", "qlora")  # qlora: LoRA on a 4-bit NF4 base (velora_cli.methods.quant)
 DTYPES = ("fp32", "bf16", "fp16")
 TASKS = ("causal-lm", "masked-lm")  # the heads velora_cli.models builds
 # The v initializations of velora.INIT_STRATEGIES, repeated here so that loading a config does not
 # import torch (PEFT's VeloraConfig.init_type takes the same three names).
 INITS = ("batch_average_once", "batch_average", "random")
-# The optimizers of measure.train_step and the settings of velora_cli.lowrank, repeated for the
+# The optimizers of measure.train_step and the settings of velora_cli.methods.lowrank, repeated for the
 # same reason (tested equal).
 OPTIMIZERS = ("adamw", "sgd", "galore", "adarankgrad")
 LOWRANK_OPTIMIZERS = ("galore", "adarankgrad")
@@ -423,8 +423,8 @@ def apply_config(
         ConfigError: the model does not match the config (missing layers, other widths, no LoRA
             layers for a LoRA config), or checkpointing is not supported by the model.
     """
-    from velora_cli.placement import PlacementError, apply_velora, select_layers
-    from velora_cli.velora import SubTokenSizeError
+    from velora_cli.methods.placement import PlacementError, apply_velora, select_layers
+    from velora_cli.methods.velora import SubTokenSizeError
 
     config = path_or_dict if isinstance(path_or_dict, VeloraConfig) else load_config(path_or_dict)
     has_lora = any(hasattr(m, "lora_A") for m in model.modules())
@@ -479,7 +479,7 @@ def make_optimizer(
     """The optimizer the config was tuned with, over ``model``'s trainable parameters.
 
     AdamW and SGD (momentum 0.9) as ``torch.optim`` builds them; galore and adarankgrad as
-    `velora_cli.lowrank` does (2-D weights projected, embeddings and the output layer plain
+    `velora_cli.methods.lowrank` does (2-D weights projected, embeddings and the output layer plain
     AdamW), with the config's rank (None: the model's hidden size / 4), update gap and η. Call it
     after `apply_config` (VeLoRA keeps the layers' parameters, so either order works).
 
@@ -519,7 +519,7 @@ def make_optimizer(
 
 def _targets(selected: dict) -> dict[str, int]:
     """Selected layers → {name of the module VeLoRA wraps: in_features}; LoRA → its A layers."""
-    from velora_cli.placement import _in_features
+    from velora_cli.methods.placement import _in_features
 
     out = {}
     for name, module in selected.items():

@@ -14,7 +14,7 @@ Beyond the caching allocator's segments a training process holds the CUDA contex
 and the kernels loaded, lazily since CUDA 11.7) and per-thread cuBLAS workspaces; the latter are
 allocated through the caching allocator (``CublasHandlePool.cpp::setWorkspaceForHandle`` calls
 ``CUDACachingAllocator::get()->allocate``), so they are part of allocated and reserved memory and
-the device-memory model places them there (measure/device_memory.py). Their sizes come from
+the device-memory model places them there (allocator/device_memory.py). Their sizes come from
 ``parseChosenWorkspaceSize`` (`GpuSpec.cublas_workspace_bytes`); the context is a constant
 (`GpuSpec.context_bytes`).
 

@@ -1,5 +1,5 @@
 """``velora profile --compare RUN``: a recorded run's measured figures beside the prediction of
-what it ran, made now on ``--backend`` (`velora_cli.run_compare`)."""
+what it ran, made now on ``--backend`` (`velora_cli.runs.compare`)."""
 
 from __future__ import annotations
 
@@ -42,8 +42,10 @@ def compare_run(
     import dataclasses
     import json
 
-    from velora_cli import profiler, run_compare, runs
     from velora_cli.files import profiles_dir
+    from velora_cli.profiling import profiler
+    from velora_cli.runs import compare as run_compare
+    from velora_cli.runs import record as runs
 
     if ctx is not None:
         # by name: typer ships its own copy of click, whose ParameterSource is another class

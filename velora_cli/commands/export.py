@@ -45,7 +45,8 @@ def export_config(
     import json
     from pathlib import Path
 
-    from velora_cli import autotune, configs, exports
+    from velora_cli import configs, exports
+    from velora_cli.search import autotune
 
     if output:
         from velora_cli.files import check_output_file

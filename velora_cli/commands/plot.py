@@ -60,7 +60,7 @@ def plot(
 
 def latest_document():
     """The most recently written profile or tune document under the profiles directory."""
-    from velora_cli.autotune import latest, profiles_dir
+    from velora_cli.search.autotune import latest, profiles_dir
 
     found = [p for p in (latest("profile-*.json"), latest("tune-*.json")) if p is not None]
     if not found:

@@ -166,7 +166,7 @@ def profile(
         plots.check_output(plot)
         plots.require_matplotlib()
     if alloc_conf is not None:
-        from velora_cli.measure.allocator_config import parse_alloc_conf
+        from velora_cli.allocator.config import parse_alloc_conf
 
         parse_alloc_conf(alloc_conf)  # a bad string fails before anything is built
     groups = int_list(num_groups, "--num-groups") if num_groups else None
@@ -179,9 +179,10 @@ def profile(
     if not optimizers:
         raise UserError("--optimizer: give at least one of adamw, sgd, galore, adarankgrad")
 
-    from velora_cli import models, profiler
+    from velora_cli import models
     from velora_cli.measure.train_step import StepSpec
     from velora_cli.parallel import PARALLEL
+    from velora_cli.profiling import profiler
 
     parallels = word_list(parallel, "--parallel", PARALLEL) if parallel else None
     if parallels is None and world_size > 1:
@@ -211,7 +212,7 @@ def profile(
         dataclasses.replace(spec, optimizer=name)  # validated before anything is measured
     for name in (parallels or [])[1:]:
         dataclasses.replace(spec, parallel=name)
-    from velora_cli.placement import parse_placement
+    from velora_cli.methods.placement import parse_placement
 
     for placement in placement_list:
         parse_placement(placement)
@@ -239,7 +240,7 @@ def profile(
         )
     quiet = []  # recorded in the document, not echoed: how the defaults were chosen
     if groups is None and sizes is None and placement_list:
-        from velora_cli.num_groups import default_num_groups
+        from velora_cli.profiling.num_groups import default_num_groups
 
         groups, line = default_num_groups(spec, placement_list)
         quiet.append(line)
@@ -263,7 +264,7 @@ def profile(
     for notice in notices:
         err(f"note: {notice}")
 
-    from velora_cli.progress import RowProgress
+    from velora_cli.report.progress import RowProgress
 
     try:
         with RowProgress(len(strategies) * len(optimizers) * len(parallels or [None])) as progress:

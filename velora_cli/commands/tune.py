@@ -106,7 +106,7 @@ def tune(
     ] = "ddp,fsdp,fsdp-no-reshard",
 ) -> None:
     """Find the fastest configuration that fits a memory budget, verified by a real run."""
-    from velora_cli.tuner import OBJECTIVES
+    from velora_cli.search.tuner import OBJECTIVES
 
     if output_format not in ("table", "json"):
         raise UserError(f"--format {output_format!r}: choose table or json")
@@ -130,7 +130,7 @@ def tune(
     from velora_cli.measure.train_step import MODES, OPTIMIZERS
 
     get_gpu(gpu)  # an unknown --gpu fails before anything is built
-    from velora_cli.measure.allocator_config import alloc_conf_from_env, parse_alloc_conf
+    from velora_cli.allocator.config import alloc_conf_from_env, parse_alloc_conf
 
     alloc_conf = alloc_conf if alloc_conf is not None else alloc_conf_from_env()
     parse_alloc_conf(alloc_conf)  # a bad string fails before anything is built
@@ -149,10 +149,11 @@ def tune(
         raise UserError("--world-size takes GPU counts >= 1, e.g. 1,2,4,8")
     parallel_list = tuple(dict.fromkeys(word_list(parallel, "--parallel", PARALLEL)))
 
-    from velora_cli import autotune, models
+    from velora_cli import models
     from velora_cli.budget import describe_budget, format_bytes, parse_budget
-    from velora_cli.placement import parse_placement
-    from velora_cli.progress import TuneProgress
+    from velora_cli.methods.placement import parse_placement
+    from velora_cli.report.progress import TuneProgress
+    from velora_cli.search import autotune
 
     for placement in placement_list:
         parse_placement(placement)
@@ -223,9 +224,9 @@ def tune(
     settings.base_spec()  # validates batch, precision, modes × optimizers, ranks (one line)
     from pathlib import Path
 
-    from velora_cli import resume as resuming
     from velora_cli.files import profiles_dir
-    from velora_cli.tuner import Journal
+    from velora_cli.search import resume as resuming
+    from velora_cli.search.tuner import Journal
 
     journal_path = None
     same_budget = () if budget_bytes is not None else ("budget_bytes",)
@@ -272,7 +273,7 @@ def tune(
         raise UserError(
             f"{journal_path} is being written by another velora tune; run without --resume"
         )
-    from velora_cli.parallel.tune import run_world_sizes
+    from velora_cli.search.world_sizes import run_world_sizes
 
     runner = autotune.run if world_sizes == (1,) else run_world_sizes
     try:

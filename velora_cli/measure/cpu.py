@@ -34,7 +34,7 @@ class CpuBackend:
     def _run(self, spec: StepSpec, *, breakdown: bool, track: bool) -> dict[str, Any]:
         import torch
 
-        from velora_cli.measure.attention import register_estimate_attention
+        from velora_cli.emulation.attention import register_estimate_attention
         from velora_cli.measure.observe import force_refresh, timed_steps, tracked_step
         from velora_cli.measure.train_step import prepare, train_step
 
@@ -69,8 +69,8 @@ class CpuBackend:
 
 def _is_user_error(exc: BaseException) -> bool:
     """Errors about the request (model, placement, sub-token size) end the run, not just a row."""
-    from velora_cli.placement import PlacementError
-    from velora_cli.velora import SubTokenSizeError
+    from velora_cli.methods.placement import PlacementError
+    from velora_cli.methods.velora import SubTokenSizeError
 
     names = {"ModelError"}
     return isinstance(exc, (PlacementError, SubTokenSizeError)) or type(exc).__name__ in names

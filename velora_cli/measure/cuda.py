@@ -89,10 +89,10 @@ class CudaBackend:
     def compare_with_estimate(self, spec: StepSpec, row: dict[str, Any]) -> dict[str, Any]:
         """The estimate's device-memory prediction of this step, for the GPU the row ran on, and
         its error against the row's measurements (`device_memory.estimate_error`)."""
+        from velora_cli.allocator.device_memory import estimate_error
+        from velora_cli.estimate.backend import EstimateBackend
         from velora_cli.gpus import DEFAULT_GPU, gpu_from_device_name
-        from velora_cli.measure.device_memory import estimate_error
-        from velora_cli.measure.estimate import EstimateBackend
-        from velora_cli.measure.step_time import PREDICTED_FIELDS
+        from velora_cli.timing.step_time import PREDICTED_FIELDS
 
         gpu = gpu_from_device_name(row.get("gpu_name") or "")
         try:
@@ -172,7 +172,7 @@ def _worker(request: dict[str, Any]) -> dict[str, Any]:
 
     import torch
 
-    from velora_cli.accounting import SavedTensorCounter
+    from velora_cli.measure.accounting import SavedTensorCounter
     from velora_cli.measure.observe import force_refresh
     from velora_cli.measure.train_step import prepare, train_step
 

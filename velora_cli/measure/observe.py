@@ -11,8 +11,8 @@ import contextlib
 import time
 from typing import Any
 
-from velora_cli import timeline
-from velora_cli.accounting import SavedTensorCounter
+from velora_cli.measure import timeline
+from velora_cli.measure.accounting import SavedTensorCounter
 from velora_cli.measure.tracker import AllocationTrace, MemoryTracker
 from velora_cli.measure.train_step import Prepared, train_step
 
@@ -28,7 +28,7 @@ def tracked_step(
 ) -> tuple[dict[str, Any], AllocationTrace]:
     """Run one step under the tracker; return the memory fields of a row and the step's
     allocation trace (for the allocator model). The row's ``timeline`` is the trace made
-    compact (velora_cli/timeline.py) for the memory-timeline picture.
+    compact (velora_cli/measure/timeline.py) for the memory-timeline picture.
 
     With galore/adarankgrad the tracked step refreshes every subspace (SVD or range finder on
     each gradient): their costliest step, so the peak holds for every step.

@@ -25,7 +25,10 @@ DTYPES = ("fp32", "bf16", "fp16")
 AMP = ("bf16", "fp16")
 MODES = ("full", "lora", "qlora")  # qlora: 4-bit NF4 frozen base + LoRA (quant.py)
 OPTIMIZERS = ("adamw", "sgd", "galore", "adarankgrad")
-LOWRANK_OPTIMIZERS = ("galore", "adarankgrad")  # velora_cli.lowrank: full-parameter training only
+LOWRANK_OPTIMIZERS = (
+    "galore",
+    "adarankgrad",
+)  # velora_cli.methods.lowrank: full-parameter training only
 # torch indexes a tensor's elements with int64: no step may hold a tensor with more elements.
 MAX_ELEMENTS = 2**63 - 1
 
@@ -167,8 +170,8 @@ class StepSpec:
 
     @property
     def precision(self) -> str:
-        """What each part of the step is stored in, in words (`velora_cli.precision`)."""
-        from velora_cli.precision import describe
+        """What each part of the step is stored in, in words (`velora_cli.methods.precision`)."""
+        from velora_cli.methods.precision import describe
 
         return describe(self.mode, self.dtype, self.amp).text
 
@@ -233,7 +236,7 @@ class Prepared:
         qlora mode; an empty dict otherwise. ``param_bytes`` counts the packed weights only."""
         if self.spec.mode != "qlora":
             return {}
-        from velora_cli.quant import quantized_storage
+        from velora_cli.methods.quant import quantized_storage
 
         return quantized_storage(self.model)
 
@@ -328,7 +331,7 @@ def _apply_lora(model: nn.Module, spec: StepSpec) -> nn.Module:
         r=spec.lora_rank, lora_alpha=2 * spec.lora_rank, lora_dropout=0.0, target_modules=targets
     )
     if spec.mode == "qlora":
-        from velora_cli.quant import register_lora_layers
+        from velora_cli.methods.quant import register_lora_layers
 
         register_lora_layers(config)  # meta stand-ins get peft's 4-bit LoRA forward
     # On meta, peft creates the adapters there directly instead of initializing them on the CPU
@@ -410,7 +413,7 @@ def prepare(
         trust_remote_code=spec.trust_remote_code,
     )
     if spec.mode == "qlora":
-        from velora_cli.quant import quantize_base
+        from velora_cli.methods.quant import quantize_base
 
         quantize_base(model, device)  # frozen base linears -> 4-bit NF4 (meta: stand-ins)
     if spec.mode in ("lora", "qlora"):
@@ -465,7 +468,7 @@ def apply_strategy(model: nn.Module, spec: StepSpec, device: str) -> list[str]:
     Returns:
         The qualified names of the layers VeLoRA wrapped (empty without a placement).
     """
-    from velora_cli.placement import apply_velora
+    from velora_cli.methods.placement import apply_velora
 
     wrapped: list[str] = []
     strategy = spec.strategy
@@ -481,7 +484,7 @@ def apply_strategy(model: nn.Module, spec: StepSpec, device: str) -> list[str]:
     if strategy.gc_every:
         recompute_context = None
         if device == "meta":  # the step's emulation of CUDA is not active in a recomputation
-            from velora_cli.measure.emulation import cuda_emulation
+            from velora_cli.emulation.step import cuda_emulation
 
             recompute_context = functools.partial(cuda_emulation, spec.amp)
         enable_checkpointing(model, strategy.gc_every, recompute_context=recompute_context)
@@ -502,7 +505,7 @@ def build_optimizer(
 
     AdamW and SGD (momentum 0.9) with ``foreach=True`` (CUDA's default implementation, so every
     backend runs, and the estimate predicts, the same optimizer temporaries); galore and
-    adarankgrad from `velora_cli.lowrank`, ``rank`` None meaning the model's hidden size / 4.
+    adarankgrad from `velora_cli.methods.lowrank`, ``rank`` None meaning the model's hidden size / 4.
 
     Raises:
         SpecError: an unknown name, a low-rank optimizer without a rank for a model with no
@@ -517,7 +520,7 @@ def build_optimizer(
         return torch.optim.SGD(params, lr=lr, momentum=0.9, foreach=True)
     if name not in LOWRANK_OPTIMIZERS:
         raise SpecError(f"--optimizer {name!r}: choose {'|'.join(OPTIMIZERS)}")
-    from velora_cli import lowrank
+    from velora_cli.methods import lowrank
 
     if rank is None:
         config = getattr(model, "config", None)

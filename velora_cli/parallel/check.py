@@ -23,7 +23,7 @@ def reference_step(spec: StepSpec) -> dict[str, tuple[Any, Any]]:
     """One process, the global batch: {name: (gradient, updated parameter)}."""
     import torch
 
-    from velora_cli.measure.attention import register_estimate_attention
+    from velora_cli.emulation.attention import register_estimate_attention
     from velora_cli.measure.train_step import make_batch, prepare, train_step
     from velora_cli.parallel.worker import batch_seed
 

@@ -127,7 +127,7 @@ class ParallelEstimateBackend:
     expandable: bool = True  # also replay with expandable_segments:True
 
     def __post_init__(self) -> None:
-        from velora_cli.measure.estimate import EstimateBackend
+        from velora_cli.estimate.backend import EstimateBackend
 
         # the single-process estimate's device-memory model, applied to each rank's trace
         self.device = EstimateBackend(

@@ -47,7 +47,7 @@ def register_rank_attention() -> str:
     from transformers import AttentionInterface
     from transformers.masking_utils import AttentionMaskInterface
 
-    from velora_cli.measure.attention import velora_estimate_attention
+    from velora_cli.emulation.attention import velora_estimate_attention
 
     AttentionInterface.register(RANK_ATTENTION, velora_estimate_attention)
     AttentionMaskInterface.register(RANK_ATTENTION, _fake_aware_mask)

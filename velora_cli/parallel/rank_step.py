@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from velora_cli.accounting import SavedTensorCounter
+from velora_cli.measure.accounting import SavedTensorCounter
 from velora_cli.measure.observe import force_refresh, peak_fields
 from velora_cli.measure.tracker import AllocationTrace, MemoryTracker
 from velora_cli.measure.train_step import Prepared, train_step

@@ -55,7 +55,7 @@ def _fault(rank: int) -> None:
 
 
 def _prepare(spec, rank: int, device):
-    from velora_cli.measure.attention import register_estimate_attention
+    from velora_cli.emulation.attention import register_estimate_attention
     from velora_cli.measure.train_step import make_batch, prepare
     from velora_cli.parallel.shard import shard_prepared
 

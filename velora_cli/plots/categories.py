@@ -20,7 +20,7 @@ def draw_categories(ax, rows: list[dict[str, Any]], *, legend: bool = True) -> N
         rows: a profile document's rows (not-ok rows are left out).
         legend: draw the categories' legend (off when the timelines above have one).
     """
-    from velora_cli.timeline import STACK
+    from velora_cli.measure.timeline import STACK
 
     ok = [r for r in rows if r.get("status") == "ok" and r.get("peak_bytes") is not None]
     largest = max(r["peak_bytes"] for r in ok)

@@ -3,7 +3,7 @@ step's allocation events, its phases shaded and labelled, the peak marked with i
 phase. Rows are drawn side by side on one shared y axis, so what a strategy saves is visible at a
 glance.
 
-The data is each row's saved ``timeline`` (velora_cli/timeline.py), made from the tracker's
+The data is each row's saved ``timeline`` (velora_cli/measure/timeline.py), made from the tracker's
 allocation trace by the cpu and estimate backends.
 """
 
@@ -66,7 +66,7 @@ def draw_timelines(fig, rows: list[dict[str, Any]], *, baseline: int | None = No
         rows: rows with a ``timeline``.
         baseline: the baseline row's peak, for each panel's change in the title.
     """
-    from velora_cli.timeline import STACK, decode
+    from velora_cli.measure.timeline import STACK, decode
 
     decoded = [decode(r["timeline"]) for r in rows]
     largest = max(max(d["totals"]) for d in decoded)
@@ -116,7 +116,7 @@ def stacked_bands(
     constant category is one point.
 
     Args:
-        data: a decoded timeline (velora_cli.timeline.decode).
+        data: a decoded timeline (velora_cli.measure.timeline.decode).
         present: the categories to paint, bottom of the stack first.
         points: the most states a curve may have.
         quantum: heights are rounded to multiples of this many bytes before comparing.
@@ -124,7 +124,7 @@ def stacked_bands(
     Returns:
         [(category, event positions, cumulative bytes)], top category first.
     """
-    from velora_cli.timeline import thin
+    from velora_cli.measure.timeline import thin
 
     keep = thin(data["totals"], points)
     x = [data["x"][i] for i in keep]

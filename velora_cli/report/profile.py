@@ -207,7 +207,7 @@ def prediction_lines(document: dict[str, Any]) -> list[str]:
     names = ", ".join(GPUS[g].name if g in GPUS else g for g in gpus)
     lines = [
         f"~ predicted step time, not measured: for {names}, by a per-op roofline over the FLOPs and "
-        "bytes of every op of the meta step (velora_cli/measure/roofline.py); its kernel "
+        "bytes of every op of the meta step (velora_cli/timing/roofline.py); its kernel "
         "efficiencies are assumptions not yet calibrated on a GPU: compare strategies, not "
         "absolute times; measure with --backend cuda"
     ]
@@ -328,7 +328,7 @@ def device_table(document: dict[str, Any]):
     prediction. None when no row has a prediction."""
     from rich.table import Table
 
-    from velora_cli.measure.device_memory import expandable_saving
+    from velora_cli.allocator.device_memory import expandable_saving
 
     rows = device_rows(document)
     if not rows:
@@ -369,7 +369,7 @@ def device_table(document: dict[str, Any]):
 def device_memory_lines(document: dict[str, Any]) -> list[str]:
     """What the device-memory figures are, where expandable segments would pay, and (cuda) how
     far the allocator model was from the measurement."""
-    from velora_cli.measure.device_memory import EXPANDABLE_WORTH, expandable_saving
+    from velora_cli.allocator.device_memory import EXPANDABLE_WORTH, expandable_saving
 
     rows = device_rows(document)
     if not rows:

@@ -1,0 +1,87 @@
+"""The caching allocator's bookkeeping, as in ``CUDACachingAllocator.cpp``: segments, the blocks
+they are split into (``struct Block``: address, size, neighbours, mapped or not), a pool's free
+blocks ordered by (size, address) as ``BlockPool::blocks`` orders them for best fit, and the
+request rounding (``round_size``). No torch; used by allocator.py.
+"""
+
+from __future__ import annotations
+
+import bisect
+
+from velora_cli.allocator.config import MIN_BLOCK_SIZE, AllocatorConfig
+
+
+class Segment:
+    """One cudaMalloc'd range (``page`` = its size), or one expandable segment's virtual range
+    mapped in pages of ``page`` bytes (2 MiB small pool, ``large_segment_size`` large)."""
+
+    __slots__ = ("base", "expandable", "page")
+
+    def __init__(self, base: int, expandable: bool, page: int) -> None:
+        self.base, self.expandable, self.page = base, expandable, page
+
+
+class Block:
+    """A piece of a segment: allocated, free, or (expandable) not backed by memory
+    (``mapped`` False); ``prev``/``next`` are its neighbours in the segment."""
+
+    __slots__ = ("addr", "size", "small", "segment", "allocated", "mapped", "prev", "next")
+
+    def __init__(self, addr: int, size: int, small: bool, segment: Segment, mapped=True) -> None:
+        self.addr, self.size, self.small, self.segment = addr, size, small, segment
+        self.allocated, self.mapped = False, mapped
+        self.prev: Block | None = None
+        self.next: Block | None = None
+
+    def is_split(self) -> bool:
+        return self.prev is not None or self.next is not None
+
+
+class Pool:
+    """One pool's (small or large) free mapped blocks sorted by (size, address) for best fit,
+    and its unmapped blocks by address (``BlockPool::blocks`` and ``::unmapped``)."""
+
+    def __init__(self, small: bool) -> None:
+        self.small = small
+        self.keys: list[tuple[int, int]] = []
+        self.free: dict[int, Block] = {}
+        self.unmapped_addrs: list[int] = []
+        self.unmapped: dict[int, Block] = {}
+
+    def add(self, block: Block) -> None:
+        if block.mapped:
+            bisect.insort(self.keys, (block.size, block.addr))
+            self.free[block.addr] = block
+        else:
+            bisect.insort(self.unmapped_addrs, block.addr)
+            self.unmapped[block.addr] = block
+
+    def remove(self, block: Block) -> None:
+        if block.mapped:
+            del self.keys[bisect.bisect_left(self.keys, (block.size, block.addr))]
+            del self.free[block.addr]
+        else:
+            del self.unmapped_addrs[bisect.bisect_left(self.unmapped_addrs, block.addr)]
+            del self.unmapped[block.addr]
+
+
+def _roundup_power2_next_division(size: int, divisions: int) -> int:
+    """``roundup_power2_next_division``: 1200 with 4 divisions of [1024, 2048) gives 1280."""
+    if size & (size - 1) == 0:
+        return size
+    floor = 1 << (size.bit_length() - 1)
+    step = floor >> (divisions.bit_length() - 1)
+    if step == 0:
+        return floor << 1
+    low = size & ~(step - 1)
+    return size if low == size else low + step
+
+
+def round_size(size: int, config: AllocatorConfig | None = None) -> int:
+    """``round_size``: the block size a request of ``size`` bytes gets."""
+    if size < MIN_BLOCK_SIZE:
+        return MIN_BLOCK_SIZE
+    divisions = config.divisions(size) if config is not None else 0
+    if divisions > 1 and size > MIN_BLOCK_SIZE * divisions:
+        return _roundup_power2_next_division(size, divisions)
+    return -(-size // MIN_BLOCK_SIZE) * MIN_BLOCK_SIZE

@@ -1,0 +1,372 @@
+"""What a GPU must hold for a training step: the caching allocator's reserved memory, predicted by
+replaying the step's allocation trace as the cuda backend runs it, plus the CUDA context. No torch.
+
+    predicted_device_bytes = predicted_reserved_bytes (modelled) + CUDA context (a constant)
+
+The reserved peak comes from `allocator.simulate` over the cuda backend's schedule
+(measure/cuda.py): parameters and buffers as the model is loaded; warm-up step 1, in which the
+optimizer creates its state at the start of its step and cuBLAS takes its two workspaces (one per
+handle: the Python thread's at the first forward GEMM, the autograd device thread's at the first
+backward one; ``CublasHandlePool.cpp`` keeps one per handle and stream, allocated through the
+caching allocator, so they count in allocated and reserved alike); the other warm-up steps and the
+untimed step that counts saved tensors; ``empty_cache()``; ``reset_peak_memory_stats()``; the timed
+steps. Every step replays the one traced step (`AllocationTrace`), with the kernel scratch of
+kernel_scratch.py inserted after the outputs of the ops that take it.
+
+`device_memory_fields` is a function of one trace, so a caller that estimates from a shallower
+model (fewer layers) can call it on that trace. `estimate_error` compares a prediction with what
+a cuda row measured.
+"""
+
+from __future__ import annotations
+
+import bisect
+import os
+import re
+from collections.abc import Iterator, Mapping, Sequence
+from typing import TYPE_CHECKING, Any
+
+from velora_cli.allocator.caching import (
+    ALLOC,
+    EMPTY_CACHE,
+    FREE,
+    REPEAT,
+    RESET_PEAK,
+    Event,
+    simulate,
+)
+from velora_cli.allocator.config import AllocatorConfig
+from velora_cli.budget import format_bytes
+
+if TYPE_CHECKING:
+    from velora_cli.gpus import GpuSpec
+    from velora_cli.measure.tracker import AllocationTrace
+
+# The cuda backend's defaults (CudaBackend.warmup, .steps).
+CUDA_WARMUP, CUDA_STEPS = 2, 5
+# cuBLAS handles a training step uses: the Python thread's (forward, loss) and the autograd
+# engine's device thread's (backward, checkpoint recomputation); each keeps its own workspace.
+CUBLAS_HANDLES = 2
+# expandable_segments:True is pointed out when it would save more than this share of the device
+EXPANDABLE_WORTH = 0.05
+
+
+def cublas_workspace_bytes(gpu: GpuSpec, environ: Mapping[str, str] | None = None) -> int:
+    """One cuBLAS workspace: ``CUBLAS_WORKSPACE_CONFIG`` (``:SIZE_KiB:COUNT`` pairs) if set and
+    readable, else the architecture's default (``parseChosenWorkspaceSize``)."""
+    environ = os.environ if environ is None else environ
+    pairs = re.findall(r":([0-9]+):([0-9]+)", environ.get("CUBLAS_WORKSPACE_CONFIG") or "")
+    if pairs:
+        return sum(int(size) * 1024 * int(count) for size, count in pairs)
+    return gpu.cublas_workspace_bytes
+
+
+class _Keys:
+    """Allocator keys: loaded storages keep theirs (``slot``), each replayed step gets fresh ones
+    for what it allocates, and workspaces and scratch get negative ones."""
+
+    def __init__(self, trace: AllocationTrace) -> None:
+        ids = [sid for sid, _ in trace.initial] + [sid for _, sid, _ in trace.events]
+        self.stride = max(ids, default=0) + 1
+        self.slot = {sid: sid for sid, _ in trace.initial}  # initial storage -> its holder now
+        self._special = 0
+
+    def step(self, step: int, sid: int) -> int:
+        return (step + 1) * self.stride + sid
+
+    def special(self) -> int:
+        self._special -= 1
+        return self._special
+
+
+def scratch_positions(
+    trace: AllocationTrace, scratch: Mapping[str, Sequence[int]]
+) -> dict[int, tuple[int, ...]]:
+    """Event index -> scratch sizes allocated (and freed again) just before that event.
+
+    An op's scratch goes right after its last output allocation: the C++ allocates outputs, then
+    its scratch, and frees the scratch before returning; frees the op triggers come after.
+
+    Args:
+        trace: a trace with ``op_names``.
+        scratch: op name -> sizes of one call's scratch (kernel_scratch.py).
+    """
+    if not scratch or not trace.op_names:
+        return {}
+    ops = [op for op, _, _ in trace.events]
+    out: dict[int, tuple[int, ...]] = {}
+    for index, name in enumerate(trace.op_names):
+        sizes = scratch.get(name)
+        if not sizes:
+            continue
+        op = index + 1  # events count ops from 1
+        lo, hi = bisect.bisect_left(ops, op), bisect.bisect_right(ops, op)
+        allocs = [i for i in range(lo, hi) if trace.events[i][2] > 0]
+        at = allocs[-1] + 1 if allocs else lo
+        out[at] = out.get(at, ()) + tuple(sizes)
+    return out
+
+
+def _first_index(trace: AllocationTrace, phase: str, default: int) -> int:
+    return next((start for name, start, _ in trace.phases if name == phase), default)
+
+
+def _step_events(
+    trace: AllocationTrace,
+    keys: _Keys,
+    step: int,
+    scratch_at: Mapping[int, Sequence[int]],
+    *,
+    first: bool,
+    workspace: int,
+) -> list[Event]:
+    """One replayed step; ``first``: warm-up step 1 (workspaces, optimizer state created)."""
+    inserts: dict[int, list[Event]] = {}
+    if first:
+        if workspace:
+            for phase in ("forward", "backward")[:CUBLAS_HANDLES]:
+                at = _first_index(trace, phase, 0)
+                inserts.setdefault(at, []).append((ALLOC, keys.special(), workspace))
+        at = _first_index(trace, "optimizer", len(trace.events))
+        for sid, nbytes in trace.initial:
+            if trace.categories.get(sid) == "optimizer":
+                inserts.setdefault(at, []).append((ALLOC, keys.slot[sid], nbytes))
+    events: list[Event] = []
+    live: dict[int, int] = {}  # step-local storage -> its key
+    freed_slots: list[int] = []
+    for index, (_op, sid, nbytes) in enumerate(trace.events):
+        events.extend(inserts.get(index, ()))
+        scratch = [(keys.special(), size) for size in scratch_at.get(index, ())]
+        events += [(ALLOC, key, size) for key, size in scratch]  # live together in the op,
+        events += [(FREE, key, 0) for key, _ in reversed(scratch)]  # freed as it returns
+        if nbytes > 0:
+            live[sid] = keys.step(step, sid)
+            events.append((ALLOC, live[sid], nbytes))
+        elif sid in live:
+            events.append((FREE, live.pop(sid), 0))
+        elif sid in keys.slot:  # a loaded storage (or what replaced it) freed in the step
+            events.append((FREE, keys.slot[sid], 0))
+            freed_slots.append(sid)
+    events.extend(inserts.get(len(trace.events), ()))
+    # What the step leaves alive replaces the loaded storages it freed (e.g. a refreshed
+    # projection); anything beyond is freed, as the next step's trace does not know it.
+    survivors = list(live.values())
+    for sid, key in zip(freed_slots, survivors, strict=False):
+        keys.slot[sid] = key
+    events += [(FREE, key, 0) for key in survivors[len(freed_slots) :]]
+    return events
+
+
+def cuda_schedule(
+    trace: AllocationTrace,
+    *,
+    workspace: int,
+    scratch: Mapping[str, Sequence[int]] | None = None,
+    warmup: int = CUDA_WARMUP,
+    steps: int = CUDA_STEPS,
+) -> list[Event]:
+    """The allocator events of a cuda-backend row, built from one traced step.
+
+    Args:
+        trace: the traced step (after warm-up: optimizer state among its initial storages).
+        workspace: bytes of one cuBLAS workspace (0: none).
+        scratch: op name -> scratch sizes of one call.
+        warmup: warm-up steps before the untimed counting step.
+        steps: timed steps.
+
+    Returns:
+        Load, ``warmup`` + 1 steps (the first creates the optimizer state and the workspaces),
+        EMPTY_CACHE, RESET_PEAK, ``steps`` steps, each after a REPEAT marker.
+    """
+    return list(Schedule(trace, workspace=workspace, scratch=scratch, warmup=warmup, steps=steps))
+
+
+class Schedule:
+    """`cuda_schedule`'s events, built a step at a time when a replay first reaches it and kept,
+    so that several replays (default settings, expandable segments) share one build and none
+    builds the steps after the one it stops at (allocator.REPEAT)."""
+
+    def __init__(
+        self,
+        trace: AllocationTrace,
+        *,
+        workspace: int,
+        scratch: Mapping[str, Sequence[int]] | None = None,
+        warmup: int = CUDA_WARMUP,
+        steps: int = CUDA_STEPS,
+    ) -> None:
+        self.trace, self.workspace, self.warmup, self.steps = trace, workspace, warmup, steps
+        self.keys = _Keys(trace)
+        self.scratch_at = scratch_positions(trace, scratch or {})
+        load = [
+            (ALLOC, self.keys.slot[sid], nbytes)
+            for sid, nbytes in trace.initial
+            if trace.categories.get(sid) != "optimizer"
+        ]
+        self.parts: list[list[Event]] = [load]
+        self._next = 0  # the next step to build
+
+    def _build(self) -> bool:
+        step, warm = self._next, self.warmup + 1
+        if step >= warm + self.steps:
+            return False
+        events = _step_events(self.trace, self.keys, step, self.scratch_at, first=step == 0,
+                              workspace=self.workspace)  # fmt: skip
+        if step >= warm:
+            # each timed step is the previous one with its keys one stride on: the replay may
+            # stop once the allocator is steady (allocator.simulate)
+            events.insert(0, (REPEAT, self.keys.stride, 0))
+        self.parts.append(events)
+        if step == warm - 1:
+            self.parts.append([(EMPTY_CACHE, 0, 0), (RESET_PEAK, 0, 0)])
+        self._next += 1
+        return True
+
+    def __iter__(self) -> Iterator[Event]:
+        index = 0
+        while index < len(self.parts) or self._build():
+            yield from self.parts[index]
+            index += 1
+
+
+def device_memory_fields(
+    trace: AllocationTrace,
+    *,
+    gpu: GpuSpec,
+    config: AllocatorConfig | None = None,
+    scratch: Mapping[str, Sequence[int]] | None = None,
+    warmup: int = CUDA_WARMUP,
+    steps: int = CUDA_STEPS,
+    environ: Mapping[str, str] | None = None,
+    expandable: bool = True,
+) -> dict[str, Any]:
+    """The device-level prediction of one row, from its traced step.
+
+    Args:
+        trace: the step's allocation trace (measure/observe.tracked_step).
+        gpu: the GPU predicted for (context and workspace sizes).
+        config: the allocator settings (default: PyTorch's).
+        expandable: also replay with ``expandable_segments:True`` (the ``*_expandable_*``
+            fields; a tune, which compares the budget with the default settings, leaves it out).
+        scratch: op name -> kernel scratch sizes (kernel_scratch.scratch_for_model).
+        warmup, steps: the cuda backend's schedule.
+        environ: where ``CUBLAS_WORKSPACE_CONFIG`` is read (default: os.environ).
+
+    Returns:
+        Row fields: ``predicted_allocated_bytes`` (what max_memory_allocated would read),
+        ``predicted_reserved_bytes`` (max_memory_reserved), ``fragmentation_bytes``, the same
+        two with ``expandable_segments:True``, ``predicted_device_bytes`` (+ the CUDA context;
+        NVML's used memory) and its expandable counterpart, the constants used and
+        ``device_memory_notes`` saying what is modelled and what is a constant.
+    """
+    config = config or AllocatorConfig()
+    workspace = cublas_workspace_bytes(gpu, environ)
+    schedule = Schedule(trace, workspace=workspace, scratch=scratch, warmup=warmup, steps=steps)
+    base = simulate(schedule, config)
+    grown = simulate(schedule, config.with_expandable_segments(True)) if expandable else None
+    context = gpu.context_bytes
+    scratch_at = scratch_positions(trace, scratch or {})
+    largest_scratch = max((sum(s) for s in scratch_at.values()), default=0)
+    notes = (
+        f"device = reserved (modelled: allocator replay of the traced step as the cuda backend "
+        f"runs it, settings {config.describe()}, incl. {CUBLAS_HANDLES} cuBLAS workspaces of "
+        f"{format_bytes(workspace)}"
+        + (
+            f" and kernel scratch up to {format_bytes(largest_scratch)} per op"
+            if largest_scratch
+            else ""
+        )
+        + f") + CUDA context {format_bytes(context)} (constant for {gpu.key}: {gpu.context_source})"
+    )
+    fields = {
+        "predicted_allocated_bytes": base.peak_allocated_bytes,
+        "predicted_reserved_bytes": base.peak_reserved_bytes,
+        "fragmentation_bytes": base.fragmentation_bytes,
+    }
+    if grown is not None:
+        fields["predicted_reserved_expandable_bytes"] = grown.peak_reserved_bytes
+        fields["fragmentation_expandable_bytes"] = grown.fragmentation_bytes
+    fields["predicted_device_bytes"] = base.peak_reserved_bytes + context
+    if grown is not None:
+        fields["predicted_device_expandable_bytes"] = grown.peak_reserved_bytes + context
+    return {
+        **fields,
+        "cuda_context_bytes": context,
+        "cublas_workspace_bytes": CUBLAS_HANDLES * workspace,
+        "kernel_scratch_bytes": largest_scratch,
+        "allocator_conf": config.describe(),
+        "device_memory_notes": notes,
+    }
+
+
+def expandable_saving(row: Mapping[str, Any]) -> tuple[int, float] | None:
+    """(bytes, share of the device figure) ``expandable_segments:True`` would save on a row, when
+    that share exceeds `EXPANDABLE_WORTH`; else None."""
+    device, expandable = (
+        row.get("predicted_device_bytes"),
+        row.get("predicted_device_expandable_bytes"),
+    )
+    if not device or expandable is None:
+        return None
+    saving = device - expandable
+    share = saving / device
+    return (saving, share) if share > EXPANDABLE_WORTH else None
+
+
+# Measured fields of a cuda row and the predictions they are compared with.
+COMPARED = (
+    ("allocated", "peak_bytes", "predicted_allocated_bytes"),  # max_memory_allocated
+    ("reserved", "reserved_bytes", "predicted_reserved_bytes"),  # max_memory_reserved
+    ("device", "device_used_bytes", "predicted_device_bytes"),  # NVML used, all processes
+    ("process", "process_used_bytes", "predicted_device_bytes"),  # NVML, the worker alone
+)
+
+
+def estimate_error(measured: Mapping[str, Any], predicted: Mapping[str, Any]) -> dict[str, Any]:
+    """How far a prediction is from a cuda row's measurements, for calibrating the model.
+
+    Args:
+        measured: a cuda row (``peak_bytes`` = max_memory_allocated, ``reserved_bytes`` =
+            max_memory_reserved, ``device_used_bytes`` from NVML for the whole device,
+            ``process_used_bytes`` for the worker alone; missing ones are skipped).
+        predicted: the estimate's device-memory fields for the same step.
+
+    Returns:
+        For each of allocated, reserved, device and process: ``estimate_error_<name>_bytes``
+        (predicted − measured) and ``estimate_error_<name>_pct`` (of the measurement); plus
+        ``context_implied_bytes`` (NVML used − measured reserved: what the CUDA context constant
+        should be; from the worker's own usage where NVML reports it, else the device's, which
+        also counts other processes, the parent's context included if it made one).
+    """
+    out: dict[str, Any] = {}
+    for name, measured_key, predicted_key in COMPARED:
+        real, guess = measured.get(measured_key), predicted.get(predicted_key)
+        if real is None or guess is None:
+            continue
+        out[f"estimate_error_{name}_bytes"] = guess - real
+        out[f"estimate_error_{name}_pct"] = 100 * (guess - real) / real if real else None
+    used = measured.get("process_used_bytes")
+    if used is None:
+        used = measured.get("device_used_bytes")
+    if used is not None and measured.get("reserved_bytes") is not None:
+        out["context_implied_bytes"] = used - measured["reserved_bytes"]
+    return out
+
+
+def scratch_for_step(spec: Any, model: Any) -> dict[str, tuple[int, ...]]:
+    """Kernel scratch per op for a `StepSpec` and its (transformers) model: the micro-batch shape
+    and the compute dtype (bf16/fp16 under ``--amp`` or ``--dtype``; fp32 takes no flash path)."""
+    from velora_cli.allocator.kernel_scratch import scratch_for_model
+
+    config = getattr(model, "config", None)
+    if config is None:
+        return {}
+    if hasattr(config, "get_text_config"):
+        config = config.get_text_config()
+    dtype_bytes = 2 if spec.amp or spec.dtype in ("bf16", "fp16") else 4
+    return scratch_for_model(
+        config,
+        micro_batch=spec.batch_size // spec.grad_accum_steps,
+        seq_len=spec.seq_len,
+        dtype_bytes=dtype_bytes,
+    )

@@ -1,0 +1,47 @@
+"""What the estimate emulates of a CUDA step on meta tensors, entered as one context.
+
+Meta tensors run ATen's CPU-like composite paths where a GPU would dispatch on the device, so
+the estimate wraps each step, and each gradient checkpoint's recomputation (where the step's
+torch-function modes are no longer active), in:
+
+- ``MetaMathAttention`` (math_attention.py): SDPA's math path as CUDA runs it (fused dropout of
+  the probabilities, in-place mask add);
+- ``MetaCudaDropout`` (dropout.py): ``native_dropout``'s bool mask instead of a noise tensor;
+- ``MetaFusedRmsNorm`` (rms_norm.py): ``_fused_rms_norm``'s saved input and rstd;
+- ``MetaHalfToFloatSoftmax`` (softmax.py): fp16 -> fp32 softmax without an fp32 copy of the input;
+- ``MetaAutocast`` (amp.py), with ``--amp``: CUDA autocast's cast policy.
+
+Autocast is entered last, so it is the first to see a call and casts its arguments before the
+other modes see them, as CUDA autocast casts before the kernel is chosen.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+
+
+@contextlib.contextmanager
+def cuda_emulation(amp: str | None = None) -> Iterator[None]:
+    """Run the enclosed meta-tensor code as a CUDA device would (see the module docstring).
+
+    Args:
+        amp: ``"bf16"`` or ``"fp16"`` to emulate autocast too; None without mixed precision.
+
+    Example:
+        >>> with cuda_emulation("bf16"):
+        ...     loss = model(**batch).loss  # a meta model
+    """
+    from velora_cli.emulation.amp import MetaAutocast
+    from velora_cli.emulation.dropout import MetaCudaDropout
+    from velora_cli.emulation.math_attention import MetaMathAttention
+    from velora_cli.emulation.rms_norm import MetaFusedRmsNorm
+    from velora_cli.emulation.softmax import MetaHalfToFloatSoftmax
+
+    modes = [MetaMathAttention(), MetaCudaDropout(), MetaFusedRmsNorm(), MetaHalfToFloatSoftmax()]
+    if amp:
+        modes.append(MetaAutocast(amp))  # last: the innermost mode sees each call first
+    with contextlib.ExitStack() as stack:
+        for mode in modes:
+            stack.enter_context(mode)
+        yield

@@ -1,0 +1,299 @@
+"""Was the model prepared as the plan says? What a training run really set up, against the plan.
+
+`observe` reads a model (and the Trainer's arguments and optimizer) as plain data: VeLoRA layers
+and their sub-token sizes (velora's own, and PEFT's ``velora_config`` ones), LoRA adapters, 4-bit
+base layers, which decoder layers checkpoint, micro-batch and accumulation, autocast, the
+parameters' dtypes, the optimizer. `mismatches` compares that with a `VeloraConfig`, one line
+per difference, each saying what to do. `velora_cli.runs.callback.VeloraCallback` runs both at train
+begin; they take no Trainer, so they are tested on bare models too.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from velora_cli.configs import LORA_MODES, VeloraConfig
+
+DTYPE_NAMES = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}
+# What a wrapper adds in front of module names: DDP/accelerate (module.), torch.compile
+# (_orig_mod.); PEFT's base_model.model. is kept (velora's plan records it too).
+WRAPPER_PREFIXES = ("module.", "_orig_mod.")
+# the optimizer classes (lower case) that run each planned optimizer: torch's AdamW and SGD,
+# velora's GaLoreAdamW and AdaRankGrad, galore-torch's GaLoreAdamW (transformers' galore_adamw)
+OPTIMIZER_CLASSES = {
+    "adamw": {"adamw"},
+    "sgd": {"sgd"},
+    "galore": {"galoreadamw"},
+    "adarankgrad": {"adarankgrad"},
+}
+OPTIMIZER_CLASSES = {
+    "adamw": "adamw",
+    "sgd": "sgd",
+    "galore": "galore",
+    "adarankgrad": "adarankgrad",
+}
+
+
+def plain_name(name: str) -> str:
+    """A module name without the prefixes DDP, accelerate or torch.compile put in front."""
+    changed = True
+    while changed:
+        changed = False
+        for prefix in WRAPPER_PREFIXES:
+            if name.startswith(prefix):
+                name, changed = name[len(prefix) :], True
+    return name
+
+
+def velora_layers_of(model) -> dict[str, dict[str, Any]]:
+    """Every VeLoRA layer of ``model``: ``{name: {in_features, sub_token_size, by}}``.
+
+    ``by`` is ``velora`` for velora's layers and ``peft`` for PEFT's ``velora_config`` (its
+    sub-token size is ``ceil(in_features / num_groups)``; the name is that of the A projection
+    it compresses, as velora names it).
+    """
+    from velora_cli.methods.velora import is_velora
+
+    found = {}
+    for name, module in model.named_modules():
+        if is_velora(module):
+            found[plain_name(name)] = {
+                "in_features": module.in_features,
+                "sub_token_size": module.sub_token_size,
+                "by": "velora",
+            }
+        for adapter, groups in (getattr(module, "lora_velora_num_groups", None) or {}).items():
+            width = module.in_features
+            found[plain_name(f"{name}.lora_A.{adapter}")] = {
+                "in_features": width,
+                "sub_token_size": -(-width // groups),
+                "by": "peft",
+            }
+    return found
+
+
+def checkpointed_layers(model) -> tuple[int, list[int]]:
+    """(decoder layers, indices of those that checkpoint) from transformers' per-layer flags."""
+    try:
+        from transformers.modeling_layers import GradientCheckpointingLayer
+    except ImportError:  # transformers < 4.52: no per-layer class
+        GradientCheckpointingLayer = None  # noqa: N806
+    layers = [
+        m
+        for m in model.modules()
+        if GradientCheckpointingLayer is not None and isinstance(m, GradientCheckpointingLayer)
+    ]
+    if not layers:  # older models: one flag for the whole stack
+        flags = [bool(m.gradient_checkpointing) for m in model.modules()
+                 if isinstance(getattr(m, "gradient_checkpointing", None), bool)]  # fmt: skip
+        return (1, [0]) if any(flags) else (1, [])
+    return len(layers), [
+        i for i, m in enumerate(layers) if getattr(m, "gradient_checkpointing", False)
+    ]
+
+
+def gc_every(layers: int, checkpointed: list[int]) -> int | str | None:
+    """The checkpointing interval the indices show: None, n (layers 0, n, 2n, ...) or
+    ``"irregular"``."""
+    if not checkpointed:
+        return None
+    step = checkpointed[1] - checkpointed[0] if len(checkpointed) > 1 else layers
+    if checkpointed == list(range(0, layers, step)):
+        return 1 if step == 1 else step
+    return "irregular"
+
+
+def observe(model, args=None, optimizer=None) -> dict[str, Any]:
+    """What a run set up, as plain data (the run record's ``observed``).
+
+    Args:
+        model: the model being trained (the Trainer's, after it enabled checkpointing).
+        args: the ``TrainingArguments`` (micro-batch, accumulation, autocast, world size).
+        optimizer: the optimizer (an accelerate wrapper is looked through).
+    """
+    from velora_cli.methods.quant import is_quantized
+
+    lora = [m for m in model.modules() if hasattr(m, "lora_A") and hasattr(m.lora_A, "items")]
+    ranks = sorted({r for m in lora for r in getattr(m, "r", {}).values()})
+    quantized = [m for m in model.modules() if is_quantized(m)]
+    packed = {id(m.weight) for m in quantized}
+    trained, frozen = set(), set()
+    for p in model.parameters():
+        if id(p) in packed:
+            continue
+        name = DTYPE_NAMES.get(str(p.dtype).removeprefix("torch."), str(p.dtype))
+        (trained if p.requires_grad else frozen).add(name)
+    layers, checkpointed = checkpointed_layers(model)
+    out: dict[str, Any] = {
+        "velora_layers": velora_layers_of(model),
+        "lora_layers": len(lora),
+        "lora_ranks": ranks,
+        "quantized_layers": len(quantized),
+        "decoder_layers": layers,
+        "checkpointed_layers": len(checkpointed),
+        "gc_every": gc_every(layers, checkpointed),
+        "trained_dtypes": sorted(trained),
+        "frozen_dtypes": sorted(frozen),
+        "trainable_params": sum(p.numel() for p in model.parameters() if p.requires_grad),
+    }
+    if args is not None:
+        out.update(
+            micro_batch_size=args.per_device_train_batch_size,
+            grad_accum_steps=args.gradient_accumulation_steps,
+            world_size=args.world_size,
+            amp="bf16" if args.bf16 else "fp16" if args.fp16 else None,
+            auto_find_batch_size=bool(getattr(args, "auto_find_batch_size", False)),
+        )
+    if optimizer is not None:
+        inner = getattr(optimizer, "optimizer", optimizer)  # accelerate's AcceleratedOptimizer
+        out["optimizer"] = type(inner).__name__
+    return out
+
+
+def planned_layers(config: VeloraConfig) -> dict[str, dict[str, int]] | None:
+    """The layers the plan compresses that train (None when it did not record them)."""
+    if not config.layers:
+        return None
+    layers = {plain_name(n): e for n, e in config.layers.items()}
+    if config.mode in LORA_MODES:  # older tunes also listed frozen base linears (no effect)
+        layers = {n: e for n, e in layers.items() if ".lora_A." in n}
+    return layers
+
+
+def mismatches(config: VeloraConfig, seen: dict[str, Any]) -> list[str]:
+    """Each way the run differs from the plan, one line saying what to do (empty: as planned)."""
+    from velora_cli.methods.precision import describe
+
+    out = _lora_mismatches(config, seen) + _velora_mismatches(config, seen)
+    planned_gc = config.gc_every
+    if seen["gc_every"] != planned_gc:
+        want = "no checkpointing" if planned_gc is None else _every(planned_gc)
+        got = "none" if seen["gc_every"] is None else _every(seen["gc_every"])
+        out.append(
+            f"checkpointing: the plan has {want}, the model has {got} ("
+            + (
+                "set activation_checkpointing=False: TRL's SFTConfig turns it on by default)"
+                if planned_gc is None
+                else "set activation_checkpointing=True and activation_checkpointing_kwargs="
+                f"{{'use_reentrant': False{_n(planned_gc)}}})"
+            )
+        )
+    if "micro_batch_size" in seen:
+        if seen["micro_batch_size"] != config.micro_batch_size:
+            out.append(
+                f"micro-batch: per_device_train_batch_size={seen['micro_batch_size']}, the plan "
+                f"{config.micro_batch_size}"
+            )
+        if seen["grad_accum_steps"] != config.grad_accum_steps:
+            out.append(
+                f"accumulation: gradient_accumulation_steps={seen['grad_accum_steps']}, the plan "
+                f"{config.grad_accum_steps}"
+            )
+        if seen.get("auto_find_batch_size"):
+            out.append("auto_find_batch_size=True may change the micro-batch the plan measured")
+        if seen["amp"] != config.amp:
+            out.append(
+                f"autocast: the run has {seen['amp'] or 'none'}, the plan "
+                f"{config.amp or 'none'} (set bf16={config.amp == 'bf16'}, "
+                f"fp16={config.amp == 'fp16'})"
+            )
+    planned = describe(config.mode, config.dtype, config.amp)
+    if seen["trained_dtypes"] and seen["trained_dtypes"] != [planned.trained]:
+        hint = ""
+        if config.mode == "qlora" and "bf16" in seen["trained_dtypes"]:
+            hint = " (TRL's SFTTrainer casts a 4-bit model's adapters to bf16: cast them back)"
+        out.append(
+            f"trained parameters are {'/'.join(seen['trained_dtypes'])}, the plan measured "
+            f"{planned.trained}{hint}"
+        )
+    if planned.frozen and seen["frozen_dtypes"] and seen["frozen_dtypes"] != [planned.frozen]:
+        out.append(
+            f"frozen parameters are {'/'.join(seen['frozen_dtypes'])}, the plan measured "
+            f"{planned.frozen} (load the model with that dtype)"
+        )
+    if (
+        seen.get("optimizer")
+        and seen["optimizer"].lower() not in OPTIMIZER_CLASSES[config.optimizer]
+    ):
+        out.append(
+            f"optimizer: {seen['optimizer']}, the plan measured {config.optimizer} (velora "
+            "export-config --format trainer/trl sets optim)"
+        )
+    return out
+
+
+def _lora_mismatches(config: VeloraConfig, seen: dict[str, Any]) -> list[str]:
+    out = []
+    lora = seen["lora_layers"]
+    if config.mode in LORA_MODES and not lora:
+        out.append(
+            f"LoRA: the plan trains adapters (rank {config.lora_rank}, targets "
+            f"{config.lora_targets}), the model has none: wrap it with peft.get_peft_model or "
+            "pass peft_config to SFTTrainer"
+        )
+    elif config.mode == "full" and lora:
+        out.append(f"LoRA: the plan is a full fine-tune, the model has {lora} LoRA adapters")
+    elif lora:
+        if config.lora_layers is not None and lora != config.lora_layers:
+            out.append(f"LoRA: {lora} adapters, the plan {config.lora_layers} (--lora-targets)")
+        if config.lora_rank and seen["lora_ranks"] != [config.lora_rank]:
+            out.append(f"LoRA rank {seen['lora_ranks']}, the plan {config.lora_rank}")
+    if config.mode == "qlora" and not seen["quantized_layers"]:
+        out.append(
+            "QLoRA: the base is not 4-bit; load it with quantization_config="
+            "BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type='nf4', ...)"
+        )
+    elif config.mode != "qlora" and seen["quantized_layers"]:
+        out.append(f"the base has {seen['quantized_layers']} 4-bit layers; the plan has none")
+    return out
+
+
+def _velora_mismatches(config: VeloraConfig, seen: dict[str, Any]) -> list[str]:
+    found = seen["velora_layers"]
+    if not config.uses_velora:
+        if found:
+            return [f"VeLoRA on {len(found)} layers, the plan has none (e.g. {next(iter(found))})"]
+        return []
+    planned = planned_layers(config)
+    fix = "call velora_cli.apply_config(model, config) before building the Trainer"
+    if planned is None:  # the plan names a placement and a number of groups only
+        if not found:
+            return [f"VeLoRA: the plan compresses placement {config.placement!r}, no layer is "
+                    f"wrapped: {fix}"]  # fmt: skip
+        bad = [n for n, e in found.items()
+               if config.num_groups and e["in_features"] // e["sub_token_size"] != config.num_groups]  # fmt: skip
+        return (
+            [f"VeLoRA: {len(bad)} layers not at g{config.num_groups} (e.g. {bad[0]})"]
+            if bad
+            else []
+        )
+    out = []
+    missing = [n for n in planned if n not in found]
+    extra = [n for n in found if n not in planned]
+    if missing:
+        out.append(
+            f"VeLoRA: {len(planned) - len(missing)} of {len(planned)} planned layers are wrapped "
+            f"(missing e.g. {missing[0]}): {fix}"
+        )
+    if extra:
+        out.append(f"VeLoRA on {len(extra)} layers the plan does not compress (e.g. {extra[0]})")
+    other = [
+        (n, found[n]["sub_token_size"], e["sub_token_size"])
+        for n, e in planned.items()
+        if n in found and found[n]["sub_token_size"] != e["sub_token_size"]
+    ]
+    if other:
+        name, got, want = other[0]
+        out.append(
+            f"VeLoRA: {len(other)} layers with other sub-token sizes (e.g. {name}: {got}, "
+            f"planned {want})"
+        )
+    return out
+
+
+def _every(n: int | str) -> str:
+    return "every layer" if n == 1 else f"every {n} layers" if isinstance(n, int) else str(n)
+
+
+def _n(n: int) -> str:
+    return "" if n == 1 else f", 'every_n_layers': {n}"

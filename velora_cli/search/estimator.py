@@ -1,0 +1,218 @@
+"""The tune's ``estimate(c)`` and ``measure(c)``: backends turned into the tuner's `Measurement`s.
+
+estimate(c)  the estimate backend (meta tensors), cached per candidate; with --backend estimate
+             or cuda its peak is the predicted device memory (allocator-reserved + CUDA
+             context, allocator/device_memory.py), as the budget is the GPU's whole memory
+measure(c)   the chosen backend: cuda (budget against the device-level peak), cpu, or the
+             cached estimate itself with ``--backend estimate`` (then nothing is a real run,
+             and the recommendation says so)
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from velora_cli.search.candidates import Candidate, Measurement
+from velora_cli.search.settings import TuneSettings, candidate_spec
+
+PREDICTED_DEVICE_SOURCE = (
+    "predicted_device_bytes (estimate: the caching allocator's predicted reserved memory + CUDA "
+    "context, not allocated bytes)"
+)
+
+
+def measurement_of(
+    row: dict[str, Any], spec, use_device_peak: bool, *, predicted_device: bool = False
+) -> Measurement:
+    """A backend row as the tuner's Measurement; the row's other fields travel in detail.
+
+    An estimate row has no measured time: its step time and tokens/s are the roofline's
+    prediction (``predicted_*``, marked by ``step_seconds_source``), so the tuner ranks
+    estimates by predicted tokens/s. A measured row keeps its measured time.
+
+    Args:
+        use_device_peak: a cuda row's peak is its device-level (NVML) memory.
+        predicted_device: an estimate row's peak is its predicted device memory.
+    """
+    from velora_cli.profiling.profiler import strategy_fields
+
+    status = row.get("status", "error")
+    peak = row.get("peak_bytes")
+    seconds, tokens = row.get("step_seconds"), row.get("tokens_per_second")
+    if seconds is None and row.get("predicted_step_seconds") is not None:
+        seconds, tokens = row["predicted_step_seconds"], row["predicted_tokens_per_second"]
+    detail = {**strategy_fields(spec.strategy), **row}
+    if use_device_peak and row.get("process_used_bytes") is not None:
+        # cuda: the budget is the device's memory, so the device-level peak of the worker alone
+        # (its CUDA context + reserved), not the whole device's (another process's context)
+        peak = row["process_used_bytes"]
+        detail["allocator_peak_bytes"] = row.get("peak_bytes")
+        detail["peak_source"] = (
+            "process_used_bytes (NVML, this step's process, CUDA context included)"
+        )
+    elif use_device_peak and row.get("device_used_bytes") is not None:
+        # NVML lists no per-process usage here (a container's PID namespace): the whole device's
+        peak = row["device_used_bytes"]
+        detail["allocator_peak_bytes"] = row.get("peak_bytes")
+        detail["peak_source"] = "device_used_bytes (device-level, CUDA context included)"
+    elif predicted_device and row.get("predicted_device_bytes") is not None:
+        peak = row["predicted_device_bytes"]
+        detail["allocator_peak_bytes"] = row.get("peak_bytes")
+        detail["peak_source"] = PREDICTED_DEVICE_SOURCE
+    for key in ("peak_bytes", "step_seconds", "tokens_per_second", "status", "backend"):
+        detail.pop(key, None)
+    detail.pop("timeline", None)  # the profile's picture; a tune keeps hundreds of candidates
+    if row.get("wrapped_layers") is not None:
+        detail["velora_layers"] = row["wrapped_layers"]  # feeds tuner.cost_rank
+    return Measurement(
+        peak_bytes=peak if status == "ok" else None,
+        step_seconds=seconds,
+        tokens_per_second=tokens,
+        status=status if status in ("ok", "oom") else "error",
+        backend=row.get("backend", ""),
+        detail=detail,
+    )
+
+
+class Estimator:
+    """``estimate(c)``: the estimate backend on meta tensors, cached per candidate.
+
+    A mode that cannot fit is not stepped through candidate by candidate: params + gradients +
+    optimizer state are the same for every candidate of one mode and optimizer, and all alive
+    in the optimizer step, so the first estimate of a mode gives a floor under all its peaks.
+    When the floor alone exceeds the budget, the mode's candidates get it as their estimate,
+    marked ``lower_bound`` (7B in full and lora mode: 46 steps on meta saved), except the
+    leanest ones (full checkpointing at the smallest micro-batch), which are still estimated so
+    that "nothing fits" can name the smallest configuration and its real estimate.
+    """
+
+    def __init__(self, settings: TuneSettings):
+        from velora_cli.estimate.backend import EstimateBackend
+        from velora_cli.parallel.backends import with_ranks
+
+        self.settings = settings
+        self.base = settings.base_spec()
+        # the budget is compared with the default allocator settings: no expandable replay
+        single = EstimateBackend(gpu=settings.gpu, alloc_conf=settings.alloc_conf, expandable=False)
+        self.backend = with_ranks(single, gpu=settings.gpu)
+        # rank 0 holds the largest FSDP2 shards, so its peak is the job's (parallel/estimate.py)
+        self.backend.ranks.ranks = (0,)
+        # the budget is a GPU's memory: compare it with what the device must hold (a cpu tune
+        # compares tracked CPU tensors, so its estimates stay allocated bytes too)
+        self.device_level = settings.backend in ("estimate", "cuda")
+        self.budget = settings.budget_bytes
+        self.min_micro = min(settings.micro_batches or (1,))
+        self.cache: dict[str, Measurement] = {}
+        self.floors: dict[tuple, int] = {}  # (mode, optimizer[, world size, parallel]) -> bytes
+        self.calls = 0
+        # the helper process (estimate_pool.py): the planned candidates, their indices, the pool
+        self._planned: list[Candidate] = []
+        self._index: dict[str, int] = {}
+        self._pool = None
+        self._pool_started = False
+        self._spent, self._estimates = 0.0, 0  # seconds and count of this process's estimates
+        self.helped = 0  # estimates the helper process made
+
+    def __call__(self, c: Candidate) -> Measurement:
+        if c.key not in self.cache:
+            spec = candidate_spec(self.base, c)
+            if self.floored(c):
+                from velora_cli.profiling.profiler import strategy_fields
+
+                self.cache[c.key] = Measurement(
+                    self.floors[_floor_key(c)], None, None, backend="estimate",
+                    detail={**strategy_fields(spec.strategy), "lower_bound": True},
+                )  # fmt: skip
+                return self.cache[c.key]
+            self.calls += 1
+            row = self._pooled_row(c)
+            self.note_floor(c, row)
+            self.cache[c.key] = measurement_of(row, spec, False, predicted_device=self.device_level)
+        return self.cache[c.key]
+
+    def floored(self, c: Candidate) -> bool:
+        """Whether ``c`` gets its mode's floor instead of an estimate (class docstring)."""
+        floor = self.floors.get(_floor_key(c))
+        leanest = c.gc is True and c.micro_batch_size == self.min_micro
+        return floor is not None and floor > self.budget and not leanest
+
+    def row(self, c: Candidate) -> dict[str, Any]:
+        """The estimate backend's row of ``c`` (also run in the helper process)."""
+        return self.backend.measure(candidate_spec(self.base, c))
+
+    def note_floor(self, c: Candidate, row: dict[str, Any]) -> None:
+        """Keep the floor of ``c``'s mode from its first ok row (class docstring)."""
+        if row.get("status") == "ok":
+            static = row["param_bytes"] + row["grad_bytes"] + row["optimizer_bytes"]
+            self.floors.setdefault(_floor_key(c), static)
+
+    # -- a second process for dear estimates (estimate_pool.py) ------------------------------
+
+    def plan(self, candidates: list[Candidate]) -> None:
+        """The candidates the tune will ask for, in its order: the helper process works the list
+        from its end once a first estimate shows it pays."""
+        self._planned = list(candidates)
+        self._index = {c.key: i for i, c in enumerate(self._planned)}
+
+    def finish(self) -> None:
+        """Stop the helper process, if one runs (the tune asks for no more estimates)."""
+        pool, self._pool = self._pool, None
+        if pool is not None:
+            pool.close()
+
+    def _pooled_row(self, c: Candidate) -> dict[str, Any]:
+        import time
+
+        from velora_cli.search.estimate_pool import MINE, EstimatePool, helper_wanted
+
+        index, pool = self._index.get(c.key), self._pool
+        if pool is not None and index is not None:
+            row = pool.take(index)
+            if row is not None:
+                self.helped += 1
+                return row
+        start = time.perf_counter()
+        row = self.row(c)
+        self._spent += time.perf_counter() - start
+        self._estimates += 1
+        if pool is None and index is not None and not self._pool_started:
+            left = len(self._planned) - index - 1
+            if helper_wanted(self._spent, self._estimates, left):
+                self._pool_started = True  # once: a helper that died is not replaced
+                self._pool = EstimatePool(self.settings, self._planned)
+                with self._pool.lock:  # the tune is past these: not the helper's to do
+                    for i in range(index + 1):
+                        self._pool.claims[i] = MINE
+        return row
+
+
+def _floor_key(c: Candidate) -> tuple:
+    """Candidates sharing params + grads + optimizer state per rank: one mode, optimizer and
+    (for a parallel layout) world size and strategy."""
+    if c.parallel is None:
+        return (c.mode, c.optimizer)
+    return (c.mode, c.optimizer, c.world_size, c.parallel)
+
+
+class Measurer:
+    """``measure(c)``: one training step on the chosen backend (also the verification run)."""
+
+    def __init__(self, settings: TuneSettings, estimator: Estimator, backend=None):
+        from velora_cli.profiling.profiler import make_backend
+
+        self.settings, self.estimator = settings, estimator
+        self.base = settings.base_spec()
+        if backend is None and settings.backend != "estimate":
+            # cpu: 1 warm-up (optimizer state), the tracked step, 1 timed step; a real llama-60m
+            # step takes ~20 s on 2 cores, and the verification run re-measures the choice anyway
+            steps = 1 if settings.backend == "cpu" else None
+            backend = make_backend(settings.backend, self.base, steps=steps)
+        self.backend = backend
+        self.calls = 0
+
+    def __call__(self, c: Candidate) -> Measurement:
+        self.calls += 1
+        if self.backend is None:  # --backend estimate: the "measurement" is the estimate
+            return self.estimator(c)
+        spec = candidate_spec(self.base, c)
+        return measurement_of(self.backend.measure(spec), spec, self.settings.backend == "cuda")
