@@ -7,9 +7,10 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from velora_cli import checkpoint, models
+from velora_cli import models
 from velora_cli.cli import app
 from velora_cli.models import ModelError, build_model, resolve_model
+from velora_cli.models import weights as checkpoint
 
 runner = CliRunner()
 # few rows and candidates: baseline, gc, VeLoRA paper (and + gc); 2 x 32 tokens

@@ -198,6 +198,7 @@ def test_the_estimate_backend_adds_the_device_fields(monkeypatch):
 
 
 def test_the_cuda_backend_reports_the_estimate_beside_its_measurement(monkeypatch):
+    from velora_cli.estimate.beside import estimate_beside
     from velora_cli.measure import cuda
     from velora_cli.measure.train_step import StepSpec
 
@@ -213,7 +214,7 @@ def test_the_cuda_backend_reports_the_estimate_beside_its_measurement(monkeypatc
 
     monkeypatch.setattr(cuda.subprocess, "run", fake_run)
     spec = StepSpec("llama-tiny", batch_size=2, seq_len=32)
-    row = cuda.CudaBackend(alloc_conf="max_split_size_mb:64").measure(spec)
+    row = cuda.CudaBackend(alloc_conf="max_split_size_mb:64", beside=estimate_beside).measure(spec)
     assert seen["env"]["PYTORCH_CUDA_ALLOC_CONF"] == "max_split_size_mb:64"
     assert row["estimate_gpu"] == "h100" and row["peak_bytes"] == 90 * M
     predicted = row["predicted_reserved_bytes"]
@@ -225,11 +226,11 @@ def test_the_cuda_backend_reports_the_estimate_beside_its_measurement(monkeypatc
     assert "max_split_size_mb:64" in row["device_memory_notes"]
     # a GPU the table does not know: predicted with the default GPU's constants, and said so
     measured["gpu_name"] = "NVIDIA Mystery 1"
-    row = cuda.CudaBackend().measure(spec)
+    row = cuda.CudaBackend(beside=estimate_beside).measure(spec)
     assert row["estimate_gpu"] == "h100" and "not in the GPU table" in row["estimate_error_note"]
     # a failed row gets no comparison
     measured.update(status="oom")
-    assert "predicted_reserved_bytes" not in cuda.CudaBackend().measure(spec)
+    assert "predicted_reserved_bytes" not in cuda.CudaBackend(beside=estimate_beside).measure(spec)
 
 
 def test_free_events_of_unknown_storages_are_skipped():

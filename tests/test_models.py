@@ -15,7 +15,6 @@ import torch
 from huggingface_hub import errors as hub_errors
 from transformers import AutoConfig, LlamaConfig, LlamaForCausalLM
 
-from velora_cli import models
 from velora_cli.models import (
     DEFAULT_MODEL,
     ModelError,
@@ -24,6 +23,7 @@ from velora_cli.models import (
     list_builtins,
     resolve_model,
 )
+from velora_cli.models import spec as models
 
 # Exact parameter counts (tied embeddings counted once). Published figures: Llama-2-7B 6.74B,
 # Llama-2-13B 13.0B, Llama-2-70B 69.0B (80·855_654_400 per block + 2·32000·8192 + 8192 =

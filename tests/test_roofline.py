@@ -300,6 +300,7 @@ def test_ranking_agrees_with_cost_rank_where_it_is_unambiguous(estimate):
 def test_cuda_rows_get_the_prediction_for_their_gpu(monkeypatch, estimate):
     """The parent adds the roofline for the GPU the child ran on (no GPU needed here: the child
     is faked, the prediction runs on meta tensors)."""
+    from velora_cli.estimate.beside import estimate_beside
     from velora_cli.measure import cuda
 
     child = {"status": "ok", "backend": "cuda", "peak_bytes": 1, "step_seconds": 0.004,
@@ -310,14 +311,14 @@ def test_cuda_rows_get_the_prediction_for_their_gpu(monkeypatch, estimate):
         return subprocess.CompletedProcess(args, 0, stdout=stdout, stderr="")
 
     monkeypatch.setattr(cuda.subprocess, "run", fake_run)
-    row = cuda.CudaBackend().measure(spec())
+    row = cuda.CudaBackend(beside=estimate_beside).measure(spec())
     predicted = estimate()["predicted_step_seconds"]
     assert row["step_seconds"] == 0.004  # the measurement is untouched
     assert row["predicted_gpu"] == "h100"
     assert row["predicted_step_seconds"] == pytest.approx(predicted)
     assert row["prediction_error"] == pytest.approx(predicted / 0.004 - 1)
     child["gpu_name"] = "Tesla T4"
-    row = cuda.CudaBackend().measure(spec())
+    row = cuda.CudaBackend(beside=estimate_beside).measure(spec())
     assert "predicted_step_seconds" not in row and "Tesla T4" in row["prediction_note"]
 
 

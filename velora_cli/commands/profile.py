@@ -229,7 +229,7 @@ def profile(
     if model is None:
         notices.append(f"no MODEL given: profiling the built-in default {spec.model}")
     if weights:
-        from velora_cli.checkpoint import check_weights
+        from velora_cli.models.weights import check_weights
 
         source = check_weights(resolved)
         notices.append(

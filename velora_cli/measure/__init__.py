@@ -1,6 +1,19 @@
-"""Backends that measure one training step: ``cuda`` (real allocator), ``cpu`` (real tensors,
-tracked storages) and ``estimate`` (meta tensors, no allocation). Each implements ``Backend`` and
-returns a row: a plain dict of the fields ``velora profile`` reports.
+"""One training step, tracked: the step every backend runs, the storage tracker, and the cpu and
+cuda backends. Backends (``cuda``: real allocator; ``cpu``: real tensors, tracked storages;
+``estimate``: meta tensors, in velora_cli/estimate/) implement ``Backend`` and return a row: a
+plain dict of the fields ``velora profile`` reports.
+
+    train_step.py  `StepSpec`, `Strategy`, prepare a model and run one step (defined once)
+    layout.py      the step's parallel layout: names and checks
+    tracker.py     live tensor storages by category, op by op, and the allocation trace
+    observe.py     one tracked step: the shared core of the cpu and estimate backends
+    accounting.py  bytes saved for backward during a forward pass
+    timeline.py    the memory timeline of one step, from the allocation trace
+    meta_ops.py    meta-kernel results kept by input metadata (the estimate's third shortcut,
+                   here because the tracker and the op counter both use it)
+    cpu.py, cuda.py   the real backends; snapshot.py: CUDA memory snapshots
+
+May import: emulation, methods and the leaves (pyproject's ``[tool.importlinter]``).
 """
 
 from __future__ import annotations

@@ -22,6 +22,7 @@ import json
 import os
 import subprocess
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -46,7 +47,10 @@ class CudaBackend:
     timeout: float = 1800.0
     name: str = "cuda"
     memory_snapshot: str | None = None  # a directory: record each row's step (snapshot.py)
-    compare_estimate: bool = True  # also predict each ok row on meta: estimate_error fields
+    # what the parent adds beside each ok row: the estimate's prediction for the GPU the row ran
+    # on and its errors (`velora_cli.estimate.beside.estimate_beside`, passed in by the profile:
+    # this layer does not import the estimate); None: the measurement alone
+    beside: Callable[[CudaBackend, StepSpec, dict[str, Any]], dict[str, Any]] | None = None
     alloc_conf: str | None = None  # PYTORCH_CUDA_ALLOC_CONF for the worker; None: inherited
 
     def measure(self, spec: StepSpec, *, breakdown: bool = False) -> dict[str, Any]:
@@ -74,8 +78,8 @@ class CudaBackend:
         for line in reversed(proc.stdout.splitlines()):
             if line.startswith(_MARK):
                 row = json.loads(line[len(_MARK) :])
-                if self.compare_estimate and row.get("status") == "ok":
-                    row.update(self.compare_with_estimate(spec, row))
+                if self.beside is not None and row.get("status") == "ok":
+                    row.update(self.beside(self, spec, row))
                 return row
         tail = (proc.stderr.strip().splitlines() or ["no output"])[-1]
         return failed_row(self.name, RuntimeError(f"worker exited {proc.returncode}: {tail}"))
@@ -85,50 +89,6 @@ class CudaBackend:
         if self.alloc_conf is not None:
             env["PYTORCH_CUDA_ALLOC_CONF"] = self.alloc_conf
         return env
-
-    def compare_with_estimate(self, spec: StepSpec, row: dict[str, Any]) -> dict[str, Any]:
-        """The estimate's device-memory prediction of this step, for the GPU the row ran on, and
-        its error against the row's measurements (`device_memory.estimate_error`)."""
-        from velora_cli.allocator.device_memory import estimate_error
-        from velora_cli.estimate.backend import EstimateBackend
-        from velora_cli.gpus import DEFAULT_GPU, gpu_from_device_name
-        from velora_cli.timing.step_time import PREDICTED_FIELDS
-
-        gpu = gpu_from_device_name(row.get("gpu_name") or "")
-        try:
-            estimate = EstimateBackend(
-                gpu=gpu.key if gpu else DEFAULT_GPU,
-                alloc_conf=self.alloc_conf,
-                cuda_warmup=self.warmup,
-                cuda_steps=self.steps,
-            ).measure(spec)
-        except Exception as exc:  # noqa: BLE001 - the measurement stands without its comparison
-            estimate = {"status": "error", "error": " ".join(str(exc).split())}
-        if estimate.get("status") != "ok":
-            return {"estimate_error_note": f"no estimate: {estimate.get('error')}"}
-        keys = [
-            k
-            for k in estimate
-            if k.startswith("predicted_") or k in PREDICTED_FIELDS or k == "device_memory_notes"
-        ]
-        out = {k: estimate[k] for k in keys}
-        out["estimate_gpu"] = estimate_gpu = gpu.key if gpu else DEFAULT_GPU
-        if gpu is None:
-            out["estimate_error_note"] = (
-                f"{row.get('gpu_name')!r} is not in the GPU table: memory predicted with "
-                f"{estimate_gpu}'s constants"
-            )
-            # a step time needs this GPU's throughputs: none rather than another GPU's
-            for key in PREDICTED_FIELDS:
-                out.pop(key, None)
-            out["prediction_note"] = (
-                f"no step-time prediction: {row.get('gpu_name')!r} is not in velora's GPU table "
-                "(velora_cli/gpus.py)"
-            )
-        elif row.get("step_seconds") and out.get("predicted_step_seconds"):
-            out["prediction_error"] = out["predicted_step_seconds"] / row["step_seconds"] - 1
-        out.update(estimate_error(row, estimate))
-        return out
 
 
 def nvml_used_bytes(index: int) -> int | None:

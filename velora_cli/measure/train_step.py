@@ -152,7 +152,7 @@ class StepSpec:
             errors.append(f"--update-gap must be >= 1, got {self.update_gap}")
         if not 0.0 < self.eta <= 1.0:
             errors.append(f"--eta must be in (0, 1], got {self.eta}")
-        from velora_cli.parallel import layout_errors
+        from velora_cli.measure.layout import layout_errors
 
         errors += layout_errors(self)
         if errors:

@@ -268,7 +268,9 @@ def _single_backend(
                 "--backend cuda: no CUDA device is visible (torch.cuda.is_available() "
                 "is False); use --backend estimate or cpu"
             )
-        return CudaBackend(**_opts(warmup, steps), alloc_conf=alloc_conf)
+        from velora_cli.estimate.beside import estimate_beside
+
+        return CudaBackend(**_opts(warmup, steps), alloc_conf=alloc_conf, beside=estimate_beside)
     if name == "cpu":
         return CpuBackend(**_opts(warmup, steps))
     if name == "estimate":

@@ -96,7 +96,7 @@ def build_space(settings: TuneSettings) -> tuple[list[Candidate], list[str]]:
         optimizers=settings.optimizers,
         layouts=settings.layouts(),
     )
-    from velora_cli.search.world_sizes import drop_unsupported_layouts
+    from velora_cli.search.candidates import drop_unsupported_layouts
 
     space, why = drop_unsupported_layouts(space, settings)
     notices += why
@@ -187,7 +187,7 @@ def run(
     if resolved.notice:
         notices.append(resolved.notice)
     if settings.weights:  # checked before anything runs: a missing checkpoint is one error
-        from velora_cli.checkpoint import check_weights
+        from velora_cli.models.weights import check_weights
 
         where = "the accuracy probes" if settings.backend == "estimate" else "every step run"
         notices.append(

@@ -241,3 +241,28 @@ def cost_rank(candidate: Candidate, velora_layers: int | None = None) -> tuple:
     if candidate.parallel is None:
         return rank  # no communication: sorts before any (…, comm) of the same prefix
     return (*rank, {"ddp": 2, "fsdp-no-reshard": 2}.get(candidate.parallel, 3))
+
+
+def drop_unsupported_layouts(space: list[Candidate], settings) -> tuple[list[Candidate], list[str]]:
+    """Candidates the per-rank step cannot run (qlora or --amp with a parallel strategy) out.
+
+    Returns:
+        (kept candidates, one notice per reason).
+    """
+    reasons = []
+    if settings.amp is not None:
+        reasons.append(("amp", "--amp with a parallel strategy is not supported yet"))
+    if "qlora" in settings.modes:
+        reasons.append(("qlora", "qlora is not sharded here (bitsandbytes 4-bit weights)"))
+
+    def unsupported(c: Candidate) -> str | None:
+        if c.parallel is None:
+            return None
+        if settings.amp is not None:
+            return "amp"
+        return "qlora" if c.mode == "qlora" else None
+
+    dropped = {unsupported(c) for c in space} - {None}
+    kept = [c for c in space if unsupported(c) is None]
+    notices = [f"{why}: tried with one process only" for key, why in reasons if key in dropped]
+    return kept, notices

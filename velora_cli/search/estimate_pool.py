@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import os
 import queue
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
@@ -50,11 +50,18 @@ class EstimatePool:
     """The helper process and the claims on the candidates' indices.
 
     Args:
-        settings: the tune's settings (the helper builds its own `Estimator` from them).
+        settings: the tune's settings (the helper builds its own estimator from them).
         candidates: what is to be estimated, in the tune's order.
+        make_estimator: builds the helper's estimator from ``settings`` (`estimator.Estimator`,
+            passed in: that module starts the pool, so this one does not import it back).
     """
 
-    def __init__(self, settings: TuneSettings, candidates: Sequence[Candidate]) -> None:
+    def __init__(
+        self,
+        settings: TuneSettings,
+        candidates: Sequence[Candidate],
+        make_estimator: Callable[[TuneSettings], Any],
+    ) -> None:
         import multiprocessing
 
         ctx = multiprocessing.get_context("spawn")
@@ -64,7 +71,7 @@ class EstimatePool:
         self.rows: dict[int, tuple[str, Any]] = {}
         self.process = ctx.Process(
             target=_work,
-            args=(settings, list(candidates), self.claims, self.lock, self.results),
+            args=(make_estimator, settings, list(candidates), self.claims, self.lock, self.results),
             name="velora-estimate",
             daemon=True,  # never outlives the tune
         )
@@ -106,7 +113,7 @@ class EstimatePool:
         self.results.close()
 
 
-def _work(settings, candidates, claims, lock, results) -> None:
+def _work(make_estimator, settings, candidates, claims, lock, results) -> None:
     """The helper: estimate from the last index down until reaching the tune's claims."""
     import warnings
 
@@ -118,9 +125,7 @@ def _work(settings, candidates, claims, lock, results) -> None:
 
     torch.set_num_threads(1)  # meta work is one thread's; the tune's process has the other core
 
-    from velora_cli.search.estimator import Estimator
-
-    estimator = Estimator(settings)
+    estimator = make_estimator(settings)
     for index in range(len(candidates) - 1, -1, -1):
         c = candidates[index]
         if estimator.floored(c):

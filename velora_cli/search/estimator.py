@@ -179,7 +179,7 @@ class Estimator:
             left = len(self._planned) - index - 1
             if helper_wanted(self._spent, self._estimates, left):
                 self._pool_started = True  # once: a helper that died is not replaced
-                self._pool = EstimatePool(self.settings, self._planned)
+                self._pool = EstimatePool(self.settings, self._planned, type(self))
                 with self._pool.lock:  # the tune is past these: not the helper's to do
                     for i in range(index + 1):
                         self._pool.claims[i] = MINE

@@ -13,33 +13,6 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from velora_cli.search.candidates import Candidate
-
-
-def drop_unsupported_layouts(space: list[Candidate], settings) -> tuple[list[Candidate], list[str]]:
-    """Candidates the per-rank step cannot run (qlora or --amp with a parallel strategy) out.
-
-    Returns:
-        (kept candidates, one notice per reason).
-    """
-    reasons = []
-    if settings.amp is not None:
-        reasons.append(("amp", "--amp with a parallel strategy is not supported yet"))
-    if "qlora" in settings.modes:
-        reasons.append(("qlora", "qlora is not sharded here (bitsandbytes 4-bit weights)"))
-
-    def unsupported(c: Candidate) -> str | None:
-        if c.parallel is None:
-            return None
-        if settings.amp is not None:
-            return "amp"
-        return "qlora" if c.mode == "qlora" else None
-
-    dropped = {unsupported(c) for c in space} - {None}
-    kept = [c for c in space if unsupported(c) is None]
-    notices = [f"{why}: tried with one process only" for key, why in reasons if key in dropped]
-    return kept, notices
-
 
 def summary(document: dict[str, Any], world_size: int) -> dict[str, Any]:
     """One GPU count's outcome: its best configuration (if any), why, the smallest seen."""

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from velora_cli.measure.train_step import LOWRANK_OPTIMIZERS, Prepared, StepSpec, train_step
+from velora_cli.measure.train_step import LOWRANK_OPTIMIZERS, Prepared, train_step
 from velora_cli.timing.opcount import OpCounter, StepCounts
 
 PREDICTED_FIELDS = (
@@ -83,32 +83,3 @@ def prediction_fields(
         "step_bytes_moved": step.bytes,
         "step_kernels": step.kernels,
     }
-
-
-def predicted_beside(spec: StepSpec, row: dict[str, Any]) -> dict[str, Any]:
-    """The prediction for a row measured on a GPU: the estimate's prediction fields for the GPU
-    the row names (``gpu_name``), plus ``prediction_error`` (predicted / measured − 1).
-
-    Returns nothing but a ``prediction_note`` when the GPU is not in the table or the estimate
-    fails; never raises for that (the measurement stands on its own).
-    """
-    from velora_cli.estimate.backend import EstimateBackend
-    from velora_cli.gpus import gpu_from_device_name
-
-    gpu = gpu_from_device_name(row.get("gpu_name") or "")
-    if gpu is None:
-        return {
-            "prediction_note": f"no prediction: {row.get('gpu_name')!r} is not in velora's GPU "
-            "table (velora_cli/gpus.py)"
-        }
-    try:
-        estimate = EstimateBackend(gpu=gpu.key).measure(spec)
-    except Exception as exc:  # noqa: BLE001 - a failed prediction must not lose the measurement
-        estimate = {"status": "error", "error": f"{type(exc).__name__}: {exc}"}
-    if estimate.get("status") != "ok":
-        return {"prediction_note": f"no prediction: the estimate failed: {estimate.get('error')}"}
-    fields = {k: estimate[k] for k in PREDICTED_FIELDS if k in estimate}
-    measured = row.get("step_seconds")
-    if measured:
-        fields["prediction_error"] = fields["predicted_step_seconds"] / measured - 1
-    return fields

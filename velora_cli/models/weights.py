@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from velora_cli.models import ModelSpec
+    from velora_cli.models.spec import ModelSpec
 
 # (kind, file names) in the order they are preferred; each name is a single file or the index of
 # a sharded checkpoint (transformers' SAFE_WEIGHTS_NAME, SAFE_WEIGHTS_INDEX_NAME, WEIGHTS_NAME,
@@ -52,7 +52,7 @@ def check_weights(spec: ModelSpec) -> str:
         ModelError: a built-in (no weights), a hub id that fell back to a built-in, or a local
             directory without a checkpoint file.
     """
-    from velora_cli.models import ModelError, _builtin_table
+    from velora_cli.models.spec import ModelError, _builtin_table
 
     if spec.weights_path is None:
         if spec.builtin is not None and spec.name.lower() != spec.builtin:  # a hub fallback

@@ -1,0 +1,69 @@
+"""The parallel layout of one step: world size, DDP or FSDP2, CPU offload; names and checks only.
+
+`StepSpec` validates its layout here, so the step (this package) needs nothing from the engines
+above it (`velora_cli.parallel`, which re-exports these names and does the sharding).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+# ddp: torch.nn.parallel.DistributedDataParallel (replicated states, gradient all-reduce);
+# fsdp: FSDP2 fully_shard per decoder layer + root, reshard_after_forward=True (ZeRO-3 like);
+# fsdp-no-reshard: the same with reshard_after_forward=False (parameters stay unsharded from
+# forward to backward: ZeRO-2 like).
+PARALLEL = ("ddp", "fsdp", "fsdp-no-reshard")
+FSDP = ("fsdp", "fsdp-no-reshard")
+
+
+def layout_errors(spec: Any) -> list[str]:
+    """What is wrong with a step's ``world_size``/``parallel``/``cpu_offload`` (empty if fine).
+
+    Args:
+        spec: a `StepSpec` (read by attribute: this module imports nothing heavy).
+
+    Returns:
+        One message per problem, each saying what to do.
+    """
+    errors = []
+    world, parallel = spec.world_size, spec.parallel
+    if not isinstance(world, int) or isinstance(world, bool) or world < 1:
+        errors.append(f"--world-size must be an integer >= 1, got {world!r}")
+        return errors
+    if parallel is None:
+        if world > 1:
+            errors.append(f"--world-size {world} needs --parallel {'|'.join(PARALLEL)}")
+        if spec.cpu_offload:
+            errors.append("--cpu-offload is FSDP2's CPUOffloadPolicy: add --parallel fsdp")
+        return errors
+    if parallel not in PARALLEL:
+        errors.append(f"--parallel {parallel!r}: choose {'|'.join(PARALLEL)}")
+        return errors
+    if spec.cpu_offload and parallel not in FSDP:
+        errors.append(
+            "--cpu-offload is FSDP2's CPUOffloadPolicy (sharded parameters, gradients and "
+            "optimizer state in host memory): use it with --parallel fsdp or fsdp-no-reshard"
+        )
+    if parallel in FSDP and spec.optimizer in ("galore", "adarankgrad"):
+        errors.append(
+            f"--optimizer {spec.optimizer} projects whole weight gradients, and under FSDP each "
+            "rank holds a shard of them: use --parallel ddp, or --optimizer adamw|sgd"
+        )
+    if spec.amp is not None:
+        errors.append(
+            "--amp with --parallel is not supported yet (FSDP2 would use a "
+            "MixedPrecisionPolicy, not autocast): use --dtype bf16, or --world-size 1"
+        )
+    if spec.mode == "qlora":
+        errors.append(
+            "--mode qlora with --parallel is not supported (bitsandbytes 4-bit weights are not "
+            "sharded by FSDP2 here): use --mode lora or full, or --world-size 1"
+        )
+    return errors
+
+
+def layout_label(world_size: int, parallel: str | None, cpu_offload: bool = False) -> str:
+    """``fsdp ×4``, ``ddp ×2``, ``fsdp ×8 + cpu offload``; ``single process`` without parallel."""
+    if parallel is None:
+        return "single process"
+    return f"{parallel} ×{world_size}" + (" + cpu offload" if cpu_offload else "")
