@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import dataclasses
 import io
-from typing import Annotated
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
+from velora_cli.commands import checks
 from velora_cli.commands.errors import UserError, guarded
 from velora_cli.commands.options import (
     AllocConf,
@@ -34,7 +36,9 @@ from velora_cli.commands.options import (
     word_list,
 )
 from velora_cli.commands.output import err, wide_console
-from velora_cli.gpus import get_gpu
+
+if TYPE_CHECKING:
+    from velora_cli.measure.train_step import StepSpec
 
 
 @guarded
@@ -144,6 +148,7 @@ def profile(
     cpu_offload: CpuOffload = False,
 ) -> None:
     """Measure peak memory and step time of VeLoRA placements vs baseline and checkpointing."""
+    options = ProfileOptions(**{k: v for k, v in locals().items() if k != "ctx"})
     if compare is not None:
         from velora_cli.commands.compare import compare_run
 
@@ -152,30 +157,92 @@ def profile(
             steps=steps, output_format=output_format, output=output, save=save,
             weights=weights, trust_remote_code=trust_remote_code,
         )  # fmt: skip
-    if output_format not in ("table", "json", "csv"):
-        raise UserError(f"--format {output_format!r}: choose table, json or csv")
-    if backend not in ("auto", "cuda", "cpu", "estimate"):
-        raise UserError(f"--backend {backend!r}: choose auto, cuda, cpu or estimate")
-    for name, value in (("--warmup", warmup), ("--steps", steps)):
-        if value is not None and value < (0 if name == "--warmup" else 1):
-            raise UserError(f"{name} must be {'>= 0' if name == '--warmup' else '>= 1'}")
-    get_gpu(gpu)  # an unknown --gpu fails before anything is built
-    if plot is not None:  # before the run, not after it
+    plan = profile_plan(options)
+    document = run_plan(plan)
+    render_profile(document, output_format, output, breakdown=breakdown)
+    if plan.save_path is not None:
+        err(f"saved: {plan.save_path}")
+    if plot is not None:
         from velora_cli import plots
 
-        plots.check_output(plot)
-        plots.require_matplotlib()
-    if alloc_conf is not None:
-        from velora_cli.allocator.config import parse_alloc_conf
+        err(f"wrote {plots.render(document, plot)}")
 
-        parse_alloc_conf(alloc_conf)  # a bad string fails before anything is built
-    groups = int_list(num_groups, "--num-groups") if num_groups else None
-    sizes = int_list(sub_token_size, "--sub-token-size") if sub_token_size else None
-    gc_list = int_list(gc_every, "--gc-every")
-    if any(n < 1 for n in gc_list):
-        raise UserError("--gc-every takes layer intervals >= 1")
-    placement_list = [p.strip() for p in placements.split(",") if p.strip()]
-    optimizers = list(dict.fromkeys(o.strip() for o in optimizer.split(",") if o.strip()))
+
+@dataclasses.dataclass(frozen=True)
+class ProfileOptions:
+    """``velora profile``'s options as typed (strings, before parsing); names as in `profile`."""
+
+    model: str | None
+    batch_size: int
+    seq_len: int
+    dtype: str
+    amp: str | None
+    mode: str
+    lora_rank: int
+    lora_targets: str
+    optimizer: str
+    rank: int | None
+    update_gap: int
+    eta: float
+    placements: str
+    num_groups: str | None
+    sub_token_size: str | None
+    gc_every: str
+    velora_gc: bool
+    backend: str
+    init: str
+    warmup: int | None
+    steps: int | None
+    breakdown: bool
+    output_format: str
+    output: str | None
+    save: bool
+    weights: bool
+    trust_remote_code: bool
+    gpu: str | None
+    plot: str | None
+    memory_snapshot: str | None
+    compare: str | None
+    alloc_conf: str | None
+    world_size: int
+    parallel: str | None
+    cpu_offload: bool
+
+
+@dataclasses.dataclass(frozen=True)
+class ProfilePlan:
+    """What a profile runs: the step, its rows, the backend, where the document goes."""
+
+    spec: StepSpec
+    strategies: list
+    backend: object  # a measure.Backend, or the per-rank one of velora_cli.parallel
+    optimizers: list[str]
+    parallels: list[str] | None
+    breakdown: bool
+    save_path: Path | None
+    notices: list[str]  # echoed, and recorded in the document
+    quiet: list[str]  # recorded only: how the defaults were chosen
+
+
+def profile_plan(o: ProfileOptions) -> ProfilePlan:
+    """Parse and check every option, then resolve the model and the rows; nothing is measured.
+
+    The checks come first, cheapest first: a mistyped option fails before the backend is made,
+    and ``--backend cuda`` without a GPU fails before any hub lookup.
+    """
+    checks.choice("--format", o.output_format, ("table", "json", "csv"))
+    checks.backend(o.backend)
+    for name, value in (("--warmup", o.warmup), ("--steps", o.steps)):
+        if value is not None and value < (0 if name == "--warmup" else 1):
+            raise UserError(f"{name} must be {'>= 0' if name == '--warmup' else '>= 1'}")
+    checks.gpu(o.gpu)
+    checks.plot_target(o.plot)
+    checks.alloc_conf(o.alloc_conf, inherit=False)
+    groups = int_list(o.num_groups, "--num-groups") if o.num_groups else None
+    sizes = int_list(o.sub_token_size, "--sub-token-size") if o.sub_token_size else None
+    gc_list = checks.intervals(o.gc_every, "--gc-every")
+    placement_list = [p.strip() for p in o.placements.split(",") if p.strip()]
+    optimizers = list(dict.fromkeys(x.strip() for x in o.optimizer.split(",") if x.strip()))
     if not optimizers:
         raise UserError("--optimizer: give at least one of adamw, sgd, galore, adarankgrad")
 
@@ -184,61 +251,46 @@ def profile(
     from velora_cli.parallel import PARALLEL
     from velora_cli.profiling import profiler
 
-    parallels = word_list(parallel, "--parallel", PARALLEL) if parallel else None
-    if parallels is None and world_size > 1:
+    parallels = word_list(o.parallel, "--parallel", PARALLEL) if o.parallel else None
+    if parallels is None and o.world_size > 1:
         parallels = ["fsdp"]
-
     spec = StepSpec(
-        model=model or models.DEFAULT_MODEL,
-        batch_size=batch_size,
-        seq_len=seq_len,
-        dtype=dtype,
-        amp=amp,
-        mode=mode,
-        lora_rank=lora_rank,
-        lora_targets=lora_targets,
+        model=o.model or models.DEFAULT_MODEL,
+        batch_size=o.batch_size,
+        seq_len=o.seq_len,
+        dtype=o.dtype,
+        amp=o.amp,
+        mode=o.mode,
+        lora_rank=o.lora_rank,
+        lora_targets=o.lora_targets,
         optimizer=optimizers[0],
-        rank=rank,
-        update_gap=update_gap,
-        eta=eta,
-        weights=weights,
-        trust_remote_code=trust_remote_code,
-        init=init,
-        world_size=world_size,
+        rank=o.rank,
+        update_gap=o.update_gap,
+        eta=o.eta,
+        weights=o.weights,
+        trust_remote_code=o.trust_remote_code,
+        init=o.init,
+        world_size=o.world_size,
         parallel=parallels[0] if parallels else None,
-        cpu_offload=cpu_offload,
+        cpu_offload=o.cpu_offload,
     )
     for name in optimizers[1:]:
         dataclasses.replace(spec, optimizer=name)  # validated before anything is measured
     for name in (parallels or [])[1:]:
         dataclasses.replace(spec, parallel=name)
-    from velora_cli.methods.placement import parse_placement
-
-    for placement in placement_list:
-        parse_placement(placement)
-    if output:
-        from velora_cli.files import check_output_file
-
-        check_output_file(output, "--output")  # before anything is measured
+    checks.placements(placement_list)
+    checks.output_file(o.output)  # before anything is measured
     # the backend first: --backend cuda without a GPU fails before any hub lookup
-    backend_obj = profiler.make_backend(
-        backend, spec, warmup=warmup, steps=steps, gpu=gpu, alloc_conf=alloc_conf
+    backend = profiler.make_backend(
+        o.backend, spec, warmup=o.warmup, steps=o.steps, gpu=o.gpu, alloc_conf=o.alloc_conf
     )
-    resolved = models.resolve_model(spec.model, trust_remote_code=trust_remote_code)
+    resolved = models.resolve_model(spec.model, trust_remote_code=o.trust_remote_code)
     notices = [resolved.notice] if resolved.notice else []
-    if model is None:
+    if o.model is None:
         notices.append(f"no MODEL given: profiling the built-in default {spec.model}")
-    if weights:
-        from velora_cli.models.weights import check_weights
-
-        source = check_weights(resolved)
-        notices.append(
-            f"--weights: {source}, loaded for every row that runs a step"
-            if backend_obj.name != "estimate"
-            else f"--weights: {source} is not loaded: the estimate holds shapes only, from the "
-            "config (memory does not depend on weight values); cpu or cuda rows load it"
-        )
-    quiet = []  # recorded in the document, not echoed: how the defaults were chosen
+    if o.weights:
+        notices.append(_weights_notice(resolved, backend.name))
+    quiet = []
     if groups is None and sizes is None and placement_list:
         from velora_cli.profiling.num_groups import default_num_groups
 
@@ -249,48 +301,71 @@ def profile(
         num_groups=groups,
         sub_token_sizes=sizes,
         gc_every=gc_list,
-        velora_gc=velora_gc,
+        velora_gc=o.velora_gc,
     )
-    if backend == "auto" and backend_obj.name == "estimate":
+    if o.backend == "auto" and backend.name == "estimate":
+        from velora_cli.gpus import get_gpu
+
         notices.append(
             "auto backend without a GPU: memory estimated on meta tensors and step time "
-            f"predicted for {get_gpu(gpu).name} (--gpu); --backend cpu times real CPU steps"
+            f"predicted for {get_gpu(o.gpu).name} (--gpu); --backend cpu times real CPU steps"
         )
-    if memory_snapshot:
+    if o.memory_snapshot:
         from velora_cli.measure.snapshot import snapshot_notice
 
-        notices.append(snapshot_notice(backend_obj, memory_snapshot))
-    save_path = profiler.default_save_path(spec, backend_obj.name) if save else None
-    for notice in notices:
-        err(f"note: {notice}")
+        notices.append(snapshot_notice(backend, o.memory_snapshot))
+    return ProfilePlan(
+        spec=spec,
+        strategies=strategies,
+        backend=backend,
+        optimizers=optimizers,
+        parallels=parallels,
+        breakdown=o.breakdown,
+        save_path=profiler.default_save_path(spec, backend.name) if o.save else None,
+        notices=notices,
+        quiet=quiet,
+    )
 
+
+def _weights_notice(resolved, backend: str) -> str:
+    from velora_cli.models.weights import check_weights
+
+    source = check_weights(resolved)
+    if backend != "estimate":
+        return f"--weights: {source}, loaded for every row that runs a step"
+    return (
+        f"--weights: {source} is not loaded: the estimate holds shapes only, from the "
+        "config (memory does not depend on weight values); cpu or cuda rows load it"
+    )
+
+
+def run_plan(plan: ProfilePlan) -> dict:
+    """Measure every row (saved as it arrives), with progress on stderr."""
+    from velora_cli.profiling import profiler
     from velora_cli.report.progress import RowProgress
 
+    for notice in plan.notices:
+        err(f"note: {notice}")
+    rows = len(plan.strategies) * len(plan.optimizers) * len(plan.parallels or [None])
     try:
-        with RowProgress(len(strategies) * len(optimizers) * len(parallels or [None])) as progress:
-            document = profiler.run_profile(
-                spec,
-                strategies,
-                backend_obj,
-                breakdown=breakdown,
-                save_path=save_path,
+        with RowProgress(rows) as progress:
+            return profiler.run_profile(
+                plan.spec,
+                plan.strategies,
+                plan.backend,
+                breakdown=plan.breakdown,
+                save_path=plan.save_path,
                 before_row=progress.start,
                 on_row=progress.done,
-                notices=notices + quiet,
-                optimizers=optimizers,
-                parallels=parallels,
+                notices=plan.notices + plan.quiet,
+                optimizers=plan.optimizers,
+                parallels=plan.parallels,
             )
     except BaseException:
-        if save_path is not None and save_path.is_file() and save_path.stat().st_size == 0:
-            save_path.unlink()  # reserved, never written: nothing was measured
+        path = plan.save_path
+        if path is not None and path.is_file() and path.stat().st_size == 0:
+            path.unlink()  # reserved, never written: nothing was measured
         raise
-    render_profile(document, output_format, output, breakdown=breakdown)
-    if save_path is not None:
-        err(f"saved: {save_path}")
-    if plot is not None:
-        from velora_cli import plots
-
-        err(f"wrote {plots.render(document, plot)}")
 
 
 def render_profile(

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import dataclasses
-from typing import Annotated
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
+from velora_cli.commands import checks
 from velora_cli.commands.errors import UserError, fail, guarded
 from velora_cli.commands.options import (
     AllocConf,
@@ -45,11 +47,10 @@ from velora_cli.commands.options import (
     word_list,
 )
 from velora_cli.commands.output import err, wide_console
-from velora_cli.gpus import get_gpu
 
-# Below this a budget holds no model's training step (the smallest built-in needs more): a
-# budget of "1e-9GB" is a slip of the unit, not a plan.
-MIN_BUDGET_BYTES = 10**6
+if TYPE_CHECKING:
+    from velora_cli.search.settings import TuneSettings
+    from velora_cli.search.tuner import Journal
 
 
 @guarded
@@ -106,81 +107,97 @@ def tune(
     ] = "ddp,fsdp,fsdp-no-reshard",
 ) -> None:
     """Find the fastest configuration that fits a memory budget, verified by a real run."""
-    from velora_cli.search.tuner import OBJECTIVES
-
-    if output_format not in ("table", "json"):
-        raise UserError(f"--format {output_format!r}: choose table or json")
-    if backend not in ("auto", "cuda", "cpu", "estimate"):
-        raise UserError(f"--backend {backend!r}: choose auto, cuda, cpu or estimate")
-    if objective not in OBJECTIVES:
-        raise UserError(f"--objective {objective!r}: choose {', '.join(OBJECTIVES)}")
-    if not 0 <= margin < 1:
-        raise UserError(f"--margin {margin}: give a fraction in [0, 1), e.g. 0.05 for 5%")
-    if not max_loss_increase >= 0:
-        raise UserError(f"--max-loss-increase {max_loss_increase}: give a fraction >= 0")
-    if probe_steps < 0:
-        raise UserError("--probe-steps must be >= 0 (0 turns the probes off)")
-    if max_measured is not None and max_measured < 1:
-        raise UserError("--max-measured must be >= 1")
-    if plot is not None:  # before the run, not after it
+    options = TuneOptions(**locals())  # the options as typed; parsed and checked below
+    settings, notices = tune_settings(options)
+    settings, journal, save_path = open_journal(options, settings)
+    document = run_tune(settings, journal, save_path, notices)
+    render_tune(document, options.output_format)
+    err(f"saved: {save_path}")
+    if options.plot is not None:  # also when nothing fits: the picture says why
         from velora_cli import plots
 
-        plots.check_output(plot)
-        plots.require_matplotlib()
+        err(f"wrote {plots.render(document, options.plot)}")
+    if document["recommendation"] is None:
+        fail(document["reason"])
+
+
+@dataclasses.dataclass(frozen=True)
+class TuneOptions:
+    """``velora tune``'s options as typed (strings, before parsing); names as in `tune`."""
+
+    model: str | None
+    budget: str | None
+    margin: float
+    objective: str
+    backend: str
+    batch_size: int
+    seq_len: int
+    dtype: str
+    amp: str | None
+    modes: str
+    placements: str
+    num_groups: str
+    gc_every: str
+    micro_batches: str | None
+    probe_steps: int
+    max_loss_increase: float
+    data: str | None
+    max_measured: int | None
+    output_format: str
+    resume: bool
+    resume_from: str | None
+    lora_rank: int
+    lora_targets: str
+    optimizer: str
+    rank: int | None
+    update_gap: int
+    eta: float
+    init: str
+    weights: bool
+    trust_remote_code: bool
+    gpu: str | None
+    plot: str | None
+    alloc_conf: str | None
+    world_size: str
+    parallel: str
+
+
+def tune_settings(o: TuneOptions) -> tuple[TuneSettings, list[str]]:
+    """Parse and check every option, before any model is built: the tune's settings (its
+    budget still 0 when ``--budget`` was not given: `open_journal` resolves it) and notices."""
     from velora_cli.measure.train_step import MODES, OPTIMIZERS
-
-    get_gpu(gpu)  # an unknown --gpu fails before anything is built
-    from velora_cli.allocator.config import alloc_conf_from_env, parse_alloc_conf
-
-    alloc_conf = alloc_conf if alloc_conf is not None else alloc_conf_from_env()
-    parse_alloc_conf(alloc_conf)  # a bad string fails before anything is built
-    mode_list = word_list(modes, "--mode", MODES)
-    optimizer_list = word_list(optimizer, "--optimizer", OPTIMIZERS)
-    placement_list = [p for p in word_list(placements, "--placements") if p != "none"]
-    groups = int_list(num_groups, "--num-groups")
-    gc_list = int_list(gc_every, "--gc-every")
-    if any(n < 1 for n in [*groups, *gc_list]):
-        raise UserError("--num-groups and --gc-every take integers >= 1")
-    micros = int_list(micro_batches, "--micro-batches") if micro_batches else None
     from velora_cli.parallel import PARALLEL
+    from velora_cli.search.tuner import OBJECTIVES
 
-    world_sizes = tuple(sorted(set(int_list(world_size, "--world-size"))))
+    checks.choice("--format", o.output_format, ("table", "json"))
+    backend = checks.backend(o.backend)
+    if o.objective not in OBJECTIVES:
+        raise UserError(f"--objective {o.objective!r}: choose {', '.join(OBJECTIVES)}")
+    if not 0 <= o.margin < 1:
+        raise UserError(f"--margin {o.margin}: give a fraction in [0, 1), e.g. 0.05 for 5%")
+    if not o.max_loss_increase >= 0:
+        raise UserError(f"--max-loss-increase {o.max_loss_increase}: give a fraction >= 0")
+    if o.probe_steps < 0:
+        raise UserError("--probe-steps must be >= 0 (0 turns the probes off)")
+    if o.max_measured is not None and o.max_measured < 1:
+        raise UserError("--max-measured must be >= 1")
+    checks.plot_target(o.plot)
+    checks.gpu(o.gpu)
+    alloc_conf = checks.alloc_conf(o.alloc_conf, inherit=True)
+    modes = word_list(o.modes, "--mode", MODES)
+    optimizers = word_list(o.optimizer, "--optimizer", OPTIMIZERS)
+    placements = [p for p in word_list(o.placements, "--placements") if p != "none"]
+    groups = checks.intervals(o.num_groups, "--num-groups", "integers")
+    gc_list = checks.intervals(o.gc_every, "--gc-every", "integers")
+    micros = int_list(o.micro_batches, "--micro-batches") if o.micro_batches else None
+    world_sizes = tuple(sorted(set(int_list(o.world_size, "--world-size"))))
     if world_sizes[0] < 1:
         raise UserError("--world-size takes GPU counts >= 1, e.g. 1,2,4,8")
-    parallel_list = tuple(dict.fromkeys(word_list(parallel, "--parallel", PARALLEL)))
-
-    from velora_cli import models
-    from velora_cli.budget import describe_budget, format_bytes, parse_budget
-    from velora_cli.methods.placement import parse_placement
-    from velora_cli.report.progress import TuneProgress
-    from velora_cli.search import autotune
-
-    for placement in placement_list:
-        parse_placement(placement)
+    parallels = tuple(dict.fromkeys(word_list(o.parallel, "--parallel", PARALLEL)))
+    checks.placements(placements)
+    budget_bytes = checks.budget(o.budget)
+    has_cuda = checks.cuda_backend(backend, world_sizes[-1])
     notices = []
-    budget_bytes = parse_budget(budget) if budget is not None else None
-    if budget_bytes is not None and budget_bytes < MIN_BUDGET_BYTES:
-        raise UserError(
-            f"--budget {budget} = {format_bytes(budget_bytes)}: under 1 MB, less than any model's "
-            "training step; give it in MB or GB, e.g. --budget 10GB"
-        )
-    from velora_cli.measure.cuda import cuda_available
-
-    has_cuda = cuda_available()
-    if backend == "cuda" and not has_cuda:  # before the model is resolved (hub lookups)
-        raise UserError(
-            "--backend cuda: no CUDA device is visible (torch.cuda.is_available() is False); "
-            "use --backend estimate or cpu"
-        )
-    if backend == "cuda" or (backend == "auto" and has_cuda):
-        import torch
-
-        if torch.cuda.device_count() < world_sizes[-1]:
-            raise UserError(
-                f"--world-size {world_sizes[-1]} on --backend cuda needs one GPU per rank and "
-                f"{torch.cuda.device_count()} are visible: use --backend estimate, or smaller "
-                "world sizes"
-            )
     if backend == "auto":
         backend = "cuda" if has_cuda else "estimate"
         if not has_cuda:
@@ -188,61 +205,76 @@ def tune(
                 "auto backend without a GPU: peaks estimated on meta tensors (--backend "
                 "estimate); --backend cpu measures real steps on this CPU"
             )
-    settings = autotune.TuneSettings(
-        model=model or models.DEFAULT_MODEL,
-        budget_bytes=budget_bytes or 0,  # resolved below when --budget is not given
+    from velora_cli import models
+    from velora_cli.search.settings import TuneSettings
+
+    settings = TuneSettings(
+        model=o.model or models.DEFAULT_MODEL,
+        budget_bytes=budget_bytes or 0,  # resolved by open_journal when --budget is not given
         backend=backend,
-        batch_size=batch_size,
-        seq_len=seq_len,
-        dtype=dtype,
-        amp=amp,
-        optimizers=tuple(dict.fromkeys(optimizer_list)),
-        rank=rank,
-        update_gap=update_gap,
-        eta=eta,
-        lora_rank=lora_rank,
-        lora_targets=lora_targets,
-        init=init,
-        weights=weights,
-        trust_remote_code=trust_remote_code,
-        modes=tuple(mode_list),
-        placements=tuple(placement_list),
+        batch_size=o.batch_size,
+        seq_len=o.seq_len,
+        dtype=o.dtype,
+        amp=o.amp,
+        optimizers=tuple(dict.fromkeys(optimizers)),
+        rank=o.rank,
+        update_gap=o.update_gap,
+        eta=o.eta,
+        lora_rank=o.lora_rank,
+        lora_targets=o.lora_targets,
+        init=o.init,
+        weights=o.weights,
+        trust_remote_code=o.trust_remote_code,
+        modes=tuple(modes),
+        placements=tuple(placements),
         num_groups=tuple(groups),
         gc_every=tuple(n for n in gc_list if n > 1),
         micro_batches=tuple(micros) if micros else None,
-        margin=margin,
-        objective=objective,
-        max_loss_increase=max_loss_increase,
-        max_measured=max_measured,
-        probe_steps=probe_steps,
-        data=data,
-        gpu=gpu,
+        margin=o.margin,
+        objective=o.objective,
+        max_loss_increase=o.max_loss_increase,
+        max_measured=o.max_measured,
+        probe_steps=o.probe_steps,
+        data=o.data,
+        gpu=o.gpu,
         alloc_conf=alloc_conf,
         world_sizes=world_sizes,
-        parallels=parallel_list,
+        parallels=parallels,
     )
     settings.base_spec()  # validates batch, precision, modes × optimizers, ranks (one line)
-    from pathlib import Path
+    if o.model is None:
+        notices.append(f"no MODEL given: tuning the built-in default {settings.model}")
+    return settings, notices
 
+
+def open_journal(o: TuneOptions, settings: TuneSettings) -> tuple[TuneSettings, Journal, Path]:
+    """The settings with their budget resolved when ``--budget`` is absent (the resumed
+    journal's, else the GPU's free memory), the journal the tune writes (a new one, or the one
+    ``--resume`` continues) claimed for this process, and where the document goes. Says the
+    budget and the journal on stderr."""
+    from velora_cli.budget import describe_budget, format_bytes
     from velora_cli.files import profiles_dir
+    from velora_cli.measure.cuda import cuda_available
+    from velora_cli.search import autotune
     from velora_cli.search import resume as resuming
     from velora_cli.search.tuner import Journal
 
+    budget_bytes = settings.budget_bytes or None
     journal_path = None
-    same_budget = () if budget_bytes is not None else ("budget_bytes",)
-    if resume_from:
-        journal_path = Path(resume_from)
-    elif resume:
+    if o.resume_from:
+        journal_path = Path(o.resume_from)
+    elif o.resume:
+        same_budget = () if budget_bytes is not None else ("budget_bytes",)
         journal_path, passed = resuming.find_journal(
             profiles_dir(), settings.context(), ignore=same_budget
         )
         for line in passed:
             err(f"note: {line}")
-    budget_source = f"--budget {budget}" if budget is not None else None
+    budget_source = f"--budget {o.budget}" if budget_bytes is not None else None
     if budget_bytes is None and journal_path is not None and journal_path.is_file():
         budget_bytes = (Journal.read_context(journal_path) or {}).get("budget_bytes")
         budget_source = f"the budget of {journal_path}"
-    if budget_bytes is None and has_cuda:
+    if budget_bytes is None and cuda_available():
         import torch
 
         budget_bytes = torch.cuda.mem_get_info()[0]
@@ -253,13 +285,11 @@ def tune(
             "e.g. --budget 10GB"
         )
     settings = dataclasses.replace(settings, budget_bytes=budget_bytes, budget_source=budget_source)
-    echo = f"{describe_budget(budget_bytes, budget)}" if budget else describe_budget(budget_bytes)
+    said = describe_budget(budget_bytes, o.budget) if o.budget else describe_budget(budget_bytes)
     err(
-        f"budget: {echo} ({budget_source}); configurations must peak at or below "
-        f"{format_bytes(int(budget_bytes * (1 - margin)))} ({margin:.0%} margin)"
+        f"budget: {said} ({budget_source}); configurations must peak at or below "
+        f"{format_bytes(int(budget_bytes * (1 - o.margin)))} ({o.margin:.0%} margin)"
     )
-    if model is None:
-        notices.append(f"no MODEL given: tuning the built-in default {settings.model}")
     if journal_path is not None:
         journal = resuming.open_journal(journal_path, settings)
         save_path = journal_path.with_suffix(".json")
@@ -273,14 +303,21 @@ def tune(
         raise UserError(
             f"{journal_path} is being written by another velora tune; run without --resume"
         )
+    return settings, journal, save_path
+
+
+def run_tune(settings, journal, save_path: Path, notices: list[str]) -> dict:
+    """The tune (one GPU count, or each of ``--world-size``), with progress on stderr."""
+    from velora_cli.report.progress import TuneProgress
+    from velora_cli.search import autotune
     from velora_cli.search.world_sizes import run_world_sizes
 
-    runner = autotune.run if world_sizes == (1,) else run_world_sizes
+    runner = autotune.run if settings.world_sizes == (1,) else run_world_sizes
     try:
         # --backend estimate: a "measurement" looks the estimate up, nothing runs to report
-        silent = ("measure", "verify") if backend == "estimate" else ()
+        silent = ("measure", "verify") if settings.backend == "estimate" else ()
         with TuneProgress(err, silent=silent) as progress:
-            document = runner(
+            return runner(
                 settings,
                 save_path=save_path,
                 journal=journal,
@@ -289,18 +326,10 @@ def tune(
                 notices=notices,
             )
     except KeyboardInterrupt:
-        err(f"journal: {journal_path}; continue with the same command and --resume")
+        err(f"journal: {journal.path}; continue with the same command and --resume")
         raise
     finally:
         journal.release()
-    render_tune(document, output_format)
-    err(f"saved: {save_path}")
-    if plot is not None:  # also when nothing fits: the picture says why
-        from velora_cli import plots
-
-        err(f"wrote {plots.render(document, plot)}")
-    if document["recommendation"] is None:
-        fail(document["reason"])
 
 
 def render_tune(document: dict, output_format: str) -> None:
