@@ -1,5 +1,6 @@
-"""The README's examples, run as written: its Python blocks in order on a tiny model, and every
-`velora ...` command line parsed by the real command (options and values it accepts)."""
+"""The examples of the README and the docs/ pages, run as written: their Python blocks on a tiny
+model, and every `velora ...` command line parsed by the real command (options and values it
+accepts)."""
 
 import re
 import shlex
@@ -11,13 +12,23 @@ from click.exceptions import UsageError
 
 from velora_cli.cli import app
 
-README = Path(__file__).resolve().parents[1] / "README.md"
+ROOT = Path(__file__).resolve().parents[1]
+PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
 
 
 def blocks(language: str) -> list[str]:
-    """The fenced ``language`` blocks of README.md, in order."""
-    text = README.read_text(encoding="utf-8")
-    return re.findall(rf"^```{language}\n(.*?)^```", text, flags=re.MULTILINE | re.DOTALL)
+    """The fenced ``language`` blocks of README.md and docs/*.md, in order."""
+    found = []
+    for page in PAGES:
+        text = page.read_text(encoding="utf-8")
+        found += re.findall(rf"^```{language}\n(.*?)^```", text, flags=re.MULTILINE | re.DOTALL)
+    return found
+
+
+def test_every_docs_page_is_linked_from_the_readme():
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    for page in PAGES[1:]:
+        assert f"(docs/{page.name})" in readme, f"README links no {page.name}"
 
 
 def block_with(language: str, needle: str) -> str:
@@ -116,10 +127,10 @@ def test_readme_command_parses(line):
     try:
         with group.make_context("velora", [], resilient_parsing=False) as ctx:
             command = group.get_command(ctx, name)
-            assert command is not None, f"README names no such command: {line}"
+            assert command is not None, f"the docs name no such command: {line}"
             command.make_context(name, args, parent=ctx)  # parses options and values, runs nothing
     except UsageError as exc:
-        pytest.fail(f"README command does not parse: {line}: {exc.format_message()}")
+        pytest.fail(f"a documented command does not parse: {line}: {exc.format_message()}")
 
 
 def test_the_7b_optimizer_example_has_the_shapes_its_text_describes():
