@@ -85,6 +85,26 @@ def missing_rows(document: Mapping[str, Any]) -> list[list[str]]:
     ]
 
 
+def timing_rows(document: Mapping[str, Any]) -> list[list[str]]:
+    """Per case with a measured step time: measured and predicted seconds, the scale every
+    assumed efficiency would need, and the large-GEMM efficiency that would match alone."""
+    rows = []
+    for case in document["cases"]:
+        timing = case.get("timing")
+        if not timing:
+            continue
+        implied = timing["implied"]
+        gemm = implied.get("gemm_efficiency")
+        rows.append([
+            case["id"], case["gpu"], f"{timing['measured_step_seconds']:.3f}",
+            f"{timing['predicted_step_seconds']:.3f}", f"{implied['scale']:.2f}",
+            "—" if gemm is None else f"{gemm:.2f}",
+        ])  # fmt: skip
+    return rows
+
+
+TIMING_HEADER = ["case", "gpu", "measured s/step", "predicted s/step", "efficiency scale",
+                 "GEMM efficiency alone"]  # fmt: skip
 CASE_HEADER = ["case", "gpu", "tier", "measured", "predicted", "error", "bounds"]
 SUMMARY_HEADER = ["source", "gpu", "tier", "cases", "mean |err|", "max |err|", "mean err",
                   "signed range", "under"]  # fmt: skip
@@ -122,6 +142,10 @@ def render(document: Mapping[str, Any], fmt: str = "table") -> str:
     rows = case_rows(document)
     if rows:
         parts += [title("Measured vs predicted, per case"), table(CASE_HEADER, rows)]
+    timing = timing_rows(document)
+    if timing:
+        parts += [title("Step time: what the measurements imply for the roofline"),
+                  table(TIMING_HEADER, timing)]  # fmt: skip
     missing = missing_rows(document)
     if missing:
         parts += [title("Not expressible yet"), table(MISSING_HEADER, missing)]

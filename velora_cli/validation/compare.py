@@ -101,3 +101,25 @@ def summarize(cases: Iterable[Mapping[str, Any]]) -> dict[str, Any]:
             for tier, errors in sorted(group["tiers"].items(), key=lambda kv: TIERS.index(kv[0]))
         }
     return groups
+
+
+def implied_efficiency(
+    measured_seconds: float, predicted_seconds: float, by_kind: Mapping[str, float]
+) -> dict[str, float]:
+    """What a measured step time says about the roofline's assumed efficiencies.
+
+    Returns:
+        ``scale``: predicted / measured seconds, the factor every assumed efficiency would need
+        (1: the roofline is right; below 1: the GPU ran slower than assumed);
+        ``gemm_efficiency``: the large-GEMM efficiency (of the dense peak) that would match the
+        measurement if every other op's time held (absent when the other ops alone take longer
+        than measured).
+    """
+    from velora_cli.timing.roofline import GEMM_EFFICIENCY
+
+    out = {"scale": predicted_seconds / measured_seconds}
+    gemm = by_kind.get("gemm", 0.0)
+    rest = sum(by_kind.values()) - gemm
+    if gemm > 0 and measured_seconds > rest:
+        out["gemm_efficiency"] = GEMM_EFFICIENCY * gemm / (measured_seconds - rest)
+    return out

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from velora_cli.validation.compare import (
+    implied_efficiency,
     out_of_bounds,
     predicted_tiers,
     signed_errors,
@@ -181,6 +182,18 @@ def _predict_case(case, mapped, out, dirs, backends, predict) -> None:
                 "gpu_total_bytes": total,
             }
     out["cuda_context_bytes"] = row.get("cuda_context_bytes")
+    measured_seconds = (case.record.get("measured") or {}).get("step_seconds")
+    if measured_seconds and row.get("predicted_step_seconds"):
+        out["timing"] = {
+            "measured_step_seconds": measured_seconds,
+            "predicted_step_seconds": row["predicted_step_seconds"],
+            "predicted_seconds_by_kind": row.get("predicted_seconds_by_kind") or {},
+            "implied": implied_efficiency(
+                measured_seconds,
+                row["predicted_step_seconds"],
+                row.get("predicted_seconds_by_kind") or {},
+            ),
+        }
     out["status"] = "ok"
 
 
