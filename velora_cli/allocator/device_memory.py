@@ -183,8 +183,14 @@ def cuda_schedule(
         marker.
     """
     return list(
-        Schedule(trace, workspace=workspace, scratch=scratch, warmup=warmup, steps=steps,
-                 empty_cache=empty_cache)  # fmt: skip
+        Schedule(
+            trace,
+            workspace=workspace,
+            scratch=scratch,
+            warmup=warmup,
+            steps=steps,
+            empty_cache=empty_cache,
+        )  # fmt: skip
     )
 
 

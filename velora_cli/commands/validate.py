@@ -71,10 +71,17 @@ def validate(
 
 def _text(document: dict, output_format: str) -> str:
     if output_format == "json":
-        return json.dumps(
-            {"cases": document["cases"], "summary": document["summary"],
-             "passed": document["passed"]}, indent=2  # fmt: skip
-        ) + "\n"
+        return (
+            json.dumps(
+                {
+                    "cases": document["cases"],
+                    "summary": document["summary"],
+                    "passed": document["passed"],
+                },
+                indent=2,  # fmt: skip
+            )
+            + "\n"
+        )
     from velora_cli.report.validate import render
 
     return render(document, output_format)

@@ -29,7 +29,7 @@ def _value(tier: str, value: float | None) -> str:
 
 
 def _pct(error: float | None) -> str:
-    return "—" if error is None else f"{100 * error:+.1f}%"
+    return "—" if error is None else f"{100 * error:+.2f}%"
 
 
 def case_rows(document: Mapping[str, Any]) -> list[list[str]]:
@@ -66,8 +66,15 @@ def summary_rows(document: Mapping[str, Any]) -> list[list[str]]:
 def coverage_rows(document: Mapping[str, Any]) -> list[list[str]]:
     """Per source and GPU: cases, expressible, compared within bounds, failed estimates."""
     return [
-        [g["source"], g["gpu"], str(g["cases"]), str(g["expressible"]),
-         str(g["expressible"] - g["out_of_bounds"] - g["failed"]), str(g["failed"])]  # fmt: skip
+        [
+            g["source"],
+            g["gpu"],
+            str(g["cases"]),
+            str(g["expressible"]),
+            str(g["expressible"] - g["out_of_bounds"] - g["failed"]),
+            str(g["expressible"] - g.get("memory_out_of_bounds", 0) - g["failed"]),
+            str(g["failed"]),
+        ]  # fmt: skip
         for g in document["summary"].values()
     ]
 
@@ -108,7 +115,8 @@ TIMING_HEADER = ["case", "gpu", "measured s/step", "predicted s/step", "efficien
 CASE_HEADER = ["case", "gpu", "tier", "measured", "predicted", "error", "bounds"]
 SUMMARY_HEADER = ["source", "gpu", "tier", "cases", "mean |err|", "max |err|", "mean err",
                   "signed range", "under"]  # fmt: skip
-COVERAGE_HEADER = ["source", "gpu", "cases", "expressible", "within bounds", "failed"]
+COVERAGE_HEADER = ["source", "gpu", "cases", "expressible", "within bounds (all tiers)",
+                   "memory tiers within bounds", "failed"]  # fmt: skip
 MISSING_HEADER = ["not expressible: missing", "cases", "sources"]
 
 
@@ -116,7 +124,9 @@ def text_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
     widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
     lines = ["  ".join(str(c).ljust(w) for c, w in zip(header, widths, strict=True)).rstrip()]
     lines.append("  ".join("-" * w for w in widths))
-    lines += ["  ".join(str(c).ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in rows]
+    lines += [
+        "  ".join(str(c).ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in rows
+    ]
     return "\n".join(lines)
 
 

@@ -61,8 +61,8 @@ def out_of_bounds(errors: Mapping[str, float], bounds=BOUNDS) -> list[str]:
 
 def summarize(cases: Iterable[Mapping[str, Any]]) -> dict[str, Any]:
     """Per source and GPU, per tier: cases compared, mean |error|, max |error|, mean signed
-    error, max signed error, how many under-predicted; plus counts of cases and of the ones not
-    expressible or failed.
+    error, the signed range, how many under-predicted; plus counts of cases, of the ones not
+    expressible, failed, out of bounds, and out of bounds on a memory tier.
 
     Args:
         cases: the JSON cases of `run.validate` (keys ``source``, ``gpu``, ``expressible``,
@@ -73,8 +73,17 @@ def summarize(cases: Iterable[Mapping[str, Any]]) -> dict[str, Any]:
         key = f"{case['source']}/{case['gpu']}"
         group = groups.setdefault(
             key,
-            {"source": case["source"], "gpu": case["gpu"], "cases": 0, "expressible": 0,
-             "not_expressible": 0, "failed": 0, "out_of_bounds": 0, "tiers": {}},  # fmt: skip
+            {
+                "source": case["source"],
+                "gpu": case["gpu"],
+                "cases": 0,
+                "expressible": 0,
+                "not_expressible": 0,
+                "failed": 0,
+                "out_of_bounds": 0,
+                "memory_out_of_bounds": 0,
+                "tiers": {},
+            },  # fmt: skip
         )
         group["cases"] += 1
         if not case["expressible"]:
@@ -85,6 +94,8 @@ def summarize(cases: Iterable[Mapping[str, Any]]) -> dict[str, Any]:
             group["failed"] += 1
         if case.get("out_of_bounds"):
             group["out_of_bounds"] += 1
+        if any(not f.startswith("tokens_per_second") for f in case.get("out_of_bounds") or ()):
+            group["memory_out_of_bounds"] += 1
         for tier, error in (case.get("error") or {}).items():
             group["tiers"].setdefault(tier, []).append(error)
     for group in groups.values():

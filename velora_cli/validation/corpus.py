@@ -48,8 +48,11 @@ def measured_tiers(record: Mapping[str, Any]) -> tuple[dict[str, Any], tuple[str
     derived: tuple[str, ...] = ()
     setup = record.get("setup") or {}
     seconds = measured.get("step_seconds")
-    if "tokens_per_second" not in out and seconds and setup.get("batch_size") and setup.get(
-        "seq_len"
+    if (
+        "tokens_per_second" not in out
+        and seconds
+        and setup.get("batch_size")
+        and setup.get("seq_len")
     ):
         tokens = setup["batch_size"] * (setup.get("grad_accum") or 1) * setup["seq_len"]
         out["tokens_per_second"] = tokens / seconds

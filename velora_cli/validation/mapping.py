@@ -113,13 +113,20 @@ RULES: tuple[Rule, ...] = (
     Rule(
         "dtype",
         _get("dtype"),
-        {"float32": {"spec.dtype": "fp32"}, "float16": {"spec.dtype": "fp16"},
-         "bfloat16": {"spec.dtype": "bf16"}},  # fmt: skip
+        {
+            "float32": {"spec.dtype": "fp32"},
+            "float16": {"spec.dtype": "fp16"},
+            "bfloat16": {"spec.dtype": "bf16"},
+        },  # fmt: skip
         _words("weights dtype"),
     ),
     Rule("amp", _get("amp"), {False: {}, None: {}}, lambda v: "amp (autocast + GradScaler)"),
-    Rule("optimizer", _get("optimizer"), {"adamw_torch": {"spec.optimizer": "adamw"}},
-         _words("optimizer")),  # fmt: skip
+    Rule(
+        "optimizer",
+        _get("optimizer"),
+        {"adamw_torch": {"spec.optimizer": "adamw"}},
+        _words("optimizer"),
+    ),  # fmt: skip
     Rule("attention", _get("attn_implementation"), {"sdpa": {}}, _words("attn")),
     Rule(
         "sdpa gqa",
@@ -129,8 +136,10 @@ RULES: tuple[Rule, ...] = (
             # fitcheck's shim repeat_interleaves K/V before SDPA; velora's SDPA takes GQA natively.
             # With checkpointing only the layer being recomputed holds the repeated K/V, one
             # layer's 2 x (B, H, N, d) in the compute dtype.
-            "repeated": {NOTE: "K/V repeated to the query heads before SDPA (harness shim) not "
-                         "modelled: one recomputed layer's expanded K/V"},  # fmt: skip
+            "repeated": {
+                NOTE: "K/V repeated to the query heads before SDPA (harness shim) not "
+                "modelled: one recomputed layer's expanded K/V"
+            },  # fmt: skip
         },
         lambda v: f"sdpa gqa {v}",
     ),
@@ -141,8 +150,12 @@ RULES: tuple[Rule, ...] = (
         lambda v: f"gradient checkpointing {v}",
     ),
     # accumulation is StepSpec.grad_accum_steps (run.step_spec sets it with the batch)
-    Rule("grad accumulation", _get("grad_accum"), {**{n: {} for n in range(1, 1025)}, None: {}},
-         lambda v: f"gradient accumulation {v}"),  # fmt: skip
+    Rule(
+        "grad accumulation",
+        _get("grad_accum"),
+        {**{n: {} for n in range(1, 1025)}, None: {}},
+        lambda v: f"gradient accumulation {v}",
+    ),  # fmt: skip
     Rule("padding", _padding, {"none": {}}, lambda v: f"padding: {v}"),
     Rule("lora dropout", _get("lora.dropout"), {0.0: {}, SKIP: {}}, _words("lora dropout")),
     Rule("lora bias", _get("lora.bias"), {"none": {}, SKIP: {}}, _words("lora bias")),
@@ -170,13 +183,18 @@ RULES: tuple[Rule, ...] = (
         "warm-up",
         _loop("warmup_steps", required=True),
         {n: {"backend.cuda_warmup": n - 1} for n in range(1, 11)},
-        lambda v: "training loop unstated (warm-up / measured steps)"
-        if v is None
-        else f"{v} warm-up steps",
+        lambda v: (
+            "training loop unstated (warm-up / measured steps)"
+            if v is None
+            else f"{v} warm-up steps"
+        ),
     ),
-    Rule("measured steps", _loop("measured_steps"),
-         {n: {"backend.cuda_steps": n} for n in range(1, 11)},
-         lambda v: f"{v} measured steps"),  # fmt: skip
+    Rule(
+        "measured steps",
+        _loop("measured_steps"),
+        {n: {"backend.cuda_steps": n} for n in range(1, 11)},
+        lambda v: f"{v} measured steps",
+    ),  # fmt: skip
     Rule(
         "empty cache",
         _loop("empty_cache_before_measure"),

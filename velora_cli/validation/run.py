@@ -39,7 +39,9 @@ class ModelDirs:
 
     def path(self, setup: Mapping[str, Any]) -> str:
         # keys starting with "_" are the corpus's comments, not config fields
-        config = {k: v for k, v in (setup.get("model_config") or {}).items() if not k.startswith("_")}
+        config = {
+            k: v for k, v in (setup.get("model_config") or {}).items() if not k.startswith("_")
+        }
         text = json.dumps(config, sort_keys=True)
         key = hashlib.sha256(text.encode()).hexdigest()[:12]
         if key not in self._dirs:
@@ -56,9 +58,11 @@ def mapped_case(case: Case) -> Mapped:
     corpus marks not expressible) and an unknown GPU among the missing."""
     from velora_cli.gpus import GpuError, get_gpu
 
-    mapped = map_setup(case.setup)
     if case.record.get("expressible") is False:
-        mapped.missing[:0] = list(case.record.get("missing") or ["marked not expressible"])
+        # the corpus's own reasons: its figure is not one step velora could rebuild, whatever
+        # the mapping of the setup says
+        return Mapped(missing=list(case.record.get("missing") or ["marked not expressible"]))
+    mapped = map_setup(case.setup)
     if not (case.setup.get("model_config") or {}):
         mapped.missing.append("model config not in the corpus")
     try:
