@@ -98,9 +98,18 @@ TAIL = """
 - **No `empty_cache()` before measuring.** fitcheck resets the peak after one warm-up step but
   keeps the pool the warm-up grew; the allocator replay follows that schedule
   (`setup.loop`: one warm-up step, one measured step, no `empty_cache`).
+- **What is left.** The allocated peak of every case is low by exactly one `(batch, seq)` int64
+  tensor (8 KiB to 32 KiB): fitcheck's `batch` of token ids (passed as `input_ids` and as `labels`)
+  lives on the GPU, and the estimate's tracker counts the model, the optimizer state and what the
+  step allocates, not the micro-batch it is handed. The two Qwen2.5-1.5B cases are 2 MiB lower
+  still, the size of one (2048 tokens x 256) fp32 tensor, i.e. a k/v-projection output in fp32
+  (Qwen's K/V width is 2 heads x 128) — not explained yet. Reserved: Qwen2.5-1.5B +22 MiB, and
+  SmolLM2-360M at 4096 tokens −16 MiB (one segment; −0.4 %, inside the bounds but on the low side).
 - **The CUDA context for the run's CUDA version.** The device figure adds the context measured
   on the same GPU die and CUDA version where there is one (`gpus.GpuSpec.cuda_context`): 140.875
-  MiB on the T4 with CUDA 12.8 / 13.0, instead of the flat 1 GiB default.
+  MiB on the T4 with CUDA 12.8 / 13.0 (the same figure as without a version, since the T4 was
+  measured), and for the transformers guide's V100 on CUDA 11.2 the 1343 MiB it measured (eager
+  module loading) instead of the flat 1 GiB default, once those cases become expressible.
 """
 
 
