@@ -46,6 +46,11 @@ velora validate --source fitcheck_t4 --format json -o validate.json
 velora validate --case flash-none-fp16-adamw-r32-ckpt-HuggingFaceTB_SmolLM2-135M-bs2-seq512
 ```
 
+The whole corpus runs offline in 1.5 to 2.5 minutes on a shared 2-core machine (126 cases, 12
+of them predicted; model configs come from the corpus). The test suite runs a few small cases
+(`tests/test_validate.py`); the whole corpus, with its memory tiers held to their bounds, is an
+opt-in test: `VELORA_VALIDATE_ALL=1 python -m pytest tests/test_validate.py -k whole`.
+
 This page is generated from that output:
 
 ```bash

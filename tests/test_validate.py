@@ -223,3 +223,18 @@ def test_a_loop_holding_the_model_output_keeps_its_logits(mha_dir, gc):
     cpu = [CpuBackend(warmup=1, steps=1).measure(s)["peak_bytes"] for s in (spec, keep)]
     assert est[1] - est[0] == logits
     assert cpu[1] - cpu[0] == logits
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(
+    __import__("os").environ.get("VELORA_VALIDATE_ALL") != "1",
+    reason="the whole corpus (1.5-2.5 min on a loaded 2-core machine): VELORA_VALIDATE_ALL=1",
+)
+def test_whole_corpus_memory_tiers_within_bounds():
+    document = validate(load_cases())
+    expressible = [c for c in document["cases"] if c["expressible"]]
+    assert expressible and all(c["status"] == "ok" for c in expressible)
+    memory = [
+        (c["id"], f) for c in expressible for f in c["out_of_bounds"] if not f.startswith("tokens")
+    ]
+    assert not memory, memory
