@@ -88,6 +88,7 @@ def test_cli_small_fitcheck_cases_json(tmp_path):
         assert small["error"][tier] == pytest.approx((p - m) / m)
     # the CUDA context is the one measured on this GPU and CUDA version, not the flat default
     assert small["cuda_context_bytes"] == int(140.875 * 2**20)
+    assert small["cuda_context_basis"] == "measured"
     assert small["predicted"]["device_bytes"] - small["predicted"]["reserved_bytes"] == int(
         140.875 * 2**20
     )

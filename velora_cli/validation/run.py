@@ -186,6 +186,11 @@ def _predict_case(case, mapped, out, dirs, backends, predict) -> None:
                 "gpu_total_bytes": total,
             }
     out["cuda_context_bytes"] = row.get("cuda_context_bytes")
+    if row.get("cuda_context_bytes") is not None:
+        from velora_cli.gpus import get_gpu
+
+        # measured / extrapolated / conservative default, for this GPU and CUDA version
+        out["cuda_context_basis"] = get_gpu(case.gpu).cuda_context(case.cuda_version).basis
     measured_seconds = (case.record.get("measured") or {}).get("step_seconds")
     if measured_seconds and row.get("predicted_step_seconds"):
         out["timing"] = {
