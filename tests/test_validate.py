@@ -16,7 +16,7 @@ from typer.testing import CliRunner
 from velora_cli.cli import app
 from velora_cli.validation import mapping
 from velora_cli.validation.compare import BOUNDS, out_of_bounds, signed_errors, summarize
-from velora_cli.validation.corpus import DEFAULT_CORPUS, load_cases
+from velora_cli.validation.corpus import default_corpus, load_cases
 from velora_cli.validation.run import validate
 
 runner = CliRunner()
@@ -199,7 +199,7 @@ def test_mapping_is_data_driven():
 
 
 def test_every_corpus_record_maps():
-    cases = load_cases(DEFAULT_CORPUS)
+    cases = load_cases(default_corpus())
     assert len({c.id for c in cases}) == len(cases)
     for case in cases:
         mapped = mapping.map_setup(case.setup)

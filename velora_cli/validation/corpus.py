@@ -19,6 +19,14 @@ DEFAULT_CORPUS = Path(__file__).resolve().parents[2] / "validation" / "published
 TIERS = ("allocated_bytes", "reserved_bytes", "device_bytes", "tokens_per_second")
 
 
+def default_corpus() -> Path:
+    """The repository's corpus: beside the package in a checkout (or an editable install), else
+    ``validation/published`` under the working directory (a wheel does not carry the data)."""
+    if DEFAULT_CORPUS.is_dir():
+        return DEFAULT_CORPUS
+    return Path.cwd() / "validation" / "published"
+
+
 class CorpusError(ValueError):
     """A corpus that cannot be read, or a selection that matches nothing (one line)."""
 
@@ -78,7 +86,7 @@ def load_cases(
     Raises:
         CorpusError: no folder or files, an unreadable file, or a selection that matches nothing.
     """
-    folder = Path(directory) if directory is not None else DEFAULT_CORPUS
+    folder = Path(directory) if directory is not None else default_corpus()
     files = sorted(folder.glob("*.json")) if folder.is_dir() else []
     if not files:
         raise CorpusError(f"no corpus files (*.json) in {folder}")
