@@ -344,3 +344,37 @@ def test_a_steady_replay_stops_early_with_the_statistics_of_the_whole_replay(
     config = parse_alloc_conf(alloc_conf)
     every_step = [e for e in events if e[0] != REPEAT]
     assert simulate(events, config) == simulate(every_step, config)
+
+
+def test_a_harness_that_keeps_the_pool_before_measuring():
+    # fitcheck's loop: load, one warm-up step, reset_peak_memory_stats() with no empty_cache(),
+    # one measured step (validation/published/fitcheck_t4.json, setup.loop)
+    events = cuda_schedule(toy_trace(), workspace=32 * M, warmup=0, steps=1, empty_cache=False)
+    kinds = [kind for kind, _, _ in events]
+    assert EMPTY_CACHE not in kinds and kinds.count(RESET_PEAK) == 1
+    assert kinds.count(REPEAT) == 1
+    # the warm-up reserves 294 MiB (as in the test above); nothing is returned, so the measured
+    # window starts with all of it reserved: the peak is that pool. Allocated: 184 MiB live at
+    # the reset (parameter, workspaces, moments) + the 30 MiB activation and 40 MiB gradient,
+    # then the 40 MiB temporary after the activation is freed: 264 MiB.
+    fields = device_memory_fields(
+        toy_trace(), gpu=H100, environ=NO_ENV, warmup=0, steps=1, empty_cache=False
+    )
+    assert fields["predicted_reserved_bytes"] == 294 * M
+    assert fields["predicted_allocated_bytes"] == 264 * M
+
+
+@pytest.mark.parametrize(
+    "gpu, cuda, context",
+    [
+        ("t4", "12.8", int(140.875 * M)),  # fitcheck, measured after a step (lazy loading)
+        ("v100-16gb", "11.2", 1343 * M),  # the transformers guide (eager loading)
+        ("h100", "11.2", 2048 * M),  # eager loading, not measured on this die: extrapolated
+        ("h100", None, 1024 * M),  # no version: today's default, unchanged
+    ],
+)
+def test_the_context_follows_the_cuda_version(gpu, cuda, context):
+    spec = get_gpu(gpu)
+    fields = device_memory_fields(toy_trace(), gpu=spec, environ=NO_ENV, cuda_version=cuda)
+    assert fields["cuda_context_bytes"] == context == spec.cuda_context(cuda).nbytes
+    assert fields["predicted_device_bytes"] == fields["predicted_reserved_bytes"] + context

@@ -12,7 +12,7 @@ from typing import Annotated
 import typer
 
 from velora_cli import __version__
-from velora_cli.commands import export, models, plot, profile, tune
+from velora_cli.commands import export, models, plot, profile, tune, validate
 from velora_cli.commands.errors import state
 
 app = typer.Typer(
@@ -54,6 +54,7 @@ app.command()(models.models)
 app.command()(tune.tune)
 app.command("export-config")(export.export_config)
 app.command()(plot.plot)
+app.command()(validate.validate)
 
 
 def main() -> None:

@@ -164,6 +164,7 @@ def cuda_schedule(
     scratch: Mapping[str, Sequence[int]] | None = None,
     warmup: int = CUDA_WARMUP,
     steps: int = CUDA_STEPS,
+    empty_cache: bool = True,
 ) -> list[Event]:
     """The allocator events of a cuda-backend row, built from one traced step.
 
@@ -173,12 +174,24 @@ def cuda_schedule(
         scratch: op name -> scratch sizes of one call.
         warmup: warm-up steps before the untimed counting step.
         steps: timed steps.
+        empty_cache: the harness empties the cache before the peak is reset (the cuda backend
+            does); False: the pool the warm-up grew is still reserved when measuring starts.
 
     Returns:
         Load, ``warmup`` + 1 steps (the first creates the optimizer state and the workspaces),
-        EMPTY_CACHE, RESET_PEAK, ``steps`` steps, each after a REPEAT marker.
+        EMPTY_CACHE (with ``empty_cache``), RESET_PEAK, ``steps`` steps, each after a REPEAT
+        marker.
     """
-    return list(Schedule(trace, workspace=workspace, scratch=scratch, warmup=warmup, steps=steps))
+    return list(
+        Schedule(
+            trace,
+            workspace=workspace,
+            scratch=scratch,
+            warmup=warmup,
+            steps=steps,
+            empty_cache=empty_cache,
+        )  # fmt: skip
+    )
 
 
 class Schedule:
@@ -194,8 +207,10 @@ class Schedule:
         scratch: Mapping[str, Sequence[int]] | None = None,
         warmup: int = CUDA_WARMUP,
         steps: int = CUDA_STEPS,
+        empty_cache: bool = True,
     ) -> None:
         self.trace, self.workspace, self.warmup, self.steps = trace, workspace, warmup, steps
+        self.empty_cache = empty_cache
         self.keys = _Keys(trace)
         self.scratch_at = scratch_positions(trace, scratch or {})
         load = [
@@ -218,7 +233,8 @@ class Schedule:
             events.insert(0, (REPEAT, self.keys.stride, 0))
         self.parts.append(events)
         if step == warm - 1:
-            self.parts.append([(EMPTY_CACHE, 0, 0), (RESET_PEAK, 0, 0)])
+            empty = [(EMPTY_CACHE, 0, 0)] if self.empty_cache else []
+            self.parts.append([*empty, (RESET_PEAK, 0, 0)])
         self._next += 1
         return True
 
@@ -239,6 +255,8 @@ def device_memory_fields(
     steps: int = CUDA_STEPS,
     environ: Mapping[str, str] | None = None,
     expandable: bool = True,
+    empty_cache: bool = True,
+    cuda_version: str | None = None,
 ) -> dict[str, Any]:
     """The device-level prediction of one row, from its traced step.
 
@@ -249,7 +267,10 @@ def device_memory_fields(
         expandable: also replay with ``expandable_segments:True`` (the ``*_expandable_*``
             fields; a tune, which compares the budget with the default settings, leaves it out).
         scratch: op name -> kernel scratch sizes (kernel_scratch.scratch_for_model).
-        warmup, steps: the cuda backend's schedule.
+        warmup, steps, empty_cache: the schedule of the run predicted (default: the cuda
+            backend's; `cuda_schedule`).
+        cuda_version: the CUDA runtime of the run (``torch.version.cuda``): the context figure
+            for that version (`GpuSpec.cuda_context`); None: the GPU's figure for a current CUDA.
         environ: where ``CUBLAS_WORKSPACE_CONFIG`` is read (default: os.environ).
 
     Returns:
@@ -261,10 +282,12 @@ def device_memory_fields(
     """
     config = config or AllocatorConfig()
     workspace = cublas_workspace_bytes(gpu, environ)
-    schedule = Schedule(trace, workspace=workspace, scratch=scratch, warmup=warmup, steps=steps)
+    schedule = Schedule(trace, workspace=workspace, scratch=scratch, warmup=warmup, steps=steps,
+                        empty_cache=empty_cache)  # fmt: skip
     base = simulate(schedule, config)
     grown = simulate(schedule, config.with_expandable_segments(True)) if expandable else None
-    context = gpu.context_bytes
+    cuda_context = gpu.cuda_context(cuda_version)
+    context = cuda_context.nbytes
     scratch_at = scratch_positions(trace, scratch or {})
     largest_scratch = max((sum(s) for s in scratch_at.values()), default=0)
     notes = (
@@ -276,7 +299,8 @@ def device_memory_fields(
             if largest_scratch
             else ""
         )
-        + f") + CUDA context {format_bytes(context)} (constant for {gpu.key}: {gpu.context_source})"
+        + f") + CUDA context {format_bytes(context)} (constant for {gpu.key}: "
+        f"{cuda_context.source})"
     )
     fields = {
         "predicted_allocated_bytes": base.peak_allocated_bytes,

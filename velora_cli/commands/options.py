@@ -259,3 +259,28 @@ CpuOffload = Annotated[
         "memory (the optimizer step runs on the CPU).",
     ),
 ]
+
+
+# velora validate
+ValidateCases = Annotated[
+    list[str] | None,
+    typer.Option(
+        "--case",
+        help="Validate this case (its id, or part of it, e.g. a fitcheck row_id); repeatable. "
+        "Default: every case.",
+    ),
+]
+ValidateSources = Annotated[
+    list[str] | None,
+    typer.Option(
+        "--source",
+        help="Only this corpus file (e.g. fitcheck_t4, or a prefix: fitcheck); repeatable.",
+    ),
+]
+ValidateFormat = Annotated[
+    str, typer.Option("--format", help="table|json|markdown (to stdout, or --output).")
+]
+ValidateCorpus = Annotated[
+    str | None,
+    typer.Option("--corpus", help="Folder of corpus files (default: validation/published)."),
+]

@@ -63,6 +63,11 @@ class EstimateBackend:
     # the cuda backend's warm-up and timed steps, which the allocator replay follows
     cuda_warmup: int = 2
     cuda_steps: int = 5
+    # a harness that does not empty the cache before measuring (validation's published runs)
+    cuda_empty_cache: bool = True
+    # the CUDA runtime of the run predicted (torch.version.cuda, e.g. "12.8"): the context figure
+    # for that version (GpuSpec.cuda_context); None: the GPU's figure for a current CUDA
+    cuda_version: str | None = None
     shortcuts: bool = field(default_factory=lambda: os.environ.get(REFERENCE_ENV, "") != "1")
     full_depth: bool = False
     trace_fields: bool = True  # device memory and the timeline, from the real step's trace
@@ -74,6 +79,7 @@ class EstimateBackend:
         from velora_cli.gpus import get_gpu
 
         self.gpu = get_gpu(self.gpu).key  # an unknown name fails here, before anything runs
+        get_gpu(self.gpu).cuda_context(self.cuda_version)  # so does an unreadable CUDA version
         if self.alloc_conf is None:
             self.alloc_conf = alloc_conf_from_env()
         self.allocator = parse_alloc_conf(self.alloc_conf)  # a bad string fails here too
@@ -176,6 +182,8 @@ class EstimateBackend:
             warmup=self.cuda_warmup,
             steps=self.cuda_steps,
             expandable=self.expandable,
+            empty_cache=self.cuda_empty_cache,
+            cuda_version=self.cuda_version,
         )
 
     def _reference(self, spec: StepSpec, breakdown: bool) -> dict[str, Any]:

@@ -115,6 +115,10 @@ class StepSpec:
     world_size: int = 1
     parallel: str | None = None
     cpu_offload: bool = False
+    # the training loop keeps the model's output (its logits) alive through backward and the
+    # optimizer step, as ``out = model(**batch); out.loss.backward(); opt.step()`` does; the
+    # default drops it as soon as the loss is taken (the HF Trainer's compute_loss)
+    keep_outputs: bool = False
 
     def __post_init__(self):
         errors = []
@@ -568,7 +572,10 @@ def train_step(prepared: Prepared, *, forward_context=None, phase=None) -> None:
             ctx = forward_context() if (forward_context and i == 0) else contextlib.nullcontext()
             with phase("forward"):
                 with ctx, amp:
-                    loss = prepared.model(**batch).loss
+                    outputs = prepared.model(**batch)
+                    loss = outputs.loss
+                if not spec.keep_outputs:
+                    del outputs  # the logits go unless the loop holds them (keep_outputs)
                 if spec.grad_accum_steps > 1:
                     loss = loss / spec.grad_accum_steps
             with phase("backward"):
@@ -576,5 +583,7 @@ def train_step(prepared: Prepared, *, forward_context=None, phase=None) -> None:
                 del loss
     with phase("optimizer"):
         prepared.optimizer.step()
+    if spec.keep_outputs:
+        del outputs  # held through the optimizer step, freed before the next step's zero_grad
     with phase("zero_grad"):
         prepared.optimizer.zero_grad(set_to_none=True)

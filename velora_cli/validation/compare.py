@@ -1,0 +1,136 @@
+"""Measured against predicted: signed errors, the bounds a case must meet, the summary.
+
+The signed error of a tier is ``(predicted - measured) / measured`` (a fraction; negative =
+under-predicted, the side that ends in an out-of-memory). The bounds are issue 23's: allocated
+within ±3 %, reserved and device within ±5 %, tokens/s within ±15 %, and no device figure more
+than 2 % low. No torch.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+from velora_cli.validation.corpus import TIERS
+
+# tier -> (lowest, highest) signed error allowed
+BOUNDS: dict[str, tuple[float, float]] = {
+    "allocated_bytes": (-0.03, 0.03),
+    "reserved_bytes": (-0.05, 0.05),
+    "device_bytes": (-0.02, 0.05),  # ±5 %, and never more than 2 % low (the OOM side)
+    "tokens_per_second": (-0.15, 0.15),
+}
+
+# the estimate row's field predicting each tier
+PREDICTED_FIELDS = {
+    "allocated_bytes": "predicted_allocated_bytes",
+    "reserved_bytes": "predicted_reserved_bytes",
+    "device_bytes": "predicted_device_bytes",
+    "tokens_per_second": "predicted_tokens_per_second",
+}
+
+
+def predicted_tiers(row: Mapping[str, Any], tiers: Iterable[str]) -> dict[str, Any]:
+    """The estimate row's predictions for ``tiers`` (a tier it has no figure for is left out)."""
+    out = {}
+    for tier in tiers:
+        value = row.get(PREDICTED_FIELDS[tier])
+        if value is not None:
+            out[tier] = value
+    return out
+
+
+def signed_errors(measured: Mapping[str, Any], predicted: Mapping[str, Any]) -> dict[str, float]:
+    """``(predicted - measured) / measured`` for every tier both have (measured > 0)."""
+    return {
+        tier: (predicted[tier] - measured[tier]) / measured[tier]
+        for tier in TIERS
+        if tier in measured and tier in predicted and measured[tier]
+    }
+
+
+def out_of_bounds(errors: Mapping[str, float], bounds=BOUNDS) -> list[str]:
+    """The tiers whose error is outside its bounds (``"device_bytes -3.1%"``); empty: passes."""
+    failed = []
+    for tier, error in errors.items():
+        low, high = bounds[tier]
+        if not low <= error <= high:
+            failed.append(f"{tier} {100 * error:+.1f}%")
+    return failed
+
+
+def summarize(cases: Iterable[Mapping[str, Any]]) -> dict[str, Any]:
+    """Per source and GPU, per tier: cases compared, mean |error|, max |error|, mean signed
+    error, the signed range, how many under-predicted; plus counts of cases, of the ones not
+    expressible, failed, out of bounds, and out of bounds on a memory tier.
+
+    Args:
+        cases: the JSON cases of `run.validate` (keys ``source``, ``gpu``, ``expressible``,
+            ``error``, ``status``).
+    """
+    groups: dict[str, dict[str, Any]] = {}
+    for case in cases:
+        key = f"{case['source']}/{case['gpu']}"
+        group = groups.setdefault(
+            key,
+            {
+                "source": case["source"],
+                "gpu": case["gpu"],
+                "cases": 0,
+                "expressible": 0,
+                "not_expressible": 0,
+                "failed": 0,
+                "out_of_bounds": 0,
+                "memory_out_of_bounds": 0,
+                "tiers": {},
+            },  # fmt: skip
+        )
+        group["cases"] += 1
+        if not case["expressible"]:
+            group["not_expressible"] += 1
+            continue
+        group["expressible"] += 1
+        if case.get("status") == "failed":
+            group["failed"] += 1
+        if case.get("out_of_bounds"):
+            group["out_of_bounds"] += 1
+        if any(not f.startswith("tokens_per_second") for f in case.get("out_of_bounds") or ()):
+            group["memory_out_of_bounds"] += 1
+        for tier, error in (case.get("error") or {}).items():
+            group["tiers"].setdefault(tier, []).append(error)
+    for group in groups.values():
+        group["tiers"] = {
+            tier: {
+                "cases": len(errors),
+                "mean_abs_error": sum(abs(e) for e in errors) / len(errors),
+                "max_abs_error": max(abs(e) for e in errors),
+                "mean_error": sum(errors) / len(errors),
+                "min_error": min(errors),
+                "max_error": max(errors),
+                "under_predicted": sum(e < 0 for e in errors),
+            }
+            for tier, errors in sorted(group["tiers"].items(), key=lambda kv: TIERS.index(kv[0]))
+        }
+    return groups
+
+
+def implied_efficiency(
+    measured_seconds: float, predicted_seconds: float, by_kind: Mapping[str, float]
+) -> dict[str, float]:
+    """What a measured step time says about the roofline's assumed efficiencies.
+
+    Returns:
+        ``scale``: predicted / measured seconds, the factor every assumed efficiency would need
+        (1: the roofline is right; below 1: the GPU ran slower than assumed);
+        ``gemm_efficiency``: the large-GEMM efficiency (of the dense peak) that would match the
+        measurement if every other op's time held (absent when the other ops alone take longer
+        than measured).
+    """
+    from velora_cli.timing.roofline import GEMM_EFFICIENCY
+
+    out = {"scale": predicted_seconds / measured_seconds}
+    gemm = by_kind.get("gemm", 0.0)
+    rest = sum(by_kind.values()) - gemm
+    if gemm > 0 and measured_seconds > rest:
+        out["gemm_efficiency"] = GEMM_EFFICIENCY * gemm / (measured_seconds - rest)
+    return out
