@@ -16,7 +16,8 @@ from velora_cli.search import autotune
 SEQ = 32
 
 
-def tuned(mode="full", placement="paper", gc=False, micro=2, accum=2, **fields) -> VeloraConfig:
+def tuned(mode="full", placement="paper", gc=False, micro=2, accum=2, trainer="hf",
+          **fields) -> VeloraConfig:  # fmt: skip
     """A plan as a tune records it (layers built on meta), with the cpu backend's peak."""
     from velora_cli.measure.cpu import CpuBackend
     from velora_cli.measure.train_step import StepSpec, Strategy
@@ -26,7 +27,8 @@ def tuned(mode="full", placement="paper", gc=False, micro=2, accum=2, **fields) 
                micro_batch_size=micro, grad_accum_steps=accum, optimizer="adamw")  # fmt: skip
     found = autotune._layers_of(settings, rec)
     spec = StepSpec("llama-tiny", batch_size=micro * accum, seq_len=SEQ, grad_accum_steps=accum,
-                    mode=mode, strategy=Strategy(placement, 4 if placement else None, gc=gc))  # fmt: skip
+                    mode=mode, strategy=Strategy(placement, 4 if placement else None, gc=gc),
+                    trainer=trainer)  # fmt: skip
     row = CpuBackend(steps=1).measure(spec)
     config = dict(model="llama-tiny", mode=mode, placement=placement,
                   num_groups=4 if placement else None, layers=found["velora_layers"] or None,
@@ -34,7 +36,7 @@ def tuned(mode="full", placement="paper", gc=False, micro=2, accum=2, **fields) 
                   lora_targets="all-linear" if mode != "full" else None, gc=gc,
                   micro_batch_size=micro, grad_accum_steps=accum, seq_len=SEQ, task="causal-lm",
                   peak_bytes=row["peak_bytes"], tokens_per_second=row["tokens_per_second"],
-                  backend="cpu")  # fmt: skip
+                  backend="cpu", trainer=trainer)  # fmt: skip
     return VeloraConfig(**{**config, **fields})
 
 
@@ -234,7 +236,8 @@ def test_the_trl_export_reproduces_the_plan_under_sft_trainer(tmp_path, profiles
         " ".join(words[j] for j in torch.randint(0, 1000, (40,), generator=gen)) for _ in range(8)
     ]
     for placement in ("all-linear", "paper"):  # PEFT's VeLoRA, then velora's on the peft model
-        exported = export("trl", tuned("lora", placement, gc=True, micro=2, accum=1)).data
+        plan = tuned("lora", placement, gc=True, micro=2, accum=1, trainer="trl")
+        exported = export("trl", plan).data
         model = tiny()
         peft_config = peft.LoraConfig(**exported["peft_config"])
         if exported["apply_velora"]:

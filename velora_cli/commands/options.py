@@ -259,3 +259,13 @@ CpuOffload = Annotated[
         "memory (the optimizer step runs on the CPU).",
     ),
 ]
+
+TrainerOption = Annotated[
+    str,
+    typer.Option(
+        "--trainer",
+        help="Whose step to plan: hf (the model's own loss from the full logits: transformers' "
+        "Trainer, or a plain loop) or trl (TRL SFTTrainer's tiled LM head, entropy and "
+        "token accuracy every step; needs trl).",
+    ),
+]

@@ -10,6 +10,7 @@ import typer
 
 from velora_cli.commands.errors import UserError, guarded
 from velora_cli.commands.options import (
+    TrainerOption,
     AllocConf,
     Amp,
     Backend,
@@ -142,6 +143,7 @@ def profile(
     ] = 1,
     parallel: ParallelOption = None,
     cpu_offload: CpuOffload = False,
+    trainer: TrainerOption = "hf",
 ) -> None:
     """Measure peak memory and step time of VeLoRA placements vs baseline and checkpointing."""
     if compare is not None:
@@ -207,6 +209,7 @@ def profile(
         world_size=world_size,
         parallel=parallels[0] if parallels else None,
         cpu_offload=cpu_offload,
+        trainer=trainer,
     )
     for name in optimizers[1:]:
         dataclasses.replace(spec, optimizer=name)  # validated before anything is measured

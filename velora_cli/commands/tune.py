@@ -9,6 +9,7 @@ import typer
 
 from velora_cli.commands.errors import UserError, fail, guarded
 from velora_cli.commands.options import (
+    TrainerOption,
     AllocConf,
     Amp,
     BatchSize,
@@ -104,6 +105,7 @@ def tune(
             help="Parallel strategies tried with more than one GPU: ddp, fsdp, fsdp-no-reshard.",
         ),
     ] = "ddp,fsdp,fsdp-no-reshard",
+    trainer: TrainerOption = "hf",
 ) -> None:
     """Find the fastest configuration that fits a memory budget, verified by a real run."""
     from velora_cli.search.tuner import OBJECTIVES
@@ -220,6 +222,7 @@ def tune(
         alloc_conf=alloc_conf,
         world_sizes=world_sizes,
         parallels=parallel_list,
+        trainer=trainer,
     )
     settings.base_spec()  # validates batch, precision, modes × optimizers, ranks (one line)
     from pathlib import Path

@@ -121,6 +121,11 @@ def torchrun_blockers(config: VeloraConfig) -> list[str]:
             "the configuration runs in one process (world size 1): there is nothing to launch "
             "(tune with --world-size N for a multi-GPU configuration)"
         )
+    if config.trainer != "hf":
+        why.append(
+            f"the plan measured the {config.trainer} step; the script's loop computes the "
+            "model's own loss (tune without --trainer trl)"
+        )
     if config.mode != "full":
         why.append(
             f"mode {config.mode}: the script loads a full model; for LoRA wrap it with "

@@ -170,7 +170,25 @@ def trainer_snippet(config: VeloraConfig, config_path: str = "velora-config.json
 
 
 def export(config: VeloraConfig) -> Export:
-    """The ``--format trainer`` document: the keyword arguments, the notes and the snippet."""
+    """The ``--format trainer`` document: the keyword arguments, the notes and the snippet.
+
+    Raises:
+        NotExpressible: the plan measured TRL's step (``--trainer trl``), which the Trainer
+            does not run.
+    """
+    if config.trainer != "hf":
+        from velora_cli.exports import NotExpressible
+
+        raise NotExpressible(
+            "a Trainer run",
+            [
+                f"the plan measured the {config.trainer} step (TRL SFTTrainer's tiled LM "
+                "head); transformers' Trainer computes the model's own loss from the full logits"
+            ],
+            None,
+            "--format trl states this plan for TRL's SFTTrainer; for the Trainer, tune without "
+            "--trainer trl",
+        )
     notes = trainer_notes(config)
     return Export(
         {

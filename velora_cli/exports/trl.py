@@ -9,7 +9,9 @@ What it must say because TRL's defaults differ from the Trainer's (read in TRL 1
   explicitly, as measured (off unless the tune chose them).
 * ``max_length`` (default 1024) is the measured sequence length.
 * ``SFTTrainer`` computes the loss through a tiled LM head (``add_fused_lm_head``) instead of the
-  model's full logits: the one part of its step that differs from velora's (said in the notes).
+  model's full logits, with its entropy and token accuracy every step: a different step, which
+  a plan must have measured (``velora tune --trainer trl``, `velora_cli.measure.trainers`). A
+  plan made for another step is refused, with the command that plans this one.
 * ``SFTTrainer`` casts the trained parameters of a 4-bit model to bf16 (QLoRA), where velora
   measured them in fp32 (peft's default): the snippet casts them back, so the run is the one
   measured; drop those lines to keep TRL's bf16 adapters (less memory than planned).
@@ -101,10 +103,9 @@ def notes(config: VeloraConfig, lora: dict[str, Any] | None, own_velora: bool) -
             "half the bytes planned"
         )
     out.append(
-        f"TRL {trl_version()} computes the loss through a tiled LM head (add_fused_lm_head: "
-        "log-probs without the full logits velora's step materializes): that part of the "
-        "memory differs from the plan (lower for a large vocabulary); VeloraCallback reports "
-        "the run's real peaks beside the plan"
+        f"planned with TRL's step (--trainer trl: TRL's "
+        "tiled LM head, entropy and token accuracy, as SFTTrainer computes them); "
+        "VeloraCallback reports the run's real peaks beside the plan"
     )
     if config.seq_len:
         out.append(
@@ -196,6 +197,22 @@ def export(config: VeloraConfig) -> Export:
             [f"TRL's SFTTrainer trains causal language models; {config.model} is masked-lm"],
             None,
             "--format trainer writes this configuration for transformers' Trainer",
+        )
+    if config.trainer != "trl":
+        from velora_cli.exports import Nearest
+        from velora_cli.exports.nearest import tune_command
+
+        nearest = dataclasses.replace(config, trainer="trl", layers=None)
+        raise NotExpressible(
+            "an SFTTrainer run",
+            [
+                f"the plan measured the {config.trainer} step (the model's own loss from the "
+                "full logits); TRL's SFTTrainer computes its loss through a tiled LM head, "
+                "with entropy and token accuracy every step, whose memory differs (60% above "
+                "such a plan for llama-60m, issue 28)"
+            ],
+            Nearest("the same search planned for TRL's step", nearest, tune_command(nearest, "trl")),
+            "--format trainer states this plan for transformers' Trainer",
         )
     lora, own_velora = peft_part(dataclasses.replace(config, task=task))
     said = notes(config, lora, own_velora)
