@@ -10,7 +10,6 @@ import typer
 
 from velora_cli.commands.errors import UserError, guarded
 from velora_cli.commands.options import (
-    TrainerOption,
     AllocConf,
     Amp,
     Backend,
@@ -28,6 +27,7 @@ from velora_cli.commands.options import (
     PlotOut,
     Rank,
     SeqLen,
+    TrainerOption,
     TrustRemoteCode,
     UpdateGap,
     Weights,

@@ -9,7 +9,6 @@ import typer
 
 from velora_cli.commands.errors import UserError, fail, guarded
 from velora_cli.commands.options import (
-    TrainerOption,
     AllocConf,
     Amp,
     BatchSize,
@@ -33,6 +32,7 @@ from velora_cli.commands.options import (
     Resume,
     ResumeFrom,
     SeqLen,
+    TrainerOption,
     TrustRemoteCode,
     TuneBackend,
     TuneGcEvery,

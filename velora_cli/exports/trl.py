@@ -103,7 +103,7 @@ def notes(config: VeloraConfig, lora: dict[str, Any] | None, own_velora: bool) -
             "half the bytes planned"
         )
     out.append(
-        f"planned with TRL's step (--trainer trl: TRL's "
+        "planned with TRL's step (--trainer trl: TRL's "
         "tiled LM head, entropy and token accuracy, as SFTTrainer computes them); "
         "VeloraCallback reports the run's real peaks beside the plan"
     )
@@ -211,7 +211,9 @@ def export(config: VeloraConfig) -> Export:
                 "with entropy and token accuracy every step, whose memory differs (60% above "
                 "such a plan for llama-60m, issue 28)"
             ],
-            Nearest("the same search planned for TRL's step", nearest, tune_command(nearest, "trl")),
+            Nearest(
+                "the same search planned for TRL's step", nearest, tune_command(nearest, "trl")
+            ),
             "--format trainer states this plan for transformers' Trainer",
         )
     lora, own_velora = peft_part(dataclasses.replace(config, task=task))
