@@ -124,3 +124,25 @@ def test_trainer_names_are_one_list():
     assert configs.TRAINERS == trainers.TRAINERS
     with pytest.raises(ValueError, match="--trainer 'plain': choose hf|trl"):
         StepSpec("llama-tiny", trainer="plain")
+
+
+def test_the_trl_snippet_of_a_built_in_runs_as_written(tmp_path, monkeypatch):
+    """Issue 28 item 3: snippets did from_pretrained(<built-in>), which cannot load."""
+    import json
+
+    from datasets import Dataset
+
+    config, _ = plan(True, "trl")
+    data = export("trl", config).data
+    snippet = data["snippet"]
+    assert 'model = build_model(name, dtype=torch.float32)' in snippet
+    assert "from_pretrained" not in snippet
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "trl.json").write_text(json.dumps(data))
+    ids = torch.randint(4, 1024, (BATCH, SEQ), generator=torch.Generator().manual_seed(1))
+    namespace = {"dataset": Dataset.from_dict({"input_ids": ids.tolist()}),
+                 "tokenizer": word_tokenizer(1024)}  # fmt: skip
+    exec(compile(snippet.replace('output_dir="out"', 'output_dir="out", max_steps=2, '
+                                 'report_to="none", use_cpu=True'), "snippet", "exec"),
+         namespace)  # fmt: skip
+    assert namespace["trainer"].state.global_step == 2

@@ -9,6 +9,34 @@ from typing import Any
 
 from velora_cli.configs import GALORE_SCALE, GALORE_TARGETS, LORA_MODES, SGD_MOMENTUM, VeloraConfig
 from velora_cli.exports import Export
+from velora_cli.models.public import is_builtin
+
+BUILTIN_NOTE = "a velora built-in: random weights, no tokenizer (velora_cli.build_model)"
+
+
+def builds_builtin(config: VeloraConfig) -> bool:
+    """Whether a snippet builds the model with `velora_cli.build_model` (a built-in, not QLoRA:
+    a 4-bit base is loaded from a checkpoint by bitsandbytes)."""
+    return is_builtin(config.model) and config.mode != "qlora"
+
+
+def model_line(config: VeloraConfig, name: str, weights: str, quantized: str = "") -> str:
+    """The snippet line that makes ``model``: `velora_cli.build_model` for a built-in (which
+    ``from_pretrained`` cannot load), else ``AutoModelForCausalLM.from_pretrained``.
+
+    Args:
+        name: the Python expression naming the model (a literal or a variable).
+        weights: the torch dtype expression, e.g. ``torch.float32``.
+        quantized: extra ``from_pretrained`` arguments (QLoRA's quantization_config).
+    """
+    if builds_builtin(config):
+        return f"model = build_model({name}, dtype={weights})  # {BUILTIN_NOTE}"
+    where = (
+        "  # a velora built-in: your checkpoint's id or path" if is_builtin(config.model) else ""
+    )
+    return (
+        f"model = AutoModelForCausalLM.from_pretrained({name}, dtype={weights}{quantized}){where}"
+    )
 
 
 def _trainer_has(name: str) -> bool:
@@ -111,18 +139,21 @@ def trainer_snippet(config: VeloraConfig, config_path: str = "velora-config.json
     """A short Python snippet that trains with ``config`` under the HF Trainer."""
     dtype = {"fp32": "torch.float32", "bf16": "torch.bfloat16", "fp16": "torch.float16"}
     weights = dtype[config.dtype if config.amp is None else "fp32"]
-    where = "" if "/" in config.model else "  # a velora built-in: your checkpoint's id or path"
     qlora = config.mode == "qlora"
     quantized = ", quantization_config=bnb" if qlora else ""
     own_optimizer = config.optimizer == "adarankgrad"  # no Trainer optim: velora builds it
+    builtin = builds_builtin(config)
     imports = [
         *(["apply_config"] if config.uses_velora else []),
+        *(["build_model"] if builtin else []),
         *(["make_optimizer"] if own_optimizer else []),
     ]
     lines = [
         *(["import peft"] if config.mode in LORA_MODES else []),
         "import torch",
-        "from transformers import AutoModelForCausalLM, Trainer, TrainingArguments",
+        "from transformers import "
+        + ("" if builtin else "AutoModelForCausalLM, ")
+        + "Trainer, TrainingArguments",
         *(["from transformers import BitsAndBytesConfig"] if qlora else []),
         *(["from velora_cli import " + ", ".join(imports)] if imports else []),
         "",
@@ -134,8 +165,7 @@ def trainer_snippet(config: VeloraConfig, config_path: str = "velora-config.json
             if qlora
             else []
         ),
-        f'model = AutoModelForCausalLM.from_pretrained("{config.model}", dtype={weights}'
-        f"{quantized}){where}",
+        model_line(config, f'"{config.model}"', weights, quantized),
     ]
     if config.mode in LORA_MODES:
         targets: str | list[str] = config.lora_targets or "all-linear"

@@ -31,7 +31,13 @@ from typing import Any
 from velora_cli.configs import LORA_MODES, VeloraConfig
 from velora_cli.exports import Export, FormatUnavailable, NotExpressible
 from velora_cli.exports import peft as peft_export
-from velora_cli.exports.trainer import _trainer_has, to_trainer, trainer_notes
+from velora_cli.exports.trainer import (
+    _trainer_has,
+    builds_builtin,
+    model_line,
+    to_trainer,
+    trainer_notes,
+)
 
 DEFAULT_PATH = "trl.json"  # where the snippet reads this export from
 
@@ -123,8 +129,9 @@ def snippet(config: VeloraConfig, lora: dict[str, Any] | None, own_velora: bool)
     weights = dtype[config.dtype if config.amp is None else "fp32"]
     qlora = config.mode == "qlora"
     own_optimizer = config.optimizer == "adarankgrad"
-    where = "" if "/" in config.model else "  # a velora built-in: your checkpoint's id or path"
+    builtin = builds_builtin(config)
     names = ["VeloraCallback"] + (["apply_config"] if own_velora else [])
+    names += ["build_model"] if builtin else []
     names += ["make_optimizer"] if own_optimizer else []
     manual_gc = config.gc_every not in (None, 1) and not _trainer_has("activation_checkpointing")
     lines = [
@@ -132,18 +139,22 @@ def snippet(config: VeloraConfig, lora: dict[str, Any] | None, own_velora: bool)
         "",
         *(["import peft"] if lora is not None else []),
         "import torch",
-        "from transformers import AutoModelForCausalLM, AutoTokenizer"
-        + (", BitsAndBytesConfig" if qlora else ""),
+        *(
+            []
+            if builtin
+            else [
+                "from transformers import AutoModelForCausalLM, AutoTokenizer"
+                + (", BitsAndBytesConfig" if qlora else "")
+            ]
+        ),
         "from trl import SFTConfig, SFTTrainer",
         f"from velora_cli import {', '.join(names)}",
         "",
         f'export = json.load(open("{DEFAULT_PATH}"))  # velora export-config --format trl -o '
         f"{DEFAULT_PATH}",
-        f'name = "{config.model}"{where}',
+        f'name = "{config.model}"',
         *([f"bnb = {peft_export.BNB_4BIT}"] if qlora else []),
-        f"model = AutoModelForCausalLM.from_pretrained(name, dtype={weights}"
-        + (", quantization_config=bnb" if qlora else "")
-        + ")",
+        model_line(config, "name", weights, ", quantization_config=bnb" if qlora else ""),
     ]
     peft_arg = ""
     if lora is not None and own_velora:
@@ -161,11 +172,16 @@ def snippet(config: VeloraConfig, lora: dict[str, Any] | None, own_velora: bool)
     if own_optimizer:
         lines.append('optimizer = make_optimizer(model, export["velora"], lr=1e-2)  # tune the lr')
         optimizers = ", optimizers=(optimizer, None)"
+    if builtin:
+        lines.append(
+            "# tokenizer: yours, a velora built-in has none (ids < vocab_size, a pad token)"
+        )
     lines += [
         'args = SFTConfig(output_dir="out", **export["sft_config"])',
         "trainer = SFTTrainer(model=model, args=args, train_dataset=dataset,  # a 'text' column",
-        "                     processing_class=AutoTokenizer.from_pretrained(name)"
-        f'{peft_arg}{optimizers}, callbacks=[VeloraCallback(export["velora"])])',
+        "                     processing_class="
+        + ("tokenizer" if builtin else "AutoTokenizer.from_pretrained(name)")
+        + f'{peft_arg}{optimizers}, callbacks=[VeloraCallback(export["velora"])])',
     ]
     if qlora:
         lines += [
