@@ -308,3 +308,36 @@ def test_velora_plot_draws_a_run_record(prepared_run, tmp_path):
     page = (tmp_path / "run.html").read_text()
     HTMLParser().feed(page)
     assert "<svg" in page and "tracked tensor peak" in page and "vs plan" in page
+
+
+def test_the_trainer_export_states_its_figures_and_its_snippet_runs_alone(tmp_path, monkeypatch):
+    """Issue 28 item 6: --format trainer stated no measured figures, its LoRA snippet loaded a
+    velora-config.json that the export does not write, and it left out VeloraCallback."""
+    from velora_cli.exports import export
+
+    plan = tuned("lora", "paper", gc=2, micro=2, accum=2, budget_bytes=10**9,
+                 source="tune-x.json")  # fmt: skip
+    result = export("trainer", plan)
+    doc = result.data
+    assert doc["measured"] == {
+        "peak_bytes": plan.peak_bytes, "allocated_bytes": None,
+        "tokens_per_second": plan.tokens_per_second, "backend": "cpu", "budget_bytes": 10**9,
+        "source": "tune-x.json",
+    }  # fmt: skip
+    assert result.notes[0].startswith("planned: peak ") and "on the cpu backend" in result.notes[0]
+    assert "budget 953.67 MiB, from tune-x.json" in result.notes[0]
+    snippet = doc["snippet"]
+    assert "velora-config.json" not in snippet and "VeloraCallback(export[" in snippet
+    assert 'build_model("llama-tiny"' in snippet and "from_pretrained" not in snippet
+    monkeypatch.chdir(tmp_path)  # nothing here but the export itself
+    (tmp_path / "trainer.json").write_text(json.dumps(doc))
+    code = snippet.replace('output_dir="out"', 'output_dir="out", max_steps=2, logging_steps=2, '
+                           'report_to="none", use_cpu=True, disable_tqdm=True')  # fmt: skip
+    namespace = {"train_dataset": data()}
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        exec(compile(code, "snippet", "exec"), namespace)
+    assert not [w for w in caught if issubclass(w.category, PlanMismatchWarning)]
+    [callback] = [c for c in namespace["trainer"].callback_handler.callbacks
+                  if isinstance(c, VeloraCallback)]  # fmt: skip
+    assert callback.record["status"] == "finished" and callback.mismatches == []

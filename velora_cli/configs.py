@@ -372,8 +372,8 @@ def load_config(path_or_dict: str | os.PathLike | dict[str, Any]) -> VeloraConfi
             f"{model} --budget SIZE and export its document"
         )
     kind = data.get("format")
-    if kind == "trl" and isinstance(data.get("velora"), dict):
-        data = data["velora"]  # a trl export carries the velora config it was written from
+    if kind in ("trl", "trainer") and isinstance(data.get("velora"), dict):
+        data = data["velora"]  # trl/trainer exports carry the velora config they came from
         kind = data.get("format")
     if kind != FORMAT:
         hint = (
