@@ -320,7 +320,7 @@ def test_trainer_adarankgrad_is_built_by_velora_and_passed_to_the_trainer():
         snippet
     )
     assert 'optimizer = make_optimizer(model, export["velora"], lr=1e-2)' in snippet
-    assert "optimizers=(optimizer, None))" in snippet
+    assert "optimizers=(optimizer, None), callbacks=[VeloraCallback(export" in snippet
     compile(snippet, "snippet", "exec")
     sgd = to_trainer(config(optimizer="sgd"))
     assert (sgd["optim"], sgd["optim_args"]) == ("sgd", "momentum=0.9")  # as the tune measured
