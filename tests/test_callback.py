@@ -341,3 +341,66 @@ def test_the_trainer_export_states_its_figures_and_its_snippet_runs_alone(tmp_pa
     [callback] = [c for c in namespace["trainer"].callback_handler.callbacks
                   if isinstance(c, VeloraCallback)]  # fmt: skip
     assert callback.record["status"] == "finished" and callback.mismatches == []
+
+
+def test_a_plan_for_another_model_is_caught_named_and_compared_with_what_trained(
+    tmp_path, profiles, monkeypatch
+):
+    """Issue 28 item 2: a llama-60m plan applied to llama-tiny gave no warning, a record named
+    llama-60m, and --compare predicted llama-60m."""
+    from typer.testing import CliRunner
+
+    from velora_cli import build_model
+    from velora_cli.cli import app
+
+    plan = VeloraConfig(model="llama-60m", micro_batch_size=2, grad_accum_steps=2, seq_len=SEQ,
+                        task="causal-lm", peak_bytes=700 * 2**20, backend="cpu")  # fmt: skip
+    callback = VeloraCallback(plan)
+    _, caught = train(build_model("llama-tiny"), callback, tmp_path)
+    [warning] = caught
+    text = str(warning.message)
+    assert "model: the run trains llama-tiny LlamaForCausalLM (hidden 64, 2 layers" in text
+    assert "the plan llama-60m LlamaForCausalLM (hidden 512" in text
+    assert "differs in hidden_size, num_hidden_layers" in text
+    record = load_run(callback.path)
+    assert record["model"] == "llama-tiny" and record["planned_model"] == "llama-60m"
+    assert callback.path.name.startswith("run-llama-tiny-")
+    monkeypatch.setenv("VELORA_PROFILES_DIR", str(callback.path.parent))
+    result = CliRunner().invoke(app, ["profile", "--compare", str(callback.path), "--backend",
+                                      "estimate", "--format", "json", "--no-save"])  # fmt: skip
+    assert result.exit_code == 0, result.output
+    document = json.loads(result.stdout)
+    assert document["spec"]["model"] == "llama-tiny"
+    tensor = {r["figure"]: r for r in document["rows"]}["tensor_peak_bytes"]
+    assert abs(tensor["relative_error"]) < 0.05, tensor  # against the model that trained
+    result = CliRunner().invoke(app, ["profile", "llama-60m", "--compare", str(callback.path)])
+    assert result.exit_code == 1 and "is not the run's model 'llama-tiny'" in result.stderr
+
+
+def test_world_size_sharding_and_step_are_checked():
+    from types import SimpleNamespace
+
+    from velora_cli.runs.plan_check import mismatches, observe
+
+    fsdp = VeloraConfig(model="llama-tiny", micro_batch_size=2, world_size=2, parallel="fsdp")
+    args = SimpleNamespace(per_device_train_batch_size=2, gradient_accumulation_steps=1,
+                           world_size=1, bf16=False, fp16=False)  # fmt: skip
+    found = mismatches(fsdp, observe(tiny(), args))
+    assert any(m.startswith("world size: the run has 1 process, the plan 2 (fsdp)") for m in found)
+    two = SimpleNamespace(**{**vars(args), "world_size": 2})  # 2 ranks, but not sharded (DDP)
+    found = mismatches(fsdp, observe(tiny(), two))
+    assert not any(m.startswith("world size") for m in found)
+    assert any(m.startswith("sharding: the plan shards parameters with FSDP2") for m in found)
+    # a plan of the hf step under TRL's fused head
+    if importlib.util.find_spec("trl"):
+        from trl.trainer.utils import add_fused_lm_head
+
+        model = tiny()
+        add_fused_lm_head(model, outputs=("log_probs",))
+        one = VeloraConfig(model="llama-tiny", micro_batch_size=2)
+        assert any("step: the run computes the trl step, the plan measured the hf step" in m
+                   for m in mismatches(one, observe(model, args)))  # fmt: skip
+        planned = dataclasses.replace(one, trainer="trl")
+        assert mismatches(planned, observe(model, args)) == []
+    assert mismatches(VeloraConfig(model="llama-tiny", micro_batch_size=2),
+                      observe(tiny(), args)) == []  # fmt: skip

@@ -50,7 +50,9 @@ def build_model(name: str, *, dtype: torch.dtype | str = "float32", device: str 
             f"{name!r} is not a velora built-in ({', '.join(_builtin_table())}); load a hub id "
             "or a local checkpoint with AutoModelForCausalLM.from_pretrained"
         )
-    return _build(_builtin_spec(name, key), device=device, dtype=dtype)
+    model = _build(_builtin_spec(name, key), device=device, dtype=dtype)
+    model.config._name_or_path = key  # a run record names the model, --compare rebuilds it
+    return model
 
 
 def is_builtin(name: str) -> bool:
