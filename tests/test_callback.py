@@ -308,6 +308,28 @@ def test_velora_plot_draws_a_run_record(prepared_run, tmp_path):
     page = (tmp_path / "run.html").read_text()
     HTMLParser().feed(page)
     assert "<svg" in page and "tracked tensor peak" in page and "vs plan" in page
+    # steps are whole numbers: the step axes have integer ticks only (issue 28: 2.5)
+    from velora_cli.plots.run import run_figure
+    from velora_cli.plots.style import style
+
+    with style():
+        figure = run_figure(record)
+    figure.canvas.draw()
+    for axes in figure.axes:
+        if "training step" in axes.get_xlabel():
+            ticks = [t for t in axes.get_xticks() if axes.get_xlim()[0] <= t <= axes.get_xlim()[1]]
+            assert ticks and all(float(t).is_integer() for t in ticks), ticks
+    # what velora plot cannot draw says what it is and what to pass
+    journal = tmp_path / "tune-x.jsonl"
+    journal.write_text('{"v": 1, "stage": "header", "context": {}}\n{"v": 1}\n')
+    result = runner.invoke(app, ["plot", str(journal), "-o", str(tmp_path / "j.png")])
+    assert result.exit_code == 1 and "is a tune journal" in result.stderr
+    assert "plot the tune document that names it" in " ".join(result.stderr.split())
+    result = runner.invoke(app, ["export-config", "--from", str(callback.path)])
+    assert result.exit_code == 1
+    said = " ".join(result.stderr.split())
+    assert "this is a run record (VeloraCallback's), not a tune document" in said
+    assert f"velora profile --compare {callback.path}" in said
 
 
 def test_the_trainer_export_states_its_figures_and_its_snippet_runs_alone(tmp_path, monkeypatch):

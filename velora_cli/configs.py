@@ -371,6 +371,12 @@ def load_config(path_or_dict: str | os.PathLike | dict[str, Any]) -> VeloraConfi
             "measures strategies and recommends none; run velora tune "
             f"{model} --budget SIZE and export its document"
         )
+    if data.get("kind") == "velora-run":
+        raise ConfigError(
+            f"{where}this is a run record (VeloraCallback's), not a tune document: export the "
+            "tune document the run was planned from (velora export-config --from tune-*.json), "
+            f"or set the run beside a prediction with velora profile --compare {source or 'RUN'}"
+        )
     kind = data.get("format")
     if kind in ("trl", "trainer") and isinstance(data.get("velora"), dict):
         data = data["velora"]  # trl/trainer exports carry the velora config they came from
