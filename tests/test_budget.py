@@ -113,3 +113,15 @@ def test_describe_budget_without_text_uses_the_byte_count():
 )
 def test_format_bytes(n, text):
     assert format_bytes(n) == text
+
+
+@pytest.mark.parametrize(
+    "text, expected",
+    [
+        ("1.3GiB", 1395864371),  # 1.3 × 2^30 = 1395864371.2 B: rounded down (issue 28)
+        ("0.1KiB", 102),  # 102.4 B
+        ("1.0000000001GiB", 2**30),  # 2^30 + 0.107 B
+    ],
+)
+def test_fraction_of_a_byte_in_a_larger_unit_is_rounded_down(text, expected):
+    assert parse_budget(text) == expected

@@ -16,7 +16,8 @@ from velora_cli.search import autotune
 SEQ = 32
 
 
-def tuned(mode="full", placement="paper", gc=False, micro=2, accum=2, **fields) -> VeloraConfig:
+def tuned(mode="full", placement="paper", gc=False, micro=2, accum=2, trainer="hf",
+          **fields) -> VeloraConfig:  # fmt: skip
     """A plan as a tune records it (layers built on meta), with the cpu backend's peak."""
     from velora_cli.measure.cpu import CpuBackend
     from velora_cli.measure.train_step import StepSpec, Strategy
@@ -26,7 +27,8 @@ def tuned(mode="full", placement="paper", gc=False, micro=2, accum=2, **fields) 
                micro_batch_size=micro, grad_accum_steps=accum, optimizer="adamw")  # fmt: skip
     found = autotune._layers_of(settings, rec)
     spec = StepSpec("llama-tiny", batch_size=micro * accum, seq_len=SEQ, grad_accum_steps=accum,
-                    mode=mode, strategy=Strategy(placement, 4 if placement else None, gc=gc))  # fmt: skip
+                    mode=mode, strategy=Strategy(placement, 4 if placement else None, gc=gc),
+                    trainer=trainer)  # fmt: skip
     row = CpuBackend(steps=1).measure(spec)
     config = dict(model="llama-tiny", mode=mode, placement=placement,
                   num_groups=4 if placement else None, layers=found["velora_layers"] or None,
@@ -34,7 +36,7 @@ def tuned(mode="full", placement="paper", gc=False, micro=2, accum=2, **fields) 
                   lora_targets="all-linear" if mode != "full" else None, gc=gc,
                   micro_batch_size=micro, grad_accum_steps=accum, seq_len=SEQ, task="causal-lm",
                   peak_bytes=row["peak_bytes"], tokens_per_second=row["tokens_per_second"],
-                  backend="cpu")  # fmt: skip
+                  backend="cpu", trainer=trainer)  # fmt: skip
     return VeloraConfig(**{**config, **fields})
 
 
@@ -234,7 +236,8 @@ def test_the_trl_export_reproduces_the_plan_under_sft_trainer(tmp_path, profiles
         " ".join(words[j] for j in torch.randint(0, 1000, (40,), generator=gen)) for _ in range(8)
     ]
     for placement in ("all-linear", "paper"):  # PEFT's VeLoRA, then velora's on the peft model
-        exported = export("trl", tuned("lora", placement, gc=True, micro=2, accum=1)).data
+        plan = tuned("lora", placement, gc=True, micro=2, accum=1, trainer="trl")
+        exported = export("trl", plan).data
         model = tiny()
         peft_config = peft.LoraConfig(**exported["peft_config"])
         if exported["apply_velora"]:
@@ -305,3 +308,121 @@ def test_velora_plot_draws_a_run_record(prepared_run, tmp_path):
     page = (tmp_path / "run.html").read_text()
     HTMLParser().feed(page)
     assert "<svg" in page and "tracked tensor peak" in page and "vs plan" in page
+    # steps are whole numbers: the step axes have integer ticks only (issue 28: 2.5)
+    from velora_cli.plots.run import run_figure
+    from velora_cli.plots.style import style
+
+    with style():
+        figure = run_figure(record)
+    figure.canvas.draw()
+    for axes in figure.axes:
+        if "training step" in axes.get_xlabel():
+            ticks = [t for t in axes.get_xticks() if axes.get_xlim()[0] <= t <= axes.get_xlim()[1]]
+            assert ticks and all(float(t).is_integer() for t in ticks), ticks
+    # what velora plot cannot draw says what it is and what to pass
+    journal = tmp_path / "tune-x.jsonl"
+    journal.write_text('{"v": 1, "stage": "header", "context": {}}\n{"v": 1}\n')
+    result = runner.invoke(app, ["plot", str(journal), "-o", str(tmp_path / "j.png")])
+    assert result.exit_code == 1 and "is a tune journal" in result.stderr
+    assert "plot the tune document that names it" in " ".join(result.stderr.split())
+    result = runner.invoke(app, ["export-config", "--from", str(callback.path)])
+    assert result.exit_code == 1
+    said = " ".join(result.stderr.split())
+    assert "this is a run record (VeloraCallback's), not a tune document" in said
+    assert f"velora profile --compare {callback.path}" in said
+
+
+def test_the_trainer_export_states_its_figures_and_its_snippet_runs_alone(tmp_path, monkeypatch):
+    """Issue 28 item 6: --format trainer stated no measured figures, its LoRA snippet loaded a
+    velora-config.json that the export does not write, and it left out VeloraCallback."""
+    from velora_cli.exports import export
+
+    plan = tuned("lora", "paper", gc=2, micro=2, accum=2, budget_bytes=10**9,
+                 source="tune-x.json")  # fmt: skip
+    result = export("trainer", plan)
+    doc = result.data
+    assert doc["measured"] == {
+        "peak_bytes": plan.peak_bytes, "allocated_bytes": None,
+        "tokens_per_second": plan.tokens_per_second, "backend": "cpu", "budget_bytes": 10**9,
+        "source": "tune-x.json",
+    }  # fmt: skip
+    assert result.notes[0].startswith("planned: peak ") and "on the cpu backend" in result.notes[0]
+    assert "budget 953.67 MiB, from tune-x.json" in result.notes[0]
+    snippet = doc["snippet"]
+    assert "velora-config.json" not in snippet and "VeloraCallback(export[" in snippet
+    assert 'build_model("llama-tiny"' in snippet and "from_pretrained" not in snippet
+    monkeypatch.chdir(tmp_path)  # nothing here but the export itself
+    (tmp_path / "trainer.json").write_text(json.dumps(doc))
+    code = snippet.replace('output_dir="out"', 'output_dir="out", max_steps=2, logging_steps=2, '
+                           'report_to="none", use_cpu=True, disable_tqdm=True')  # fmt: skip
+    namespace = {"train_dataset": data()}
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        exec(compile(code, "snippet", "exec"), namespace)
+    assert not [w for w in caught if issubclass(w.category, PlanMismatchWarning)]
+    [callback] = [c for c in namespace["trainer"].callback_handler.callbacks
+                  if isinstance(c, VeloraCallback)]  # fmt: skip
+    assert callback.record["status"] == "finished" and callback.mismatches == []
+
+
+def test_a_plan_for_another_model_is_caught_named_and_compared_with_what_trained(
+    tmp_path, profiles, monkeypatch
+):
+    """Issue 28 item 2: a llama-60m plan applied to llama-tiny gave no warning, a record named
+    llama-60m, and --compare predicted llama-60m."""
+    from typer.testing import CliRunner
+
+    from velora_cli import build_model
+    from velora_cli.cli import app
+
+    plan = VeloraConfig(model="llama-60m", micro_batch_size=2, grad_accum_steps=2, seq_len=SEQ,
+                        task="causal-lm", peak_bytes=700 * 2**20, backend="cpu")  # fmt: skip
+    callback = VeloraCallback(plan)
+    _, caught = train(build_model("llama-tiny"), callback, tmp_path)
+    [warning] = caught
+    text = str(warning.message)
+    assert "model: the run trains llama-tiny LlamaForCausalLM (hidden 64, 2 layers" in text
+    assert "the plan llama-60m LlamaForCausalLM (hidden 512" in text
+    assert "differs in hidden_size, num_hidden_layers" in text
+    record = load_run(callback.path)
+    assert record["model"] == "llama-tiny" and record["planned_model"] == "llama-60m"
+    assert callback.path.name.startswith("run-llama-tiny-")
+    monkeypatch.setenv("VELORA_PROFILES_DIR", str(callback.path.parent))
+    result = CliRunner().invoke(app, ["profile", "--compare", str(callback.path), "--backend",
+                                      "estimate", "--format", "json", "--no-save"])  # fmt: skip
+    assert result.exit_code == 0, result.output
+    document = json.loads(result.stdout)
+    assert document["spec"]["model"] == "llama-tiny"
+    tensor = {r["figure"]: r for r in document["rows"]}["tensor_peak_bytes"]
+    assert abs(tensor["relative_error"]) < 0.05, tensor  # against the model that trained
+    result = CliRunner().invoke(app, ["profile", "llama-60m", "--compare", str(callback.path)])
+    assert result.exit_code == 1 and "is not the run's model 'llama-tiny'" in result.stderr
+
+
+def test_world_size_sharding_and_step_are_checked():
+    from types import SimpleNamespace
+
+    from velora_cli.runs.plan_check import mismatches, observe
+
+    fsdp = VeloraConfig(model="llama-tiny", micro_batch_size=2, world_size=2, parallel="fsdp")
+    args = SimpleNamespace(per_device_train_batch_size=2, gradient_accumulation_steps=1,
+                           world_size=1, bf16=False, fp16=False)  # fmt: skip
+    found = mismatches(fsdp, observe(tiny(), args))
+    assert any(m.startswith("world size: the run has 1 process, the plan 2 (fsdp)") for m in found)
+    two = SimpleNamespace(**{**vars(args), "world_size": 2})  # 2 ranks, but not sharded (DDP)
+    found = mismatches(fsdp, observe(tiny(), two))
+    assert not any(m.startswith("world size") for m in found)
+    assert any(m.startswith("sharding: the plan shards parameters with FSDP2") for m in found)
+    # a plan of the hf step under TRL's fused head
+    if importlib.util.find_spec("trl"):
+        from trl.trainer.utils import add_fused_lm_head
+
+        model = tiny()
+        add_fused_lm_head(model, outputs=("log_probs",))
+        one = VeloraConfig(model="llama-tiny", micro_batch_size=2)
+        assert any("step: the run computes the trl step, the plan measured the hf step" in m
+                   for m in mismatches(one, observe(model, args)))  # fmt: skip
+        planned = dataclasses.replace(one, trainer="trl")
+        assert mismatches(planned, observe(model, args)) == []
+    assert mismatches(VeloraConfig(model="llama-tiny", micro_batch_size=2),
+                      observe(tiny(), args)) == []  # fmt: skip

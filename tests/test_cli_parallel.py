@@ -167,12 +167,12 @@ def test_how_many_gpus_picks_2_when_only_sharding_fits(tmp_path, profiles):
     assert "torchrun --standalone --nproc-per-node 2 train_velora.py" in out.stderr
     run = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-         str(script), "--dry-run", "1"],
+         str(script), "--dry-run", "2"],
         capture_output=True, text=True, timeout=300, cwd=tmp_path,
         env={**__import__("os").environ, "PYTHONPATH": str(__import__("pathlib").Path.cwd())},
     )  # fmt: skip
     assert run.returncode == 0, run.stderr[-2000:]
-    assert "rank 0: 1 steps done" in run.stdout and "rank 1: 1 steps done" in run.stdout
+    assert "(after 2 steps)" in run.stdout and "rank 1: tracked tensors" in run.stdout
 
 
 def test_launcher_exports_refuse_a_single_process_configuration(tmp_path):
@@ -183,3 +183,65 @@ def test_launcher_exports_refuse_a_single_process_configuration(tmp_path):
     for fmt in ("accelerate", "torchrun"):
         out = runner.invoke(app, ["export-config", "--from", str(config), "--format", fmt])
         assert out.exit_code == 1 and "world size 1" in out.stderr, out.output
+
+
+def test_the_torchrun_script_of_a_built_in_starts_and_checks_each_rank_against_the_plan(tmp_path):
+    """Issue 28: the script did from_pretrained(<built-in>), which cannot load, and its CPU dry
+    run printed "n/a"; now it builds the built-in and tracks each rank's step (gloo, 2 ranks)."""
+    import dataclasses
+    import os
+    import re
+    from pathlib import Path
+
+    from velora_cli.configs import VeloraConfig
+    from velora_cli.measure.train_step import StepSpec, Strategy
+    from velora_cli.profiling.profiler import make_backend
+
+    spec = StepSpec("llama-tiny", batch_size=2, seq_len=32, strategy=Strategy(gc=True),
+                    world_size=2, parallel="fsdp")  # fmt: skip
+    row = make_backend("cpu", spec, warmup=1, steps=1).measure(spec)  # velora's own 2 ranks
+    assert row["status"] == "ok", row
+    config = VeloraConfig(model="llama-tiny", gc=True, micro_batch_size=2, seq_len=32,
+                          world_size=2, parallel="fsdp", peak_bytes=row["peak_bytes"],
+                          backend="cpu", layer_classes=["LlamaDecoderLayer"])  # fmt: skip
+    source = tmp_path / "plan.json"
+    source.write_text(json.dumps(config.to_dict()))
+    script = tmp_path / "train_velora.py"
+    out = runner.invoke(app, ["export-config", "--from", str(source), "--format", "torchrun",
+                              "-o", str(script)])  # fmt: skip
+    assert out.exit_code == 0, out.output
+    text = script.read_text()
+    assert "build_model(MODEL, dtype=DTYPE)" in text and "from_pretrained" not in text
+
+    def dry_run(steps: int) -> subprocess.CompletedProcess:
+        """torchrun in its own process group, killed as a group if it outlives the timeout."""
+        import signal
+
+        command = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+                   "--nproc-per-node", "2", str(script), "--dry-run", str(steps)]  # fmt: skip
+        env = {**os.environ, "PYTHONPATH": str(Path.cwd()), "OMP_NUM_THREADS": "1"}
+        proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                cwd=tmp_path, env=env, start_new_session=True)  # fmt: skip
+        try:
+            out, err = proc.communicate(timeout=300)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)  # torchrun and both ranks
+            proc.communicate()
+            raise
+        return subprocess.CompletedProcess(command, proc.returncode, out, err)
+
+    run = dry_run(3)
+    assert run.returncode == 0, run.stderr[-3000:]
+    for rank in (0, 1):
+        # the ranks' lines may interleave: each is read up to its own "(after N steps)"
+        line = re.search(rf"rank {rank}: tracked tensors [^(]*\(cpu backend\), ([+-][0-9.]+)%",
+                         run.stdout)  # fmt: skip
+        assert line, run.stdout
+        assert abs(float(line.group(1))) < 5, line.group(0)  # tracked as the cpu backend does
+    # a plan the ranks exceed: the dry run says so and exits 1
+    small = dataclasses.replace(config, peak_bytes=row["peak_bytes"] // 2)
+    source.write_text(json.dumps(small.to_dict()))
+    out = runner.invoke(app, ["export-config", "--from", str(source), "--format", "torchrun",
+                              "-o", str(script)])  # fmt: skip
+    run = dry_run(2)
+    assert run.returncode != 0 and "the plan does not hold here" in run.stdout, run.stdout

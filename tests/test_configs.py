@@ -228,8 +228,9 @@ def test_trainer_kwargs_construct_training_arguments(tmp_path, gc):
 
 def test_trainer_snippet_applies_velora_without_checkpointing_twice():
     snippet = trainer_snippet(config(gc=2), "cfg.json")
-    assert 'apply_config(model, "cfg.json", checkpointing=False)' in snippet
-    assert "gradient_accumulation_steps=4" in snippet
+    assert 'export = json.load(open("cfg.json"))' in snippet
+    assert 'apply_config(model, export["velora"], checkpointing=False)' in snippet
+    assert 'TrainingArguments(output_dir="out", **export["training_arguments"])' in snippet
     compile(snippet, "snippet", "exec")
 
 
@@ -315,9 +316,11 @@ def test_trainer_adarankgrad_is_built_by_velora_and_passed_to_the_trainer():
     assert "optim" not in to_trainer(cfg)
     assert any("optimizers=(optimizer, None)" in note for note in trainer_notes(cfg))
     snippet = trainer_snippet(cfg, "cfg.json")
-    assert "from velora_cli import apply_config, make_optimizer" in snippet
-    assert 'optimizer = make_optimizer(model, "cfg.json", lr=1e-2)' in snippet
-    assert "optimizers=(optimizer, None))" in snippet
+    assert "from velora_cli import VeloraCallback, apply_config, build_model, make_optimizer" in (
+        snippet
+    )
+    assert 'optimizer = make_optimizer(model, export["velora"], lr=1e-2)' in snippet
+    assert "optimizers=(optimizer, None), callbacks=[VeloraCallback(export" in snippet
     compile(snippet, "snippet", "exec")
     sgd = to_trainer(config(optimizer="sgd"))
     assert (sgd["optim"], sgd["optim_args"]) == ("sgd", "momentum=0.9")  # as the tune measured

@@ -176,7 +176,9 @@ def test_sft_config_states_every_measured_setting(tmp_path, gc):
     from trl import SFTConfig
 
     found = measured("lora", "all-linear", "all-linear")
-    config = dataclasses.replace(plan("lora", "all-linear", "all-linear", found), gc=gc)
+    config = dataclasses.replace(
+        plan("lora", "all-linear", "all-linear", found), gc=gc, trainer="trl"
+    )
     data = export("trl", config).data
     args = SFTConfig(output_dir=str(tmp_path), **json.loads(json.dumps(data["sft_config"])))
     assert (args.per_device_train_batch_size, args.gradient_accumulation_steps) == (2, 2)
@@ -195,7 +197,8 @@ def test_sft_config_states_every_measured_setting(tmp_path, gc):
 @needs_trl
 def test_trl_applies_velora_itself_where_peft_cannot():
     found = measured("qlora", "paper", "all-linear")
-    data = export("trl", plan("qlora", "paper", "all-linear", found)).data
+    config = dataclasses.replace(plan("qlora", "paper", "all-linear", found), trainer="trl")
+    data = export("trl", config).data
     assert data["apply_velora"] and "velora_config" not in data["peft_config"]
     snippet = data["snippet"]
     assert 'peft.get_peft_model(model, peft.LoraConfig(**export["peft_config"]))' in snippet
@@ -242,7 +245,12 @@ def test_export_config_never_writes_another_format_where_peft_was_asked(tmp_path
     assert "Nearest that is: VeLoRA on all 14 LoRA adapters, g4" in line
     assert "velora tune llama-tiny --budget 1GB --backend estimate --batch-size 4" in line
     assert "--placements all-linear --num-groups 4 && velora export-config --format peft" in line
-    # the same plan as TRL: exact, with velora's VeLoRA on the peft model
+    # the same plan as TRL: refused (it measured the hf step); planned for TRL's step: exact,
+    # with velora's VeLoRA on the peft model
     if importlib.util.find_spec("trl"):
+        result = runner.invoke(app, ["export-config", "--from", str(tune), "--format", "trl"])
+        assert result.exit_code == 1 and "--trainer trl" in result.stderr
+        document["settings"]["trainer"] = "trl"
+        tune.write_text(json.dumps(document))
         result = runner.invoke(app, ["export-config", "--from", str(tune), "--format", "trl"])
         assert result.exit_code == 0 and json.loads(result.stdout)["apply_velora"] is True

@@ -398,3 +398,15 @@ def test_spec_is_frozen():
     assert isinstance(spec, ModelSpec)
     with pytest.raises(AttributeError):
         spec.name = "other"  # type: ignore[misc]
+
+
+def test_a_mistyped_built_in_gets_did_you_mean(monkeypatch):
+    """Issue 28: lama-60m got no hint (offline: the hub lookup fails, then the hint)."""
+    from velora_cli.models import ModelError, resolve_model
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(ModelError, match=r"did you mean llama-60m\?$"):
+        resolve_model("lama-60m")
+    with pytest.raises(ModelError) as info:
+        resolve_model("qwerty-model")
+    assert "did you mean" not in str(info.value)

@@ -328,3 +328,43 @@ def test_the_page_renders_in_a_headless_browser(profile_doc, tmp_path):
         timeout=120,
     )
     assert _png_size(shot.read_bytes()) == (1200, 2000)
+
+
+@pytest.mark.parametrize("command", [["profile"], ["tune"]])
+def test_an_unwritable_plot_fails_before_any_work_and_no_folder_is_made(tmp_path, command):
+    # issue 28: a mistyped folder was created silently, an unwritable one failed after the run
+    missing = tmp_path / "typo" / "p.png"
+    result = runner.invoke(app, [*command, "llama-tiny", "--backend", "estimate", "--plot",
+                                 str(missing)])  # fmt: skip
+    assert result.exit_code == 1, result.output
+    assert f"cannot write the plot to {missing}: the folder {missing.parent} does not exist" in (
+        " ".join(result.stderr.split())
+    )
+    assert "velora does not create it" in result.stderr
+    assert not missing.parent.exists() and not (tmp_path / "profiles").exists()
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    result = runner.invoke(app, [*command, "llama-tiny", "--backend", "estimate", "--plot",
+                                 str(afile / "p.png")])  # fmt: skip
+    assert result.exit_code == 1 and "is not a folder" in result.stderr
+    assert not (tmp_path / "profiles").exists()
+
+
+def test_a_read_only_folder_is_refused_by_check_output(tmp_path, monkeypatch):
+    import os
+
+    folder = tmp_path / "ro"
+    folder.mkdir()
+    real = os.access
+    # root may write anywhere, so the permission is faked where the tests run as root
+    monkeypatch.setattr(
+        os, "access", lambda p, mode: False if str(p) == str(folder) else real(p, mode)
+    )
+    with pytest.raises(
+        plots.PlotError, match=r"cannot write the plot to .*ro/p.svg: the folder .* is not writable"
+    ):
+        plots.check_output(folder / "p.svg")
+    (folder / "d.svg").mkdir()
+    monkeypatch.setattr(os, "access", real)
+    with pytest.raises(plots.PlotError, match="it is a folder"):
+        plots.check_output(folder / "d.svg")

@@ -650,9 +650,16 @@ def test_interrupted_tune_resumes_without_redoing_finished_candidates(tmp_path):
     assert resumed.recommendation == expected.recommendation
     assert resumed.candidates == expected.candidates
 
-    # a finished journal replays without calling anything
+    # a finished journal replays without calling anything; its counter starts at 1, as the
+    # progress names the stage of a resumed measurement (issue 28: it started at [0/4])
+    from velora_cli.report.progress import TuneProgress
+
     third = Fake()
-    again = third.tune(space, budget_bytes=2000, journal=Journal.load(path))
+    lines: list[str] = []
+    progress = TuneProgress(echo=lines.append, terminal=False, heartbeat=0)
+    again = third.tune(space, budget_bytes=2000, journal=Journal.load(path), progress=progress)
+    measured = [line for line in lines if " measure " in line]
+    assert measured and measured[0].startswith("[1/") and "resume measure" in measured[0]
     assert third.calls == []
     assert again.recommendation == expected.recommendation
 

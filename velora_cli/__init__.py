@@ -6,6 +6,7 @@ The public API is imported lazily so that ``velora --help`` never pays for impor
     >>> names = apply_velora(model, layers="paper", num_groups=32)
     >>> from velora_cli import apply_config, make_optimizer  # a config from velora export-config
     >>> from velora_cli import VeloraCallback  # Trainer(..., callbacks=[VeloraCallback(config)])
+    >>> from velora_cli import build_model  # a built-in (llama-60m, ...): random weights
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ _LAZY = {
     "saved_activation_bytes": "velora_cli.measure.accounting",
     "VeloraCallback": "velora_cli.runs.callback",
     "load_run": "velora_cli.runs.record",
+    "build_model": "velora_cli.models.public",
 }
 
 __all__ = ["__version__", *_LAZY]

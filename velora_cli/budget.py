@@ -84,8 +84,11 @@ def parse_budget(text: str) -> int:
 
     Raises:
         BudgetError: no unit, unknown unit, not a number (including nan/inf), zero, negative,
-            less than one byte, not a whole number of bytes (``1.5B``: never rounded silently),
-            or more than `MAX_BYTES`. The one-line message names the accepted forms.
+            less than one byte, a fraction of a byte typed in bytes (``1.5B``: never rounded
+            silently), or more than `MAX_BYTES`. The one-line message names the accepted forms.
+
+    A larger unit is rounded down to whole bytes (``1.3GiB`` = 1395864371 B, the fraction of a
+    byte dropped: a budget is never rounded up).
     """
     number, unit = _split(text)
     if number == 0:
@@ -98,12 +101,12 @@ def parse_budget(text: str) -> int:
             f"budget {text!r} is more than 8 EiB, beyond any machine (and int64 byte counts): "
             f"expected {_ACCEPTED}"
         )
-    if exact != exact.to_integral_value():
+    if exact != exact.to_integral_value() and unit == "B":
         raise BudgetError(
             f"budget {text!r} is {exact.normalize():f} bytes, not a whole number of bytes: "
             f"expected {_ACCEPTED}"
         )
-    return int(exact)
+    return int(exact)  # int() truncates: rounds a positive budget down
 
 
 def describe_budget(nbytes: int, text: str | None = None) -> str:

@@ -38,6 +38,7 @@ MODES = ("full", "lora", "qlora")
 LORA_MODES = ("lora", "qlora")  # qlora: LoRA on a 4-bit NF4 base (velora_cli.methods.quant)
 DTYPES = ("fp32", "bf16", "fp16")
 TASKS = ("causal-lm", "masked-lm")  # the heads velora_cli.models builds
+TRAINERS = ("hf", "trl")  # measure.trainers.TRAINERS, repeated: no torch import (tested equal)
 # The v initializations of velora.INIT_STRATEGIES, repeated here so that loading a config does not
 # import torch (PEFT's VeloraConfig.init_type takes the same three names).
 INITS = ("batch_average_once", "batch_average", "random")
@@ -117,6 +118,9 @@ class VeloraConfig:
     parallel: str | None = None
     cpu_offload: bool = False
     layer_classes: list[str] | None = None
+    # whose step the plan measured (velora_cli.measure.trainers): hf (the model's own loss:
+    # transformers' Trainer, a plain loop) or trl (SFTTrainer's fused LM head)
+    trainer: str = "hf"
 
     def __post_init__(self) -> None:
         errors = []
@@ -151,6 +155,8 @@ class VeloraConfig:
             errors.append(f"amp must be bf16, fp16 or null, got {self.amp!r}")
         errors += self._optimizer_errors()
         errors += _layout_errors(self)
+        if self.trainer not in TRAINERS:
+            errors.append(f"trainer must be one of {', '.join(TRAINERS)}, got {self.trainer!r}")
         if self.mode in LORA_MODES and not _positive_int(self.lora_rank):
             errors.append(
                 f"mode {self.mode} needs lora_rank, a positive integer, got {self.lora_rank!r}"
@@ -301,6 +307,7 @@ def from_tune_document(document: dict[str, Any], source: str | None = None) -> V
         world_size=rec.get("world_size") or 1,
         parallel=rec.get("parallel"),
         layer_classes=rec.get("layer_classes"),
+        trainer=settings.get("trainer", "hf"),
     )
 
 
@@ -364,9 +371,15 @@ def load_config(path_or_dict: str | os.PathLike | dict[str, Any]) -> VeloraConfi
             "measures strategies and recommends none; run velora tune "
             f"{model} --budget SIZE and export its document"
         )
+    if data.get("kind") == "velora-run":
+        raise ConfigError(
+            f"{where}this is a run record (VeloraCallback's), not a tune document: export the "
+            "tune document the run was planned from (velora export-config --from tune-*.json), "
+            f"or set the run beside a prediction with velora profile --compare {source or 'RUN'}"
+        )
     kind = data.get("format")
-    if kind == "trl" and isinstance(data.get("velora"), dict):
-        data = data["velora"]  # a trl export carries the velora config it was written from
+    if kind in ("trl", "trainer") and isinstance(data.get("velora"), dict):
+        data = data["velora"]  # trl/trainer exports carry the velora config they came from
         kind = data.get("format")
     if kind != FORMAT:
         hint = (

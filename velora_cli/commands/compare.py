@@ -65,9 +65,7 @@ def compare_run(
     if path is None:
         raise UserError(f"no run record under {profiles_dir()}/: VeloraCallback writes them")
     record = runs.load_run(path)
-    if model is not None and model != record["model"]:
-        raise UserError(f"MODEL {model!r} is not the run's model {record['model']!r}: drop it")
-    spec, notes = run_compare.spec_of(record)
+    spec, notes = run_compare.spec_of(record, model)  # CompareError: another MODEL, one line
     spec = dataclasses.replace(spec, weights=weights, trust_remote_code=trust_remote_code)
     backend_obj = profiler.make_backend(backend, spec, warmup=warmup, steps=steps, gpu=gpu)
     err(f"predicting {spec.strategy.label} · batch {spec.batch_size} × seq {spec.seq_len} on "

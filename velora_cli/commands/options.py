@@ -284,3 +284,12 @@ ValidateCorpus = Annotated[
     str | None,
     typer.Option("--corpus", help="Folder of corpus files (default: validation/published)."),
 ]
+TrainerOption = Annotated[
+    str,
+    typer.Option(
+        "--trainer",
+        help="Whose step to plan: hf (the model's own loss from the full logits: transformers' "
+        "Trainer, or a plain loop) or trl (TRL SFTTrainer's tiled LM head, entropy and "
+        "token accuracy every step; needs trl).",
+    ),
+]

@@ -49,13 +49,32 @@ def plot(
     if not path.is_file():
         raise UserError(f"no document at {path}: give a file written by velora profile or tune")
     try:
-        document = json.loads(path.read_text())
+        text = path.read_text()
+        document = json.loads(text)
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        if _is_journal(text if not isinstance(exc, UnicodeDecodeError) else ""):
+            raise UserError(
+                f"{path} is a tune journal (JSON lines, what velora tune --resume reads), not a "
+                "document: plot the tune document that names it (tune-*.json, its 'journal' "
+                "field), e.g. velora plot with no FILE for the latest"
+            ) from None
         raise UserError(f"{path} is not a JSON document ({exc})") from None
     out = Path(output) if output else path.with_suffix(".html")
     chosen = [r.strip() for r in rows.split(",") if r.strip()] if rows else None
     plots.render(document, out, rows=chosen)
     err(f"wrote {out}")
+
+
+def _is_journal(text: str) -> bool:
+    """Whether ``text`` reads as a tune journal: JSON lines, the first a journal header."""
+    import json
+
+    first = text.split("\n", 1)[0]
+    try:
+        head = json.loads(first)
+    except json.JSONDecodeError:
+        return False
+    return isinstance(head, dict) and head.get("stage") == "header"
 
 
 def latest_document():

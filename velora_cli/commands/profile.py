@@ -29,6 +29,7 @@ from velora_cli.commands.options import (
     PlotOut,
     Rank,
     SeqLen,
+    TrainerOption,
     TrustRemoteCode,
     UpdateGap,
     Weights,
@@ -146,6 +147,7 @@ def profile(
     ] = 1,
     parallel: ParallelOption = None,
     cpu_offload: CpuOffload = False,
+    trainer: TrainerOption = "hf",
 ) -> None:
     """Measure peak memory and step time of VeLoRA placements vs baseline and checkpointing."""
     options = ProfileOptions(**{k: v for k, v in locals().items() if k != "ctx"})
@@ -207,6 +209,7 @@ class ProfileOptions:
     world_size: int
     parallel: str | None
     cpu_offload: bool
+    trainer: str
 
 
 @dataclasses.dataclass(frozen=True)
@@ -273,6 +276,7 @@ def profile_plan(o: ProfileOptions) -> ProfilePlan:
         world_size=o.world_size,
         parallel=parallels[0] if parallels else None,
         cpu_offload=o.cpu_offload,
+        trainer=o.trainer,
     )
     for name in optimizers[1:]:
         dataclasses.replace(spec, optimizer=name)  # validated before anything is measured

@@ -34,6 +34,7 @@ from velora_cli.commands.options import (
     Resume,
     ResumeFrom,
     SeqLen,
+    TrainerOption,
     TrustRemoteCode,
     TuneBackend,
     TuneGcEvery,
@@ -105,6 +106,7 @@ def tune(
             help="Parallel strategies tried with more than one GPU: ddp, fsdp, fsdp-no-reshard.",
         ),
     ] = "ddp,fsdp,fsdp-no-reshard",
+    trainer: TrainerOption = "hf",
 ) -> None:
     """Find the fastest configuration that fits a memory budget, verified by a real run."""
     options = TuneOptions(**locals())  # the options as typed; parsed and checked below
@@ -160,6 +162,7 @@ class TuneOptions:
     alloc_conf: str | None
     world_size: str
     parallel: str
+    trainer: str
 
 
 def tune_settings(o: TuneOptions) -> tuple[TuneSettings, list[str]]:
@@ -240,6 +243,7 @@ def tune_settings(o: TuneOptions) -> tuple[TuneSettings, list[str]]:
         alloc_conf=alloc_conf,
         world_sizes=world_sizes,
         parallels=parallels,
+        trainer=o.trainer,
     )
     settings.base_spec()  # validates batch, precision, modes × optimizers, ranks (one line)
     if o.model is None:

@@ -42,6 +42,8 @@ def tune_command(config: VeloraConfig, then: str | None = None) -> str:
         parts += ["--gc-every", str(config.gc_every)]
     if config.init != "batch_average_once":
         parts += ["--init", config.init]
+    if config.trainer != "hf":
+        parts += ["--trainer", config.trainer]
     command = " ".join(parts)
     if then:
         command += f" && velora export-config --format {then}"

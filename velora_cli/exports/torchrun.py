@@ -23,12 +23,13 @@ import json
 from typing import Any
 
 from velora_cli.configs import VeloraConfig
+from velora_cli.models.public import is_builtin
 
 _TEMPLATE = '''\
 """Train {model} with the configuration velora tuned: {parallel} on {world_size} GPUs.
 
 Launch:  {launch}
-Check:   {launch} --dry-run 3   (random tokens; prints each rank's peak memory)
+Check:   {launch} --dry-run 3   (random tokens; each rank's peak beside the plan's)
 Tuned:   {tuned}
 """
 
@@ -37,9 +38,9 @@ import os
 
 import torch
 import torch.distributed as dist
-from transformers import AutoModelForCausalLM
-
+{model_import}
 from velora_cli import apply_config, make_optimizer
+from velora_cli.parallel.dry_run import tracked_peak, versus_plan
 
 MODEL = {model_literal}
 DTYPE = torch.{dtype}
@@ -79,33 +80,46 @@ def train_step(model, optimizer, micro_batches):
 
 def main():
     parser = argparse.ArgumentParser()
-    parser.add_argument("--dry-run", type=int, default=0, help="steps on random tokens")
+    parser.add_argument("--dry-run", type=int, default=0, help="steps on random tokens (>= 2)")
     parser.add_argument("--lr", type=float, default=1e-5)
     args = parser.parse_args()
+    if args.dry_run == 1:
+        parser.error("--dry-run needs 2 steps or more: the first creates the optimizer state")
     cuda = torch.cuda.is_available()
     if cuda:
         torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
     dist.init_process_group("nccl" if cuda else "gloo")
     device = torch.device("cuda", torch.cuda.current_device()) if cuda else torch.device("cpu")
 
-    model = AutoModelForCausalLM.from_pretrained(MODEL, dtype=DTYPE)  # 1. the model
+    model = {model_load}  # 1. the model
     model.config.use_cache = False
     apply_config(model, CONFIG)  # 2. VeLoRA and checkpointing, before sharding
     model = shard(model, device)  # 3. FSDP2 / DDP
     optimizer = make_optimizer(model, CONFIG, lr=args.lr)  # 4. over the sharded parameters
     model.train()
 
+    holds = True
     if args.dry_run:
         vocab = (model.module if PARALLEL == "ddp" else model).config.vocab_size
-        for _ in range(args.dry_run):
+
+        def step():
             ids = torch.randint(0, vocab, (ACCUMULATION, MICRO_BATCH, SEQ_LEN), device=device)
             train_step(model, optimizer, [dict(input_ids=x, labels=x) for x in ids])
-        peak = torch.cuda.max_memory_allocated() if cuda else None
-        print(f"rank {{dist.get_rank()}}: {{args.dry_run}} steps done; peak allocated "
-              f"{{'n/a (CPU)' if peak is None else f'{{peak / 2**30:.2f}} GiB'}}", flush=True)
+
+        for _ in range(args.dry_run - 1):
+            step()
+        if cuda:  # the allocator counts the peak
+            step()
+            peak, how = torch.cuda.max_memory_allocated(), "peak allocated"
+        else:  # nothing counts it on a CPU: the last step runs under velora's tracker
+            peak, how = tracked_peak(model, optimizer, PARALLEL, step), "tracked tensors"
+        line, holds = versus_plan(dist.get_rank(), peak, how, CONFIG)
+        print(f"{{line}} (after {{args.dry_run}} steps)", flush=True)
     else:
         raise SystemExit("add your data loader here: train_step(model, optimizer, micro_batches)")
     dist.destroy_process_group()
+    if not holds:
+        raise SystemExit(1)
 
 
 if __name__ == "__main__":
@@ -120,6 +134,11 @@ def torchrun_blockers(config: VeloraConfig) -> list[str]:
         why.append(
             "the configuration runs in one process (world size 1): there is nothing to launch "
             "(tune with --world-size N for a multi-GPU configuration)"
+        )
+    if config.trainer != "hf":
+        why.append(
+            f"the plan measured the {config.trainer} step; the script's loop computes the "
+            "model's own loss (tune without --trainer trl)"
         )
     if config.mode != "full":
         why.append(
@@ -142,7 +161,14 @@ def to_script(config: VeloraConfig, script: str = "train_velora.py") -> str:
     if config.budget_bytes:
         tuned += f", budget {format_bytes(config.budget_bytes)} per GPU"
     inline = {k: v for k, v in config.to_dict().items() if k not in ("source", "versions")}
+    builtin = is_builtin(config.model)
     return _TEMPLATE.format(
+        model_import="from velora_cli import build_model  # MODEL is a velora built-in"
+        if builtin
+        else "from transformers import AutoModelForCausalLM",
+        model_load="build_model(MODEL, dtype=DTYPE)  # random weights, no tokenizer"
+        if builtin
+        else "AutoModelForCausalLM.from_pretrained(MODEL, dtype=DTYPE)",
         model=config.model,
         model_literal=json.dumps(config.model),
         parallel=config.parallel,

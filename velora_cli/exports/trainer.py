@@ -9,6 +9,34 @@ from typing import Any
 
 from velora_cli.configs import GALORE_SCALE, GALORE_TARGETS, LORA_MODES, SGD_MOMENTUM, VeloraConfig
 from velora_cli.exports import Export
+from velora_cli.models.public import is_builtin
+
+BUILTIN_NOTE = "a velora built-in: random weights, no tokenizer (velora_cli.build_model)"
+
+
+def builds_builtin(config: VeloraConfig) -> bool:
+    """Whether a snippet builds the model with `velora_cli.build_model` (a built-in, not QLoRA:
+    a 4-bit base is loaded from a checkpoint by bitsandbytes)."""
+    return is_builtin(config.model) and config.mode != "qlora"
+
+
+def model_line(config: VeloraConfig, name: str, weights: str, quantized: str = "") -> str:
+    """The snippet line that makes ``model``: `velora_cli.build_model` for a built-in (which
+    ``from_pretrained`` cannot load), else ``AutoModelForCausalLM.from_pretrained``.
+
+    Args:
+        name: the Python expression naming the model (a literal or a variable).
+        weights: the torch dtype expression, e.g. ``torch.float32``.
+        quantized: extra ``from_pretrained`` arguments (QLoRA's quantization_config).
+    """
+    if builds_builtin(config):
+        return f"model = build_model({name}, dtype={weights})  # {BUILTIN_NOTE}"
+    where = (
+        "  # a velora built-in: your checkpoint's id or path" if is_builtin(config.model) else ""
+    )
+    return (
+        f"model = AutoModelForCausalLM.from_pretrained({name}, dtype={weights}{quantized}){where}"
+    )
 
 
 def _trainer_has(name: str) -> bool:
@@ -69,7 +97,7 @@ def trainer_notes(config: VeloraConfig) -> list[str]:
     if config.uses_velora:
         notes.append(
             "VeLoRA is not a TrainingArguments option: call velora_cli.apply_config(model, "
-            "config, checkpointing=False) before building the Trainer (snippet)"
+            'export["velora"], checkpointing=False) before building the Trainer (snippet)'
         )
     if config.gc_every not in (None, 1) and not _trainer_has("activation_checkpointing"):
         notes.append(
@@ -107,25 +135,42 @@ def trainer_notes(config: VeloraConfig) -> list[str]:
     return notes
 
 
-def trainer_snippet(config: VeloraConfig, config_path: str = "velora-config.json") -> str:
-    """A short Python snippet that trains with ``config`` under the HF Trainer."""
+DEFAULT_PATH = "trainer.json"  # where the snippet reads this export from
+
+
+def trainer_snippet(config: VeloraConfig, config_path: str = DEFAULT_PATH) -> str:
+    """A short Python snippet that trains with ``config`` under the HF Trainer.
+
+    It reads this export (``velora export-config --format trainer -o trainer.json``): the
+    velora config it carries (``export["velora"]``) is what `velora_cli.apply_config`,
+    `velora_cli.make_optimizer` and `velora_cli.VeloraCallback` take, so the snippet needs no
+    other file.
+    """
     dtype = {"fp32": "torch.float32", "bf16": "torch.bfloat16", "fp16": "torch.float16"}
     weights = dtype[config.dtype if config.amp is None else "fp32"]
-    where = "" if "/" in config.model else "  # a velora built-in: your checkpoint's id or path"
     qlora = config.mode == "qlora"
     quantized = ", quantization_config=bnb" if qlora else ""
     own_optimizer = config.optimizer == "adarankgrad"  # no Trainer optim: velora builds it
+    builtin = builds_builtin(config)
     imports = [
+        "VeloraCallback",
         *(["apply_config"] if config.uses_velora else []),
+        *(["build_model"] if builtin else []),
         *(["make_optimizer"] if own_optimizer else []),
     ]
     lines = [
+        "import json",
+        "",
         *(["import peft"] if config.mode in LORA_MODES else []),
         "import torch",
-        "from transformers import AutoModelForCausalLM, Trainer, TrainingArguments",
+        "from transformers import "
+        + ("" if builtin else "AutoModelForCausalLM, ")
+        + "Trainer, TrainingArguments",
         *(["from transformers import BitsAndBytesConfig"] if qlora else []),
-        *(["from velora_cli import " + ", ".join(imports)] if imports else []),
+        "from velora_cli import " + ", ".join(imports),
         "",
+        f'export = json.load(open("{config_path}"))  # velora export-config --format trainer '
+        f"-o {config_path}",
         *(
             [
                 'bnb = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", '
@@ -134,8 +179,7 @@ def trainer_snippet(config: VeloraConfig, config_path: str = "velora-config.json
             if qlora
             else []
         ),
-        f'model = AutoModelForCausalLM.from_pretrained("{config.model}", dtype={weights}'
-        f"{quantized}){where}",
+        model_line(config, f'"{config.model}"', weights, quantized),
     ]
     if config.mode in LORA_MODES:
         targets: str | list[str] = config.lora_targets or "all-linear"
@@ -148,34 +192,83 @@ def trainer_snippet(config: VeloraConfig, config_path: str = "velora-config.json
         ]
     manual_gc = config.gc_every not in (None, 1) and not _trainer_has("activation_checkpointing")
     if config.uses_velora:
-        lines.append(f'apply_config(model, "{config_path}", checkpointing={manual_gc})  # VeLoRA')
+        lines.append(f'apply_config(model, export["velora"], checkpointing={manual_gc})  # VeLoRA')
     elif manual_gc:
         lines.append(
             "model.activation_checkpointing_enable(every_n_layers="
             f'{config.gc_every}, activation_checkpointing_kwargs={{"use_reentrant": False}})'
         )
-    kwargs = ", ".join(f"{k}={v!r}" for k, v in to_trainer(config).items())
-    lines.append(f'args = TrainingArguments(output_dir="out", {kwargs})')
+    lines.append('args = TrainingArguments(output_dir="out", **export["training_arguments"])')
+    callback = 'callbacks=[VeloraCallback(export["velora"])]'  # checks the plan, records the run
     if own_optimizer:
         lines += [
-            f'optimizer = make_optimizer(model, "{config_path}", lr=1e-2)  # GaLore\'s '
+            'optimizer = make_optimizer(model, export["velora"], lr=1e-2)  # GaLore\'s '
             "pre-training lr; tune it",
             "trainer = Trainer(model=model, args=args, train_dataset=train_dataset, "
-            "optimizers=(optimizer, None))",
+            f"optimizers=(optimizer, None), {callback})",
         ]
     else:
-        lines.append("trainer = Trainer(model=model, args=args, train_dataset=train_dataset)")
+        lines.append(
+            f"trainer = Trainer(model=model, args=args, train_dataset=train_dataset, {callback})"
+        )
     lines.append("trainer.train()")
     return "\n".join(lines) + "\n"
 
 
+def measured(config: VeloraConfig) -> dict[str, Any]:
+    """What the plan measured, as every export states it: peak, tokens/s, backend, budget,
+    source (the tune document)."""
+    return {
+        "peak_bytes": config.peak_bytes,
+        "allocated_bytes": config.allocated_bytes,
+        "tokens_per_second": config.tokens_per_second,
+        "backend": config.backend,
+        "budget_bytes": config.budget_bytes,
+        "source": config.source,
+    }
+
+
+def measured_note(config: VeloraConfig) -> str:
+    """The measured figures in one line (``planned: peak 1.19 GiB on the cpu backend, ...``)."""
+    from velora_cli.budget import format_bytes
+
+    peak = format_bytes(config.peak_bytes) if config.peak_bytes else "not recorded"
+    parts = [f"planned: peak {peak} on the {config.backend or 'unknown'} backend"]
+    if config.tokens_per_second:
+        parts.append(f"{config.tokens_per_second:,.0f} tokens/s")
+    if config.budget_bytes:
+        parts.append(f"budget {format_bytes(config.budget_bytes)}")
+    parts.append(f"from {config.source or 'an unnamed config'}")
+    return ", ".join(parts) + " (VeloraCallback sets the run's figures beside these)"
+
+
 def export(config: VeloraConfig) -> Export:
-    """The ``--format trainer`` document: the keyword arguments, the notes and the snippet."""
-    notes = trainer_notes(config)
+    """The ``--format trainer`` document: the keyword arguments, the notes and the snippet.
+
+    Raises:
+        NotExpressible: the plan measured TRL's step (``--trainer trl``), which the Trainer
+            does not run.
+    """
+    if config.trainer != "hf":
+        from velora_cli.exports import NotExpressible
+
+        raise NotExpressible(
+            "a Trainer run",
+            [
+                f"the plan measured the {config.trainer} step (TRL SFTTrainer's tiled LM "
+                "head); transformers' Trainer computes the model's own loss from the full logits"
+            ],
+            None,
+            "--format trl states this plan for TRL's SFTTrainer; for the Trainer, tune without "
+            "--trainer trl",
+        )
+    notes = [measured_note(config), *trainer_notes(config)]
     return Export(
         {
             "format": "trainer",
             "training_arguments": to_trainer(config),
+            "measured": measured(config),
+            "velora": config.to_dict(),  # for apply_config, make_optimizer, VeloraCallback
             "notes": notes,
             "snippet": trainer_snippet(config),
         },

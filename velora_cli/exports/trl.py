@@ -9,7 +9,9 @@ What it must say because TRL's defaults differ from the Trainer's (read in TRL 1
   explicitly, as measured (off unless the tune chose them).
 * ``max_length`` (default 1024) is the measured sequence length.
 * ``SFTTrainer`` computes the loss through a tiled LM head (``add_fused_lm_head``) instead of the
-  model's full logits: the one part of its step that differs from velora's (said in the notes).
+  model's full logits, with its entropy and token accuracy every step: a different step, which
+  a plan must have measured (``velora tune --trainer trl``, `velora_cli.measure.trainers`). A
+  plan made for another step is refused, with the command that plans this one.
 * ``SFTTrainer`` casts the trained parameters of a 4-bit model to bf16 (QLoRA), where velora
   measured them in fp32 (peft's default): the snippet casts them back, so the run is the one
   measured; drop those lines to keep TRL's bf16 adapters (less memory than planned).
@@ -29,7 +31,13 @@ from typing import Any
 from velora_cli.configs import LORA_MODES, VeloraConfig
 from velora_cli.exports import Export, FormatUnavailable, NotExpressible
 from velora_cli.exports import peft as peft_export
-from velora_cli.exports.trainer import _trainer_has, to_trainer, trainer_notes
+from velora_cli.exports.trainer import (
+    _trainer_has,
+    builds_builtin,
+    model_line,
+    to_trainer,
+    trainer_notes,
+)
 
 DEFAULT_PATH = "trl.json"  # where the snippet reads this export from
 
@@ -101,10 +109,9 @@ def notes(config: VeloraConfig, lora: dict[str, Any] | None, own_velora: bool) -
             "half the bytes planned"
         )
     out.append(
-        f"TRL {trl_version()} computes the loss through a tiled LM head (add_fused_lm_head: "
-        "log-probs without the full logits velora's step materializes): that part of the "
-        "memory differs from the plan (lower for a large vocabulary); VeloraCallback reports "
-        "the run's real peaks beside the plan"
+        "planned with TRL's step (--trainer trl: TRL's "
+        "tiled LM head, entropy and token accuracy, as SFTTrainer computes them); "
+        "VeloraCallback reports the run's real peaks beside the plan"
     )
     if config.seq_len:
         out.append(
@@ -122,8 +129,9 @@ def snippet(config: VeloraConfig, lora: dict[str, Any] | None, own_velora: bool)
     weights = dtype[config.dtype if config.amp is None else "fp32"]
     qlora = config.mode == "qlora"
     own_optimizer = config.optimizer == "adarankgrad"
-    where = "" if "/" in config.model else "  # a velora built-in: your checkpoint's id or path"
+    builtin = builds_builtin(config)
     names = ["VeloraCallback"] + (["apply_config"] if own_velora else [])
+    names += ["build_model"] if builtin else []
     names += ["make_optimizer"] if own_optimizer else []
     manual_gc = config.gc_every not in (None, 1) and not _trainer_has("activation_checkpointing")
     lines = [
@@ -131,18 +139,22 @@ def snippet(config: VeloraConfig, lora: dict[str, Any] | None, own_velora: bool)
         "",
         *(["import peft"] if lora is not None else []),
         "import torch",
-        "from transformers import AutoModelForCausalLM, AutoTokenizer"
-        + (", BitsAndBytesConfig" if qlora else ""),
+        *(
+            []
+            if builtin
+            else [
+                "from transformers import AutoModelForCausalLM, AutoTokenizer"
+                + (", BitsAndBytesConfig" if qlora else "")
+            ]
+        ),
         "from trl import SFTConfig, SFTTrainer",
         f"from velora_cli import {', '.join(names)}",
         "",
         f'export = json.load(open("{DEFAULT_PATH}"))  # velora export-config --format trl -o '
         f"{DEFAULT_PATH}",
-        f'name = "{config.model}"{where}',
+        f'name = "{config.model}"',
         *([f"bnb = {peft_export.BNB_4BIT}"] if qlora else []),
-        f"model = AutoModelForCausalLM.from_pretrained(name, dtype={weights}"
-        + (", quantization_config=bnb" if qlora else "")
-        + ")",
+        model_line(config, "name", weights, ", quantization_config=bnb" if qlora else ""),
     ]
     peft_arg = ""
     if lora is not None and own_velora:
@@ -160,11 +172,16 @@ def snippet(config: VeloraConfig, lora: dict[str, Any] | None, own_velora: bool)
     if own_optimizer:
         lines.append('optimizer = make_optimizer(model, export["velora"], lr=1e-2)  # tune the lr')
         optimizers = ", optimizers=(optimizer, None)"
+    if builtin:
+        lines.append(
+            "# tokenizer: yours, a velora built-in has none (ids < vocab_size, a pad token)"
+        )
     lines += [
         'args = SFTConfig(output_dir="out", **export["sft_config"])',
         "trainer = SFTTrainer(model=model, args=args, train_dataset=dataset,  # a 'text' column",
-        "                     processing_class=AutoTokenizer.from_pretrained(name)"
-        f'{peft_arg}{optimizers}, callbacks=[VeloraCallback(export["velora"])])',
+        "                     processing_class="
+        + ("tokenizer" if builtin else "AutoTokenizer.from_pretrained(name)")
+        + f'{peft_arg}{optimizers}, callbacks=[VeloraCallback(export["velora"])])',
     ]
     if qlora:
         lines += [
@@ -196,6 +213,24 @@ def export(config: VeloraConfig) -> Export:
             [f"TRL's SFTTrainer trains causal language models; {config.model} is masked-lm"],
             None,
             "--format trainer writes this configuration for transformers' Trainer",
+        )
+    if config.trainer != "trl":
+        from velora_cli.exports import Nearest
+        from velora_cli.exports.nearest import tune_command
+
+        nearest = dataclasses.replace(config, trainer="trl", layers=None)
+        raise NotExpressible(
+            "an SFTTrainer run",
+            [
+                f"the plan measured the {config.trainer} step (the model's own loss from the "
+                "full logits); TRL's SFTTrainer computes its loss through a tiled LM head, "
+                "with entropy and token accuracy every step, whose memory differs (60% above "
+                "such a plan for llama-60m, issue 28)"
+            ],
+            Nearest(
+                "the same search planned for TRL's step", nearest, tune_command(nearest, "trl")
+            ),
+            "--format trainer states this plan for transformers' Trainer",
         )
     lora, own_velora = peft_part(dataclasses.replace(config, task=task))
     said = notes(config, lora, own_velora)

@@ -119,6 +119,9 @@ class StepSpec:
     # optimizer step, as ``out = model(**batch); out.loss.backward(); opt.step()`` does; the
     # default drops it as soon as the loss is taken (the HF Trainer's compute_loss)
     keep_outputs: bool = False
+    # whose step: hf (the model's own loss, as transformers' Trainer and a plain loop compute it)
+    # or trl (TRL SFTTrainer's fused LM head and metrics); velora_cli.measure.trainers
+    trainer: str = "hf"
 
     def __post_init__(self):
         errors = []
@@ -156,6 +159,10 @@ class StepSpec:
             errors.append(f"--update-gap must be >= 1, got {self.update_gap}")
         if not 0.0 < self.eta <= 1.0:
             errors.append(f"--eta must be in (0, 1], got {self.eta}")
+        from velora_cli.measure.trainers import TRAINERS
+
+        if self.trainer not in TRAINERS:
+            errors.append(f"--trainer {self.trainer!r}: choose {'|'.join(TRAINERS)}")
         from velora_cli.measure.layout import layout_errors
 
         errors += layout_errors(self)
@@ -183,7 +190,12 @@ class StepSpec:
         return dataclasses.replace(self, strategy=strategy)
 
     def to_json(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        """The spec as JSON; ``trainer`` only when it is not ``hf`` (absent means the step every
+        document measured before there was a choice, so their settings stay as they were)."""
+        data = dataclasses.asdict(self)
+        if data["trainer"] == "hf":
+            del data["trainer"]
+        return data
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> StepSpec:
@@ -423,6 +435,12 @@ def prepare(
     if spec.mode in ("lora", "qlora"):
         model = _apply_lora(model, spec)
     wrapped = apply_strategy(model, spec, device)
+    from velora_cli.measure.trainers import TrainerUnavailable, patch_model
+
+    try:
+        patch_model(model, spec.trainer)  # trl: SFTTrainer's fused LM head
+    except (TrainerUnavailable, ValueError) as exc:
+        raise SpecError(str(exc)) from None
     model.train()
     optimizer = build_optimizer(
         spec.optimizer,
@@ -559,6 +577,8 @@ def train_step(prepared: Prepared, *, forward_context=None, phase=None) -> None:
     phase = phase or (lambda name: contextlib.nullcontext())
     import torch
 
+    from velora_cli.measure.trainers import loss_of
+
     spec = prepared.spec
     device_type = prepared.device.type
     # On meta, autocast does nothing: the estimate backend wraps the step in its emulation.
@@ -572,10 +592,11 @@ def train_step(prepared: Prepared, *, forward_context=None, phase=None) -> None:
             ctx = forward_context() if (forward_context and i == 0) else contextlib.nullcontext()
             with phase("forward"):
                 with ctx, amp:
-                    outputs = prepared.model(**batch)
-                    loss = outputs.loss
-                if not spec.keep_outputs:
-                    del outputs  # the logits go unless the loop holds them (keep_outputs)
+                    if spec.keep_outputs:  # the loop holds the logits until the next step
+                        outputs = prepared.model(**batch)
+                        loss = outputs.loss
+                    else:
+                        loss = loss_of(prepared.model, batch, spec.trainer, spec.amp)
                 if spec.grad_accum_steps > 1:
                     loss = loss / spec.grad_accum_steps
             with phase("backward"):

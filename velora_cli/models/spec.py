@@ -150,12 +150,25 @@ def resolve_model(spec: str | None, *, trust_remote_code: bool = False) -> Model
         )
     if name.lower() in _builtin_table():
         return _builtin_spec(name, name.lower())
+    if "/" not in name and (close := _close_builtin(name)):
+        try:
+            return _resolve_hub(name, trust_remote_code)
+        except ModelError as exc:  # a built-in's name, mistyped (lama-60m)
+            raise ModelError(f"{exc}; did you mean {close}?") from None
     if name.startswith(("/", "./", "../", "~", ".\\")) or name.count("/") > 1:
         raise ModelError(
             f"no such directory: {name}; pass an existing directory holding config.json, "
             "a built-in from `velora models`, or a hub id like owner/name"
         )
     return _resolve_hub(name, trust_remote_code)
+
+
+def _close_builtin(name: str) -> str | None:
+    """The built-in whose name is closest to ``name`` (a typo of it), or None."""
+    import difflib
+
+    found = difflib.get_close_matches(name.lower(), list(_builtin_table()), n=1, cutoff=0.75)
+    return found[0] if found else None
 
 
 def _resolve_local(name: str, path: Path, trust_remote_code: bool) -> ModelSpec:

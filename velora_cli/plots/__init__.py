@@ -24,7 +24,9 @@ class PlotError(ValueError):
 
 
 def check_output(path: str | Path) -> Path:
-    """Check that OUT's suffix is a format we write.
+    """Check that OUT can be written before any work is done: a format we write, in a folder
+    that exists and that we may write into (a missing folder is not created unasked: a
+    mistyped one would otherwise appear silently).
 
     Args:
         path: the output file.
@@ -33,13 +35,30 @@ def check_output(path: str | Path) -> Path:
         The path.
 
     Raises:
-        PlotError: an unknown suffix (the message lists the formats).
+        PlotError: an unknown suffix (the message lists the formats), a missing or unwritable
+            folder, or OUT is a folder or a file we may not replace.
     """
+    import os
+
     path = Path(path)
     if path.suffix.lower() not in FORMATS:
         raise PlotError(
             f"cannot write {path}: the suffix picks the format, choose {', '.join(FORMATS)}"
         )
+    where = f"cannot write the plot to {path}"
+    parent = path.parent
+    if not parent.exists():
+        raise PlotError(
+            f"{where}: the folder {parent} does not exist (velora does not create it: make it "
+            "first, or check its spelling)"
+        )
+    if not parent.is_dir():
+        raise PlotError(f"{where}: {parent} is not a folder")
+    if path.is_dir():
+        raise PlotError(f"{where}: it is a folder; give a file name ending in .png, .svg or .html")
+    # the picture is written as a temporary file beside OUT and renamed over it (style.write_bytes)
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise PlotError(f"{where}: the folder {parent} is not writable; choose another place")
     return path
 
 

@@ -49,6 +49,8 @@ def run_figure(record: dict[str, Any]):
     Raises:
         PlotError: the record has no interval yet (the run logged nothing).
     """
+    from matplotlib.ticker import MaxNLocator
+
     from velora_cli.plots import PlotError
 
     measured = series(record)
@@ -73,6 +75,9 @@ def run_figure(record: dict[str, Any]):
             handles.append(memory.axhline(predicted[figure] / unit, color=colour, ls="--", lw=1,
                                           label=f"{label}: plan"))  # fmt: skip
     memory.set_xlabel("training step (end of logging interval)")
+    memory.xaxis.set_major_locator(
+        MaxNLocator(integer=True, min_n_ticks=1)
+    )  # steps are whole: no 2.5
     memory.set_ylabel(f"memory ({unit_name})")
     memory.set_ylim(bottom=0)
     if rss is not None:
@@ -95,6 +100,7 @@ def run_figure(record: dict[str, Any]):
     if plan:
         speed.axhline(plan, color="#0072B2", ls="--", lw=1, label="plan")
     speed.set_xlabel("training step (end of logging interval)")
+    speed.xaxis.set_major_locator(MaxNLocator(integer=True, min_n_ticks=1))
     speed.set_ylabel("tokens/s")
     speed.set_ylim(bottom=0)
     if timed or plan:

@@ -107,12 +107,14 @@ class VeloraCallback(TrainerCallback):
         self._cuda = device if device.type == "cuda" else None
         self._torch = torch
         if self._main:
-            self.path = self.path or runs.new_run_path(self.config.model)
+            trained = plan_check.run_model_name(self.config, observed)
+            self.path = self.path or runs.new_run_path(trained)
             self.record = {
                 "kind": runs.KIND,
                 "version": runs.VERSION,
                 "status": "running",
-                "model": self.config.model,
+                "model": trained,  # the model that trained (the plan's is plan.model)
+                "planned_model": self.config.model,
                 "created": _now(),
                 "finished": None,
                 "path": str(self.path),

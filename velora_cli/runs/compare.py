@@ -42,17 +42,63 @@ def run_summary(record: dict[str, Any]) -> dict[str, Any]:
     return runs.summarize(record["intervals"], record.get("prediction", {}))
 
 
-def spec_of(record: dict[str, Any]):
-    """The ``StepSpec`` of what the run ran, and lines saying where that differs from the plan.
+def model_of(record: dict[str, Any], model: str | None = None) -> tuple[str, list[str]]:
+    """The model the run trained, as velora can build it, and a note when it is not the plan's.
+
+    Args:
+        model: what the user named (``velora profile MODEL --compare RUN``), needed when the
+            run trained another model than its plan's and the record has no name for it.
 
     Raises:
-        CompareError: the record does not say a sequence length, or its plan is unreadable.
+        CompareError: ``model`` contradicts the record, or the run trained an unnamed model.
+    """
+    from velora_cli.runs.plan_check import describe_model
+
+    plan_model = record["plan"].get("model")
+    seen = record.get("observed", {})
+    facts = seen.get("model") or {}
+    if not seen.get("model_differs"):
+        if model is not None and model != plan_model:
+            raise CompareError(f"MODEL {model!r} is not the run's model {plan_model!r}: drop it")
+        return plan_model, []
+    trained = facts.get("name")
+    if model is not None:
+        if trained and model != trained:
+            raise CompareError(f"MODEL {model!r} is not the run's model {trained!r}: drop it")
+        trained = model
+    if not trained:
+        raise CompareError(
+            f"the run trained {describe_model(facts)}, not its plan's {plan_model}, and the "
+            "record has no name for it: pass it, velora profile MODEL --compare RUN"
+        )
+    return trained, [
+        f"predicted for the model that trained, {trained}, not the plan's {plan_model}"
+    ]
+
+
+def spec_of(record: dict[str, Any], model: str | None = None):
+    """The ``StepSpec`` of what the run ran, and lines saying where that differs from the plan.
+
+    Args:
+        model: the model the user named (see `model_of`).
+
+    Raises:
+        CompareError: the record does not say a sequence length, or its plan is unreadable, or
+            the run trained a model it cannot name (`model_of`).
     """
     from velora_cli.measure.train_step import StepSpec, Strategy
 
     plan = load_config(record["plan"])
     seen = record.get("observed", {})
     notes = [f"the run differed from its plan: {m}" for m in record.get("mismatches", [])]
+    trained, said = model_of(record, model)
+    notes += said
+    world = seen.get("world_size") or plan.world_size
+    parallel = None
+    if world > 1:
+        sharded = seen.get("sharded", (plan.parallel or "").startswith("fsdp"))
+        parallel = plan.parallel if sharded == (plan.parallel or "").startswith("fsdp") else None
+        parallel = parallel or ("fsdp" if sharded else "ddp")
     micro = seen.get("micro_batch_size") or plan.micro_batch_size
     accum = seen.get("grad_accum_steps") or plan.grad_accum_steps
     seq = run_summary(record).get("seq_len_max") or plan.seq_len
@@ -77,7 +123,7 @@ def spec_of(record: dict[str, Any]):
         entry = next(iter(plan.layers.values()))
         groups = entry["in_features"] // entry["sub_token_size"]
     spec = StepSpec(
-        model=plan.model,
+        model=trained,
         batch_size=micro * accum,
         seq_len=seq,
         grad_accum_steps=accum,
@@ -92,6 +138,10 @@ def spec_of(record: dict[str, Any]):
         eta=plan.eta,
         init=plan.init,
         strategy=Strategy(placement, groups, gc=False if gc is None else gc),
+        world_size=world,
+        parallel=parallel,
+        cpu_offload=plan.cpu_offload and world == plan.world_size,
+        trainer=seen.get("trainer", plan.trainer),
     )
     return spec, notes
 

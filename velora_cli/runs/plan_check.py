@@ -103,6 +103,89 @@ def gc_every(layers: int, checkpointed: list[int]) -> int | str | None:
     return "irregular"
 
 
+# the shapes that decide a step's memory, from the (text) config: compared plan against run
+SHAPE_KEYS = (
+    "model_type",
+    "hidden_size",
+    "num_hidden_layers",
+    "intermediate_size",
+    "num_attention_heads",
+    "num_key_value_heads",
+    "vocab_size",
+)
+
+
+def _shapes(config) -> dict[str, Any]:
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    return {k: getattr(text, k, None) for k in SHAPE_KEYS}
+
+
+def model_facts(model) -> dict[str, Any]:
+    """What model a run trains: its class, its name (``config._name_or_path``: a hub id, a
+    directory or a velora built-in's name; None when unknown) and its shapes (`SHAPE_KEYS`)."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    base = getattr(base, "module", base)  # a DDP wrapper
+    config = getattr(base, "config", None)
+    facts: dict[str, Any] = {
+        "architecture": type(base).__name__,
+        "name": (getattr(config, "_name_or_path", None) or None) if config is not None else None,
+    }
+    if config is not None:
+        facts.update(_shapes(config))
+    return facts
+
+
+def planned_model(config: VeloraConfig) -> dict[str, Any] | None:
+    """The plan's model as `model_facts` says it (resolved from its name: built-ins offline);
+    None when the name cannot be resolved here (then the model is not compared)."""
+    from velora_cli.models import ModelError, resolve_model
+
+    try:
+        spec = resolve_model(config.model)
+    except (ModelError, OSError, ValueError):
+        return None
+    architectures = getattr(spec.config, "architectures", None) or [None]
+    return {"architecture": architectures[0], "name": config.model, **_shapes(spec.config)}
+
+
+def describe_model(facts: dict[str, Any]) -> str:
+    """``LlamaForCausalLM (hidden 64, 2 layers, MLP 192, vocab 1024)``."""
+    shapes = (
+        f"hidden {facts.get('hidden_size')}, {facts.get('num_hidden_layers')} layers, MLP "
+        f"{facts.get('intermediate_size')}, vocab {facts.get('vocab_size')}"
+    )
+    return f"{facts.get('architecture') or facts.get('model_type')} ({shapes})"
+
+
+def is_sharded(model) -> bool:
+    """Whether FSDP2 sharded the model's parameters (they are DTensors)."""
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:  # pragma: no cover - torch without distributed
+        return False
+    return any(isinstance(p, DTensor) for p in model.parameters())
+
+
+def trainer_of(model) -> str:
+    """``trl`` when TRL's ``add_fused_lm_head`` patched the model's forward (SFTTrainer does it
+    in ``__init__``), else ``hf``."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    forward = getattr(base.forward, "__func__", base.forward)
+    code = getattr(forward, "__code__", None)
+    return "trl" if code is not None and "fused_lm_head" in code.co_varnames else "hf"
+
+
+def run_model_name(config: VeloraConfig, seen: dict[str, Any]) -> str:
+    """The name a run record carries: the plan's model when the run trained it, else the
+    trained model's own name (or its class and shapes when it has none)."""
+    facts = seen.get("model") or {}
+    if not seen.get("model_differs"):
+        return config.model
+    return facts.get("name") or (
+        f"{facts.get('architecture')}-h{facts.get('hidden_size')}-l{facts.get('num_hidden_layers')}"
+    )
+
+
 def observe(model, args=None, optimizer=None) -> dict[str, Any]:
     """What a run set up, as plain data (the run record's ``observed``).
 
@@ -135,6 +218,9 @@ def observe(model, args=None, optimizer=None) -> dict[str, Any]:
         "trained_dtypes": sorted(trained),
         "frozen_dtypes": sorted(frozen),
         "trainable_params": sum(p.numel() for p in model.parameters() if p.requires_grad),
+        "model": model_facts(model),
+        "sharded": is_sharded(model),
+        "trainer": trainer_of(model),
     }
     if args is not None:
         out.update(
@@ -164,7 +250,8 @@ def mismatches(config: VeloraConfig, seen: dict[str, Any]) -> list[str]:
     """Each way the run differs from the plan, one line saying what to do (empty: as planned)."""
     from velora_cli.methods.precision import describe
 
-    out = _lora_mismatches(config, seen) + _velora_mismatches(config, seen)
+    out = _model_mismatches(config, seen) + _layout_mismatches(config, seen)
+    out += _lora_mismatches(config, seen) + _velora_mismatches(config, seen)
     planned_gc = config.gc_every
     if seen["gc_every"] != planned_gc:
         want = "no checkpointing" if planned_gc is None else _every(planned_gc)
@@ -218,6 +305,62 @@ def mismatches(config: VeloraConfig, seen: dict[str, Any]) -> list[str]:
         out.append(
             f"optimizer: {seen['optimizer']}, the plan measured {config.optimizer} (velora "
             "export-config --format trainer/trl sets optim)"
+        )
+    return out
+
+
+def _model_mismatches(config: VeloraConfig, seen: dict[str, Any]) -> list[str]:
+    """Another model than the plan's (architecture or shapes); sets ``seen["model_differs"]``."""
+    facts, planned = seen.get("model"), planned_model(config)
+    if not facts or planned is None:
+        return []
+    keys = [k for k in SHAPE_KEYS if planned.get(k) is not None and facts.get(k) is not None]
+    differs = [k for k in keys if planned[k] != facts[k]]
+    if planned["architecture"] and facts["architecture"] != planned["architecture"]:
+        differs.insert(0, "architecture")
+    seen["model_differs"] = bool(differs)
+    if not differs:
+        return []
+    name = f" {facts['name']}" if facts.get("name") else ""
+    return [
+        f"model: the run trains{name} {describe_model(facts)}, the plan {config.model} "
+        f"{describe_model(planned)} (differs in {', '.join(differs)}): the plan's figures are "
+        f"for another model; plan this one (velora tune{name or ' MODEL'})"
+    ]
+
+
+def _layout_mismatches(config: VeloraConfig, seen: dict[str, Any]) -> list[str]:
+    """World size, sharding and whose step (hf or TRL's) against the plan."""
+    out = []
+    world = seen.get("world_size")
+    if world is not None and world != config.world_size:
+        out.append(
+            f"world size: the run has {world} process{'es' if world != 1 else ''}, the plan "
+            f"{config.world_size} ({config.parallel or 'one process'}): per-rank memory differs; "
+            + (
+                "launch it as planned (velora export-config --format torchrun or accelerate)"
+                if config.world_size > 1
+                else "plan this layout (velora tune --world-size N)"
+            )
+        )
+    planned_sharded = (config.parallel or "").startswith("fsdp")
+    if "sharded" in seen and seen["sharded"] != planned_sharded and (world or 1) > 1:
+        out.append(
+            "sharding: the plan "
+            + ("shards parameters with FSDP2" if planned_sharded else "does not shard")
+            + ", the run's parameters "
+            + ("are" if seen["sharded"] else "are not")
+            + " sharded (velora export-config --format accelerate or torchrun shards as planned)"
+        )
+    ran = seen.get("trainer")
+    if ran and ran != config.trainer:
+        out.append(
+            f"step: the run computes the {ran} step, the plan measured the {config.trainer} step "
+            + (
+                "(TRL's SFTTrainer: plan it with velora tune --trainer trl)"
+                if ran == "trl"
+                else "(plan it without --trainer trl)"
+            )
         )
     return out
 

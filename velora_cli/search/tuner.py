@@ -299,7 +299,7 @@ class _Search:
             if self.max_measured is not None:
                 total = min(total, self.max_measured)
             c = e.candidate
-            verb = "resume" if self._cached("measure", c.key) else "measure"
+            verb = "resume measure" if self._cached("measure", c.key) else "measure"
             self._report(f"{verb} {c.key}", self.measured, total)
             m = e.measurement = self._measure("measure", c)
             self.measured += 1
