@@ -163,6 +163,11 @@ class StepSpec:
 
         if self.trainer not in TRAINERS:
             errors.append(f"--trainer {self.trainer!r}: choose {'|'.join(TRAINERS)}")
+        elif self.keep_outputs and self.trainer != "hf":
+            errors.append(
+                f"keep_outputs holds the model's own output, which --trainer {self.trainer} "
+                "does not return: use --trainer hf"
+            )
         from velora_cli.measure.layout import layout_errors
 
         errors += layout_errors(self)
