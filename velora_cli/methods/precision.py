@@ -66,13 +66,16 @@ class Precision:
 QUANTIZED = "4-bit NF4 (bf16 compute)"
 
 
-def describe(mode: str, dtype: str, amp: str | None = None) -> Precision:
+def describe(
+    mode: str, dtype: str, amp: str | None = None, *, quantized: str | None = None
+) -> Precision:
     """The storage of each part of a step in ``mode`` with weights ``dtype`` and ``--amp``.
 
     Args:
         mode: full, lora or qlora.
         dtype: ``--dtype`` (fp32 with ``--amp``: the master weights).
         amp: ``--amp`` (bf16, fp16) or None.
+        quantized: how the 4-bit base is set up (qlora), if not QLoRA's defaults (`QUANTIZED`).
 
     Returns:
         The `Precision`; its ``text`` is the profile/tune header's precision line.
@@ -87,7 +90,7 @@ def describe(mode: str, dtype: str, amp: str | None = None) -> Precision:
         grads="fp32",
         optimizer_state="fp32",
         frozen=weights,
-        quantized=QUANTIZED if mode == "qlora" else None,
+        quantized=(quantized or QUANTIZED) if mode == "qlora" else None,
         autocast=amp,
     )
 
