@@ -14,17 +14,22 @@ from velora_cli.commands.options import (
     Amp,
     Backend,
     BatchSize,
+    ComputeDtype,
     CpuOffload,
+    DoubleQuant,
     Dtype,
     Eta,
+    GcReentrant,
     Gpu,
     Init,
+    KbitPrepare,
     LoraRank,
     LoraTargets,
     Mode,
     ModelArg,
     ParallelOption,
     PlotOut,
+    QuantStorage,
     Rank,
     SeqLen,
     TrustRemoteCode,
@@ -51,8 +56,10 @@ def profile(
         str,
         typer.Option(
             "--optimizer",
-            help="adamw|sgd|galore|adarankgrad, or several comma-separated: every row is "
-            "measured with each (galore/adarankgrad: low-rank gradient projection, --mode full).",
+            help="adamw|sgd|galore|adarankgrad or the HF Trainer's optim names (adamw_torch, "
+            "adamw_torch_fused, adamw_torch_forloop, adamw_bnb_8bit, paged_adamw_8bit, "
+            "paged_adamw_32bit, adafactor), or several comma-separated: every row is measured "
+            "with each (galore/adarankgrad: low-rank gradient projection, --mode full).",
         ),
     ] = "adamw",
     rank: Rank = None,
@@ -142,6 +149,11 @@ def profile(
     ] = 1,
     parallel: ParallelOption = None,
     cpu_offload: CpuOffload = False,
+    gc_reentrant: GcReentrant = False,
+    double_quant: DoubleQuant = True,
+    compute_dtype: ComputeDtype = None,
+    quant_storage: QuantStorage = "uint8",
+    kbit_prepare: KbitPrepare = True,
 ) -> None:
     """Measure peak memory and step time of VeLoRA placements vs baseline and checkpointing."""
     if compare is not None:
@@ -177,10 +189,11 @@ def profile(
     placement_list = [p.strip() for p in placements.split(",") if p.strip()]
     optimizers = list(dict.fromkeys(o.strip() for o in optimizer.split(",") if o.strip()))
     if not optimizers:
-        raise UserError("--optimizer: give at least one of adamw, sgd, galore, adarankgrad")
+        raise UserError("--optimizer: give at least one optimizer (adamw, adamw_torch_fused, ...)")
 
     from velora_cli import models
-    from velora_cli.measure.train_step import StepSpec
+    from velora_cli.measure.recipe import check_precision, recipe_fields
+    from velora_cli.measure.train_step import StepSpec, check_device
     from velora_cli.parallel import PARALLEL
     from velora_cli.profiling import profiler
 
@@ -207,7 +220,18 @@ def profile(
         world_size=world_size,
         parallel=parallels[0] if parallels else None,
         cpu_offload=cpu_offload,
+        **recipe_fields(
+            gc_reentrant=gc_reentrant,
+            double_quant=double_quant,
+            compute_dtype=compute_dtype,
+            quant_storage=quant_storage,
+            kbit_prepare=kbit_prepare,
+            modes=[mode],
+            gpu=get_gpu(gpu) if gpu else None,
+        ),  # fmt: skip
     )
+    if gpu:  # bf16 on a T4 or V100 fails here, in one line (the cuda backend: make_backend)
+        check_precision(get_gpu(gpu), spec)
     for name in optimizers[1:]:
         dataclasses.replace(spec, optimizer=name)  # validated before anything is measured
     for name in (parallels or [])[1:]:
@@ -224,6 +248,8 @@ def profile(
     backend_obj = profiler.make_backend(
         backend, spec, warmup=warmup, steps=steps, gpu=gpu, alloc_conf=alloc_conf
     )
+    for name in optimizers:  # a paged optimizer on the cpu, bitsandbytes missing: one line
+        check_device(dataclasses.replace(spec, optimizer=name), backend_obj.name)
     resolved = models.resolve_model(spec.model, trust_remote_code=trust_remote_code)
     notices = [resolved.notice] if resolved.notice else []
     if model is None:

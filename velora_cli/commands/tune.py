@@ -13,10 +13,14 @@ from velora_cli.commands.options import (
     Amp,
     BatchSize,
     Budget,
+    ComputeDtype,
+    DoubleQuant,
     Dtype,
     Eta,
+    GcReentrant,
     Gpu,
     Init,
+    KbitPrepare,
     LoraRank,
     LoraTargets,
     Margin,
@@ -28,6 +32,7 @@ from velora_cli.commands.options import (
     PlotOut,
     ProbeData,
     ProbeSteps,
+    QuantStorage,
     Rank,
     Resume,
     ResumeFrom,
@@ -79,7 +84,8 @@ def tune(
     resume_from: ResumeFrom = None,
     lora_rank: LoraRank = 8,
     lora_targets: LoraTargets = "all-linear",
-    optimizer: TuneOptimizers = "adamw,galore,adarankgrad",  # = autotune.DEFAULT_OPTIMIZERS
+    # = autotune.DEFAULT_OPTIMIZERS
+    optimizer: TuneOptimizers = "adamw_torch_fused,adamw,galore,adarankgrad",
     rank: Rank = None,
     update_gap: UpdateGap = 200,  # = lowrank.DEFAULT_UPDATE_GAP (not imported: torch)
     eta: Eta = 0.9,  # = lowrank.DEFAULT_ETA
@@ -104,6 +110,11 @@ def tune(
             help="Parallel strategies tried with more than one GPU: ddp, fsdp, fsdp-no-reshard.",
         ),
     ] = "ddp,fsdp,fsdp-no-reshard",
+    gc_reentrant: GcReentrant = False,
+    double_quant: DoubleQuant = True,
+    compute_dtype: ComputeDtype = None,
+    quant_storage: QuantStorage = "uint8",
+    kbit_prepare: KbitPrepare = True,
 ) -> None:
     """Find the fastest configuration that fits a memory budget, verified by a real run."""
     from velora_cli.search.tuner import OBJECTIVES
@@ -127,7 +138,8 @@ def tune(
 
         plots.check_output(plot)
         plots.require_matplotlib()
-    from velora_cli.measure.train_step import MODES, OPTIMIZERS
+    from velora_cli.measure.recipe import check_cuda_precision, check_precision, recipe_fields
+    from velora_cli.measure.train_step import MODES, OPTIMIZERS, check_device
 
     get_gpu(gpu)  # an unknown --gpu fails before anything is built
     from velora_cli.allocator.config import alloc_conf_from_env, parse_alloc_conf
@@ -220,8 +232,23 @@ def tune(
         alloc_conf=alloc_conf,
         world_sizes=world_sizes,
         parallels=parallel_list,
+        **recipe_fields(
+            gc_reentrant=gc_reentrant,
+            double_quant=double_quant,
+            compute_dtype=compute_dtype,
+            quant_storage=quant_storage,
+            kbit_prepare=kbit_prepare,
+            modes=mode_list,
+            gpu=get_gpu(gpu) if gpu else None,
+        ),  # fmt: skip
     )
-    settings.base_spec()  # validates batch, precision, modes × optimizers, ranks (one line)
+    base = settings.base_spec()  # validates batch, precision, modes × optimizers, ranks (one line)
+    if gpu:  # bf16 on a T4 or V100: one line
+        check_precision(get_gpu(gpu), base, mode_list)
+    elif backend == "cuda":
+        check_cuda_precision(base)
+    for name in settings.optimizers:  # a paged optimizer on the cpu, no bitsandbytes: one line
+        check_device(dataclasses.replace(base, mode="full", optimizer=name), backend)
     from pathlib import Path
 
     from velora_cli.files import profiles_dir

@@ -121,7 +121,8 @@ class StepSpec:
     gc_reentrant: bool = False
     # QLoRA (--mode qlora) as BitsAndBytesConfig states it: bnb_4bit_use_double_quant,
     # bnb_4bit_compute_dtype, bnb_4bit_quant_storage; kbit_prepare: peft's
-    # prepare_model_for_kbit_training (fp32 upcast of the non-quantized parameters)
+    # prepare_model_for_kbit_training (fp32 upcast of the non-quantized parameters). Ignored in
+    # the other modes (a tune's base step carries them to its qlora candidates).
     double_quant: bool = True
     compute_dtype: str = "bf16"
     quant_storage: str = "uint8"
@@ -218,7 +219,13 @@ class StepSpec:
         return dataclasses.replace(self, strategy=strategy)
 
     def to_json(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        """The fields as JSON; the recipe fields (checkpointing kind, QLoRA settings) only where
+        they differ from their defaults, so documents of setups without them read as before."""
+        data = dataclasses.asdict(self)
+        for name in RECIPE_FIELDS:
+            if data[name] == _FIELD_DEFAULTS[name]:
+                del data[name]
+        return data
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> StepSpec:
@@ -237,10 +244,6 @@ def _recipe_errors(spec: StepSpec) -> list[str]:
         errors.append(f"--compute-dtype {spec.compute_dtype!r}: choose {'|'.join(DTYPES)}")
     if spec.quant_storage not in QUANT_STORAGES:
         errors.append(f"--quant-storage {spec.quant_storage!r}: choose {'|'.join(QUANT_STORAGES)}")
-    if spec.kbit_prepare and spec.mode != "qlora":
-        errors.append(
-            "prepare_model_for_kbit_training is for a k-bit base: use it with --mode qlora"
-        )
     return errors
 
 
@@ -281,6 +284,11 @@ def _missing(module: str, util) -> bool:
     if module in sys.modules:
         return sys.modules[module] is None
     return util.find_spec(module) is None
+
+
+# StepSpec fields that documents carry only when set (`StepSpec.to_json`)
+RECIPE_FIELDS = ("gc_reentrant", "double_quant", "compute_dtype", "quant_storage", "kbit_prepare")
+_FIELD_DEFAULTS = {f.name: f.default for f in dataclasses.fields(StepSpec)}
 
 
 def torch_dtype(name: str):
