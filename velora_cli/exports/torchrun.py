@@ -23,6 +23,7 @@ import json
 from typing import Any
 
 from velora_cli.configs import VeloraConfig
+from velora_cli.exports.recipe import attn_implementation
 
 _TEMPLATE = '''\
 """Train {model} with the configuration velora tuned: {parallel} on {world_size} GPUs.
@@ -43,6 +44,7 @@ from velora_cli import apply_config, make_optimizer
 
 MODEL = {model_literal}
 DTYPE = torch.{dtype}
+ATTN = {attn_literal}  # attn_implementation, as planned
 PARALLEL = {parallel_literal}  # ddp | fsdp (reshard after forward) | fsdp-no-reshard
 CPU_OFFLOAD = {cpu_offload}
 MICRO_BATCH, ACCUMULATION, SEQ_LEN = {micro}, {accum}, {seq_len}  # per rank
@@ -88,9 +90,10 @@ def main():
     dist.init_process_group("nccl" if cuda else "gloo")
     device = torch.device("cuda", torch.cuda.current_device()) if cuda else torch.device("cpu")
 
-    model = AutoModelForCausalLM.from_pretrained(MODEL, dtype=DTYPE)  # 1. the model
+    model = AutoModelForCausalLM.from_pretrained(MODEL, dtype=DTYPE, attn_implementation=ATTN)
     model.config.use_cache = False
-    apply_config(model, CONFIG)  # 2. VeLoRA and checkpointing, before sharding
+    # 1. the model (above); 2. VeLoRA and checkpointing (use_reentrant as planned), before sharding
+    apply_config(model, CONFIG)
     model = shard(model, device)  # 3. FSDP2 / DDP
     optimizer = make_optimizer(model, CONFIG, lr=args.lr)  # 4. over the sharded parameters
     model.train()
@@ -145,6 +148,7 @@ def to_script(config: VeloraConfig, script: str = "train_velora.py") -> str:
     return _TEMPLATE.format(
         model=config.model,
         model_literal=json.dumps(config.model),
+        attn_literal=json.dumps(attn_implementation(config)),
         parallel=config.parallel,
         parallel_literal=json.dumps(config.parallel),
         world_size=config.world_size,

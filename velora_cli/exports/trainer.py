@@ -9,6 +9,17 @@ from typing import Any
 
 from velora_cli.configs import GALORE_SCALE, GALORE_TARGETS, LORA_MODES, SGD_MOMENTUM, VeloraConfig
 from velora_cli.exports import Export
+from velora_cli.exports.recipe import (
+    attn_implementation,
+    bnb_source,
+    checkpointing_kwargs,
+    kbit_prepare_source,
+    recipe_notes,
+    trainer_optim,
+)
+
+# optimizers no TrainingArguments optim builds as planned: velora's make_optimizer does
+OWN_OPTIMIZERS = ("adarankgrad", "adamw_torch_forloop")
 
 
 def _trainer_has(name: str) -> bool:
@@ -38,7 +49,7 @@ def to_trainer(config: VeloraConfig) -> dict[str, Any]:
     }
     if config.gc is not False:
         every = config.gc_every
-        kwargs: dict[str, Any] = {"use_reentrant": False}
+        kwargs: dict[str, Any] = checkpointing_kwargs(config)
         if _trainer_has("activation_checkpointing"):
             if every != 1:
                 kwargs["every_n_layers"] = every
@@ -50,9 +61,7 @@ def to_trainer(config: VeloraConfig) -> dict[str, Any]:
         # else: every-n is not a TrainingArguments option here; trainer_snippet enables it
     if config.amp:
         d[config.amp] = True  # bf16=True / fp16=True: mixed precision with fp32 master weights
-    if config.optimizer == "adamw":
-        d["optim"] = "adamw_torch"
-    elif config.optimizer == "sgd":
+    if config.optimizer == "sgd":
         d["optim"] = "sgd"
         d["optim_args"] = f"momentum={SGD_MOMENTUM}"
     elif config.optimizer == "galore":
@@ -60,6 +69,8 @@ def to_trainer(config: VeloraConfig) -> dict[str, Any]:
         d["optim_target_modules"] = list(config.optimizer_targets or GALORE_TARGETS)
         rank = "" if config.rank is None else f"rank={config.rank},"
         d["optim_args"] = f"{rank}update_proj_gap={config.update_gap},scale={GALORE_SCALE}"
+    elif trainer_optim(config):  # adamw (= adamw_torch), adamw_torch_fused, bnb, adafactor
+        d["optim"] = trainer_optim(config)
     return d
 
 
@@ -78,9 +89,7 @@ def trainer_notes(config: VeloraConfig) -> list[str]:
         )
     if config.mode == "qlora":
         notes.append(
-            "QLoRA: load the model with quantization_config=BitsAndBytesConfig(load_in_4bit=True, "
-            "bnb_4bit_quant_type='nf4', bnb_4bit_use_double_quant=True, "
-            "bnb_4bit_compute_dtype=torch.bfloat16) (snippet)"
+            f"QLoRA: load the model with quantization_config={bnb_source(config)} (snippet)"
         )
     if config.mode in LORA_MODES:
         notes.append("LoRA: wrap the model with peft.get_peft_model first (snippet)")
@@ -104,7 +113,7 @@ def trainer_notes(config: VeloraConfig) -> list[str]:
             "velora_cli.make_optimizer(model, config, lr=...) and pass "
             "Trainer(..., optimizers=(optimizer, None)) (snippet)"
         )
-    return notes
+    return notes + recipe_notes(config)
 
 
 def trainer_snippet(config: VeloraConfig, config_path: str = "velora-config.json") -> str:
@@ -114,7 +123,7 @@ def trainer_snippet(config: VeloraConfig, config_path: str = "velora-config.json
     where = "" if "/" in config.model else "  # a velora built-in: your checkpoint's id or path"
     qlora = config.mode == "qlora"
     quantized = ", quantization_config=bnb" if qlora else ""
-    own_optimizer = config.optimizer == "adarankgrad"  # no Trainer optim: velora builds it
+    own_optimizer = config.optimizer in OWN_OPTIMIZERS  # no Trainer optim: velora builds it
     imports = [
         *(["apply_config"] if config.uses_velora else []),
         *(["make_optimizer"] if own_optimizer else []),
@@ -126,17 +135,13 @@ def trainer_snippet(config: VeloraConfig, config_path: str = "velora-config.json
         *(["from transformers import BitsAndBytesConfig"] if qlora else []),
         *(["from velora_cli import " + ", ".join(imports)] if imports else []),
         "",
-        *(
-            [
-                'bnb = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", '
-                "bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=torch.bfloat16)"
-            ]
-            if qlora
-            else []
-        ),
+        *([f"bnb = {bnb_source(config)}"] if qlora else []),
         f'model = AutoModelForCausalLM.from_pretrained("{config.model}", dtype={weights}'
-        f"{quantized}){where}",
+        f'{quantized}, attn_implementation="{attn_implementation(config)}"){where}',
     ]
+    prepare = kbit_prepare_source(config)
+    if prepare:
+        lines.append(prepare)
     if config.mode in LORA_MODES:
         targets: str | list[str] = config.lora_targets or "all-linear"
         if targets != "all-linear":
@@ -152,14 +157,14 @@ def trainer_snippet(config: VeloraConfig, config_path: str = "velora-config.json
     elif manual_gc:
         lines.append(
             "model.activation_checkpointing_enable(every_n_layers="
-            f'{config.gc_every}, activation_checkpointing_kwargs={{"use_reentrant": False}})'
+            f"{config.gc_every}, activation_checkpointing_kwargs={checkpointing_kwargs(config)!r})"
         )
     kwargs = ", ".join(f"{k}={v!r}" for k, v in to_trainer(config).items())
     lines.append(f'args = TrainingArguments(output_dir="out", {kwargs})')
     if own_optimizer:
+        lr = "1e-2)  # GaLore's pre-training lr" if config.optimizer == "adarankgrad" else "1e-5)"
         lines += [
-            f'optimizer = make_optimizer(model, "{config_path}", lr=1e-2)  # GaLore\'s '
-            "pre-training lr; tune it",
+            f'optimizer = make_optimizer(model, "{config_path}", lr={lr}; tune it',
             "trainer = Trainer(model=model, args=args, train_dataset=train_dataset, "
             "optimizers=(optimizer, None))",
         ]
