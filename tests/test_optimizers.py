@@ -96,9 +96,7 @@ def test_adamw_implementations_allocate_what_their_kernels_allocate():
     numels = [math.prod(s) for s in SHAPES]
     # foreach: torch/optim/adam.py _multi_tensor_adam: `exp_avg_sq_sqrt =
     # torch._foreach_sqrt(device_exp_avg_sqs)`, one state-sized tensor per param, all alive
-    state, extra = _step_extra(
-        optimizers.make("adamw", params := _params(SHAPES), lr=1e-3), params
-    )
+    state, extra = _step_extra(optimizers.make("adamw", params := _params(SHAPES), lr=1e-3), params)
     assert state == sum(2 * _blocks(4 * n) for n in numels)
     assert extra == sum(_blocks(4 * n) for n in numels)
     # fused: _fused_adam calls torch._fused_adamw_ (in place); its only other op is
