@@ -189,7 +189,7 @@ class StepSpec:
             f"storage {self.quant_storage}",
         ]
         if self.kbit_prepare:
-            parts.append("prepare_model_for_kbit_training (fp32 non-quantized params)")
+            parts.append("prepare_model_for_kbit_training")
         return ", ".join(parts)
 
     @property
@@ -207,13 +207,18 @@ class StepSpec:
         """What each part of the step is stored in, in words (`velora_cli.methods.precision`)."""
         from velora_cli.methods.precision import describe
 
-        quantized = None
-        if self.mode == "qlora" and (
-            (self.double_quant, self.compute_dtype, self.quant_storage, self.kbit_prepare)
-            != (True, "bf16", "uint8", False)
-        ):
-            quantized = "4-bit " + self.qlora_label
-        return describe(self.mode, self.dtype, self.amp, quantized=quantized).text
+        return describe(self.mode, self.dtype, self.amp, **self.qlora_precision()).text
+
+    def qlora_precision(self) -> dict[str, str | None]:
+        """`methods.precision.describe`'s ``quantized`` and ``frozen`` for this step's QLoRA
+        settings in qlora mode (None: QLoRA's defaults, today's text)."""
+        quantized = frozen = None
+        settings = (self.double_quant, self.compute_dtype, self.quant_storage, self.kbit_prepare)
+        if settings != (True, "bf16", "uint8", False):
+            quantized = "4-bit " + dataclasses.replace(self, mode="qlora").qlora_label
+        if self.kbit_prepare:
+            frozen = "fp32"  # prepare_model_for_kbit_training upcasts them
+        return {"quantized": quantized, "frozen": frozen}
 
     def with_strategy(self, strategy: Strategy) -> StepSpec:
         return dataclasses.replace(self, strategy=strategy)
