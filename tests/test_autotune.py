@@ -70,7 +70,8 @@ def test_space_tries_low_rank_optimizers_in_full_mode_only():
     s = settings(modes=("full", "lora"), optimizers=autotune.DEFAULT_OPTIMIZERS, placements=())
     space, notices = autotune.build_space(s)
     assert {(c.mode, c.optimizer) for c in space} == {
-        ("full", "adamw"), ("full", "galore"), ("full", "adarankgrad"), ("lora", "adamw"),
+        ("full", "adamw_torch_fused"), ("full", "adamw"), ("full", "galore"),
+        ("full", "adarankgrad"), ("lora", "adamw_torch_fused"), ("lora", "adamw"),
     }  # fmt: skip
     assert notices == []
     space, notices = autotune.build_space(dataclasses.replace(s, optimizers=("galore",)))

@@ -3,6 +3,7 @@ steps on the CPU, and VeLoRA on the adapters is exact where the maths says exact
 
 import json
 import math
+import re
 import sys
 
 import pytest
@@ -13,11 +14,12 @@ from typer.testing import CliRunner
 from velora_cli.cli import app
 from velora_cli.estimate.backend import EstimateBackend
 from velora_cli.measure.cpu import CpuBackend
-from velora_cli.measure.train_step import StepSpec, Strategy, prepare
+from velora_cli.measure.train_step import SpecError, StepSpec, Strategy, prepare
 from velora_cli.methods.quant import (
     INSTALL_HINT,
     MetaLinear4bit,
     QuantConfig,
+    QuantizationUnavailable,
     bnb_linear4bit,
     quantize_base,
     quantized_storage,
@@ -185,11 +187,23 @@ def test_velora_placements_skip_4bit_layers_without_adapters():
     ]
 
 
-def test_without_bitsandbytes_cpu_rows_error_and_the_estimate_still_works(monkeypatch):
+def test_without_bitsandbytes_cpu_rows_fail_in_one_line_and_the_estimate_still_works(
+    monkeypatch,
+):
     monkeypatch.setitem(sys.modules, "bitsandbytes", None)  # import fails
     spec = StepSpec(model="llama-tiny", mode="qlora", batch_size=1, seq_len=8, dtype="bf16")
-    row = CpuBackend(warmup=0, steps=1).measure(spec)
-    assert row["status"] == "error" and row["error"] == INSTALL_HINT
+    with pytest.raises(SpecError, match="--mode qlora on the cpu backend needs bitsandbytes"):
+        CpuBackend(warmup=0, steps=1).measure(spec)
+    result = runner.invoke(
+        app, ["profile", "llama-tiny", "--mode", "qlora", "--backend", "cpu", "--no-save"]
+    )
+    assert result.exit_code == 1
+    assert result.output.strip().splitlines() == [
+        "error: --mode qlora on the cpu backend needs bitsandbytes: pip install "
+        "'velora-cli[qlora]', or use --backend estimate"
+    ]
+    with pytest.raises(QuantizationUnavailable, match=re.escape(INSTALL_HINT)):  # the swap alone
+        quantize_base(nn.Sequential(nn.Linear(4, 4)), "cpu")
     est = EstimateBackend().measure(spec)
     # per layer: q 64×64, k and v 64×32 (2 kv heads), o 64×64, gate/up/down 64×192
     assert est["status"] == "ok"

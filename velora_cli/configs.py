@@ -23,6 +23,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from velora_cli.methods.optimizer_names import LOWRANK as LOWRANK_OPTIMIZERS
+from velora_cli.methods.optimizer_names import OPTIMIZER_NAMES as OPTIMIZERS
+
 __all__ = [
     "ConfigError",
     "VeloraConfig",
@@ -42,10 +45,11 @@ TRAINERS = ("hf", "trl")  # measure.trainers.TRAINERS, repeated: no torch import
 # The v initializations of velora.INIT_STRATEGIES, repeated here so that loading a config does not
 # import torch (PEFT's VeloraConfig.init_type takes the same three names).
 INITS = ("batch_average_once", "batch_average", "random")
-# The optimizers of measure.train_step and the settings of velora_cli.methods.lowrank, repeated for the
-# same reason (tested equal).
-OPTIMIZERS = ("adamw", "sgd", "galore", "adarankgrad")
-LOWRANK_OPTIMIZERS = ("galore", "adarankgrad")
+# The optimizers of measure.train_step are velora_cli.methods.optimizer_names' (torch-free,
+# imported above); the settings of velora_cli.methods.lowrank are repeated (tested equal).
+
+ATTN_IMPLEMENTATIONS = ("sdpa", "eager", "flash_attention_2", "flash_attention_3", "flex_attention")
+QUANT_STORAGES = ("uint8", "bf16", "fp16", "fp32")  # bnb_4bit_quant_storage (train_step's)
 DEFAULT_UPDATE_GAP = 200
 DEFAULT_ETA = 0.9
 GALORE_SCALE = 0.25  # lowrank.DEFAULT_SCALE, which transformers' galore_adamw defaults to too
@@ -121,6 +125,18 @@ class VeloraConfig:
     # whose step the plan measured (velora_cli.measure.trainers): hf (the model's own loss:
     # transformers' Trainer, a plain loop) or trl (SFTTrainer's fused LM head)
     trainer: str = "hf"
+    # what the user's run must also set to be the run planned (the exports write them):
+    # transformers' attn_implementation (None: not recorded, the exports write sdpa, what
+    # from_pretrained picks where torch has it); gradient_checkpointing_kwargs' use_reentrant;
+    # QLoRA's BitsAndBytesConfig (double quant, compute dtype, quant storage) and peft's
+    # prepare_model_for_kbit_training. Configs written before these load with the defaults:
+    # what those tunes measured.
+    attn_implementation: str | None = None
+    gc_reentrant: bool = False
+    double_quant: bool = True
+    compute_dtype: str = "bf16"
+    quant_storage: str = "uint8"
+    kbit_prepare: bool = False
 
     def __post_init__(self) -> None:
         errors = []
@@ -157,6 +173,7 @@ class VeloraConfig:
         errors += _layout_errors(self)
         if self.trainer not in TRAINERS:
             errors.append(f"trainer must be one of {', '.join(TRAINERS)}, got {self.trainer!r}")
+        errors += _recipe_errors(self)
         if self.mode in LORA_MODES and not _positive_int(self.lora_rank):
             errors.append(
                 f"mode {self.mode} needs lora_rank, a positive integer, got {self.lora_rank!r}"
@@ -227,6 +244,21 @@ def _layout_errors(config: VeloraConfig) -> list[str]:
         errors.append("world_size > 1 needs a parallel strategy (ddp, fsdp, fsdp-no-reshard)")
     if config.cpu_offload and not (config.parallel or "").startswith("fsdp"):
         errors.append("cpu_offload is FSDP2's CPUOffloadPolicy: it needs parallel fsdp*")
+    return errors
+
+
+def _recipe_errors(config: VeloraConfig) -> list[str]:
+    errors = []
+    attn = config.attn_implementation
+    if attn is not None and not isinstance(attn, str):
+        errors.append(f"attn_implementation must be a name ({', '.join(ATTN_IMPLEMENTATIONS)})")
+    for name in ("gc_reentrant", "double_quant", "kbit_prepare"):
+        if not isinstance(getattr(config, name), bool):
+            errors.append(f"{name} must be true or false, got {getattr(config, name)!r}")
+    if config.compute_dtype not in DTYPES:
+        errors.append(f"compute_dtype must be one of {', '.join(DTYPES)}")
+    if config.quant_storage not in QUANT_STORAGES:
+        errors.append(f"quant_storage must be one of {', '.join(QUANT_STORAGES)}")
     return errors
 
 
@@ -308,7 +340,21 @@ def from_tune_document(document: dict[str, Any], source: str | None = None) -> V
         parallel=rec.get("parallel"),
         layer_classes=rec.get("layer_classes"),
         trainer=settings.get("trainer", "hf"),
+        **_recipe(rec, settings),
     )
+
+
+def _recipe(rec: dict[str, Any], settings: dict[str, Any]) -> dict[str, Any]:
+    """The recipe fields of a tune's recommendation (tunes from before them: the defaults)."""
+    attn = rec.get("attn_implementation", settings.get("attn_implementation"))
+    return {
+        "attn_implementation": attn if isinstance(attn, str) else None,
+        "gc_reentrant": bool(settings.get("gc_reentrant", False)),
+        "double_quant": settings.get("double_quant", True),
+        "compute_dtype": settings.get("compute_dtype", "bf16"),
+        "quant_storage": settings.get("quant_storage", "uint8"),
+        "kbit_prepare": bool(settings.get("kbit_prepare")) and rec.get("mode") == "qlora",
+    }
 
 
 def _predicted(rec: dict[str, Any]) -> dict[str, int | None]:
@@ -480,7 +526,7 @@ def apply_config(
         from velora_cli.measure.train_step import SpecError, enable_checkpointing
 
         try:
-            enable_checkpointing(model, config.gc_every)
+            enable_checkpointing(model, config.gc_every, reentrant=config.gc_reentrant)
         except SpecError as exc:
             raise ConfigError(str(exc)) from None
     return wrapped
@@ -491,7 +537,9 @@ def make_optimizer(
 ):
     """The optimizer the config was tuned with, over ``model``'s trainable parameters.
 
-    AdamW and SGD (momentum 0.9) as ``torch.optim`` builds them; galore and adarankgrad as
+    AdamW and SGD (momentum 0.9) as ``torch.optim`` builds them, the HF Trainer's names
+    (fused/for-loop AdamW, bitsandbytes 8-bit and paged AdamW, Adafactor) as the Trainer builds
+    them (`velora_cli.methods.optimizers`); galore and adarankgrad as
     `velora_cli.methods.lowrank` does (2-D weights projected, embeddings and the output layer plain
     AdamW), with the config's rank (None: the model's hidden size / 4), update gap and η. Call it
     after `apply_config` (VeLoRA keeps the layers' parameters, so either order works).

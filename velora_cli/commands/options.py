@@ -28,7 +28,11 @@ def word_list(text: str, option: str, choices: tuple[str, ...] | None = None) ->
         raise UserError(f"{option} is empty")
     bad = [v for v in values if choices and v not in choices]
     if bad:
-        raise UserError(f"{option} {','.join(bad)}: choose from {', '.join(choices)}")
+        import difflib
+
+        close = difflib.get_close_matches(bad[0], choices, n=1, cutoff=0.6)
+        hint = f"; did you mean {close[0]}?" if close else ""
+        raise UserError(f"{option} {','.join(bad)}: choose from {', '.join(choices)}{hint}")
     return values
 
 
@@ -64,7 +68,9 @@ Optimizer = Annotated[
     typer.Option(
         "--optimizer",
         help="adamw|sgd|galore|adarankgrad (the last two: low-rank gradient projection of "
-        "2-D weights, --mode full).",
+        "2-D weights, --mode full), or the HF Trainer's optim names: adamw_torch, "
+        "adamw_torch_fused (its default), adamw_torch_forloop, adamw_bnb_8bit, paged_adamw_8bit, "
+        "paged_adamw_32bit, adafactor.",
     ),
 ]
 Rank = Annotated[
@@ -125,6 +131,50 @@ Init = Annotated[
 ]
 
 
+# The recipe's settings (velora_cli.measure.recipe), shared by profile and tune.
+GcReentrant = Annotated[
+    bool,
+    typer.Option(
+        "--gc-reentrant",
+        help="Checkpointing rows use torch's reentrant implementation "
+        '(gradient_checkpointing_kwargs={"use_reentrant": True}); default non-reentrant, '
+        "as transformers.",
+    ),
+]
+DoubleQuant = Annotated[
+    bool,
+    typer.Option(
+        "--double-quant/--no-double-quant",
+        help="--mode qlora: bnb_4bit_use_double_quant (QLoRA recipe: on; 0.516 vs 0.5625 B "
+        "per weight).",
+    ),
+]
+ComputeDtype = Annotated[
+    str | None,
+    typer.Option(
+        "--compute-dtype",
+        help="--mode qlora: bnb_4bit_compute_dtype fp32|bf16|fp16. Default: bf16, fp16 on a "
+        "--gpu without bf16.",
+    ),
+]
+QuantStorage = Annotated[
+    str,
+    typer.Option(
+        "--quant-storage",
+        help="--mode qlora: bnb_4bit_quant_storage uint8|bf16|fp16|fp32 (FSDP wants the "
+        "model dtype).",
+    ),
+]
+KbitPrepare = Annotated[
+    bool,
+    typer.Option(
+        "--kbit-prepare/--no-kbit-prepare",
+        help="--mode qlora: peft's prepare_model_for_kbit_training (fp32 embeddings, norms, "
+        "lm_head), as the PEFT QLoRA recipe does.",
+    ),
+]
+
+
 # Options of tune and export-config.
 Budget = Annotated[
     str | None,
@@ -166,7 +216,8 @@ TuneOptimizers = Annotated[
     typer.Option(
         "--optimizer",
         help="Optimizers to search, comma-separated: adamw, sgd, galore, adarankgrad (the last "
-        "two: low-rank gradient projection, tried in full mode only).",
+        "two: low-rank gradient projection, tried in full mode only) or the HF Trainer's names "
+        "(adamw_torch_fused, paged_adamw_8bit, adafactor, ... as in profile).",
     ),
 ]
 TunePlacements = Annotated[

@@ -16,17 +16,22 @@ from velora_cli.commands.options import (
     Amp,
     Backend,
     BatchSize,
+    ComputeDtype,
     CpuOffload,
+    DoubleQuant,
     Dtype,
     Eta,
+    GcReentrant,
     Gpu,
     Init,
+    KbitPrepare,
     LoraRank,
     LoraTargets,
     Mode,
     ModelArg,
     ParallelOption,
     PlotOut,
+    QuantStorage,
     Rank,
     SeqLen,
     TrainerOption,
@@ -56,8 +61,10 @@ def profile(
         str,
         typer.Option(
             "--optimizer",
-            help="adamw|sgd|galore|adarankgrad, or several comma-separated: every row is "
-            "measured with each (galore/adarankgrad: low-rank gradient projection, --mode full).",
+            help="adamw|sgd|galore|adarankgrad or the HF Trainer's optim names (adamw_torch, "
+            "adamw_torch_fused, adamw_torch_forloop, adamw_bnb_8bit, paged_adamw_8bit, "
+            "paged_adamw_32bit, adafactor), or several comma-separated: every row is measured "
+            "with each (galore/adarankgrad: low-rank gradient projection, --mode full).",
         ),
     ] = "adamw",
     rank: Rank = None,
@@ -148,6 +155,11 @@ def profile(
     parallel: ParallelOption = None,
     cpu_offload: CpuOffload = False,
     trainer: TrainerOption = "hf",
+    gc_reentrant: GcReentrant = False,
+    double_quant: DoubleQuant = True,
+    compute_dtype: ComputeDtype = None,
+    quant_storage: QuantStorage = "uint8",
+    kbit_prepare: KbitPrepare = True,
 ) -> None:
     """Measure peak memory and step time of VeLoRA placements vs baseline and checkpointing."""
     options = ProfileOptions(**{k: v for k, v in locals().items() if k != "ctx"})
@@ -210,6 +222,11 @@ class ProfileOptions:
     parallel: str | None
     cpu_offload: bool
     trainer: str
+    gc_reentrant: bool
+    double_quant: bool
+    compute_dtype: str | None
+    quant_storage: str
+    kbit_prepare: bool
 
 
 @dataclasses.dataclass(frozen=True)
@@ -247,10 +264,12 @@ def profile_plan(o: ProfileOptions) -> ProfilePlan:
     placement_list = [p.strip() for p in o.placements.split(",") if p.strip()]
     optimizers = list(dict.fromkeys(x.strip() for x in o.optimizer.split(",") if x.strip()))
     if not optimizers:
-        raise UserError("--optimizer: give at least one of adamw, sgd, galore, adarankgrad")
+        raise UserError("--optimizer: give at least one optimizer (adamw, adamw_torch_fused, ...)")
 
     from velora_cli import models
-    from velora_cli.measure.train_step import StepSpec
+    from velora_cli.gpus import get_gpu
+    from velora_cli.measure.recipe import check_precision, recipe_fields
+    from velora_cli.measure.train_step import StepSpec, check_device
     from velora_cli.parallel import PARALLEL
     from velora_cli.profiling import profiler
 
@@ -277,7 +296,18 @@ def profile_plan(o: ProfileOptions) -> ProfilePlan:
         parallel=parallels[0] if parallels else None,
         cpu_offload=o.cpu_offload,
         trainer=o.trainer,
+        **recipe_fields(
+            gc_reentrant=o.gc_reentrant,
+            double_quant=o.double_quant,
+            compute_dtype=o.compute_dtype,
+            quant_storage=o.quant_storage,
+            kbit_prepare=o.kbit_prepare,
+            modes=[o.mode],
+            gpu=get_gpu(o.gpu) if o.gpu else None,
+        ),
     )
+    if o.gpu:  # bf16 on a T4 or V100 fails here, in one line (the cuda backend: make_backend)
+        check_precision(get_gpu(o.gpu), spec)
     for name in optimizers[1:]:
         dataclasses.replace(spec, optimizer=name)  # validated before anything is measured
     for name in (parallels or [])[1:]:
@@ -288,6 +318,8 @@ def profile_plan(o: ProfileOptions) -> ProfilePlan:
     backend = profiler.make_backend(
         o.backend, spec, warmup=o.warmup, steps=o.steps, gpu=o.gpu, alloc_conf=o.alloc_conf
     )
+    for name in optimizers:  # a paged optimizer on the cpu, bitsandbytes missing: one line
+        check_device(dataclasses.replace(spec, optimizer=name), backend.name)
     resolved = models.resolve_model(spec.model, trust_remote_code=o.trust_remote_code)
     notices = [resolved.notice] if resolved.notice else []
     if o.model is None:
@@ -308,8 +340,6 @@ def profile_plan(o: ProfileOptions) -> ProfilePlan:
         velora_gc=o.velora_gc,
     )
     if o.backend == "auto" and backend.name == "estimate":
-        from velora_cli.gpus import get_gpu
-
         notices.append(
             "auto backend without a GPU: memory estimated on meta tensors and step time "
             f"predicted for {get_gpu(o.gpu).name} (--gpu); --backend cpu times real CPU steps"

@@ -15,10 +15,14 @@ from velora_cli.commands.options import (
     Amp,
     BatchSize,
     Budget,
+    ComputeDtype,
+    DoubleQuant,
     Dtype,
     Eta,
+    GcReentrant,
     Gpu,
     Init,
+    KbitPrepare,
     LoraRank,
     LoraTargets,
     Margin,
@@ -30,6 +34,7 @@ from velora_cli.commands.options import (
     PlotOut,
     ProbeData,
     ProbeSteps,
+    QuantStorage,
     Rank,
     Resume,
     ResumeFrom,
@@ -81,7 +86,8 @@ def tune(
     resume_from: ResumeFrom = None,
     lora_rank: LoraRank = 8,
     lora_targets: LoraTargets = "all-linear",
-    optimizer: TuneOptimizers = "adamw,galore,adarankgrad",  # = autotune.DEFAULT_OPTIMIZERS
+    # = autotune.DEFAULT_OPTIMIZERS
+    optimizer: TuneOptimizers = "adamw_torch_fused,adamw,galore,adarankgrad",
     rank: Rank = None,
     update_gap: UpdateGap = 200,  # = lowrank.DEFAULT_UPDATE_GAP (not imported: torch)
     eta: Eta = 0.9,  # = lowrank.DEFAULT_ETA
@@ -107,6 +113,11 @@ def tune(
         ),
     ] = "ddp,fsdp,fsdp-no-reshard",
     trainer: TrainerOption = "hf",
+    gc_reentrant: GcReentrant = False,
+    double_quant: DoubleQuant = True,
+    compute_dtype: ComputeDtype = None,
+    quant_storage: QuantStorage = "uint8",
+    kbit_prepare: KbitPrepare = True,
 ) -> None:
     """Find the fastest configuration that fits a memory budget, verified by a real run."""
     options = TuneOptions(**locals())  # the options as typed; parsed and checked below
@@ -163,12 +174,19 @@ class TuneOptions:
     world_size: str
     parallel: str
     trainer: str
+    gc_reentrant: bool
+    double_quant: bool
+    compute_dtype: str | None
+    quant_storage: str
+    kbit_prepare: bool
 
 
 def tune_settings(o: TuneOptions) -> tuple[TuneSettings, list[str]]:
     """Parse and check every option, before any model is built: the tune's settings (its
     budget still 0 when ``--budget`` was not given: `open_journal` resolves it) and notices."""
-    from velora_cli.measure.train_step import MODES, OPTIMIZERS
+    from velora_cli.gpus import get_gpu
+    from velora_cli.measure.recipe import check_cuda_precision, check_precision, recipe_fields
+    from velora_cli.measure.train_step import MODES, OPTIMIZERS, check_device
     from velora_cli.parallel import PARALLEL
     from velora_cli.search.tuner import OBJECTIVES
 
@@ -244,8 +262,23 @@ def tune_settings(o: TuneOptions) -> tuple[TuneSettings, list[str]]:
         world_sizes=world_sizes,
         parallels=parallels,
         trainer=o.trainer,
+        **recipe_fields(
+            gc_reentrant=o.gc_reentrant,
+            double_quant=o.double_quant,
+            compute_dtype=o.compute_dtype,
+            quant_storage=o.quant_storage,
+            kbit_prepare=o.kbit_prepare,
+            modes=modes,
+            gpu=get_gpu(o.gpu) if o.gpu else None,
+        ),
     )
-    settings.base_spec()  # validates batch, precision, modes × optimizers, ranks (one line)
+    base = settings.base_spec()  # validates batch, precision, modes × optimizers, ranks (one line)
+    if o.gpu:  # bf16 on a T4 or V100: one line
+        check_precision(get_gpu(o.gpu), base, modes)
+    elif backend == "cuda":
+        check_cuda_precision(base)
+    for name in settings.optimizers:  # a paged optimizer on the cpu, no bitsandbytes: one line
+        check_device(dataclasses.replace(base, mode="full", optimizer=name), backend)
     if o.model is None:
         notices.append(f"no MODEL given: tuning the built-in default {settings.model}")
     return settings, notices

@@ -164,6 +164,7 @@ class EstimateBackend:
         row.pop("predicted_tokens_per_second", None)
         if self.trace_fields:
             row.update(self.device_memory_of(prepared, trace))
+            add_paged_state(row)
         return row
 
     def device_memory_of(self, prepared, trace) -> dict[str, Any]:
@@ -217,3 +218,24 @@ class EstimateBackend:
             )
             self._fast = Shortcuts(self, models)
         return self._fast
+
+
+def add_paged_state(row: dict[str, Any]) -> None:
+    """Count a paged optimizer's managed state in the device figures, not the allocator's.
+
+    bitsandbytes' paged state is cudaMallocManaged memory (`methods.optimizers`): torch's
+    ``max_memory_allocated/reserved`` never include it, NVML's device "used" does while its pages
+    are on the GPU (prefetched before each update). The predicted allocated/reserved bytes are
+    what torch will report; the device bytes add the pages (the safe side for "does it fit").
+    """
+    paged = row.get("paged_optimizer_bytes")
+    if not paged or "predicted_device_bytes" not in row:
+        return
+    for key in ("predicted_device_bytes", "predicted_device_expandable_bytes"):
+        if key in row:
+            row[key] += paged
+    row["device_memory_notes"] = (
+        row.get("device_memory_notes", "")
+        + f"; + paged optimizer state {paged:,} B (cudaMallocManaged: in NVML's device memory "
+        "while resident, never in torch's allocated/reserved counters)"
+    )

@@ -28,6 +28,7 @@ from __future__ import annotations
 from typing import Any
 
 from velora_cli.configs import VeloraConfig
+from velora_cli.exports.recipe import attn_implementation, trainer_optim
 
 
 def accelerate_blockers(config: VeloraConfig) -> list[str]:
@@ -62,7 +63,7 @@ def to_accelerate(config: VeloraConfig) -> dict[str, Any]:
             "fsdp_reshard_after_forward": config.parallel == "fsdp",
             "fsdp_auto_wrap_policy": "TRANSFORMER_BASED_WRAP",
             "fsdp_offload_params": config.cpu_offload,
-            "fsdp_activation_checkpointing": config.gc is True,
+            "fsdp_activation_checkpointing": config.gc is True and not config.gc_reentrant,
             "fsdp_cpu_ram_efficient_loading": True,
             "fsdp_state_dict_type": "SHARDED_STATE_DICT",
         }
@@ -107,6 +108,20 @@ def accelerate_notes(config: VeloraConfig) -> list[str]:
         notes.append("LoRA: wrap the model with peft.get_peft_model before apply_config")
     if config.optimizer == "adarankgrad":
         notes.append("adarankgrad: build it with velora_cli.make_optimizer after prepare(model)")
+    elif trainer_optim(config):
+        notes.append(
+            f"optimizer: TrainingArguments(optim={trainer_optim(config)!r}), or "
+            "velora_cli.make_optimizer(model, config, lr=...) after prepare(model)"
+        )
+    notes.append(
+        f"load the model with attn_implementation={attn_implementation(config)!r} (as planned)"
+    )
+    if config.gc_reentrant and config.gc:
+        notes.append(
+            "reentrant checkpointing was planned; fsdp_activation_checkpointing wraps layers "
+            "non-reentrantly: enable it with gradient_checkpointing_kwargs={'use_reentrant': "
+            "True} (TrainingArguments) instead"
+        )
     return notes
 
 

@@ -31,10 +31,6 @@ from velora_cli.exports.nearest import tune_command
 # velora's own measurement builds it)
 TASK_TYPES = {"causal-lm": "CAUSAL_LM", "masked-lm": None}
 VELORA_SCALE = 1.0  # velora's VeLoRA has no scale: what every measured run used
-BNB_4BIT = (
-    "BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type='nf4', "
-    "bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=torch.bfloat16)"
-)
 
 
 def trained_layers(config: VeloraConfig) -> dict[str, dict[str, int]]:
@@ -213,7 +209,14 @@ def notes(config: VeloraConfig, task: str | None) -> list[str]:
     rest.append(f"{config.amp} autocast" if config.amp else f"{config.dtype} base weights")
     out.append(f"not part of a LoraConfig: {', '.join(rest)}: --format trl or trainer writes them")
     if config.mode == "qlora":
-        out.append(f"QLoRA: load the base with quantization_config={BNB_4BIT} (as measured)")
+        from velora_cli.exports.recipe import bnb_source, kbit_prepare_source
+
+        out.append(
+            f"QLoRA: load the base with quantization_config={bnb_source(config)} (as measured)"
+        )
+        prepare = kbit_prepare_source(config)
+        if prepare:
+            out.append(f"QLoRA: then {prepare}, before get_peft_model (as measured)")
     return out
 
 

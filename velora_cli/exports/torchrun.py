@@ -23,6 +23,7 @@ import json
 from typing import Any
 
 from velora_cli.configs import VeloraConfig
+from velora_cli.exports.recipe import attn_implementation
 from velora_cli.models.public import is_builtin
 
 _TEMPLATE = '''\
@@ -44,6 +45,7 @@ from velora_cli.parallel.dry_run import tracked_peak, versus_plan
 
 MODEL = {model_literal}
 DTYPE = torch.{dtype}
+ATTN = {attn_literal}  # attn_implementation, as planned
 PARALLEL = {parallel_literal}  # ddp | fsdp (reshard after forward) | fsdp-no-reshard
 CPU_OFFLOAD = {cpu_offload}
 MICRO_BATCH, ACCUMULATION, SEQ_LEN = {micro}, {accum}, {seq_len}  # per rank
@@ -91,9 +93,10 @@ def main():
     dist.init_process_group("nccl" if cuda else "gloo")
     device = torch.device("cuda", torch.cuda.current_device()) if cuda else torch.device("cpu")
 
-    model = {model_load}  # 1. the model
+    model = {model_load}
     model.config.use_cache = False
-    apply_config(model, CONFIG)  # 2. VeLoRA and checkpointing, before sharding
+    # 1. the model (above); 2. VeLoRA and checkpointing (use_reentrant as planned), before sharding
+    apply_config(model, CONFIG)
     model = shard(model, device)  # 3. FSDP2 / DDP
     optimizer = make_optimizer(model, CONFIG, lr=args.lr)  # 4. over the sharded parameters
     model.train()
@@ -168,9 +171,10 @@ def to_script(config: VeloraConfig, script: str = "train_velora.py") -> str:
         else "from transformers import AutoModelForCausalLM",
         model_load="build_model(MODEL, dtype=DTYPE)  # random weights, no tokenizer"
         if builtin
-        else "AutoModelForCausalLM.from_pretrained(MODEL, dtype=DTYPE)",
+        else "AutoModelForCausalLM.from_pretrained(MODEL, dtype=DTYPE, attn_implementation=ATTN)",
         model=config.model,
         model_literal=json.dumps(config.model),
+        attn_literal=json.dumps(attn_implementation(config)),
         parallel=config.parallel,
         parallel_literal=json.dumps(config.parallel),
         world_size=config.world_size,

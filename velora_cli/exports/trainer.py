@@ -9,7 +9,18 @@ from typing import Any
 
 from velora_cli.configs import GALORE_SCALE, GALORE_TARGETS, LORA_MODES, SGD_MOMENTUM, VeloraConfig
 from velora_cli.exports import Export
+from velora_cli.exports.recipe import (
+    attn_implementation,
+    bnb_source,
+    checkpointing_kwargs,
+    kbit_prepare_source,
+    recipe_notes,
+    trainer_optim,
+)
 from velora_cli.models.public import is_builtin
+
+# optimizers no TrainingArguments optim builds as planned: velora's make_optimizer does
+OWN_OPTIMIZERS = ("adarankgrad", "adamw_torch_forloop")
 
 BUILTIN_NOTE = "a velora built-in: random weights, no tokenizer (velora_cli.build_model)"
 
@@ -22,7 +33,8 @@ def builds_builtin(config: VeloraConfig) -> bool:
 
 def model_line(config: VeloraConfig, name: str, weights: str, quantized: str = "") -> str:
     """The snippet line that makes ``model``: `velora_cli.build_model` for a built-in (which
-    ``from_pretrained`` cannot load), else ``AutoModelForCausalLM.from_pretrained``.
+    ``from_pretrained`` cannot load), else ``AutoModelForCausalLM.from_pretrained`` with the
+    planned ``attn_implementation``.
 
     Args:
         name: the Python expression naming the model (a literal or a variable).
@@ -35,7 +47,8 @@ def model_line(config: VeloraConfig, name: str, weights: str, quantized: str = "
         "  # a velora built-in: your checkpoint's id or path" if is_builtin(config.model) else ""
     )
     return (
-        f"model = AutoModelForCausalLM.from_pretrained({name}, dtype={weights}{quantized}){where}"
+        f"model = AutoModelForCausalLM.from_pretrained({name}, dtype={weights}{quantized}, "
+        f'attn_implementation="{attn_implementation(config)}"){where}'
     )
 
 
@@ -66,7 +79,7 @@ def to_trainer(config: VeloraConfig) -> dict[str, Any]:
     }
     if config.gc is not False:
         every = config.gc_every
-        kwargs: dict[str, Any] = {"use_reentrant": False}
+        kwargs: dict[str, Any] = checkpointing_kwargs(config)
         if _trainer_has("activation_checkpointing"):
             if every != 1:
                 kwargs["every_n_layers"] = every
@@ -78,9 +91,7 @@ def to_trainer(config: VeloraConfig) -> dict[str, Any]:
         # else: every-n is not a TrainingArguments option here; trainer_snippet enables it
     if config.amp:
         d[config.amp] = True  # bf16=True / fp16=True: mixed precision with fp32 master weights
-    if config.optimizer == "adamw":
-        d["optim"] = "adamw_torch"
-    elif config.optimizer == "sgd":
+    if config.optimizer == "sgd":
         d["optim"] = "sgd"
         d["optim_args"] = f"momentum={SGD_MOMENTUM}"
     elif config.optimizer == "galore":
@@ -88,6 +99,8 @@ def to_trainer(config: VeloraConfig) -> dict[str, Any]:
         d["optim_target_modules"] = list(config.optimizer_targets or GALORE_TARGETS)
         rank = "" if config.rank is None else f"rank={config.rank},"
         d["optim_args"] = f"{rank}update_proj_gap={config.update_gap},scale={GALORE_SCALE}"
+    elif trainer_optim(config):  # adamw (= adamw_torch), adamw_torch_fused, bnb, adafactor
+        d["optim"] = trainer_optim(config)
     return d
 
 
@@ -106,9 +119,7 @@ def trainer_notes(config: VeloraConfig) -> list[str]:
         )
     if config.mode == "qlora":
         notes.append(
-            "QLoRA: load the model with quantization_config=BitsAndBytesConfig(load_in_4bit=True, "
-            "bnb_4bit_quant_type='nf4', bnb_4bit_use_double_quant=True, "
-            "bnb_4bit_compute_dtype=torch.bfloat16) (snippet)"
+            f"QLoRA: load the model with quantization_config={bnb_source(config)} (snippet)"
         )
     if config.mode in LORA_MODES:
         notes.append("LoRA: wrap the model with peft.get_peft_model first (snippet)")
@@ -132,7 +143,7 @@ def trainer_notes(config: VeloraConfig) -> list[str]:
             "velora_cli.make_optimizer(model, config, lr=...) and pass "
             "Trainer(..., optimizers=(optimizer, None)) (snippet)"
         )
-    return notes
+    return notes + recipe_notes(config)
 
 
 DEFAULT_PATH = "trainer.json"  # where the snippet reads this export from
@@ -150,7 +161,7 @@ def trainer_snippet(config: VeloraConfig, config_path: str = DEFAULT_PATH) -> st
     weights = dtype[config.dtype if config.amp is None else "fp32"]
     qlora = config.mode == "qlora"
     quantized = ", quantization_config=bnb" if qlora else ""
-    own_optimizer = config.optimizer == "adarankgrad"  # no Trainer optim: velora builds it
+    own_optimizer = config.optimizer in OWN_OPTIMIZERS  # no Trainer optim: velora builds it
     builtin = builds_builtin(config)
     imports = [
         "VeloraCallback",
@@ -171,16 +182,12 @@ def trainer_snippet(config: VeloraConfig, config_path: str = DEFAULT_PATH) -> st
         "",
         f'export = json.load(open("{config_path}"))  # velora export-config --format trainer '
         f"-o {config_path}",
-        *(
-            [
-                'bnb = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", '
-                "bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=torch.bfloat16)"
-            ]
-            if qlora
-            else []
-        ),
+        *([f"bnb = {bnb_source(config)}"] if qlora else []),
         model_line(config, f'"{config.model}"', weights, quantized),
     ]
+    prepare = kbit_prepare_source(config)
+    if prepare:
+        lines.append(prepare)
     if config.mode in LORA_MODES:
         targets: str | list[str] = config.lora_targets or "all-linear"
         if targets != "all-linear":
@@ -196,14 +203,14 @@ def trainer_snippet(config: VeloraConfig, config_path: str = DEFAULT_PATH) -> st
     elif manual_gc:
         lines.append(
             "model.activation_checkpointing_enable(every_n_layers="
-            f'{config.gc_every}, activation_checkpointing_kwargs={{"use_reentrant": False}})'
+            f"{config.gc_every}, activation_checkpointing_kwargs={checkpointing_kwargs(config)!r})"
         )
     lines.append('args = TrainingArguments(output_dir="out", **export["training_arguments"])')
     callback = 'callbacks=[VeloraCallback(export["velora"])]'  # checks the plan, records the run
     if own_optimizer:
+        lr = "1e-2)  # GaLore's pre-training lr" if config.optimizer == "adarankgrad" else "1e-5)"
         lines += [
-            'optimizer = make_optimizer(model, export["velora"], lr=1e-2)  # GaLore\'s '
-            "pre-training lr; tune it",
+            f'optimizer = make_optimizer(model, export["velora"], lr={lr}; tune it',
             "trainer = Trainer(model=model, args=args, train_dataset=train_dataset, "
             f"optimizers=(optimizer, None), {callback})",
         ]

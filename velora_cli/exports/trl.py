@@ -31,7 +31,13 @@ from typing import Any
 from velora_cli.configs import LORA_MODES, VeloraConfig
 from velora_cli.exports import Export, FormatUnavailable, NotExpressible
 from velora_cli.exports import peft as peft_export
+from velora_cli.exports.recipe import (
+    bnb_source,
+    checkpointing_kwargs,
+    kbit_prepare_source,
+)
 from velora_cli.exports.trainer import (
+    OWN_OPTIMIZERS,
     _trainer_has,
     builds_builtin,
     model_line,
@@ -128,7 +134,7 @@ def snippet(config: VeloraConfig, lora: dict[str, Any] | None, own_velora: bool)
     dtype = {"fp32": "torch.float32", "bf16": "torch.bfloat16", "fp16": "torch.float16"}
     weights = dtype[config.dtype if config.amp is None else "fp32"]
     qlora = config.mode == "qlora"
-    own_optimizer = config.optimizer == "adarankgrad"
+    own_optimizer = config.optimizer in OWN_OPTIMIZERS
     builtin = builds_builtin(config)
     names = ["VeloraCallback"] + (["apply_config"] if own_velora else [])
     names += ["build_model"] if builtin else []
@@ -153,9 +159,12 @@ def snippet(config: VeloraConfig, lora: dict[str, Any] | None, own_velora: bool)
         f'export = json.load(open("{DEFAULT_PATH}"))  # velora export-config --format trl -o '
         f"{DEFAULT_PATH}",
         f'name = "{config.model}"',
-        *([f"bnb = {peft_export.BNB_4BIT}"] if qlora else []),
+        *([f"bnb = {bnb_source(config)}"] if qlora else []),
         model_line(config, "name", weights, ", quantization_config=bnb" if qlora else ""),
     ]
+    prepare = kbit_prepare_source(config)
+    if prepare:
+        lines.append(prepare)
     peft_arg = ""
     if lora is not None and own_velora:
         lines.append('model = peft.get_peft_model(model, peft.LoraConfig(**export["peft_config"]))')
@@ -166,11 +175,12 @@ def snippet(config: VeloraConfig, lora: dict[str, Any] | None, own_velora: bool)
     elif manual_gc:
         lines.append(
             f"model.activation_checkpointing_enable(every_n_layers={config.gc_every}, "
-            'activation_checkpointing_kwargs={"use_reentrant": False})'
+            f"activation_checkpointing_kwargs={checkpointing_kwargs(config)!r})"
         )
     optimizers = ""
     if own_optimizer:
-        lines.append('optimizer = make_optimizer(model, export["velora"], lr=1e-2)  # tune the lr')
+        lr = "1e-2" if config.optimizer == "adarankgrad" else "1e-5"
+        lines.append(f'optimizer = make_optimizer(model, export["velora"], lr={lr})  # tune the lr')
         optimizers = ", optimizers=(optimizer, None)"
     if builtin:
         lines.append(

@@ -61,6 +61,9 @@ def tracked_step(
         **prepared.quantized(),
         **prepared.optimizer_details(),
     }
+    paged = prepared.paged_optimizer_bytes()
+    if paged:  # managed memory: outside the allocator's counters (methods/optimizers.py)
+        row["paged_optimizer_bytes"] = paged
     if breakdown:
         row["activation_breakdown"] = dict(
             sorted(counter.result.by_pattern().items(), key=lambda kv: -kv[1])

@@ -15,6 +15,11 @@ import functools
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+# velora's optimizer names (adamw, sgd, galore, adarankgrad) and the HF Trainer's
+# (adamw_torch_fused, paged_adamw_8bit, adafactor, ...): velora_cli.methods.optimizers
+from velora_cli.methods.optimizer_names import LOWRANK as LOWRANK_OPTIMIZERS
+from velora_cli.methods.optimizer_names import OPTIMIZER_NAMES as OPTIMIZERS
+
 if TYPE_CHECKING:
     import torch
     from torch import nn
@@ -24,11 +29,7 @@ if TYPE_CHECKING:
 DTYPES = ("fp32", "bf16", "fp16")
 AMP = ("bf16", "fp16")
 MODES = ("full", "lora", "qlora")  # qlora: 4-bit NF4 frozen base + LoRA (quant.py)
-OPTIMIZERS = ("adamw", "sgd", "galore", "adarankgrad")
-LOWRANK_OPTIMIZERS = (
-    "galore",
-    "adarankgrad",
-)  # velora_cli.methods.lowrank: full-parameter training only
+
 # torch indexes a tensor's elements with int64: no step may hold a tensor with more elements.
 MAX_ELEMENTS = 2**63 - 1
 
@@ -122,6 +123,17 @@ class StepSpec:
     # whose step: hf (the model's own loss, as transformers' Trainer and a plain loop compute it)
     # or trl (TRL SFTTrainer's fused LM head and metrics); velora_cli.measure.trainers
     trainer: str = "hf"
+    # checkpointing as transformers does it: gradient_checkpointing_kwargs={"use_reentrant": ...}
+    # (transformers' own default is non-reentrant)
+    gc_reentrant: bool = False
+    # QLoRA (--mode qlora) as BitsAndBytesConfig states it: bnb_4bit_use_double_quant,
+    # bnb_4bit_compute_dtype, bnb_4bit_quant_storage; kbit_prepare: peft's
+    # prepare_model_for_kbit_training (fp32 upcast of the non-quantized parameters). Ignored in
+    # the other modes (a tune's base step carries them to its qlora candidates).
+    double_quant: bool = True
+    compute_dtype: str = "bf16"
+    quant_storage: str = "uint8"
+    kbit_prepare: bool = False
 
     def __post_init__(self):
         errors = []
@@ -145,7 +157,12 @@ class StepSpec:
         if self.mode not in MODES:
             errors.append(f"--mode {self.mode!r}: choose {'|'.join(MODES)}")
         if self.optimizer not in OPTIMIZERS:
-            errors.append(f"--optimizer {self.optimizer!r}: choose {'|'.join(OPTIMIZERS)}")
+            from velora_cli.methods.optimizer_names import OptimizerError, optimizer_info
+
+            try:
+                optimizer_info(self.optimizer)
+            except OptimizerError as exc:
+                errors.append(str(exc))
         if self.lora_rank < 1:
             errors.append(f"--lora-rank must be >= 1, got {self.lora_rank}")
         if self.optimizer in LOWRANK_OPTIMIZERS and self.mode != "full":
@@ -168,11 +185,28 @@ class StepSpec:
                 f"keep_outputs holds the model's own output, which --trainer {self.trainer} "
                 "does not return: use --trainer hf"
             )
+        errors += _recipe_errors(self)
         from velora_cli.measure.layout import layout_errors
 
         errors += layout_errors(self)
         if errors:
             raise SpecError("; ".join(errors))
+
+    @property
+    def qlora_label(self) -> str | None:
+        """How the 4-bit base is set up, in words (None outside --mode qlora), e.g.
+        ``nf4, double quant, compute bf16, storage uint8, prepare_model_for_kbit_training``."""
+        if self.mode != "qlora":
+            return None
+        parts = [
+            "nf4",
+            "double quant" if self.double_quant else "no double quant",
+            f"compute {self.compute_dtype}",
+            f"storage {self.quant_storage}",
+        ]
+        if self.kbit_prepare:
+            parts.append("prepare_model_for_kbit_training")
+        return ", ".join(parts)
 
     @property
     def optimizer_label(self) -> str:
@@ -189,7 +223,18 @@ class StepSpec:
         """What each part of the step is stored in, in words (`velora_cli.methods.precision`)."""
         from velora_cli.methods.precision import describe
 
-        return describe(self.mode, self.dtype, self.amp).text
+        return describe(self.mode, self.dtype, self.amp, **self.qlora_precision()).text
+
+    def qlora_precision(self) -> dict[str, str | None]:
+        """`methods.precision.describe`'s ``quantized`` and ``frozen`` for this step's QLoRA
+        settings in qlora mode (None: QLoRA's defaults, today's text)."""
+        quantized = frozen = None
+        settings = (self.double_quant, self.compute_dtype, self.quant_storage, self.kbit_prepare)
+        if settings != (True, "bf16", "uint8", False):
+            quantized = "4-bit " + dataclasses.replace(self, mode="qlora").qlora_label
+        if self.kbit_prepare:
+            frozen = "fp32"  # prepare_model_for_kbit_training upcasts them
+        return {"quantized": quantized, "frozen": frozen}
 
     def with_strategy(self, strategy: Strategy) -> StepSpec:
         return dataclasses.replace(self, strategy=strategy)
@@ -200,6 +245,12 @@ class StepSpec:
         data = dataclasses.asdict(self)
         if data["trainer"] == "hf":
             del data["trainer"]
+        """The fields as JSON; the recipe fields (checkpointing kind, QLoRA settings) only where
+        they differ from their defaults, so documents of setups without them read as before."""
+        data = dataclasses.asdict(self)
+        for name in RECIPE_FIELDS:
+            if data[name] == _FIELD_DEFAULTS[name]:
+                del data[name]
         return data
 
     @classmethod
@@ -207,6 +258,63 @@ class StepSpec:
         data = dict(data)
         data["strategy"] = Strategy(**data.get("strategy", {}))
         return cls(**data)
+
+
+QUANT_STORAGES = ("uint8", "bf16", "fp16", "fp32")
+
+
+def _recipe_errors(spec: StepSpec) -> list[str]:
+    """Checkpointing and QLoRA settings that make no sense (`StepSpec.__post_init__`)."""
+    errors = []
+    if spec.compute_dtype not in DTYPES:
+        errors.append(f"--compute-dtype {spec.compute_dtype!r}: choose {'|'.join(DTYPES)}")
+    if spec.quant_storage not in QUANT_STORAGES:
+        errors.append(f"--quant-storage {spec.quant_storage!r}: choose {'|'.join(QUANT_STORAGES)}")
+    return errors
+
+
+def check_device(spec: StepSpec, device: str) -> None:
+    """Refuse a step the real ``device`` (``cpu``/``cuda``) cannot run, before anything is built.
+
+    Raises:
+        SpecError: QLoRA or a bitsandbytes optimizer without bitsandbytes; a paged optimizer on
+            the CPU (its state is cudaMallocManaged memory, which only a GPU has).
+    """
+    import importlib.util
+
+    from velora_cli.methods.optimizer_names import NEEDS_BITSANDBYTES, PAGED
+
+    kind = str(device).split(":")[0]
+    if kind == "meta":
+        return
+    if kind == "cpu" and spec.optimizer in PAGED:
+        raise SpecError(
+            f"--optimizer {spec.optimizer} pages its state with cudaMallocManaged, which the cpu "
+            "backend has not: use --backend estimate (or cuda), or adamw_bnb_8bit on the cpu"
+        )
+    needs = []
+    if spec.mode == "qlora":
+        needs.append("--mode qlora")
+    if spec.optimizer in NEEDS_BITSANDBYTES:
+        needs.append(f"--optimizer {spec.optimizer}")
+    if needs and _missing("bitsandbytes", importlib.util):
+        raise SpecError(
+            f"{' and '.join(needs)} on the {kind} backend needs bitsandbytes: "
+            "pip install 'velora-cli[qlora]', or use --backend estimate"
+        )
+
+
+def _missing(module: str, util) -> bool:
+    import sys
+
+    if module in sys.modules:
+        return sys.modules[module] is None
+    return util.find_spec(module) is None
+
+
+# StepSpec fields that documents carry only when set (`StepSpec.to_json`)
+RECIPE_FIELDS = ("gc_reentrant", "double_quant", "compute_dtype", "quant_storage", "kbit_prepare")
+_FIELD_DEFAULTS = {f.name: f.default for f in dataclasses.fields(StepSpec)}
 
 
 def torch_dtype(name: str):
@@ -288,28 +396,56 @@ class Prepared:
         """Bytes of optimizer state tensors (after the first step has created them)."""
         import torch
 
+        # AdamW's "step" counter is a host scalar on a GPU (not device memory), except for
+        # fused or capturable AdamW, which keep it on the device (Adam._init_group)
+        step_on_device = {
+            id(p)
+            for group in self.optimizer.param_groups
+            if group.get("fused") or group.get("capturable")
+            for p in group["params"]
+        }
         seen, total = set(), 0
-        for state in self.optimizer.state.values():
+        for param, state in self.optimizer.state.items():
             for name, value in state.items():
-                # AdamW's "step" counter is a host scalar even on a GPU: not device memory.
-                if isinstance(value, torch.Tensor) and name != "step":
-                    key = value.untyped_storage()._cdata
-                    if key not in seen:
-                        seen.add(key)
-                        total += value.untyped_storage().nbytes()
+                if not isinstance(value, torch.Tensor):
+                    continue
+                if name == "step" and id(param) not in step_on_device:
+                    continue
+                if getattr(value, "is_paged", False):
+                    continue  # cudaMallocManaged pages: `paged_optimizer_bytes`
+                key = value.untyped_storage()._cdata
+                if key not in seen:
+                    seen.add(key)
+                    total += value.untyped_storage().nbytes()
         return total
 
+    def paged_optimizer_bytes(self) -> int:
+        """Optimizer state in cudaMallocManaged pages (paged bitsandbytes optimizers), which the
+        caching allocator does not count and NVML does (`methods.optimizers`)."""
+        from velora_cli.methods.optimizers import paged_bytes
 
-def enable_checkpointing(model: nn.Module, every_n: int, *, recompute_context=None) -> None:
-    """Non-reentrant gradient checkpointing of every ``every_n``-th decoder layer.
+        return paged_bytes(self.optimizer)
+
+
+def enable_checkpointing(
+    model: nn.Module, every_n: int, *, recompute_context=None, reentrant: bool = False
+) -> None:
+    """Gradient checkpointing of every ``every_n``-th decoder layer, as transformers enables it
+    with ``gradient_checkpointing_kwargs={"use_reentrant": reentrant}``.
+
+    Reentrant checkpointing (torch's ``CheckpointFunction``) runs the layer under ``no_grad``,
+    saves its positional inputs, and recomputes the whole layer in backward; it passes gradients
+    only when an input requires grad, so with frozen embeddings (LoRA, QLoRA) the embeddings'
+    output is made to require grad (``enable_input_require_grads``, as transformers and peft do).
 
     Args:
         recompute_context: optional zero-argument callable returning a context manager entered
             around each recomputation (checkpoint restores real autocast itself; the estimate's
             emulation of CUDA, ``emulation.cuda_emulation``, must be restored this way).
+        reentrant: torch's reentrant implementation instead of the non-reentrant one.
     """
-    kwargs: dict[str, Any] = {"use_reentrant": False}
-    if recompute_context is not None:
+    kwargs: dict[str, Any] = {"use_reentrant": reentrant}
+    if recompute_context is not None and not reentrant:
         kwargs["context_fn"] = lambda: (contextlib.nullcontext(), recompute_context())
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     if hasattr(base, "activation_checkpointing_enable"):  # transformers >= 5
@@ -324,6 +460,8 @@ def enable_checkpointing(model: nn.Module, every_n: int, *, recompute_context=No
         base.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
     else:
         raise SpecError(f"{type(base).__name__} does not support gradient checkpointing")
+    if reentrant and recompute_context is not None:
+        _recompute_in(base, recompute_context)
     # transformers >= 5 registers this hook itself; a second one would replace the handle to the
     # first, which could then never be removed (a model reused for another row must come back
     # as it was)
@@ -336,6 +474,34 @@ def enable_checkpointing(model: nn.Module, every_n: int, *, recompute_context=No
         and not any(p.requires_grad for p in base.get_input_embeddings().parameters())
     ):
         base.enable_input_require_grads()  # frozen embeddings (LoRA): keep checkpoints in graph
+
+
+def _recompute_in(model: nn.Module, recompute_context) -> None:
+    """Enter ``recompute_context()`` around each reentrant recomputation of ``model``'s layers.
+
+    torch's reentrant checkpoint takes no ``context_fn``, and its recomputation runs in the
+    autograd engine, where the step's torch-function modes are not active (checked on torch 2.13:
+    ``torch._C._is_torch_function_mode_enabled()`` is False there); so each layer's checkpoint
+    function is wrapped to enter the context when it runs inside backward.
+    """
+    import torch
+
+    def wrap(checkpoint_func):
+        def run(function, *args, **kwargs):
+            def body(*inner, **inner_kwargs):
+                if torch._C._current_graph_task_id() == -1:  # the forward pass
+                    return function(*inner, **inner_kwargs)
+                with recompute_context():  # the recomputation, in backward
+                    return function(*inner, **inner_kwargs)
+
+            return checkpoint_func(body, *args, **kwargs)
+
+        return run
+
+    for module in model.modules():
+        func = getattr(module, "_gradient_checkpointing_func", None)
+        if func is not None and getattr(module, "gradient_checkpointing", False):
+            module._gradient_checkpointing_func = wrap(func)
 
 
 def _apply_lora(model: nn.Module, spec: StepSpec) -> nn.Module:
@@ -419,6 +585,7 @@ def prepare(
 
     from velora_cli.models import build_model, resolve_model
 
+    check_device(spec, device)
     if model_spec is None:
         model_spec = resolve_model(spec.model, trust_remote_code=spec.trust_remote_code)
     check_seq_len(spec, model_spec)
@@ -434,9 +601,12 @@ def prepare(
         trust_remote_code=spec.trust_remote_code,
     )
     if spec.mode == "qlora":
-        from velora_cli.methods.quant import quantize_base
+        from velora_cli.methods.quant import prepare_for_kbit_training, quant_config, quantize_base
 
-        quantize_base(model, device)  # frozen base linears -> 4-bit NF4 (meta: stand-ins)
+        # frozen base linears -> 4-bit NF4 (meta: stand-ins)
+        quantize_base(model, device, quant_config(spec))
+        if spec.kbit_prepare:
+            prepare_for_kbit_training(model)
     if spec.mode in ("lora", "qlora"):
         model = _apply_lora(model, spec)
     wrapped = apply_strategy(model, spec, device)
@@ -514,7 +684,12 @@ def apply_strategy(model: nn.Module, spec: StepSpec, device: str) -> list[str]:
             from velora_cli.emulation.step import cuda_emulation
 
             recompute_context = functools.partial(cuda_emulation, spec.amp)
-        enable_checkpointing(model, strategy.gc_every, recompute_context=recompute_context)
+        enable_checkpointing(
+            model,
+            strategy.gc_every,
+            recompute_context=recompute_context,
+            reentrant=spec.gc_reentrant,
+        )
     return wrapped
 
 
@@ -530,23 +705,25 @@ def build_optimizer(
 ) -> torch.optim.Optimizer:
     """The optimizer ``name`` over ``model``'s trainable parameters, as every step measures it.
 
-    AdamW and SGD (momentum 0.9) with ``foreach=True`` (CUDA's default implementation, so every
-    backend runs, and the estimate predicts, the same optimizer temporaries); galore and
-    adarankgrad from `velora_cli.methods.lowrank`, ``rank`` None meaning the model's hidden size / 4.
+    ``adamw`` and ``sgd`` (momentum 0.9) with ``foreach=True`` (CUDA's default implementation, so
+    every backend runs, and the estimate predicts, the same optimizer temporaries); the HF
+    Trainer's names (fused/for-loop AdamW, bitsandbytes, Adafactor) from
+    `velora_cli.methods.optimizers`; galore and adarankgrad from `velora_cli.methods.lowrank`,
+    ``rank`` None meaning the model's hidden size / 4.
 
     Raises:
         SpecError: an unknown name, a low-rank optimizer without a rank for a model with no
             ``config.hidden_size``, or a setting out of range.
     """
-    import torch
 
     params = [p for p in model.parameters() if p.requires_grad]
-    if name == "adamw":
-        return torch.optim.AdamW(params, lr=lr, foreach=True)
-    if name == "sgd":
-        return torch.optim.SGD(params, lr=lr, momentum=0.9, foreach=True)
     if name not in LOWRANK_OPTIMIZERS:
-        raise SpecError(f"--optimizer {name!r}: choose {'|'.join(OPTIMIZERS)}")
+        from velora_cli.methods import optimizers
+
+        try:
+            return optimizers.make(name, params, lr=lr)
+        except optimizers.OptimizerError as exc:
+            raise SpecError(str(exc)) from None
     from velora_cli.methods import lowrank
 
     if rank is None:

@@ -66,13 +66,23 @@ class Precision:
 QUANTIZED = "4-bit NF4 (bf16 compute)"
 
 
-def describe(mode: str, dtype: str, amp: str | None = None) -> Precision:
+def describe(
+    mode: str,
+    dtype: str,
+    amp: str | None = None,
+    *,
+    quantized: str | None = None,
+    frozen: str | None = None,
+) -> Precision:
     """The storage of each part of a step in ``mode`` with weights ``dtype`` and ``--amp``.
 
     Args:
         mode: full, lora or qlora.
         dtype: ``--dtype`` (fp32 with ``--amp``: the master weights).
         amp: ``--amp`` (bf16, fp16) or None.
+        quantized: how the 4-bit base is set up (qlora), if not QLoRA's defaults (`QUANTIZED`).
+        frozen: what the frozen non-4-bit parameters are stored in, if not the weights' dtype
+            (qlora after prepare_model_for_kbit_training: fp32).
 
     Returns:
         The `Precision`; its ``text`` is the profile/tune header's precision line.
@@ -86,17 +96,29 @@ def describe(mode: str, dtype: str, amp: str | None = None) -> Precision:
         trained="fp32",
         grads="fp32",
         optimizer_state="fp32",
-        frozen=weights,
-        quantized=QUANTIZED if mode == "qlora" else None,
+        frozen=frozen or weights,
+        quantized=(quantized or QUANTIZED) if mode == "qlora" else None,
         autocast=amp,
     )
 
 
-def describe_modes(modes: list[str] | tuple[str, ...], dtype: str, amp: str | None = None) -> str:
+def describe_modes(
+    modes: list[str] | tuple[str, ...],
+    dtype: str,
+    amp: str | None = None,
+    *,
+    quantized: str | None = None,
+    frozen: str | None = None,
+) -> str:
     """The precision line of a tune over several modes: each mode's `describe` text, ``|``
     between modes (``full: pure bf16: ... | lora: frozen base bf16; ...``); one mode alone
     reads as `describe` does."""
     modes = list(dict.fromkeys(modes))
+
+    def text(mode: str) -> str:  # quantized/frozen: qlora's settings (`describe`)
+        qlora = {"quantized": quantized, "frozen": frozen} if mode == "qlora" else {}
+        return describe(mode, dtype, amp, **qlora).text
+
     if len(modes) == 1:
-        return describe(modes[0], dtype, amp).text
-    return " | ".join(f"{mode}: {describe(mode, dtype, amp).text}" for mode in modes)
+        return text(modes[0])
+    return " | ".join(f"{mode}: {text(mode)}" for mode in modes)

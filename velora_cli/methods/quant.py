@@ -57,6 +57,13 @@ QUANT_TYPES = ("nf4", "fp4")
 BLOCKSIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)  # what bitsandbytes accepts
 NESTED_BLOCKSIZE = 256  # bitsandbytes quantizes the scales in blocks of 256 (fixed)
 INSTALL_HINT = "needs bitsandbytes: pip install 'velora-cli[qlora]'"
+QUANT_STORAGES = (torch.uint8, torch.bfloat16, torch.float16, torch.float32)
+
+
+def packed_elements(numel: int, storage: torch.dtype) -> int:
+    """Elements of the packed weight: two 4-bit codes per byte, in ``storage`` elements
+    (bitsandbytes 0.50 ``quantize_4bit``: ``((n + 1) // (itemsize * 2), 1)``)."""
+    return (numel + 1) // (storage.itemsize * 2)
 
 
 class QuantizationUnavailable(RuntimeError):
@@ -76,6 +83,9 @@ class QuantConfig:
     blocksize: int = 64  # bitsandbytes' default (Params4bit, quantize_4bit)
     double_quant: bool = True
     compute_dtype: torch.dtype = torch.bfloat16
+    # bnb_4bit_quant_storage: the dtype the packed codes are stored in (FSDP needs it to match
+    # the other parameters); the bytes are the same, the parameter's dtype and numel are not
+    quant_storage: torch.dtype = torch.uint8
 
     def __post_init__(self):
         errors = []
@@ -85,13 +95,18 @@ class QuantConfig:
             errors.append(f"blocksize {self.blocksize}: choose one of {BLOCKSIZES}")
         if self.compute_dtype not in (torch.float32, torch.bfloat16, torch.float16):
             errors.append(f"compute_dtype {self.compute_dtype}: choose float32|bfloat16|float16")
+        if self.quant_storage not in QUANT_STORAGES:
+            errors.append(
+                f"quant_storage {self.quant_storage}: choose uint8|bfloat16|float16|float32"
+            )
         if errors:
             raise ValueError("; ".join(errors))
 
     def storage(self, numel: int) -> dict[str, int]:
         """Bytes of each tensor a 4-bit weight of ``numel`` values stores (the formula above)."""
         nblocks = math.ceil(numel / self.blocksize)
-        out = {"weight": math.ceil(numel / 2), "weight_quant_map": 16 * 4}
+        out = {"weight": packed_elements(numel, self.quant_storage) * self.quant_storage.itemsize}
+        out["weight_quant_map"] = 16 * 4
         if self.double_quant:
             out["weight_absmax"] = nblocks  # uint8
             out["weight_nested_absmax"] = 4 * math.ceil(nblocks / NESTED_BLOCKSIZE)
@@ -114,6 +129,11 @@ def _is_conv1d(module: nn.Module) -> bool:
 
 def is_quantized(module: nn.Module) -> bool:
     """True for a 4-bit layer (bitsandbytes ``Linear4bit`` or ``MetaLinear4bit``)."""
+    cls = type(module)
+    if isinstance(module, MetaLinear4bit) or (
+        cls.__name__ == "Linear4bit" and cls.__module__.startswith("bitsandbytes")
+    ):  # (peft's LoRA wrapper of it is also called Linear4bit)
+        return True
     weight = getattr(module, "weight", None)
     return isinstance(module, nn.Linear) and weight is not None and not weight.is_floating_point()
 
@@ -206,7 +226,8 @@ class MetaLinear4bit(nn.Linear):
         numel = weight.numel()
         nblocks = math.ceil(numel / config.blocksize)
         meta = torch.device("meta")
-        packed = torch.empty(math.ceil(numel / 2), 1, dtype=torch.uint8, device=meta)
+        rows = packed_elements(numel, config.quant_storage)
+        packed = torch.empty(rows, 1, dtype=config.quant_storage, device=meta)
         self.weight = nn.Parameter(packed, requires_grad=False)
         self.bias = layer.bias
         buffers = {"weight_quant_map": torch.empty(16, dtype=torch.float32, device=meta)}
@@ -329,6 +350,7 @@ def bnb_linear4bit(layer: nn.Module, config: QuantConfig, device: str | torch.de
             compute_dtype=config.compute_dtype,
             compress_statistics=config.double_quant,
             quant_type=config.quant_type,
+            quant_storage=config.quant_storage,
         )
     params = bnb.nn.Params4bit(
         weight.contiguous(),
@@ -336,6 +358,7 @@ def bnb_linear4bit(layer: nn.Module, config: QuantConfig, device: str | torch.de
         blocksize=config.blocksize,
         compress_statistics=config.double_quant,
         quant_type=config.quant_type,
+        quant_storage=config.quant_storage,
         module=module,
     )
     module.weight = params.to(device)  # quantizes (Params4bit.to -> _quantize)
@@ -393,6 +416,46 @@ def quantize_base(
     swap_layers(model, lambda layer: bnb_linear4bit(layer, config, device), names)
     model.is_loaded_in_4bit = True  # what transformers sets: peft then wraps with lora.bnb
     return names
+
+
+def quant_config(spec) -> QuantConfig:
+    """The `QuantConfig` of a `StepSpec` (its BitsAndBytesConfig settings)."""
+    dtypes = {
+        "fp32": torch.float32,
+        "bf16": torch.bfloat16,
+        "fp16": torch.float16,
+        "uint8": torch.uint8,
+    }
+    return QuantConfig(
+        double_quant=spec.double_quant,
+        compute_dtype=dtypes[spec.compute_dtype],
+        quant_storage=dtypes[spec.quant_storage],
+    )
+
+
+def prepare_for_kbit_training(model: nn.Module) -> None:
+    """peft's ``prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)``.
+
+    Freezes every parameter and casts each fp16/bf16 one that is not a 4-bit weight to fp32
+    (embeddings, norms, ``lm_head``, biases: +2 B per value), which makes the residual stream fp32
+    too. Its default ``use_gradient_checkpointing=True`` also turns on checkpointing (reentrant
+    in transformers 5.25 + torch 2.13: its ``{}`` kwargs reach ``torch.utils.checkpoint`` without
+    ``use_reentrant``); here checkpointing is the row's strategy, and the exports pass
+    ``use_gradient_checkpointing`` to match it. On real layers peft's own function runs; on meta
+    this follows peft 0.21.2 ``utils/other.py`` line by line (the 4-bit stand-ins' packed weights
+    are excluded as peft excludes ``Params4bit``).
+    """
+    meta = next(model.parameters()).device.type == "meta"
+    if not meta:
+        from peft import prepare_model_for_kbit_training
+
+        prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+        return
+    packed = {id(m.weight) for m in model.modules() if isinstance(m, MetaLinear4bit)}
+    for param in model.parameters():
+        param.requires_grad = False
+        if param.dtype in (torch.float16, torch.bfloat16) and id(param) not in packed:
+            param.data = param.data.to(torch.float32)
 
 
 def register_lora_layers(lora_config) -> None:

@@ -269,7 +269,9 @@ def _single_backend(
                 "is False); use --backend estimate or cpu"
             )
         from velora_cli.estimate.beside import estimate_beside
+        from velora_cli.measure.recipe import check_cuda_precision
 
+        check_cuda_precision(spec)  # bf16 on the T4 or V100 torch sees: one line, before any row
         return CudaBackend(**_opts(warmup, steps), alloc_conf=alloc_conf, beside=estimate_beside)
     if name == "cpu":
         return CpuBackend(**_opts(warmup, steps))

@@ -86,7 +86,9 @@ def profile_table(document: dict[str, Any]):
 
     title = (
         f"{document['model']} · {document['mode']} · batch {document['batch_size']} × seq "
-        f"{document['seq_len']} · {document['precision']} · backend {document['backend']}"
+        f"{document['seq_len']} · {document['precision']}"
+        + (" · reentrant checkpointing" * bool(document.get("settings", {}).get("gc_reentrant")))
+        + f" · backend {document['backend']}"
     ) + layout_title(document)
     table = Table(title=title, title_justify="left")
     width = max((len(r["label"]) for r in document["rows"]), default=10)

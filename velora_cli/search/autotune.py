@@ -254,7 +254,12 @@ def run(
         "seq_len": settings.seq_len,
         "dtype": settings.dtype,
         "amp": settings.amp,
-        "precision": describe_modes(tried or settings.modes, settings.dtype, settings.amp),
+        "precision": describe_modes(
+            tried or settings.modes,
+            settings.dtype,
+            settings.amp,
+            **settings.base_spec().qlora_precision(),
+        ),
         "optimizer": ",".join(settings.optimizers),
         "backend": settings.backend,
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),

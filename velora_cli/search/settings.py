@@ -13,7 +13,8 @@ from velora_cli.search.candidates import Candidate, optimizers_for
 DEFAULT_PLACEMENTS = ("paper", "all-linear")
 # `velora tune`'s optimizers: AdamW, and the two that shrink its state by projecting 2-D weight
 # gradients (full mode only: lora/qlora candidates are tried with AdamW alone).
-DEFAULT_OPTIMIZERS = ("adamw", "galore", "adarankgrad")
+# adamw_torch_fused: the HF Trainer's default optim (transformers 5), no foreach temporaries.
+DEFAULT_OPTIMIZERS = ("adamw_torch_fused", "adamw", "galore", "adarankgrad")
 DEFAULT_NUM_GROUPS = (32,)  # paper Table 5b: M = D/32
 DEFAULT_GC_EVERY = (2,)  # besides none and every layer
 DEFAULT_PROBE_STEPS = (
@@ -31,6 +32,15 @@ CONTEXT_KEYS = (
     "lora_rank", "lora_targets", "init", "weights", "backend", "budget_bytes", "probe_steps",
     "data", "gpu", "alloc_conf", "world_sizes", "parallels",
 )  # fmt: skip
+
+
+RECIPE_DEFAULTS = {
+    "gc_reentrant": False,
+    "double_quant": True,
+    "compute_dtype": "bf16",
+    "quant_storage": "uint8",
+    "kbit_prepare": False,
+}
 
 
 class TuneError(ValueError):
@@ -74,6 +84,12 @@ class TuneSettings:
     world_sizes: tuple[int, ...] = (1,)  # ranks (GPUs) to try; the batch is per rank
     parallels: tuple[str, ...] = ("ddp", "fsdp", "fsdp-no-reshard")  # with world sizes > 1
     trainer: str = "hf"  # whose step (velora_cli.measure.trainers): hf or trl
+    # the recipe (velora_cli.measure.recipe): checkpointing kind, QLoRA's settings
+    gc_reentrant: bool = False
+    double_quant: bool = True
+    compute_dtype: str = "bf16"
+    quant_storage: str = "uint8"
+    kbit_prepare: bool = False
 
     def context(self) -> dict[str, Any]:
         """The journal header: the settings a journal's results depend on (as JSON has them).
@@ -86,6 +102,9 @@ class TuneSettings:
         context["parallels"] = list(self.parallels) if multi else None
         if self.trainer != "hf":  # journals of the hf step, from before the choice, still match
             context["trainer"] = self.trainer
+        for key, default in RECIPE_DEFAULTS.items():  # journals from before these had none
+            if getattr(self, key) != default:
+                context[key] = getattr(self, key)
         return context
 
     def layouts(self) -> list[tuple[int, str | None]]:
@@ -135,6 +154,7 @@ class TuneSettings:
             trust_remote_code=self.trust_remote_code,
             init=self.init,
             trainer=self.trainer,
+            **{key: getattr(self, key) for key in RECIPE_DEFAULTS},
         )
 
 

@@ -1,0 +1,96 @@
+"""What every export says the same way, so the run is the one planned: the model's
+``attn_implementation``, checkpointing's ``use_reentrant``, QLoRA's ``BitsAndBytesConfig`` and
+peft's ``prepare_model_for_kbit_training``, and the Trainer ``optim`` name of the optimizer.
+
+Plain strings and dicts (no torch): the export formats put them in their JSON and snippets.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from velora_cli.configs import VeloraConfig
+from velora_cli.methods.optimizer_names import OPTIMIZER_INFO
+
+DEFAULT_ATTN = "sdpa"  # transformers' from_pretrained default where torch has SDPA
+_TORCH_DTYPES = {"fp32": "torch.float32", "bf16": "torch.bfloat16", "fp16": "torch.float16"}
+_STORAGE = {"uint8": "torch.uint8", **_TORCH_DTYPES}
+
+
+def attn_implementation(config: VeloraConfig) -> str:
+    """The ``attn_implementation`` to load the model with: the planned one, else sdpa."""
+    return config.attn_implementation or DEFAULT_ATTN
+
+
+def checkpointing_kwargs(config: VeloraConfig) -> dict[str, Any]:
+    """``gradient_checkpointing_kwargs`` (``activation_checkpointing_kwargs``) as planned."""
+    return {"use_reentrant": config.gc_reentrant}
+
+
+def bnb_kwargs(config: VeloraConfig) -> dict[str, str | bool]:
+    """``BitsAndBytesConfig`` keyword arguments as planned, dtypes as Python source text."""
+    return {
+        "load_in_4bit": True,
+        "bnb_4bit_quant_type": "nf4",
+        "bnb_4bit_use_double_quant": config.double_quant,
+        "bnb_4bit_compute_dtype": _TORCH_DTYPES[config.compute_dtype],
+        "bnb_4bit_quant_storage": _STORAGE[config.quant_storage],
+    }
+
+
+def bnb_source(config: VeloraConfig) -> str:
+    """``BitsAndBytesConfig(...)`` as Python source."""
+    parts = []
+    for key, value in bnb_kwargs(config).items():
+        text = value if isinstance(value, str) and value.startswith("torch.") else repr(value)
+        parts.append(f"{key}={text}")
+    return f"BitsAndBytesConfig({', '.join(parts)})"
+
+
+def kbit_prepare_source(config: VeloraConfig, model: str = "model") -> str | None:
+    """The ``prepare_model_for_kbit_training`` line (None when it was not planned).
+
+    Its default ``use_gradient_checkpointing=True`` would turn on checkpointing (reentrant in
+    transformers 5.25 + torch 2.13) whatever was planned: the line states the plan instead.
+    """
+    if not (config.kbit_prepare and config.mode == "qlora"):
+        return None
+    gc = config.gc_every is not None
+    kwargs = f"use_gradient_checkpointing={gc}"
+    if gc:
+        kwargs += f", gradient_checkpointing_kwargs={checkpointing_kwargs(config)!r}"
+    return f"{model} = peft.prepare_model_for_kbit_training({model}, {kwargs})"
+
+
+def trainer_optim(config: VeloraConfig) -> str | None:
+    """The ``TrainingArguments.optim`` that builds the planned optimizer (None: none does)."""
+    info = OPTIMIZER_INFO.get(config.optimizer)
+    return info.trainer_optim if info is not None else None
+
+
+def recipe_notes(config: VeloraConfig) -> list[str]:
+    """What the keyword arguments cannot carry, one line each."""
+    notes = []
+    if config.attn_implementation is None:
+        notes.append(
+            f"attention: the plan did not record attn_implementation; the snippet loads the "
+            f"model with {DEFAULT_ATTN!r} (what velora's step models)"
+        )
+    if config.optimizer == "adamw_torch_forloop":
+        notes.append(
+            "for-loop AdamW (foreach=False) has no TrainingArguments optim: build "
+            "torch.optim.AdamW(params, foreach=False) or velora_cli.make_optimizer(model, config, "
+            "lr=...) and pass Trainer(..., optimizers=(optimizer, None))"
+        )
+    info = OPTIMIZER_INFO.get(config.optimizer)
+    if info is not None and info.paged:
+        notes.append(
+            f"{config.optimizer}: its state is cudaMallocManaged memory: torch's "
+            "max_memory_allocated/reserved leave it out, nvidia-smi shows it while resident"
+        )
+    if config.kbit_prepare and config.mode == "qlora":
+        notes.append(
+            "QLoRA: peft.prepare_model_for_kbit_training makes embeddings, norms and lm_head "
+            "fp32, as planned; its checkpointing is set to the plan's (snippet)"
+        )
+    return notes
