@@ -4,6 +4,7 @@ estimate is checked against real CPU steps (real bitsandbytes 4-bit layers, peft
 prepare_model_for_kbit_training)."""
 
 import ast
+import dataclasses
 import json
 
 import pytest
@@ -271,6 +272,7 @@ def test_exports_carry_checkpointing_kind_attention_and_the_bnb_config():
         "bnb_4bit_quant_storage=torch.bfloat16" in n for n in peft_export.notes(config, "CAUSAL_LM")
     )
     if trl_export.trl_version() is not None:
+        config = dataclasses.replace(config, trainer="trl")  # the TRL export takes a TRL plan
         data = trl_export.export(config).data
         ast.parse(data["snippet"])
         assert 'attn_implementation="eager"' in data["snippet"]

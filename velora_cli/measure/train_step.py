@@ -240,14 +240,12 @@ class StepSpec:
         return dataclasses.replace(self, strategy=strategy)
 
     def to_json(self) -> dict[str, Any]:
-        """The spec as JSON; ``trainer`` only when it is not ``hf`` (absent means the step every
-        document measured before there was a choice, so their settings stay as they were)."""
+        """The fields as JSON; ``trainer`` and the recipe fields (checkpointing kind, QLoRA
+        settings) only where they differ from their defaults, so documents of setups without them
+        read as before (absent means the step every document measured before the choice)."""
         data = dataclasses.asdict(self)
         if data["trainer"] == "hf":
             del data["trainer"]
-        """The fields as JSON; the recipe fields (checkpointing kind, QLoRA settings) only where
-        they differ from their defaults, so documents of setups without them read as before."""
-        data = dataclasses.asdict(self)
         for name in RECIPE_FIELDS:
             if data[name] == _FIELD_DEFAULTS[name]:
                 del data[name]
