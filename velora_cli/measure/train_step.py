@@ -246,6 +246,8 @@ class StepSpec:
         data = dataclasses.asdict(self)
         if data["trainer"] == "hf":
             del data["trainer"]
+        if not data["keep_outputs"]:
+            del data["keep_outputs"]
         for name in RECIPE_FIELDS:
             if data[name] == _FIELD_DEFAULTS[name]:
                 del data[name]
