@@ -67,6 +67,16 @@ Optimizer = Annotated[
         "2-D weights, --mode full).",
     ),
 ]
+Attn = Annotated[
+    str,
+    typer.Option(
+        "--attn",
+        help="Attention kernels (transformers' attn_implementation): auto (transformers' "
+        "default, sdpa), sdpa (the kernel torch picks on the GPU: flash, or memory-efficient with "
+        "a mask, fp32 or below sm80), eager, flash_attention_2 (the flash-attn package; "
+        "estimate only, sm80+, fp16/bf16).",
+    ),
+]
 Rank = Annotated[
     int | None,
     typer.Option(

@@ -12,6 +12,7 @@ from velora_cli.commands.errors import UserError, guarded
 from velora_cli.commands.options import (
     AllocConf,
     Amp,
+    Attn,
     Backend,
     BatchSize,
     CpuOffload,
@@ -47,6 +48,7 @@ def profile(
     mode: Mode = "full",
     lora_rank: LoraRank = 8,
     lora_targets: LoraTargets = "all-linear",
+    attn: Attn = "auto",
     optimizer: Annotated[
         str,
         typer.Option(
@@ -207,6 +209,7 @@ def profile(
         world_size=world_size,
         parallel=parallels[0] if parallels else None,
         cpu_offload=cpu_offload,
+        attn=attn,
     )
     for name in optimizers[1:]:
         dataclasses.replace(spec, optimizer=name)  # validated before anything is measured

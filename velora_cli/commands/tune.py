@@ -11,6 +11,7 @@ from velora_cli.commands.errors import UserError, fail, guarded
 from velora_cli.commands.options import (
     AllocConf,
     Amp,
+    Attn,
     BatchSize,
     Budget,
     Dtype,
@@ -79,6 +80,7 @@ def tune(
     resume_from: ResumeFrom = None,
     lora_rank: LoraRank = 8,
     lora_targets: LoraTargets = "all-linear",
+    attn: Attn = "auto",
     optimizer: TuneOptimizers = "adamw,galore,adarankgrad",  # = autotune.DEFAULT_OPTIMIZERS
     rank: Rank = None,
     update_gap: UpdateGap = 200,  # = lowrank.DEFAULT_UPDATE_GAP (not imported: torch)
@@ -220,6 +222,7 @@ def tune(
         alloc_conf=alloc_conf,
         world_sizes=world_sizes,
         parallels=parallel_list,
+        attn=attn,
     )
     settings.base_spec()  # validates batch, precision, modes × optimizers, ranks (one line)
     from pathlib import Path

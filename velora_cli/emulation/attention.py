@@ -29,27 +29,59 @@ transformers' `.transpose(1, 2).contiguous()` copies it and o_proj saves that co
   would not route GQA calls to it);
 - on any other device, transformers' own `sdpa_attention_forward`.
 
-Masks: the profiler feeds full-length batches without padding, so transformers' `sdpa_mask`
-(registered for this name too) returns no mask and attention is plain causal. A 4-D mask (padding,
-sliding window shorter than the sequence, packed sequences), a position bias, softcapping, a paged
-cache or dropout on CPU fall back to `sdpa_attention_forward` with an `EstimateAttentionWarning`
-that says what is true where it runs: on meta that is the math path, which overcounts what a GPU
-keeps (replayed as a GPU runs it, `math_attention.py`); on CPU it is what the CPU holds (its math
-path with N x N probabilities when dropout > 0); on a GPU it is the real kernel, with no warning.
+Which kernel: the one PyTorch would pick on the GPU the estimate predicts for
+(`gpus.sdpa_backends`, set with :func:`target_gpu`; `gpus.DEFAULT_GPU` otherwise): flash needs
+sm80+, fp16/bf16 and no mask; the memory-efficient kernel takes fp32, sm70/sm75 and masks; the
+math path only where no fused kernel qualifies (there the GPU keeps the N x N matrix too).
+
+Masks (a sliding window shorter than the sequence, padding, packed sequences without varlen):
+transformers gives a 4-D bool mask; flash refuses it, so the efficient kernel runs. As SDPA and
+transformers do on a GPU (kernels.md A.2), per call:
+
+- transformers repeats k and v to H heads (`repeat_kv`: it asks for `enable_gqa` only without a
+  mask), materialised copies that the kernel saves;
+- SDPA converts the bool mask to an additive one in q's dtype (`where(mask.logical_not(), -inf,
+  0)`: a dense (B, 1, N, N) tensor even from a stride-0 expand), padded to a multiple of 8 keys
+  (`preprocess_mask`), and the kernel saves it: one copy per layer;
+- the efficient kernel saves q, k, v, out and an fp32 logsumexp of ceil32(N) rows, never the
+  (B, H, N, N) probabilities.
+
+On CPU the masked call runs the CPU flash kernel with the same converted mask; it saves the same
+set (q, k, v, out, logsumexp of N rows, the mask), so the cpu backend's tracker checks it.
+
+A position bias, softcapping, a paged cache or dropout on CPU fall back to
+`sdpa_attention_forward` with an `EstimateAttentionWarning` that says what is true where it
+runs: on meta that is the math path, which overcounts what a GPU keeps (replayed as a GPU runs it,
+`math_attention.py`); on CPU it is what the CPU holds (its math path with N x N probabilities
+when dropout > 0); on a GPU it is the real kernel, with no warning.
+
+FlashAttention-2 (`attn_implementation="flash_attention_2"`, the flash-attn package) is
+estimated by `velora_fa2_attention` (registered as `FA2_ATTENTION`): the flash-attn kernel saves
+q, k, v, out, an fp32 logsumexp (B, H, N) and an int64[2] rng state (`flash_attn_interface.py`
+`FlashAttnFunc.forward`), as torch's flash op does, whose meta kernel it runs (torch keeps its rng
+state in two tensors: 512 bytes more). It handles sliding windows and GQA natively, so no mask and
+no repeated k/v; its output is allocated like q (`empty_like(q)` in `flash_api.cpp::mha_fwd`), so
+the model's reshape copies it, as with SDPA. It needs a GPU: the cpu backend refuses it.
 """
 
 from __future__ import annotations
 
+import contextlib
 import warnings
+from collections.abc import Iterator
 from typing import Any
 
 import torch
 from torch import nn
 
 from velora_cli.methods.velora import autocast_dtype
+from velora_cli.models.spec import ATTENTIONS
 
 # Must not contain "flash": transformers treats such names as kernels to fetch from the hub.
 ESTIMATE_ATTENTION = "velora_estimate"
+FA2_ATTENTION = "velora_fa2"
+
+_TARGET_GPU: list[str] = []  # the GPU the kernel choice is made for (innermost last)
 
 _HALF = (torch.float16, torch.bfloat16)
 # The GPU keeps two rng tensors per flash call: uint64[2] and a uint64 scalar.
@@ -61,29 +93,66 @@ class EstimateAttentionWarning(UserWarning):
     it runs on (on meta the math path saves the N x N matrix; on CPU the figures are CPU's)."""
 
 
-def gpu_attention_kernel(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> str:
-    """Name the SDPA kernel an sm80+ GPU runs for an unmasked call with these inputs.
+@contextlib.contextmanager
+def target_gpu(gpu: str | None) -> Iterator[None]:
+    """Choose attention kernels for ``gpu`` (a `velora_cli.gpus` key) in the enclosed code.
+
+    A module-level stack rather than a context variable: autograd may run backward (and a
+    checkpoint's recomputation) on another thread, where the choice must hold too.
+    """
+    _TARGET_GPU.append(gpu or "")
+    try:
+        yield
+    finally:
+        _TARGET_GPU.pop()
+
+
+def gpu_attention_kernel(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    *,
+    has_mask: bool = False,
+    dropout: float = 0.0,
+    gpu: str | None = None,
+) -> str:
+    """Name the SDPA kernel a GPU runs for a call with these inputs.
 
     Args:
         query: (B, H, N, d) queries.
         key: (B, Hkv, N, d) keys; Hkv < H means grouped-query attention.
         value: (B, Hkv, N, d_v) values.
+        has_mask: an explicit attention mask is passed (flash refuses it).
+        dropout: the attention dropout probability.
+        gpu: a `velora_cli.gpus` key; None: the one :func:`target_gpu` set, else the default.
 
     Returns:
-        "flash", "efficient" or "math" (PyTorch's sdp_utils.cpp: flash needs fp16/bf16 and
-        head_dim <= 256; the efficient kernel takes any float dtype but no GQA).
+        "flash", "efficient" or "math": the first of `gpus.sdpa_backends` (PyTorch's
+        sdp_utils.cpp), with two refinements kept from before the GPU was known: flash only for
+        head dims that are multiples of 8 (others go to the efficient kernel here), and an unmasked
+        GQA call the efficient kernel would get is the math path (older efficient kernels have no
+        GQA, and transformers passes `enable_gqa` only without a mask).
     """
+    from velora_cli.gpus import get_gpu, sdpa_backends
+
+    names = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
     head_dim = query.shape[-1]
-    if (
-        query.dtype in _HALF
-        and head_dim <= 256
-        and head_dim % 8 == 0
-        and value.shape[-1] == head_dim
-    ):
-        return "flash"
-    if query.shape[1] == key.shape[1]:
-        return "efficient"
-    return "math"
+    target = get_gpu(gpu or (_TARGET_GPU[-1] if _TARGET_GPU else None))
+    training = any(t.requires_grad for t in (query, key, value))
+    dtype = names.get(query.dtype)
+    if dtype is None:
+        return "math"
+    first = sdpa_backends(target, dtype, has_mask, head_dim, dropout, training=training)[0]
+    if first == "flash_attention" and (head_dim % 8 or value.shape[-1] != head_dim):
+        first = (
+            "efficient_attention"
+            if "efficient_attention"
+            in sdpa_backends(target, dtype, True, head_dim, dropout, training=training)
+            else "math"
+        )
+    if first == "efficient_attention":
+        return "efficient" if has_mask or query.shape[1] == key.shape[1] else "math"
+    return "flash" if first == "flash_attention" else "math"
 
 
 def flash_attention_saved_bytes(
@@ -178,8 +247,8 @@ def _fallback_warning(reason: str, device: str, dropout: float) -> str | None:
 def _fallback_reason(
     query: torch.Tensor, attention_mask: torch.Tensor | None, dropout: float, kwargs: dict
 ) -> str:
-    if attention_mask is not None:
-        return "an attention mask was passed: padding, a short sliding window or packing"
+    if attention_mask is not None and attention_mask.dim() != 4:
+        return "an attention mask that is not 4-D"
     if kwargs.get("position_bias") is not None:
         return "a position bias was passed"
     if kwargs.get("softcap") is not None:
@@ -232,7 +301,8 @@ def velora_estimate_attention(
     if amp_dtype is not None:
         query, key, value = (t.to(amp_dtype) for t in (query, key, value))
     reason = _fallback_reason(query, attention_mask, dropout, kwargs)
-    kernel = gpu_attention_kernel(query, key, value)
+    masked = attention_mask is not None
+    kernel = gpu_attention_kernel(query, key, value, has_mask=masked, dropout=dropout)
     if device not in ("meta", "cpu") or reason or (device == "meta" and kernel == "math"):
         # Off meta/CPU, SDPA is the real thing; on meta the math kernel is what the GPU runs too.
         return _fallback(
@@ -240,8 +310,15 @@ def velora_estimate_attention(
         )
 
     q_length, kv_length = query.shape[2], key.shape[2]
-    is_causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
-    is_causal = bool(q_length > 1 and is_causal)
+    if masked:
+        # transformers: is_causal only without a mask; repeat_kv since no enable_gqa with one
+        is_causal = False
+        key, value = _repeat_kv(key, module), _repeat_kv(value, module)
+        bias = _sdpa_bias(attention_mask, query.dtype, query.shape[1])
+    else:
+        is_causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
+        is_causal = bool(q_length > 1 and is_causal)
+        bias = None
     if is_causal and kv_length > q_length:
         # As transformers does for an empty static cache: causal alignment is upper-left.
         key = key[:, :, :q_length, :]
@@ -249,7 +326,7 @@ def velora_estimate_attention(
 
     if device == "cpu":
         out, _lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
-            query, key, value, dropout, is_causal, scale=scaling
+            query, key, value, dropout, is_causal, attn_mask=bias, scale=scaling
         )
     elif kernel == "flash":
         out = torch.ops.aten._scaled_dot_product_flash_attention(
@@ -258,10 +335,44 @@ def velora_estimate_attention(
     else:
         needs_lse = torch.is_grad_enabled() and any(t.requires_grad for t in (query, key, value))
         out = torch.ops.aten._scaled_dot_product_efficient_attention(
-            query, key, value, None, needs_lse, dropout, is_causal, scale=scaling
+            query, key, value, bias, needs_lse, dropout, is_causal, scale=scaling
         )[0]
     # (B, H, N, d) -> (B, N, H, d); out is laid out like q, so this copies as on the GPU.
     return out.transpose(1, 2).contiguous(), None
+
+
+def _repeat_kv(states: torch.Tensor, module: nn.Module) -> torch.Tensor:
+    """transformers' `repeat_kv`: (B, Hkv, N, d) -> (B, H, N, d), a copy when Hkv < H."""
+    from transformers.integrations.sdpa_attention import repeat_kv
+
+    return repeat_kv(states, getattr(module, "num_key_value_groups", 1))
+
+
+def _sdpa_bias(mask: torch.Tensor, dtype: torch.dtype, heads: int) -> torch.Tensor:
+    """The additive mask SDPA builds from transformers' 4-D mask and passes to its kernel.
+
+    attention.cpp `convert_boolean_attn_mask`: `where(mask.logical_not(), -inf, 0)` in q's dtype,
+    dense over the mask's broadcast shape (B, 1, N, Nk); the efficient kernel's `preprocess_mask`
+    pads the key dimension to a multiple of 8 (`pad_bias`: pad, then slice back) when the rows are
+    not aligned, and expands over heads (a view). A float mask is used as is.
+
+    Returns:
+        (B, H, N, Nk): a view of the converted (B, 1, N, ceil8(Nk)) storage.
+    """
+    if mask.dtype == torch.bool:
+        mask = torch.where(
+            mask.logical_not(),
+            torch.tensor(float("-inf"), dtype=dtype, device=mask.device),
+            torch.tensor(0.0, dtype=dtype, device=mask.device),
+        )
+    else:
+        mask = mask.to(dtype)
+    keys = mask.shape[-1]
+    if keys % 8 or any(stride % 8 for stride in mask.stride()[:-1]) or mask.stride(-1) != 1:
+        padded = -(-keys // 8) * 8
+        mask = torch.nn.functional.pad(mask, (0, padded - keys))[..., :keys]
+    batch, _, q_len, _ = mask.shape
+    return mask.expand(batch, heads, q_len, keys)
 
 
 def _estimate_mask(*args: Any, **kwargs: Any) -> torch.Tensor | None:
@@ -276,6 +387,71 @@ def _estimate_mask(*args: Any, **kwargs: Any) -> torch.Tensor | None:
     if isinstance(padding_mask, torch.Tensor) and padding_mask.device.type == "meta":
         kwargs["attention_mask"] = None
     return sdpa_mask(*args, **kwargs)
+
+
+def velora_fa2_attention(
+    module: nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    dropout: float = 0.0,
+    scaling: float | None = None,
+    is_causal: bool | None = None,
+    **kwargs: Any,
+) -> tuple[torch.Tensor, None]:
+    """FlashAttention-2 as transformers runs it on a GPU, on meta tensors (module docstring).
+
+    transformers' `_flash_attention_forward` casts fp32 q/k/v to the compute dtype first
+    (`fa_peft_integration_check`: the autocast dtype here), and passes the sliding window to the
+    kernel instead of a mask. A padding mask would unpad (copies of the real tokens) and run the
+    varlen kernel: not emulated, so it is refused.
+
+    Args:
+        module: the attention module (`is_causal` is read).
+        query: (B, H, N, d).
+        key: (B, Hkv, N, d), not repeated: FA2 does GQA natively.
+        value: (B, Hkv, N, d).
+        attention_mask: must be None (no padding: `flash_attention_mask` gives None).
+        dropout, scaling, is_causal: as for SDPA.
+        **kwargs: `sliding_window` and other transformers arguments (the window changes what is
+            computed, not what is saved).
+
+    Returns:
+        (attn_output of shape (B, N, H, d), laid out like q, None).
+
+    Raises:
+        ValueError: not on meta, a padding mask, or a dtype FA2 has no kernel for.
+    """
+    if query.device.type != "meta":
+        raise ValueError(
+            "flash_attention_2 runs on a CUDA GPU (the flash-attn package); velora estimates it "
+            "on meta tensors only: use --backend estimate, or --attn sdpa/eager on the CPU"
+        )
+    if attention_mask is not None:
+        raise ValueError(
+            "flash_attention_2 with padding (unpadded varlen batches) is not estimated yet"
+        )
+    amp_dtype = autocast_dtype("meta")
+    if query.dtype == torch.float32 and amp_dtype is not None:
+        query, key, value = (t.to(amp_dtype) for t in (query, key, value))
+    if query.dtype not in _HALF:
+        raise ValueError("flash_attention_2 needs fp16 or bf16 q/k/v: use --dtype bf16 or --amp")
+    causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
+    out = torch.ops.aten._scaled_dot_product_flash_attention(
+        query, key, value, dropout, bool(query.shape[2] > 1 and causal), False, scale=scaling
+    )[0]
+    return out.transpose(1, 2), None  # (B, N, H, d) view; the model's reshape copies it
+
+
+def _fa2_mask(*args: Any, **kwargs: Any) -> torch.Tensor | None:
+    """transformers' `flash_attention_mask`, with a meta padding mask read as "no padding"."""
+    from transformers.masking_utils import flash_attention_mask
+
+    padding_mask = kwargs.get("attention_mask")
+    if isinstance(padding_mask, torch.Tensor) and padding_mask.device.type == "meta":
+        kwargs["attention_mask"] = None
+    return flash_attention_mask(*args, **kwargs)
 
 
 def register_estimate_attention() -> str:
@@ -294,3 +470,39 @@ def register_estimate_attention() -> str:
     AttentionInterface.register(ESTIMATE_ATTENTION, velora_estimate_attention)
     AttentionMaskInterface.register(ESTIMATE_ATTENTION, _estimate_mask)
     return ESTIMATE_ATTENTION
+
+
+def attention_implementation(attn: str, device: str) -> str:
+    """The `attn_implementation` a step on ``device`` is built with for ``--attn attn``.
+
+    Args:
+        attn: one of `ATTENTIONS` ("auto" is transformers' default, sdpa).
+        device: "cuda" (the real kernels), "cpu" or "meta" (the estimate's stand-ins).
+
+    Returns:
+        "sdpa", "eager" or "flash_attention_2" on a GPU; on CPU and meta, the estimate's SDPA
+        (`ESTIMATE_ATTENTION`), transformers' "eager" (which runs the same on every device), or
+        the FA2 stand-in (`FA2_ATTENTION`, meta only).
+
+    Raises:
+        ValueError: an unknown name, or flash_attention_2 on the CPU.
+    """
+    if attn not in ATTENTIONS:
+        raise ValueError(f"--attn {attn!r}: choose {'|'.join(ATTENTIONS)}")
+    if device not in ("cpu", "meta"):
+        return "sdpa" if attn == "auto" else attn
+    if attn == "eager":
+        return "eager"
+    if attn == "flash_attention_2":
+        if device != "meta":
+            raise ValueError(
+                "--attn flash_attention_2 needs a CUDA GPU (the flash-attn package): use "
+                "--backend estimate to predict it, or --attn sdpa/eager on the cpu backend"
+            )
+        from transformers import AttentionInterface
+        from transformers.masking_utils import AttentionMaskInterface
+
+        AttentionInterface.register(FA2_ATTENTION, velora_fa2_attention)
+        AttentionMaskInterface.register(FA2_ATTENTION, _fa2_mask)
+        return FA2_ATTENTION
+    return register_estimate_attention()

@@ -31,6 +31,8 @@ LOWRANK_OPTIMIZERS = (
 )  # velora_cli.methods.lowrank: full-parameter training only
 # torch indexes a tensor's elements with int64: no step may hold a tensor with more elements.
 MAX_ELEMENTS = 2**63 - 1
+# StepSpec fields added after profile documents were first written, with their defaults
+_LATER_FIELDS: dict[str, Any] = {"attn": "auto"}
 
 
 class SpecError(ValueError):
@@ -115,6 +117,8 @@ class StepSpec:
     world_size: int = 1
     parallel: str | None = None
     cpu_offload: bool = False
+    # the attention kernels (HF's attn_implementation; "auto": transformers' default, sdpa)
+    attn: str = "auto"
 
     def __post_init__(self):
         errors = []
@@ -152,6 +156,14 @@ class StepSpec:
             errors.append(f"--update-gap must be >= 1, got {self.update_gap}")
         if not 0.0 < self.eta <= 1.0:
             errors.append(f"--eta must be in (0, 1], got {self.eta}")
+        from velora_cli.models.spec import ATTENTIONS
+
+        if self.attn not in ATTENTIONS:
+            errors.append(f"--attn {self.attn!r}: choose {'|'.join(ATTENTIONS)}")
+        if self.attn == "flash_attention_2" and self.dtype == "fp32" and self.amp is None:
+            errors.append(
+                "--attn flash_attention_2 runs in fp16/bf16 only: use --dtype bf16 or --amp bf16"
+            )
         from velora_cli.measure.layout import layout_errors
 
         errors += layout_errors(self)
@@ -179,7 +191,13 @@ class StepSpec:
         return dataclasses.replace(self, strategy=strategy)
 
     def to_json(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        """The fields as plain data; fields added later are left out at their default, so the
+        documents of setups that existed before them are unchanged."""
+        data = dataclasses.asdict(self)
+        for name, default in _LATER_FIELDS.items():
+            if data.get(name) == default:
+                del data[name]
+        return data
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> StepSpec:
@@ -391,6 +409,9 @@ def prepare(
     strategy applied, an optimizer over the trainable parameters, and the batch.
 
     Args:
+        attn_implementation: what this device runs for SDPA (the cuda backend "sdpa", cpu and
+            meta the estimate's attention); ``spec.attn`` eager or flash_attention_2 replaces
+            it with that kernel (`emulation.attention.attention_implementation`).
         model_spec: the resolved model to build instead of resolving ``spec.model`` (the
             estimate's depth shortcut builds the same architecture with fewer layers).
     """
@@ -401,6 +422,14 @@ def prepare(
     if model_spec is None:
         model_spec = resolve_model(spec.model, trust_remote_code=spec.trust_remote_code)
     check_seq_len(spec, model_spec)
+    if spec.attn not in ("auto", "sdpa"):
+        # the caller's choice is what this device runs for SDPA; --attn picks another kernel
+        from velora_cli.emulation.attention import attention_implementation
+
+        try:
+            attn_implementation = attention_implementation(spec.attn, torch.device(device).type)
+        except ValueError as exc:
+            raise SpecError(str(exc)) from None
     weight_dtype = torch.float32 if spec.amp else torch_dtype(spec.dtype)
     model = build_model(
         model_spec,

@@ -24,6 +24,8 @@ if TYPE_CHECKING:
 
 DEFAULT_MODEL = "llama-60m"
 TASKS = ("causal-lm", "masked-lm")
+# HF's attn_implementation names velora can profile; "auto" is transformers' default (sdpa)
+ATTENTIONS = ("auto", "sdpa", "eager", "flash_attention_2")
 
 _BUILTIN_DIR = Path(__file__).parent / "builtin_configs"
 _SEED = 0  # random init is seeded so that two builds of one spec are identical

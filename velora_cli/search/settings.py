@@ -73,6 +73,7 @@ class TuneSettings:
     alloc_conf: str | None = None  # PYTORCH_CUDA_ALLOC_CONF for the estimate's allocator model
     world_sizes: tuple[int, ...] = (1,)  # ranks (GPUs) to try; the batch is per rank
     parallels: tuple[str, ...] = ("ddp", "fsdp", "fsdp-no-reshard")  # with world sizes > 1
+    attn: str = "auto"  # attention kernels (StepSpec.attn)
 
     def context(self) -> dict[str, Any]:
         """The journal header: the settings a journal's results depend on (as JSON has them).
@@ -83,6 +84,8 @@ class TuneSettings:
         multi = self.world_sizes != (1,)
         context["world_sizes"] = list(self.world_sizes) if multi else None
         context["parallels"] = list(self.parallels) if multi else None
+        if self.attn != "auto":  # journals written before --attn existed stay resumable
+            context["attn"] = self.attn
         return context
 
     def layouts(self) -> list[tuple[int, str | None]]:
@@ -131,6 +134,7 @@ class TuneSettings:
             weights=self.weights,
             trust_remote_code=self.trust_remote_code,
             init=self.init,
+            attn=self.attn,
         )
 
 
