@@ -77,6 +77,15 @@ Attn = Annotated[
         "estimate only, sm80+, fp16/bf16).",
     ),
 ]
+Task = Annotated[
+    str | None,
+    typer.Option(
+        "--task",
+        help="The head to train: causal-lm, masked-lm, sequence-classification, "
+        "token-classification, question-answering, image-classification. Default: the one the "
+        "config's architectures name (e.g. RobertaForSequenceClassification).",
+    ),
+]
 Rank = Annotated[
     int | None,
     typer.Option(

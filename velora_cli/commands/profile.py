@@ -28,6 +28,7 @@ from velora_cli.commands.options import (
     PlotOut,
     Rank,
     SeqLen,
+    Task,
     TrustRemoteCode,
     UpdateGap,
     Weights,
@@ -49,6 +50,7 @@ def profile(
     lora_rank: LoraRank = 8,
     lora_targets: LoraTargets = "all-linear",
     attn: Attn = "auto",
+    task: Task = None,
     optimizer: Annotated[
         str,
         typer.Option(
@@ -182,7 +184,7 @@ def profile(
         raise UserError("--optimizer: give at least one of adamw, sgd, galore, adarankgrad")
 
     from velora_cli import models
-    from velora_cli.measure.train_step import StepSpec
+    from velora_cli.measure.train_step import StepSpec, for_task
     from velora_cli.parallel import PARALLEL
     from velora_cli.profiling import profiler
 
@@ -210,6 +212,7 @@ def profile(
         parallel=parallels[0] if parallels else None,
         cpu_offload=cpu_offload,
         attn=attn,
+        task=task,
     )
     for name in optimizers[1:]:
         dataclasses.replace(spec, optimizer=name)  # validated before anything is measured
@@ -227,8 +230,10 @@ def profile(
     backend_obj = profiler.make_backend(
         backend, spec, warmup=warmup, steps=steps, gpu=gpu, alloc_conf=alloc_conf
     )
-    resolved = models.resolve_model(spec.model, trust_remote_code=trust_remote_code)
+    resolved = models.resolve_model(spec.model, trust_remote_code=trust_remote_code, task=task)
     notices = [resolved.notice] if resolved.notice else []
+    spec, seq_note = for_task(spec, resolved)  # an image's tokens are its patches
+    notices += [seq_note] if seq_note else []
     if model is None:
         notices.append(f"no MODEL given: profiling the built-in default {spec.model}")
     if weights:

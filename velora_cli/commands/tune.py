@@ -33,6 +33,7 @@ from velora_cli.commands.options import (
     Resume,
     ResumeFrom,
     SeqLen,
+    Task,
     TrustRemoteCode,
     TuneBackend,
     TuneGcEvery,
@@ -81,6 +82,7 @@ def tune(
     lora_rank: LoraRank = 8,
     lora_targets: LoraTargets = "all-linear",
     attn: Attn = "auto",
+    task: Task = None,
     optimizer: TuneOptimizers = "adamw,galore,adarankgrad",  # = autotune.DEFAULT_OPTIMIZERS
     rank: Rank = None,
     update_gap: UpdateGap = 200,  # = lowrank.DEFAULT_UPDATE_GAP (not imported: torch)
@@ -223,6 +225,7 @@ def tune(
         world_sizes=world_sizes,
         parallels=parallel_list,
         attn=attn,
+        task=task,
     )
     settings.base_spec()  # validates batch, precision, modes × optimizers, ranks (one line)
     from pathlib import Path

@@ -84,8 +84,9 @@ def profile_table(document: dict[str, Any]):
     """A rich Table of a profile document's rows."""
     from rich.table import Table
 
+    task = f" · {document['task']}" if document.get("task") else ""
     title = (
-        f"{document['model']} · {document['mode']} · batch {document['batch_size']} × seq "
+        f"{document['model']}{task} · {document['mode']} · batch {document['batch_size']} × seq "
         f"{document['seq_len']} · {document['precision']} · backend {document['backend']}"
     ) + layout_title(document)
     table = Table(title=title, title_justify="left")

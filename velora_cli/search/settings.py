@@ -74,6 +74,7 @@ class TuneSettings:
     world_sizes: tuple[int, ...] = (1,)  # ranks (GPUs) to try; the batch is per rank
     parallels: tuple[str, ...] = ("ddp", "fsdp", "fsdp-no-reshard")  # with world sizes > 1
     attn: str = "auto"  # attention kernels (StepSpec.attn)
+    task: str | None = None  # the head trained (StepSpec.task); None: the config's
 
     def context(self) -> dict[str, Any]:
         """The journal header: the settings a journal's results depend on (as JSON has them).
@@ -86,6 +87,8 @@ class TuneSettings:
         context["parallels"] = list(self.parallels) if multi else None
         if self.attn != "auto":  # journals written before --attn existed stay resumable
             context["attn"] = self.attn
+        if self.task is not None:
+            context["task"] = self.task
         return context
 
     def layouts(self) -> list[tuple[int, str | None]]:
@@ -135,6 +138,7 @@ class TuneSettings:
             trust_remote_code=self.trust_remote_code,
             init=self.init,
             attn=self.attn,
+            task=self.task,
         )
 
 
