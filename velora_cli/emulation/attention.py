@@ -454,6 +454,26 @@ def _fa2_mask(*args: Any, **kwargs: Any) -> torch.Tensor | None:
     return flash_attention_mask(*args, **kwargs)
 
 
+def _meta_eager_mask(*args: Any, **kwargs: Any) -> torch.Tensor | None:
+    """transformers' `eager_mask`, with a meta padding mask read as "no padding" (its values,
+    which transformers reads to skip an all-ones mask, do not exist on meta); the same function
+    for real tensors."""
+    from transformers.masking_utils import eager_mask
+
+    padding_mask = kwargs.get("attention_mask")
+    if isinstance(padding_mask, torch.Tensor) and padding_mask.device.type == "meta":
+        kwargs["attention_mask"] = None
+    return eager_mask(*args, **kwargs)
+
+
+def _register_meta_eager_mask() -> None:
+    """Make transformers' "eager" mask function meta-safe, process-wide: the attention function
+    stays each model's own `eager_attention_forward`, which no other name would pick."""
+    from transformers.masking_utils import AttentionMaskInterface
+
+    AttentionMaskInterface.register("eager", _meta_eager_mask)
+
+
 def register_estimate_attention() -> str:
     """Register the estimate attention (and its mask function) with transformers; idempotent.
 
@@ -492,6 +512,8 @@ def attention_implementation(attn: str, device: str) -> str:
     if device not in ("cpu", "meta"):
         return "sdpa" if attn == "auto" else attn
     if attn == "eager":
+        if device == "meta":
+            _register_meta_eager_mask()
         return "eager"
     if attn == "flash_attention_2":
         if device != "meta":
