@@ -237,3 +237,51 @@ def test_cli_rejects_an_unknown_attention():
     assert result.exit_code == 1
     assert "--attn 'flash': choose auto|sdpa|eager|flash_attention_2" in result.output
     assert "Traceback" not in result.output
+
+
+# -- padding (--padding): the worst padded batch, one pad token -------------------------------------
+
+
+@pytest.mark.parametrize("attn", ["auto", "eager"])
+def test_padded_batches_estimate_matches_cpu_tracker(tmp_path, attn):
+    """A padded batch makes transformers build a (B, 1, N, N) mask even without a window; the CPU
+    step reads the real padding, the estimate is told (`padded_batches`): the same tensors are
+    kept, except the efficient kernel's two int64 philox scalars per layer."""
+    model = _local_model(tmp_path, sliding_window=None)
+    spec = StepSpec(model=model, batch_size=BATCH, seq_len=SEQ, attn=attn, padding=True)
+    cpu = CpuBackend(warmup=0, steps=1).measure(spec)
+    estimate = EstimateBackend(gpu="a100-80gb").measure(spec)
+    extra = LAYERS * 2 * 8 if attn == "auto" else 0
+    assert estimate["activation_bytes"] - cpu["activation_bytes"] == extra
+    if attn == "auto":  # without padding no mask: flash (bf16 would) or, in fp32, no bias kept
+        unpadded = EstimateBackend(gpu="a100-80gb").measure(
+            dataclasses.replace(spec, padding=False)
+        )
+        assert unpadded["activation_bytes"] != estimate["activation_bytes"]
+
+
+def test_padded_flash_attention_2_runs_varlen_on_the_real_tokens():
+    """transformers' `_upad_input` + `flash_attn_varlen_func` (modeling_flash_attention_utils.py):
+    q, k, v gathered to the T = B*N - 1 real tokens, an fp32 logsumexp over T, int64 indices;
+    no mask of N x N and no repeated k/v."""
+    from velora_cli.emulation.attention import attention_implementation, padded_batches
+
+    name = attention_implementation("flash_attention_2", "meta")
+    tokens = BATCH * SEQ - 1
+    with padded_batches(True), cuda_emulation(None):
+        kept = saved(build(name, "meta", torch.bfloat16, sliding_window=None), "meta")
+    shapes = [(tuple(t.shape), t.dtype) for t in kept]
+    assert shapes.count(((1, HEADS, tokens), torch.float32)) == LAYERS  # varlen logsumexp
+    assert shapes.count(((tokens,), torch.int64)) == LAYERS  # the unpadding indices
+    assert shapes.count(((1, KV_HEADS, tokens, HEAD_DIM), torch.bfloat16)) == 2 * LAYERS  # k, v
+    assert not [t for t in kept if t.dim() == 4 and t.shape[-2:] == (SEQ, SEQ)]
+
+
+def test_padding_is_refused_for_images(tmp_path):
+    from transformers import ViTConfig
+
+    ViTConfig(image_size=32, patch_size=8, hidden_size=32, num_hidden_layers=1,
+              num_attention_heads=4, intermediate_size=64).save_pretrained(tmp_path)  # fmt: skip
+    spec = StepSpec(model=str(tmp_path), batch_size=1, seq_len=17, padding=True)
+    with pytest.raises(SpecError, match="images are not padded"):
+        EstimateBackend().measure(spec)

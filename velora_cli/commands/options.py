@@ -86,6 +86,14 @@ Task = Annotated[
         "config's architectures name (e.g. RobertaForSequenceClassification).",
     ),
 ]
+Padding = Annotated[
+    bool,
+    typer.Option(
+        "--padding",
+        help="Batches are padded to their longest sequence (--seq-len): plan for the worst such "
+        "batch, where a padding mask is passed (SDPA's masked kernel, FA2's varlen path).",
+    ),
+]
 Rank = Annotated[
     int | None,
     typer.Option(

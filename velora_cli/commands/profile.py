@@ -24,6 +24,7 @@ from velora_cli.commands.options import (
     LoraTargets,
     Mode,
     ModelArg,
+    Padding,
     ParallelOption,
     PlotOut,
     Rank,
@@ -51,6 +52,7 @@ def profile(
     lora_targets: LoraTargets = "all-linear",
     attn: Attn = "auto",
     task: Task = None,
+    padding: Padding = False,
     optimizer: Annotated[
         str,
         typer.Option(
@@ -213,6 +215,7 @@ def profile(
         cpu_offload=cpu_offload,
         attn=attn,
         task=task,
+        padding=padding,
     )
     for name in optimizers[1:]:
         dataclasses.replace(spec, optimizer=name)  # validated before anything is measured

@@ -26,6 +26,7 @@ from velora_cli.commands.options import (
     MicroBatches,
     ModelArg,
     Objective,
+    Padding,
     PlotOut,
     ProbeData,
     ProbeSteps,
@@ -83,6 +84,7 @@ def tune(
     lora_targets: LoraTargets = "all-linear",
     attn: Attn = "auto",
     task: Task = None,
+    padding: Padding = False,
     optimizer: TuneOptimizers = "adamw,galore,adarankgrad",  # = autotune.DEFAULT_OPTIMIZERS
     rank: Rank = None,
     update_gap: UpdateGap = 200,  # = lowrank.DEFAULT_UPDATE_GAP (not imported: torch)
@@ -226,6 +228,7 @@ def tune(
         parallels=parallel_list,
         attn=attn,
         task=task,
+        padding=padding,
     )
     settings.base_spec()  # validates batch, precision, modes × optimizers, ranks (one line)
     from pathlib import Path

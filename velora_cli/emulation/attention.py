@@ -61,7 +61,8 @@ q, k, v, out, an fp32 logsumexp (B, H, N) and an int64[2] rng state (`flash_attn
 `FlashAttnFunc.forward`), as torch's flash op does, whose meta kernel it runs (torch keeps its rng
 state in two tensors: 512 bytes more). It handles sliding windows and GQA natively, so no mask and
 no repeated k/v; its output is allocated like q (`empty_like(q)` in `flash_api.cpp::mha_fwd`), so
-the model's reshape copies it, as with SDPA. It needs a GPU: the cpu backend refuses it.
+the model's reshape copies it, as with SDPA. Padded batches run its varlen kernel on the real
+tokens (`_fa2_varlen`). It needs a GPU: the cpu backend refuses it.
 """
 
 from __future__ import annotations
@@ -82,6 +83,7 @@ ESTIMATE_ATTENTION = "velora_estimate"
 FA2_ATTENTION = "velora_fa2"
 
 _TARGET_GPU: list[str] = []  # the GPU the kernel choice is made for (innermost last)
+_PADDED: list[bool] = []  # whether meta padding masks stand for padded batches (innermost last)
 
 _HALF = (torch.float16, torch.bfloat16)
 # The GPU keeps two rng tensors per flash call: uint64[2] and a uint64 scalar.
@@ -105,6 +107,34 @@ def target_gpu(gpu: str | None) -> Iterator[None]:
         yield
     finally:
         _TARGET_GPU.pop()
+
+
+@contextlib.contextmanager
+def padded_batches(padded: bool) -> Iterator[None]:
+    """Read meta padding masks in the enclosed code as padded (``--padding``) or full length.
+
+    A meta tensor has no values, so whether a batch pads cannot be read from it: the step says.
+    Padded means the worst case for memory at this length: the longest sequence is the full
+    length and at least one other token is padding, so transformers builds its masks (a dense
+    (B, 1, N, N) bool for SDPA and eager, the 2-D mask and unpadding for FlashAttention-2).
+    """
+    _PADDED.append(padded)
+    try:
+        yield
+    finally:
+        _PADDED.pop()
+
+
+def _meta_padding(kwargs: dict[str, Any]) -> bool:
+    """Whether the mask function's padding mask is a meta one to read as "padded"; a meta one
+    read as "no padding" is removed from ``kwargs``."""
+    padding_mask = kwargs.get("attention_mask")
+    if not (isinstance(padding_mask, torch.Tensor) and padding_mask.device.type == "meta"):
+        return False
+    if _PADDED and _PADDED[-1]:
+        return True
+    kwargs["attention_mask"] = None
+    return False
 
 
 def gpu_attention_kernel(
@@ -376,16 +406,16 @@ def _sdpa_bias(mask: torch.Tensor, dtype: torch.dtype, heads: int) -> torch.Tens
 
 
 def _estimate_mask(*args: Any, **kwargs: Any) -> torch.Tensor | None:
-    """transformers' `sdpa_mask`, except that a padding mask on meta is taken as "no padding".
+    """transformers' `sdpa_mask`, with a meta padding mask read as :func:`padded_batches` says.
 
-    A meta tensor has no values, so whether it pads cannot be read; the profiler's batches are
-    full length.
+    Padded: the mask is built without the "all ones" skip, which reads values (what transformers
+    builds for a batch that pads: causal AND padding, a dense (B, 1, N, N) bool).
     """
     from transformers.masking_utils import sdpa_mask
 
-    padding_mask = kwargs.get("attention_mask")
-    if isinstance(padding_mask, torch.Tensor) and padding_mask.device.type == "meta":
-        kwargs["attention_mask"] = None
+    if _meta_padding(kwargs):
+        kwargs["allow_is_causal_skip"] = False
+        kwargs["allow_is_bidirectional_skip"] = False
     return sdpa_mask(*args, **kwargs)
 
 
@@ -404,15 +434,16 @@ def velora_fa2_attention(
 
     transformers' `_flash_attention_forward` casts fp32 q/k/v to the compute dtype first
     (`fa_peft_integration_check`: the autocast dtype here), and passes the sliding window to the
-    kernel instead of a mask. A padding mask would unpad (copies of the real tokens) and run the
-    varlen kernel: not emulated, so it is refused.
+    kernel instead of a mask. With a padding mask (`--padding`) it unpads the real tokens and
+    runs the varlen kernel (`_fa2_varlen`).
 
     Args:
         module: the attention module (`is_causal` is read).
         query: (B, H, N, d).
         key: (B, Hkv, N, d), not repeated: FA2 does GQA natively.
         value: (B, Hkv, N, d).
-        attention_mask: must be None (no padding: `flash_attention_mask` gives None).
+        attention_mask: None without padding (`flash_attention_mask` gives None), else the
+            2-D padding mask.
         dropout, scaling, is_causal: as for SDPA.
         **kwargs: `sliding_window` and other transformers arguments (the window changes what is
             computed, not what is saved).
@@ -421,16 +452,12 @@ def velora_fa2_attention(
         (attn_output of shape (B, N, H, d), laid out like q, None).
 
     Raises:
-        ValueError: not on meta, a padding mask, or a dtype FA2 has no kernel for.
+        ValueError: not on meta, or a dtype FA2 has no kernel for.
     """
     if query.device.type != "meta":
         raise ValueError(
             "flash_attention_2 runs on a CUDA GPU (the flash-attn package); velora estimates it "
             "on meta tensors only: use --backend estimate, or --attn sdpa/eager on the CPU"
-        )
-    if attention_mask is not None:
-        raise ValueError(
-            "flash_attention_2 with padding (unpadded varlen batches) is not estimated yet"
         )
     amp_dtype = autocast_dtype("meta")
     if query.dtype == torch.float32 and amp_dtype is not None:
@@ -438,19 +465,60 @@ def velora_fa2_attention(
     if query.dtype not in _HALF:
         raise ValueError("flash_attention_2 needs fp16 or bf16 q/k/v: use --dtype bf16 or --amp")
     causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
+    causal = bool(query.shape[2] > 1 and causal)
+    if attention_mask is not None:
+        return _fa2_varlen(query, key, value, dropout, causal, scaling), None
     out = torch.ops.aten._scaled_dot_product_flash_attention(
-        query, key, value, dropout, bool(query.shape[2] > 1 and causal), False, scale=scaling
+        query, key, value, dropout, causal, False, scale=scaling
     )[0]
     return out.transpose(1, 2), None  # (B, N, H, d) view; the model's reshape copies it
 
 
+def _fa2_varlen(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    dropout: float,
+    causal: bool,
+    scaling: float | None,
+) -> torch.Tensor:
+    """FA2 on a padded batch, as transformers runs it (`_upad_input`, `flash_attn_varlen_func`,
+    `_pad_input` in modeling_flash_attention_utils.py), for the worst padded batch: one pad
+    token, so T = B*N - 1 real tokens.
+
+    q, k, v are gathered into (T, heads, d) copies (`_index_first_axis`: a reshape, itself a copy
+    of the (B, N, H, d) view, then an index; the backward keeps the int64 indices); the varlen
+    kernel keeps those copies, its output and an fp32 (H, T) logsumexp (torch's flash op on a
+    batch of one T-token sequence keeps the same); `_pad_input` scatters the output into zeros
+    (B*N, H, d) (the backward keeps the indices again). Returns (B, N, H, d).
+    """
+    from transformers.modeling_flash_attention_utils import _index_first_axis, _pad_input
+
+    batch, _heads, length, _head_dim = query.shape
+    tokens = batch * length - 1
+    indices = torch.empty(tokens, dtype=torch.long, device=query.device)
+    # (B, H, N, d) -> (B, N, H, d) view -> (T, H, d) copy
+    q, k, v = (_index_first_axis(t.transpose(1, 2), indices) for t in (query, key, value))
+    out = torch.ops.aten._scaled_dot_product_flash_attention(
+        *(t.transpose(0, 1).unsqueeze(0) for t in (q, k, v)),  # (1, H, T, d) views
+        dropout,
+        causal,
+        False,
+        scale=scaling,
+    )[0]
+    # (1, H, T, d) laid out like q: (T, H, d) contiguous
+    return _pad_input(out[0].transpose(0, 1), indices, batch, length)
+
+
 def _fa2_mask(*args: Any, **kwargs: Any) -> torch.Tensor | None:
-    """transformers' `flash_attention_mask`, with a meta padding mask read as "no padding"."""
+    """transformers' `flash_attention_mask`, with a meta padding mask read as
+    :func:`padded_batches` says (padded: the 2-D mask itself, which it returns when a token pads).
+    """
     from transformers.masking_utils import flash_attention_mask
 
-    padding_mask = kwargs.get("attention_mask")
-    if isinstance(padding_mask, torch.Tensor) and padding_mask.device.type == "meta":
-        kwargs["attention_mask"] = None
+    if _meta_padding(kwargs):
+        kv_length = kwargs.get("kv_length", args[2] if len(args) > 2 else None)
+        return kwargs["attention_mask"][:, -kv_length:]
     return flash_attention_mask(*args, **kwargs)
 
 
@@ -460,9 +528,8 @@ def _meta_eager_mask(*args: Any, **kwargs: Any) -> torch.Tensor | None:
     for real tensors."""
     from transformers.masking_utils import eager_mask
 
-    padding_mask = kwargs.get("attention_mask")
-    if isinstance(padding_mask, torch.Tensor) and padding_mask.device.type == "meta":
-        kwargs["attention_mask"] = None
+    if _meta_padding(kwargs):
+        kwargs["allow_is_bidirectional_skip"] = False
     return eager_mask(*args, **kwargs)
 
 

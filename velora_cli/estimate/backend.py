@@ -80,7 +80,7 @@ class EstimateBackend:
         self._fast = None
 
     def measure(self, spec: StepSpec, *, breakdown: bool = False) -> dict[str, Any]:
-        from velora_cli.emulation.attention import target_gpu
+        from velora_cli.emulation.attention import padded_batches, target_gpu
         from velora_cli.gpus import get_gpu
         from velora_cli.measure.cpu import _is_user_error
         from velora_cli.timing.step_time import prediction_source
@@ -93,7 +93,8 @@ class EstimateBackend:
                 "--attn sdpa or eager"
             )
         try:
-            with target_gpu(self.gpu):  # attention kernels as torch picks them on this GPU
+            # attention kernels as torch picks them on this GPU, masks as the batches pad
+            with target_gpu(self.gpu), padded_batches(spec.padding):
                 if self.shortcuts and self.warmup >= 1:
                     row = self.fast_path().row(
                         spec, breakdown=breakdown, full_depth=self.full_depth

@@ -32,7 +32,7 @@ LOWRANK_OPTIMIZERS = (
 # torch indexes a tensor's elements with int64: no step may hold a tensor with more elements.
 MAX_ELEMENTS = 2**63 - 1
 # StepSpec fields added after profile documents were first written, with their defaults
-_LATER_FIELDS: dict[str, Any] = {"attn": "auto", "task": None}
+_LATER_FIELDS: dict[str, Any] = {"attn": "auto", "task": None, "padding": False}
 
 
 class SpecError(ValueError):
@@ -121,6 +121,9 @@ class StepSpec:
     attn: str = "auto"
     # the head trained (models.TASKS); None: the one the config's architectures name
     task: str | None = None
+    # batches padded to their longest sequence (--seq-len): planned for the worst such batch, in
+    # which one token pads (transformers then builds its attention masks)
+    padding: bool = False
 
     def __post_init__(self):
         errors = []
@@ -437,6 +440,8 @@ def make_batch(
     classification one class per example (B,); token classification one per token (B, N);
     question answering ``start_positions`` and ``end_positions`` (B,); image classification
     ``pixel_values`` (B, C, H, W) in fp32, as a data loader gives them, and a class per image.
+    With ``spec.padding`` the first example's last token is padding (on meta the mask has no
+    values: `emulation.attention.padded_batches` tells the mask functions).
     """
     import torch
 
@@ -458,6 +463,8 @@ def make_batch(
             return torch.randint(0, high, shape, generator=gen).to(device)
 
         if inputs.image is not None:
+            if spec.padding:
+                raise SpecError("--padding: images are not padded; leave it out")
             shape = (micro, *inputs.image)
             pixels = (
                 torch.empty(shape, device="meta")
@@ -468,6 +475,8 @@ def make_batch(
             continue
         ids = ints(vocab_size, micro, spec.seq_len)
         mask = torch.ones_like(ids) if not meta else torch.empty_like(ids)
+        if spec.padding and not meta:
+            mask[0, -1] = 0  # the worst padded batch: one pad token (meta: `padded_batches`)
         batch = {"input_ids": ids, "attention_mask": mask}
         if inputs.task == "sequence-classification":
             batch["labels"] = ints(inputs.labels, micro)

@@ -325,10 +325,12 @@ def _task_for(config: PretrainedConfig, name: str) -> str:
 
     An architecture naming a head velora does not build (``T5ForConditionalGeneration``,
     ``BertForPreTraining``, ...) is refused, never replaced by another head; a headless one
-    (``LlamaModel``) or none at all falls back to the language-model head of its model type.
+    (``LlamaModel``) or none at all falls back to the language-model head of its model type, or,
+    for vision encoders with none, image classification.
     """
     from transformers.models.auto.modeling_auto import (
         MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
+        MODEL_FOR_IMAGE_CLASSIFICATION_MAPPING_NAMES,
         MODEL_FOR_MASKED_LM_MAPPING_NAMES,
     )
 
@@ -355,6 +357,8 @@ def _task_for(config: PretrainedConfig, name: str) -> str:
         return "masked-lm"
     if in_causal:
         return "causal-lm"
+    if kind in MODEL_FOR_IMAGE_CLASSIFICATION_MAPPING_NAMES:  # vision encoders: ViT, DeiT, ...
+        return "image-classification"
     raise ModelError(
         f"{name} is a {kind!r} model, which has no causal-LM or masked-LM head in transformers; "
         f"velora profiles {', '.join(TASKS)} models (its config names no architecture: add one, "

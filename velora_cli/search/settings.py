@@ -75,6 +75,7 @@ class TuneSettings:
     parallels: tuple[str, ...] = ("ddp", "fsdp", "fsdp-no-reshard")  # with world sizes > 1
     attn: str = "auto"  # attention kernels (StepSpec.attn)
     task: str | None = None  # the head trained (StepSpec.task); None: the config's
+    padding: bool = False  # padded batches (StepSpec.padding)
 
     def context(self) -> dict[str, Any]:
         """The journal header: the settings a journal's results depend on (as JSON has them).
@@ -89,6 +90,8 @@ class TuneSettings:
             context["attn"] = self.attn
         if self.task is not None:
             context["task"] = self.task
+        if self.padding:
+            context["padding"] = True
         return context
 
     def layouts(self) -> list[tuple[int, str | None]]:
@@ -139,6 +142,7 @@ class TuneSettings:
             init=self.init,
             attn=self.attn,
             task=self.task,
+            padding=self.padding,
         )
 
 
