@@ -225,3 +225,16 @@ def test_document_records_the_task_and_the_title_shows_it(tmp_path):
     document = run_profile(spec, [Strategy()], EstimateBackend(trace_fields=False))
     assert document["task"] == "sequence-classification"
     assert "· sequence-classification ·" in profile_table(document).title
+
+
+@pytest.mark.parametrize("task", ["sequence-classification", "image-classification"])
+def test_lora_trains_the_new_head_whole(tmp_path, task):
+    """PEFT's task types (SEQ_CLS: modules_to_save "classifier"/"score") and its ViT recipe train
+    the new head fully next to the adapters; the head gets no adapter of its own."""
+    spec = StepSpec(
+        model=saved_dir(tmp_path, HEADS_BY_TASK[task]()), batch_size=BATCH, seq_len=SEQ, mode="lora"
+    )
+    model = prepare(spec, "meta").model
+    trained = [n for n, p in model.named_parameters() if p.requires_grad and "lora_" not in n]
+    assert trained and all(".classifier.modules_to_save." in n for n in trained), trained
+    assert not any("classifier" in n and "lora_" in n for n, _ in model.named_parameters())

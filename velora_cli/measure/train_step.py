@@ -353,8 +353,15 @@ def _apply_lora(model: nn.Module, spec: StepSpec) -> nn.Module:
     targets: str | list[str] = spec.lora_targets
     if targets != "all-linear":
         targets = [t.strip() for t in spec.lora_targets.split(",") if t.strip()]
+    # a classification or QA head is new: trained whole, as PEFT's task types do it (SEQ_CLS and
+    # TOKEN_CLS save "classifier"/"score", QUESTION_ANS "qa_outputs"; its ViT recipe "classifier")
+    heads = [n for n in ("classifier", "score", "qa_outputs") if hasattr(model, n)]
     config = peft.LoraConfig(
-        r=spec.lora_rank, lora_alpha=2 * spec.lora_rank, lora_dropout=0.0, target_modules=targets
+        r=spec.lora_rank,
+        lora_alpha=2 * spec.lora_rank,
+        lora_dropout=0.0,
+        target_modules=targets,
+        modules_to_save=heads or None,
     )
     if spec.mode == "qlora":
         from velora_cli.methods.quant import register_lora_layers
