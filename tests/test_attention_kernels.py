@@ -285,3 +285,17 @@ def test_padding_is_refused_for_images(tmp_path):
     spec = StepSpec(model=str(tmp_path), batch_size=1, seq_len=17, padding=True)
     with pytest.raises(SpecError, match="images are not padded"):
         EstimateBackend().measure(spec)
+
+
+def test_the_table_title_names_the_attention_and_padding():
+    from velora_cli.report.profile import profile_table
+
+    document = {
+        "model": "m", "task": "causal-lm", "mode": "full", "batch_size": 1, "seq_len": 8,
+        "precision": "fp32", "backend": "estimate", "rows": [],
+        "settings": StepSpec(model="m", attn="eager", padding=True).to_json(),
+    }  # fmt: skip
+    title = profile_table(document).title
+    assert "seq 8 (padded) · eager attention ·" in title
+    document["settings"] = StepSpec(model="m").to_json()
+    assert "attention" not in profile_table(document).title

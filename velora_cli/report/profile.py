@@ -85,9 +85,13 @@ def profile_table(document: dict[str, Any]):
     from rich.table import Table
 
     task = f" · {document['task']}" if document.get("task") else ""
+    settings = document.get("settings", {})
+    attention = f" · {settings['attn']} attention" if settings.get("attn") else ""
+    padded = " (padded)" if settings.get("padding") else ""
     title = (
         f"{document['model']}{task} · {document['mode']} · batch {document['batch_size']} × seq "
-        f"{document['seq_len']} · {document['precision']} · backend {document['backend']}"
+        f"{document['seq_len']}{padded}{attention} · {document['precision']} · backend "
+        f"{document['backend']}"
     ) + layout_title(document)
     table = Table(title=title, title_justify="left")
     width = max((len(r["label"]) for r in document["rows"]), default=10)
