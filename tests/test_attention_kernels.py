@@ -189,7 +189,7 @@ def test_estimate_row_matches_cpu_tracker(tmp_path, attn):
 def test_flash_attention_2_needs_no_mask_and_no_repeat(tmp_path):
     """FA2 handles the window and GQA in the kernel (flash_attn_interface.py): per layer it saves
     q, k, v with Hkv heads, out and an fp32 (B, H, N) logsumexp, like torch's flash op."""
-    from velora_cli.emulation.attention import attention_implementation
+    from velora_cli.emulation.implementations import attention_implementation
 
     name = attention_implementation("flash_attention_2", "meta")
     with cuda_emulation(None):
@@ -264,7 +264,8 @@ def test_padded_flash_attention_2_runs_varlen_on_the_real_tokens():
     """transformers' `_upad_input` + `flash_attn_varlen_func` (modeling_flash_attention_utils.py):
     q, k, v gathered to the T = B*N - 1 real tokens, an fp32 logsumexp over T, int64 indices;
     no mask of N x N and no repeated k/v."""
-    from velora_cli.emulation.attention import attention_implementation, padded_batches
+    from velora_cli.emulation.attention import padded_batches
+    from velora_cli.emulation.implementations import attention_implementation
 
     name = attention_implementation("flash_attention_2", "meta")
     tokens = BATCH * SEQ - 1

@@ -19,11 +19,11 @@ transformers' `.transpose(1, 2).contiguous()` copies it and o_proj saves that co
 
 `velora_estimate_attention` (registered as `ESTIMATE_ATTENTION`) runs:
 
-- on meta tensors, the op the GPU would run: `_scaled_dot_product_flash_attention` for fp16/bf16
-  with head_dim <= 256 (a multiple of 8), `_scaled_dot_product_efficient_attention` otherwise
-  without GQA (its logsumexp is padded to a multiple of 32 rows; its two int64 philox scalars
-  count 512 bytes each here but stay on the host on a GPU), and SDPA's math path for fp32 with
-  GQA, as the GPU does (the efficient kernel does not support GQA);
+- on meta tensors, the op the GPU would run (below): `_scaled_dot_product_flash_attention`,
+  or `_scaled_dot_product_efficient_attention` (its logsumexp is padded to a multiple of 32 rows;
+  its two int64 philox scalars count 512 bytes each here but stay on the host on a GPU), or
+  SDPA's math path where no fused kernel qualifies, and for an unmasked fp32 call with GQA, as
+  before the GPU was known (older efficient kernels have no GQA);
 - on CPU tensors, the CPU flash kernel `_scaled_dot_product_flash_attention_for_cpu` (same saved
   tensors, minus the rng state; it supports GQA although `F.scaled_dot_product_attention` on CPU
   would not route GQA calls to it);
@@ -55,14 +55,8 @@ runs: on meta that is the math path, which overcounts what a GPU keeps (replayed
 `math_attention.py`); on CPU it is what the CPU holds (its math path with N x N probabilities
 when dropout > 0); on a GPU it is the real kernel, with no warning.
 
-FlashAttention-2 (`attn_implementation="flash_attention_2"`, the flash-attn package) is
-estimated by `velora_fa2_attention` (registered as `FA2_ATTENTION`): the flash-attn kernel saves
-q, k, v, out, an fp32 logsumexp (B, H, N) and an int64[2] rng state (`flash_attn_interface.py`
-`FlashAttnFunc.forward`), as torch's flash op does, whose meta kernel it runs (torch keeps its rng
-state in two tensors: 512 bytes more). It handles sliding windows and GQA natively, so no mask and
-no repeated k/v; its output is allocated like q (`empty_like(q)` in `flash_api.cpp::mha_fwd`), so
-the model's reshape copies it, as with SDPA. Padded batches run its varlen kernel on the real
-tokens (`_fa2_varlen`). It needs a GPU: the cpu backend refuses it.
+FlashAttention-2 is in `flash_attention_2.py`; `implementations.py` maps `--attn` to what each
+device is built with.
 """
 
 from __future__ import annotations
@@ -76,11 +70,9 @@ import torch
 from torch import nn
 
 from velora_cli.methods.velora import autocast_dtype
-from velora_cli.models.spec import ATTENTIONS
 
 # Must not contain "flash": transformers treats such names as kernels to fetch from the hub.
 ESTIMATE_ATTENTION = "velora_estimate"
-FA2_ATTENTION = "velora_fa2"
 
 _TARGET_GPU: list[str] = []  # the GPU the kernel choice is made for (innermost last)
 _PADDED: list[bool] = []  # whether meta padding masks stand for padded batches (innermost last)
@@ -419,109 +411,6 @@ def _estimate_mask(*args: Any, **kwargs: Any) -> torch.Tensor | None:
     return sdpa_mask(*args, **kwargs)
 
 
-def velora_fa2_attention(
-    module: nn.Module,
-    query: torch.Tensor,
-    key: torch.Tensor,
-    value: torch.Tensor,
-    attention_mask: torch.Tensor | None,
-    dropout: float = 0.0,
-    scaling: float | None = None,
-    is_causal: bool | None = None,
-    **kwargs: Any,
-) -> tuple[torch.Tensor, None]:
-    """FlashAttention-2 as transformers runs it on a GPU, on meta tensors (module docstring).
-
-    transformers' `_flash_attention_forward` casts fp32 q/k/v to the compute dtype first
-    (`fa_peft_integration_check`: the autocast dtype here), and passes the sliding window to the
-    kernel instead of a mask. With a padding mask (`--padding`) it unpads the real tokens and
-    runs the varlen kernel (`_fa2_varlen`).
-
-    Args:
-        module: the attention module (`is_causal` is read).
-        query: (B, H, N, d).
-        key: (B, Hkv, N, d), not repeated: FA2 does GQA natively.
-        value: (B, Hkv, N, d).
-        attention_mask: None without padding (`flash_attention_mask` gives None), else the
-            2-D padding mask.
-        dropout, scaling, is_causal: as for SDPA.
-        **kwargs: `sliding_window` and other transformers arguments (the window changes what is
-            computed, not what is saved).
-
-    Returns:
-        (attn_output of shape (B, N, H, d), laid out like q, None).
-
-    Raises:
-        ValueError: not on meta, or a dtype FA2 has no kernel for.
-    """
-    if query.device.type != "meta":
-        raise ValueError(
-            "flash_attention_2 runs on a CUDA GPU (the flash-attn package); velora estimates it "
-            "on meta tensors only: use --backend estimate, or --attn sdpa/eager on the CPU"
-        )
-    amp_dtype = autocast_dtype("meta")
-    if query.dtype == torch.float32 and amp_dtype is not None:
-        query, key, value = (t.to(amp_dtype) for t in (query, key, value))
-    if query.dtype not in _HALF:
-        raise ValueError("flash_attention_2 needs fp16 or bf16 q/k/v: use --dtype bf16 or --amp")
-    causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
-    causal = bool(query.shape[2] > 1 and causal)
-    if attention_mask is not None:
-        return _fa2_varlen(query, key, value, dropout, causal, scaling), None
-    out = torch.ops.aten._scaled_dot_product_flash_attention(
-        query, key, value, dropout, causal, False, scale=scaling
-    )[0]
-    return out.transpose(1, 2), None  # (B, N, H, d) view; the model's reshape copies it
-
-
-def _fa2_varlen(
-    query: torch.Tensor,
-    key: torch.Tensor,
-    value: torch.Tensor,
-    dropout: float,
-    causal: bool,
-    scaling: float | None,
-) -> torch.Tensor:
-    """FA2 on a padded batch, as transformers runs it (`_upad_input`, `flash_attn_varlen_func`,
-    `_pad_input` in modeling_flash_attention_utils.py), for the worst padded batch: one pad
-    token, so T = B*N - 1 real tokens.
-
-    q, k, v are gathered into (T, heads, d) copies (`_index_first_axis`: a reshape, itself a copy
-    of the (B, N, H, d) view, then an index; the backward keeps the int64 indices); the varlen
-    kernel keeps those copies, its output and an fp32 (H, T) logsumexp (torch's flash op on a
-    batch of one T-token sequence keeps the same); `_pad_input` scatters the output into zeros
-    (B*N, H, d) (the backward keeps the indices again). Returns (B, N, H, d).
-    """
-    from transformers.modeling_flash_attention_utils import _index_first_axis, _pad_input
-
-    batch, _heads, length, _head_dim = query.shape
-    tokens = batch * length - 1
-    indices = torch.empty(tokens, dtype=torch.long, device=query.device)
-    # (B, H, N, d) -> (B, N, H, d) view -> (T, H, d) copy
-    q, k, v = (_index_first_axis(t.transpose(1, 2), indices) for t in (query, key, value))
-    out = torch.ops.aten._scaled_dot_product_flash_attention(
-        *(t.transpose(0, 1).unsqueeze(0) for t in (q, k, v)),  # (1, H, T, d) views
-        dropout,
-        causal,
-        False,
-        scale=scaling,
-    )[0]
-    # (1, H, T, d) laid out like q: (T, H, d) contiguous
-    return _pad_input(out[0].transpose(0, 1), indices, batch, length)
-
-
-def _fa2_mask(*args: Any, **kwargs: Any) -> torch.Tensor | None:
-    """transformers' `flash_attention_mask`, with a meta padding mask read as
-    :func:`padded_batches` says (padded: the 2-D mask itself, which it returns when a token pads).
-    """
-    from transformers.masking_utils import flash_attention_mask
-
-    if _meta_padding(kwargs):
-        kv_length = kwargs.get("kv_length", args[2] if len(args) > 2 else None)
-        return kwargs["attention_mask"][:, -kv_length:]
-    return flash_attention_mask(*args, **kwargs)
-
-
 def _meta_eager_mask(*args: Any, **kwargs: Any) -> torch.Tensor | None:
     """transformers' `eager_mask`, with a meta padding mask read as "no padding" (its values,
     which transformers reads to skip an all-ones mask, do not exist on meta); the same function
@@ -557,41 +446,3 @@ def register_estimate_attention() -> str:
     AttentionInterface.register(ESTIMATE_ATTENTION, velora_estimate_attention)
     AttentionMaskInterface.register(ESTIMATE_ATTENTION, _estimate_mask)
     return ESTIMATE_ATTENTION
-
-
-def attention_implementation(attn: str, device: str) -> str:
-    """The `attn_implementation` a step on ``device`` is built with for ``--attn attn``.
-
-    Args:
-        attn: one of `ATTENTIONS` ("auto" is transformers' default, sdpa).
-        device: "cuda" (the real kernels), "cpu" or "meta" (the estimate's stand-ins).
-
-    Returns:
-        "sdpa", "eager" or "flash_attention_2" on a GPU; on CPU and meta, the estimate's SDPA
-        (`ESTIMATE_ATTENTION`), transformers' "eager" (which runs the same on every device), or
-        the FA2 stand-in (`FA2_ATTENTION`, meta only).
-
-    Raises:
-        ValueError: an unknown name, or flash_attention_2 on the CPU.
-    """
-    if attn not in ATTENTIONS:
-        raise ValueError(f"--attn {attn!r}: choose {'|'.join(ATTENTIONS)}")
-    if device not in ("cpu", "meta"):
-        return "sdpa" if attn == "auto" else attn
-    if attn == "eager":
-        if device == "meta":
-            _register_meta_eager_mask()
-        return "eager"
-    if attn == "flash_attention_2":
-        if device != "meta":
-            raise ValueError(
-                "--attn flash_attention_2 needs a CUDA GPU (the flash-attn package): use "
-                "--backend estimate to predict it, or --attn sdpa/eager on the cpu backend"
-            )
-        from transformers import AttentionInterface
-        from transformers.masking_utils import AttentionMaskInterface
-
-        AttentionInterface.register(FA2_ATTENTION, velora_fa2_attention)
-        AttentionMaskInterface.register(FA2_ATTENTION, _fa2_mask)
-        return FA2_ATTENTION
-    return register_estimate_attention()

@@ -539,7 +539,7 @@ def prepare(
     check_seq_len(spec, model_spec)
     if spec.attn not in ("auto", "sdpa"):
         # the caller's choice is what this device runs for SDPA; --attn picks another kernel
-        from velora_cli.emulation.attention import attention_implementation
+        from velora_cli.emulation.implementations import attention_implementation
 
         try:
             attn_implementation = attention_implementation(spec.attn, torch.device(device).type)
