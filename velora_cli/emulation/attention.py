@@ -117,11 +117,18 @@ def padded_batches(padded: bool) -> Iterator[None]:
         _PADDED.pop()
 
 
+def without_values(tensor: torch.Tensor) -> bool:
+    """A meta tensor, or a fake one (the estimate's ranks, `parallel.fake`): shapes, no values."""
+    from torch._subclasses.fake_tensor import is_fake
+
+    return tensor.device.type == "meta" or is_fake(tensor)
+
+
 def _meta_padding(kwargs: dict[str, Any]) -> bool:
-    """Whether the mask function's padding mask is a meta one to read as "padded"; a meta one
+    """Whether the mask function's padding mask is one without values to read as "padded"; one
     read as "no padding" is removed from ``kwargs``."""
     padding_mask = kwargs.get("attention_mask")
-    if not (isinstance(padding_mask, torch.Tensor) and padding_mask.device.type == "meta"):
+    if not (isinstance(padding_mask, torch.Tensor) and without_values(padding_mask)):
         return False
     if _PADDED and _PADDED[-1]:
         return True

@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from velora_cli.emulation.attention import _HALF, _meta_padding
+from velora_cli.emulation.attention import _HALF, _meta_padding, without_values
 from velora_cli.methods.velora import autocast_dtype
 
 # Must not contain "flash": transformers treats such names as kernels to fetch from the hub.
@@ -58,12 +58,12 @@ def velora_fa2_attention(
     Raises:
         ValueError: not on meta, or a dtype FA2 has no kernel for.
     """
-    if query.device.type != "meta":
+    if not without_values(query):
         raise ValueError(
             "flash_attention_2 runs on a CUDA GPU (the flash-attn package); velora estimates it "
             "on meta tensors only: use --backend estimate, or --attn sdpa/eager on the CPU"
         )
-    amp_dtype = autocast_dtype("meta")
+    amp_dtype = autocast_dtype(query.device.type)
     if query.dtype == torch.float32 and amp_dtype is not None:
         query, key, value = (t.to(amp_dtype) for t in (query, key, value))
     if query.dtype not in _HALF:
