@@ -158,15 +158,24 @@ def test_default_sdpa_on_meta_overcounts():
     assert sdpa > 1.5 * ours
 
 
-def test_padding_mask_falls_back_to_sdpa_with_warning():
+@pytest.mark.parametrize("kv_heads", [HEADS, 2], ids=["mha", "gqa"])
+def test_padding_mask_runs_the_masked_kernel_with_sdpas_numbers(kv_heads):
+    """A padding mask no longer falls back: same logits and grads as transformers' sdpa."""
     name = register_estimate_attention()
-    ours, ref = tiny_llama(name), tiny_llama("sdpa")
+    ours, ref = tiny_llama(name, kv_heads=kv_heads), tiny_llama("sdpa", kv_heads=kv_heads)
+    ref.load_state_dict(ours.state_dict())
     ids = torch.randint(0, 128, (2, 12), generator=torch.Generator().manual_seed(2))
     mask = torch.ones_like(ids)
-    mask[0, :3] = 0  # left padding
-    with pytest.warns(EstimateAttentionWarning, match="attention mask"):
-        logits = ours(input_ids=ids, attention_mask=mask).logits
-    torch.testing.assert_close(logits, ref(input_ids=ids, attention_mask=mask).logits)
+    mask[0, 9:] = 0  # right padding (left padding would leave fully masked rows: NaN in both)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", EstimateAttentionWarning)
+        out = ours(input_ids=ids, attention_mask=mask, labels=ids)
+    expected = ref(input_ids=ids, attention_mask=mask, labels=ids)
+    torch.testing.assert_close(out.logits, expected.logits, rtol=1e-5, atol=1e-5)
+    out.loss.backward()
+    expected.loss.backward()
+    for (pname, p), q in zip(ours.named_parameters(), ref.parameters(), strict=True):
+        torch.testing.assert_close(p.grad, q.grad, rtol=1e-4, atol=1e-6, msg=pname)
 
 
 def test_unpadded_mask_keeps_the_fused_path():

@@ -73,6 +73,33 @@ Optimizer = Annotated[
         "paged_adamw_32bit, adafactor.",
     ),
 ]
+Attn = Annotated[
+    str,
+    typer.Option(
+        "--attn",
+        help="Attention kernels (transformers' attn_implementation): auto (transformers' "
+        "default, sdpa), sdpa (the kernel torch picks on the GPU: flash, or memory-efficient with "
+        "a mask, fp32 or below sm80), eager, flash_attention_2 (the flash-attn package; "
+        "estimate only, sm80+, fp16/bf16).",
+    ),
+]
+Task = Annotated[
+    str | None,
+    typer.Option(
+        "--task",
+        help="The head to train: causal-lm, masked-lm, sequence-classification, "
+        "token-classification, question-answering, image-classification. Default: the one the "
+        "config's architectures name (e.g. RobertaForSequenceClassification).",
+    ),
+]
+Padding = Annotated[
+    bool,
+    typer.Option(
+        "--padding",
+        help="Batches are padded to their longest sequence (--seq-len): plan for the worst such "
+        "batch, where a padding mask is passed (SDPA's masked kernel, FA2's varlen path).",
+    ),
+]
 Rank = Annotated[
     int | None,
     typer.Option(

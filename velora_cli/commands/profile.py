@@ -14,6 +14,7 @@ from velora_cli.commands.errors import UserError, guarded
 from velora_cli.commands.options import (
     AllocConf,
     Amp,
+    Attn,
     Backend,
     BatchSize,
     ComputeDtype,
@@ -29,11 +30,13 @@ from velora_cli.commands.options import (
     LoraTargets,
     Mode,
     ModelArg,
+    Padding,
     ParallelOption,
     PlotOut,
     QuantStorage,
     Rank,
     SeqLen,
+    Task,
     TrainerOption,
     TrustRemoteCode,
     UpdateGap,
@@ -160,6 +163,9 @@ def profile(
     compute_dtype: ComputeDtype = None,
     quant_storage: QuantStorage = "uint8",
     kbit_prepare: KbitPrepare = True,
+    attn: Attn = "auto",
+    task: Task = None,
+    padding: Padding = False,
 ) -> None:
     """Measure peak memory and step time of VeLoRA placements vs baseline and checkpointing."""
     options = ProfileOptions(**{k: v for k, v in locals().items() if k != "ctx"})
@@ -227,6 +233,9 @@ class ProfileOptions:
     compute_dtype: str | None
     quant_storage: str
     kbit_prepare: bool
+    attn: str
+    task: str | None
+    padding: bool
 
 
 @dataclasses.dataclass(frozen=True)
@@ -269,7 +278,7 @@ def profile_plan(o: ProfileOptions) -> ProfilePlan:
     from velora_cli import models
     from velora_cli.gpus import get_gpu
     from velora_cli.measure.recipe import check_precision, recipe_fields
-    from velora_cli.measure.train_step import StepSpec, check_device
+    from velora_cli.measure.train_step import StepSpec, check_device, for_task
     from velora_cli.parallel import PARALLEL
     from velora_cli.profiling import profiler
 
@@ -296,6 +305,9 @@ def profile_plan(o: ProfileOptions) -> ProfilePlan:
         parallel=parallels[0] if parallels else None,
         cpu_offload=o.cpu_offload,
         trainer=o.trainer,
+        attn=o.attn,
+        task=o.task,
+        padding=o.padding,
         **recipe_fields(
             gc_reentrant=o.gc_reentrant,
             double_quant=o.double_quant,
@@ -320,8 +332,10 @@ def profile_plan(o: ProfileOptions) -> ProfilePlan:
     )
     for name in optimizers:  # a paged optimizer on the cpu, bitsandbytes missing: one line
         check_device(dataclasses.replace(spec, optimizer=name), backend.name)
-    resolved = models.resolve_model(spec.model, trust_remote_code=o.trust_remote_code)
+    resolved = models.resolve_model(spec.model, trust_remote_code=o.trust_remote_code, task=o.task)
+    spec, seq_note = for_task(spec, resolved)  # an image's tokens are its patches
     notices = [resolved.notice] if resolved.notice else []
+    notices += [seq_note] if seq_note else []
     if o.model is None:
         notices.append(f"no MODEL given: profiling the built-in default {spec.model}")
     if o.weights:

@@ -13,6 +13,7 @@ from velora_cli.commands.errors import UserError, fail, guarded
 from velora_cli.commands.options import (
     AllocConf,
     Amp,
+    Attn,
     BatchSize,
     Budget,
     ComputeDtype,
@@ -31,6 +32,7 @@ from velora_cli.commands.options import (
     MicroBatches,
     ModelArg,
     Objective,
+    Padding,
     PlotOut,
     ProbeData,
     ProbeSteps,
@@ -39,6 +41,7 @@ from velora_cli.commands.options import (
     Resume,
     ResumeFrom,
     SeqLen,
+    Task,
     TrainerOption,
     TrustRemoteCode,
     TuneBackend,
@@ -118,6 +121,9 @@ def tune(
     compute_dtype: ComputeDtype = None,
     quant_storage: QuantStorage = "uint8",
     kbit_prepare: KbitPrepare = True,
+    attn: Attn = "auto",
+    task: Task = None,
+    padding: Padding = False,
 ) -> None:
     """Find the fastest configuration that fits a memory budget, verified by a real run."""
     options = TuneOptions(**locals())  # the options as typed; parsed and checked below
@@ -179,6 +185,9 @@ class TuneOptions:
     compute_dtype: str | None
     quant_storage: str
     kbit_prepare: bool
+    attn: str
+    task: str | None
+    padding: bool
 
 
 def tune_settings(o: TuneOptions) -> tuple[TuneSettings, list[str]]:
@@ -262,6 +271,9 @@ def tune_settings(o: TuneOptions) -> tuple[TuneSettings, list[str]]:
         world_sizes=world_sizes,
         parallels=parallels,
         trainer=o.trainer,
+        attn=o.attn,
+        task=o.task,
+        padding=o.padding,
         **recipe_fields(
             gc_reentrant=o.gc_reentrant,
             double_quant=o.double_quant,

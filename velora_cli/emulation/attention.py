@@ -19,28 +19,51 @@ transformers' `.transpose(1, 2).contiguous()` copies it and o_proj saves that co
 
 `velora_estimate_attention` (registered as `ESTIMATE_ATTENTION`) runs:
 
-- on meta tensors, the op the GPU would run: `_scaled_dot_product_flash_attention` for fp16/bf16
-  with head_dim <= 256 (a multiple of 8), `_scaled_dot_product_efficient_attention` otherwise
-  without GQA (its logsumexp is padded to a multiple of 32 rows; its two int64 philox scalars
-  count 512 bytes each here but stay on the host on a GPU), and SDPA's math path for fp32 with
-  GQA, as the GPU does (the efficient kernel does not support GQA);
+- on meta tensors, the op the GPU would run (below): `_scaled_dot_product_flash_attention`,
+  or `_scaled_dot_product_efficient_attention` (its logsumexp is padded to a multiple of 32 rows;
+  its two int64 philox scalars count 512 bytes each here but stay on the host on a GPU), or
+  SDPA's math path where no fused kernel qualifies, and for an unmasked fp32 call with GQA, as
+  before the GPU was known (older efficient kernels have no GQA);
 - on CPU tensors, the CPU flash kernel `_scaled_dot_product_flash_attention_for_cpu` (same saved
   tensors, minus the rng state; it supports GQA although `F.scaled_dot_product_attention` on CPU
   would not route GQA calls to it);
 - on any other device, transformers' own `sdpa_attention_forward`.
 
-Masks: the profiler feeds full-length batches without padding, so transformers' `sdpa_mask`
-(registered for this name too) returns no mask and attention is plain causal. A 4-D mask (padding,
-sliding window shorter than the sequence, packed sequences), a position bias, softcapping, a paged
-cache or dropout on CPU fall back to `sdpa_attention_forward` with an `EstimateAttentionWarning`
-that says what is true where it runs: on meta that is the math path, which overcounts what a GPU
-keeps (replayed as a GPU runs it, `math_attention.py`); on CPU it is what the CPU holds (its math
-path with N x N probabilities when dropout > 0); on a GPU it is the real kernel, with no warning.
+Which kernel: the one PyTorch would pick on the GPU the estimate predicts for
+(`gpus.sdpa_backends`, set with :func:`target_gpu`; `gpus.DEFAULT_GPU` otherwise): flash needs
+sm80+, fp16/bf16 and no mask; the memory-efficient kernel takes fp32, sm70/sm75 and masks; the
+math path only where no fused kernel qualifies (there the GPU keeps the N x N matrix too).
+
+Masks (a sliding window shorter than the sequence, padding, packed sequences without varlen):
+transformers gives a 4-D bool mask; flash refuses it, so the efficient kernel runs. As SDPA and
+transformers do on a GPU (kernels.md A.2), per call:
+
+- transformers repeats k and v to H heads (`repeat_kv`: it asks for `enable_gqa` only without a
+  mask), materialised copies that the kernel saves;
+- SDPA converts the bool mask to an additive one in q's dtype (`where(mask.logical_not(), -inf,
+  0)`: a dense (B, 1, N, N) tensor even from a stride-0 expand), padded to a multiple of 8 keys
+  (`preprocess_mask`), and the kernel saves it: one copy per layer;
+- the efficient kernel saves q, k, v, out and an fp32 logsumexp of ceil32(N) rows, never the
+  (B, H, N, N) probabilities.
+
+On CPU the masked call runs the CPU flash kernel with the same converted mask; it saves the same
+set (q, k, v, out, logsumexp of N rows, the mask), so the cpu backend's tracker checks it.
+
+A position bias, softcapping, a paged cache or dropout on CPU fall back to
+`sdpa_attention_forward` with an `EstimateAttentionWarning` that says what is true where it
+runs: on meta that is the math path, which overcounts what a GPU keeps (replayed as a GPU runs it,
+`math_attention.py`); on CPU it is what the CPU holds (its math path with N x N probabilities
+when dropout > 0); on a GPU it is the real kernel, with no warning.
+
+FlashAttention-2 is in `flash_attention_2.py`; `implementations.py` maps `--attn` to what each
+device is built with.
 """
 
 from __future__ import annotations
 
+import contextlib
 import warnings
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -50,6 +73,9 @@ from velora_cli.methods.velora import autocast_dtype
 
 # Must not contain "flash": transformers treats such names as kernels to fetch from the hub.
 ESTIMATE_ATTENTION = "velora_estimate"
+
+_TARGET_GPU: list[str] = []  # the GPU the kernel choice is made for (innermost last)
+_PADDED: list[bool] = []  # whether meta padding masks stand for padded batches (innermost last)
 
 _HALF = (torch.float16, torch.bfloat16)
 # The GPU keeps two rng tensors per flash call: uint64[2] and a uint64 scalar.
@@ -61,29 +87,101 @@ class EstimateAttentionWarning(UserWarning):
     it runs on (on meta the math path saves the N x N matrix; on CPU the figures are CPU's)."""
 
 
-def gpu_attention_kernel(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> str:
-    """Name the SDPA kernel an sm80+ GPU runs for an unmasked call with these inputs.
+@contextlib.contextmanager
+def target_gpu(gpu: str | None) -> Iterator[None]:
+    """Choose attention kernels for ``gpu`` (a `velora_cli.gpus` key) in the enclosed code.
+
+    A module-level stack rather than a context variable: autograd may run backward (and a
+    checkpoint's recomputation) on another thread, where the choice must hold too.
+    """
+    _TARGET_GPU.append(gpu or "")
+    try:
+        yield
+    finally:
+        _TARGET_GPU.pop()
+
+
+@contextlib.contextmanager
+def padded_batches(padded: bool) -> Iterator[None]:
+    """Read meta padding masks in the enclosed code as padded (``--padding``) or full length.
+
+    A meta tensor has no values, so whether a batch pads cannot be read from it: the step says.
+    Padded means the worst case for memory at this length: the longest sequence is the full
+    length and at least one other token is padding, so transformers builds its masks (a dense
+    (B, 1, N, N) bool for SDPA and eager, the 2-D mask and unpadding for FlashAttention-2).
+    """
+    _PADDED.append(padded)
+    try:
+        yield
+    finally:
+        _PADDED.pop()
+
+
+def without_values(tensor: torch.Tensor) -> bool:
+    """A meta tensor, or a fake one (the estimate's ranks, `parallel.fake`): shapes, no values."""
+    from torch._subclasses.fake_tensor import is_fake
+
+    return tensor.device.type == "meta" or is_fake(tensor)
+
+
+def _meta_padding(kwargs: dict[str, Any]) -> bool:
+    """Whether the mask function's padding mask is one without values to read as "padded"; one
+    read as "no padding" is removed from ``kwargs``."""
+    padding_mask = kwargs.get("attention_mask")
+    if not (isinstance(padding_mask, torch.Tensor) and without_values(padding_mask)):
+        return False
+    if _PADDED and _PADDED[-1]:
+        return True
+    kwargs["attention_mask"] = None
+    return False
+
+
+def gpu_attention_kernel(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    *,
+    has_mask: bool = False,
+    dropout: float = 0.0,
+    gpu: str | None = None,
+) -> str:
+    """Name the SDPA kernel a GPU runs for a call with these inputs.
 
     Args:
         query: (B, H, N, d) queries.
         key: (B, Hkv, N, d) keys; Hkv < H means grouped-query attention.
         value: (B, Hkv, N, d_v) values.
+        has_mask: an explicit attention mask is passed (flash refuses it).
+        dropout: the attention dropout probability.
+        gpu: a `velora_cli.gpus` key; None: the one :func:`target_gpu` set, else the default.
 
     Returns:
-        "flash", "efficient" or "math" (PyTorch's sdp_utils.cpp: flash needs fp16/bf16 and
-        head_dim <= 256; the efficient kernel takes any float dtype but no GQA).
+        "flash", "efficient" or "math": the first of `gpus.sdpa_backends` (PyTorch's
+        sdp_utils.cpp), with two refinements kept from before the GPU was known: flash only for
+        head dims that are multiples of 8 (others go to the efficient kernel here), and an unmasked
+        GQA call the efficient kernel would get is the math path (older efficient kernels have no
+        GQA, and transformers passes `enable_gqa` only without a mask).
     """
+    from velora_cli.gpus import get_gpu, sdpa_backends
+
+    names = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
     head_dim = query.shape[-1]
-    if (
-        query.dtype in _HALF
-        and head_dim <= 256
-        and head_dim % 8 == 0
-        and value.shape[-1] == head_dim
-    ):
-        return "flash"
-    if query.shape[1] == key.shape[1]:
-        return "efficient"
-    return "math"
+    target = get_gpu(gpu or (_TARGET_GPU[-1] if _TARGET_GPU else None))
+    training = any(t.requires_grad for t in (query, key, value))
+    dtype = names.get(query.dtype)
+    if dtype is None:
+        return "math"
+    first = sdpa_backends(target, dtype, has_mask, head_dim, dropout, training=training)[0]
+    if first == "flash_attention" and (head_dim % 8 or value.shape[-1] != head_dim):
+        first = (
+            "efficient_attention"
+            if "efficient_attention"
+            in sdpa_backends(target, dtype, True, head_dim, dropout, training=training)
+            else "math"
+        )
+    if first == "efficient_attention":
+        return "efficient" if has_mask or query.shape[1] == key.shape[1] else "math"
+    return "flash" if first == "flash_attention" else "math"
 
 
 def flash_attention_saved_bytes(
@@ -178,8 +276,8 @@ def _fallback_warning(reason: str, device: str, dropout: float) -> str | None:
 def _fallback_reason(
     query: torch.Tensor, attention_mask: torch.Tensor | None, dropout: float, kwargs: dict
 ) -> str:
-    if attention_mask is not None:
-        return "an attention mask was passed: padding, a short sliding window or packing"
+    if attention_mask is not None and attention_mask.dim() != 4:
+        return "an attention mask that is not 4-D"
     if kwargs.get("position_bias") is not None:
         return "a position bias was passed"
     if kwargs.get("softcap") is not None:
@@ -232,7 +330,8 @@ def velora_estimate_attention(
     if amp_dtype is not None:
         query, key, value = (t.to(amp_dtype) for t in (query, key, value))
     reason = _fallback_reason(query, attention_mask, dropout, kwargs)
-    kernel = gpu_attention_kernel(query, key, value)
+    masked = attention_mask is not None
+    kernel = gpu_attention_kernel(query, key, value, has_mask=masked, dropout=dropout)
     if device not in ("meta", "cpu") or reason or (device == "meta" and kernel == "math"):
         # Off meta/CPU, SDPA is the real thing; on meta the math kernel is what the GPU runs too.
         return _fallback(
@@ -240,8 +339,15 @@ def velora_estimate_attention(
         )
 
     q_length, kv_length = query.shape[2], key.shape[2]
-    is_causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
-    is_causal = bool(q_length > 1 and is_causal)
+    if masked:
+        # transformers: is_causal only without a mask; repeat_kv since no enable_gqa with one
+        is_causal = False
+        key, value = _repeat_kv(key, module), _repeat_kv(value, module)
+        bias = _sdpa_bias(attention_mask, query.dtype, query.shape[1])
+    else:
+        is_causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
+        is_causal = bool(q_length > 1 and is_causal)
+        bias = None
     if is_causal and kv_length > q_length:
         # As transformers does for an empty static cache: causal alignment is upper-left.
         key = key[:, :, :q_length, :]
@@ -249,7 +355,7 @@ def velora_estimate_attention(
 
     if device == "cpu":
         out, _lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
-            query, key, value, dropout, is_causal, scale=scaling
+            query, key, value, dropout, is_causal, attn_mask=bias, scale=scaling
         )
     elif kernel == "flash":
         out = torch.ops.aten._scaled_dot_product_flash_attention(
@@ -258,24 +364,77 @@ def velora_estimate_attention(
     else:
         needs_lse = torch.is_grad_enabled() and any(t.requires_grad for t in (query, key, value))
         out = torch.ops.aten._scaled_dot_product_efficient_attention(
-            query, key, value, None, needs_lse, dropout, is_causal, scale=scaling
+            query, key, value, bias, needs_lse, dropout, is_causal, scale=scaling
         )[0]
     # (B, H, N, d) -> (B, N, H, d); out is laid out like q, so this copies as on the GPU.
     return out.transpose(1, 2).contiguous(), None
 
 
-def _estimate_mask(*args: Any, **kwargs: Any) -> torch.Tensor | None:
-    """transformers' `sdpa_mask`, except that a padding mask on meta is taken as "no padding".
+def _repeat_kv(states: torch.Tensor, module: nn.Module) -> torch.Tensor:
+    """transformers' `repeat_kv`: (B, Hkv, N, d) -> (B, H, N, d), a copy when Hkv < H."""
+    from transformers.integrations.sdpa_attention import repeat_kv
 
-    A meta tensor has no values, so whether it pads cannot be read; the profiler's batches are
-    full length.
+    return repeat_kv(states, getattr(module, "num_key_value_groups", 1))
+
+
+def _sdpa_bias(mask: torch.Tensor, dtype: torch.dtype, heads: int) -> torch.Tensor:
+    """The additive mask SDPA builds from transformers' 4-D mask and passes to its kernel.
+
+    attention.cpp `convert_boolean_attn_mask`: `where(mask.logical_not(), -inf, 0)` in q's dtype,
+    dense over the mask's broadcast shape (B, 1, N, Nk); the efficient kernel's `preprocess_mask`
+    pads the key dimension to a multiple of 8 (`pad_bias`: pad, then slice back) when the rows are
+    not aligned, and expands over heads (a view). A float mask is used as is.
+
+    Returns:
+        (B, H, N, Nk): a view of the converted (B, 1, N, ceil8(Nk)) storage.
+    """
+    if mask.dtype == torch.bool:
+        mask = torch.where(
+            mask.logical_not(),
+            torch.tensor(float("-inf"), dtype=dtype, device=mask.device),
+            torch.tensor(0.0, dtype=dtype, device=mask.device),
+        )
+    else:
+        mask = mask.to(dtype)
+    keys = mask.shape[-1]
+    if keys % 8 or any(stride % 8 for stride in mask.stride()[:-1]) or mask.stride(-1) != 1:
+        padded = -(-keys // 8) * 8
+        mask = torch.nn.functional.pad(mask, (0, padded - keys))[..., :keys]
+    batch, _, q_len, _ = mask.shape
+    return mask.expand(batch, heads, q_len, keys)
+
+
+def _estimate_mask(*args: Any, **kwargs: Any) -> torch.Tensor | None:
+    """transformers' `sdpa_mask`, with a meta padding mask read as :func:`padded_batches` says.
+
+    Padded: the mask is built without the "all ones" skip, which reads values (what transformers
+    builds for a batch that pads: causal AND padding, a dense (B, 1, N, N) bool).
     """
     from transformers.masking_utils import sdpa_mask
 
-    padding_mask = kwargs.get("attention_mask")
-    if isinstance(padding_mask, torch.Tensor) and padding_mask.device.type == "meta":
-        kwargs["attention_mask"] = None
+    if _meta_padding(kwargs):
+        kwargs["allow_is_causal_skip"] = False
+        kwargs["allow_is_bidirectional_skip"] = False
     return sdpa_mask(*args, **kwargs)
+
+
+def _meta_eager_mask(*args: Any, **kwargs: Any) -> torch.Tensor | None:
+    """transformers' `eager_mask`, with a meta padding mask read as "no padding" (its values,
+    which transformers reads to skip an all-ones mask, do not exist on meta); the same function
+    for real tensors."""
+    from transformers.masking_utils import eager_mask
+
+    if _meta_padding(kwargs):
+        kwargs["allow_is_bidirectional_skip"] = False
+    return eager_mask(*args, **kwargs)
+
+
+def _register_meta_eager_mask() -> None:
+    """Make transformers' "eager" mask function meta-safe, process-wide: the attention function
+    stays each model's own `eager_attention_forward`, which no other name would pick."""
+    from transformers.masking_utils import AttentionMaskInterface
+
+    AttentionMaskInterface.register("eager", _meta_eager_mask)
 
 
 def register_estimate_attention() -> str:

@@ -86,14 +86,27 @@ class EstimateBackend:
         self._fast = None
 
     def measure(self, spec: StepSpec, *, breakdown: bool = False) -> dict[str, Any]:
+        from velora_cli.emulation.attention import padded_batches, target_gpu
+        from velora_cli.gpus import get_gpu
         from velora_cli.measure.cpu import _is_user_error
         from velora_cli.timing.step_time import prediction_source
 
+        gpu = get_gpu(self.gpu)
+        if spec.attn == "flash_attention_2" and gpu.compute_capability < (8, 0):
+            raise SpecError(
+                f"--attn flash_attention_2 needs an Ampere or newer GPU (sm80+; the flash-attn "
+                f"package); {gpu.key} is sm{''.join(map(str, gpu.compute_capability))}: use "
+                "--attn sdpa or eager"
+            )
         try:
-            if self.shortcuts and self.warmup >= 1:
-                row = self.fast_path().row(spec, breakdown=breakdown, full_depth=self.full_depth)
-            else:
-                row = self._reference(spec, breakdown)
+            # attention kernels as torch picks them on this GPU, masks as the batches pad
+            with target_gpu(self.gpu), padded_batches(spec.padding):
+                if self.shortcuts and self.warmup >= 1:
+                    row = self.fast_path().row(
+                        spec, breakdown=breakdown, full_depth=self.full_depth
+                    )
+                else:
+                    row = self._reference(spec, breakdown)
         except (SpecError, ValueError, RuntimeError, NotImplementedError) as exc:
             if isinstance(exc, SpecError) or _is_user_error(exc):
                 raise

@@ -32,6 +32,8 @@ MODES = ("full", "lora", "qlora")  # qlora: 4-bit NF4 frozen base + LoRA (quant.
 
 # torch indexes a tensor's elements with int64: no step may hold a tensor with more elements.
 MAX_ELEMENTS = 2**63 - 1
+# StepSpec fields added after profile documents were first written, with their defaults
+_LATER_FIELDS: dict[str, Any] = {"attn": "auto", "task": None, "padding": False}
 
 
 class SpecError(ValueError):
@@ -134,6 +136,13 @@ class StepSpec:
     compute_dtype: str = "bf16"
     quant_storage: str = "uint8"
     kbit_prepare: bool = False
+    # the attention kernels (HF's attn_implementation; "auto": transformers' default, sdpa)
+    attn: str = "auto"
+    # the head trained (models.TASKS); None: the one the config's architectures name
+    task: str | None = None
+    # batches padded to their longest sequence (--seq-len): planned for the worst such batch, in
+    # which one token pads (transformers then builds its attention masks)
+    padding: bool = False
 
     def __post_init__(self):
         errors = []
@@ -186,6 +195,16 @@ class StepSpec:
                 "does not return: use --trainer hf"
             )
         errors += _recipe_errors(self)
+        from velora_cli.models.spec import ATTENTIONS, TASKS
+
+        if self.task is not None and self.task not in TASKS:
+            errors.append(f"--task {self.task!r}: choose {'|'.join(TASKS)}")
+        if self.attn not in ATTENTIONS:
+            errors.append(f"--attn {self.attn!r}: choose {'|'.join(ATTENTIONS)}")
+        if self.attn == "flash_attention_2" and self.dtype == "fp32" and self.amp is None:
+            errors.append(
+                "--attn flash_attention_2 runs in fp16/bf16 only: use --dtype bf16 or --amp bf16"
+            )
         from velora_cli.measure.layout import layout_errors
 
         errors += layout_errors(self)
@@ -240,9 +259,9 @@ class StepSpec:
         return dataclasses.replace(self, strategy=strategy)
 
     def to_json(self) -> dict[str, Any]:
-        """The fields as JSON; ``trainer`` and the recipe fields (checkpointing kind, QLoRA
-        settings) only where they differ from their defaults, so documents of setups without them
-        read as before (absent means the step every document measured before the choice)."""
+        """The fields as JSON; fields added later (``trainer``, ``keep_outputs``, the recipe's,
+        attention, task, padding) are left out at their defaults, so the documents of setups that
+        existed before them are unchanged."""
         data = dataclasses.asdict(self)
         if data["trainer"] == "hf":
             del data["trainer"]
@@ -250,6 +269,9 @@ class StepSpec:
             del data["keep_outputs"]
         for name in RECIPE_FIELDS:
             if data[name] == _FIELD_DEFAULTS[name]:
+                del data[name]
+        for name, default in _LATER_FIELDS.items():
+            if data.get(name) == default:
                 del data[name]
         return data
 
@@ -336,6 +358,7 @@ class Prepared:
     notice: str | None = None
     vocab_size: int | None = None
     batches_drawn: int = 0
+    inputs: BatchShape | None = None  # what each micro-batch holds (None: a language model's)
 
     def next_batch(self) -> None:
         """Replace the micro-batches with new random ones of the same shapes.
@@ -347,7 +370,7 @@ class Prepared:
         self.batches_drawn += 1
         seed = self.spec.seed + self.batches_drawn * self.spec.grad_accum_steps
         self.micro_batches = make_batch(
-            dataclasses.replace(self.spec, seed=seed), self.vocab_size, self.device
+            dataclasses.replace(self.spec, seed=seed), self.vocab_size, self.device, self.inputs
         )
 
     def param_bytes(self) -> int:
@@ -514,8 +537,15 @@ def _apply_lora(model: nn.Module, spec: StepSpec) -> nn.Module:
     targets: str | list[str] = spec.lora_targets
     if targets != "all-linear":
         targets = [t.strip() for t in spec.lora_targets.split(",") if t.strip()]
+    # a classification or QA head is new: trained whole, as PEFT's task types do it (SEQ_CLS and
+    # TOKEN_CLS save "classifier"/"score", QUESTION_ANS "qa_outputs"; its ViT recipe "classifier")
+    heads = [n for n in ("classifier", "score", "qa_outputs") if hasattr(model, n)]
     config = peft.LoraConfig(
-        r=spec.lora_rank, lora_alpha=2 * spec.lora_rank, lora_dropout=0.0, target_modules=targets
+        r=spec.lora_rank,
+        lora_alpha=2 * spec.lora_rank,
+        lora_dropout=0.0,
+        target_modules=targets,
+        modules_to_save=heads or None,
     )
     if spec.mode == "qlora":
         from velora_cli.methods.quant import register_lora_layers
@@ -530,30 +560,125 @@ def _apply_lora(model: nn.Module, spec: StepSpec) -> nn.Module:
         raise SpecError(f"--lora-targets {spec.lora_targets!r}: {exc}") from None
 
 
-def make_batch(spec: StepSpec, vocab_size: int, device) -> list[dict]:
-    """Random token ids (seeded), full length, no padding: labels = inputs.
+@dataclass(frozen=True)
+class BatchShape:
+    """What a task's micro-batch holds besides its size (`batch_shape` reads it from the config).
 
-    An all-ones attention mask is passed, as the HF Trainer does: transformers reduces it to plain
-    causal attention (and, on meta, it keeps transformers from probing position ids for packed
-    sequences, which would read tensor values).
+    ``task`` is one of `models.TASKS`; ``labels`` the number of classes of a classification head;
+    ``image`` (channels, height, width) of ``pixel_values`` for image classification, cut into
+    ``patches`` patches.
+    """
+
+    task: str = "causal-lm"
+    labels: int = 2
+    image: tuple[int, int, int] | None = None
+    patches: int = 0
+
+    def tokens(self, seq_len: int) -> int:
+        """Tokens per example: ``seq_len``, or an image's patches plus its CLS token."""
+        return seq_len if self.image is None else self.patches + 1
+
+
+def batch_shape(model_spec: ModelSpec) -> BatchShape:
+    """The micro-batch a model's task trains on, from its config.
+
+    Image classifiers (ViT and friends) take ``pixel_values`` of the config's ``image_size``
+    with ``num_channels``; their tokens are the patches (``(image_size / patch_size)^2``) plus CLS.
+    """
+    config = model_spec.config
+    task = model_spec.task
+    if task != "image-classification":
+        return BatchShape(task, labels=getattr(config, "num_labels", 2))
+    vision = getattr(config, "vision_config", None) or config
+    size = getattr(vision, "image_size", 224)
+    height, width = (size, size) if isinstance(size, int) else tuple(size)
+    patch = getattr(vision, "patch_size", 16)
+    patch_h, patch_w = (patch, patch) if isinstance(patch, int) else tuple(patch)
+    return BatchShape(
+        task,
+        labels=config.num_labels,
+        image=(vision.num_channels, height, width),
+        patches=(height // patch_h) * (width // patch_w),
+    )
+
+
+def for_task(spec: StepSpec, model_spec: ModelSpec) -> tuple[StepSpec, str | None]:
+    """``spec`` with the sequence length its task trains on, and a line saying so if it changed.
+
+    An image classifier's tokens are its patches and CLS, fixed by the config's image size:
+    ``--seq-len`` does not apply, and tokens per second count those tokens.
+    """
+    inputs = batch_shape(model_spec)
+    tokens = inputs.tokens(spec.seq_len)
+    if tokens == spec.seq_len:
+        return spec, None
+    _channels, height, width = inputs.image
+    return dataclasses.replace(spec, seq_len=tokens), (
+        f"{model_spec.task}: each {height}×{width} image is {inputs.patches} patches + CLS = "
+        f"{tokens} tokens (--seq-len does not apply)"
+    )
+
+
+def make_batch(
+    spec: StepSpec, vocab_size: int | None, device, inputs: BatchShape | None = None
+) -> list[dict]:
+    """Random inputs (seeded), full length, no padding, with the labels of the task's loss.
+
+    Language models get token ids and an all-ones attention mask, as the HF Trainer passes:
+    transformers reduces it to plain attention (and, on meta, it keeps transformers from probing
+    position ids for packed sequences, which would read tensor values). Labels, as the HF heads
+    take them: causal and masked LM ``labels = input_ids`` (every position scored); sequence
+    classification one class per example (B,); token classification one per token (B, N);
+    question answering ``start_positions`` and ``end_positions`` (B,); image classification
+    ``pixel_values`` (B, C, H, W) in fp32, as a data loader gives them, and a class per image.
+    With ``spec.padding`` the first example's last token is padding (on meta the mask has no
+    values: `emulation.attention.padded_batches` tells the mask functions).
     """
     import torch
 
+    inputs = inputs or BatchShape()
     micro = spec.batch_size // spec.grad_accum_steps
     if micro * spec.grad_accum_steps != spec.batch_size:
         raise SpecError(
             f"batch size {spec.batch_size} is not a multiple of {spec.grad_accum_steps} "
             "accumulation steps"
         )
+    meta = torch.device(device).type == "meta"
     batches = []
     for i in range(spec.grad_accum_steps):
-        if torch.device(device).type == "meta":
-            ids = torch.empty(micro, spec.seq_len, dtype=torch.long, device="meta")
+        gen = torch.Generator().manual_seed(spec.seed + i)
+
+        def ints(high: int, *shape: int, gen: torch.Generator = gen) -> torch.Tensor:
+            if meta:
+                return torch.empty(*shape, dtype=torch.long, device="meta")
+            return torch.randint(0, high, shape, generator=gen).to(device)
+
+        if inputs.image is not None:
+            if spec.padding:
+                raise SpecError("--padding: images are not padded; leave it out")
+            shape = (micro, *inputs.image)
+            pixels = (
+                torch.empty(shape, device="meta")
+                if meta
+                else torch.randn(shape, generator=gen).to(device)
+            )
+            batches.append({"pixel_values": pixels, "labels": ints(inputs.labels, micro)})
+            continue
+        ids = ints(vocab_size, micro, spec.seq_len)
+        mask = torch.ones_like(ids) if not meta else torch.empty_like(ids)
+        if spec.padding and not meta:
+            mask[0, -1] = 0  # the worst padded batch: one pad token (meta: `padded_batches`)
+        batch = {"input_ids": ids, "attention_mask": mask}
+        if inputs.task == "sequence-classification":
+            batch["labels"] = ints(inputs.labels, micro)
+        elif inputs.task == "token-classification":
+            batch["labels"] = ints(inputs.labels, micro, spec.seq_len)
+        elif inputs.task == "question-answering":
+            batch["start_positions"] = ints(spec.seq_len, micro)
+            batch["end_positions"] = ints(spec.seq_len, micro)
         else:
-            gen = torch.Generator().manual_seed(spec.seed + i)
-            ids = torch.randint(0, vocab_size, (micro, spec.seq_len), generator=gen).to(device)
-        mask = torch.ones_like(ids) if ids.device.type != "meta" else torch.empty_like(ids)
-        batches.append({"input_ids": ids, "attention_mask": mask, "labels": ids})
+            batch["labels"] = ids
+        batches.append(batch)
     return batches
 
 
@@ -578,17 +703,35 @@ def prepare(
     strategy applied, an optimizer over the trainable parameters, and the batch.
 
     Args:
+        attn_implementation: what this device runs for SDPA (the cuda backend "sdpa", cpu and
+            meta the estimate's attention); ``spec.attn`` eager or flash_attention_2 replaces
+            it with that kernel (`emulation.attention.attention_implementation`).
         model_spec: the resolved model to build instead of resolving ``spec.model`` (the
             estimate's depth shortcut builds the same architecture with fewer layers).
     """
     import torch
 
     from velora_cli.models import build_model, resolve_model
+    from velora_cli.models.spec import with_task
 
     check_device(spec, device)
     if model_spec is None:
         model_spec = resolve_model(spec.model, trust_remote_code=spec.trust_remote_code)
+    if model_spec is not None:
+        model_spec = with_task(model_spec, spec.task)
+    else:
+        model_spec = resolve_model(
+            spec.model, trust_remote_code=spec.trust_remote_code, task=spec.task
+        )
     check_seq_len(spec, model_spec)
+    if spec.attn not in ("auto", "sdpa"):
+        # the caller's choice is what this device runs for SDPA; --attn picks another kernel
+        from velora_cli.emulation.implementations import attention_implementation
+
+        try:
+            attn_implementation = attention_implementation(spec.attn, torch.device(device).type)
+        except ValueError as exc:
+            raise SpecError(str(exc)) from None
     weight_dtype = torch.float32 if spec.amp else torch_dtype(spec.dtype)
     model = build_model(
         model_spec,
@@ -626,8 +769,9 @@ def prepare(
         eta=spec.eta,
         seed=spec.seed,
     )
-    vocab_size = model_spec.config.get_text_config().vocab_size
-    batches = make_batch(spec, vocab_size, device)
+    vocab_size = getattr(model_spec.config.get_text_config(), "vocab_size", None)
+    inputs = batch_shape(model_spec)
+    batches = make_batch(spec, vocab_size, device, inputs)
     return Prepared(
         spec,
         model,
@@ -637,6 +781,7 @@ def prepare(
         torch.device(device),
         model_spec.notice,
         vocab_size,
+        inputs=inputs,
     )
 
 

@@ -51,7 +51,7 @@ def build_model(
         trust_remote_code: allow models whose code comes with the checkpoint.
 
     Returns:
-        The model (an ``AutoModelForCausalLM`` or ``AutoModelForMaskedLM``) in train mode.
+        The model of the spec's task (`auto_class`: ``AutoModelForCausalLM``, ...) in train mode.
         Random init is seeded: two builds on one device are identical, and the caller's RNG
         state is left as it was.
 
@@ -61,12 +61,17 @@ def build_model(
             checkpoint that could not be loaded.
     """
     import torch
-    from transformers import AutoModelForCausalLM, AutoModelForMaskedLM
 
-    auto = AutoModelForMaskedLM if spec.task == "masked-lm" else AutoModelForCausalLM
+    auto = auto_class(spec.task)
     target = torch.device(device)
     config = copy.deepcopy(spec.config)  # the spec's config stays as resolved
     config.use_cache = False  # training: no KV cache
+    if spec.task == "sequence-classification" and getattr(config, "pad_token_id", 0) is None:
+        # decoder classifiers pool the last non-pad token and refuse batches > 1 without a pad
+        # id; the batches are full length, so any id works: the end-of-sequence one, as the HF
+        # fine-tuning recipes set it
+        eos = getattr(config, "eos_token_id", None)
+        config.pad_token_id = (eos[0] if isinstance(eos, list) else eos) or 0
     kwargs: dict[str, Any] = {"dtype": _as_dtype(dtype), "trust_remote_code": trust_remote_code}
     if attn_implementation is not None:
         kwargs["attn_implementation"] = attn_implementation
@@ -77,6 +82,11 @@ def build_model(
             with _seeded_rng(target), target:
                 model = auto.from_config(config, **kwargs)
         except (ValueError, ImportError) as exc:  # inconsistent config, unknown attention, ...
+            if "Unrecognized configuration class" in str(exc):
+                raise ModelError(
+                    f"{spec.name} is a {spec.config.model_type!r} model, which has no "
+                    f"{spec.task} head in transformers; pick another --task"
+                ) from exc
             attention = f" with attn_implementation={attn_implementation}" * bool(
                 attn_implementation
             )
@@ -86,6 +96,23 @@ def build_model(
             ) from exc
     model.config.use_cache = False
     return model.train()  # from_pretrained leaves eval mode, from_config train mode: be consistent
+
+
+def auto_class(task: str) -> Any:
+    """The transformers Auto class that builds ``task``'s head (one of `spec.TASKS`)."""
+    import transformers
+
+    return getattr(
+        transformers,
+        {
+            "causal-lm": "AutoModelForCausalLM",
+            "masked-lm": "AutoModelForMaskedLM",
+            "sequence-classification": "AutoModelForSequenceClassification",
+            "token-classification": "AutoModelForTokenClassification",
+            "question-answering": "AutoModelForQuestionAnswering",
+            "image-classification": "AutoModelForImageClassification",
+        }[task],
+    )
 
 
 def _load_weights(auto: Any, spec: ModelSpec, config: Any, target: Any, kwargs: dict) -> Any:

@@ -23,7 +23,19 @@ if TYPE_CHECKING:
     from transformers import PretrainedConfig
 
 DEFAULT_MODEL = "llama-60m"
-TASKS = ("causal-lm", "masked-lm")
+# The heads velora builds, with the architecture-name suffix that asks for each (transformers'
+# `<Model>For<Head>` naming; GPT-2 style `LMHeadModel` is causal LM).
+TASK_SUFFIXES: dict[str, tuple[str, ...]] = {
+    "causal-lm": ("ForCausalLM", "LMHeadModel"),
+    "masked-lm": ("ForMaskedLM",),
+    "sequence-classification": ("ForSequenceClassification",),
+    "token-classification": ("ForTokenClassification",),
+    "question-answering": ("ForQuestionAnswering",),
+    "image-classification": ("ForImageClassification",),
+}
+TASKS = tuple(TASK_SUFFIXES)
+# HF's attn_implementation names velora can profile; "auto" is transformers' default (sdpa)
+ATTENTIONS = ("auto", "sdpa", "eager", "flash_attention_2")
 
 _BUILTIN_DIR = Path(__file__).parent / "builtin_configs"
 _SEED = 0  # random init is seeded so that two builds of one spec are identical
@@ -58,7 +70,7 @@ class ModelSpec:
     name: str  # what the user asked for, e.g. "meta-llama/Llama-2-7b"
     source: str  # "builtin" | "hub" | "local"
     config: PretrainedConfig
-    task: str  # "causal-lm" | "masked-lm": which Auto class and which loss
+    task: str  # one of TASKS: which Auto class, which labels and which loss
     builtin: str | None  # the built-in used, if any (also set on a hub fallback)
     weights_path: str | None  # local directory or hub id holding weights; None for built-ins
     notice: str | None  # one line to show the user, e.g. a hub fallback to a built-in
@@ -122,13 +134,17 @@ def max_sequence_length(config: PretrainedConfig) -> int | None:
 # -- resolution -----------------------------------------------------------------------------------
 
 
-def resolve_model(spec: str | None, *, trust_remote_code: bool = False) -> ModelSpec:
+def resolve_model(
+    spec: str | None, *, trust_remote_code: bool = False, task: str | None = None
+) -> ModelSpec:
     """Resolve a model spec to a config, trying a local directory, a built-in, then the hub.
 
     Args:
         spec: a local directory holding config.json, a built-in name (case-insensitive, see
             :func:`list_builtins`), or a hub id; None or "" means :data:`DEFAULT_MODEL`.
         trust_remote_code: allow configs that need custom code from the hub or directory.
+        task: the head to train (one of :data:`TASKS`); None: the one the config's
+            architectures name.
 
     Returns:
         The resolved :class:`ModelSpec`. A well-known hub id (e.g. ``meta-llama/Llama-2-7b``)
@@ -137,22 +153,25 @@ def resolve_model(spec: str | None, *, trust_remote_code: bool = False) -> Model
 
     Raises:
         ModelError: the directory has no readable config.json, the hub lookup failed for an id
-            that has no built-in counterpart, or the model has no causal-LM / masked-LM head.
+            that has no built-in counterpart, an unknown task, or (without ``task``) the config
+            names a head velora does not build.
     """
+    if task is not None and task not in TASKS:
+        raise ModelError(f"--task {task!r}: choose {'|'.join(TASKS)}")
     name = (spec or "").strip() or DEFAULT_MODEL
     path = Path(name).expanduser()
     if path.is_dir():
-        return _resolve_local(name, path, trust_remote_code)
+        return _resolve_local(name, path, trust_remote_code, task)
     if path.exists():
         raise ModelError(
             f"{name} is a file, not a model directory; pass a directory holding config.json, "
             "a built-in from `velora models`, or a hub id"
         )
     if name.lower() in _builtin_table():
-        return _builtin_spec(name, name.lower())
+        return with_task(_builtin_spec(name, name.lower()), task)
     if "/" not in name and (close := _close_builtin(name)):
         try:
-            return _resolve_hub(name, trust_remote_code)
+            return _resolve_hub(name, trust_remote_code, task)
         except ModelError as exc:  # a built-in's name, mistyped (lama-60m)
             raise ModelError(f"{exc}; did you mean {close}?") from None
     if name.startswith(("/", "./", "../", "~", ".\\")) or name.count("/") > 1:
@@ -160,7 +179,7 @@ def resolve_model(spec: str | None, *, trust_remote_code: bool = False) -> Model
             f"no such directory: {name}; pass an existing directory holding config.json, "
             "a built-in from `velora models`, or a hub id like owner/name"
         )
-    return _resolve_hub(name, trust_remote_code)
+    return _resolve_hub(name, trust_remote_code, task)
 
 
 def _close_builtin(name: str) -> str | None:
@@ -171,7 +190,7 @@ def _close_builtin(name: str) -> str | None:
     return found[0] if found else None
 
 
-def _resolve_local(name: str, path: Path, trust_remote_code: bool) -> ModelSpec:
+def _resolve_local(name: str, path: Path, trust_remote_code: bool, task: str | None) -> ModelSpec:
     from transformers import AutoConfig
 
     if not (path / "config.json").is_file():
@@ -189,7 +208,7 @@ def _resolve_local(name: str, path: Path, trust_remote_code: bool) -> ModelSpec:
         name=name,
         source="local",
         config=config,
-        task=_task_for(config, name),
+        task=task or _task_for(config, name),
         builtin=None,
         weights_path=str(path),
         notice=None,
@@ -197,7 +216,7 @@ def _resolve_local(name: str, path: Path, trust_remote_code: bool) -> ModelSpec:
     )
 
 
-def _resolve_hub(name: str, trust_remote_code: bool) -> ModelSpec:
+def _resolve_hub(name: str, trust_remote_code: bool, task: str | None) -> ModelSpec:
     from transformers import AutoConfig
 
     offline = _hub_offline()
@@ -219,12 +238,12 @@ def _resolve_hub(name: str, trust_remote_code: bool) -> ModelSpec:
         )
         if kind == "network":  # each lookup retried for ~25 s before giving up
             notice += "; set HF_HUB_OFFLINE=1 to skip the hub lookup"
-        return _builtin_spec(name, builtin, notice=notice)
+        return with_task(_builtin_spec(name, builtin, notice=notice), task)
     return ModelSpec(
         name=name,
         source="hub",
         config=config,
-        task=_task_for(config, name),
+        task=task or _task_for(config, name),
         builtin=None,
         weights_path=name,
         notice=None,
@@ -299,18 +318,45 @@ def _first_line(exc: BaseException) -> str:
     return line if len(line) <= 200 else line[:197] + "..."
 
 
+def with_task(spec: ModelSpec, task: str | None) -> ModelSpec:
+    """``spec`` trained with another head (``--task``); None keeps the one its config names.
+
+    Raises:
+        ModelError: an unknown task.
+    """
+    import dataclasses
+
+    if task is None or task == spec.task:
+        return spec
+    if task not in TASKS:
+        raise ModelError(f"--task {task!r}: choose {'|'.join(TASKS)}")
+    return dataclasses.replace(spec, task=task)
+
+
 def _task_for(config: PretrainedConfig, name: str) -> str:
-    """Which head to train: from the config's architectures, auto_map, then model_type."""
+    """Which head to train: the config's architectures, then auto_map, then model_type.
+
+    An architecture naming a head velora does not build (``T5ForConditionalGeneration``,
+    ``BertForPreTraining``, ...) is refused, never replaced by another head; a headless one
+    (``LlamaModel``) or none at all falls back to the language-model head of its model type, or,
+    for vision encoders with none, image classification.
+    """
     from transformers.models.auto.modeling_auto import (
         MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
+        MODEL_FOR_IMAGE_CLASSIFICATION_MAPPING_NAMES,
         MODEL_FOR_MASKED_LM_MAPPING_NAMES,
     )
 
     architectures = getattr(config, "architectures", None) or []
-    if any("MaskedLM" in a for a in architectures):
-        return "masked-lm"
-    if any(a.endswith(("CausalLM", "LMHeadModel")) for a in architectures):
-        return "causal-lm"
+    for task, suffixes in TASK_SUFFIXES.items():
+        if any(a.endswith(suffixes) for a in architectures):
+            return task
+    headed = [a for a in architectures if "For" in a or a.endswith("HeadModel")]
+    if headed:
+        raise ModelError(
+            f"{name} is a {', '.join(headed)}: velora builds no such head; it profiles "
+            f"{', '.join(TASKS)} (pick one with --task to train that head instead)"
+        )
     auto_map = getattr(config, "auto_map", None) or {}
     if "AutoModelForCausalLM" in auto_map:
         return "causal-lm"
@@ -324,7 +370,10 @@ def _task_for(config: PretrainedConfig, name: str) -> str:
         return "masked-lm"
     if in_causal:
         return "causal-lm"
+    if kind in MODEL_FOR_IMAGE_CLASSIFICATION_MAPPING_NAMES:  # vision encoders: ViT, DeiT, ...
+        return "image-classification"
     raise ModelError(
         f"{name} is a {kind!r} model, which has no causal-LM or masked-LM head in transformers; "
-        f"velora profiles {' and '.join(TASKS)} models"
+        f"velora profiles {', '.join(TASKS)} models (its config names no architecture: add one, "
+        "or pick a task with --task)"
     )

@@ -136,6 +136,7 @@ class ParallelEstimateBackend:
         self.gpu, self.alloc_conf = self.device.gpu, self.device.alloc_conf
 
     def measure(self, spec: StepSpec, *, breakdown: bool = False) -> dict[str, Any]:
+        from velora_cli.emulation.attention import padded_batches, target_gpu
         from velora_cli.measure.cpu import _is_user_error
         from velora_cli.parallel.job import job_row
 
@@ -143,13 +144,15 @@ class ParallelEstimateBackend:
         ranks = estimated_ranks(spec, self.ranks)
         for rank in ranks:
             try:
-                row, _trace = estimate_rank(
-                    spec,
-                    rank,
-                    warmup=self.warmup,
-                    breakdown=breakdown,
-                    device_memory=self.device.device_memory_of,
-                )
+                # attention kernels as torch picks them on this GPU, masks as the batches pad
+                with target_gpu(self.gpu), padded_batches(spec.padding):
+                    row, _trace = estimate_rank(
+                        spec,
+                        rank,
+                        warmup=self.warmup,
+                        breakdown=breakdown,
+                        device_memory=self.device.device_memory_of,
+                    )
                 rows.append(row)
             except (SpecError, ValueError, RuntimeError, NotImplementedError) as exc:
                 if isinstance(exc, SpecError) or _is_user_error(exc):

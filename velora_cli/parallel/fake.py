@@ -55,15 +55,11 @@ def register_rank_attention() -> str:
 
 
 def _fake_aware_mask(*args: Any, **kwargs: Any) -> torch.Tensor | None:
-    from torch._subclasses.fake_tensor import is_fake
-    from transformers.masking_utils import sdpa_mask
+    # the estimate's mask function reads a fake padding mask as a meta one: full length batches,
+    # or padded ones under `--padding` (`emulation.attention.padded_batches`)
+    from velora_cli.emulation.attention import _estimate_mask
 
-    padding_mask = kwargs.get("attention_mask")
-    if isinstance(padding_mask, torch.Tensor) and (
-        padding_mask.device.type == "meta" or is_fake(padding_mask)
-    ):
-        kwargs["attention_mask"] = None  # the profiler's batches are full length: no padding
-    return sdpa_mask(*args, **kwargs)
+    return _estimate_mask(*args, **kwargs)
 
 
 @contextlib.contextmanager

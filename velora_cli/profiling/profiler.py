@@ -280,6 +280,15 @@ def _single_backend(
     raise SpecError(f"unknown backend {name!r}; choose auto, cuda, cpu or estimate")
 
 
+def task_of(spec: StepSpec) -> str:
+    """The head ``spec`` trains: ``--task``, else the one its config's architectures name."""
+    from velora_cli.models import resolve_model
+
+    if spec.task is not None:
+        return spec.task
+    return resolve_model(spec.model, trust_remote_code=spec.trust_remote_code).task
+
+
 def _opts(warmup, steps):
     return {k: v for k, v in (("warmup", warmup), ("steps", steps)) if v is not None}
 
@@ -322,6 +331,7 @@ def run_profile(
     document: dict[str, Any] = {
         "kind": "velora-profile",
         "model": spec.model,
+        "task": task_of(spec),
         "mode": spec.mode,
         "batch_size": spec.batch_size,
         "seq_len": spec.seq_len,

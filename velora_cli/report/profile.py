@@ -84,9 +84,13 @@ def profile_table(document: dict[str, Any]):
     """A rich Table of a profile document's rows."""
     from rich.table import Table
 
+    task = f" · {document['task']}" if document.get("task") else ""
+    settings = document.get("settings", {})
+    attention = f" · {settings['attn']} attention" if settings.get("attn") else ""
+    padded = " (padded)" if settings.get("padding") else ""
     title = (
-        f"{document['model']} · {document['mode']} · batch {document['batch_size']} × seq "
-        f"{document['seq_len']} · {document['precision']}"
+        f"{document['model']}{task} · {document['mode']} · batch {document['batch_size']} × seq "
+        f"{document['seq_len']}{padded}{attention} · {document['precision']}"
         + (" · reentrant checkpointing" * bool(document.get("settings", {}).get("gc_reentrant")))
         + f" · backend {document['backend']}"
     ) + layout_title(document)

@@ -183,9 +183,17 @@ def run(
 
     echo = echo or (lambda line: None)
     notices = list(notices or [])
-    resolved = resolve_model(settings.model, trust_remote_code=settings.trust_remote_code)
+    resolved = resolve_model(
+        settings.model, trust_remote_code=settings.trust_remote_code, task=settings.task
+    )
     if resolved.notice:
         notices.append(resolved.notice)
+    from velora_cli.measure.train_step import for_task
+
+    step, seq_note = for_task(settings.base_spec(), resolved)  # an image's tokens: its patches
+    if seq_note:
+        settings = dataclasses.replace(settings, seq_len=step.seq_len)
+        notices.append(seq_note)
     if settings.weights:  # checked before anything runs: a missing checkpoint is one error
         from velora_cli.models.weights import check_weights
 

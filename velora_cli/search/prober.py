@@ -138,6 +138,14 @@ def probe_device(
             "accuracy probes off (--probe-steps 0): VeLoRA and galore/adarankgrad candidates are "
             "not probed"
         )
+    from velora_cli.profiling.profiler import task_of
+
+    task = task_of(settings.base_spec())
+    if task not in ("causal-lm", "masked-lm"):
+        return None, (
+            f"accuracy probes skipped: they train on text with a language-model loss, and "
+            f"{settings.model} trains the {task} head"
+        )
     if settings.backend == "cuda":
         return "cuda", None
     row = estimator(first).detail

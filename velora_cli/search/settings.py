@@ -90,6 +90,9 @@ class TuneSettings:
     compute_dtype: str = "bf16"
     quant_storage: str = "uint8"
     kbit_prepare: bool = False
+    attn: str = "auto"  # attention kernels (StepSpec.attn)
+    task: str | None = None  # the head trained (StepSpec.task); None: the config's
+    padding: bool = False  # padded batches (StepSpec.padding)
 
     def context(self) -> dict[str, Any]:
         """The journal header: the settings a journal's results depend on (as JSON has them).
@@ -105,6 +108,12 @@ class TuneSettings:
         for key, default in RECIPE_DEFAULTS.items():  # journals from before these had none
             if getattr(self, key) != default:
                 context[key] = getattr(self, key)
+        if self.attn != "auto":  # journals written before --attn existed stay resumable
+            context["attn"] = self.attn
+        if self.task is not None:
+            context["task"] = self.task
+        if self.padding:
+            context["padding"] = True
         return context
 
     def layouts(self) -> list[tuple[int, str | None]]:
@@ -155,6 +164,9 @@ class TuneSettings:
             init=self.init,
             trainer=self.trainer,
             **{key: getattr(self, key) for key in RECIPE_DEFAULTS},
+            attn=self.attn,
+            task=self.task,
+            padding=self.padding,
         )
 
 

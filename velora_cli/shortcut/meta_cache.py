@@ -47,6 +47,7 @@ class _Setup:
     notice: str | None
     fingerprint: tuple
     warmed: bool = False
+    inputs: Any = None  # the task's `BatchShape`
 
 
 def setup_key(spec: StepSpec) -> StepSpec:
@@ -135,7 +136,8 @@ class MetaModels:
         try:
             wrapped = apply_strategy(model, spec, "meta")
             settle_velora(model)
-            batches = make_batch(spec, setup.vocab_size, "meta")[: self.micro_batches]
+            batches = make_batch(spec, setup.vocab_size, "meta", setup.inputs)
+            batches = batches[: self.micro_batches]
             prepared = Prepared(
                 spec,
                 model,
@@ -145,6 +147,7 @@ class MetaModels:
                 torch.device("meta"),
                 setup.notice,
                 setup.vocab_size,
+                inputs=setup.inputs,
             )
             return body(prepared)
         finally:
@@ -168,6 +171,7 @@ class MetaModels:
             prepared.vocab_size,
             prepared.notice,
             _fingerprint(prepared.model, prepared.optimizer),
+            inputs=prepared.inputs,
         )
 
     def _warm_up(self, setup: _Setup, spec: StepSpec) -> None:
@@ -179,10 +183,10 @@ class MetaModels:
         from velora_cli.measure.train_step import make_batch, train_step
 
         base = dataclasses.replace(spec, strategy=Strategy())
-        batches = make_batch(base, setup.vocab_size, "meta")[: self.micro_batches]
+        batches = make_batch(base, setup.vocab_size, "meta", setup.inputs)[: self.micro_batches]
         prepared = Prepared(
             base, setup.model, setup.optimizer, batches, [], torch.device("meta"),
-            setup.notice, setup.vocab_size,
+            setup.notice, setup.vocab_size, inputs=setup.inputs,
         )  # fmt: skip
         context = self.step_context(spec) if self.step_context else contextlib.nullcontext()
         with context:

@@ -252,10 +252,10 @@ class Shortcuts:
     def _resolve(self, spec: StepSpec) -> ModelSpec:
         from velora_cli.models import resolve_model
 
-        key = (spec.model, spec.trust_remote_code)
+        key = (spec.model, spec.trust_remote_code, spec.task)
         if key not in self._resolved:
             self._resolved[key] = resolve_model(
-                spec.model, trust_remote_code=spec.trust_remote_code
+                spec.model, trust_remote_code=spec.trust_remote_code, task=spec.task
             )
         return self._resolved[key]
 

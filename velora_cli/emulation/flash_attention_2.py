@@ -1,0 +1,140 @@
+"""FlashAttention-2 (`attn_implementation="flash_attention_2"`, the flash-attn package) on meta.
+
+The flash-attn kernel saves q, k, v, out, an fp32 logsumexp (B, H, N) and an int64[2] rng state
+(`flash_attn_interface.py` `FlashAttnFunc.forward`), as torch's flash op does, whose meta kernel
+`velora_fa2_attention` (registered as `FA2_ATTENTION`) runs (torch keeps its rng state in two
+tensors: 512 bytes more). It handles sliding windows and GQA natively, so no mask and no repeated
+k/v; its output is allocated like q (`empty_like(q)` in `flash_api.cpp::mha_fwd`), so the model's
+reshape copies it, as with SDPA. Padded batches run its varlen kernel on the real tokens
+(`_fa2_varlen`). It needs a GPU: the cpu backend refuses it (`implementations.py`).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from velora_cli.emulation.attention import _HALF, _meta_padding, without_values
+from velora_cli.methods.velora import autocast_dtype
+
+# Must not contain "flash": transformers treats such names as kernels to fetch from the hub.
+FA2_ATTENTION = "velora_fa2"
+
+
+def velora_fa2_attention(
+    module: nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    dropout: float = 0.0,
+    scaling: float | None = None,
+    is_causal: bool | None = None,
+    **kwargs: Any,
+) -> tuple[torch.Tensor, None]:
+    """FlashAttention-2 as transformers runs it on a GPU, on meta tensors (module docstring).
+
+    transformers' `_flash_attention_forward` casts fp32 q/k/v to the compute dtype first
+    (`fa_peft_integration_check`: the autocast dtype here), and passes the sliding window to the
+    kernel instead of a mask. With a padding mask (`--padding`) it unpads the real tokens and
+    runs the varlen kernel (`_fa2_varlen`).
+
+    Args:
+        module: the attention module (`is_causal` is read).
+        query: (B, H, N, d).
+        key: (B, Hkv, N, d), not repeated: FA2 does GQA natively.
+        value: (B, Hkv, N, d).
+        attention_mask: None without padding (`flash_attention_mask` gives None), else the
+            2-D padding mask.
+        dropout, scaling, is_causal: as for SDPA.
+        **kwargs: `sliding_window` and other transformers arguments (the window changes what is
+            computed, not what is saved).
+
+    Returns:
+        (attn_output of shape (B, N, H, d), laid out like q, None).
+
+    Raises:
+        ValueError: not on meta, or a dtype FA2 has no kernel for.
+    """
+    if not without_values(query):
+        raise ValueError(
+            "flash_attention_2 runs on a CUDA GPU (the flash-attn package); velora estimates it "
+            "on meta tensors only: use --backend estimate, or --attn sdpa/eager on the CPU"
+        )
+    amp_dtype = autocast_dtype(query.device.type)
+    if query.dtype == torch.float32 and amp_dtype is not None:
+        query, key, value = (t.to(amp_dtype) for t in (query, key, value))
+    if query.dtype not in _HALF:
+        raise ValueError("flash_attention_2 needs fp16 or bf16 q/k/v: use --dtype bf16 or --amp")
+    causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
+    causal = bool(query.shape[2] > 1 and causal)
+    if attention_mask is not None:
+        return _fa2_varlen(query, key, value, dropout, causal, scaling), None
+    out = torch.ops.aten._scaled_dot_product_flash_attention(
+        query, key, value, dropout, causal, False, scale=scaling
+    )[0]
+    return out.transpose(1, 2), None  # (B, N, H, d) view; the model's reshape copies it
+
+
+def _fa2_varlen(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    dropout: float,
+    causal: bool,
+    scaling: float | None,
+) -> torch.Tensor:
+    """FA2 on a padded batch, as transformers runs it (`_upad_input`, `flash_attn_varlen_func`,
+    `_pad_input` in modeling_flash_attention_utils.py), for the worst padded batch: one pad
+    token, so T = B*N - 1 real tokens.
+
+    q, k, v are gathered into (T, heads, d) copies (`_index_first_axis`: a reshape, itself a copy
+    of the (B, N, H, d) view, then an index; the backward keeps the int64 indices); the varlen
+    kernel keeps those copies, its output and an fp32 (H, T) logsumexp (torch's flash op on a
+    batch of one T-token sequence keeps the same); `_pad_input` scatters the output into zeros
+    (B*N, H, d) (the backward keeps the indices again). Returns (B, N, H, d).
+    """
+    from transformers.modeling_flash_attention_utils import _index_first_axis, _pad_input
+
+    batch, _heads, length, _head_dim = query.shape
+    tokens = batch * length - 1
+    indices = torch.empty(tokens, dtype=torch.long, device=query.device)
+    # (B, H, N, d) -> (B, N, H, d) view -> (T, H, d) copy
+    q, k, v = (_index_first_axis(t.transpose(1, 2), indices) for t in (query, key, value))
+    out = torch.ops.aten._scaled_dot_product_flash_attention(
+        *(t.transpose(0, 1).unsqueeze(0) for t in (q, k, v)),  # (1, H, T, d) views
+        dropout,
+        causal,
+        False,
+        scale=scaling,
+    )[0]
+    # (1, H, T, d) laid out like q: (T, H, d) contiguous
+    return _pad_input(out[0].transpose(0, 1), indices, batch, length)
+
+
+def _fa2_mask(*args: Any, **kwargs: Any) -> torch.Tensor | None:
+    """transformers' `flash_attention_mask`, with a meta padding mask read as
+    :func:`padded_batches` says (padded: the 2-D mask itself, which it returns when a token pads).
+    """
+    from transformers.masking_utils import flash_attention_mask
+
+    if _meta_padding(kwargs):
+        kv_length = kwargs.get("kv_length", args[2] if len(args) > 2 else None)
+        return kwargs["attention_mask"][:, -kv_length:]
+    return flash_attention_mask(*args, **kwargs)
+
+
+def register_fa2_attention() -> str:
+    """Register the FA2 stand-in and its mask function with transformers; idempotent.
+
+    Returns:
+        The name to pass as `attn_implementation` (`FA2_ATTENTION`).
+    """
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface
+
+    AttentionInterface.register(FA2_ATTENTION, velora_fa2_attention)
+    AttentionMaskInterface.register(FA2_ATTENTION, _fa2_mask)
+    return FA2_ATTENTION
