@@ -23,13 +23,17 @@ from velora_cli.commands.options import (
     LoraTargets,
     Mode,
     ModelArg,
+    Offload,
     ParallelOption,
     PlotOut,
+    ProfileBudget,
     Rank,
+    Sac,
     SeqLen,
     TrustRemoteCode,
     UpdateGap,
     Weights,
+    choice_list,
     int_list,
     word_list,
 )
@@ -142,6 +146,9 @@ def profile(
     ] = 1,
     parallel: ParallelOption = None,
     cpu_offload: CpuOffload = False,
+    sac: Sac = "op",
+    offload: Offload = "inputs",
+    budget: ProfileBudget = None,
 ) -> None:
     """Measure peak memory and step time of VeLoRA placements vs baseline and checkpointing."""
     if compare is not None:
@@ -175,6 +182,15 @@ def profile(
     if any(n < 1 for n in gc_list):
         raise UserError("--gc-every takes layer intervals >= 1")
     placement_list = [p.strip() for p in placements.split(",") if p.strip()]
+    from velora_cli.measure.train_step import OFFLOAD_KINDS, SAC_POLICIES
+
+    sac_list = choice_list(sac, "--sac", SAC_POLICIES)
+    offload_list = choice_list(offload, "--offload", OFFLOAD_KINDS)
+    budget_bytes = None
+    if budget is not None:
+        from velora_cli.budget import parse_budget
+
+        budget_bytes = parse_budget(budget)
     optimizers = list(dict.fromkeys(o.strip() for o in optimizer.split(",") if o.strip()))
     if not optimizers:
         raise UserError("--optimizer: give at least one of adamw, sgd, galore, adarankgrad")
@@ -250,6 +266,8 @@ def profile(
         sub_token_sizes=sizes,
         gc_every=gc_list,
         velora_gc=velora_gc,
+        sac=sac_list,
+        offload=offload_list,
     )
     if backend == "auto" and backend_obj.name == "estimate":
         notices.append(
@@ -279,6 +297,7 @@ def profile(
                 notices=notices + quiet,
                 optimizers=optimizers,
                 parallels=parallels,
+                budget=budget_bytes,
             )
     except BaseException:
         if save_path is not None and save_path.is_file() and save_path.stat().st_size == 0:
@@ -291,6 +310,9 @@ def profile(
         from velora_cli import plots
 
         err(f"wrote {plots.render(document, plot)}")
+    code = document["verdict"]["exit_code"]
+    if code == 2 or (budget_bytes is not None and code):
+        raise typer.Exit(code=code)  # 1: nothing fits the budget, 2: nothing estimated
 
 
 def render_profile(
@@ -317,6 +339,10 @@ def render_profile(
                 console.print(table)
         for line in report.profile_footer(document):
             console.print(f"[dim]{line}[/dim]", highlight=False)
+        from velora_cli.report.verdict import verdict_lines
+
+        for line in verdict_lines(document["verdict"]):  # last: what to do, where the eye lands
+            console.print(f"[bold]{line}[/bold]", highlight=False)
         if not output:
             return
         text = console.file.getvalue()
