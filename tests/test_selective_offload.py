@@ -176,3 +176,47 @@ def test_velora_and_lora_combine_with_sac_and_offload():
     ):  # fmt: skip
         row = backend.measure(spec)
         assert row["status"] == "ok", row.get("error")
+
+
+def test_tune_candidates_with_sac_and_offload():
+    from velora_cli.search.candidates import Candidate, cost_rank, search_space
+
+    space = search_space(batch_size=2, modes=["full"], placements=[None], num_groups=[],
+                         gc_options=[False, True, 2], micro_batches=[2], sac_options=["op"],
+                         offload_options=["inputs", "all"])  # fmt: skip
+    keys = [c.key for c in space]
+    assert keys == [
+        "full|none|g-|gc=off|mb2x1|adamw",
+        "full|none|g-|gc=off|mb2x1|adamw|offload=all",  # all: without checkpointing
+        "full|none|g-|gc=all|mb2x1|adamw",
+        "full|none|g-|gc=all|mb2x1|adamw|offload=inputs",  # inputs: with every layer's
+        "full|none|g-|gc=all|mb2x1|adamw|sac=op",
+        "full|none|g-|gc=all|mb2x1|adamw|sac=op|offload=inputs",
+        "full|none|g-|gc=2|mb2x1|adamw",
+    ]
+    plain, sac, offloaded = (Candidate(gc=True), Candidate(gc=True, sac="op"),
+                             Candidate(gc=True, offload="inputs"))  # fmt: skip
+    assert cost_rank(sac) < cost_rank(plain) < cost_rank(offloaded)
+    with pytest.raises(ValueError, match="needs checkpointing"):
+        Candidate(sac="op")
+
+
+def test_tune_runs_sac_and_offload_candidates(tmp_path, monkeypatch):
+    import json
+
+    from typer.testing import CliRunner
+
+    from velora_cli.cli import app
+
+    monkeypatch.setenv("VELORA_PROFILES_DIR", str(tmp_path))
+    args = ["tune", "llama-tiny", "--batch-size", "4", "--seq-len", "128", "--backend",
+            "estimate", "--micro-batches", "4", "--placements", "none", "--gc-every", "1",
+            "--mode", "full", "--optimizer", "adamw", "--sac", "op", "--offload", "inputs",
+            "--budget", "2GB", "--objective", "memory", "--probe-steps", "0", "--format",
+            "json"]  # fmt: skip
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    rows = {r["key"]: r for r in json.loads(result.stdout)["candidates"]}
+    sac = rows["full|none|g-|gc=all|mb4x1|adamw|sac=op"]
+    both = rows["full|none|g-|gc=all|mb4x1|adamw|sac=op|offload=inputs"]
+    assert {sac["status"], both["status"]} <= {"feasible", "chosen"}, (sac, both)

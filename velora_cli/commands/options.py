@@ -130,18 +130,18 @@ Sac = Annotated[
     str,
     typer.Option(
         "--sac",
-        help="Selective checkpointing rows (every layer), comma-separated: op (torchtitan: keep "
-        "matmul and attention outputs, every other matmul recomputed), attn (recompute only the "
-        "attention), mlp (recompute only the MLP); none: no such rows.",
+        help="Selective checkpointing of every layer to compare, comma-separated: op "
+        "(torchtitan: keep matmul and attention outputs, every other matmul recomputed), attn "
+        "(recompute only the attention), mlp (recompute only the MLP); none: not tried.",
     ),
 ]
 Offload = Annotated[
     str,
     typer.Option(
         "--offload",
-        help="Activation offload rows, comma-separated: inputs (checkpointing + each layer's "
-        "input in pinned host memory, transformers' offload=True), all (every saved activation, "
-        "as TRL's activation_offloading); none: no such rows.",
+        help="Activation offload to compare, comma-separated: inputs (checkpointing + each "
+        "layer's input in pinned host memory, transformers' offload=True), all (every saved "
+        "activation, as TRL's activation_offloading); none: not tried.",
     ),
 ]
 ProfileBudget = Annotated[

@@ -25,12 +25,14 @@ from velora_cli.commands.options import (
     MicroBatches,
     ModelArg,
     Objective,
+    Offload,
     PlotOut,
     ProbeData,
     ProbeSteps,
     Rank,
     Resume,
     ResumeFrom,
+    Sac,
     SeqLen,
     TrustRemoteCode,
     TuneBackend,
@@ -104,6 +106,8 @@ def tune(
             help="Parallel strategies tried with more than one GPU: ddp, fsdp, fsdp-no-reshard.",
         ),
     ] = "ddp,fsdp,fsdp-no-reshard",
+    sac: Sac = "none",  # opt-in: the default search stays as it was
+    offload: Offload = "none",
 ) -> None:
     """Find the fastest configuration that fits a memory budget, verified by a real run."""
     from velora_cli.search.tuner import OBJECTIVES
@@ -148,6 +152,8 @@ def tune(
     if world_sizes[0] < 1:
         raise UserError("--world-size takes GPU counts >= 1, e.g. 1,2,4,8")
     parallel_list = tuple(dict.fromkeys(word_list(parallel, "--parallel", PARALLEL)))
+    from velora_cli.commands.options import choice_list
+    from velora_cli.measure.train_step import OFFLOAD_KINDS, SAC_POLICIES
 
     from velora_cli import models
     from velora_cli.budget import describe_budget, format_bytes, parse_budget
@@ -220,6 +226,8 @@ def tune(
         alloc_conf=alloc_conf,
         world_sizes=world_sizes,
         parallels=parallel_list,
+        sac=tuple(choice_list(sac, "--sac", SAC_POLICIES)),
+        offload=tuple(choice_list(offload, "--offload", OFFLOAD_KINDS)),
     )
     settings.base_spec()  # validates batch, precision, modes × optimizers, ranks (one line)
     from pathlib import Path

@@ -73,6 +73,8 @@ class TuneSettings:
     alloc_conf: str | None = None  # PYTORCH_CUDA_ALLOC_CONF for the estimate's allocator model
     world_sizes: tuple[int, ...] = (1,)  # ranks (GPUs) to try; the batch is per rank
     parallels: tuple[str, ...] = ("ddp", "fsdp", "fsdp-no-reshard")  # with world sizes > 1
+    sac: tuple[str, ...] = ()  # selective checkpointing policies tried with gc on every layer
+    offload: tuple[str, ...] = ()  # activation offload kinds (inputs with gc, all without)
 
     def context(self) -> dict[str, Any]:
         """The journal header: the settings a journal's results depend on (as JSON has them).
@@ -83,6 +85,9 @@ class TuneSettings:
         multi = self.world_sizes != (1,)
         context["world_sizes"] = list(self.world_sizes) if multi else None
         context["parallels"] = list(self.parallels) if multi else None
+        for key in ("sac", "offload"):  # only where tried: earlier journals' headers still match
+            if getattr(self, key):
+                context[key] = list(getattr(self, key))
         return context
 
     def layouts(self) -> list[tuple[int, str | None]]:
@@ -149,7 +154,9 @@ def candidate_spec(base, c: Candidate):
         grad_accum_steps=c.grad_accum_steps,
         mode=c.mode,
         optimizer=c.optimizer,
-        strategy=Strategy(placement=c.placement, num_groups=c.num_groups, gc=c.gc),
+        strategy=Strategy(
+            placement=c.placement, num_groups=c.num_groups, gc=c.gc, sac=c.sac, offload=c.offload
+        ),
         world_size=c.world_size,
         parallel=c.parallel,
     )
