@@ -14,11 +14,11 @@ from velora_cli.measure.cpu import CpuBackend
 from velora_cli.measure.train_step import SpecError, StepSpec, Strategy
 
 SPEC = StepSpec(model="llama-tiny", batch_size=2, seq_len=64, dtype="bf16")
-T, H, HEADS, KV, D, I, LAYERS, S = 128, 64, 4, 2, 16, 192, 2, 2  # tokens, shapes, bf16 bytes
+T, H, HEADS, KV, D, MLP, LAYERS, S = 128, 64, 4, 2, 16, 192, 2, 2  # tokens, shapes, bf16 bytes
 
 # What each policy keeps per layer beyond plain checkpointing, from the shapes (bytes):
-Q, K, V, O = T * HEADS * D * S, T * KV * D * S, T * KV * D * S, T * H * S
-GATE = UP = T * I * S
+Q, K, V, OUT = T * HEADS * D * S, T * KV * D * S, T * KV * D * S, T * H * S
+GATE = UP = T * MLP * S
 DOWN = T * H * S
 # attention: the CPU flash kernel's output [B, heads, L, D] and its fp32 logsumexp [B, heads, L]
 # (the estimate on meta runs the CUDA flash op: the same two, plus two rng tensors of 16 and 8
@@ -29,7 +29,7 @@ KEPT = {
     # down) and the attention's outputs
     "op": Q + V + GATE + DOWN + ATTN,
     "attn": GATE + UP + DOWN,  # attention recomputed: the MLP's three matmuls kept
-    "mlp": Q + K + V + O + ATTN,  # MLP recomputed: the attention's matmuls and output kept
+    "mlp": Q + K + V + OUT + ATTN,  # MLP recomputed: the attention's matmuls and output kept
 }
 
 
@@ -92,8 +92,8 @@ def test_recomputed_matmuls_are_counted_in_the_roofline():
     # per layer (2·T·in·out each): gc recomputes six projections (not down: non-reentrant
     # checkpoint stops recomputing once every saved tensor exists, and no backward needs down's
     # output; torch/utils/checkpoint.py "early stop"); sac op only k, o and up
-    all_mms = 2 * T * (H * HEADS * D + 2 * H * KV * D + HEADS * D * H + 2 * H * I)
-    op_mms = 2 * T * (H * KV * D + HEADS * D * H + H * I)
+    all_mms = 2 * T * (H * HEADS * D + 2 * H * KV * D + HEADS * D * H + 2 * H * MLP)
+    op_mms = 2 * T * (H * KV * D + HEADS * D * H + H * MLP)
     assert _gemm_flops(Strategy(gc=True)) - base == LAYERS * all_mms
     assert _gemm_flops(Strategy(gc=True, sac="op")) - base == LAYERS * op_mms
 
@@ -220,3 +220,87 @@ def test_tune_runs_sac_and_offload_candidates(tmp_path, monkeypatch):
     sac = rows["full|none|g-|gc=all|mb4x1|adamw|sac=op"]
     both = rows["full|none|g-|gc=all|mb4x1|adamw|sac=op|offload=inputs"]
     assert {sac["status"], both["status"]} <= {"feasible", "chosen"}, (sac, both)
+
+
+def _tiny_model():
+    from velora_cli.models import build_model, resolve_model
+
+    model = build_model(resolve_model("llama-tiny"), device="cpu", dtype=torch.float32)
+    model.train()
+    return model
+
+
+def test_plan_check_sees_the_checkpointing_kind_and_offload():
+    from velora_cli.configs import VeloraConfig, apply_config
+    from velora_cli.runs.plan_check import memory_setup, mismatches, observe
+
+    planned = VeloraConfig(model="llama-tiny", gc=True, sac="op", offload="inputs")
+    model = _tiny_model()
+    apply_config(model, planned)
+    seen = observe(model)
+    assert (seen["sac"], seen["offload"]) == ("op", "inputs")
+    assert not [m for m in mismatches(planned, seen) if "offload" in m or "kind" in m]
+    plain = _tiny_model()  # transformers' own offload=True and plain checkpointing
+    plain.activation_checkpointing_enable(
+        activation_checkpointing_kwargs={"use_reentrant": False}, offload=True
+    )
+    assert memory_setup(plain) == {"sac": None, "offload": "inputs"}
+    lines = mismatches(planned, observe(plain))
+    assert any("the plan has selective checkpointing (op), the run has plain" in m for m in lines)
+    lines = mismatches(VeloraConfig(model="llama-tiny", gc=True), observe(plain))
+    assert any("the plan has no activation offload, the run has offload inputs" in m
+               for m in lines)  # fmt: skip
+
+
+def test_exports_state_sac_and_offload():
+    from velora_cli.configs import VeloraConfig
+    from velora_cli.exports import trainer
+
+    offload = trainer.to_trainer(VeloraConfig(model="m", gc=True, offload="inputs"))
+    assert offload["activation_checkpointing_kwargs"] == {"use_reentrant": False, "offload": True}
+    sac = VeloraConfig(model="m", gc=True, sac="op")
+    assert "activation_checkpointing" not in trainer.to_trainer(sac)  # it would replace the policy
+    document = trainer.export(sac).data
+    assert "apply_config(model" in document["snippet"]
+    # the PyTorch snippet runs and recomputes what velora's op policy recomputes: the matmuls
+    # the backward runs (its own and the recomputed ones), counted by a dispatch mode
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class MatmulCount(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.mms = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.mms += func == torch.ops.aten.mm.default
+            return func(*args, **(kwargs or {}))
+
+    def backward_mms(setup) -> int:
+        model = _tiny_model()
+        setup(model)
+        ids = torch.randint(0, 1024, (2, 64))
+        loss = model(input_ids=ids, labels=ids).loss
+        with MatmulCount() as count:
+            loss.backward()
+        return count.mms
+
+    def from_snippet(model):
+        exec(document["sac_snippet"], {"model": model})
+
+    def from_velora(model):
+        from velora_cli.configs import apply_config
+
+        apply_config(model, sac)
+
+    def plain(model):
+        model.activation_checkpointing_enable(
+            activation_checkpointing_kwargs={"use_reentrant": False}
+        )
+
+    # op recomputes k, o, up per layer; plain checkpointing all but down (early stop)
+    snippet, velora, full = (
+        backward_mms(from_snippet),
+        backward_mms(from_velora),
+        backward_mms(plain),
+    )
+    assert snippet == velora == full - 3 * 2, (snippet, velora, full)

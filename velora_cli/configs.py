@@ -117,6 +117,10 @@ class VeloraConfig:
     parallel: str | None = None
     cpu_offload: bool = False
     layer_classes: list[str] | None = None
+    # selective checkpointing policy (op, attn, mlp: velora_cli.measure.selective) and activation
+    # offload (inputs, all: velora_cli.measure.host_offload); None: plain / none
+    sac: str | None = None
+    offload: str | None = None
 
     def __post_init__(self) -> None:
         errors = []
@@ -140,6 +144,7 @@ class VeloraConfig:
             errors.append(f"gc must be false, true or every-n layers (an int >= 2), got {gc!r}")
         elif gc == 1 and not isinstance(gc, bool):
             object.__setattr__(self, "gc", True)  # every 1st layer = every layer: one spelling
+        errors += _memory_errors(self)
         for name in ("micro_batch_size", "grad_accum_steps"):
             if not _positive_int(getattr(self, name)):
                 errors.append(f"{name} must be a positive integer, got {getattr(self, name)!r}")
@@ -224,6 +229,23 @@ def _layout_errors(config: VeloraConfig) -> list[str]:
     return errors
 
 
+def _memory_errors(config: VeloraConfig) -> list[str]:
+    from velora_cli.measure.train_step import OFFLOAD_KINDS, SAC_POLICIES  # plain names
+
+    errors = []
+    if config.sac is not None and config.sac not in SAC_POLICIES:
+        errors.append(f"sac must be one of {', '.join(SAC_POLICIES)} or null, got {config.sac!r}")
+    elif config.sac is not None and config.gc is False:
+        errors.append("sac (selective checkpointing) needs gc")
+    if config.offload is not None and config.offload not in OFFLOAD_KINDS:
+        errors.append(
+            f"offload must be one of {', '.join(OFFLOAD_KINDS)} or null, got {config.offload!r}"
+        )
+    elif config.offload == "inputs" and config.gc is False:
+        errors.append("offload inputs (checkpoint inputs in host memory) needs gc")
+    return errors
+
+
 def _positive_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and value >= 1
 
@@ -301,6 +323,8 @@ def from_tune_document(document: dict[str, Any], source: str | None = None) -> V
         world_size=rec.get("world_size") or 1,
         parallel=rec.get("parallel"),
         layer_classes=rec.get("layer_classes"),
+        sac=rec.get("sac"),
+        offload=rec.get("offload"),
     )
 
 
@@ -413,8 +437,9 @@ def apply_config(
     Args:
         model: the Hugging Face model to train (wrapped with peft first for a LoRA config).
         path_or_dict: a velora config file, its dict, a tune document, or a `VeloraConfig`.
-        checkpointing: also enable the config's gradient checkpointing (False when the HF
-            Trainer does it from ``TrainingArguments``).
+        checkpointing: also enable the config's gradient checkpointing, selective or not, and
+            the offload of checkpoint inputs (False when the HF Trainer does it from
+            ``TrainingArguments``); ``offload="all"`` is set up in either case.
 
     Returns:
         The qualified names of the wrapped layers (empty when the config uses no VeLoRA).
@@ -467,8 +492,15 @@ def apply_config(
         from velora_cli.measure.train_step import SpecError, enable_checkpointing
 
         try:
-            enable_checkpointing(model, config.gc_every)
+            enable_checkpointing(model, config.gc_every, sac=config.sac)
         except SpecError as exc:
+            raise ConfigError(str(exc)) from None
+    if config.offload and (checkpointing or config.offload == "all"):
+        from velora_cli.measure.host_offload import enable_offload
+
+        try:
+            enable_offload(model, config.offload)
+        except ValueError as exc:
             raise ConfigError(str(exc)) from None
     return wrapped
 

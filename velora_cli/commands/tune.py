@@ -152,11 +152,10 @@ def tune(
     if world_sizes[0] < 1:
         raise UserError("--world-size takes GPU counts >= 1, e.g. 1,2,4,8")
     parallel_list = tuple(dict.fromkeys(word_list(parallel, "--parallel", PARALLEL)))
-    from velora_cli.commands.options import choice_list
-    from velora_cli.measure.train_step import OFFLOAD_KINDS, SAC_POLICIES
-
     from velora_cli import models
     from velora_cli.budget import describe_budget, format_bytes, parse_budget
+    from velora_cli.commands.options import choice_list
+    from velora_cli.measure.train_step import OFFLOAD_KINDS, SAC_POLICIES
     from velora_cli.methods.placement import parse_placement
     from velora_cli.report.progress import TuneProgress
     from velora_cli.search import autotune

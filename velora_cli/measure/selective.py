@@ -179,12 +179,13 @@ def sac_context_fn(
             handles.append(sub.register_forward_hook(region.leave, always_call=True))
         model._velora_sac_handles = handles
 
-    def context_fn():
+    def context_fn():  # noqa: D401 - the checkpoint's context_fn
         region.depth = 0
         policy = op_policy() if kind == "op" else region_policy(region)
         forward, recompute = create_selective_checkpoint_contexts(policy)
         if recompute_context is None:
             return forward, recompute
+
         @contextlib.contextmanager
         def both():
             with recompute_context(), recompute:
@@ -192,6 +193,7 @@ def sac_context_fn(
 
         return forward, both()
 
+    context_fn.velora_sac = kind  # what a run set up, for the plan check (runs/plan_check.py)
     return context_fn
 
 

@@ -105,9 +105,7 @@ def _pareto(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     front = []
     for row in rows:
         m, t = key(row)
-        dominated = any(
-            (om <= m and ot <= t) and (om < m or ot < t) for om, ot in map(key, rows)
-        )
+        dominated = any((om <= m and ot <= t) and (om < m or ot < t) for om, ot in map(key, rows))
         if not dominated:
             front.append(row)
     return front

@@ -224,8 +224,17 @@ def search_space(
                                     continue
                                 out.append(
                                     Candidate(
-                                        mode, placement, g, gc, micro, accum, opt, world,
-                                        parallel, sac, offload,
+                                        mode,
+                                        placement,
+                                        g,
+                                        gc,
+                                        micro,
+                                        accum,
+                                        opt,
+                                        world,
+                                        parallel,
+                                        sac,
+                                        offload,
                                     )  # fmt: skip
                                 )
     return out
