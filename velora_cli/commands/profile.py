@@ -146,8 +146,8 @@ def profile(
     ] = 1,
     parallel: ParallelOption = None,
     cpu_offload: CpuOffload = False,
-    sac: Sac = "op",
-    offload: Offload = "inputs",
+    sac: Sac = "none",  # opt-in rows: the default profile stays as it was
+    offload: Offload = "none",
     budget: ProfileBudget = None,
 ) -> None:
     """Measure peak memory and step time of VeLoRA placements vs baseline and checkpointing."""
