@@ -339,8 +339,10 @@ def render_profile(
                 console.print(table)
         for line in report.profile_footer(document):
             console.print(f"[dim]{line}[/dim]", highlight=False)
-        from velora_cli.report.verdict import verdict_lines
+        from velora_cli.report.verdict import offload_lines, verdict_lines
 
+        for line in offload_lines(document):
+            console.print(f"[dim]{line}[/dim]", highlight=False)
         for line in verdict_lines(document["verdict"]):  # last: what to do, where the eye lands
             console.print(f"[bold]{line}[/bold]", highlight=False)
         if not output:

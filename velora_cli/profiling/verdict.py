@@ -130,7 +130,8 @@ def choose(rows: list[dict[str, Any]], budget: int | None = None) -> Verdict:
         return Verdict(None, None, None, None, 0, time_source, memory_source, budget, [], 2)
     base_row = next((r for r in ok if r.get("strategy") == "baseline"), None)
     fitting = ok if budget is None else [r for r in ok if memory_figure(r)[0] <= budget]
-    lowest = min(ok, key=lambda r: memory_figure(r)[0])
+    # ties on memory go to the faster row
+    lowest = min(ok, key=lambda r: (memory_figure(r)[0], row_seconds(r)[0] or float("inf")))
     timed = [r for r in fitting if row_seconds(r)[0] is not None]
     fastest = min(timed, key=lambda r: row_seconds(r)[0]) if timed else None
     trade = None

@@ -68,3 +68,29 @@ def verdict_lines(verdict: dict[str, Any]) -> list[str]:
     if second:
         lines.append("         " + "; ".join(second))
     return lines
+
+
+def offload_lines(document: dict[str, Any]) -> list[str]:
+    """One line per row with activation offload: its pinned host memory (checked against this
+    machine's where the step ran here), the bytes copied and what the copies cost."""
+    lines = []
+    for row in document["rows"]:
+        if row.get("status") != "ok" or row.get("host_bytes") is None:
+            continue
+        text = (
+            f"{row['label']}: {fmt_bytes(row['host_bytes'])} pinned host memory (host, not "
+            f"device; {fmt_bytes(row.get('offloaded_bytes'))} copied each way per micro-batch)"
+        )
+        if row.get("host_fits") is False:
+            text += f", more than this machine's {fmt_bytes(row['host_memory_bytes'])}"
+        if row.get("predicted_offload_seconds") is not None:
+            hidden = "would" if row.get("offload_hidden_with_streams") else "would not"
+            text += (
+                f"; copies +{fmt_seconds(row['predicted_offload_seconds'])} predicted at "
+                f"{row.get('offload_link')} on the compute stream (save_on_cpu); a side-stream "
+                f"offloader {hidden} hide them behind compute"
+            )
+        elif row.get("offload_note"):
+            text += f"; {row['offload_note']}"
+        lines.append(text)
+    return lines
