@@ -304,3 +304,28 @@ def test_exports_state_sac_and_offload():
         backward_mms(plain),
     )
     assert snippet == velora == full - 3 * 2, (snippet, velora, full)
+
+
+def test_docs_commands_parse():
+    """docs/activation-memory.md's velora commands, parsed by the real commands."""
+    import re
+    import shlex
+    from pathlib import Path
+
+    import typer
+
+    from velora_cli.cli import app
+
+    text = (Path(__file__).resolve().parents[1] / "docs" / "activation-memory.md").read_text()
+    lines = [
+        line.strip()
+        for block in re.findall(r"^```bash\n(.*?)^```", text, flags=re.MULTILINE | re.DOTALL)
+        for line in block.splitlines()
+        if line.strip().startswith("velora")
+    ]
+    assert len(lines) == 2
+    group = typer.main.get_command(app)
+    for line in lines:
+        name, *args = shlex.split(line)[1:]
+        with group.make_context("velora", [], resilient_parsing=False) as ctx:
+            group.get_command(ctx, name).make_context(name, args, parent=ctx)
