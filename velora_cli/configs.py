@@ -137,6 +137,10 @@ class VeloraConfig:
     compute_dtype: str = "bf16"
     quant_storage: str = "uint8"
     kbit_prepare: bool = False
+    # selective checkpointing policy (op, attn, mlp: velora_cli.measure.selective) and activation
+    # offload (inputs, all: velora_cli.measure.host_offload); None: plain / none
+    sac: str | None = None
+    offload: str | None = None
 
     def __post_init__(self) -> None:
         errors = []
@@ -160,6 +164,7 @@ class VeloraConfig:
             errors.append(f"gc must be false, true or every-n layers (an int >= 2), got {gc!r}")
         elif gc == 1 and not isinstance(gc, bool):
             object.__setattr__(self, "gc", True)  # every 1st layer = every layer: one spelling
+        errors += _memory_errors(self)
         for name in ("micro_batch_size", "grad_accum_steps"):
             if not _positive_int(getattr(self, name)):
                 errors.append(f"{name} must be a positive integer, got {getattr(self, name)!r}")
@@ -262,6 +267,23 @@ def _recipe_errors(config: VeloraConfig) -> list[str]:
     return errors
 
 
+def _memory_errors(config: VeloraConfig) -> list[str]:
+    from velora_cli.measure.train_step import OFFLOAD_KINDS, SAC_POLICIES  # plain names
+
+    errors = []
+    if config.sac is not None and config.sac not in SAC_POLICIES:
+        errors.append(f"sac must be one of {', '.join(SAC_POLICIES)} or null, got {config.sac!r}")
+    elif config.sac is not None and config.gc is False:
+        errors.append("sac (selective checkpointing) needs gc")
+    if config.offload is not None and config.offload not in OFFLOAD_KINDS:
+        errors.append(
+            f"offload must be one of {', '.join(OFFLOAD_KINDS)} or null, got {config.offload!r}"
+        )
+    elif config.offload == "inputs" and config.gc is False:
+        errors.append("offload inputs (checkpoint inputs in host memory) needs gc")
+    return errors
+
+
 def _positive_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and value >= 1
 
@@ -341,6 +363,8 @@ def from_tune_document(document: dict[str, Any], source: str | None = None) -> V
         layer_classes=rec.get("layer_classes"),
         trainer=settings.get("trainer", "hf"),
         **_recipe(rec, settings),
+        sac=rec.get("sac"),
+        offload=rec.get("offload"),
     )
 
 
@@ -472,8 +496,9 @@ def apply_config(
     Args:
         model: the Hugging Face model to train (wrapped with peft first for a LoRA config).
         path_or_dict: a velora config file, its dict, a tune document, or a `VeloraConfig`.
-        checkpointing: also enable the config's gradient checkpointing (False when the HF
-            Trainer does it from ``TrainingArguments``).
+        checkpointing: also enable the config's gradient checkpointing, selective or not, and
+            the offload of checkpoint inputs (False when the HF Trainer does it from
+            ``TrainingArguments``); ``offload="all"`` is set up in either case.
 
     Returns:
         The qualified names of the wrapped layers (empty when the config uses no VeLoRA).
@@ -526,8 +551,17 @@ def apply_config(
         from velora_cli.measure.train_step import SpecError, enable_checkpointing
 
         try:
-            enable_checkpointing(model, config.gc_every, reentrant=config.gc_reentrant)
+            enable_checkpointing(
+                model, config.gc_every, reentrant=config.gc_reentrant, sac=config.sac
+            )
         except SpecError as exc:
+            raise ConfigError(str(exc)) from None
+    if config.offload and (checkpointing or config.offload == "all"):
+        from velora_cli.measure.host_offload import enable_offload
+
+        try:
+            enable_offload(model, config.offload)
+        except ValueError as exc:
             raise ConfigError(str(exc)) from None
     return wrapped
 

@@ -202,6 +202,40 @@ KbitPrepare = Annotated[
 ]
 
 
+# Selective checkpointing and activation offload (profile rows, tune candidates).
+Sac = Annotated[
+    str,
+    typer.Option(
+        "--sac",
+        help="Selective checkpointing of every layer to compare, comma-separated: op "
+        "(torchtitan: keep matmul and attention outputs, every other matmul recomputed), attn "
+        "(recompute only the attention), mlp (recompute only the MLP); none: not tried.",
+    ),
+]
+Offload = Annotated[
+    str,
+    typer.Option(
+        "--offload",
+        help="Activation offload to compare, comma-separated: inputs (checkpointing + each "
+        "layer's input in pinned host memory, transformers' offload=True), all (every saved "
+        "activation, as TRL's activation_offloading); none: not tried.",
+    ),
+]
+ProfileBudget = Annotated[
+    str | None,
+    typer.Option(
+        "--budget",
+        help="Device memory budget (10GB, 10GiB, ...): the verdict says which rows fit and the "
+        "exit code tells a CI job (0: a row fits, 1: none does, 2: no row could be estimated).",
+    ),
+]
+
+
+def choice_list(text: str, option: str, choices: tuple[str, ...]) -> list[str]:
+    """``word_list`` where ``none`` (alone) means no entries."""
+    return [] if text.strip() == "none" else word_list(text, option, choices)
+
+
 # Options of tune and export-config.
 Budget = Annotated[
     str | None,

@@ -30,17 +30,21 @@ from velora_cli.commands.options import (
     LoraTargets,
     Mode,
     ModelArg,
+    Offload,
     Padding,
     ParallelOption,
     PlotOut,
+    ProfileBudget,
     QuantStorage,
     Rank,
+    Sac,
     SeqLen,
     Task,
     TrainerOption,
     TrustRemoteCode,
     UpdateGap,
     Weights,
+    choice_list,
     int_list,
     word_list,
 )
@@ -166,6 +170,9 @@ def profile(
     attn: Attn = "auto",
     task: Task = None,
     padding: Padding = False,
+    sac: Sac = "none",
+    offload: Offload = "none",
+    budget: ProfileBudget = None,
 ) -> None:
     """Measure peak memory and step time of VeLoRA placements vs baseline and checkpointing."""
     options = ProfileOptions(**{k: v for k, v in locals().items() if k != "ctx"})
@@ -186,6 +193,9 @@ def profile(
         from velora_cli import plots
 
         err(f"wrote {plots.render(document, plot)}")
+    code = document["verdict"]["exit_code"]
+    if code == 2 or (plan.budget_bytes is not None and code):
+        raise typer.Exit(code=code)  # 1: nothing fits the budget, 2: nothing estimated
 
 
 @dataclasses.dataclass(frozen=True)
@@ -236,6 +246,9 @@ class ProfileOptions:
     attn: str
     task: str | None
     padding: bool
+    sac: str
+    offload: str
+    budget: str | None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -251,6 +264,7 @@ class ProfilePlan:
     save_path: Path | None
     notices: list[str]  # echoed, and recorded in the document
     quiet: list[str]  # recorded only: how the defaults were chosen
+    budget_bytes: int | None  # --budget: which rows fit (the verdict and the exit code)
 
 
 def profile_plan(o: ProfileOptions) -> ProfilePlan:
@@ -270,6 +284,11 @@ def profile_plan(o: ProfileOptions) -> ProfilePlan:
     groups = int_list(o.num_groups, "--num-groups") if o.num_groups else None
     sizes = int_list(o.sub_token_size, "--sub-token-size") if o.sub_token_size else None
     gc_list = checks.intervals(o.gc_every, "--gc-every")
+    from velora_cli.measure.train_step import OFFLOAD_KINDS, SAC_POLICIES
+
+    sac_list = choice_list(o.sac, "--sac", SAC_POLICIES)  # opt-in rows: the default stays
+    offload_list = choice_list(o.offload, "--offload", OFFLOAD_KINDS)
+    budget_bytes = checks.budget(o.budget)  # rows that fit, and the exit code, say it
     placement_list = [p.strip() for p in o.placements.split(",") if p.strip()]
     optimizers = list(dict.fromkeys(x.strip() for x in o.optimizer.split(",") if x.strip()))
     if not optimizers:
@@ -352,6 +371,8 @@ def profile_plan(o: ProfileOptions) -> ProfilePlan:
         sub_token_sizes=sizes,
         gc_every=gc_list,
         velora_gc=o.velora_gc,
+        sac=sac_list,
+        offload=offload_list,
     )
     if o.backend == "auto" and backend.name == "estimate":
         notices.append(
@@ -372,6 +393,7 @@ def profile_plan(o: ProfileOptions) -> ProfilePlan:
         save_path=profiler.default_save_path(spec, backend.name) if o.save else None,
         notices=notices,
         quiet=quiet,
+        budget_bytes=budget_bytes,
     )
 
 
@@ -408,6 +430,7 @@ def run_plan(plan: ProfilePlan) -> dict:
                 notices=plan.notices + plan.quiet,
                 optimizers=plan.optimizers,
                 parallels=plan.parallels,
+                budget=plan.budget_bytes,
             )
     except BaseException:
         path = plan.save_path
@@ -440,6 +463,12 @@ def render_profile(
                 console.print(table)
         for line in report.profile_footer(document):
             console.print(f"[dim]{line}[/dim]", highlight=False)
+        from velora_cli.report.verdict import offload_lines, verdict_lines
+
+        for line in offload_lines(document):
+            console.print(f"[dim]{line}[/dim]", highlight=False)
+        for line in verdict_lines(document["verdict"]):  # last: what to do, where the eye lands
+            console.print(f"[bold]{line}[/bold]", highlight=False)
         if not output:
             return
         text = console.file.getvalue()

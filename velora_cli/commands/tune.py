@@ -32,6 +32,7 @@ from velora_cli.commands.options import (
     MicroBatches,
     ModelArg,
     Objective,
+    Offload,
     Padding,
     PlotOut,
     ProbeData,
@@ -40,6 +41,7 @@ from velora_cli.commands.options import (
     Rank,
     Resume,
     ResumeFrom,
+    Sac,
     SeqLen,
     Task,
     TrainerOption,
@@ -52,6 +54,7 @@ from velora_cli.commands.options import (
     TunePlacements,
     UpdateGap,
     Weights,
+    choice_list,
     int_list,
     word_list,
 )
@@ -124,6 +127,8 @@ def tune(
     attn: Attn = "auto",
     task: Task = None,
     padding: Padding = False,
+    sac: Sac = "none",
+    offload: Offload = "none",
 ) -> None:
     """Find the fastest configuration that fits a memory budget, verified by a real run."""
     options = TuneOptions(**locals())  # the options as typed; parsed and checked below
@@ -188,6 +193,8 @@ class TuneOptions:
     attn: str
     task: str | None
     padding: bool
+    sac: str
+    offload: str
 
 
 def tune_settings(o: TuneOptions) -> tuple[TuneSettings, list[str]]:
@@ -195,7 +202,13 @@ def tune_settings(o: TuneOptions) -> tuple[TuneSettings, list[str]]:
     budget still 0 when ``--budget`` was not given: `open_journal` resolves it) and notices."""
     from velora_cli.gpus import get_gpu
     from velora_cli.measure.recipe import check_cuda_precision, check_precision, recipe_fields
-    from velora_cli.measure.train_step import MODES, OPTIMIZERS, check_device
+    from velora_cli.measure.train_step import (
+        MODES,
+        OFFLOAD_KINDS,
+        OPTIMIZERS,
+        SAC_POLICIES,
+        check_device,
+    )
     from velora_cli.parallel import PARALLEL
     from velora_cli.search.tuner import OBJECTIVES
 
@@ -274,6 +287,8 @@ def tune_settings(o: TuneOptions) -> tuple[TuneSettings, list[str]]:
         attn=o.attn,
         task=o.task,
         padding=o.padding,
+        sac=tuple(choice_list(o.sac, "--sac", SAC_POLICIES)),
+        offload=tuple(choice_list(o.offload, "--offload", OFFLOAD_KINDS)),
         **recipe_fields(
             gc_reentrant=o.gc_reentrant,
             double_quant=o.double_quant,

@@ -171,8 +171,11 @@ class EstimateBackend:
         from velora_cli.timing.step_time import prediction_fields
 
         if counts is not None:
+            from velora_cli.timing.offload import offload_fields
+
             with cuda_emulation(prepared.spec.amp):
                 row.update(prediction_fields(prepared, counts, self.gpu, regular=regular))
+            row.update(offload_fields(row, self.gpu, prepared.spec.grad_accum_steps))
         # tokens/s is not a sum over ops: `measure` derives it from the time
         row.pop("predicted_tokens_per_second", None)
         if self.trace_fields:

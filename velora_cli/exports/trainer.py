@@ -9,6 +9,7 @@ from typing import Any
 
 from velora_cli.configs import GALORE_SCALE, GALORE_TARGETS, LORA_MODES, SGD_MOMENTUM, VeloraConfig
 from velora_cli.exports import Export
+from velora_cli.exports import checkpointing as memory
 from velora_cli.exports.recipe import (
     attn_implementation,
     bnb_source,
@@ -77,15 +78,17 @@ def to_trainer(config: VeloraConfig) -> dict[str, Any]:
         "per_device_train_batch_size": config.micro_batch_size,
         "gradient_accumulation_steps": config.grad_accum_steps,
     }
-    if config.gc is not False:
+    if config.gc is not False and not memory.by_velora(config):
         every = config.gc_every
         kwargs: dict[str, Any] = checkpointing_kwargs(config)
         if _trainer_has("activation_checkpointing"):
             if every != 1:
                 kwargs["every_n_layers"] = every
+            if config.offload == "inputs":
+                kwargs["offload"] = True  # transformers pops it: save_on_cpu around each layer
             d["activation_checkpointing"] = True
             d["activation_checkpointing_kwargs"] = kwargs
-        elif every == 1:
+        elif every == 1 and config.offload != "inputs":
             d["gradient_checkpointing"] = True
             d["gradient_checkpointing_kwargs"] = kwargs
         # else: every-n is not a TrainingArguments option here; trainer_snippet enables it
@@ -112,6 +115,7 @@ def trainer_notes(config: VeloraConfig) -> list[str]:
             "VeLoRA is not a TrainingArguments option: call velora_cli.apply_config(model, "
             'export["velora"], checkpointing=False) before building the Trainer (snippet)'
         )
+    notes += memory.notes(config)
     if config.gc_every not in (None, 1) and not _trainer_has("activation_checkpointing"):
         notes.append(
             f"checkpointing every {config.gc_every} layers is not a TrainingArguments option in "
@@ -149,6 +153,15 @@ def trainer_notes(config: VeloraConfig) -> list[str]:
 DEFAULT_PATH = "trainer.json"  # where the snippet reads this export from
 
 
+def manual_checkpointing(config: VeloraConfig) -> bool:
+    """Whether the model's checkpointing is set up outside the trainer's arguments: selective
+    checkpointing, every n-th layer (or offload of its inputs) on transformers < 5."""
+    old = not _trainer_has("activation_checkpointing")
+    if memory.by_velora(config):
+        return True
+    return old and (config.gc_every not in (None, 1) or config.offload == "inputs")
+
+
 def trainer_snippet(config: VeloraConfig, config_path: str = DEFAULT_PATH) -> str:
     """A short Python snippet that trains with ``config`` under the HF Trainer.
 
@@ -163,9 +176,10 @@ def trainer_snippet(config: VeloraConfig, config_path: str = DEFAULT_PATH) -> st
     quantized = ", quantization_config=bnb" if qlora else ""
     own_optimizer = config.optimizer in OWN_OPTIMIZERS  # no Trainer optim: velora builds it
     builtin = builds_builtin(config)
+    applies = config.uses_velora or memory.by_velora(config) or config.offload == "all"
     imports = [
         "VeloraCallback",
-        *(["apply_config"] if config.uses_velora else []),
+        *(["apply_config"] if applies else []),
         *(["build_model"] if builtin else []),
         *(["make_optimizer"] if own_optimizer else []),
     ]
@@ -197,9 +211,10 @@ def trainer_snippet(config: VeloraConfig, config_path: str = DEFAULT_PATH) -> st
             f"lora_alpha={2 * (config.lora_rank or 8)}, lora_dropout=0.0, "
             f"target_modules={targets!r}))",
         ]
-    manual_gc = config.gc_every not in (None, 1) and not _trainer_has("activation_checkpointing")
-    if config.uses_velora:
-        lines.append(f'apply_config(model, export["velora"], checkpointing={manual_gc})  # VeLoRA')
+    manual_gc = manual_checkpointing(config)
+    if applies:
+        what = "VeLoRA" if config.uses_velora else "checkpointing / offload"
+        lines.append(f'apply_config(model, export["velora"], checkpointing={manual_gc})  # {what}')
     elif manual_gc:
         lines.append(
             "model.activation_checkpointing_enable(every_n_layers="
@@ -278,6 +293,7 @@ def export(config: VeloraConfig) -> Export:
             "velora": config.to_dict(),  # for apply_config, make_optimizer, VeloraCallback
             "notes": notes,
             "snippet": trainer_snippet(config),
+            **({"sac_snippet": memory.sac_snippet(config)} if config.sac else {}),
         },
         notes,
     )

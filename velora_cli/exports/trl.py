@@ -30,6 +30,7 @@ from typing import Any
 
 from velora_cli.configs import LORA_MODES, VeloraConfig
 from velora_cli.exports import Export, FormatUnavailable, NotExpressible
+from velora_cli.exports import checkpointing as memory
 from velora_cli.exports import peft as peft_export
 from velora_cli.exports.recipe import (
     bnb_source,
@@ -40,6 +41,7 @@ from velora_cli.exports.trainer import (
     OWN_OPTIMIZERS,
     _trainer_has,
     builds_builtin,
+    manual_checkpointing,
     model_line,
     to_trainer,
     trainer_notes,
@@ -69,9 +71,11 @@ def to_sft(config: VeloraConfig) -> dict[str, Any]:
     """Keyword arguments for ``trl.SFTConfig(output_dir=..., **d)``, every measured setting
     stated (TRL's own defaults turn checkpointing and bf16 on)."""
     d = to_trainer(config)
-    if config.gc is False:
+    if config.gc is False or memory.by_velora(config):  # selective: set up on the model
         off = "activation_checkpointing" if _trainer_has("activation_checkpointing") else None
         d[off or "gradient_checkpointing"] = False
+    if config.offload == "all" and _sft_has("activation_offloading"):
+        d["activation_offloading"] = True  # TRL's own (trl/models/activation_offloading.py)
     for amp in ("bf16", "fp16"):
         d.setdefault(amp, config.amp == amp)
     if config.seq_len:
@@ -124,7 +128,9 @@ def notes(config: VeloraConfig, lora: dict[str, Any] | None, own_velora: bool) -
             f"max_length {config.seq_len}: velora measured every sequence at {config.seq_len} "
             "tokens without padding (what packing=True gives); shorter batches use less memory"
         )
-    out += [n for n in trainer_notes(config) if not n.startswith(("VeLoRA", "LoRA", "QLoRA"))]
+    out += memory.notes(config, trl=True)
+    skip = ("VeLoRA", "LoRA", "QLoRA", "selective checkpointing", "offload")
+    out += [n for n in trainer_notes(config) if not n.startswith(skip)]
     return out
 
 
@@ -139,7 +145,8 @@ def snippet(config: VeloraConfig, lora: dict[str, Any] | None, own_velora: bool)
     names = ["VeloraCallback"] + (["apply_config"] if own_velora else [])
     names += ["build_model"] if builtin else []
     names += ["make_optimizer"] if own_optimizer else []
-    manual_gc = config.gc_every not in (None, 1) and not _trainer_has("activation_checkpointing")
+    manual_gc = manual_checkpointing(config)
+    names += ["apply_config"] if memory.by_velora(config) and not own_velora else []
     lines = [
         "import json",
         "",
@@ -170,8 +177,9 @@ def snippet(config: VeloraConfig, lora: dict[str, Any] | None, own_velora: bool)
         lines.append('model = peft.get_peft_model(model, peft.LoraConfig(**export["peft_config"]))')
     elif lora is not None:
         peft_arg = ', peft_config=peft.LoraConfig(**export["peft_config"])'
-    if own_velora:
-        lines.append(f'apply_config(model, export["velora"], checkpointing={manual_gc})  # VeLoRA')
+    if own_velora or memory.by_velora(config):
+        what = "VeLoRA" if own_velora else "selective checkpointing"
+        lines.append(f'apply_config(model, export["velora"], checkpointing={manual_gc})  # {what}')
     elif manual_gc:
         lines.append(
             f"model.activation_checkpointing_enable(every_n_layers={config.gc_every}, "
@@ -253,5 +261,6 @@ def export(config: VeloraConfig) -> Export:
         "apply_velora": own_velora,
         "notes": said,
         "snippet": snippet(config, lora, own_velora),
+        **({"sac_snippet": memory.sac_snippet(config)} if config.sac else {}),
     }
     return Export(data, said)

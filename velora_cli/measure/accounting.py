@@ -46,6 +46,22 @@ class SavedTensors:
         return dict(out)
 
 
+# Counters now inside their `with` block: `note_saved` reports to them.
+_ACTIVE: list[SavedTensorCounter] = []
+
+
+def note_saved(tensors: list[torch.Tensor]) -> None:
+    """Count ``tensors`` as saved for backward by every active `SavedTensorCounter`.
+
+    For memory kept for backward by other means than autograd's saved-tensor hooks: selective
+    checkpointing stores the outputs of the ops it saves in its own cache
+    (`velora_cli.measure.selective`).
+    """
+    for counter in _ACTIVE:
+        for t in tensors:
+            counter._pack(t)
+
+
 class SavedTensorCounter:
     """Context manager counting the bytes saved for backward while it is active.
 
@@ -91,10 +107,13 @@ class SavedTensorCounter:
             self._handles.append(module.register_forward_hook(self._exit_module, always_call=True))
         self._hooks = torch.autograd.graph.saved_tensors_hooks(self._pack, lambda t: t)
         self._hooks.__enter__()
+        _ACTIVE.append(self)
         return self
 
     def __exit__(self, *exc) -> None:
         self._hooks.__exit__(*exc)
+        if self in _ACTIVE:
+            _ACTIVE.remove(self)
         for handle in self._handles:
             handle.remove()
         self._handles.clear()

@@ -144,8 +144,12 @@ def _worker(request: dict[str, Any]) -> dict[str, Any]:
             train_step(prepared)
         torch.cuda.synchronize()
         counter = SavedTensorCounter(prepared.model)
+        ledger = getattr(prepared.model, "_velora_host_ledger", None)  # activation offload
+        if ledger is not None:
+            ledger.reset()
         train_step(prepared, forward_context=lambda: counter)  # activation count, untimed
         torch.cuda.synchronize()
+        host = {} if ledger is None else ledger.fields(len(prepared.micro_batches))
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)
         # galore/adarankgrad: the first timed step refreshes every subspace (their costliest
@@ -195,6 +199,7 @@ def _worker(request: dict[str, Any]) -> dict[str, Any]:
         "trainable_params": prepared.trainable_params(),
         **prepared.quantized(),
         **prepared.optimizer_details(),
+        **host,  # pinned host memory of activation offload (the peaks above are the GPU's)
     }
     if request.get("breakdown"):
         row["activation_breakdown"] = dict(

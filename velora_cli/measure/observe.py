@@ -42,6 +42,9 @@ def tracked_step(
             timeline is made from the synthesized deep trace instead, leaves it out).
     """
     force_refresh(prepared)
+    ledger = getattr(prepared.model, "_velora_host_ledger", None)  # activation offload
+    if ledger is not None:
+        ledger.reset()
     counter = SavedTensorCounter(prepared.model)
     if tracker is None:
         tracker = MemoryTracker(prepared.model, prepared.optimizer, round_to=round_to, trace=True)
@@ -64,6 +67,8 @@ def tracked_step(
     paged = prepared.paged_optimizer_bytes()
     if paged:  # managed memory: outside the allocator's counters (methods/optimizers.py)
         row["paged_optimizer_bytes"] = paged
+    if ledger is not None:  # host memory apart: the peak above is the device's alone
+        row.update(ledger.fields(len(prepared.micro_batches)))
     if breakdown:
         row["activation_breakdown"] = dict(
             sorted(counter.result.by_pattern().items(), key=lambda kv: -kv[1])

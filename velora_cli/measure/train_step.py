@@ -34,6 +34,10 @@ MODES = ("full", "lora", "qlora")  # qlora: 4-bit NF4 frozen base + LoRA (quant.
 MAX_ELEMENTS = 2**63 - 1
 # StepSpec fields added after profile documents were first written, with their defaults
 _LATER_FIELDS: dict[str, Any] = {"attn": "auto", "task": None, "padding": False}
+# selective checkpointing policies (measure/selective.py) and activation offload kinds
+# (measure/host_offload.py), repeated here so a Strategy is validated without importing torch
+SAC_POLICIES = ("op", "attn", "mlp")
+OFFLOAD_KINDS = ("inputs", "all")
 
 
 class SpecError(ValueError):
@@ -45,13 +49,24 @@ class Strategy:
     """How activation memory is saved in one row: VeLoRA placement/size and checkpointing.
 
     ``gc`` is False (no checkpointing), True (every layer, non-reentrant) or an int n > 1
-    (every n-th layer).
+    (every n-th layer). ``sac`` makes the checkpointing selective (``op``, ``attn``, ``mlp``:
+    `velora_cli.measure.selective`; needs ``gc``). ``offload`` keeps saved tensors in pinned host
+    memory (``inputs``: the checkpoint inputs, needs ``gc``; ``all``: every saved activation:
+    `velora_cli.measure.host_offload`).
+
+    Example:
+        >>> Strategy(gc=True, sac="op").label
+        'sac op'
+        >>> Strategy(placement="all-linear", num_groups=16, gc=True, offload="inputs").label
+        'velora all-linear g16 + gc + offload inputs'
     """
 
     placement: str | None = None
     num_groups: int | None = None
     sub_token_size: int | None = None
     gc: bool | int = False
+    sac: str | None = None
+    offload: str | None = None
 
     def __post_init__(self):
         errors = []
@@ -61,15 +76,26 @@ class Strategy:
             errors.append("give num_groups or sub_token_size, not both")
         if not isinstance(self.gc, bool) and (not isinstance(self.gc, int) or self.gc < 1):
             errors.append(f"gc must be False, True or a layer interval >= 1, not {self.gc!r}")
+        if self.sac is not None and self.sac not in SAC_POLICIES:
+            errors.append(f"sac {self.sac!r}: choose {', '.join(SAC_POLICIES)}")
+        elif self.sac is not None and self.gc is False:
+            errors.append(f"selective checkpointing (sac {self.sac}) needs checkpointing (gc)")
+        if self.offload is not None and self.offload not in OFFLOAD_KINDS:
+            errors.append(f"offload {self.offload!r}: choose {', '.join(OFFLOAD_KINDS)}")
+        elif self.offload == "inputs" and self.gc is False:
+            errors.append("offload inputs moves the checkpoint inputs: it needs checkpointing (gc)")
         if errors:
             raise SpecError("; ".join(errors))
 
     @property
     def kind(self) -> str:
-        """``baseline``, ``gc`` or ``velora`` (VeLoRA, with or without checkpointing)."""
+        """``baseline``, ``gc``, ``offload`` (without checkpointing) or ``velora`` (VeLoRA, with
+        or without checkpointing or offload)."""
         if self.placement:
             return "velora"
-        return "gc" if self.gc else "baseline"
+        if self.gc:
+            return "gc"
+        return "offload" if self.offload else "baseline"
 
     @property
     def gc_every(self) -> int | None:
@@ -84,10 +110,13 @@ class Strategy:
         if self.placement:
             size = f"M={self.sub_token_size}" if self.sub_token_size else f"g{self.num_groups}"
             parts.append(f"velora {self.placement} {size}")
+        gc = f"sac {self.sac}" if self.sac else "gc"
         if self.gc_every == 1:
-            parts.append("gc")
+            parts.append(gc)
         elif self.gc_every:
-            parts.append(f"gc every {self.gc_every}")
+            parts.append(f"{gc} every {self.gc_every}")
+        if self.offload:
+            parts.append(f"offload {self.offload}")
         return " + ".join(parts) or "baseline"
 
 
@@ -451,10 +480,15 @@ class Prepared:
 
 
 def enable_checkpointing(
-    model: nn.Module, every_n: int, *, recompute_context=None, reentrant: bool = False
+    model: nn.Module,
+    every_n: int,
+    *,
+    recompute_context=None,
+    reentrant: bool = False,
+    sac: str | None = None,
 ) -> None:
     """Gradient checkpointing of every ``every_n``-th decoder layer, as transformers enables it
-    with ``gradient_checkpointing_kwargs={"use_reentrant": reentrant}``.
+    with ``gradient_checkpointing_kwargs={"use_reentrant": reentrant}``, or selectively (``sac``).
 
     Reentrant checkpointing (torch's ``CheckpointFunction``) runs the layer under ``no_grad``,
     saves its positional inputs, and recomputes the whole layer in backward; it passes gradients
@@ -466,9 +500,23 @@ def enable_checkpointing(
             around each recomputation (checkpoint restores real autocast itself; the estimate's
             emulation of CUDA, ``emulation.cuda_emulation``, must be restored this way).
         reentrant: torch's reentrant implementation instead of the non-reentrant one.
+        sac: a selective checkpointing policy (`velora_cli.measure.selective`), or None; torch's
+            selective checkpointing is non-reentrant only.
     """
+    if sac is not None and reentrant:
+        raise SpecError(
+            "selective checkpointing (--sac) is non-reentrant only (torch's context_fn): "
+            "drop --gc-reentrant"
+        )
     kwargs: dict[str, Any] = {"use_reentrant": reentrant}
-    if recompute_context is not None and not reentrant:
+    if sac is not None:
+        from velora_cli.measure.selective import SacError, sac_context_fn
+
+        try:
+            kwargs["context_fn"] = sac_context_fn(model, sac, recompute_context)
+        except SacError as exc:
+            raise SpecError(str(exc)) from None
+    elif recompute_context is not None and not reentrant:
         kwargs["context_fn"] = lambda: (contextlib.nullcontext(), recompute_context())
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     if hasattr(base, "activation_checkpointing_enable"):  # transformers >= 5
@@ -805,7 +853,8 @@ def _check_sizes(spec: StepSpec, config) -> None:
 
 
 def apply_strategy(model: nn.Module, spec: StepSpec, device: str) -> list[str]:
-    """Apply ``spec.strategy`` to a built model in place: VeLoRA, then checkpointing.
+    """Apply ``spec.strategy`` to a built model in place: VeLoRA, then checkpointing (selective
+    or not), then activation offload.
 
     Returns:
         The qualified names of the layers VeLoRA wrapped (empty without a placement).
@@ -834,7 +883,15 @@ def apply_strategy(model: nn.Module, spec: StepSpec, device: str) -> list[str]:
             strategy.gc_every,
             recompute_context=recompute_context,
             reentrant=spec.gc_reentrant,
+            sac=strategy.sac,
         )
+    if strategy.offload:
+        from velora_cli.measure.host_offload import enable_offload
+
+        try:
+            enable_offload(model, strategy.offload)
+        except ValueError as exc:
+            raise SpecError(str(exc)) from None
     return wrapped
 
 

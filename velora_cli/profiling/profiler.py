@@ -38,10 +38,14 @@ def plan_strategies(
     sub_token_sizes: list[int] | None = None,
     gc_every: tuple[int, ...] | list[int] = DEFAULT_GC_EVERY,
     velora_gc: bool = True,
+    sac: tuple[str, ...] | list[str] = (),
+    offload: tuple[str, ...] | list[str] = (),
 ) -> list[Strategy]:
     """The rows of a profile, in display order.
 
-    baseline; gc (every layer); gc every n for each n > 1 in ``gc_every``; VeLoRA for each
+    baseline; gc (every layer); gc every n for each n > 1 in ``gc_every``; selective
+    checkpointing of every layer for each policy in ``sac``; activation offload for each kind in
+    ``offload`` (``inputs`` with checkpointing of every layer, ``all`` alone); VeLoRA for each
     placement × sub-token choice; and, when ``velora_gc``, VeLoRA + full checkpointing for each
     placement at the paper's choice (``num_groups`` 32, M = D/32) when it is one of the choices,
     else at the middle one.
@@ -59,6 +63,8 @@ def plan_strategies(
             raise SpecError(f"sub-token sizes and group counts must be >= 1, got {value}")
     rows = [Strategy(), Strategy(gc=True)]
     rows += [Strategy(gc=n) for n in dict.fromkeys(gc_every) if n > 1]
+    rows += [Strategy(gc=True, sac=kind) for kind in dict.fromkeys(sac)]
+    rows += [Strategy(gc=kind == "inputs", offload=kind) for kind in dict.fromkeys(offload)]
     rows += [Strategy(placement=p, **s) for p in placements for s in sizes]
     if velora_gc and placements:
         paper = {"num_groups": PAPER_GROUPS}  # paper Table 5b: M = D/32
@@ -201,7 +207,7 @@ def with_deltas(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 def strategy_fields(strategy: Strategy) -> dict[str, Any]:
-    return {
+    fields = {
         "strategy": strategy.kind,
         "label": strategy.label,
         "placement": strategy.placement,
@@ -209,6 +215,30 @@ def strategy_fields(strategy: Strategy) -> dict[str, Any]:
         "sub_token_size": strategy.sub_token_size,
         "gc": strategy.gc,
     }
+    # only where set: rows of the strategies that existed before stay as they were
+    fields.update({k: v for k, v in (("sac", strategy.sac), ("offload", strategy.offload)) if v})
+    return fields
+
+
+def host_memory_bytes() -> int | None:
+    """This machine's physical memory (None where the OS does not say)."""
+    import os
+
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def check_host(row: dict[str, Any], backend: str) -> dict[str, Any]:
+    """A row with pinned host memory (activation offload) checked against this machine's
+    memory where the step ran here (cpu, cuda); an estimate predicts for another machine."""
+    if row.get("host_bytes") is None or backend == "estimate":
+        return row
+    total = host_memory_bytes()
+    if total is None:
+        return row
+    return {**row, "host_memory_bytes": total, "host_fits": row["host_bytes"] <= total}
 
 
 def default_save_path(spec: StepSpec, backend: str, directory: Path | None = None) -> Path:
@@ -305,6 +335,7 @@ def run_profile(
     notices: list[str] | None = None,
     optimizers: list[str] | None = None,
     parallels: list[str] | None = None,
+    budget: int | None = None,
 ) -> dict[str, Any]:
     """Measure every strategy and return the profile document (saved after each row).
 
@@ -320,7 +351,11 @@ def run_profile(
         parallels: measure every row with each of these (``ddp``, ``fsdp``,
             ``fsdp-no-reshard``, at ``spec.world_size`` ranks; labels ``fsdp · strategy``).
             None: ``spec.parallel`` only.
+        budget: device memory in bytes: the verdict (``document["verdict"]``,
+            `profiling.verdict`) says which rows fit.
     """
+    from velora_cli.profiling.verdict import choose
+
     specs = [
         dataclasses.replace(spec, optimizer=o, parallel=p)
         for o in optimizers or [spec.optimizer]
@@ -377,7 +412,10 @@ def run_profile(
         if strategy in invalid:
             row = {"status": "error", "backend": backend.name, "error": invalid[strategy]}
         else:
-            row = backend.measure(row_spec.with_strategy(strategy), breakdown=breakdown)
+            row = check_host(
+                backend.measure(row_spec.with_strategy(strategy), breakdown=breakdown),
+                backend.name,
+            )
         row = {**strategy_fields(strategy), "optimizer": row_spec.optimizer_label, **row}
         if len(specs) > 1:
             varying = [row_spec.optimizer] * (len(specs) > len(parallels or [None]))
@@ -387,6 +425,7 @@ def run_profile(
             row.setdefault("note", placement_notes[strategy.placement])
         rows.append(row)
         document["rows"] = with_deltas(rows)
+        document["verdict"] = dataclasses.asdict(choose(document["rows"], budget))
         if save_path is not None:
             write_atomic(save_path, document)
         if on_row:

@@ -92,6 +92,49 @@ def checkpointed_layers(model) -> tuple[int, list[int]]:
     ]
 
 
+def memory_setup(model, args=None) -> dict[str, str | None]:
+    """The selective checkpointing and activation offload a run set up, from the first
+    checkpointed layer's checkpoint function (as transformers stores it) and the model.
+
+    ``sac``: velora's policy name (its ``context_fn`` carries it), ``"other"`` for another
+    ``context_fn`` (a policy velora did not measure), None for plain checkpointing. ``offload``:
+    ``inputs`` (transformers' offload=True or velora's, around each checkpoint), ``all``
+    (velora's hooks on the model, or TRL's ``activation_offloading``), or None.
+    """
+    try:
+        from transformers.modeling_layers import GradientCheckpointingLayer
+    except ImportError:  # transformers < 4.52: no per-layer class, no per-layer function
+        return {
+            "sac": None,
+            "offload": "all" if hasattr(model, "_velora_offload_handles") else None,
+        }
+    func = next(
+        (
+            m._gradient_checkpointing_func
+            for m in model.modules()
+            if isinstance(m, GradientCheckpointingLayer)
+            and getattr(m, "gradient_checkpointing", False)
+            and hasattr(m, "_gradient_checkpointing_func")
+        ),
+        None,
+    )
+    sac = offload = None
+    if func is not None:
+        inner = getattr(func, "__wrapped__", func)  # velora's offload wraps the partial
+        context_fn = getattr(inner, "keywords", {}).get("context_fn")
+        if context_fn is not None:
+            sac = getattr(context_fn, "velora_sac", "other")
+        wrapped = getattr(inner, "func", None)
+        # transformers' offload=True: partial(checkpoint_func) where checkpoint_func enters
+        # save_on_cpu (modeling_utils._activation_checkpointing_enable)
+        names = getattr(getattr(wrapped, "__code__", None), "co_names", ())
+        if getattr(func, "_velora_offload", False) or "save_on_cpu" in names:
+            offload = "inputs"
+    if hasattr(model, "_velora_offload_handles") or getattr(args, "activation_offloading", False):
+        offload = "all"
+    return {"sac": sac, "offload": offload}
+
+
 def gc_every(layers: int, checkpointed: list[int]) -> int | str | None:
     """The checkpointing interval the indices show: None, n (layers 0, n, 2n, ...) or
     ``"irregular"``."""
@@ -215,6 +258,7 @@ def observe(model, args=None, optimizer=None) -> dict[str, Any]:
         "decoder_layers": layers,
         "checkpointed_layers": len(checkpointed),
         "gc_every": gc_every(layers, checkpointed),
+        **memory_setup(model, args),
         "trained_dtypes": sorted(trained),
         "frozen_dtypes": sorted(frozen),
         "trainable_params": sum(p.numel() for p in model.parameters() if p.requires_grad),
@@ -265,6 +309,7 @@ def mismatches(config: VeloraConfig, seen: dict[str, Any]) -> list[str]:
                 f"{{'use_reentrant': False{_n(planned_gc)}}})"
             )
         )
+    out += _memory_mismatches(config, seen)
     if "micro_batch_size" in seen:
         if seen["micro_batch_size"] != config.micro_batch_size:
             out.append(
@@ -431,6 +476,37 @@ def _velora_mismatches(config: VeloraConfig, seen: dict[str, Any]) -> list[str]:
             f"VeLoRA: {len(other)} layers with other sub-token sizes (e.g. {name}: {got}, "
             f"planned {want})"
         )
+    return out
+
+
+def _memory_mismatches(config: VeloraConfig, seen: dict[str, Any]) -> list[str]:
+    """Selective checkpointing and offload: the plan's against the run's (records written
+    before these were observed have neither key and are not checked)."""
+    out = []
+    if "sac" in seen and seen["sac"] != config.sac and config.gc_every is not None:
+        want = f"selective checkpointing ({config.sac})" if config.sac else "plain checkpointing"
+        got = {None: "plain", "other": "a policy velora did not measure"}.get(
+            seen["sac"], seen["sac"]
+        )
+        out.append(
+            f"checkpointing kind: the plan has {want}, the run has {got} ("
+            + (
+                "set it up with velora_cli.apply_config(model, config) and leave the trainer's "
+                "activation_checkpointing off"
+                if config.sac
+                else "drop the context_fn from the checkpointing kwargs"
+            )
+            + ")"
+        )
+    if "offload" in seen and seen["offload"] != config.offload:
+        want = f"offload {config.offload}" if config.offload else "no activation offload"
+        got = f"offload {seen['offload']}" if seen["offload"] else "none"
+        fix = {
+            "inputs": "activation_checkpointing_kwargs={'use_reentrant': False, 'offload': True}",
+            "all": "TRL's activation_offloading=True or velora_cli.apply_config",
+            None: "turn offload off: the plan's device memory includes the activations",
+        }[config.offload]
+        out.append(f"activation offload: the plan has {want}, the run has {got} ({fix})")
     return out
 
 

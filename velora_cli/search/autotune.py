@@ -95,6 +95,8 @@ def build_space(settings: TuneSettings) -> tuple[list[Candidate], list[str]]:
         micro_batches=settings.micro_batches,
         optimizers=settings.optimizers,
         layouts=settings.layouts(),
+        sac_options=settings.sac,
+        offload_options=settings.offload,
     )
     from velora_cli.search.candidates import drop_unsupported_layouts
 

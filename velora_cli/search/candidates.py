@@ -31,6 +31,8 @@ class Candidate:
     optimizer: str = "adamw"
     world_size: int = 1  # ranks (GPUs); the batch sizes above are per rank
     parallel: str | None = None  # ddp | fsdp | fsdp-no-reshard; None: one process
+    sac: str | None = None  # selective checkpointing policy (op, attn, mlp); needs gc
+    offload: str | None = None  # activation offload: inputs (needs gc) or all
 
     def __post_init__(self) -> None:
         errors = []
@@ -54,6 +56,10 @@ class Candidate:
             errors.append(f"num_groups must be a positive int or None, got {self.num_groups!r}")
         if self.placement is None and self.num_groups is not None:
             errors.append("num_groups needs a placement (num_groups without VeLoRA means nothing)")
+        if self.sac is not None and self.gc is False:
+            errors.append(f"sac {self.sac} needs checkpointing (gc)")
+        if self.offload == "inputs" and self.gc is False:
+            errors.append("offload inputs needs checkpointing (gc)")
         if not self.mode or not self.optimizer:
             errors.append("mode and optimizer must be non-empty")
         if errors:
@@ -83,7 +89,10 @@ class Candidate:
             f"{self.mode}|{self.placement or 'none'}|g{groups}|gc={gc}"
             f"|mb{self.micro_batch_size}x{self.grad_accum_steps}|{self.optimizer}"
         )
-        return key + (f"|{self.parallel}x{self.world_size}" if self.parallel else "")
+        key += f"|{self.parallel}x{self.world_size}" if self.parallel else ""
+        # only where set: the keys of earlier journals stay valid for --resume
+        key += f"|sac={self.sac}" if self.sac else ""
+        return key + (f"|offload={self.offload}" if self.offload else "")
 
 
 @dataclass(frozen=True)
@@ -138,6 +147,8 @@ def search_space(
     micro_batches: Sequence[int] | None = None,
     optimizers: Sequence[str] = ("adamw",),
     layouts: Sequence[tuple[int, str | None]] = ((1, None),),
+    sac_options: Sequence[str] = (),
+    offload_options: Sequence[str] = (),
 ) -> list[Candidate]:
     """Every combination worth trying, without duplicates.
 
@@ -154,6 +165,10 @@ def search_space(
         layouts: (world size, parallel strategy) pairs, ``(1, None)`` for one process; the
             batch is per rank. Low-rank optimizers are not crossed with FSDP (each rank holds
             a shard of every gradient).
+        sac_options: selective checkpointing policies, each tried where every layer is
+            checkpointed (gc True), besides plain checkpointing.
+        offload_options: activation offload kinds: ``inputs`` tried with every-layer
+            checkpointing (plain or selective), ``all`` without checkpointing.
 
     Returns:
         Candidates ordered mode, placement, num_groups, gc, micro-batch (largest first), optimizer;
@@ -183,11 +198,22 @@ def search_space(
         raise ValueError(f"empty search axis: {', '.join(empty) or 'micro_batches'}")
     groups = _unique(num_groups) or [None]
     gcs = _unique(Candidate(gc=g).gc for g in gc_options)
+    memory: list[tuple[bool | int, str | None, str | None]] = []  # (gc, sac, offload)
+    for gc in gcs:
+        sacs = [None, *_unique(sac_options)] if gc is True else [None]
+        for sac in sacs:
+            memory.append((gc, sac, None))
+            offloads = [
+                o
+                for o in _unique(offload_options)
+                if (o == "inputs" and gc is True) or (o == "all" and gc is False)
+            ]
+            memory += [(gc, sac, o) for o in offloads]
     out: list[Candidate] = []
     for mode in _unique(modes):
         for placement in _unique(placements):
             for g in [None] if placement is None else groups:
-                for gc in gcs:
+                for gc, sac, offload in memory:
                     for micro in sorted(micros, reverse=True):
                         for opt in optimizers_for(mode, optimizers):
                             accum = batch_size // micro
@@ -198,8 +224,18 @@ def search_space(
                                     continue
                                 out.append(
                                     Candidate(
-                                        mode, placement, g, gc, micro, accum, opt, world, parallel
-                                    )
+                                        mode,
+                                        placement,
+                                        g,
+                                        gc,
+                                        micro,
+                                        accum,
+                                        opt,
+                                        world,
+                                        parallel,
+                                        sac,
+                                        offload,
+                                    )  # fmt: skip
                                 )
     return out
 
@@ -210,6 +246,8 @@ def cost_rank(candidate: Candidate, velora_layers: int | None = None) -> tuple:
     Compared lexicographically, most important first:
     1. recompute fraction of gradient checkpointing: 0 without, 1/n every n layers, 1 for all
        (checkpointing re-runs the forward of the checkpointed layers, ~+1/3 step time at 1);
+       selective checkpointing counts half (a proxy for ordering only: torchtitan's op policy
+       recomputes 3 of a Llama block's 7 projections, attn/mlp one of its two sub-blocks);
     2. 1 for qlora, else 0: every 4-bit weight is dequantized in each forward and backward
        matmul (memory-bound, small next to the matmuls at thousands of tokens, hence after 1);
     3. minus the micro-batch size (larger micro-batches: fewer, better-utilised kernels);
@@ -228,19 +266,26 @@ def cost_rank(candidate: Candidate, velora_layers: int | None = None) -> tuple:
        with resharding 3Ψ, its second all-gather in backward), last because
        the engines overlap it with compute; one process has no such element.
 
+    7. 1 with activation offload (the element is there only then).
+
     Returns:
-        (recompute_fraction, dequantizes, -micro_batch_size, projects, velora_layers[, comm]).
+        (recompute_fraction, dequantizes, -micro_batch_size, projects, velora_layers[, comm]
+        [, 1]).
     """
     gc = candidate.gc
     fraction = 1.0 if gc is True else 0.0 if gc is False else 1.0 / gc
+    if candidate.sac:
+        fraction /= 2
     if velora_layers is None:
         velora_layers = int(candidate.uses_velora)
     dequantizes = int(candidate.mode == "qlora")
     projects = int(candidate.optimizer in LOWRANK_OPTIMIZERS)
     rank = (fraction, dequantizes, -candidate.micro_batch_size, projects, velora_layers)
-    if candidate.parallel is None:
-        return rank  # no communication: sorts before any (…, comm) of the same prefix
-    return (*rank, {"ddp": 2, "fsdp-no-reshard": 2}.get(candidate.parallel, 3))
+    if candidate.parallel is not None:  # no communication: sorts before any (…, comm)
+        rank = (*rank, {"ddp": 2, "fsdp-no-reshard": 2}.get(candidate.parallel, 3))
+    # last, only where there is offload: its copies cross the host link, so at equal rest the
+    # candidate without sorts first (a shorter tuple before a longer one with the same prefix)
+    return (*rank, 1) if candidate.offload else rank
 
 
 def drop_unsupported_layouts(space: list[Candidate], settings) -> tuple[list[Candidate], list[str]]:

@@ -93,6 +93,8 @@ class TuneSettings:
     attn: str = "auto"  # attention kernels (StepSpec.attn)
     task: str | None = None  # the head trained (StepSpec.task); None: the config's
     padding: bool = False  # padded batches (StepSpec.padding)
+    sac: tuple[str, ...] = ()  # selective checkpointing policies tried with gc on every layer
+    offload: tuple[str, ...] = ()  # activation offload kinds (inputs with gc, all without)
 
     def context(self) -> dict[str, Any]:
         """The journal header: the settings a journal's results depend on (as JSON has them).
@@ -114,6 +116,9 @@ class TuneSettings:
             context["task"] = self.task
         if self.padding:
             context["padding"] = True
+        for key in ("sac", "offload"):  # only where tried: earlier journals' headers still match
+            if getattr(self, key):
+                context[key] = list(getattr(self, key))
         return context
 
     def layouts(self) -> list[tuple[int, str | None]]:
@@ -185,7 +190,9 @@ def candidate_spec(base, c: Candidate):
         grad_accum_steps=c.grad_accum_steps,
         mode=c.mode,
         optimizer=c.optimizer,
-        strategy=Strategy(placement=c.placement, num_groups=c.num_groups, gc=c.gc),
+        strategy=Strategy(
+            placement=c.placement, num_groups=c.num_groups, gc=c.gc, sac=c.sac, offload=c.offload
+        ),
         world_size=c.world_size,
         parallel=c.parallel,
     )

@@ -136,9 +136,9 @@ class _Entry:
 
 
 def _probe_key(c: Candidate) -> str:
-    # gc and the parallel layout do not change the maths: candidates that differ only there
-    # share one probe
-    return replace(c, gc=False, world_size=1, parallel=None).key
+    # gc (selective or not, offloaded or not) and the parallel layout do not change the maths:
+    # candidates that differ only there share one probe
+    return replace(c, gc=False, world_size=1, parallel=None, sac=None, offload=None).key
 
 
 class _Search:

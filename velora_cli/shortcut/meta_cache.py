@@ -218,10 +218,15 @@ def settle_velora(model: nn.Module) -> None:
 
 
 def remove_strategy(model: nn.Module) -> None:
-    """Undo `apply_strategy`: checkpointing off (and its input-grad hook), VeLoRA layers back to
-    plain ones holding the same parameters."""
+    """Undo `apply_strategy`: checkpointing off (and its input-grad hook, selective
+    checkpointing's and activation offload's hooks), VeLoRA layers back to plain ones holding the
+    same parameters."""
+    from velora_cli.measure.host_offload import remove_offload
+    from velora_cli.measure.selective import remove_sac
     from velora_cli.methods.placement import remove_velora
 
+    remove_sac(model)
+    remove_offload(model)
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     if hasattr(base, "activation_checkpointing_disable"):  # transformers >= 5
         if base.is_activation_checkpointing:

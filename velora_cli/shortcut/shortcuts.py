@@ -105,6 +105,8 @@ class Shortcuts:
         period = spec.strategy.gc_every or 1
         if depth is None:
             raise NotExtrapolable("the config gives no number of blocks")
+        if spec.strategy.offload:  # the host ledger is counted, not synthesized from a trace
+            raise NotExtrapolable("activation offload: host memory is counted at full depth")
         if depth % period:
             raise NotExtrapolable(f"checkpointing every {period} blocks does not divide {depth}")
         if depth < MIN_UNITS * period:
