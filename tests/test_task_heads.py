@@ -238,3 +238,27 @@ def test_lora_trains_the_new_head_whole(tmp_path, task):
     trained = [n for n, p in model.named_parameters() if p.requires_grad and "lora_" not in n]
     assert trained and all(".classifier.modules_to_save." in n for n in trained), trained
     assert not any("classifier" in n and "lora_" in n for n, _ in model.named_parameters())
+
+
+def test_tune_settings_carry_task_attention_and_padding():
+    """Into every candidate's step, and into the journal's context only when set (journals
+    written before these options existed stay resumable)."""
+    from velora_cli.search.settings import TuneSettings
+
+    plain = TuneSettings(model="roberta-base", budget_bytes=10**9, backend="estimate")
+    assert not {"task", "attn", "padding"} & set(plain.context())
+    chosen = TuneSettings(
+        model="roberta-base",
+        budget_bytes=10**9,
+        backend="estimate",
+        task="sequence-classification",
+        attn="eager",
+        padding=True,
+    )
+    spec = chosen.base_spec()
+    assert (spec.task, spec.attn, spec.padding) == ("sequence-classification", "eager", True)
+    assert {k: chosen.context()[k] for k in ("task", "attn", "padding")} == {
+        "task": "sequence-classification",
+        "attn": "eager",
+        "padding": True,
+    }

@@ -4,9 +4,11 @@ The flash-attn kernel saves q, k, v, out, an fp32 logsumexp (B, H, N) and an int
 (`flash_attn_interface.py` `FlashAttnFunc.forward`), as torch's flash op does, whose meta kernel
 `velora_fa2_attention` (registered as `FA2_ATTENTION`) runs (torch keeps its rng state in two
 tensors: 512 bytes more). It handles sliding windows and GQA natively, so no mask and no repeated
-k/v; its output is allocated like q (`empty_like(q)` in `flash_api.cpp::mha_fwd`), so the model's
-reshape copies it, as with SDPA. Padded batches run its varlen kernel on the real tokens
-(`_fa2_varlen`). It needs a GPU: the cpu backend refuses it (`implementations.py`).
+k/v; its output is allocated like q (`empty_like(q)` in `flash_api.cpp::mha_fwd`), q being laid
+out (B, N, H, d) as the projection made it, so o_proj saves a view of it. Padded batches run its
+varlen kernel on the real tokens (`_fa2_varlen`): there the kernel keeps its (T, H, d) output and
+o_proj the zero-padded (B, N, H, d) copy `_pad_input` scatters it into, one activation more per
+layer than without padding. It needs a GPU: the cpu backend refuses it (`implementations.py`).
 """
 
 from __future__ import annotations
@@ -75,7 +77,7 @@ def velora_fa2_attention(
     out = torch.ops.aten._scaled_dot_product_flash_attention(
         query, key, value, dropout, causal, False, scale=scaling
     )[0]
-    return out.transpose(1, 2), None  # (B, N, H, d) view; the model's reshape copies it
+    return out.transpose(1, 2), None  # (B, N, H, d), laid out like q
 
 
 def _fa2_varlen(
