@@ -173,6 +173,10 @@ def test_velora_and_lora_combine_with_sac_and_offload():
         SPEC.with_strategy(Strategy(placement="all-linear", num_groups=4, gc=True, sac="op")),
         StepSpec(model="llama-tiny", batch_size=2, seq_len=64, dtype="bf16", mode="lora")
         .with_strategy(Strategy(gc=True, sac="attn", offload="inputs")),
+        StepSpec(model="llama-tiny", batch_size=2, seq_len=64, amp="bf16", mode="qlora")
+        .with_strategy(Strategy(gc=True, sac="op", offload="inputs")),
+        StepSpec(model="llama-tiny", batch_size=2, seq_len=64, dtype="bf16", optimizer="galore")
+        .with_strategy(Strategy(placement="all-linear", num_groups=4, gc=True, sac="mlp")),
     ):  # fmt: skip
         row = backend.measure(spec)
         assert row["status"] == "ok", row.get("error")
