@@ -333,3 +333,14 @@ def test_docs_commands_parse():
         name, *args = shlex.split(line)[1:]
         with group.make_context("velora", [], resilient_parsing=False) as ctx:
             group.get_command(ctx, name).make_context(name, args, parent=ctx)
+
+
+def test_a_tune_recommendation_carries_sac_and_offload():
+    from velora_cli.configs import ConfigError, VeloraConfig, from_tune_document
+
+    document = {"model": "m", "recommendation": {"mode": "full", "gc": True, "sac": "op",
+                                                 "offload": "inputs"}}  # fmt: skip
+    config = from_tune_document(document)
+    assert (config.sac, config.offload) == ("op", "inputs")
+    with pytest.raises(ConfigError, match="sac .* needs gc"):
+        VeloraConfig(model="m", sac="op")
