@@ -173,6 +173,10 @@ def test_velora_and_lora_combine_with_sac_and_offload():
         SPEC.with_strategy(Strategy(placement="all-linear", num_groups=4, gc=True, sac="op")),
         StepSpec(model="llama-tiny", batch_size=2, seq_len=64, dtype="bf16", mode="lora")
         .with_strategy(Strategy(gc=True, sac="attn", offload="inputs")),
+        StepSpec(model="llama-tiny", batch_size=2, seq_len=64, amp="bf16", mode="qlora")
+        .with_strategy(Strategy(gc=True, sac="op", offload="inputs")),
+        StepSpec(model="llama-tiny", batch_size=2, seq_len=64, dtype="bf16", optimizer="galore")
+        .with_strategy(Strategy(placement="all-linear", num_groups=4, gc=True, sac="mlp")),
     ):  # fmt: skip
         row = backend.measure(spec)
         assert row["status"] == "ok", row.get("error")
@@ -329,3 +333,14 @@ def test_docs_commands_parse():
         name, *args = shlex.split(line)[1:]
         with group.make_context("velora", [], resilient_parsing=False) as ctx:
             group.get_command(ctx, name).make_context(name, args, parent=ctx)
+
+
+def test_a_tune_recommendation_carries_sac_and_offload():
+    from velora_cli.configs import ConfigError, VeloraConfig, from_tune_document
+
+    document = {"model": "m", "recommendation": {"mode": "full", "gc": True, "sac": "op",
+                                                 "offload": "inputs"}}  # fmt: skip
+    config = from_tune_document(document)
+    assert (config.sac, config.offload) == ("op", "inputs")
+    with pytest.raises(ConfigError, match="sac .* needs gc"):
+        VeloraConfig(model="m", sac="op")

@@ -20,10 +20,13 @@ def describe(row: dict[str, Any]) -> str:
     if row.get("placement"):
         parts.append(f"velora {row['placement']} g{row['num_groups'] or 32}")
     gc = row.get("gc")
+    kind = f"sac {row['sac']}" if row.get("sac") else "gc"
     if gc is True:
-        parts.append("gc")
+        parts.append(kind)
     elif gc:
-        parts.append(f"gc every {gc}")
+        parts.append(f"{kind} every {gc}")
+    if row.get("offload"):
+        parts.append(f"offload {row['offload']}")
     parts.append(f"micro-batch {row['micro_batch_size']} × {row['grad_accum_steps']}")
     return " · ".join(parts)
 
