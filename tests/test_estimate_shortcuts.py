@@ -260,3 +260,13 @@ def test_user_errors_are_raised_as_on_the_reference_path(models):
         EstimateBackend().measure(
             StepSpec(model=models["llama8"], strategy=Strategy(placement="paper", num_groups=7))
         )
+
+
+def test_a_step_the_synthesis_cannot_place_falls_back_to_full_depth():
+    """Adafactor's factored state broke the trace synthesis (a TypeError deep inside it, found by
+    `velora validate` on the transformers guide's Adafactor row): the estimate now answers at
+    full depth, equal to the reference path, and says why."""
+    spec = StepSpec("llama-60m", batch_size=1, seq_len=32, optimizer="adafactor")
+    row, reference = both(EstimateBackend(), spec, breakdown=False)
+    assert "full depth (the synthesis cannot place" in row["estimate_method"]
+    assert_identical(row, reference)

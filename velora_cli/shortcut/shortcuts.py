@@ -132,7 +132,16 @@ class Shortcuts:
         backend = self.backend
         trace, counts, regular = None, None, None
         if backend.trace_fields or backend.step_time:
-            trace, counts, regular = synthesize(records, depth, period, trace=backend.trace_fields)
+            try:
+                trace, counts, regular = synthesize(
+                    records, depth, period, trace=backend.trace_fields
+                )
+            except (TypeError, IndexError, KeyError) as exc:
+                # an event the synthesis cannot place (e.g. Adafactor's factored state, whose
+                # shapes differ by block): the reference path answers, exactly, and says why
+                raise NotExtrapolable(
+                    f"the synthesis cannot place this step's events ({type(exc).__name__})"
+                ) from None
         if trace is not None:
             # the synthesized trace must hold the peak the memory curve gives, at the same event
             lives = trace.live_bytes()

@@ -60,6 +60,16 @@ def _checkpointing(setup: Mapping[str, Any]) -> str:
     return {False: "non-reentrant", True: "reentrant"}.get(gc.get("reentrant"), "unstated")
 
 
+def _amp(setup: Mapping[str, Any]) -> str:
+    """``off``, or autocast's dtype: ``amp`` true with the weights in fp32 is the Trainer's
+    ``fp16=True`` unless the record names bf16 (``amp_dtype``)."""
+    amp = setup.get("amp")
+    if not amp:
+        return "off"
+    named = str(setup.get("amp_dtype") or amp)
+    return "bf16" if "bf16" in named or "bfloat16" in named else "fp16"
+
+
 def _padding(setup: Mapping[str, Any]) -> str:
     text = str(setup.get("padding") or "")
     return "none" if text.startswith("none") else text
@@ -103,7 +113,18 @@ def _words(prefix: str) -> Callable[[Any], str]:
 
 # The table. Order = the order missing features are listed in.
 RULES: tuple[Rule, ...] = (
-    Rule("task", _get("task"), {"causal_lm": {}}, _words("task")),
+    Rule(
+        "task",
+        _get("task"),
+        {
+            "causal_lm": {},
+            "sequence_classification": {"spec.task": "sequence-classification"},
+            "token_classification": {"spec.task": "token-classification"},
+            "question_answering": {"spec.task": "question-answering"},
+            "image_classification": {"spec.task": "image-classification"},
+        },
+        _words("task"),
+    ),
     Rule(
         "mode",
         _get("mode"),
@@ -120,14 +141,43 @@ RULES: tuple[Rule, ...] = (
         },  # fmt: skip
         _words("weights dtype"),
     ),
-    Rule("amp", _get("amp"), {False: {}, None: {}}, lambda v: "amp (autocast + GradScaler)"),
+    Rule(
+        "amp",
+        _amp,
+        {"off": {}, "fp16": {"spec.amp": "fp16"}, "bf16": {"spec.amp": "bf16"}},
+        lambda v: f"amp {v}",
+    ),
     Rule(
         "optimizer",
         _get("optimizer"),
-        {"adamw_torch": {"spec.optimizer": "adamw"}},
+        {
+            "adamw_torch": {"spec.optimizer": "adamw"},
+            "adamw_torch_fused": {"spec.optimizer": "adamw_torch_fused"},
+            "adamw_bnb_8bit": {"spec.optimizer": "adamw_bnb_8bit"},
+            "paged_adamw_8bit": {"spec.optimizer": "paged_adamw_8bit"},
+            "paged_adamw_32bit": {"spec.optimizer": "paged_adamw_32bit"},
+            "adafactor": {"spec.optimizer": "adafactor"},
+            # transformers' own AdamW (optim="adamw_hf", removed in v5) steps one parameter at
+            # a time with fp32 moments, as torch's for-loop AdamW does; its per-parameter
+            # temporaries are the for-loop's (denominator of one parameter), not foreach's
+            "adamw_hf": {
+                "spec.optimizer": "adamw_torch_forloop",
+                NOTE: "adamw_hf (transformers' own AdamW) planned as torch's for-loop AdamW: "
+                "the same state, one parameter's temporaries at a time",
+            },
+        },
         _words("optimizer"),
     ),  # fmt: skip
-    Rule("attention", _get("attn_implementation"), {"sdpa": {}}, _words("attn")),
+    Rule(
+        "attention",
+        _get("attn_implementation"),
+        {
+            "sdpa": {},  # transformers' default, velora's "auto"
+            "eager": {"spec.attn": "eager"},
+            "flash_attention_2": {"spec.attn": "flash_attention_2"},
+        },
+        _words("attn"),
+    ),
     Rule(
         "sdpa gqa",
         _gqa_repeat,
@@ -146,7 +196,11 @@ RULES: tuple[Rule, ...] = (
     Rule(
         "checkpointing",
         _checkpointing,
-        {"off": {"strategy.gc": False}, "non-reentrant": {"strategy.gc": True}},
+        {
+            "off": {"strategy.gc": False},
+            "non-reentrant": {"strategy.gc": True},
+            "reentrant": {"strategy.gc": True, "spec.gc_reentrant": True},
+        },
         lambda v: f"gradient checkpointing {v}",
     ),
     # accumulation is StepSpec.grad_accum_steps (run.step_spec sets it with the batch)
@@ -164,8 +218,20 @@ RULES: tuple[Rule, ...] = (
     Rule(
         "double quant",
         _get("qlora.double_quant"),
-        {True: {}, SKIP: {}},
-        lambda v: "double quant off" if v is False else f"double quant {v}",
+        {True: {}, False: {"spec.double_quant": False}, SKIP: {}},
+        lambda v: f"double quant {v}",
+    ),
+    Rule(
+        "compute dtype",
+        _get("qlora.compute_dtype"),
+        {
+            "bfloat16": {},  # velora's default
+            "float16": {"spec.compute_dtype": "fp16"},
+            "float32": {"spec.compute_dtype": "fp32"},
+            None: {},
+            SKIP: {},
+        },
+        _words("compute dtype"),
     ),
     Rule(
         "quant storage",
@@ -176,8 +242,8 @@ RULES: tuple[Rule, ...] = (
     Rule(
         "kbit prep",
         _get("qlora.prepare_model_for_kbit_training"),
-        {False: {}, None: {}, SKIP: {}},
-        lambda v: "prepare_model_for_kbit_training",
+        {False: {}, None: {}, True: {"spec.kbit_prepare": True}, SKIP: {}},
+        lambda v: f"prepare_model_for_kbit_training {v}",
     ),
     Rule(
         "warm-up",
