@@ -241,3 +241,11 @@ def test_probe_steps_default_matches_the_probe_module():
     settings = autotune.TuneSettings("m", budget_bytes=1, backend="cpu")
     assert defaults["optimizer"] == ",".join(autotune.DEFAULT_OPTIMIZERS)
     assert (defaults["update_gap"], defaults["eta"]) == (settings.update_gap, settings.eta)
+
+
+def test_a_tune_that_fails_before_any_result_leaves_no_journal(profiles):
+    # issue 28: --weights on a built-in failed after the journal was created, and left it empty
+    result = runner.invoke(app, ["tune", "llama-tiny", "--weights", "--backend", "cpu",
+                                 "--budget", "1GB", "--probe-steps", "0"])  # fmt: skip
+    assert result.exit_code == 1 and "built-in architectures have no weights" in result.stderr
+    assert not list(profiles.glob("tune-*"))

@@ -294,6 +294,9 @@ def tune(
     except KeyboardInterrupt:
         err(f"journal: {journal_path}; continue with the same command and --resume")
         raise
+    except Exception:
+        resuming.discard_if_empty(journal, new=not (resume or resume_from))
+        raise
     finally:
         journal.release()
     render_tune(document, output_format)
