@@ -197,6 +197,19 @@ def nothing_fits_lines(document: dict[str, Any]) -> list[str]:
     lines = [f"nothing fits: {document['reason']}"]
     if small:
         how = "measured" if small["peak_source"] == "measured" else "estimated"
+        static, limit = small.get("static_bytes"), document.get("limit_bytes")
+        if static and limit and static > limit:
+            # activations are not the problem: placements, checkpointing, shorter batches
+            # shrink only those
+            lines.append(
+                f"smallest configuration: {describe(small)}, peak "
+                f"{format_bytes(small['smallest_peak_bytes'])} ({how}); its parameters, "
+                f"gradients and optimizer state alone take {format_bytes(static)}, more than "
+                f"{format_bytes(limit)}: no placement, checkpointing or smaller batch helps; try "
+                "a larger --budget, a smaller model, or more GPUs (--world-size N: FSDP2 "
+                "shards them)"
+            )
+            return lines
         lines.append(
             f"smallest configuration: {describe(small)}, peak {format_bytes(small['smallest_peak_bytes'])} "
             f"({how}); try a larger --budget, a smaller --batch-size/--seq-len or more --placements"
