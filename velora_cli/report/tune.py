@@ -29,8 +29,10 @@ def describe(row: dict[str, Any]) -> str:
 
 
 def pareto_keys(rows: list[dict[str, Any]]) -> set[str]:
-    """Keys of the measured-ok rows on the (peak ↓, tokens/s ↑) front."""
-    ok = [r for r in rows if r.get("measure_status") == "ok" and r.get("peak_bytes") is not None]
+    """Keys of the measured-ok rows on the (peak ↓, tokens/s ↑) front; a row the probe rejected
+    for accuracy is on no front (it is not a choice)."""
+    ok = [r for r in rows if r.get("measure_status") == "ok" and r.get("peak_bytes") is not None
+          and r.get("status") != "rejected-accuracy"]  # fmt: skip
 
     def tps(r):
         return r.get("tokens_per_second") or 0.0
