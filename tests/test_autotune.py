@@ -308,3 +308,33 @@ def test_summary_says_when_the_recommendation_leaves_full_training():
     assert "--mode full" in first and "LORA" not in "\n".join(lines)
     doc["recommendation"]["mode"] = "full"
     assert "--mode full" not in "\n".join(report.summary_lines(doc))
+
+
+class NoisyBackend(CountingBackend):
+    """Search steps at 512 tokens/s, the verification run (the last call) at 1024: noise."""
+
+    def __init__(self, verify_at):
+        super().__init__()
+        self.verify_at = verify_at
+
+    def measure(self, spec, breakdown=False):
+        row = super().measure(spec, breakdown)
+        if len(self.keys) == self.verify_at:
+            row.update(step_seconds=0.5, tokens_per_second=1024.0)
+        return row
+
+
+def test_a_verification_flagged_as_timing_noise_gives_the_export_no_throughput():
+    # issue 28: the export kept the noisy verification's speed; the callback then said +29%
+    from velora_cli.configs import from_tune_document
+
+    s = settings(backend="cpu", budget_bytes=10**9, micro_batches=(4,), probe_steps=0,
+                 max_measured=1)  # fmt: skip
+    doc = autotune.run(s, save_path=None, journal=None, backend=NoisyBackend(verify_at=2))
+    rec = doc["recommendation"]
+    assert rec["timing_noise"] is True and any("timing noise" in w for w in doc["warnings"])
+    config = from_tune_document(doc)
+    assert config.tokens_per_second is None and config.step_seconds is None
+    steady = autotune.run(s, save_path=None, journal=None, backend=NoisyBackend(verify_at=0))
+    assert steady["recommendation"]["timing_noise"] is False
+    assert from_tune_document(steady).tokens_per_second == 512.0

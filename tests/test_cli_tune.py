@@ -241,3 +241,32 @@ def test_probe_steps_default_matches_the_probe_module():
     settings = autotune.TuneSettings("m", budget_bytes=1, backend="cpu")
     assert defaults["optimizer"] == ",".join(autotune.DEFAULT_OPTIMIZERS)
     assert (defaults["update_gap"], defaults["eta"]) == (settings.update_gap, settings.eta)
+
+
+def test_a_tune_that_fails_before_any_result_leaves_no_journal(profiles):
+    # issue 28: --weights on a built-in failed after the journal was created, and left it empty
+    result = runner.invoke(app, ["tune", "llama-tiny", "--weights", "--backend", "cpu",
+                                 "--budget", "1GB", "--probe-steps", "0"])  # fmt: skip
+    assert result.exit_code == 1 and "built-in architectures have no weights" in result.stderr
+    assert not list(profiles.glob("tune-*"))
+
+
+def test_nothing_fits_says_when_the_weights_alone_exceed_the_budget():
+    # issue 28: "more --placements" was suggested where parameters + gradients + optimizer state
+    # alone exceed the budget (placements only shrink activations)
+    result = runner.invoke(app, ["tune", "llama-tiny", "--backend", "estimate", "--budget", "2MB",
+                                 "--probe-steps", "0", "--mode", "full", "--optimizer", "adamw",
+                                 "--placements", "none"])  # fmt: skip
+    assert result.exit_code == 1
+    said = " ".join(result.stdout.split())
+    assert "gradients and optimizer state alone take" in said
+    assert "no placement, checkpointing or smaller batch helps" in said
+    assert "more --placements" not in said
+    from velora_cli.report.tune import nothing_fits_lines
+
+    document = {"reason": "r", "limit_bytes": 10**9,
+                "smallest": {"mode": "full", "placement": None, "num_groups": None, "gc": True,
+                             "micro_batch_size": 1, "grad_accum_steps": 1, "optimizer": "adamw",
+                             "peak_source": "estimate", "smallest_peak_bytes": 2 * 10**9,
+                             "static_bytes": 10**8}}  # fmt: skip
+    assert "more --placements" in nothing_fits_lines(document)[-1]  # activations do dominate

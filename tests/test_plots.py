@@ -185,7 +185,7 @@ def test_speed_is_measured_or_predicted_else_an_ordinal_rank():
         _candidate(
             "e", "infeasible-estimate", 3000 * mib, measured=False, lower=True, est_tps=1000.0
         ),
-        _candidate("f", "feasible", 450 * mib, tps=600.0),  # dominated by c: not on the front
+        _candidate("f", "feasible", 450 * mib, tps=600.0),  # c would dominate it, but c is rejected
     ]
     on_cpu = {p.row["key"]: p for p in points(_tune_doc("cpu", rows))}
     assert on_cpu["d"].speed is None  # a GPU prediction is not a CPU time
@@ -193,7 +193,11 @@ def test_speed_is_measured_or_predicted_else_an_ordinal_rank():
     on_cuda = {p.row["key"]: p for p in points(_tune_doc("cuda", rows))}
     assert on_cuda["d"].speed == 700.0 and on_cuda["d"].predicted
     line = front([p for p in on_cuda.values() if p.speed], lambda p: p.speed)
-    assert [p.row["key"] for p in line] == ["c", "a", "b"]
+    # c was rejected for accuracy: on no front (issue 28), so f, which c dominated, is on it
+    assert [p.row["key"] for p in line] == ["f", "a", "b"]
+    from velora_cli.report.tune import pareto_keys
+
+    assert pareto_keys(rows) == {"f", "a", "b"}  # the table's ★
     for backend in ("cpu", "cuda", "estimate"):
         fig = plots.kinds.KINDS["velora-tune"][0](_tune_doc(backend, rows), None)
         labels = [ax.get_xlabel() for ax in fig.axes if ax.get_xlabel()]
@@ -368,3 +372,28 @@ def test_a_read_only_folder_is_refused_by_check_output(tmp_path, monkeypatch):
     monkeypatch.setattr(os, "access", real)
     with pytest.raises(plots.PlotError, match="it is a folder"):
         plots.check_output(folder / "d.svg")
+
+
+def test_the_colour_bar_names_what_low_rank_optimizers_are_probed_against_with_spread_ticks():
+    from matplotlib.colors import TwoSlopeNorm
+
+    from velora_cli.plots.pareto import probe_reference, spread_ticks
+
+    galore = dict(_candidate("g", "feasible", 2**20, tps=1.0, loss=0.002), optimizer="galore")
+    velora = dict(_candidate("v", "feasible", 2**20, tps=1.0, loss=0.001), placement="paper")
+    assert probe_reference(_tune_doc("cpu", [galore])) == "the same steps with AdamW"
+    assert "or with AdamW for galore/adarankgrad" in probe_reference(_tune_doc("cpu", [galore, velora]))
+    assert probe_reference(_tune_doc("cpu", [velora])) == "the same steps without VeLoRA"
+    # a squeezed negative side (-1%..0) and a long positive one: no two ticks closer than 12%
+    norm = TwoSlopeNorm(vmin=-0.01, vcenter=0.0, vmax=0.4)
+    ticks = spread_ticks(norm, 0.01)
+    positions = sorted(float(norm(t)) for t in ticks)
+    assert 0.0 in ticks and 0.4 in ticks and len(ticks) >= 2
+    assert all(b - a >= 0.12 for a, b in zip(positions, positions[1:], strict=False))
+    from velora_cli.plots.kinds import KINDS
+    from velora_cli.plots.style import style
+
+    with style():
+        fig = KINDS["velora-tune"][0](_tune_doc("cpu", [galore]), None)
+    [bar] = [ax for ax in fig.axes if "probe:" in ax.get_xlabel()]
+    assert "vs the same steps with AdamW" in bar.get_xlabel()

@@ -352,8 +352,9 @@ def from_tune_document(document: dict[str, Any], source: str | None = None) -> V
         budget_bytes=rec.get("budget_bytes", document.get("budget_bytes")),
         peak_bytes=rec.get("peak_bytes"),
         **_predicted(rec),
-        step_seconds=rec.get("step_seconds"),
-        tokens_per_second=rec.get("tokens_per_second"),
+        # a verification run the tune flagged as timing noise gives no throughput to plan with
+        step_seconds=None if rec.get("timing_noise") else rec.get("step_seconds"),
+        tokens_per_second=None if rec.get("timing_noise") else rec.get("tokens_per_second"),
         loss_increase=rec.get("loss_increase"),
         backend=rec.get("backend", document.get("backend")),
         versions=versions,

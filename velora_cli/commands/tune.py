@@ -392,6 +392,9 @@ def run_tune(settings, journal, save_path: Path, notices: list[str]) -> dict:
     except KeyboardInterrupt:
         err(f"journal: {journal.path}; continue with the same command and --resume")
         raise
+    except Exception:
+        resuming.discard_if_empty(journal, new=not (resume or resume_from))
+        raise
     finally:
         journal.release()
 

@@ -74,8 +74,9 @@ def points(document: dict[str, Any]) -> list[Point]:
 
 def front(pts: list[Point], speed_of) -> list[Point]:
     """The (peak ↓, speed ↑) Pareto front of the measured points, ordered by speed (the tune
-    table's ★; on the estimate backend "measured" means stepped on meta)."""
-    pool = [p for p in pts if p.measured]
+    table's ★; on the estimate backend "measured" means stepped on meta). A candidate the probe
+    rejected for accuracy is on no front: it is not a choice (`report.tune.pareto_keys`)."""
+    pool = [p for p in pts if p.measured and p.row["status"] not in NOT_A_CHOICE]
     best = [
         p
         for p in pool
@@ -206,6 +207,10 @@ def _legend(fig, axes, pts: list[Point], document: dict[str, Any]) -> None:
     fig.legend(handles=handles, loc="outside right upper", frameon=False, fontsize=7.5)
 
 
+LOWRANK = ("galore", "adarankgrad")  # probed against AdamW (search.probes)
+NOT_A_CHOICE = ("rejected-accuracy",)  # measured, but not a configuration to choose
+
+
 def _loss_colours(document: dict[str, Any], pts: list[Point]):
     """(norm, colormap) for the probe's loss change, or (None, None) when nothing was probed."""
     values = [p.row["loss_increase"] for p in pts if p.row.get("loss_increase") is not None]
@@ -228,14 +233,41 @@ def _colourbar(fig, axes, norm, cmap, document: dict[str, Any]) -> None:
     bar = fig.colorbar(ScalarMappable(norm=norm, cmap=cmap), ax=list(axes), location="bottom",
                        shrink=0.5, aspect=40, pad=0.02)  # fmt: skip
     tolerance = document.get("max_loss_increase")
+    bar.set_ticks(spread_ticks(norm, tolerance))
     bar.ax.xaxis.set_major_formatter(PercentFormatter(1.0, decimals=1))
     if tolerance is not None:
         bar.ax.axvline(tolerance, color="black", lw=1)
     bar.set_label(
-        "probe: held-out loss change vs the same steps without VeLoRA (white: not probed; "
+        f"probe: held-out loss change vs {probe_reference(document)} (white: not probed; "
         f"black line: tolerance {tolerance:+.1%})",
         fontsize=7.5,
     )
+
+
+def probe_reference(document: dict[str, Any]) -> str:
+    """What the probed candidates' loss change is measured against (`search.probes`): the same
+    steps without VeLoRA, and with AdamW for a low-rank optimizer (galore, adarankgrad)."""
+    probed = [r for r in document["candidates"] if r.get("loss") is not None]
+    lowrank = any(r.get("optimizer") in LOWRANK for r in probed)
+    velora = any(r.get("placement") for r in probed if r.get("optimizer") not in LOWRANK)
+    if lowrank and velora:
+        return "the same steps without VeLoRA, or with AdamW for galore/adarankgrad"
+    if lowrank:
+        return "the same steps with AdamW"
+    return "the same steps without VeLoRA"
+
+
+def spread_ticks(norm, tolerance: float | None, gap: float = 0.12) -> list[float]:
+    """A few colour-bar ticks that do not crowd: 0, the tolerance, the ends, each kept only
+    when it is at least ``gap`` of the bar's length from those kept before it (the two-slope
+    scale squeezes one side, where default ticks overlap)."""
+    kept: list[float] = []
+    for value in (0.0, tolerance, norm.vmin, norm.vmax):
+        if value is None or not norm.vmin <= value <= norm.vmax:
+            continue
+        if all(abs(float(norm(value)) - float(norm(k))) >= gap for k in kept):
+            kept.append(value)
+    return sorted(kept)
 
 
 # -- axes ----------------------------------------------------------------------------------------

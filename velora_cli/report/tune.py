@@ -32,8 +32,10 @@ def describe(row: dict[str, Any]) -> str:
 
 
 def pareto_keys(rows: list[dict[str, Any]]) -> set[str]:
-    """Keys of the measured-ok rows on the (peak ↓, tokens/s ↑) front."""
-    ok = [r for r in rows if r.get("measure_status") == "ok" and r.get("peak_bytes") is not None]
+    """Keys of the measured-ok rows on the (peak ↓, tokens/s ↑) front; a row the probe rejected
+    for accuracy is on no front (it is not a choice)."""
+    ok = [r for r in rows if r.get("measure_status") == "ok" and r.get("peak_bytes") is not None
+          and r.get("status") != "rejected-accuracy"]  # fmt: skip
 
     def tps(r):
         return r.get("tokens_per_second") or 0.0
@@ -200,6 +202,19 @@ def nothing_fits_lines(document: dict[str, Any]) -> list[str]:
     lines = [f"nothing fits: {document['reason']}"]
     if small:
         how = "measured" if small["peak_source"] == "measured" else "estimated"
+        static, limit = small.get("static_bytes"), document.get("limit_bytes")
+        if static and limit and static > limit:
+            # activations are not the problem: placements, checkpointing, shorter batches
+            # shrink only those
+            lines.append(
+                f"smallest configuration: {describe(small)}, peak "
+                f"{format_bytes(small['smallest_peak_bytes'])} ({how}); its parameters, "
+                f"gradients and optimizer state alone take {format_bytes(static)}, more than "
+                f"{format_bytes(limit)}: no placement, checkpointing or smaller batch helps; try "
+                "a larger --budget, a smaller model, or more GPUs (--world-size N: FSDP2 "
+                "shards them)"
+            )
+            return lines
         lines.append(
             f"smallest configuration: {describe(small)}, peak {format_bytes(small['smallest_peak_bytes'])} "
             f"({how}); try a larger --budget, a smaller --batch-size/--seq-len or more --placements"

@@ -140,7 +140,7 @@ def spec_of(record: dict[str, Any], model: str | None = None):
         strategy=Strategy(placement, groups, gc=False if gc is None else gc),
         world_size=world,
         parallel=parallel,
-        cpu_offload=plan.cpu_offload and world == plan.world_size,
+        cpu_offload=plan.cpu_offload and parallel == plan.parallel,
         trainer=seen.get("trainer", plan.trainer),
     )
     return spec, notes

@@ -253,7 +253,10 @@ def run(
         recommendation.update(_layers_of(settings, recommendation))
         if settings.backend == "estimate":
             recommendation["reason"] = _estimate_reason(recommendation, result, prober)
-        warnings += _timing_warnings(recommendation)
+        noise = _timing_warnings(recommendation)
+        # the export then states no throughput: neither run's can be trusted (issue 28)
+        recommendation["timing_noise"] = bool(noise)
+        warnings += noise
     tried = [m for m in settings.modes if any(c.mode == m for c in candidates)]
     document: dict[str, Any] = {
         "kind": "velora-tune",

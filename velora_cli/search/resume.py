@@ -111,3 +111,18 @@ def open_journal(path: Path, settings: TuneSettings, *, ignore: tuple[str, ...] 
             "settings, or without --resume to start a new tune"
         )
     return Journal.load(path)
+
+
+def discard_if_empty(journal, *, new: bool) -> bool:
+    """Delete a journal this tune started when it failed before any result (e.g. ``--weights``
+    for a built-in): an empty journal has nothing to resume and would be found by the next
+    ``--resume``. A resumed journal is always kept.
+
+    Returns:
+        Whether the journal was deleted.
+    """
+    if not new or len(journal):
+        return False
+    journal.release()
+    journal.path.unlink(missing_ok=True)
+    return True

@@ -135,6 +135,13 @@ class _Entry:
         return None if li is None or not math.isfinite(li) else max(li, 0.0)
 
 
+def _static_bytes(detail: dict) -> int | None:
+    """Parameters + gradients + optimizer state of a step (what no activation saving shrinks),
+    or None when the row does not say them."""
+    parts = [detail.get(k) for k in ("param_bytes", "grad_bytes", "optimizer_bytes")]
+    return None if any(p is None for p in parts) else sum(parts)
+
+
 def _probe_key(c: Candidate) -> str:
     # gc (selective or not, offloaded or not) and the parallel layout do not change the maths:
     # candidates that differ only there share one probe
@@ -463,6 +470,7 @@ class _Search:
                 **self.row(e),
                 "peak_source": "measured",
                 "smallest_peak_bytes": e.measurement.peak_bytes,
+                "static_bytes": _static_bytes(e.measurement.detail),
             }
         estimated = [
             e
@@ -475,6 +483,7 @@ class _Search:
                 **self.row(e),
                 "peak_source": "estimate",
                 "smallest_peak_bytes": e.estimate.peak_bytes,
+                "static_bytes": _static_bytes(e.estimate.detail),
             }
         return None
 
