@@ -18,8 +18,8 @@ from velora_cli.measure.train_step import SpecError, StepSpec, Strategy, prepare
 from velora_cli.methods.quant import (
     INSTALL_HINT,
     MetaLinear4bit,
-    QuantizationUnavailable,
     QuantConfig,
+    QuantizationUnavailable,
     bnb_linear4bit,
     quantize_base,
     quantized_storage,

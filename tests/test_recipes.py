@@ -267,7 +267,9 @@ def test_exports_carry_checkpointing_kind_attention_and_the_bnb_config():
         "gradient_checkpointing_kwargs={'use_reentrant': True})" in snippet
     )
     assert snippet.index("prepare_model_for_kbit_training") < snippet.index("get_peft_model")
-    assert any("bnb_4bit_quant_storage=torch.bfloat16" in n for n in peft_export.notes(config, "CAUSAL_LM"))
+    assert any(
+        "bnb_4bit_quant_storage=torch.bfloat16" in n for n in peft_export.notes(config, "CAUSAL_LM")
+    )
     if trl_export.trl_version() is not None:
         data = trl_export.export(config).data
         ast.parse(data["snippet"])
