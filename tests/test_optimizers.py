@@ -219,3 +219,29 @@ def test_bitsandbytes_optimizers_without_bitsandbytes(monkeypatch):
     est = EstimateBackend(trace_fields=False, step_time=False)
     row = est.measure(StepSpec(model="llama-tiny", batch_size=1, seq_len=8, optimizer="adamw_8bit"))
     assert row["status"] == "ok" and row["optimizer_bytes"] > 0  # the estimate needs none
+
+
+@pytest.mark.parametrize("name", ["adafactor", "adamw_torch_fused", "paged_adamw_8bit"])
+def test_depth_shortcut_gives_the_reference_rows(tmp_path, name):
+    """The fast path synthesizes a deep step from shallow ones; Adafactor replaces state of
+    parameters outside the layer stack (the final norm's RMS) inside its step, which the
+    synthesis must place (it once failed on it)."""
+    from transformers import LlamaConfig
+
+    LlamaConfig(
+        hidden_size=64, intermediate_size=128, num_hidden_layers=8, num_attention_heads=4,
+        num_key_value_heads=4, vocab_size=2048, max_position_embeddings=256,
+    ).save_pretrained(tmp_path / "deep")  # fmt: skip
+    spec = StepSpec(model=str(tmp_path / "deep"), batch_size=1, seq_len=16, optimizer=name)
+    fast = EstimateBackend(step_time=False).measure(spec)
+    reference = EstimateBackend(step_time=False, shortcuts=False).measure(spec)
+    if name != "paged_adamw_8bit":  # (the paged one may fall back to the real depth)
+        method = fast["estimate_method"]
+        assert "extrapolated" in method or "synth" in method, method
+    for key in (
+        "peak_bytes",
+        "optimizer_bytes",
+        "predicted_reserved_bytes",
+        "predicted_device_bytes",
+    ):
+        assert fast[key] == reference[key], key

@@ -326,3 +326,23 @@ def test_tune_document_recipe_reaches_the_config():
     assert (config.compute_dtype, config.quant_storage) == ("fp16", "bf16")
     document["recommendation"]["mode"] = "lora"
     assert from_tune_document(document).kbit_prepare is False  # a qlora-only step
+
+
+def test_the_run_check_tells_the_optimizer_implementations_apart():
+    from velora_cli.runs.plan_check import mismatches, observe
+
+    params = [nn.Parameter(torch.zeros(4, 4))]
+    model = nn.Linear(2, 2)
+    fused = observe(model, optimizer=torch.optim.AdamW(params, fused=True))
+    foreach = observe(model, optimizer=torch.optim.AdamW(params, foreach=True))
+
+    def optimizer_lines(planned, seen):
+        return [line for line in mismatches(_config(optimizer=planned), seen) if "optim" in line]
+
+    assert optimizer_lines("adamw_torch_fused", fused) == []
+    assert optimizer_lines("adamw_torch_fused", foreach)  # foreach is not what was planned
+    assert optimizer_lines("adamw", foreach) == [] and optimizer_lines("adamw", fused)
+    bnb = pytest.importorskip("bitsandbytes")
+    paged = observe(model, optimizer=bnb.optim.AdamW(params, optim_bits=8, is_paged=True))
+    assert optimizer_lines("paged_adamw_8bit", paged) == []
+    assert optimizer_lines("adamw_bnb_8bit", paged) and optimizer_lines("paged_adamw_32bit", paged)

@@ -183,7 +183,8 @@ class MetaBnbAdamW(torch.optim.Optimizer):
     (ceil(numel/256),), ``qmap1``/``qmap2`` the optimizer's two shared fp32 (256,) maps; otherwise
     ``state1``/``state2`` fp32 like the param. Paged (``is_paged``, numel ≥ 1e5): state1/state2 are
     managed memory, counted in ``paged_state_bytes`` and not allocated. The update is one fused
-    kernel per param writing in place: no temporaries.
+    kernel per param writing in place: no temporaries (stood in for by in-place ops that move
+    the same bytes, so the step-time roofline counts them).
     """
 
     def __init__(self, params, *, lr: float, optim_bits: int, is_paged: bool):
@@ -227,4 +228,12 @@ class MetaBnbAdamW(torch.optim.Optimizer):
                     continue
                 if not self.state[p]:
                     self.state[p] = self._init_state(p)
-                self.state[p]["step"] += 1
+                state = self.state[p]
+                state["step"] += 1
+                # the kernel reads the gradient and rewrites the weight and the (non-paged)
+                # moments in place: in-place ops with the same traffic, for the roofline's
+                # byte count; they allocate nothing
+                p.add_(p.grad)
+                for key in ("state1", "state2"):
+                    if key in state:
+                        state[key].mul_(1)

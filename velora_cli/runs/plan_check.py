@@ -18,20 +18,50 @@ DTYPE_NAMES = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}
 # What a wrapper adds in front of module names: DDP/accelerate (module.), torch.compile
 # (_orig_mod.); PEFT's base_model.model. is kept (velora's plan records it too).
 WRAPPER_PREFIXES = ("module.", "_orig_mod.")
-# the optimizer classes (lower case) that run each planned optimizer: torch's AdamW and SGD,
-# velora's GaLoreAdamW and AdaRankGrad, galore-torch's GaLoreAdamW (transformers' galore_adamw)
-OPTIMIZER_CLASSES = {
-    "adamw": {"adamw"},
-    "sgd": {"sgd"},
-    "galore": {"galoreadamw"},
-    "adarankgrad": {"adarankgrad"},
+# what runs each planned optimizer: (package, class name in lower case, fused flag or None for
+# either); torch's AdamW/SGD, velora's GaLoreAdamW and AdaRankGrad, galore-torch's GaLoreAdamW
+# (transformers' galore_adamw), bitsandbytes' AdamW (the Trainer builds bnb.optim.AdamW for its
+# 8-bit and paged names), transformers' Adafactor
+OPTIMIZER_CLASSES: dict[str, set[tuple[str, str, bool | None]]] = {
+    "adamw": {("torch", "adamw", False)},
+    "adamw_torch": {("torch", "adamw", False)},
+    "adamw_torch_fused": {("torch", "adamw", True)},
+    "adamw_torch_forloop": {("torch", "adamw", False)},
+    "sgd": {("torch", "sgd", None)},
+    "galore": {("velora_cli", "galoreadamw", None), ("galore_torch", "galoreadamw", None)},
+    "adarankgrad": {("velora_cli", "adarankgrad", None)},
+    "adafactor": {("transformers", "adafactor", None)},
+    **{
+        name: {("bitsandbytes", "adamw", None), ("bitsandbytes", cls, None)}
+        for name, cls in (
+            ("adamw_bnb_8bit", "adamw8bit"),
+            ("adamw_8bit", "adamw8bit"),
+            ("paged_adamw_8bit", "pagedadamw8bit"),
+            ("paged_adamw_32bit", "pagedadamw32bit"),
+        )
+    },
 }
-OPTIMIZER_CLASSES = {
-    "adamw": "adamw",
-    "sgd": "sgd",
-    "galore": "galore",
-    "adarankgrad": "adarankgrad",
-}
+
+
+def optimizer_matches(planned: str, seen: dict[str, Any]) -> bool:
+    """Whether the optimizer ``observe`` saw runs the planned one (unknown: assume it does)."""
+    from velora_cli.methods.optimizer_names import OPTIMIZER_INFO
+
+    info = OPTIMIZER_INFO.get(planned)
+    if info is not None and info.family == "bnb":
+        if seen.get("optimizer_paged", info.paged) != info.paged:
+            return False
+        if seen.get("optimizer_bits", info.bits) != info.bits:
+            return False
+    package = seen.get("optimizer_package")
+    name = seen["optimizer"].lower()
+    fused = seen.get("optimizer_fused")
+    for want_package, want_name, want_fused in OPTIMIZER_CLASSES.get(planned, ()):
+        if name != want_name or (package is not None and package != want_package):
+            continue
+        if want_fused is None or fused is None or bool(fused) == want_fused:
+            return True
+    return planned not in OPTIMIZER_CLASSES
 
 
 def plain_name(name: str) -> str:
@@ -277,6 +307,15 @@ def observe(model, args=None, optimizer=None) -> dict[str, Any]:
     if optimizer is not None:
         inner = getattr(optimizer, "optimizer", optimizer)  # accelerate's AcceleratedOptimizer
         out["optimizer"] = type(inner).__name__
+        out["optimizer_package"] = type(inner).__module__.split(".")[0]
+        defaults = getattr(inner, "defaults", {}) or {}
+        if "fused" in defaults:  # torch's AdamW: fused or not (foreach/for-loop)
+            out["optimizer_fused"] = bool(defaults["fused"])
+        if hasattr(inner, "is_paged"):  # bitsandbytes: paged state, 8 or 32 bits
+            out["optimizer_paged"] = bool(inner.is_paged)
+            bits = getattr(getattr(inner, "args", None), "optim_bits", None)
+            if bits is not None:
+                out["optimizer_bits"] = bits
     return out
 
 
@@ -306,7 +345,7 @@ def mismatches(config: VeloraConfig, seen: dict[str, Any]) -> list[str]:
                 "set activation_checkpointing=False: TRL's SFTConfig turns it on by default)"
                 if planned_gc is None
                 else "set activation_checkpointing=True and activation_checkpointing_kwargs="
-                f"{{'use_reentrant': False{_n(planned_gc)}}})"
+                f"{{'use_reentrant': {config.gc_reentrant}{_n(planned_gc)}}})"
             )
         )
     out += _memory_mismatches(config, seen)
@@ -343,10 +382,7 @@ def mismatches(config: VeloraConfig, seen: dict[str, Any]) -> list[str]:
             f"frozen parameters are {'/'.join(seen['frozen_dtypes'])}, the plan measured "
             f"{planned.frozen} (load the model with that dtype)"
         )
-    if (
-        seen.get("optimizer")
-        and seen["optimizer"].lower() not in OPTIMIZER_CLASSES[config.optimizer]
-    ):
+    if seen.get("optimizer") and not optimizer_matches(config.optimizer, seen):
         out.append(
             f"optimizer: {seen['optimizer']}, the plan measured {config.optimizer} (velora "
             "export-config --format trainer/trl sets optim)"

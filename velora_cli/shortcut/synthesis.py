@@ -269,7 +269,9 @@ def _parts(kind: str, parts: list[list[int]], m: int) -> list[list[int]]:
 
 def _unit_slot(pos: tuple) -> int | None:
     """Where a position holds its unit (None: it has none, outside the stack)."""
-    if pos[0] == "init" or (pos[0] == "op" and len(pos) == 5):
+    if pos[0] == "init":  # an initial storage outside the stack has unit None (Adafactor
+        return 2 if pos[2] is not None else None  # frees its RMS state of the norms, say)
+    if pos[0] == "op" and len(pos) == 5:
         return 2
     if pos[0] == "op" and pos[5] is not None:
         return 5
