@@ -382,7 +382,9 @@ def test_the_colour_bar_names_what_low_rank_optimizers_are_probed_against_with_s
     galore = dict(_candidate("g", "feasible", 2**20, tps=1.0, loss=0.002), optimizer="galore")
     velora = dict(_candidate("v", "feasible", 2**20, tps=1.0, loss=0.001), placement="paper")
     assert probe_reference(_tune_doc("cpu", [galore])) == "the same steps with AdamW"
-    assert "or with AdamW for galore/adarankgrad" in probe_reference(_tune_doc("cpu", [galore, velora]))
+    assert "or with AdamW for galore/adarankgrad" in probe_reference(
+        _tune_doc("cpu", [galore, velora])
+    )
     assert probe_reference(_tune_doc("cpu", [velora])) == "the same steps without VeLoRA"
     # a squeezed negative side (-1%..0) and a long positive one: no two ticks closer than 12%
     norm = TwoSlopeNorm(vmin=-0.01, vcenter=0.0, vmax=0.4)

@@ -134,7 +134,8 @@ def tune(
     options = TuneOptions(**locals())  # the options as typed; parsed and checked below
     settings, notices = tune_settings(options)
     settings, journal, save_path = open_journal(options, settings)
-    document = run_tune(settings, journal, save_path, notices)
+    new_journal = not (options.resume or options.resume_from)
+    document = run_tune(settings, journal, save_path, notices, new_journal=new_journal)
     render_tune(document, options.output_format)
     err(f"saved: {save_path}")
     if options.plot is not None:  # also when nothing fits: the picture says why
@@ -370,10 +371,12 @@ def open_journal(o: TuneOptions, settings: TuneSettings) -> tuple[TuneSettings, 
     return settings, journal, save_path
 
 
-def run_tune(settings, journal, save_path: Path, notices: list[str]) -> dict:
-    """The tune (one GPU count, or each of ``--world-size``), with progress on stderr."""
+def run_tune(settings, journal, save_path: Path, notices: list[str], *, new_journal: bool) -> dict:
+    """The tune (one GPU count, or each of ``--world-size``), with progress on stderr; a new
+    journal that a failure left without a result is removed (nothing to resume)."""
     from velora_cli.report.progress import TuneProgress
     from velora_cli.search import autotune
+    from velora_cli.search import resume as resuming
     from velora_cli.search.world_sizes import run_world_sizes
 
     runner = autotune.run if settings.world_sizes == (1,) else run_world_sizes
@@ -393,7 +396,7 @@ def run_tune(settings, journal, save_path: Path, notices: list[str]) -> dict:
         err(f"journal: {journal.path}; continue with the same command and --resume")
         raise
     except Exception:
-        resuming.discard_if_empty(journal, new=not (resume or resume_from))
+        resuming.discard_if_empty(journal, new=new_journal)
         raise
     finally:
         journal.release()
