@@ -75,15 +75,26 @@ TAIL = """
   assumed efficiencies are left as they are and these cases are reported as out of bounds, not
   fitted. (A plausible mechanism, not measured here: the T4's 70 W power limit holds its clocks
   below the boost clock under sustained tensor-core load.)
-- **QLoRA (55 fitcheck rows, 12 boundary verdicts).** fitcheck loads NF4 weights *without*
-  double quantization and runs peft's `prepare_model_for_kbit_training`, which upcasts the
-  embeddings, norms and `lm_head` to fp32; velora's `--mode qlora` is QLoRA's recipe (double
-  quantization, bf16 compute) and has neither option yet.
-- **Eager attention (39 fitcheck rows, all 10 transformers-guide rows).** velora's steps use
-  SDPA; the eager kernel, which keeps the (b, heads, s, s) scores, is not a setting yet.
-- **The transformers guide (V100).** BERT sequence classification, transformers' own `adamw_hf`,
-  Adafactor and bitsandbytes' 8-bit Adam, reentrant checkpointing, fp16 AMP with a GradScaler,
-  and an NVML reading taken after a whole `Trainer` run: none of these is a velora setting yet.
+- **The step time above** was worked out when 12 cases were expressible (LoRA with SDPA); the
+  QLoRA and eager rows now predicted add more of the same sign and spread.
+- **Eager attention at long sequences: low, the dangerous side.** With issue 24's `--attn eager`,
+  the 51 eager fitcheck rows are predicted; most agree to within 1 %, but the longest sequences
+  are low by up to 19.6 % allocated (SmolLM2-360M at 4096 tokens, TinyLlama-1.1B at 2 x 2048):
+  the recomputed layer's eager backward at long sequences (the fp32 softmax's gradient and its
+  casts) holds more than the estimate's step does. Not found yet; until it is, an eager plan at
+  long sequences is under-predicted.
+- **SDPA with grouped-query attention on the T4: high.** fitcheck's harness `repeat_interleave`s
+  K/V to the query heads before SDPA (a shim), so torch runs the memory-efficient kernel on the
+  T4; velora's SDPA call passes `enable_gqa`, which that kernel does not take on sm75, so the
+  estimate plans SDPA's math path and keeps the N x N matrix: +18 to +43 % allocated at 2048 to
+  4096 tokens (TinyLlama, SmolLM2-360M). The mapping notes the shim, but no step setting models
+  repeated K/V yet.
+- **The transformers guide (V100): low without checkpointing.** Now expressible (BERT sequence
+  classification, eager attention, `adamw_hf` planned as torch's for-loop AdamW, Adafactor, 8-bit
+  Adam, reentrant checkpointing, fp16 AMP; the Trainer's loop recorded in the corpus): with
+  checkpointing the device figure is −10.5 to +1.4 %, without it −17 to −21 %. Its stack is of
+  early 2022 (torch ~1.10, transformers ~4.15), whose BERT attention and autocast kept more than
+  today's; which tensors is not found. The accelerate row records no loop and stays out.
 - **LitGPT (A100) and PEFT's method comparison (L40S).** Whole-run peaks over real, variable-length
   data with evaluation passes (PEFT), and LitGPT's own model code with unstated LoRA settings:
   not a single step that velora could rebuild; they stay in the corpus, marked with what is missing.

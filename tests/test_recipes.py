@@ -346,3 +346,13 @@ def test_the_run_check_tells_the_optimizer_implementations_apart():
     paged = observe(model, optimizer=bnb.optim.AdamW(params, optim_bits=8, is_paged=True))
     assert optimizer_lines("paged_adamw_8bit", paged) == []
     assert optimizer_lines("adamw_bnb_8bit", paged) and optimizer_lines("paged_adamw_32bit", paged)
+
+
+def test_a_tune_with_attn_exports_its_attn_implementation():
+    """The tune records --attn as settings["attn"] (StepSpec.attn); the exported config carries it
+    as HF's attn_implementation, so the run loads the attention that was planned."""
+    from velora_cli.configs import _recipe
+
+    assert _recipe({"mode": "full"}, {"attn": "eager"})["attn_implementation"] == "eager"
+    assert _recipe({"mode": "full"}, {"attn": "auto"})["attn_implementation"] is None
+    assert _recipe({"mode": "full"}, {})["attn_implementation"] is None

@@ -372,6 +372,8 @@ def from_tune_document(document: dict[str, Any], source: str | None = None) -> V
 def _recipe(rec: dict[str, Any], settings: dict[str, Any]) -> dict[str, Any]:
     """The recipe fields of a tune's recommendation (tunes from before them: the defaults)."""
     attn = rec.get("attn_implementation", settings.get("attn_implementation"))
+    if attn is None and settings.get("attn") not in (None, "auto"):
+        attn = settings["attn"]  # the tune's --attn (StepSpec.attn): HF's attn_implementation
     return {
         "attn_implementation": attn if isinstance(attn, str) else None,
         "gc_reentrant": bool(settings.get("gc_reentrant", False)),
