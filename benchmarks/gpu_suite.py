@@ -33,6 +33,7 @@ import signal
 import subprocess
 import sys
 import tarfile
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -105,6 +106,8 @@ class Suite:
     documents: list[Path] = field(default_factory=list)
 
     dry_model: str | None = None  # the dry run's model directory
+    # where the velora runs save their documents (VELORA_PROFILES_DIR): this run's own folder
+    profiles: Path = field(default_factory=lambda: Path(tempfile.mkdtemp(prefix="velora-suite-")))
 
     @property
     def backend(self) -> str:
@@ -126,6 +129,8 @@ class Suite:
         """Run ``python -m velora_cli ARGS`` in its own process group; kill it at the timeout."""
         env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1",
                "PYTHONUNBUFFERED": "1"}  # fmt: skip
+        # the documents velora saves go to a folder of this run, not the repository's profiles/
+        env.setdefault("VELORA_PROFILES_DIR", str(self.profiles))
         cmd = [sys.executable, "-m", "velora_cli", *args]
         self.log("$ velora " + " ".join(args))
         if timeout < 5:
