@@ -14,6 +14,14 @@ import torch  # noqa: E402
 torch.set_num_threads(1)
 
 
+@pytest.fixture(autouse=True)
+def _profiles_in_tmp(monkeypatch, tmp_path_factory):
+    """Every test saves its documents in a folder of its own, never in the repository's
+    ``profiles/``: the suite runs on several workers at once (pytest-xdist), and a test that
+    looks up "the latest tune" must not find another test's."""
+    monkeypatch.setenv("VELORA_PROFILES_DIR", str(tmp_path_factory.mktemp("profiles")))
+
+
 def tiny_llama(**overrides):
     from transformers import LlamaConfig, LlamaForCausalLM
 
