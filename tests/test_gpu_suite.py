@@ -17,8 +17,15 @@ def test_dry_run_writes_every_part_within_the_device_tools_file_limit(tmp_path):
     proc = subprocess.run(
         # the parts' deadlines are fractions of the limit: a generous one, so a loaded machine
         # (the suite runs on every core) still reaches the tune; the test checks plumbing, not speed
-        [sys.executable, str(ROOT / "benchmarks" / "gpu_suite.py"), "--dry-run", "--out", str(out),
-         "--time-limit", "450"],
+        [
+            sys.executable,
+            str(ROOT / "benchmarks" / "gpu_suite.py"),
+            "--dry-run",
+            "--out",
+            str(out),
+            "--time-limit",
+            "450",
+        ],
         capture_output=True,
         text=True,
         timeout=600,
