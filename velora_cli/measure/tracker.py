@@ -254,6 +254,8 @@ class MemoryTracker:
         self._entries: list[_Entry] = []  # every storage seen, for the trace's final roles
         self._phase_spans: list[list[Any]] = []
         self._op_names: list[str] = []
+        # (category, list of (storage id, nbytes)) per open `born_as` window, innermost last
+        self._born_as: list[tuple[str, list[tuple[int, int]]]] = []
 
     # -- context ---------------------------------------------------------------------------------
 
@@ -353,6 +355,33 @@ class MemoryTracker:
             self._new_peak_check()
         return self._by_category(list(self._live.values()))
 
+    @contextlib.contextmanager
+    def born_as(self, category: str) -> Iterator[list[tuple[int, int]]]:
+        """Give every storage first counted inside this block ``category`` (a storage with a
+        role from ``roles`` keeps it). For storages that code the tracker cannot see created and
+        an op then exposed: gloo's collectives copy their input inside the C++ kernel, and the
+        copy first shows as the output of a view op in the collective's wait
+        (`velora_cli.parallel.roles.GlooOnly`).
+
+        Args:
+            category: one of `categories`.
+
+        Returns:
+            A context manager yielding the list of ``(storage id, nbytes)`` (the trace's ids)
+            of the storages it labelled, filled as they are counted.
+
+        Raises:
+            ValueError: an unknown category.
+        """
+        if category not in self._rank:
+            raise ValueError(f"unknown category {category!r}; choose from {self.categories}")
+        born: list[tuple[int, int]] = []
+        self._born_as.append((category, born))
+        try:
+            yield born
+        finally:
+            self._born_as.pop()
+
     @property
     def current_bytes(self) -> int:
         """Total live bytes now."""
@@ -428,6 +457,11 @@ class MemoryTracker:
                 entry = self._resized(key, entry, raw)
             if entry is None:
                 if raw == 0:
+                    continue
+                if self._born_as and role is None:
+                    born_category, born = self._born_as[-1]
+                    entry = self._add(key, storage, raw, born_category)
+                    born.append((entry.seq, raw))
                     continue
                 entry = self._add(key, storage, raw, category)
             elif self._rank[category] < self._rank[entry.category]:

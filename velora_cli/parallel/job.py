@@ -26,6 +26,8 @@ RANK_FIELDS = (
     "device_used_bytes",
     "host_bytes",
     "tracked_peaks_bytes",
+    "gloo_only_bytes",
+    "gloo_only_items",
     "predicted_allocated_bytes",
     "predicted_reserved_bytes",
     "predicted_device_bytes",

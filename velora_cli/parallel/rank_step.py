@@ -6,11 +6,16 @@ roles it cannot see (`roles.RankRoles`: unsharded parameters, gradient buckets),
 resizes, labels collective buffers (`roles.CommBuffers`), and rescans roles before the
 optimizer step (FSDP2's sharded gradients). Sizes are the rank's own: a DTensor shard counts its
 local storage, not the global parameter.
+
+On a real gloo rank it also labels what gloo's collectives hold and NCCL's would not
+(`roles.GlooOnly`) and says how much of the peak that is (`gloo_only_fields`): the estimate
+predicts a rank on NCCL, so it equals the gloo rank's peak less ``gloo_only_bytes``.
 """
 
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Iterable
 from typing import Any
 
 import torch
@@ -19,7 +24,14 @@ from velora_cli.measure.accounting import SavedTensorCounter
 from velora_cli.measure.observe import force_refresh, peak_fields
 from velora_cli.measure.tracker import AllocationTrace, MemoryTracker
 from velora_cli.measure.train_step import Prepared, train_step
-from velora_cli.parallel.roles import EXTRA_CATEGORIES, CommBuffers, DdpBuckets, RankRoles
+from velora_cli.parallel.roles import (
+    EXTRA_CATEGORIES,
+    GLOO_ONLY,
+    CommBuffers,
+    DdpBuckets,
+    GlooOnly,
+    RankRoles,
+)
 
 # DDP rebuilds its buckets in the second iteration's forward (Reducer::rebuild_buckets, in the
 # order gradients became ready): two warm-up steps put the tracked step in steady state.
@@ -66,9 +78,11 @@ def tracked_rank_step(
 
     Returns:
         (row, trace): the row has the fields of `observe.tracked_step`'s, per rank, with
-        ``peak_breakdown`` also giving ``unsharded`` and ``comm``.
+        ``peak_breakdown`` also giving ``unsharded`` and ``comm``; on a gloo process group also
+        ``gloo`` and the `gloo_only_fields`.
     """
     force_refresh(prepared)
+    on_gloo = _on_gloo()
     model, optimizer = prepared.model, prepared.optimizer
     # Saved unsharded weights (a linear saves W for grad_input) are parameters, not activations.
     counter = SavedTensorCounter(model, exclude=roles.unsharded())
@@ -77,7 +91,7 @@ def tracked_rank_step(
         optimizer,
         round_to=round_to,
         trace=True,
-        extra_categories=EXTRA_CATEGORIES,
+        extra_categories=EXTRA_CATEGORIES + ((GLOO_ONLY,) if on_gloo else ()),
         roles=roles,
         track_resize=True,
     )
@@ -89,7 +103,8 @@ def tracked_rank_step(
         with tracker.phase(name):
             yield
 
-    with tracker, CommBuffers(tracker):
+    gloo = GlooOnly(tracker) if on_gloo else contextlib.nullcontext()
+    with tracker, CommBuffers(tracker), gloo:
         train_step(prepared, forward_context=lambda: counter, phase=phase)
     params = list(model.parameters())
     trainable = [p for p in params if p.requires_grad]
@@ -110,11 +125,99 @@ def tracked_rank_step(
         "trainable_params": sum(p.numel() for p in trainable),  # global: DTensor numel
         **prepared.optimizer_details(),
     }
+    if on_gloo:
+        row.update(gloo_only_fields(tracker.trace, gloo.born))
     if breakdown:
         row["activation_breakdown"] = dict(
             sorted(counter.result.by_pattern().items(), key=lambda kv: -kv[1])
         )
     return row, tracker.trace
+
+
+def _on_gloo() -> bool:
+    import torch.distributed as dist
+
+    return dist.is_initialized() and dist.get_backend() == "gloo"
+
+
+def peak_without(trace: AllocationTrace, excluded: Iterable[int]) -> int:
+    """The trace's peak live bytes (rounded as the tracker rounds) without the storages
+    ``excluded`` (trace storage ids), wherever in the step that peak falls."""
+    skip = set(excluded)
+    live = sum(trace.rounded(n) for sid, n in trace.initial if sid not in skip)
+    peak = live
+    for _, sid, nbytes in trace.events:
+        if sid in skip:
+            continue
+        live += trace.rounded(nbytes) if nbytes > 0 else -trace.rounded(nbytes)
+        peak = max(peak, live)
+    return peak
+
+
+def _live_at_peak(trace: AllocationTrace) -> set[int]:
+    """Storage ids live at the trace's (first) peak."""
+    live = {sid for sid, _ in trace.initial}
+    total = best = sum(trace.rounded(n) for _, n in trace.initial)
+    best_live = set(live)
+    for _, sid, nbytes in trace.events:
+        if nbytes > 0:
+            live.add(sid)
+            total += trace.rounded(nbytes)
+        else:
+            live.discard(sid)
+            total -= trace.rounded(nbytes)
+        if total > best:
+            best, best_live = total, set(live)
+    return best_live
+
+
+def gloo_only_fields(
+    trace: AllocationTrace, born: dict[str, list[tuple[int, int]]]
+) -> dict[str, Any]:
+    """What of a gloo rank's peak NCCL would not hold (`roles.GlooOnly` found it).
+
+    Args:
+        trace: the rank's tracked step.
+        born: ``GlooOnly.born``: collective -> ``(storage id, nbytes)`` of what it created.
+
+    Returns:
+        ``gloo_only_bytes`` (the peak less the peak of the same step without those storages,
+        which may fall at another moment), ``gloo_only_items`` (per collective: how many
+        storages, the largest, and the bytes live at the peak) and, when the peak holds any,
+        ``gloo_only_note``.
+    """
+    ids = {sid for items in born.values() for sid, _ in items}
+    peak = max(trace.live_bytes())
+    at_peak = _live_at_peak(trace)
+    items = {
+        name: {
+            "storages": len(created),
+            "largest_bytes": max(n for _, n in created),
+            "at_peak_bytes": sum(trace.rounded(n) for sid, n in created if sid in at_peak),
+        }
+        for name, created in sorted(born.items())
+    }
+    fields: dict[str, Any] = {
+        "gloo_only_bytes": peak - peak_without(trace, ids),
+        "gloo_only_items": items,
+    }
+    if fields["gloo_only_bytes"]:
+        what = "; ".join(
+            _GLOO_WHAT.get(name, f"storages gloo's {name} created inside the collective")
+            for name in items
+        )
+        fields["gloo_only_note"] = f"gloo-only: {what}: NCCL would not hold it"
+    return fields
+
+
+# What gloo holds in each collective (roles.GlooOnly's docstring has the source lines).
+_GLOO_WHAT = {
+    # no brackets: the table renderer reads them as markup
+    "reduce_scatter_single": "ProcessGroupGloo's reduce-scatter copies its whole input "
+    "(reduce_scatter_tensor_coalesced clones each input tensor) and holds the copy until the "
+    "work ends (NCCL reduce-scatters from FSDP2's own buffer)",
+}
+_GLOO_WHAT["reduce_scatter_tensor"] = _GLOO_WHAT["reduce_scatter_single"]
 
 
 def rank_roles(prepared: Prepared, *, fake_world: bool = False) -> RankRoles:

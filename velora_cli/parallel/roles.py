@@ -17,11 +17,15 @@ kinds of memory exist (torch 2.13):
 - FSDP2's sharded gradients are views of the reduce-scatter output, assigned to ``param.grad``
   in its post-backward (no AccumulateGrad hook fires on the sharded parameter), so the tracked
   step rescans roles before the optimizer step and the flat output becomes ``grads``.
+- ``gloo``: memory the gloo backend holds inside a collective and NCCL would not (`GlooOnly`;
+  real gloo ranks only, docs/multi-gpu.md "gloo vs NCCL").
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import functools
+from collections.abc import Callable, Iterator
+from typing import Any
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -31,6 +35,24 @@ from velora_cli.parallel import FSDP
 
 EXTRA_CATEGORIES = ("unsharded", "comm")
 _COLLECTIVE_NAMESPACES = ("c10d", "_c10d_functional")
+# The category of storages a gloo collective creates and NCCL's would not (`GlooOnly`).
+GLOO_ONLY = "gloo"
+# The torch.distributed functions DDP and FSDP2 call (torch 2.13: FSDP2's DefaultAllGather and
+# DefaultReduceScatter call all_gather_single / reduce_scatter_single, DDP's allreduce_hook
+# all_reduce), with their older names and the other tensor collectives.
+_COLLECTIVES = (
+    "all_reduce",
+    "all_reduce_coalesced",
+    "all_gather_single",
+    "all_gather_into_tensor",
+    "all_gather",
+    "reduce_scatter_single",
+    "reduce_scatter_tensor",
+    "reduce_scatter",
+    "all_to_all_single",
+    "broadcast",
+    "reduce",
+)
 
 
 class DdpBuckets:
@@ -129,3 +151,73 @@ class CommBuffers(TorchDispatchMode):
                 if isinstance(leaf, torch.Tensor):
                     self.tracker.assign(leaf, "comm")
         return out
+
+
+class GlooOnly:
+    """Labels ``gloo`` the storages a torch.distributed collective creates while it runs on gloo,
+    other than its own arguments: memory NCCL would not hold.
+
+    What it finds (torch 2.13, ``torch/csrc/distributed/c10d/ProcessGroupGloo.cpp``):
+    ``ProcessGroupGloo::_reduce_scatter_base`` calls ``reduce_scatter_tensor_coalesced``, which
+    does ``buffers.push_back(inputTensors[i].clone())``, all-reduces the copy, and returns a
+    ``LambdaWork`` whose ``wait()`` runs ``outputTensors[i].copy_(buffers[i].chunk(worldSize)
+    [rank])``: an input-sized copy held from the call until the work is destroyed. The clone
+    runs inside the collective's kernel, unseen by a dispatch mode; the ``chunk`` in ``wait()``
+    (a ``split`` on the caller's thread) exposes its storage to the tracker, inside the
+    synchronous collective's call, which is the window this class watches. NCCL's
+    ``ProcessGroupNCCL::_reduce_scatter_base`` calls ``ncclReduceScatter(input.data_ptr(),
+    output.data_ptr(), ...)`` on FSDP2's own buffers: no tensor of its own.
+
+    Not seen (neither here nor by the tracker): what gloo allocates on its worker thread
+    (``AsyncAllgatherWork::allgather``'s ``newLikeFlat`` output, the all-reduce's scratch), and
+    storages an asynchronous collective's later ``wait()`` exposes (FSDP2's reduce-scatter is
+    synchronous; its all-gather and DDP's all-reduce run wholly on gloo's thread).
+
+    Example:
+        >>> with tracker, CommBuffers(tracker), GlooOnly(tracker) as gloo:
+        ...     train_step(prepared)
+        >>> gloo.born  # {"reduce_scatter_single": [(storage id, nbytes), ...]}
+    """
+
+    def __init__(self, tracker) -> None:
+        self.tracker = tracker
+        self.born: dict[str, list[tuple[int, int]]] = {}
+        self._saved: list[tuple[Any, str, Callable]] = []
+        self._depth = 0
+
+    def __enter__(self) -> GlooOnly:
+        import torch.distributed as dist
+        from torch.distributed import distributed_c10d
+
+        for module in (dist, distributed_c10d):
+            for name in _COLLECTIVES:
+                fn = getattr(module, name, None)
+                if fn is not None:
+                    self._saved.append((module, name, fn))
+                    setattr(module, name, self._watch(name, fn))
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for module, name, fn in reversed(self._saved):
+            setattr(module, name, fn)
+        self._saved.clear()
+
+    def _watch(self, name: str, fn: Callable) -> Callable:
+        @functools.wraps(fn)
+        def collective(*args: Any, **kwargs: Any) -> Any:
+            if self._depth:  # an old name calling the new one: one window
+                return fn(*args, **kwargs)
+            for leaf in tree_leaves((args, kwargs)):
+                if isinstance(leaf, torch.Tensor):  # its arguments are comm buffers, not gloo's
+                    self.tracker.assign(leaf, "comm")
+            self._depth += 1
+            born: list[tuple[int, int]] = []
+            try:
+                with self.tracker.born_as(GLOO_ONLY) as born:
+                    return fn(*args, **kwargs)
+            finally:
+                self._depth -= 1
+                if born:
+                    self.born.setdefault(name, []).extend(born)
+
+        return collective

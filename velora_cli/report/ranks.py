@@ -17,6 +17,8 @@ RANK_CATEGORIES = (
     ("activations", "activations"),
     ("temporaries", "temporaries"),
 )
+# real gloo ranks only (--backend cpu): what gloo's collectives hold and NCCL's would not
+GLOO_CATEGORY = ("gloo", "gloo-only")
 
 
 def layout_title(document: dict[str, Any]) -> str:
@@ -43,14 +45,17 @@ def rank_table(document: dict[str, Any]):
     width = max(len(r["label"]) for r in rows)
     table.add_column("row", min_width=min(width, 40), overflow="fold")
     table.add_column("rank", justify="right")
-    for _, title in RANK_CATEGORIES:
+    categories = RANK_CATEGORIES
+    if any(GLOO_CATEGORY[0] in r["peak_breakdown"] for r in rows):
+        categories += (GLOO_CATEGORY,)
+    for _, title in categories:
         table.add_column(title, justify="right", no_wrap=True)
     table.add_column("peaks (ranks)", justify="right", no_wrap=True)
     for r in rows:
         peaks = [x["peak_bytes"] for x in r["ranks"] if x.get("peak_bytes") is not None]
         low, high = fmt_bytes(min(peaks)), fmt_bytes(max(peaks))
         spread = low if low == high else f"{low}–{high}"
-        cells = [fmt_bytes(r["peak_breakdown"].get(key, 0)) for key, _ in RANK_CATEGORIES]
+        cells = [fmt_bytes(r["peak_breakdown"].get(key, 0)) for key, _ in categories]
         cells.append(f"{spread} ({len(peaks)})")
         table.add_row(r["label"], str(r.get("peak_rank")), *cells)
     return table
@@ -72,10 +77,27 @@ def rank_lines(document: dict[str, Any]) -> list[str]:
             "rounded to 512 bytes as the CUDA caching allocator does)"
         )
     lines += sorted({r["ranks_note"] for r in rows if r.get("ranks_note")})
+    lines += gloo_lines(rows)
     if any(r.get("cpu_offload") for r in rows):
         lines.append(
             "cpu offload: sharded parameters, gradients and optimizer state live in host memory"
         )
+    return lines
+
+
+def gloo_lines(rows: list[dict[str, Any]]) -> list[str]:
+    """Per row with gloo-only memory: how much of the peak it is, and what it is."""
+    lines = []
+    for r in rows:
+        if not r.get("gloo_only_note"):
+            continue
+        gloo = r["gloo_only_bytes"]
+        lines.append(
+            f"{r['label']}: {fmt_bytes(gloo)} of the {fmt_bytes(r['peak_bytes'])} peak is "
+            f"gloo-only (the peak without it: {fmt_bytes(r['peak_bytes'] - gloo)}, what NCCL "
+            f"ranks would hold and the estimate predicts)"
+        )
+    lines += sorted({r["gloo_only_note"] for r in rows if r.get("gloo_only_note")})
     return lines
 
 
