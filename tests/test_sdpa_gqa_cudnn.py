@@ -182,7 +182,7 @@ def test_one_masked_cudnn_call_keeps_the_bias_as_passed():
 def test_the_document_note_says_cudnn_and_its_workspace():
     note = sdpa_note({"cudnn", "flash"}, "h100")
     assert "cuDNN attention on h100" in note and "9.20 > 9.15" in note
-    assert "13.0 (assumed)" in note and "workspace" in note and "not counted" in note
+    assert "13.0 (assumed)" in note and "dQ accumulator" in note and "is not" in note
     assert sdpa_note({"flash", "efficient"}, "a100-80gb") is None
     assert "math path on t4" in sdpa_note({"math (gqa)"}, "t4")
     assert "--repeat-kv" in sdpa_note({"math (gqa)"}, "t4")
@@ -284,3 +284,28 @@ def test_fitcheck_sdpa_rows_map_to_repeated_kv():
     for case in cases:
         if case.setup.get("attn_implementation") == "eager":
             assert "repeat_kv" not in mapping.map_setup(case.setup).spec
+
+
+def test_cudnn_backward_scratch_is_its_fp32_dq_accumulator():
+    """cudnn-frontend's SDPABackwardNode: from cuDNN 9.0 the "workspace optimization" is off
+    (no dBias, not deterministic), so dQ_accum is non-virtual, {b, h_q, s_q, d_qk} fp32, and
+    get_fe_workspace_size_node adds dQ_accum_size = b * h_q * s_q * d_qk * sizeof(float)."""
+    from velora_cli.allocator.kernel_scratch import (
+        CUDNN_BACKWARD,
+        cudnn_attention_backward_scratch,
+        scratch_for_model,
+    )
+    from velora_cli.models import resolve_model
+
+    assert cudnn_attention_backward_scratch(1, 32, 2048, 128) == (32 * 2**20,)  # Llama-2-7B
+    config = resolve_model("llama-tiny").config  # 4 heads of 16
+    table = scratch_for_model(config, micro_batch=2, seq_len=64, dtype_bytes=2)
+    assert table[CUDNN_BACKWARD] == (2 * 4 * 64 * 16 * 4,)
+    spec = StepSpec("llama-tiny", batch_size=2, seq_len=64, dtype="bf16")
+    cudnn = _measure(EstimateBackend(gpu="h100"), spec)
+    flash = _measure(EstimateBackend(gpu="h100", cuda_version="12.6"), spec)
+    assert "cuDNN attention on h100" in cudnn["sdpa_note"] and "sdpa_note" not in flash
+    assert cudnn["kernel_scratch_bytes"] == 2 * 4 * 64 * 16 * 4
+    assert flash["kernel_scratch_bytes"] == sum(
+        table["aten::_scaled_dot_product_flash_attention_backward"]
+    )

@@ -440,9 +440,13 @@ def velora_estimate_attention(
 
 
 # cudnn/MHA.cpp: the forward and the backward each take `mha_graph->get_workspace_size()` bytes
-# from the caching allocator for the call; cuDNN decides the size when it builds the graph, so it
-# cannot be computed here.
-CUDNN_WORKSPACE_NOTE = "its cuDNN workspace (sized by cuDNN at run time) is not counted"
+# from the caching allocator for the call. Of the backward's, the cudnn-frontend part (an fp32 dQ
+# accumulator) is counted as kernel scratch (allocator/kernel_scratch.py); what cuDNN's engine
+# adds, and the forward's, is decided by cuDNN when it builds the graph.
+CUDNN_WORKSPACE_NOTE = (
+    "of its workspace only the backward's fp32 dQ accumulator (B, H, N, d) is counted; what "
+    "cuDNN's engine adds (sized at run time) is not"
+)
 
 
 def sdpa_note(kernels: set[str], gpu: str | None, cuda_version: str | None = None) -> str | None:
