@@ -20,19 +20,23 @@ transformers' `.transpose(1, 2).contiguous()` copies it and o_proj saves that co
 `velora_estimate_attention` (registered as `ESTIMATE_ATTENTION`) runs:
 
 - on meta tensors, the op the GPU would run (below): `_scaled_dot_product_flash_attention`,
-  or `_scaled_dot_product_efficient_attention` (its logsumexp is padded to a multiple of 32 rows;
-  its two int64 philox scalars count 512 bytes each here but stay on the host on a GPU), or
-  SDPA's math path where no fused kernel qualifies, and for an unmasked fp32 call with GQA, as
-  before the GPU was known (older efficient kernels have no GQA);
+  `_scaled_dot_product_efficient_attention` (its logsumexp is padded to a multiple of 32 rows;
+  its two int64 philox scalars count 512 bytes each here but stay on the host on a GPU),
+  `_scaled_dot_product_cudnn_attention` (q, k, v, out, an fp32 logsumexp (B, H, N, 1), seed and
+  offset, the bias as passed), or SDPA's math path where no fused kernel qualifies;
 - on CPU tensors, the CPU flash kernel `_scaled_dot_product_flash_attention_for_cpu` (same saved
   tensors, minus the rng state; it supports GQA although `F.scaled_dot_product_attention` on CPU
   would not route GQA calls to it);
 - on any other device, transformers' own `sdpa_attention_forward`.
 
-Which kernel: the one PyTorch would pick on the GPU the estimate predicts for
-(`gpus.sdpa_backends`, set with :func:`target_gpu`; `gpus.DEFAULT_GPU` otherwise): flash needs
-sm80+, fp16/bf16 and no mask; the memory-efficient kernel takes fp32, sm70/sm75 and masks; the
-math path only where no fused kernel qualifies (there the GPU keeps the N x N matrix too).
+Which kernel: the one PyTorch 2.13 would pick on the GPU the estimate predicts for
+(`gpus.sdpa_backends`, set with :func:`target_gpu`; `gpus.DEFAULT_GPU` otherwise): cuDNN first on
+sm90/sm100 with the cuDNN > 9.15 of torch 2.13's CUDA 13 wheels; flash needs sm80+, fp16/bf16 and
+no mask; the memory-efficient kernel takes fp32, sm70/sm75 and masks, but not `enable_gqa`
+(which transformers passes for GQA without a mask), so such a call on a T4/V100 or in fp32 is
+the math path, as on the GPU (there it keeps the N x N matrix too). With ``repeat_kv``
+(`StepSpec.repeat_kv`, `ESTIMATE_ATTENTION_REPEAT_KV`) K/V are repeated first, as older
+transformers and harness shims do, and the call has equal heads.
 
 Masks (a sliding window shorter than the sequence, padding, packed sequences without varlen):
 transformers gives a 4-D bool mask; flash refuses it, so the efficient kernel runs. As SDPA and
