@@ -309,3 +309,13 @@ def test_cudnn_backward_scratch_is_its_fp32_dq_accumulator():
     assert flash["kernel_scratch_bytes"] == sum(
         table["aten::_scaled_dot_product_flash_attention_backward"]
     )
+
+
+def test_a_tune_carries_repeat_kv_into_its_steps_and_journal():
+    from velora_cli.search.settings import TuneSettings
+
+    plain = TuneSettings("llama-tiny", budget_bytes=10**9, backend="estimate")
+    repeated = dataclasses.replace(plain, repeat_kv=True)
+    assert repeated.base_spec().repeat_kv and not plain.base_spec().repeat_kv
+    assert repeated.context()["repeat_kv"] is True
+    assert "repeat_kv" not in plain.context()  # journals from before still resume
