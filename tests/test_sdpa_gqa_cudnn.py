@@ -319,3 +319,15 @@ def test_a_tune_carries_repeat_kv_into_its_steps_and_journal():
     assert repeated.base_spec().repeat_kv and not plain.base_spec().repeat_kv
     assert repeated.context()["repeat_kv"] is True
     assert "repeat_kv" not in plain.context()  # journals from before still resume
+
+
+def test_an_export_of_a_repeat_kv_plan_says_the_run_must_repeat_them():
+    from velora_cli.configs import from_tune_document
+    from velora_cli.exports.recipe import recipe_notes
+
+    document = {"model": "llama-tiny", "recommendation": {"mode": "full"}, "settings": {}}
+    plain = from_tune_document(document)
+    assert not plain.repeat_kv and not any("--repeat-kv" in n for n in recipe_notes(plain))
+    document["settings"]["repeat_kv"] = True  # the tune's --repeat-kv (TuneSettings.repeat_kv)
+    planned = from_tune_document(document)
+    assert planned.repeat_kv and any("--repeat-kv" in n for n in recipe_notes(planned))
