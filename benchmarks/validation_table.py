@@ -85,12 +85,6 @@ TAIL = """
   the recomputed layer's eager backward at long sequences (the fp32 softmax's gradient and its
   casts) holds more than the estimate's step does. Not found yet; until it is, an eager plan at
   long sequences is under-predicted.
-- **SDPA with grouped-query attention on the T4: high.** fitcheck's harness `repeat_interleave`s
-  K/V to the query heads before SDPA (a shim), so torch runs the memory-efficient kernel on the
-  T4; velora's SDPA call passes `enable_gqa`, which that kernel does not take on sm75, so the
-  estimate plans SDPA's math path and keeps the N x N matrix: +18 to +43 % allocated at 2048 to
-  4096 tokens (TinyLlama, SmolLM2-360M). The mapping notes the shim, but no step setting models
-  repeated K/V yet.
 - **The transformers guide (V100): low without checkpointing.** Now expressible (BERT sequence
   classification, eager attention, `adamw_hf` planned as torch's for-loop AdamW, Adafactor, 8-bit
   Adam, reentrant checkpointing, fp16 AMP; the Trainer's loop recorded in the corpus): with
@@ -106,6 +100,12 @@ TAIL = """
 
 ## What made the memory tiers match
 
+- **fitcheck's SDPA rows repeat K/V before SDPA.** Its harness `repeat_interleave`s K/V to the
+  query heads (a shim that also drops `enable_gqa`), so torch runs the memory-efficient kernel on
+  the T4 and keeps the repeated K/V. transformers 5 instead passes `enable_gqa`, which torch
+  2.13's memory-efficient kernel does not take, so a plain run gets SDPA's math path there. The
+  mapping sets `--repeat-kv` (`StepSpec.repeat_kv`) for these rows; before, they were planned on
+  the math path and came out +18 to +43 % allocated at 2048 to 4096 tokens.
 - **fitcheck's loop keeps the model output alive.** Its step is
   `out = model(input_ids=batch, labels=batch); out.loss.backward(); optimizer.step()`, so the
   fp16 logits (tokens x vocabulary) stay allocated through the backward, where the peak is.

@@ -200,8 +200,9 @@ def test_mapping_is_data_driven():
     assert again.expressible and again.spec["attn"] == "flex"
     small = mapping.map_setup(load_cases(ids=[SMALL])[0].setup)
     assert small.expressible
+    # SmolLM2-135M has 9 query and 3 key/value heads: fitcheck's shim repeats K/V before SDPA
     assert small.spec == {"mode": "lora", "dtype": "fp16", "optimizer": "adamw",
-                          "keep_outputs": True, "lora_rank": 32,
+                          "repeat_kv": True, "keep_outputs": True, "lora_rank": 32,
                           "lora_targets": "q_proj,k_proj,v_proj,o_proj"}  # fmt: skip
     assert small.strategy == {"gc": True}
     assert small.backend == {"cuda_warmup": 0, "cuda_steps": 1, "cuda_empty_cache": False}

@@ -141,6 +141,9 @@ class VeloraConfig:
     # offload (inputs, all: velora_cli.measure.host_offload); None: plain / none
     sac: str | None = None
     offload: str | None = None
+    # K/V repeated to the query heads before SDPA (StepSpec.repeat_kv): the run must repeat them
+    # too (older transformers, or a shim); the exports say so
+    repeat_kv: bool = False
 
     def __post_init__(self) -> None:
         errors = []
@@ -381,6 +384,7 @@ def _recipe(rec: dict[str, Any], settings: dict[str, Any]) -> dict[str, Any]:
         "compute_dtype": settings.get("compute_dtype", "bf16"),
         "quant_storage": settings.get("quant_storage", "uint8"),
         "kbit_prepare": bool(settings.get("kbit_prepare")) and rec.get("mode") == "qlora",
+        "repeat_kv": bool(settings.get("repeat_kv", False)),
     }
 
 

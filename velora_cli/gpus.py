@@ -946,6 +946,42 @@ def check_dtype(gpu: GpuSpec, dtype: str | None, *, flag: str = "--dtype") -> No
 # (sm90/sm100/sm103, cuDNN > 9.15.0, TORCH_CUDNN_SDPA_DEPRIORITIZED unset).
 SDPA_DEFAULT_ORDER = ("flash_attention", "efficient_attention", "math", "cudnn_attention")
 SDPA_CUDNN_ORDER = ("cudnn_attention", "flash_attention", "efficient_attention", "math")
+# The torch release whose SDPA choice is modelled: the installed one (2.13.0). Two facts differ
+# between releases and are keyed on it:
+# - Grouped-query attention (enable_gqa, Hkv < Hq) in the memory-efficient kernel. torch 2.13's
+#   dense check is `check_batch_size_and_num_heads_dense<supports_gqa, requires_same_num_heads>`
+#   (its installed ATen/native/transformers/sdp_utils_cpp.h). Before pytorch#191085 the
+#   efficient kernel instantiated it without GQA: `check_batch_size_and_num_heads_dense<false
+#   /*supports_grouped_query_attention=*/>` (an older stored sdp_utils.cpp; 2.13's own .cpp is not
+#   in the CPU wheel and was not read), so with enable_gqa and Hkv < Hq it fails on "For dense
+#   input, both fused kernels require query, key and value to have the same num_heads".
+#   pytorch#191085 ("[SDPA] Add memory-efficient GQA",
+#   opened 2026-07-25, after 2.13's branch cut; the 2.13 compatibility row is pytorch#187075 of
+#   2026-06-11) made it `constexpr bool supports_gqa = true;` on CUDA with a third template
+#   argument (supports_mqa) that 2.13's header does not have: stored main @001f694a. Seen on a
+#   T4 with torch 2.10 (transformers#48633, fitcheck's scripts/measure.py shim): enable_gqa ->
+#   MATH, K/V repeated first -> EFFICIENT_ATTENTION.
+# - The cuDNN its CUDA wheels ship (check_prefer_cudnn_attention reads the runtime version):
+#   RELEASE.md's 2.13 row (pytorch#187075): CUDA 12.6 with cuDNN 9.10.2.21, CUDA 13.0 and
+#   13.2 with cuDNN 9.20.0.48.
+SDPA_TORCH = "2.13"
+EFFICIENT_SUPPORTS_GQA = False  # torch 2.13; main after pytorch#191085: True
+TORCH_CUDNN = {12: 91002, 13: 92000}  # torch 2.13 wheels: CUDA major -> cuDNN (9.10.2, 9.20.0)
+TORCH_DEFAULT_CUDA = "13.0"  # 2.13's stable CUDA 13.0 wheel, assumed when the CUDA is not given
+
+
+def torch_cudnn_version(cuda_version: str | tuple[int, int] | None = None) -> int | None:
+    """The cuDNN (``torch.backends.cudnn.version()`` form, e.g. 92000) torch 2.13's CUDA wheel
+    for ``cuda_version`` ships; None: a CUDA major it has no wheel for. No version given: the
+    CUDA 13.0 wheel (`TORCH_DEFAULT_CUDA`).
+
+    Raises:
+        ValueError: an unreadable ``cuda_version``.
+    """
+    cuda = parse_cuda_version(cuda_version or TORCH_DEFAULT_CUDA)
+    return TORCH_CUDNN.get(cuda[0]) if cuda else None
+
+
 _FLASH_CC = ((8, 0), (12, 1))  # check_flash_attention_hardware_support: [sm80, sm121]
 _MEM_EFFICIENT_CC = ((5, 0), (12, 1))  # check_mem_efficient_hardware_support: [sm50, sm121]
 _CUDNN_CC = ((8, 0), (12, 1))  # check_cudnn_hardware_support: [sm80, sm121]
@@ -972,8 +1008,10 @@ def _flash_ok(cc, dtype, has_mask, head_dim, dropout, training) -> bool:
     return dtype in ("fp16", "bf16")
 
 
-def _mem_efficient_ok(cc, dtype, head_dim) -> bool:
+def _mem_efficient_ok(cc, dtype, head_dim, gqa=False) -> bool:
     if not _within(cc, _MEM_EFFICIENT_CC):
+        return False
+    if gqa and not EFFICIENT_SUPPORTS_GQA:  # check_batch_size_and_num_heads_dense<false>
         return False
     # check_head_dim_size_mem_efficient: q/k/v last dims divisible by minimum_gemm_alignment:
     # 4 from sm80, else 1; with tensor cores (sm80+, or sm70+ in fp16/bf16) at least 128 bits
@@ -1016,6 +1054,7 @@ def sdpa_backends(
     *,
     training: bool = True,
     cudnn_version: int | None = None,
+    gqa: bool = False,
 ) -> list[str]:
     """The SDPA kernels PyTorch can run for these inputs on ``gpu``, in the order it tries them:
     the first is the one it picks; ``"math"`` (the unfused fallback, which materialises the
@@ -1036,6 +1075,11 @@ def sdpa_backends(
         training: q/k/v require grad (the head-dim limits of backward apply).
         cudnn_version: ``torch.backends.cudnn.version()`` (e.g. 91600) if known; cuDNN attention
             is tried first when torch prefers it, else it is never reached (after math).
+            `torch_cudnn_version` gives the one torch 2.13's wheels ship.
+        gqa: ``enable_gqa=True`` with fewer key/value heads than query heads (transformers passes
+            it when there is no mask). Flash and cuDNN take it; the memory-efficient kernel does
+            not in torch 2.13 (`EFFICIENT_SUPPORTS_GQA`), so on a T4 or V100, or in fp32, such
+            a call runs the math path.
 
     Returns:
         Backend names as in ``torch.nn.attention.SDPBackend``, lower case.
@@ -1053,7 +1097,7 @@ def sdpa_backends(
         order = SDPA_CUDNN_ORDER
     usable = {
         "flash_attention": lambda: _flash_ok(cc, dtype, has_mask, head_dim, dropout, training),
-        "efficient_attention": lambda: _mem_efficient_ok(cc, dtype, head_dim),
+        "efficient_attention": lambda: _mem_efficient_ok(cc, dtype, head_dim, gqa),
         "cudnn_attention": lambda: (
             cudnn_version is not None
             and _cudnn_ok(cc, dtype, head_dim, dropout, training, cudnn_version)

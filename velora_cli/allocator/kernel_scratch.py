@@ -10,6 +10,15 @@ PyTorch 2.13 does (read at the main-branch snapshot described in allocator.py):
   with grouped-query attention also ``dk_expanded``/``dv_expanded`` (B, N, H, d) in the input
   dtype, summed into dk/dv over the groups. For Llama-2-7B at batch 1 × 2048: 32.25 MiB per
   attention backward; Llama-3.2-3B at 4 × 768: 72.3 MiB.
+- cuDNN attention backward (``_scaled_dot_product_cudnn_attention_backward``, what torch runs
+  first on sm90/sm100 with its CUDA 13 wheels): the workspace `cudnn/MHA.cpp` takes from the
+  caching allocator (``mha_graph->get_workspace_size()``). Its frontend part is the fp32
+  ``dQ_accum`` (B, H, N, d): cudnn-frontend's ``SDPABackwardNode`` (stored copy of NVIDIA/
+  cudnn-frontend) makes it non-virtual unless the "workspace optimization" is on, which from
+  cuDNN 9.0 only a dBias output or the deterministic algorithm turns on; its
+  ``get_fe_workspace_size_node`` is alibi slopes + ``dQ_accum_size`` + ``softmax_sum_size``
+  (the latter below cuDNN 8.9.5 only). The engine's own part is cuDNN's and not counted; the
+  forward's workspace neither.
 - embedding backward (``embedding_dense_backward_cuda``): nothing for ≤ 3072 indices (a direct
   kernel); beyond, the sorted and original index arrays (``numel`` int64 each), then in
   ``embedding_backward_cuda_kernel`` the segment offsets (``numel``), two per-segment arrays
@@ -27,6 +36,7 @@ from __future__ import annotations
 from typing import Any
 
 FLASH_BACKWARD = "aten::_scaled_dot_product_flash_attention_backward"
+CUDNN_BACKWARD = "aten::_scaled_dot_product_cudnn_attention_backward"
 EMBEDDING_BACKWARD = "aten::embedding_dense_backward"
 # embedding_dense_backward_cuda takes its scratch-free path up to this many indices
 EMBEDDING_DIRECT_MAX_INDICES = 3072
@@ -61,6 +71,16 @@ def flash_attention_backward_scratch(
         expanded = batch * seq_len * heads * head_size * dtype_bytes
         sizes += [expanded, expanded]
     return tuple(sizes)
+
+
+def cudnn_attention_backward_scratch(
+    batch: int, heads: int, seq_len: int, head_dim: int
+) -> tuple[int, ...]:
+    """Bytes of the workspace one cuDNN attention backward call takes that can be computed: the
+    fp32 dQ accumulator (B, H, N, d) of cudnn-frontend's SDPA backward (module docstring); the
+    part cuDNN's engine adds is not known here.
+    """
+    return (batch * heads * seq_len * head_dim * 4,)
 
 
 def embedding_backward_scratch(num_indices: int, num_weights: int, dim: int) -> tuple[int, ...]:
@@ -108,6 +128,9 @@ def scratch_for_model(
         head_dim = getattr(config, "head_dim", None) or hidden // heads
         out[FLASH_BACKWARD] = flash_attention_backward_scratch(
             micro_batch, heads, kv_heads, seq_len, head_dim, dtype_bytes
+        )
+        out[CUDNN_BACKWARD] = cudnn_attention_backward_scratch(
+            micro_batch, heads, seq_len, head_dim
         )
     vocab = getattr(config, "vocab_size", None)
     if vocab and hidden:

@@ -100,6 +100,16 @@ Padding = Annotated[
         "batch, where a padding mask is passed (SDPA's masked kernel, FA2's varlen path).",
     ),
 ]
+RepeatKv = Annotated[
+    bool,
+    typer.Option(
+        "--repeat-kv",
+        help="K/V are repeated to the query heads before SDPA even without a mask (transformers "
+        "before its pull #39412 of July 2025, ~4.54, or a script that repeats them): SDPA gets no enable_gqa and keeps the "
+        "repeated copies; on a T4/V100 this runs the memory-efficient kernel instead of the math "
+        "path. Default: what transformers 5 does.",
+    ),
+]
 Rank = Annotated[
     int | None,
     typer.Option(

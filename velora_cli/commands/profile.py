@@ -37,6 +37,7 @@ from velora_cli.commands.options import (
     ProfileBudget,
     QuantStorage,
     Rank,
+    RepeatKv,
     Sac,
     SeqLen,
     Task,
@@ -170,6 +171,7 @@ def profile(
     attn: Attn = "auto",
     task: Task = None,
     padding: Padding = False,
+    repeat_kv: RepeatKv = False,
     sac: Sac = "none",
     offload: Offload = "none",
     budget: ProfileBudget = None,
@@ -246,6 +248,7 @@ class ProfileOptions:
     attn: str
     task: str | None
     padding: bool
+    repeat_kv: bool
     sac: str
     offload: str
     budget: str | None
@@ -327,6 +330,7 @@ def profile_plan(o: ProfileOptions) -> ProfilePlan:
         attn=o.attn,
         task=o.task,
         padding=o.padding,
+        repeat_kv=o.repeat_kv,
         **recipe_fields(
             gc_reentrant=o.gc_reentrant,
             double_quant=o.double_quant,

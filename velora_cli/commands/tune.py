@@ -39,6 +39,7 @@ from velora_cli.commands.options import (
     ProbeSteps,
     QuantStorage,
     Rank,
+    RepeatKv,
     Resume,
     ResumeFrom,
     Sac,
@@ -127,6 +128,7 @@ def tune(
     attn: Attn = "auto",
     task: Task = None,
     padding: Padding = False,
+    repeat_kv: RepeatKv = False,
     sac: Sac = "none",
     offload: Offload = "none",
 ) -> None:
@@ -194,6 +196,7 @@ class TuneOptions:
     attn: str
     task: str | None
     padding: bool
+    repeat_kv: bool
     sac: str
     offload: str
 
@@ -288,6 +291,7 @@ def tune_settings(o: TuneOptions) -> tuple[TuneSettings, list[str]]:
         attn=o.attn,
         task=o.task,
         padding=o.padding,
+        repeat_kv=o.repeat_kv,
         sac=tuple(choice_list(o.sac, "--sac", SAC_POLICIES)),
         offload=tuple(choice_list(o.offload, "--offload", OFFLOAD_KINDS)),
         **recipe_fields(

@@ -20,19 +20,23 @@ transformers' `.transpose(1, 2).contiguous()` copies it and o_proj saves that co
 `velora_estimate_attention` (registered as `ESTIMATE_ATTENTION`) runs:
 
 - on meta tensors, the op the GPU would run (below): `_scaled_dot_product_flash_attention`,
-  or `_scaled_dot_product_efficient_attention` (its logsumexp is padded to a multiple of 32 rows;
-  its two int64 philox scalars count 512 bytes each here but stay on the host on a GPU), or
-  SDPA's math path where no fused kernel qualifies, and for an unmasked fp32 call with GQA, as
-  before the GPU was known (older efficient kernels have no GQA);
+  `_scaled_dot_product_efficient_attention` (its logsumexp is padded to a multiple of 32 rows;
+  its two int64 philox scalars count 512 bytes each here but stay on the host on a GPU),
+  `_scaled_dot_product_cudnn_attention` (q, k, v, out, an fp32 logsumexp (B, H, N, 1), seed and
+  offset, the bias as passed), or SDPA's math path where no fused kernel qualifies;
 - on CPU tensors, the CPU flash kernel `_scaled_dot_product_flash_attention_for_cpu` (same saved
   tensors, minus the rng state; it supports GQA although `F.scaled_dot_product_attention` on CPU
   would not route GQA calls to it);
 - on any other device, transformers' own `sdpa_attention_forward`.
 
-Which kernel: the one PyTorch would pick on the GPU the estimate predicts for
-(`gpus.sdpa_backends`, set with :func:`target_gpu`; `gpus.DEFAULT_GPU` otherwise): flash needs
-sm80+, fp16/bf16 and no mask; the memory-efficient kernel takes fp32, sm70/sm75 and masks; the
-math path only where no fused kernel qualifies (there the GPU keeps the N x N matrix too).
+Which kernel: the one PyTorch 2.13 would pick on the GPU the estimate predicts for
+(`gpus.sdpa_backends`, set with :func:`target_gpu`; `gpus.DEFAULT_GPU` otherwise): cuDNN first on
+sm90/sm100 with the cuDNN > 9.15 of torch 2.13's CUDA 13 wheels; flash needs sm80+, fp16/bf16 and
+no mask; the memory-efficient kernel takes fp32, sm70/sm75 and masks, but not `enable_gqa`
+(which transformers passes for GQA without a mask), so such a call on a T4/V100 or in fp32 is
+the math path, as on the GPU (there it keeps the N x N matrix too). With ``repeat_kv``
+(`StepSpec.repeat_kv`, `ESTIMATE_ATTENTION_REPEAT_KV`) K/V are repeated first, as older
+transformers and harness shims do, and the call has equal heads.
 
 Masks (a sliding window shorter than the sequence, padding, packed sequences without varlen):
 transformers gives a 4-D bool mask; flash refuses it, so the efficient kernel runs. As SDPA and
@@ -62,6 +66,8 @@ device is built with.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import functools
 import warnings
 from collections.abc import Iterator
 from typing import Any
@@ -73,13 +79,24 @@ from velora_cli.methods.velora import autocast_dtype
 
 # Must not contain "flash": transformers treats such names as kernels to fetch from the hub.
 ESTIMATE_ATTENTION = "velora_estimate"
+ESTIMATE_ATTENTION_REPEAT_KV = "velora_estimate_repeat_kv"  # K/V repeated before SDPA
 
-_TARGET_GPU: list[str] = []  # the GPU the kernel choice is made for (innermost last)
+_TARGET_GPU: list[_Target] = []  # the GPU the kernel choice is made for (innermost last)
 _PADDED: list[bool] = []  # whether meta padding masks stand for padded batches (innermost last)
 
 _HALF = (torch.float16, torch.bfloat16)
 # The GPU keeps two rng tensors per flash call: uint64[2] and a uint64 scalar.
 FLASH_RNG_STATE_BYTES = (16, 8)
+
+
+@dataclasses.dataclass
+class _Target:
+    """What :func:`target_gpu` set: the GPU, the cuDNN torch's wheel ships, and the kernels the
+    meta calls ran (``"math (gqa)"``: the math path because of `enable_gqa`)."""
+
+    gpu: str
+    cudnn_version: int | None
+    kernels: set[str] = dataclasses.field(default_factory=set)
 
 
 class EstimateAttentionWarning(UserWarning):
@@ -88,15 +105,24 @@ class EstimateAttentionWarning(UserWarning):
 
 
 @contextlib.contextmanager
-def target_gpu(gpu: str | None) -> Iterator[None]:
-    """Choose attention kernels for ``gpu`` (a `velora_cli.gpus` key) in the enclosed code.
+def target_gpu(gpu: str | None, cuda_version: str | None = None) -> Iterator[set[str]]:
+    """Choose attention kernels for ``gpu`` (a `velora_cli.gpus` key) in the enclosed code, with
+    the cuDNN that torch 2.13's wheel for ``cuda_version`` ships (`gpus.torch_cudnn_version`;
+    None: its CUDA 13.0 wheel).
 
     A module-level stack rather than a context variable: autograd may run backward (and a
     checkpoint's recomputation) on another thread, where the choice must hold too.
+
+    Yields:
+        The set of kernels the meta attention calls inside ran (filled as they run):
+        ``flash``, ``efficient``, ``cudnn``, ``math``, or ``math (gqa)``.
     """
-    _TARGET_GPU.append(gpu or "")
+    from velora_cli.gpus import torch_cudnn_version
+
+    target = _Target(gpu or "", torch_cudnn_version(cuda_version))
+    _TARGET_GPU.append(target)
     try:
-        yield
+        yield target.kernels
     finally:
         _TARGET_GPU.pop()
 
@@ -136,6 +162,9 @@ def _meta_padding(kwargs: dict[str, Any]) -> bool:
     return False
 
 
+_FROM_TARGET = object()
+
+
 def gpu_attention_kernel(
     query: torch.Tensor,
     key: torch.Tensor,
@@ -144,6 +173,8 @@ def gpu_attention_kernel(
     has_mask: bool = False,
     dropout: float = 0.0,
     gpu: str | None = None,
+    cudnn_version: Any = _FROM_TARGET,
+    reason: bool = False,
 ) -> str:
     """Name the SDPA kernel a GPU runs for a call with these inputs.
 
@@ -154,34 +185,50 @@ def gpu_attention_kernel(
         has_mask: an explicit attention mask is passed (flash refuses it).
         dropout: the attention dropout probability.
         gpu: a `velora_cli.gpus` key; None: the one :func:`target_gpu` set, else the default.
+        cudnn_version: the runtime cuDNN (e.g. 92000), None for none; default: the one
+            :func:`target_gpu` set, else torch 2.13's CUDA 13.0 wheel's.
+        reason: name the math path taken because of `enable_gqa` ``"math (gqa)"``.
 
     Returns:
-        "flash", "efficient" or "math": the first of `gpus.sdpa_backends` (PyTorch's
-        sdp_utils.cpp), with two refinements kept from before the GPU was known: flash only for
-        head dims that are multiples of 8 (others go to the efficient kernel here), and an unmasked
-        GQA call the efficient kernel would get is the math path (older efficient kernels have no
-        GQA, and transformers passes `enable_gqa` only without a mask).
+        "flash", "efficient", "cudnn" or "math": the first of `gpus.sdpa_backends` (PyTorch's
+        sdp_utils.cpp as torch 2.13 has it). Without a mask and with fewer key/value heads,
+        transformers passes `enable_gqa` (``use_gqa_in_sdpa``): flash and cuDNN take it, torch
+        2.13's memory-efficient kernel does not, so on a T4/V100 or in fp32 that call is the math
+        path. One refinement kept from before: flash only for head dims that are multiples of 8
+        (others go to the efficient kernel here).
     """
-    from velora_cli.gpus import get_gpu, sdpa_backends
+    from velora_cli.gpus import get_gpu, sdpa_backends, torch_cudnn_version
 
     names = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
     head_dim = query.shape[-1]
-    target = get_gpu(gpu or (_TARGET_GPU[-1] if _TARGET_GPU else None))
+    current = _TARGET_GPU[-1] if _TARGET_GPU else None
+    target = get_gpu(gpu or (current.gpu if current else None))
+    if cudnn_version is _FROM_TARGET:
+        cudnn_version = current.cudnn_version if current and not gpu else torch_cudnn_version()
     training = any(t.requires_grad for t in (query, key, value))
     dtype = names.get(query.dtype)
     if dtype is None:
         return "math"
-    first = sdpa_backends(target, dtype, has_mask, head_dim, dropout, training=training)[0]
+    # transformers' use_gqa_in_sdpa: enable_gqa only without a mask (else repeat_kv first)
+    gqa = not has_mask and query.shape[-3] != key.shape[-3]
+
+    def backends(mask: bool, gqa: bool) -> list[str]:
+        return sdpa_backends(
+            target, dtype, mask, head_dim, dropout,
+            training=training, cudnn_version=cudnn_version, gqa=gqa,
+        )  # fmt: skip
+
+    order = backends(has_mask, gqa)
+    first = order[0]
     if first == "flash_attention" and (head_dim % 8 or value.shape[-1] != head_dim):
-        first = (
-            "efficient_attention"
-            if "efficient_attention"
-            in sdpa_backends(target, dtype, True, head_dim, dropout, training=training)
-            else "math"
-        )
-    if first == "efficient_attention":
-        return "efficient" if has_mask or query.shape[1] == key.shape[1] else "math"
-    return "flash" if first == "flash_attention" else "math"
+        first = next(b for b in order if b != "flash_attention")  # math always ends it
+    if first == "math" and reason and gqa and backends(has_mask, False)[0] != "math":
+        return "math (gqa)"
+    return {
+        "flash_attention": "flash",
+        "efficient_attention": "efficient",
+        "cudnn_attention": "cudnn",
+    }.get(first, "math")
 
 
 def flash_attention_saved_bytes(
@@ -298,6 +345,8 @@ def velora_estimate_attention(
     dropout: float = 0.0,
     scaling: float | None = None,
     is_causal: bool | None = None,
+    *,
+    repeat_kv: bool = False,
     **kwargs: Any,
 ) -> tuple[torch.Tensor, None]:
     """Causal attention through the fused SDPA ops, saving what the GPU kernels save.
@@ -316,6 +365,10 @@ def velora_estimate_attention(
         dropout: attention dropout probability.
         scaling: softmax scale (default 1/sqrt(d)).
         is_causal: overrides `module.is_causal` when given.
+        repeat_kv: K/V are repeated to the query heads before SDPA even without a mask (what
+            transformers did before it passed `enable_gqa`, and harness shims such as
+            fitcheck's): SDPA then sees equal heads and no `enable_gqa`, and the kernel saves
+            the repeated (B, H, N, d) copies (`register_estimate_attention(repeat_kv=True)`).
         **kwargs: other transformers attention arguments; `position_bias`, `softcap` and `cache`
             force the SDPA fallback.
 
@@ -331,7 +384,16 @@ def velora_estimate_attention(
         query, key, value = (t.to(amp_dtype) for t in (query, key, value))
     reason = _fallback_reason(query, attention_mask, dropout, kwargs)
     masked = attention_mask is not None
-    kernel = gpu_attention_kernel(query, key, value, has_mask=masked, dropout=dropout)
+    if repeat_kv and not masked:
+        # repeat_kv / repeat_interleave before SDPA: a (B, H, N, d) copy of each, no enable_gqa
+        # (transformers' own sdpa path repeats them itself when there is a mask)
+        key, value = _repeat_kv(key, module), _repeat_kv(value, module)
+    kernel = gpu_attention_kernel(
+        query, key, value, has_mask=masked, dropout=dropout, reason=device == "meta"
+    )
+    if device == "meta" and _TARGET_GPU and not reason:
+        _TARGET_GPU[-1].kernels.add(kernel)
+    kernel = "math" if kernel.startswith("math") else kernel
     if device not in ("meta", "cpu") or reason or (device == "meta" and kernel == "math"):
         # Off meta/CPU, SDPA is the real thing; on meta the math kernel is what the GPU runs too.
         return _fallback(
@@ -343,7 +405,10 @@ def velora_estimate_attention(
         # transformers: is_causal only without a mask; repeat_kv since no enable_gqa with one
         is_causal = False
         key, value = _repeat_kv(key, module), _repeat_kv(value, module)
-        bias = _sdpa_bias(attention_mask, query.dtype, query.shape[1])
+        if kernel == "cudnn":  # convert_boolean_attn_mask_cudnn: dense (B, 1, N, Nk), as passed
+            bias = _sdpa_bias(attention_mask, query.dtype, None)
+        else:
+            bias = _sdpa_bias(attention_mask, query.dtype, query.shape[1])
     else:
         is_causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
         is_causal = bool(q_length > 1 and is_causal)
@@ -361,6 +426,14 @@ def velora_estimate_attention(
         out = torch.ops.aten._scaled_dot_product_flash_attention(
             query, key, value, dropout, is_causal, False, scale=scaling
         )[0]
+    elif kernel == "cudnn":
+        # saves q, k, v (GQA not repeated), out, an fp32 logsumexp (B, H, N, 1), the philox seed
+        # and offset, and the bias as passed; its cuDNN workspace is not a tensor (see
+        # `CUDNN_WORKSPACE_NOTE`)
+        needs_lse = torch.is_grad_enabled() and any(t.requires_grad for t in (query, key, value))
+        out = torch.ops.aten._scaled_dot_product_cudnn_attention(
+            query, key, value, bias, needs_lse, dropout, is_causal, False, scale=scaling
+        )[0]
     else:
         needs_lse = torch.is_grad_enabled() and any(t.requires_grad for t in (query, key, value))
         out = torch.ops.aten._scaled_dot_product_efficient_attention(
@@ -370,6 +443,44 @@ def velora_estimate_attention(
     return out.transpose(1, 2).contiguous(), None
 
 
+# cudnn/MHA.cpp: the forward and the backward each take `mha_graph->get_workspace_size()` bytes
+# from the caching allocator for the call. Of the backward's, the cudnn-frontend part (an fp32 dQ
+# accumulator) is counted as kernel scratch (allocator/kernel_scratch.py); what cuDNN's engine
+# adds, and the forward's, is decided by cuDNN when it builds the graph.
+CUDNN_WORKSPACE_NOTE = (
+    "of its workspace only the backward's fp32 dQ accumulator (B, H, N, d) is counted; what "
+    "cuDNN's engine adds (sized at run time) is not"
+)
+
+
+def sdpa_note(kernels: set[str], gpu: str | None, cuda_version: str | None = None) -> str | None:
+    """What a profile document says about the SDPA kernels a step's meta calls ran on ``gpu``
+    (the set :func:`target_gpu` yields); None where nothing needs saying (flash, efficient).
+    """
+    from velora_cli.gpus import SDPA_TORCH, TORCH_DEFAULT_CUDA, get_gpu, torch_cudnn_version
+
+    name = get_gpu(gpu).key
+    notes = []
+    if "cudnn" in kernels:
+        cudnn = torch_cudnn_version(cuda_version) or 0
+        cuda = cuda_version or f"{TORCH_DEFAULT_CUDA} (assumed)"
+        notes.append(
+            f"SDPA runs cuDNN attention on {name}, which torch {SDPA_TORCH} tries first there "
+            f"(check_prefer_cudnn_attention: cuDNN {cudnn // 10000}.{cudnn // 100 % 100} > 9.15 "
+            f"in its CUDA {cuda} wheel): it keeps q, k, v, the output and an fp32 logsumexp "
+            f"(B, H, N, 1), like flash; {CUDNN_WORKSPACE_NOTE}"
+        )
+    if "math (gqa)" in kernels:
+        notes.append(
+            f"SDPA runs its math path on {name} (the N x N attention is kept): without a mask "
+            "transformers passes enable_gqa for grouped-query attention, and torch "
+            f"{SDPA_TORCH}'s memory-efficient kernel has no GQA (pytorch#191085 adds it later); "
+            "K/V repeated before SDPA (--repeat-kv, as older transformers did) run the "
+            "memory-efficient kernel instead"
+        )
+    return "; ".join(notes) or None
+
+
 def _repeat_kv(states: torch.Tensor, module: nn.Module) -> torch.Tensor:
     """transformers' `repeat_kv`: (B, Hkv, N, d) -> (B, H, N, d), a copy when Hkv < H."""
     from transformers.integrations.sdpa_attention import repeat_kv
@@ -377,7 +488,7 @@ def _repeat_kv(states: torch.Tensor, module: nn.Module) -> torch.Tensor:
     return repeat_kv(states, getattr(module, "num_key_value_groups", 1))
 
 
-def _sdpa_bias(mask: torch.Tensor, dtype: torch.dtype, heads: int) -> torch.Tensor:
+def _sdpa_bias(mask: torch.Tensor, dtype: torch.dtype, heads: int | None) -> torch.Tensor:
     """The additive mask SDPA builds from transformers' 4-D mask and passes to its kernel.
 
     attention.cpp `convert_boolean_attn_mask`: `where(mask.logical_not(), -inf, 0)` in q's dtype,
@@ -386,7 +497,8 @@ def _sdpa_bias(mask: torch.Tensor, dtype: torch.dtype, heads: int) -> torch.Tens
     not aligned, and expands over heads (a view). A float mask is used as is.
 
     Returns:
-        (B, H, N, Nk): a view of the converted (B, 1, N, ceil8(Nk)) storage.
+        (B, H, N, Nk): a view of the converted (B, 1, N, ceil8(Nk)) storage; ``heads`` None
+        (cuDNN): the converted (B, 1, N, Nk) itself, dense, unpadded.
     """
     if mask.dtype == torch.bool:
         mask = torch.where(
@@ -396,6 +508,8 @@ def _sdpa_bias(mask: torch.Tensor, dtype: torch.dtype, heads: int) -> torch.Tens
         )
     else:
         mask = mask.to(dtype)
+    if heads is None:
+        return mask
     keys = mask.shape[-1]
     if keys % 8 or any(stride % 8 for stride in mask.stride()[:-1]) or mask.stride(-1) != 1:
         padded = -(-keys // 8) * 8
@@ -437,11 +551,16 @@ def _register_meta_eager_mask() -> None:
     AttentionMaskInterface.register("eager", _meta_eager_mask)
 
 
-def register_estimate_attention() -> str:
+def register_estimate_attention(*, repeat_kv: bool = False) -> str:
     """Register the estimate attention (and its mask function) with transformers; idempotent.
 
+    Args:
+        repeat_kv: the variant that repeats K/V to the query heads before SDPA also without a
+            mask (`ESTIMATE_ATTENTION_REPEAT_KV`; `StepSpec.repeat_kv`).
+
     Returns:
-        The name to pass as `attn_implementation` (`ESTIMATE_ATTENTION`).
+        The name to pass as `attn_implementation` (`ESTIMATE_ATTENTION`, or
+        `ESTIMATE_ATTENTION_REPEAT_KV`).
 
     Example:
         >>> name = register_estimate_attention()
@@ -452,4 +571,10 @@ def register_estimate_attention() -> str:
 
     AttentionInterface.register(ESTIMATE_ATTENTION, velora_estimate_attention)
     AttentionMaskInterface.register(ESTIMATE_ATTENTION, _estimate_mask)
-    return ESTIMATE_ATTENTION
+    if not repeat_kv:
+        return ESTIMATE_ATTENTION
+    AttentionInterface.register(
+        ESTIMATE_ATTENTION_REPEAT_KV, functools.partial(velora_estimate_attention, repeat_kv=True)
+    )
+    AttentionMaskInterface.register(ESTIMATE_ATTENTION_REPEAT_KV, _estimate_mask)
+    return ESTIMATE_ATTENTION_REPEAT_KV

@@ -86,7 +86,7 @@ class EstimateBackend:
         self._fast = None
 
     def measure(self, spec: StepSpec, *, breakdown: bool = False) -> dict[str, Any]:
-        from velora_cli.emulation.attention import padded_batches, target_gpu
+        from velora_cli.emulation.attention import padded_batches, sdpa_note, target_gpu
         from velora_cli.gpus import get_gpu
         from velora_cli.measure.cpu import _is_user_error
         from velora_cli.timing.step_time import prediction_source
@@ -100,13 +100,18 @@ class EstimateBackend:
             )
         try:
             # attention kernels as torch picks them on this GPU, masks as the batches pad
-            with target_gpu(self.gpu), padded_batches(spec.padding):
+            with target_gpu(self.gpu, self.cuda_version) as kernels, padded_batches(spec.padding):
                 if self.shortcuts and self.warmup >= 1:
                     row = self.fast_path().row(
                         spec, breakdown=breakdown, full_depth=self.full_depth
                     )
                 else:
                     row = self._reference(spec, breakdown)
+            # the SDPA kernels the step ran, where the document should say so (cuDNN, or the
+            # math path that grouped-query attention takes on this torch)
+            note = sdpa_note(kernels, self.gpu, self.cuda_version)
+            if note:
+                row["sdpa_note"] = note
         except (SpecError, ValueError, RuntimeError, NotImplementedError) as exc:
             if isinstance(exc, SpecError) or _is_user_error(exc):
                 raise

@@ -88,6 +88,14 @@ def recipe_notes(config: VeloraConfig) -> list[str]:
             f"{config.optimizer}: its state is cudaMallocManaged memory: torch's "
             "max_memory_allocated/reserved leave it out, nvidia-smi shows it while resident"
         )
+    if config.repeat_kv:
+        notes.append(
+            "attention: planned with K/V repeated to the query heads before SDPA (--repeat-kv); "
+            "transformers 5 passes enable_gqa instead when there is no mask, which torch 2.13 "
+            "runs on the math path (N x N kept) on a T4/V100 or in fp32: repeat them in the run "
+            "too (transformers before its pull #39412, or a patch of "
+            "scaled_dot_product_attention that repeat_interleaves K/V)"
+        )
     if config.kbit_prepare and config.mode == "qlora":
         notes.append(
             "QLoRA: peft.prepare_model_for_kbit_training makes embeddings, norms and lm_head "

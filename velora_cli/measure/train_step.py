@@ -33,7 +33,12 @@ MODES = ("full", "lora", "qlora")  # qlora: 4-bit NF4 frozen base + LoRA (quant.
 # torch indexes a tensor's elements with int64: no step may hold a tensor with more elements.
 MAX_ELEMENTS = 2**63 - 1
 # StepSpec fields added after profile documents were first written, with their defaults
-_LATER_FIELDS: dict[str, Any] = {"attn": "auto", "task": None, "padding": False}
+_LATER_FIELDS: dict[str, Any] = {
+    "attn": "auto",
+    "task": None,
+    "padding": False,
+    "repeat_kv": False,
+}
 # selective checkpointing policies (measure/selective.py) and activation offload kinds
 # (measure/host_offload.py), repeated here so a Strategy is validated without importing torch
 SAC_POLICIES = ("op", "attn", "mlp")
@@ -172,6 +177,11 @@ class StepSpec:
     # batches padded to their longest sequence (--seq-len): planned for the worst such batch, in
     # which one token pads (transformers then builds its attention masks)
     padding: bool = False
+    # K/V repeated to the query heads before SDPA also without a mask (transformers before it
+    # passed enable_gqa, ~v4.54, pull #39412; harness shims such as fitcheck's): SDPA gets equal
+    # heads and no enable_gqa, and its kernel keeps the repeated (B, H, N, d) copies. Default:
+    # what transformers 5 does (enable_gqa when there is no mask)
+    repeat_kv: bool = False
 
     def __post_init__(self):
         errors = []
@@ -233,6 +243,11 @@ class StepSpec:
         if self.attn == "flash_attention_2" and self.dtype == "fp32" and self.amp is None:
             errors.append(
                 "--attn flash_attention_2 runs in fp16/bf16 only: use --dtype bf16 or --amp bf16"
+            )
+        if self.repeat_kv and self.attn not in ("auto", "sdpa"):
+            errors.append(
+                f"--repeat-kv repeats K/V before SDPA: use it with --attn auto or sdpa (--attn "
+                f"{self.attn} {'always repeats them' if self.attn == 'eager' else 'never does'})"
             )
         from velora_cli.measure.layout import layout_errors
 
@@ -772,6 +787,12 @@ def prepare(
             spec.model, trust_remote_code=spec.trust_remote_code, task=spec.task
         )
     check_seq_len(spec, model_spec)
+    if spec.repeat_kv:
+        # K/V repeated before SDPA: the estimate's attention repeats them, then (on a GPU) runs
+        # transformers' SDPA on the repeated copies
+        from velora_cli.emulation.attention import register_estimate_attention
+
+        attn_implementation = register_estimate_attention(repeat_kv=True)
     if spec.attn not in ("auto", "sdpa"):
         # the caller's choice is what this device runs for SDPA; --attn picks another kernel
         from velora_cli.emulation.implementations import attention_implementation

@@ -156,6 +156,7 @@ def profile_footer(document: dict[str, Any]) -> list[str]:
             lines.append(f"{row['label']}: {row['status']}: {row.get('error', '')}")
     notes = {r["note"] for r in document["rows"] if r.get("note") and r["status"] == "ok"}
     lines += [f"* {note}" for note in sorted(notes)]
+    lines += sorted({r["sdpa_note"] for r in document["rows"] if r.get("sdpa_note")})
     quantized = next((r for r in document["rows"] if r.get("quantized_bytes")), None)
     if quantized:
         values, nbytes = quantized["quantized_params"], quantized["quantized_bytes"]

@@ -183,13 +183,10 @@ RULES: tuple[Rule, ...] = (
         _gqa_repeat,
         {
             "native": {},
-            # fitcheck's shim repeat_interleaves K/V before SDPA; velora's SDPA takes GQA natively.
-            # With checkpointing only the layer being recomputed holds the repeated K/V, one
-            # layer's 2 x (B, H, N, d) in the compute dtype.
-            "repeated": {
-                NOTE: "K/V repeated to the query heads before SDPA (harness shim) not "
-                "modelled: one recomputed layer's expanded K/V"
-            },  # fmt: skip
+            # fitcheck's shim repeat_interleaves K/V before SDPA (and drops enable_gqa): a
+            # (B, H, N, d) copy of each, the same unsqueeze/expand/clone/view ops as
+            # transformers' repeat_kv, which StepSpec.repeat_kv runs
+            "repeated": {"spec.repeat_kv": True},
         },
         lambda v: f"sdpa gqa {v}",
     ),
