@@ -967,7 +967,9 @@ SDPA_CUDNN_ORDER = ("cudnn_attention", "flash_attention", "efficient_attention",
 SDPA_TORCH = "2.13"
 EFFICIENT_SUPPORTS_GQA = False  # torch 2.13; main after pytorch#191085: True
 TORCH_CUDNN = {12: 91002, 13: 92000}  # torch 2.13 wheels: CUDA major -> cuDNN (9.10.2, 9.20.0)
-TORCH_DEFAULT_CUDA = "13.0"  # 2.13's stable CUDA 13.0 wheel, assumed when the CUDA is not given
+# `pip install torch==2.13.0` from PyPI brings the CUDA 13.0 build: its lock entries pull
+# cuda-toolkit 13.0.x (seen in a public uv.lock bump to torch 2.13.0, liblaf/melon#133).
+TORCH_DEFAULT_CUDA = "13.0"  # PyPI's torch 2.13 wheel, assumed when the CUDA is not given
 
 
 def torch_cudnn_version(cuda_version: str | tuple[int, int] | None = None) -> int | None:
