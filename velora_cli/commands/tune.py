@@ -33,6 +33,7 @@ from velora_cli.commands.options import (
     ModelArg,
     Objective,
     Offload,
+    Packing,
     Padding,
     PlotOut,
     ProbeData,
@@ -127,6 +128,7 @@ def tune(
     attn: Attn = "auto",
     task: Task = None,
     padding: Padding = False,
+    packing: Packing = False,
     sac: Sac = "none",
     offload: Offload = "none",
 ) -> None:
@@ -194,6 +196,7 @@ class TuneOptions:
     attn: str
     task: str | None
     padding: bool
+    packing: bool
     sac: str
     offload: str
 
@@ -288,6 +291,7 @@ def tune_settings(o: TuneOptions) -> tuple[TuneSettings, list[str]]:
         attn=o.attn,
         task=o.task,
         padding=o.padding,
+        packing=o.packing,
         sac=tuple(choice_list(o.sac, "--sac", SAC_POLICIES)),
         offload=tuple(choice_list(o.offload, "--offload", OFFLOAD_KINDS)),
         **recipe_fields(

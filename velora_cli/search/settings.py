@@ -93,6 +93,7 @@ class TuneSettings:
     attn: str = "auto"  # attention kernels (StepSpec.attn)
     task: str | None = None  # the head trained (StepSpec.task); None: the config's
     padding: bool = False  # padded batches (StepSpec.padding)
+    packing: bool = False  # packed rows (StepSpec.packing)
     sac: tuple[str, ...] = ()  # selective checkpointing policies tried with gc on every layer
     offload: tuple[str, ...] = ()  # activation offload kinds (inputs with gc, all without)
 
@@ -116,6 +117,8 @@ class TuneSettings:
             context["task"] = self.task
         if self.padding:
             context["padding"] = True
+        if self.packing:
+            context["packing"] = True
         for key in ("sac", "offload"):  # only where tried: earlier journals' headers still match
             if getattr(self, key):
                 context[key] = list(getattr(self, key))
@@ -172,6 +175,7 @@ class TuneSettings:
             attn=self.attn,
             task=self.task,
             padding=self.padding,
+            packing=self.packing,
         )
 
 
