@@ -301,3 +301,10 @@ def test_the_table_title_says_packed(tmp_path):
                               "estimate", "--no-save", "--num-groups", "2"])  # fmt: skip
     assert out.exit_code == 0, out.output
     assert "(packed in one row)" in " ".join(out.stdout.split())
+
+
+def test_packing_is_refused_for_a_head_that_is_not_a_causal_lm():
+    out = runner.invoke(app, ["profile", "roberta-base", "--packing", "--backend", "estimate",
+                              "--no-save"])  # fmt: skip
+    assert out.exit_code == 1
+    assert "packed rows train causal language models" in out.stderr and "masked-lm" in out.stderr

@@ -327,11 +327,16 @@ def for_lengths(spec: StepSpec, model_spec: ModelSpec, lengths: Lengths | None):
     length and ``lengths`` its real lengths.
 
     Raises:
-        LengthsError: an image task (images are neither padded nor packed), or a length above
-            the model's position table.
+        LengthsError: an image task (images are neither padded nor packed), packing for a head
+            that is not a causal LM, or a length above the model's position table.
     """
     import dataclasses
 
+    if spec.packing and model_spec.task != "causal-lm":
+        raise LengthsError(
+            f"--packing: packed rows train causal language models (DataCollatorWithFlattening, "
+            f"TRL), and {model_spec.name} is {model_spec.task}; leave --packing out"
+        )
     if lengths is None:
         return spec, None
     if model_spec.task == "image-classification":
