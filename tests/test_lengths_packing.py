@@ -308,3 +308,14 @@ def test_packing_is_refused_for_a_head_that_is_not_a_causal_lm():
                               "--no-save"])  # fmt: skip
     assert out.exit_code == 1
     assert "packed rows train causal language models" in out.stderr and "masked-lm" in out.stderr
+
+
+def test_a_tune_plans_every_candidate_at_the_longest_length():
+    from velora_cli.measure.lengths import tune_lengths
+
+    assert tune_lengths(None, 256, False, False) == (256, False, None)
+    seq_len, padding, note = tune_lengths("uniform:16-100", 256, False, False)
+    assert (seq_len, padding) == (100, True) and "--seq-len does not apply" in note
+    assert tune_lengths("uniform:16-100", 256, False, True)[:2] == (100, False)  # packed rows
+    with pytest.raises(LengthsError, match="unknown distribution"):
+        tune_lengths("zipf:1", 256, False, False)

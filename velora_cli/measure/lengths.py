@@ -349,3 +349,26 @@ def for_lengths(spec: StepSpec, model_spec: ModelSpec, lengths: Lengths | None):
     padding = plan.padding and not spec.packing
     spec = dataclasses.replace(spec, seq_len=plan.seq_len, lengths=plan.lengths, padding=padding)
     return spec, plan.note
+
+
+def tune_lengths(
+    text: str | None, seq_len: int, padding: bool, packing: bool
+) -> tuple[int, bool, str | None]:
+    """``velora tune --lengths``: (sequence length, padding, note). A tune tries several
+    micro-batch sizes, so every candidate is planned at the longest length of ``text`` with one
+    pad token (packing: rows of micro-batch × that length), the worst batch of a distribution at
+    any size; for listed lengths that is at least their worst batch (`worst_batch`).
+
+    Raises:
+        LengthsError: a spec or file `parse_lengths` refuses.
+    """
+    if text is None:
+        return seq_len, padding, None
+    lengths = parse_lengths(text)
+    top = lengths.maximum
+    how = "packed rows of micro-batch × it" if packing else "padded, one pad token"
+    note = (
+        f"{lengths.label}: every candidate planned at the longest length, {top:,} tokens ({how}); "
+        "--seq-len does not apply"
+    )
+    return top, not packing, note
