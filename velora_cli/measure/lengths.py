@@ -246,7 +246,8 @@ class BatchPlan:
     ``seq_len`` is the longest sequence (the padded length); ``lengths`` the real lengths of
     the micro-batch's sequences (None: every one ``seq_len`` long but one pad token, the worst
     batch of a distribution); ``padding`` False when that batch has no pad token (no mask).
-    ``typical`` is the median padded length of a random batch and ``pad_share`` the share of
+    ``typical`` is the median padded length of a random batch (the note adds the length 1 batch
+    in 1,000 reaches) and ``pad_share`` the share of
     padding tokens over random batches (None for packing, which has no padding).
     """
 
@@ -279,6 +280,7 @@ def worst_batch(
     drawn = [lengths.sample(micro, rng) for _ in range(batches)]
     longest = sorted(max(b) for b in drawn)
     typical = longest[len(longest) // 2]
+    rare = longest[min(len(longest) - 1, int(len(longest) * 0.999))]  # 1 batch in 1,000
     if lengths.values is not None:
         ordered = sorted(lengths.values, reverse=True)
         if len(ordered) < micro:  # a data set smaller than a batch: one batch of all of it
@@ -310,8 +312,8 @@ def worst_batch(
         what = f"{top:,} tokens, no padding" + (" (one sequence per batch)" if micro == 1 else "")
     note = (
         f"{lengths.label}: planned for the longest batch, {micro} × {top:,} ({what}); "
-        f"a typical batch is padded to {typical:,}, and {share:.0%} of the tokens of random "
-        "batches are padding"
+        f"a typical batch is padded to {typical:,}, 1 in 1,000 to {rare:,} or more, and {share:.0%} "
+        "of the tokens of random batches are padding"
     )
     if not pads and lengths.values is None and micro > 1:
         planned = None
