@@ -319,3 +319,14 @@ def test_a_tune_plans_every_candidate_at_the_longest_length():
     assert tune_lengths("uniform:16-100", 256, False, True)[:2] == (100, False)  # packed rows
     with pytest.raises(LengthsError, match="unknown distribution"):
         tune_lengths("zipf:1", 256, False, False)
+
+
+def test_trl_packed_rows_estimate_matches_cpu_tracker():
+    """TRL's step (--trainer trl) on a padding-free packed row: its token count is the row's
+    length (sft_trainer.py compute_loss: position_ids.size(1) without an attention mask)."""
+    spec = StepSpec(model="llama-tiny", batch_size=2, seq_len=32, packing=True, trainer="trl")
+    cpu = CpuBackend(warmup=0, steps=1).measure(spec)
+    estimate = EstimateBackend(gpu="a100-80gb").measure(spec)
+    assert cpu["status"] == estimate["status"] == "ok", (cpu, estimate)
+    layers = 2  # llama-tiny: the efficient kernel's two int64 philox scalars per layer
+    assert estimate["activation_bytes"] - cpu["activation_bytes"] == layers * 2 * 8
