@@ -153,4 +153,9 @@ def lengths(text: str | None, data: str | None, model_spec, max_length: int):
         )
     texts, described = load_texts(data)
     values, tokenized = token_lengths(texts, model_spec, max_length)
-    return from_values(values, f"--data {data} ({len(values):,} sequences; {tokenized})")
+    truncated = sum(v == max_length for v in values)
+    return from_values(
+        values,
+        f"--data {data} ({len(values):,} sequences, {truncated:,} truncated at --seq-len "
+        f"{max_length:,}; {tokenized})",
+    )
