@@ -284,7 +284,7 @@ def test_padding_is_refused_for_images(tmp_path):
     ViTConfig(image_size=32, patch_size=8, hidden_size=32, num_hidden_layers=1,
               num_attention_heads=4, intermediate_size=64).save_pretrained(tmp_path)  # fmt: skip
     spec = StepSpec(model=str(tmp_path), batch_size=1, seq_len=17, padding=True)
-    with pytest.raises(SpecError, match="images are not padded"):
+    with pytest.raises(SpecError, match="images are neither padded nor packed"):
         EstimateBackend().measure(spec)
 
 

@@ -144,6 +144,11 @@ class VeloraConfig:
     # K/V repeated to the query heads before SDPA (StepSpec.repeat_kv): the run must repeat them
     # too (older transformers, or a shim); the exports say so
     repeat_kv: bool = False
+    # how the batches were planned (the tune's --padding / --packing): padded to their longest
+    # (DataCollatorWithPadding), or a batch's sequences packed in one row (transformers'
+    # DataCollatorWithFlattening, TRL's packing / padding_free); neither: full-length batches
+    padding: bool = False
+    packing: bool = False
 
     def __post_init__(self) -> None:
         errors = []
@@ -260,7 +265,9 @@ def _recipe_errors(config: VeloraConfig) -> list[str]:
     attn = config.attn_implementation
     if attn is not None and not isinstance(attn, str):
         errors.append(f"attn_implementation must be a name ({', '.join(ATTN_IMPLEMENTATIONS)})")
-    for name in ("gc_reentrant", "double_quant", "kbit_prepare"):
+    if config.padding is True and config.packing is True:
+        errors.append("padding and packing exclude each other: a packed row has no padding")
+    for name in ("gc_reentrant", "double_quant", "kbit_prepare", "padding", "packing"):
         if not isinstance(getattr(config, name), bool):
             errors.append(f"{name} must be true or false, got {getattr(config, name)!r}")
     if config.compute_dtype not in DTYPES:
@@ -385,6 +392,8 @@ def _recipe(rec: dict[str, Any], settings: dict[str, Any]) -> dict[str, Any]:
         "quant_storage": settings.get("quant_storage", "uint8"),
         "kbit_prepare": bool(settings.get("kbit_prepare")) and rec.get("mode") == "qlora",
         "repeat_kv": bool(settings.get("repeat_kv", False)),
+        "padding": bool(settings.get("padding")),
+        "packing": bool(settings.get("packing")),
     }
 
 

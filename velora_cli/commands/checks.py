@@ -124,3 +124,38 @@ def cuda_backend(name: str, ranks: int = 1) -> bool:
                 "world sizes"
             )
     return has_cuda
+
+
+def lengths(text: str | None, data: str | None, model_spec, max_length: int):
+    """``--lengths`` parsed, or the token lengths of ``--data`` (truncated at ``max_length``, the
+    tokenizer's truncation), as `measure.lengths.Lengths`; None when neither is given.
+
+    Raises:
+        UserError: both given. `LengthsError`/`DataError` (one line): a bad spec, an unreadable
+            file.
+    """
+    if text is None and data is None:
+        return None
+    if text is not None and data is not None:
+        raise UserError("give --lengths or --data, not both (--data: the lengths of that text)")
+    from velora_cli.measure.lengths import from_values, parse_lengths
+
+    if text is not None:
+        return parse_lengths(text)
+    from pathlib import Path
+
+    from velora_cli.search.data import _looks_like_path, load_texts, token_lengths
+
+    if _looks_like_path(data) and not Path(data).expanduser().is_file():
+        raise UserError(
+            f"--data {data}: no such file; give a .txt or .jsonl file of training text or a "
+            "dataset name (or --lengths with a distribution)"
+        )
+    texts, described = load_texts(data)
+    values, tokenized = token_lengths(texts, model_spec, max_length)
+    truncated = sum(v == max_length for v in values)
+    return from_values(
+        values,
+        f"--data {data} ({len(values):,} sequences, {truncated:,} truncated at --seq-len "
+        f"{max_length:,}; {tokenized})",
+    )

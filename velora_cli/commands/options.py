@@ -110,6 +110,33 @@ RepeatKv = Annotated[
         "path. Default: what transformers 5 does.",
     ),
 ]
+LengthsOption = Annotated[
+    str | None,
+    typer.Option(
+        "--lengths",
+        help="Sequence lengths of the data, for dynamic padding (or --packing): "
+        "uniform:MIN-MAX, normal:MEAN,STD,MAX, percentiles:p50=N,p90=N,...,max=N, or a file with "
+        "one length per line. Plans for the longest batch; its length replaces --seq-len.",
+    ),
+]
+LengthData = Annotated[
+    str | None,
+    typer.Option(
+        "--data",
+        help="Training text (.txt: one sequence per paragraph, .jsonl: a 'text' per line, or a "
+        "dataset name): its token lengths (the model's tokenizer if it loads offline, else UTF-8 "
+        "bytes; truncated at --seq-len) give the longest batch, as --lengths does.",
+    ),
+]
+Packing = Annotated[
+    bool,
+    typer.Option(
+        "--packing",
+        help="Packed batches (DataCollatorWithFlattening, TRL packing/padding_free): a batch's "
+        "sequences in one row, position_ids restarting, no padding. FA2 runs varlen; SDPA and "
+        "eager get a block-diagonal (1, 1, T, T) mask.",
+    ),
+]
 Rank = Annotated[
     int | None,
     typer.Option(

@@ -26,11 +26,14 @@ from velora_cli.commands.options import (
     Gpu,
     Init,
     KbitPrepare,
+    LengthData,
+    LengthsOption,
     LoraRank,
     LoraTargets,
     Mode,
     ModelArg,
     Offload,
+    Packing,
     Padding,
     ParallelOption,
     PlotOut,
@@ -172,6 +175,9 @@ def profile(
     task: Task = None,
     padding: Padding = False,
     repeat_kv: RepeatKv = False,
+    lengths: LengthsOption = None,
+    data: LengthData = None,
+    packing: Packing = False,
     sac: Sac = "none",
     offload: Offload = "none",
     budget: ProfileBudget = None,
@@ -249,6 +255,9 @@ class ProfileOptions:
     task: str | None
     padding: bool
     repeat_kv: bool
+    lengths: str | None
+    data: str | None
+    packing: bool
     sac: str
     offload: str
     budget: str | None
@@ -299,6 +308,7 @@ def profile_plan(o: ProfileOptions) -> ProfilePlan:
 
     from velora_cli import models
     from velora_cli.gpus import get_gpu
+    from velora_cli.measure.lengths import for_lengths
     from velora_cli.measure.recipe import check_precision, recipe_fields
     from velora_cli.measure.train_step import StepSpec, check_device, for_task
     from velora_cli.parallel import PARALLEL
@@ -329,7 +339,8 @@ def profile_plan(o: ProfileOptions) -> ProfilePlan:
         trainer=o.trainer,
         attn=o.attn,
         task=o.task,
-        padding=o.padding,
+        padding=o.padding or bool(o.lengths or o.data) and not o.packing,
+        packing=o.packing,
         repeat_kv=o.repeat_kv,
         **recipe_fields(
             gc_reentrant=o.gc_reentrant,
@@ -357,8 +368,12 @@ def profile_plan(o: ProfileOptions) -> ProfilePlan:
         check_device(dataclasses.replace(spec, optimizer=name), backend.name)
     resolved = models.resolve_model(spec.model, trust_remote_code=o.trust_remote_code, task=o.task)
     spec, seq_note = for_task(spec, resolved)  # an image's tokens are its patches
+    # --lengths/--data: planned for the longest batch (measure/lengths.py)
+    spec, length_note = for_lengths(
+        spec, resolved, checks.lengths(o.lengths, o.data, resolved, o.seq_len)
+    )
     notices = [resolved.notice] if resolved.notice else []
-    notices += [seq_note] if seq_note else []
+    notices += [note for note in (seq_note, length_note) if note]
     if o.model is None:
         notices.append(f"no MODEL given: profiling the built-in default {spec.model}")
     if o.weights:

@@ -24,6 +24,7 @@ from velora_cli.commands.options import (
     Gpu,
     Init,
     KbitPrepare,
+    LengthsOption,
     LoraRank,
     LoraTargets,
     Margin,
@@ -33,6 +34,7 @@ from velora_cli.commands.options import (
     ModelArg,
     Objective,
     Offload,
+    Packing,
     Padding,
     PlotOut,
     ProbeData,
@@ -129,6 +131,8 @@ def tune(
     task: Task = None,
     padding: Padding = False,
     repeat_kv: RepeatKv = False,
+    packing: Packing = False,
+    lengths: LengthsOption = None,
     sac: Sac = "none",
     offload: Offload = "none",
 ) -> None:
@@ -197,6 +201,8 @@ class TuneOptions:
     task: str | None
     padding: bool
     repeat_kv: bool
+    packing: bool
+    lengths: str | None
     sac: str
     offload: str
 
@@ -253,14 +259,18 @@ def tune_settings(o: TuneOptions) -> tuple[TuneSettings, list[str]]:
                 "estimate); --backend cpu measures real steps on this CPU"
             )
     from velora_cli import models
+    from velora_cli.measure.lengths import tune_lengths
     from velora_cli.search.settings import TuneSettings
 
+    # --lengths: every candidate planned at the distribution's longest length (measure/lengths.py)
+    seq_len, padding, length_note = tune_lengths(o.lengths, o.seq_len, o.padding, o.packing)
+    notices += [length_note] if length_note else []
     settings = TuneSettings(
         model=o.model or models.DEFAULT_MODEL,
         budget_bytes=budget_bytes or 0,  # resolved by open_journal when --budget is not given
         backend=backend,
         batch_size=o.batch_size,
-        seq_len=o.seq_len,
+        seq_len=seq_len,
         dtype=o.dtype,
         amp=o.amp,
         optimizers=tuple(dict.fromkeys(optimizers)),
@@ -290,7 +300,8 @@ def tune_settings(o: TuneOptions) -> tuple[TuneSettings, list[str]]:
         trainer=o.trainer,
         attn=o.attn,
         task=o.task,
-        padding=o.padding,
+        padding=padding,
+        packing=o.packing,
         repeat_kv=o.repeat_kv,
         sac=tuple(choice_list(o.sac, "--sac", SAC_POLICIES)),
         offload=tuple(choice_list(o.offload, "--offload", OFFLOAD_KINDS)),

@@ -82,7 +82,9 @@ ESTIMATE_ATTENTION = "velora_estimate"
 ESTIMATE_ATTENTION_REPEAT_KV = "velora_estimate_repeat_kv"  # K/V repeated before SDPA
 
 _TARGET_GPU: list[_Target] = []  # the GPU the kernel choice is made for (innermost last)
-_PADDED: list[bool] = []  # whether meta padding masks stand for padded batches (innermost last)
+# how meta batches stand for real ones (innermost last): padded, real tokens of a padded batch
+# (None: all but one), packed rows (position_ids restart)
+_PADDED: list[tuple[bool, int | None, bool]] = []
 
 _HALF = (torch.float16, torch.bfloat16)
 # The GPU keeps two rng tensors per flash call: uint64[2] and a uint64 scalar.
@@ -128,19 +130,58 @@ def target_gpu(gpu: str | None, cuda_version: str | None = None) -> Iterator[set
 
 
 @contextlib.contextmanager
-def padded_batches(padded: bool) -> Iterator[None]:
-    """Read meta padding masks in the enclosed code as padded (``--padding``) or full length.
+def padded_batches(
+    padded: bool, real_tokens: int | None = None, packed: bool = False
+) -> Iterator[None]:
+    """Read meta batches in the enclosed code as padded (``--padding``), packed (``--packing``)
+    or full length.
 
-    A meta tensor has no values, so whether a batch pads cannot be read from it: the step says.
-    Padded means the worst case for memory at this length: the longest sequence is the full
-    length and at least one other token is padding, so transformers builds its masks (a dense
-    (B, 1, N, N) bool for SDPA and eager, the 2-D mask and unpadding for FlashAttention-2).
+    A meta tensor has no values, so whether a batch pads or packs cannot be read from it: the
+    step says. Padded means the longest sequence is the full length and ``real_tokens`` of the
+    batch are real (None: all but one), so transformers builds its masks (a dense (B, 1, N, N)
+    bool for SDPA and eager, the 2-D mask and unpadding of the real tokens for
+    FlashAttention-2). Packed means the row's ``position_ids`` restart: transformers'
+    `find_packed_sequence_indices` finds several sequences (a dense block-diagonal (B, 1, T, T)
+    bool for SDPA and eager; FlashAttention-2's varlen kernel on the flattened row).
     """
-    _PADDED.append(padded)
+    _PADDED.append((padded, real_tokens, packed))
     try:
         yield
     finally:
         _PADDED.pop()
+
+
+def padded_real_tokens() -> int | None:
+    """The real tokens of the padded batch the enclosing `padded_batches` names (None: all but
+    one pad token)."""
+    return _PADDED[-1][1] if _PADDED else None
+
+
+def packed_rows() -> bool:
+    """Whether the enclosing `padded_batches` says meta rows are packed."""
+    return bool(_PADDED and _PADDED[-1][2])
+
+
+def _find_packed_sequence_indices(position_ids: torch.Tensor) -> torch.Tensor | None:
+    """transformers' `find_packed_sequence_indices`, where position ids without values are read
+    as :func:`padded_batches` says (packed: sequence indices of their shape, else None, one
+    sequence per row); real position ids go to transformers' own function."""
+    if without_values(position_ids):
+        return torch.zeros_like(position_ids) if packed_rows() else None
+    return _TRANSFORMERS_FIND_PACKED[0](position_ids)
+
+
+_TRANSFORMERS_FIND_PACKED: list[Any] = []
+
+
+def _register_packed_detection() -> None:
+    """Route transformers' packed-sequence detection (`masking_utils._preprocess_mask_arguments`
+    calls it by its module name) through :func:`_find_packed_sequence_indices`; idempotent."""
+    from transformers import masking_utils
+
+    if masking_utils.find_packed_sequence_indices is not _find_packed_sequence_indices:
+        _TRANSFORMERS_FIND_PACKED[:] = [masking_utils.find_packed_sequence_indices]
+        masking_utils.find_packed_sequence_indices = _find_packed_sequence_indices
 
 
 def without_values(tensor: torch.Tensor) -> bool:
@@ -156,7 +197,7 @@ def _meta_padding(kwargs: dict[str, Any]) -> bool:
     padding_mask = kwargs.get("attention_mask")
     if not (isinstance(padding_mask, torch.Tensor) and without_values(padding_mask)):
         return False
-    if _PADDED and _PADDED[-1]:
+    if _PADDED and _PADDED[-1][0]:
         return True
     kwargs["attention_mask"] = None
     return False
@@ -549,6 +590,7 @@ def _register_meta_eager_mask() -> None:
     from transformers.masking_utils import AttentionMaskInterface
 
     AttentionMaskInterface.register("eager", _meta_eager_mask)
+    _register_packed_detection()
 
 
 def register_estimate_attention(*, repeat_kv: bool = False) -> str:
@@ -571,6 +613,7 @@ def register_estimate_attention(*, repeat_kv: bool = False) -> str:
 
     AttentionInterface.register(ESTIMATE_ATTENTION, velora_estimate_attention)
     AttentionMaskInterface.register(ESTIMATE_ATTENTION, _estimate_mask)
+    _register_packed_detection()
     if not repeat_kv:
         return ESTIMATE_ATTENTION
     AttentionInterface.register(

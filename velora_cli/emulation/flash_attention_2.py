@@ -18,7 +18,14 @@ from typing import Any
 import torch
 from torch import nn
 
-from velora_cli.emulation.attention import _HALF, _meta_padding, without_values
+from velora_cli.emulation.attention import (
+    _HALF,
+    _meta_padding,
+    _register_packed_detection,
+    packed_rows,
+    padded_real_tokens,
+    without_values,
+)
 from velora_cli.methods.velora import autocast_dtype
 
 # Must not contain "flash": transformers treats such names as kernels to fetch from the hub.
@@ -74,6 +81,8 @@ def velora_fa2_attention(
     causal = bool(query.shape[2] > 1 and causal)
     if attention_mask is not None:
         return _fa2_varlen(query, key, value, dropout, causal, scaling), None
+    if packed_rows():
+        return _fa2_packed(query, key, value, dropout, causal, scaling), None
     out = torch.ops.aten._scaled_dot_product_flash_attention(
         query, key, value, dropout, causal, False, scale=scaling
     )[0]
@@ -89,8 +98,8 @@ def _fa2_varlen(
     scaling: float | None,
 ) -> torch.Tensor:
     """FA2 on a padded batch, as transformers runs it (`_upad_input`, `flash_attn_varlen_func`,
-    `_pad_input` in modeling_flash_attention_utils.py), for the worst padded batch: one pad
-    token, so T = B*N - 1 real tokens.
+    `_pad_input` in modeling_flash_attention_utils.py), for the planned padded batch: its T real
+    tokens (`padded_batches`; by default one pad token, T = B*N - 1).
 
     q, k, v are gathered into (T, heads, d) copies (`_index_first_axis`: a reshape, itself a copy
     of the (B, N, H, d) view, then an index; the backward keeps the int64 indices); the varlen
@@ -101,7 +110,7 @@ def _fa2_varlen(
     from transformers.modeling_flash_attention_utils import _index_first_axis, _pad_input
 
     batch, _heads, length, _head_dim = query.shape
-    tokens = batch * length - 1
+    tokens = padded_real_tokens() or batch * length - 1
     indices = torch.empty(tokens, dtype=torch.long, device=query.device)
     # (B, H, N, d) -> (B, N, H, d) view -> (T, H, d) copy
     q, k, v = (_index_first_axis(t.transpose(1, 2), indices) for t in (query, key, value))
@@ -114,6 +123,38 @@ def _fa2_varlen(
     )[0]
     # (1, H, T, d) laid out like q: (T, H, d) contiguous
     return _pad_input(out[0].transpose(0, 1), indices, batch, length)
+
+
+def _fa2_packed(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    dropout: float,
+    causal: bool,
+    scaling: float | None,
+) -> torch.Tensor:
+    """FA2 on a packed row (position_ids that restart, no mask), as transformers 5.25 runs it:
+    `_flash_attention_forward` takes TRL's ``cu_seq_lens_*`` kwargs (``x.reshape(-1, H, d)``)
+    or derives them from position_ids (`_prepare_from_posids`: ``x.contiguous().view(-1, H,
+    d)``), then `flash_attn_varlen_func` and ``out.view(B, -1, H, d)``.
+
+    q and k, made (B, H, T, d) by RoPE, are (B, T, H, d) views here that are not contiguous, so
+    both reshape and contiguous copy them to (B*T, H, d); v, a view of v_proj's output, is
+    already contiguous and is not copied. The varlen kernel keeps those, its (B*T, H, d) output
+    and an fp32 (H, B*T) logsumexp (flash_attn_interface.py `FlashAttnVarlenFunc`), as torch's
+    flash op on a (1, H, B*T, d) view keeps. No mask, no unpadding indices. Returns (B, T, H, d).
+    """
+    batch, heads, length, head_dim = query.shape
+    # (B, H, T, d) -> (B, T, H, d) view -> (B*T, H, d): a copy unless already contiguous
+    q, k, v = (t.transpose(1, 2).reshape(-1, t.shape[1], t.shape[3]) for t in (query, key, value))
+    out = torch.ops.aten._scaled_dot_product_flash_attention(
+        *(t.transpose(0, 1).unsqueeze(0) for t in (q, k, v)),  # (1, H, B*T, d) views
+        dropout,
+        causal,
+        False,
+        scale=scaling,
+    )[0]
+    return out[0].transpose(0, 1).view(batch, length, heads, head_dim)
 
 
 def _fa2_mask(*args: Any, **kwargs: Any) -> torch.Tensor | None:
@@ -139,4 +180,5 @@ def register_fa2_attention() -> str:
 
     AttentionInterface.register(FA2_ATTENTION, velora_fa2_attention)
     AttentionMaskInterface.register(FA2_ATTENTION, _fa2_mask)
+    _register_packed_detection()
     return FA2_ATTENTION

@@ -100,7 +100,10 @@ class EstimateBackend:
             )
         try:
             # attention kernels as torch picks them on this GPU, masks as the batches pad
-            with target_gpu(self.gpu, self.cuda_version) as kernels, padded_batches(spec.padding):
+            with (
+                target_gpu(self.gpu, self.cuda_version) as kernels,
+                padded_batches(spec.padding, spec.real_tokens(), spec.packed_sequences),
+            ):
                 if self.shortcuts and self.warmup >= 1:
                     row = self.fast_path().row(
                         spec, breakdown=breakdown, full_depth=self.full_depth

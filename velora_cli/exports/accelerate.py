@@ -28,7 +28,12 @@ from __future__ import annotations
 from typing import Any
 
 from velora_cli.configs import VeloraConfig
-from velora_cli.exports.recipe import attn_implementation, trainer_optim
+from velora_cli.exports.recipe import (
+    attn_implementation,
+    auto_class,
+    head_kwargs,
+    trainer_optim,
+)
 
 
 def accelerate_blockers(config: VeloraConfig) -> list[str]:
@@ -114,7 +119,8 @@ def accelerate_notes(config: VeloraConfig) -> list[str]:
             "velora_cli.make_optimizer(model, config, lr=...) after prepare(model)"
         )
     notes.append(
-        f"load the model with attn_implementation={attn_implementation(config)!r} (as planned)"
+        f"load the model with {auto_class(config)}.from_pretrained(..., {head_kwargs(config)}"
+        f"attn_implementation={attn_implementation(config)!r}) (the head as planned)"
     )
     if config.gc_reentrant and config.gc:
         notes.append(

@@ -26,6 +26,7 @@ from typing import Any
 from velora_cli.configs import LORA_MODES, VeloraConfig
 from velora_cli.exports import Export, Nearest, NotExpressible
 from velora_cli.exports.nearest import tune_command
+from velora_cli.exports.recipe import task_of
 
 # velora_cli.models' heads -> peft.TaskType (PEFT has none for masked LM: a plain PeftModel, as
 # velora's own measurement builds it)
@@ -49,19 +50,6 @@ def num_groups_of(config: VeloraConfig) -> list[int]:
         e["in_features"] // e["sub_token_size"] for e in trained_layers(config).values()
     )
     return [g for g, _ in counts.most_common()]
-
-
-def task_of(config: VeloraConfig) -> str | None:
-    """The head the model trains (``causal-lm``, ``masked-lm``): the config's, else read from
-    the model; None when the model cannot be resolved here (an unreachable hub id)."""
-    if config.task is not None:
-        return config.task
-    from velora_cli.models import ModelError, resolve_model
-
-    try:
-        return resolve_model(config.model).task
-    except ModelError:
-        return None
 
 
 def task_type(config: VeloraConfig) -> str | None:

@@ -23,7 +23,7 @@ import json
 from typing import Any
 
 from velora_cli.configs import VeloraConfig
-from velora_cli.exports.recipe import attn_implementation
+from velora_cli.exports.recipe import attn_implementation, auto_class, head_kwargs, task_of
 from velora_cli.models.public import is_builtin
 
 _TEMPLATE = '''\
@@ -103,11 +103,12 @@ def main():
 
     holds = True
     if args.dry_run:
-        vocab = (model.module if PARALLEL == "ddp" else model).config.vocab_size
+        cfg = (model.module if PARALLEL == "ddp" else model).config
+        vocab = getattr(cfg, "vocab_size", 2)
 
         def step():
             ids = torch.randint(0, vocab, (ACCUMULATION, MICRO_BATCH, SEQ_LEN), device=device)
-            train_step(model, optimizer, [dict(input_ids=x, labels=x) for x in ids])
+            train_step(model, optimizer, [{dry_batch} for x in ids])  # {task}
 
         for _ in range(args.dry_run - 1):
             step()
@@ -128,6 +129,24 @@ def main():
 if __name__ == "__main__":
     main()
 '''
+
+
+# the dry run's random micro-batch of each head, from x: (MICRO_BATCH, SEQ_LEN) token ids and
+# cfg: the model's config (labels as the HF heads take them, as velora planned the step)
+_CLASSES = "cfg.num_labels"
+DRY_BATCHES = {
+    "causal-lm": "dict(input_ids=x, labels=x)",
+    "masked-lm": "dict(input_ids=x, labels=x)",
+    "sequence-classification": "dict(input_ids=x, labels=torch.randint(0, "
+    f"{_CLASSES}, x.shape[:1], device=device))",
+    "token-classification": f"dict(input_ids=x, labels=torch.randint(0, {_CLASSES}, x.shape, "
+    "device=device))",
+    "question-answering": "dict(input_ids=x, start_positions=x[:, 0] % SEQ_LEN, "
+    "end_positions=x[:, 1] % SEQ_LEN)",
+    "image-classification": "dict(pixel_values=torch.randn(MICRO_BATCH, cfg.num_channels, "
+    "cfg.image_size, cfg.image_size, device=device), labels=torch.randint(0, "
+    f"{_CLASSES}, (MICRO_BATCH,), device=device))",
+}
 
 
 def torchrun_blockers(config: VeloraConfig) -> list[str]:
@@ -168,10 +187,13 @@ def to_script(config: VeloraConfig, script: str = "train_velora.py") -> str:
     return _TEMPLATE.format(
         model_import="from velora_cli import build_model  # MODEL is a velora built-in"
         if builtin
-        else "from transformers import AutoModelForCausalLM",
+        else f"from transformers import {auto_class(config)}",
         model_load="build_model(MODEL, dtype=DTYPE)  # random weights, no tokenizer"
         if builtin
-        else "AutoModelForCausalLM.from_pretrained(MODEL, dtype=DTYPE, attn_implementation=ATTN)",
+        else f"{auto_class(config)}.from_pretrained(\n        MODEL, {head_kwargs(config)}"
+        "dtype=DTYPE, attn_implementation=ATTN\n    )",
+        dry_batch=DRY_BATCHES.get(task_of(config) or "causal-lm", DRY_BATCHES["causal-lm"]),
+        task=task_of(config) or "causal-lm",
         model=config.model,
         model_literal=json.dumps(config.model),
         attn_literal=json.dumps(attn_implementation(config)),

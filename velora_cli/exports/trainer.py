@@ -12,8 +12,12 @@ from velora_cli.exports import Export
 from velora_cli.exports import checkpointing as memory
 from velora_cli.exports.recipe import (
     attn_implementation,
+    auto_class,
+    batch_notes,
     bnb_source,
     checkpointing_kwargs,
+    collator_lines,
+    head_kwargs,
     kbit_prepare_source,
     recipe_notes,
     trainer_optim,
@@ -34,8 +38,9 @@ def builds_builtin(config: VeloraConfig) -> bool:
 
 def model_line(config: VeloraConfig, name: str, weights: str, quantized: str = "") -> str:
     """The snippet line that makes ``model``: `velora_cli.build_model` for a built-in (which
-    ``from_pretrained`` cannot load), else ``AutoModelForCausalLM.from_pretrained`` with the
-    planned ``attn_implementation``.
+    ``from_pretrained`` cannot load), else the planned head's Auto class
+    (``AutoModelForSequenceClassification``, ...: `recipe.auto_class`) ``.from_pretrained`` with
+    its ``num_labels`` and the planned ``attn_implementation``.
 
     Args:
         name: the Python expression naming the model (a literal or a variable).
@@ -48,7 +53,8 @@ def model_line(config: VeloraConfig, name: str, weights: str, quantized: str = "
         "  # a velora built-in: your checkpoint's id or path" if is_builtin(config.model) else ""
     )
     return (
-        f"model = AutoModelForCausalLM.from_pretrained({name}, dtype={weights}{quantized}, "
+        f"model = {auto_class(config)}.from_pretrained({name}, {head_kwargs(config)}"
+        f"dtype={weights}{quantized}, "
         f'attn_implementation="{attn_implementation(config)}"){where}'
     )
 
@@ -147,7 +153,7 @@ def trainer_notes(config: VeloraConfig) -> list[str]:
             "velora_cli.make_optimizer(model, config, lr=...) and pass "
             "Trainer(..., optimizers=(optimizer, None)) (snippet)"
         )
-    return notes + recipe_notes(config)
+    return notes + recipe_notes(config) + batch_notes(config)
 
 
 DEFAULT_PATH = "trainer.json"  # where the snippet reads this export from
@@ -189,7 +195,7 @@ def trainer_snippet(config: VeloraConfig, config_path: str = DEFAULT_PATH) -> st
         *(["import peft"] if config.mode in LORA_MODES else []),
         "import torch",
         "from transformers import "
-        + ("" if builtin else "AutoModelForCausalLM, ")
+        + ("" if builtin else f"{auto_class(config)}, ")
         + "Trainer, TrainingArguments",
         *(["from transformers import BitsAndBytesConfig"] if qlora else []),
         "from velora_cli import " + ", ".join(imports),
@@ -220,8 +226,11 @@ def trainer_snippet(config: VeloraConfig, config_path: str = DEFAULT_PATH) -> st
             "model.activation_checkpointing_enable(every_n_layers="
             f"{config.gc_every}, activation_checkpointing_kwargs={checkpointing_kwargs(config)!r})"
         )
+    collator, collator_arg = collator_lines(config)
+    lines += collator
     lines.append('args = TrainingArguments(output_dir="out", **export["training_arguments"])')
-    callback = 'callbacks=[VeloraCallback(export["velora"])]'  # checks the plan, records the run
+    # checks the plan, records the run
+    callback = collator_arg + 'callbacks=[VeloraCallback(export["velora"])]'
     if own_optimizer:
         lr = "1e-2)  # GaLore's pre-training lr" if config.optimizer == "adarankgrad" else "1e-5)"
         lines += [

@@ -80,6 +80,9 @@ def to_sft(config: VeloraConfig) -> dict[str, Any]:
         d.setdefault(amp, config.amp == amp)
     if config.seq_len:
         d["max_length" if _sft_has("max_length") else "max_seq_length"] = config.seq_len
+    # packed rows as planned: packing=True with TRL's default "bfd" strategy makes the collator
+    # padding-free (sft_trainer.py: padding_free = args.padding_free or packing and bfd)
+    d["packing"] = config.packing
     return d
 
 
@@ -123,13 +126,29 @@ def notes(config: VeloraConfig, lora: dict[str, Any] | None, own_velora: bool) -
         "tiled LM head, entropy and token accuracy, as SFTTrainer computes them); "
         "VeloraCallback reports the run's real peaks beside the plan"
     )
-    if config.seq_len:
+    if config.packing:
+        out.append(
+            "packing=True: each batch's sequences packed into one row of up to micro-batch × "
+            "max_length tokens (padding-free, position_ids restart), as planned; with sdpa or "
+            "eager transformers builds a block-diagonal mask over that row, flash_attention_2 "
+            "runs varlen without one"
+        )
+    elif config.padding:
+        out.append(
+            f"packing=False: batches padded to their longest sequence (TRL's collator), planned "
+            f"for the longest batch (max_length {config.seq_len})"
+        )
+    elif config.seq_len:
         out.append(
             f"max_length {config.seq_len}: velora measured every sequence at {config.seq_len} "
-            "tokens without padding (what packing=True gives); shorter batches use less memory"
+            "tokens with no padding mask; TRL pads batches of shorter sequences to their longest, "
+            "which passes a mask (plan that with velora tune --padding or --packing)"
         )
     out += memory.notes(config, trl=True)
-    skip = ("VeLoRA", "LoRA", "QLoRA", "selective checkpointing", "offload")
+    skip = (
+        "VeLoRA", "LoRA", "QLoRA", "selective checkpointing", "offload", "padded batches",
+        "packed batches",
+    )  # fmt: skip
     out += [n for n in trainer_notes(config) if not n.startswith(skip)]
     return out
 
@@ -225,10 +244,10 @@ def export(config: VeloraConfig) -> Export:
             "(--format trainer writes the same settings for transformers' Trainer)"
         )
     task = peft_export.task_of(config)
-    if task == "masked-lm":
+    if task not in (None, "causal-lm"):
         raise NotExpressible(
             "an SFTTrainer run",
-            [f"TRL's SFTTrainer trains causal language models; {config.model} is masked-lm"],
+            [f"TRL's SFTTrainer trains causal language models; {config.model} is {task}"],
             None,
             "--format trainer writes this configuration for transformers' Trainer",
         )

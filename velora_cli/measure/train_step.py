@@ -38,6 +38,8 @@ _LATER_FIELDS: dict[str, Any] = {
     "task": None,
     "padding": False,
     "repeat_kv": False,
+    "lengths": None,
+    "packing": False,
 }
 # selective checkpointing policies (measure/selective.py) and activation offload kinds
 # (measure/host_offload.py), repeated here so a Strategy is validated without importing torch
@@ -182,9 +184,16 @@ class StepSpec:
     # heads and no enable_gqa, and its kernel keeps the repeated (B, H, N, d) copies. Default:
     # what transformers 5 does (enable_gqa when there is no mask)
     repeat_kv: bool = False
+    # the real lengths of the planned micro-batch's sequences (`measure.lengths.worst_batch`:
+    # --lengths, --data), longest = seq_len; None: every sequence seq_len long (with padding, one
+    # pad token: the worst batch of a distribution)
+    lengths: tuple[int, ...] | None = None
+    # packed batches (DataCollatorWithFlattening, TRL packing / padding_free): a micro-batch's
+    # sequences in one row with position_ids restarting at each, no attention mask
+    packing: bool = False
 
     def __post_init__(self):
-        errors = []
+        errors = _batch_errors(self)
         if self.batch_size < 1:
             errors.append(f"--batch-size must be at least 1, got {self.batch_size}")
         if self.seq_len < 1:
@@ -323,10 +332,46 @@ class StepSpec:
     def from_json(cls, data: dict[str, Any]) -> StepSpec:
         data = dict(data)
         data["strategy"] = Strategy(**data.get("strategy", {}))
+        if data.get("lengths") is not None:
+            data["lengths"] = tuple(data["lengths"])
         return cls(**data)
+
+    @property
+    def micro_batch(self) -> int:
+        return max(1, self.batch_size // self.grad_accum_steps)
+
+    def real_tokens(self) -> int:
+        """Real (not padding) tokens of a padded micro-batch, or the tokens of a packed row."""
+        if self.lengths is not None:
+            return sum(self.lengths)
+        return self.micro_batch * self.seq_len - (1 if self.padding else 0)
+
+    @property
+    def packed_sequences(self) -> bool:
+        """Whether a packed row holds several sequences (transformers then builds its packed
+        mask for SDPA and eager, and FA2 runs varlen); a row of one sequence is plain causal."""
+        return self.packing and (self.lengths is None or len(self.lengths) > 1)
 
 
 QUANT_STORAGES = ("uint8", "bf16", "fp16", "fp32")
+
+
+def _batch_errors(spec: StepSpec) -> list[str]:
+    """Padding, lengths and packing settings that make no sense (`StepSpec.__post_init__`)."""
+    errors = []
+    if spec.packing and spec.padding:
+        errors.append(
+            "--packing puts a batch's sequences in one row without padding: leave --padding out"
+        )
+    if spec.lengths is not None:
+        micro = spec.batch_size // max(1, spec.grad_accum_steps)
+        if not (spec.padding or spec.packing):
+            errors.append("lengths of a batch need --padding or --packing")
+        elif len(spec.lengths) != micro:
+            errors.append(f"{len(spec.lengths)} lengths for a micro-batch of {micro} sequences")
+        elif min(spec.lengths) < 1 or max(spec.lengths) != spec.seq_len:
+            errors.append(f"lengths run from 1 to the sequence length {spec.seq_len}")
+    return errors
 
 
 def _recipe_errors(spec: StepSpec) -> list[str]:
@@ -717,8 +762,9 @@ def make_batch(
             return torch.randint(0, high, shape, generator=gen).to(device)
 
         if inputs.image is not None:
-            if spec.padding:
-                raise SpecError("--padding: images are not padded; leave it out")
+            if spec.padding or spec.packing:
+                flag = "--padding" if spec.padding else "--packing"
+                raise SpecError(f"{flag}: images are neither padded nor packed; leave it out")
             shape = (micro, *inputs.image)
             pixels = (
                 torch.empty(shape, device="meta")
@@ -727,9 +773,17 @@ def make_batch(
             )
             batches.append({"pixel_values": pixels, "labels": ints(inputs.labels, micro)})
             continue
+        if spec.packing:
+            batches.append(
+                _packed_batch(spec, inputs.task, ints(vocab_size, 1, spec.real_tokens()))
+            )
+            continue
         ids = ints(vocab_size, micro, spec.seq_len)
         mask = torch.ones_like(ids) if not meta else torch.empty_like(ids)
-        if spec.padding and not meta:
+        if spec.padding and not meta and spec.lengths is not None:
+            for row, length in enumerate(spec.lengths):
+                mask[row, length:] = 0  # right padding, as the collators pad
+        elif spec.padding and not meta:
             mask[0, -1] = 0  # the worst padded batch: one pad token (meta: `padded_batches`)
         batch = {"input_ids": ids, "attention_mask": mask}
         if inputs.task == "sequence-classification":
@@ -743,6 +797,33 @@ def make_batch(
             batch["labels"] = ids
         batches.append(batch)
     return batches
+
+
+def _packed_batch(spec: StepSpec, task: str, ids: torch.Tensor) -> dict:
+    """A packed micro-batch, as `DataCollatorWithFlattening` and TRL's ``padding_free`` collator
+    give it: the sequences in one (1, T) row, ``position_ids`` restarting at each, no attention
+    mask, ``labels = input_ids`` (the collators set each sequence's first label to -100; the
+    shape is the same). Without ``spec.lengths`` the row is ``micro`` packing bins of
+    ``seq_len`` (TRL ``packing=True``), each holding two sequences here: where they restart
+    changes values, not sizes, as long as the row holds more than one (then transformers builds
+    its packed mask). On meta ``position_ids`` has no values: `padded_batches` says the row packs.
+    """
+    import torch
+
+    if task != "causal-lm":
+        raise SpecError(
+            f"--packing: packed rows train causal language models (DataCollatorWithFlattening, "
+            f"TRL), not {task}; leave --packing out"
+        )
+    if ids.device.type == "meta":
+        positions = torch.empty_like(ids)
+    else:
+        lengths = list(spec.lengths or ())
+        if not lengths:
+            half = spec.seq_len // 2
+            lengths = [n for _ in range(spec.micro_batch) for n in (half, spec.seq_len - half) if n]
+        positions = torch.cat([torch.arange(n) for n in lengths]).unsqueeze(0).to(ids.device)
+    return {"input_ids": ids, "position_ids": positions, "labels": ids}
 
 
 def check_seq_len(spec: StepSpec, model_spec: ModelSpec) -> None:

@@ -146,7 +146,10 @@ def loss_of(
         outputs.label_mask.sum(),
         outputs.entropy.detach().sum(),
         outputs.is_top1.sum(),
-        batch["attention_mask"].sum(),
+        # TRL's num_tokens: the attention mask's sum, or a packed row's length
+        batch["attention_mask"].sum()
+        if "attention_mask" in batch
+        else torch.tensor(batch["position_ids"].size(1)),
     ]
     if not meta:
         _ = [m.item() for m in metrics]

@@ -145,7 +145,10 @@ class ParallelEstimateBackend:
         for rank in ranks:
             try:
                 # attention kernels as torch picks them on this GPU, masks as the batches pad
-                with target_gpu(self.gpu), padded_batches(spec.padding):
+                with (
+                    target_gpu(self.gpu),
+                    padded_batches(spec.padding, spec.real_tokens(), spec.packed_sequences),
+                ):
                     row, _trace = estimate_rank(
                         spec,
                         rank,

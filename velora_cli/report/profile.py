@@ -88,6 +88,10 @@ def profile_table(document: dict[str, Any]):
     settings = document.get("settings", {})
     attention = f" · {settings['attn']} attention" if settings.get("attn") else ""
     padded = " (padded)" if settings.get("padding") else ""
+    if settings.get("packing"):
+        lengths = settings.get("lengths")
+        tokens = sum(lengths) if lengths else None
+        padded = f" (packed: {tokens:,} tokens in one row)" if tokens else " (packed in one row)"
     title = (
         f"{document['model']}{task} · {document['mode']} · batch {document['batch_size']} × seq "
         f"{document['seq_len']}{padded}{attention} · {document['precision']}"

@@ -289,6 +289,45 @@ def _tokenizer_ids(texts, tokenizer, model_spec, vocab_size, max_tokens):
     return torch.tensor(ids, dtype=torch.long), f"{name} from {model_spec.tokenizer_path}"
 
 
+def token_lengths(
+    texts: list[str], model_spec: ModelSpec, max_length: int
+) -> tuple[list[int], str]:
+    """The token length of each document, as a collator gets them (``--padding``/``--packing``
+    with ``--data``): one sequence per document (a JSONL line's ``text``, a paragraph of a text
+    file, a dataset row), tokenized as ``tokenizer(text, truncation=True, max_length=...)`` does,
+    with the tokenizer's special tokens.
+
+    With no tokenizer that loads offline (built-in architectures ship none), a document's length
+    is its UTF-8 bytes, truncated the same way, and the description says so: byte counts run
+    about 4 times a subword tokenizer's on English text, so such a plan is for longer sequences
+    than the real tokenizer gives (the safe side).
+
+    Returns:
+        ``(lengths, description)``: one length >= 1 per non-empty document.
+    """
+    reason = BYTE_LEVEL
+    if model_spec.tokenizer_path is not None:
+        try:
+            from transformers import AutoTokenizer
+
+            tokenizer = AutoTokenizer.from_pretrained(
+                model_spec.tokenizer_path, local_files_only=True
+            )
+        except Exception as exc:  # missing files, no sentencepiece, ...
+            lines = str(exc).strip().splitlines()
+            why = (lines[0] if lines else type(exc).__name__)[:160]
+            reason = (
+                f"byte-level (UTF-8 bytes as tokens): the tokenizer of "
+                f"{model_spec.tokenizer_path} could not be loaded locally ({why})"
+            )
+        else:
+            ids = tokenizer(texts, truncation=True, max_length=max_length)["input_ids"]
+            name = type(tokenizer).__name__
+            return [len(x) for x in ids if x], f"{name} from {model_spec.tokenizer_path}"
+    lengths = [min(max_length, len(t.encode("utf-8"))) for t in texts]
+    return [n for n in lengths if n], reason
+
+
 # -- batches ------------------------------------------------------------------------------------
 
 

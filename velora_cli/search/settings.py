@@ -94,6 +94,7 @@ class TuneSettings:
     task: str | None = None  # the head trained (StepSpec.task); None: the config's
     padding: bool = False  # padded batches (StepSpec.padding)
     repeat_kv: bool = False  # K/V repeated before SDPA (StepSpec.repeat_kv)
+    packing: bool = False  # packed rows (StepSpec.packing)
     sac: tuple[str, ...] = ()  # selective checkpointing policies tried with gc on every layer
     offload: tuple[str, ...] = ()  # activation offload kinds (inputs with gc, all without)
 
@@ -119,6 +120,8 @@ class TuneSettings:
             context["padding"] = True
         if self.repeat_kv:
             context["repeat_kv"] = True
+        if self.packing:
+            context["packing"] = True
         for key in ("sac", "offload"):  # only where tried: earlier journals' headers still match
             if getattr(self, key):
                 context[key] = list(getattr(self, key))
@@ -176,6 +179,7 @@ class TuneSettings:
             task=self.task,
             padding=self.padding,
             repeat_kv=self.repeat_kv,
+            packing=self.packing,
         )
 
 

@@ -53,7 +53,7 @@ class _Setup:
 def setup_key(spec: StepSpec) -> StepSpec:
     """What a built model depends on: ``spec`` without its strategy and batch shape."""
     return dataclasses.replace(
-        spec, batch_size=1, seq_len=1, grad_accum_steps=1, strategy=Strategy()
+        spec, batch_size=1, seq_len=1, grad_accum_steps=1, strategy=Strategy(), lengths=None
     )
 
 
