@@ -137,3 +137,25 @@ class MetaSoftmaxSavesInput(TorchFunctionMode):
                 plain = torch.softmax if func in _SOFTMAX else torch.log_softmax
                 return plain(held, dim, dtype=dtype) if dtype is not None else plain(held, dim)
         return func(*args, **kwargs)
+
+
+SOFTMAX_BACKWARD = torch.ops.aten._softmax_backward_data.default
+
+
+def cuda_kernel_temporaries(func, args: tuple) -> list[tuple[str, torch.Tensor]]:
+    """Tensors a CUDA kernel allocates inside one op and frees before it returns, made on meta
+    so that a tracker can count them: ``(op name, tensor)`` pairs, empty for other ops.
+
+    ``_softmax_backward_data`` on CUDA computes ``Tensor tmp = grad * output;`` before its kernel
+    (``softmax_backward_cuda_out``, aten/src/ATen/native/cuda/SoftMax.cu): a temporary the size
+    of the scores in the gradient's dtype (fp32 for HF eager attention, whose softmax runs with
+    ``dtype=torch.float32``), live with the saved probabilities, their gradient and the new
+    input gradient. The CPU kernel and the meta one allocate nothing of the kind. At 2 x 32
+    heads x 2048² that is 1 GiB per recomputed layer's attention backward.
+    """
+    if func is not SOFTMAX_BACKWARD:
+        return []
+    grad, output = args[0], args[1]
+    if not isinstance(grad, torch.Tensor) or grad.device.type != "meta":
+        return []
+    return [("aten::mul", torch.ops.aten.mul.Tensor(grad, output))]
