@@ -209,3 +209,10 @@ def test_the_first_steps_gradients_are_its_backward_buffers():
         ops=5,
     )
     assert first_step_grads(trace) == {10: 1, 12: 2}
+
+
+def test_profile_documents_of_todays_setups_do_not_change():
+    data = StepSpec(model="m").to_json()
+    assert "zero_grad_set_to_none" not in data and "torch_version" not in data
+    old = StepSpec(model="m", zero_grad_set_to_none=False, torch_version="1.10")
+    assert StepSpec.from_json(old.to_json()) == old

@@ -33,7 +33,13 @@ MODES = ("full", "lora", "qlora")  # qlora: 4-bit NF4 frozen base + LoRA (quant.
 # torch indexes a tensor's elements with int64: no step may hold a tensor with more elements.
 MAX_ELEMENTS = 2**63 - 1
 # StepSpec fields added after profile documents were first written, with their defaults
-_LATER_FIELDS: dict[str, Any] = {"attn": "auto", "task": None, "padding": False}
+_LATER_FIELDS: dict[str, Any] = {
+    "attn": "auto",
+    "task": None,
+    "padding": False,
+    "zero_grad_set_to_none": True,
+    "torch_version": None,
+}
 # selective checkpointing policies (measure/selective.py) and activation offload kinds
 # (measure/host_offload.py), repeated here so a Strategy is validated without importing torch
 SAC_POLICIES = ("op", "attn", "mlp")
@@ -298,7 +304,7 @@ class StepSpec:
 
     def to_json(self) -> dict[str, Any]:
         """The fields as JSON; fields added later (``trainer``, ``keep_outputs``, the recipe's,
-        attention, task, padding) are left out at their defaults, so the documents of setups that
+        attention, task, padding, zero_grad, torch version) are left out at their defaults, so the documents of setups that
         existed before them are unchanged."""
         data = dataclasses.asdict(self)
         if data["trainer"] == "hf":
