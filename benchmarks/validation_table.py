@@ -89,9 +89,9 @@ TAIL = """
   estimate plans SDPA's math path and keeps the N x N matrix: +18 to +43 % allocated at 2048 to
   4096 tokens (TinyLlama, SmolLM2-360M). The mapping notes the shim, but no step setting models
   repeated K/V yet.
-- **The transformers guide (V100), fp16 AMP at 4 x 512 without checkpointing: −3.2 % device.**
-  The other eight rows are within −1.7 … +0.1 % (see below what made them match); this one keeps
-  about 440 MiB more than the estimate (AMP's GradScaler, the fp16 casts of the era's autocast,
+- **The transformers guide (V100), fp16 AMP at 4 x 512 without checkpointing: −2.7 % device.**
+  The other eight rows are within −1.7 … +0.6 % (see below what made them match); this one keeps
+  about 380 MiB more than the estimate (AMP's GradScaler, the fp16 casts of the era's autocast,
   or the allocator of torch 1.10: not found).
 - **LitGPT (A100) and PEFT's method comparison (L40S).** Whole-run peaks over real, variable-length
   data with evaluation passes (PEFT), and LitGPT's own model code with unstated LoRA settings:
@@ -143,7 +143,8 @@ TAIL = """
   whatever the grad mode). Without checkpointing each linear saves that cast anyway; with it, the
   checkpointed layers save nothing, yet the cache holds ~600 MiB of BERT-large casts to the end of
   the forward. The estimate's autocast now caches them inside the step's autocast region.
-  Together these took the guide's rows from −3 … −21 % to −3.2 … +0.1 % device.
+  Together with the softmax backward's temporary these took the guide's rows from −21 … +1.4 %
+  to −2.7 … +0.6 % device (mean |error| 11.8 % to 0.9 %).
 - **The CUDA context for the run's CUDA version.** The device figure adds the context measured
   on the same GPU die and CUDA version where there is one (`gpus.GpuSpec.cuda_context`): 140.875
   MiB on the T4 with CUDA 12.8 / 13.0 (the same figure as without a version, since the T4 was
@@ -155,6 +156,21 @@ TAIL = """
 TIER_NAMES = {"allocated_bytes": "allocated", "reserved_bytes": "reserved",
               "device_bytes": "device", "tokens_per_second": "tokens/s"}  # fmt: skip
 BEGIN, END = "<!-- validate:begin -->", "<!-- validate:end -->"
+
+
+def calibration(document: dict) -> str:
+    """The efficiencies the timed cases imply (benchmarks/roofline_calibration.py)."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from roofline_calibration import report
+
+    body = report(document).replace("## ", "##### ")
+    return (
+        "\n#### Step time: the efficiencies the timed cases imply, per op class\n\n"
+        "From `python benchmarks/roofline_calibration.py validate.json`: per GPU and GEMM "
+        "precision, one factor for the GEMMs (and fused attention) and one for the memory-bound "
+        "ops, fitted over the timed cases (measured ≈ Σ factor × predicted seconds of the "
+        "class); the implied efficiency is the assumed one over the factor.\n\n" + body + "\n"
+    )
 
 
 def readme_table(document: dict) -> str:
@@ -203,7 +219,9 @@ def main() -> None:
             subprocess.run(command, cwd=ROOT, check=False)  # exit 1 = out of bounds, still written
             document = json.loads(path.read_text())
     document.setdefault("passed", False)
-    text = HEAD + render(document, "markdown").replace("### ", "#### ") + TAIL
+    text = (
+        HEAD + render(document, "markdown").replace("### ", "#### ") + calibration(document) + TAIL
+    )
     Path(args.out).write_text(text)
     print(f"wrote {args.out}")
     if not args.no_readme:
