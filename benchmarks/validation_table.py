@@ -81,8 +81,10 @@ TAIL = """
   QLoRA and eager rows now predicted add more of the same sign and spread.
   `benchmarks/roofline_calibration.py` fits, per GPU and GEMM precision, one factor for the GEMMs
   (and fused attention) and one for the memory-bound ops over the timed cases and prints the
-  efficiencies they imply; each GPU's cases come from one source and one harness, so no assumed
-  efficiency is changed from them.
+  efficiencies they imply (section above): on the T4, GEMMs near the assumed efficiency and the
+  memory-bound ops at about half the assumed share of the bandwidth; on the V100, fp16 tensor-core
+  GEMMs at about 0.4 of the peak. Each GPU's cases come from one source and one harness, not
+  several independent ones, so no assumed efficiency is changed from them.
 - **SDPA with grouped-query attention on the T4: high.** fitcheck's harness `repeat_interleave`s
   K/V to the query heads before SDPA (a shim), so torch runs the memory-efficient kernel on the
   T4; velora's SDPA call passes `enable_gqa`, which that kernel does not take on sm75, so the
