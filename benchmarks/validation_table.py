@@ -88,7 +88,8 @@ TAIL = """
 - **SDPA with grouped-query attention on the T4: high.** fitcheck's harness `repeat_interleave`s
   K/V to the query heads before SDPA (a shim), so torch runs the memory-efficient kernel on the
   T4; velora's SDPA call passes `enable_gqa`, which that kernel does not take on sm75, so the
-  estimate plans SDPA's math path and keeps the N x N matrix: +18 to +43 % allocated at 2048 to
+  estimate plans SDPA's math path and keeps the N x N matrix (and its softmax backward's
+  temporary): +40 to +70 % allocated at 2048 to
   4096 tokens (TinyLlama, SmolLM2-360M). The mapping notes the shim, but no step setting models
   repeated K/V yet.
 - **The transformers guide (V100), fp16 AMP at 4 x 512 without checkpointing: −2.7 % device.**
