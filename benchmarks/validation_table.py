@@ -79,18 +79,16 @@ TAIL = """
   below the boost clock under sustained tensor-core load.)
 - **The step time above** was worked out when 12 cases were expressible (LoRA with SDPA); the
   QLoRA and eager rows now predicted add more of the same sign and spread.
-- **Eager attention at long sequences: low, the dangerous side.** With issue 24's `--attn eager`,
-  the 51 eager fitcheck rows are predicted; most agree to within 1 %, but the longest sequences
-  are low by up to 19.6 % allocated (SmolLM2-360M at 4096 tokens, TinyLlama-1.1B at 2 x 2048):
-  the recomputed layer's eager backward at long sequences (the fp32 softmax's gradient and its
-  casts) holds more than the estimate's step does. Not found yet; until it is, an eager plan at
-  long sequences is under-predicted.
-- **The transformers guide (V100): low without checkpointing.** Now expressible (BERT sequence
-  classification, eager attention, `adamw_hf` planned as torch's for-loop AdamW, Adafactor, 8-bit
-  Adam, reentrant checkpointing, fp16 AMP; the Trainer's loop recorded in the corpus): with
-  checkpointing the device figure is −10.5 to +1.4 %, without it −17 to −21 %. Its stack is of
-  early 2022 (torch ~1.10, transformers ~4.15), whose BERT attention and autocast kept more than
-  today's; which tensors is not found. The accelerate row records no loop and stays out.
+  `benchmarks/roofline_calibration.py` fits, per GPU and GEMM precision, one factor for the GEMMs
+  (and fused attention) and one for the memory-bound ops over the timed cases and prints the
+  efficiencies they imply (section above): on the T4, GEMMs near the assumed efficiency and the
+  memory-bound ops at about half the assumed share of the bandwidth; on the V100, fp16 tensor-core
+  GEMMs at about 0.4 of the peak. Each GPU's cases come from one source and one harness, not
+  several independent ones, so no assumed efficiency is changed from them.
+- **The transformers guide (V100), fp16 AMP at 4 x 512 without checkpointing: −2.7 % device.**
+  The other eight rows are within −1.7 … +0.6 % (see below what made them match); this one keeps
+  about 380 MiB more than the estimate (AMP's GradScaler, the fp16 casts of the era's autocast,
+  or the allocator of torch 1.10: not found).
 - **LitGPT (A100) and PEFT's method comparison (L40S).** Whole-run peaks over real, variable-length
   data with evaluation passes (PEFT), and LitGPT's own model code with unstated LoRA settings:
   not a single step that velora could rebuild; they stay in the corpus, marked with what is missing.
@@ -123,6 +121,32 @@ TAIL = """
   still, the size of one (2048 tokens x 256) fp32 tensor, i.e. a k/v-projection output in fp32
   (Qwen's K/V width is 2 heads x 128) — not explained yet. Reserved: Qwen2.5-1.5B +22 MiB, and
   SmolLM2-360M at 4096 tokens −16 MiB (one segment; −0.4 %, inside the bounds but on the low side).
+- **CUDA's softmax backward takes a temporary the size of the scores.**
+  `softmax_backward_cuda_out` (aten/src/ATen/native/cuda/SoftMax.cu) computes
+  `Tensor tmp = grad * output;` before its kernel: with HF eager attention (softmax with
+  `dtype=torch.float32`) one fp32 (B, H, N, N) tensor, live with the saved probabilities, their
+  gradient and the new input gradient; the CPU and meta kernels take none. The estimate's tracker
+  now counts it (`emulation.softmax.cuda_kernel_temporaries`). fitcheck's eager rows at 1024 to
+  4096 tokens were low by exactly that tensor (256 MiB at 2 x 32 heads x 1024², 1 GiB at
+  2 x 32 x 2048²: −9 % to −19.6 % allocated).
+- **Gradients zeroed in place (the guide's Trainer).** transformers' Trainer of v4.18–4.26 calls
+  `model.zero_grad()`, and torch < 2.0 defaults to `set_to_none=False`: the gradients stay
+  allocated through every later forward (torch 2.0 changed the default, pytorch#92731; the
+  Trainer passes `set_to_none=True` itself since 4.27, transformers#22136). The corpus records it
+  (`setup.loop.zero_grad_set_to_none`), the step follows it (`StepSpec.zero_grad_set_to_none`),
+  and the allocator replay puts the first step's gradients where its backward made them.
+  +1.26 GiB for BERT-large in fp32.
+- **torch < 1.11 saved softmax's input.** SoftmaxBackward kept `self` (only for its dtype) until
+  pytorch#66018 (2021-10-01, after the 1.10 branch; issue #64000): one more (B, H, N, N) tensor per
+  layer, 1.5 GiB for BERT-large at 4 x 512. The guide states no torch version; its nvidia-smi
+  capture is dated 2022-01, when 1.10 was current (`setup.torch_version`, `StepSpec.torch_version`).
+- **Autocast's weight-cast cache with checkpointing.** Autocast keeps the fp16 cast of every
+  trained fp32 weight until its region ends (`cached_cast` in aten/src/ATen/autocast_mode.cpp,
+  whatever the grad mode). Without checkpointing each linear saves that cast anyway; with it, the
+  checkpointed layers save nothing, yet the cache holds ~600 MiB of BERT-large casts to the end of
+  the forward. The estimate's autocast now caches them inside the step's autocast region.
+  Together with the softmax backward's temporary these took the guide's rows from −21 … +1.4 %
+  to −2.7 … +0.6 % device (mean |error| 11.8 % to 0.9 %).
 - **The CUDA context for the run's CUDA version.** The device figure adds the context measured
   on the same GPU die and CUDA version where there is one (`gpus.GpuSpec.cuda_context`): 140.875
   MiB on the T4 with CUDA 12.8 / 13.0 (the same figure as without a version, since the T4 was
@@ -134,6 +158,21 @@ TAIL = """
 TIER_NAMES = {"allocated_bytes": "allocated", "reserved_bytes": "reserved",
               "device_bytes": "device", "tokens_per_second": "tokens/s"}  # fmt: skip
 BEGIN, END = "<!-- validate:begin -->", "<!-- validate:end -->"
+
+
+def calibration(document: dict) -> str:
+    """The efficiencies the timed cases imply (benchmarks/roofline_calibration.py)."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from roofline_calibration import report
+
+    body = report(document).replace("## ", "##### ")
+    return (
+        "\n#### Step time: the efficiencies the timed cases imply, per op class\n\n"
+        "From `python benchmarks/roofline_calibration.py validate.json`: per GPU and GEMM "
+        "precision, one factor for the GEMMs (and fused attention) and one for the memory-bound "
+        "ops, fitted over the timed cases (measured ≈ Σ factor × predicted seconds of the "
+        "class); the implied efficiency is the assumed one over the factor.\n\n" + body + "\n"
+    )
 
 
 def readme_table(document: dict) -> str:
@@ -182,7 +221,9 @@ def main() -> None:
             subprocess.run(command, cwd=ROOT, check=False)  # exit 1 = out of bounds, still written
             document = json.loads(path.read_text())
     document.setdefault("passed", False)
-    text = HEAD + render(document, "markdown").replace("### ", "#### ") + TAIL
+    text = (
+        HEAD + render(document, "markdown").replace("### ", "#### ") + calibration(document) + TAIL
+    )
     Path(args.out).write_text(text)
     print(f"wrote {args.out}")
     if not args.no_readme:

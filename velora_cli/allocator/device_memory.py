@@ -111,6 +111,50 @@ def _first_index(trace: AllocationTrace, phase: str, default: int) -> int:
     return next((start for name, start, _ in trace.phases if name == phase), default)
 
 
+# AccumulateGrad adds a backward buffer into an existing gradient right after the op that made
+# it; a buffer freed within this many events of its allocation, with a gradient's size, is such
+# a buffer
+ACCUMULATE_WINDOW = 8
+
+
+def first_step_grads(trace: AllocationTrace) -> dict[int, int]:
+    """Backward buffers of the traced step that were gradients in the run's first step.
+
+    A loop that zeroes gradients in place (``zero_grad(set_to_none=False)``) starts the traced
+    step with every gradient allocated (``trace.initial``); its backward makes each parameter's
+    gradient in a fresh buffer and AccumulateGrad adds it in place, then frees it. In the first
+    step no gradient exists yet and AccumulateGrad keeps that buffer as the gradient
+    (``accumulate_grad.h``: a new gradient is stolen, not copied), so the first step's gradients
+    lie where those buffers were allocated, between the activations freed by the backward. Each
+    gradient is matched, by size and in backward order, to a buffer that lives at most
+    `ACCUMULATE_WINDOW` events.
+
+    Returns:
+        traced buffer's storage id -> the initial gradient's storage id it stands for.
+    """
+    pending: dict[int, list[int]] = {}
+    for sid, nbytes in trace.initial:
+        if trace.categories.get(sid) == "grads":
+            pending.setdefault(nbytes, []).append(sid)
+    if not pending:
+        return {}
+    start = _first_index(trace, "backward", len(trace.events))
+    end = _first_index(trace, "optimizer", len(trace.events))
+    born: dict[int, tuple[int, int]] = {}  # storage -> (event index, nbytes)
+    out: dict[int, int] = {}
+    for index in range(start, end):
+        _op, sid, nbytes = trace.events[index]
+        if nbytes > 0:
+            born[sid] = (index, nbytes)
+            continue
+        if sid not in born:
+            continue
+        at, size = born.pop(sid)
+        if index - at <= ACCUMULATE_WINDOW and pending.get(size):
+            out[sid] = pending[size].pop(0)
+    return out
+
+
 def _step_events(
     trace: AllocationTrace,
     keys: _Keys,
@@ -131,6 +175,13 @@ def _step_events(
         for sid, nbytes in trace.initial:
             if trace.categories.get(sid) == "optimizer":
                 inserts.setdefault(at, []).append((ALLOC, keys.slot[sid], nbytes))
+        stolen = first_step_grads(trace)
+        for sid, nbytes in trace.initial:  # gradients no backward buffer stood for
+            if trace.categories.get(sid) == "grads" and sid not in stolen.values():
+                at = _first_index(trace, "backward", len(trace.events))
+                inserts.setdefault(at, []).append((ALLOC, keys.slot[sid], nbytes))
+    else:
+        stolen = {}
     events: list[Event] = []
     live: dict[int, int] = {}  # step-local storage -> its key
     freed_slots: list[int] = []
@@ -139,7 +190,10 @@ def _step_events(
         scratch = [(keys.special(), size) for size in scratch_at.get(index, ())]
         events += [(ALLOC, key, size) for key, size in scratch]  # live together in the op,
         events += [(FREE, key, 0) for key, _ in reversed(scratch)]  # freed as it returns
-        if nbytes > 0:
+        if sid in stolen:  # the first step's backward buffer that became a gradient
+            if nbytes > 0:
+                events.append((ALLOC, keys.slot[stolen[sid]], nbytes))
+        elif nbytes > 0:
             live[sid] = keys.step(step, sid)
             events.append((ALLOC, live[sid], nbytes))
         elif sid in live:
@@ -216,7 +270,7 @@ class Schedule:
         load = [
             (ALLOC, self.keys.slot[sid], nbytes)
             for sid, nbytes in trace.initial
-            if trace.categories.get(sid) != "optimizer"
+            if trace.categories.get(sid) not in ("optimizer", "grads")
         ]
         self.parts: list[list[Event]] = [load]
         self._next = 0  # the next step to build

@@ -11,12 +11,23 @@ recorded and gradients reach the fp32 master weights):
   in fp32, as its fp32 list does;
 - everything else runs in the widest input dtype (type promotion), as autocast leaves it.
 
-Autocast's weight-cast cache changes no memory: the half copy of a weight is saved for backward by
-the linear that uses it either way. VeLoRA layers read the emulated dtype through
-``velora.autocast_dtype`` and cast exactly as under real autocast.
+Autocast's weight-cast cache: CUDA autocast keeps the lower-precision cast of every fp32 leaf
+that requires grad (the trained weights) until the outermost autocast region exits
+(``cached_cast`` in aten/src/ATen/autocast_mode.cpp: ``arg.requires_grad() && arg.is_leaf() &&
+!arg.is_view() && cache_enabled``, whatever the grad mode; ``torch.autocast.__exit__`` calls
+``clear_autocast_cache()`` when the nesting drops to 0). Without checkpointing that costs nothing
+(each linear saves its weight's half copy for backward anyway); with checkpointing the layers'
+forward saves nothing, yet the cache holds the half copy of every trained weight until the forward
+ends. On meta the step marks its autocast region with `autocast_region` (the train step enters it
+where it enters ``torch.autocast`` on a GPU); casts are cached inside it. Frozen weights (LoRA's
+base) are not cached. VeLoRA layers read the emulated dtype through ``velora.autocast_dtype`` and
+cast exactly as under real autocast.
 """
 
 from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
 
 import torch
 import torch.nn.functional as F
@@ -74,6 +85,25 @@ _FP32 = {
     torch.Tensor.cumsum,
 }
 _HALF = (torch.float16, torch.bfloat16)
+_ACTIVE: list[MetaAutocast] = []  # the entered emulations, innermost last
+
+
+@contextlib.contextmanager
+def autocast_region() -> Iterator[None]:
+    """The region a ``torch.autocast`` would cover (a step's forward and loss): the innermost
+    emulated autocast caches its weight casts inside it and drops them when it ends, as the
+    outermost ``torch.autocast`` clears its cache on exit. Nothing without an emulation."""
+    mode = _ACTIVE[-1] if _ACTIVE else None
+    if mode is None:
+        yield
+        return
+    mode.regions += 1
+    try:
+        yield
+    finally:
+        mode.regions -= 1
+        if mode.regions == 0:
+            mode.cache.clear()
 
 
 class MetaAutocast(TorchFunctionMode):
@@ -82,22 +112,48 @@ class MetaAutocast(TorchFunctionMode):
     def __init__(self, amp: str):
         super().__init__()
         self.dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[amp]
+        self.regions = 0  # autocast_region depth; casts are cached inside one
+        self.cache: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # id -> (weight, cast)
 
     def __enter__(self):
         velora._emulated_autocast.append(self.dtype)
+        _ACTIVE.append(self)
         return super().__enter__()
 
     def __exit__(self, *exc):
         velora._emulated_autocast.pop()
+        _ACTIVE.remove(self)
+        self.cache.clear()
         return super().__exit__(*exc)
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         if func in _LOWER:
-            args, kwargs = tree_map(self._to(self.dtype), (args, kwargs))
+            args, kwargs = tree_map(self._cached_to(self.dtype), (args, kwargs))
         elif func in _FP32:
             args, kwargs = tree_map(self._to(torch.float32, only_half=True), (args, kwargs))
         return func(*args, **kwargs)
+
+    def _cached_to(self, dtype):
+        cast = self._to(dtype)
+
+        def cached(value):
+            if not (
+                self.regions
+                and isinstance(value, torch.Tensor)
+                and value.device.type == "meta"
+                and value.dtype == torch.float32
+                and value.requires_grad
+                and value.is_leaf
+                and value._base is None
+            ):
+                return cast(value)
+            hit = self.cache.get(id(value))
+            if hit is None or hit[0] is not value:
+                hit = self.cache[id(value)] = (value, cast(value))
+            return hit[1]
+
+        return cached
 
     @staticmethod
     def _to(dtype, only_half=False):

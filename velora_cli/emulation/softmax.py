@@ -73,3 +73,89 @@ class MetaHalfToFloatSoftmax(TorchFunctionMode):
                 kernel = torch._softmax if func in _SOFTMAX else torch._log_softmax
                 return kernel(input, dim, True)
         return func(*args, **kwargs)
+
+
+# torch < 1.11 saved softmax's input for backward: derivatives.yaml passed ``self`` to
+# ``_softmax_backward_data(grad, result, dim, self)`` (only for its dtype), so every
+# SoftmaxBackward / LogSoftmaxBackward node kept its input alive until it ran (pytorch#64000,
+# "Softmax/logsoftmax use more memory for backward than needed"). PR #65242, relanded as #66018
+# on 2021-10-01 after the 1.10 branch, saves only ``self.scalar_type()``: torch 1.11 and later.
+SOFTMAX_SAVES_INPUT_BEFORE = (1, 11)
+
+
+def softmax_saves_input(torch_version: str | None) -> bool:
+    """Whether the run's torch (``"1.10"``, ``"1.10.1+cu113"``...; None: the installed one, which
+    does not) saved softmax's input for backward."""
+    if not torch_version:
+        return False
+    try:
+        major, minor = (int(part) for part in torch_version.split("+")[0].split(".")[:2])
+    except ValueError:
+        return False
+    return (major, minor) < SOFTMAX_SAVES_INPUT_BEFORE
+
+
+class _HoldInput(torch.autograd.Function):
+    """Identity that keeps its input alive until its backward, which runs right after the
+    softmax's own backward, as a SoftmaxBackward node holding ``self`` does."""
+
+    @staticmethod
+    def forward(ctx, x):
+        ctx.save_for_backward(x)
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad
+
+
+class MetaSoftmaxSavesInput(TorchFunctionMode):
+    """``with MetaSoftmaxSavesInput():`` — softmax and log_softmax keep their input for backward,
+    as torch before 1.11 did (see `SOFTMAX_SAVES_INPUT_BEFORE`).
+
+    The input saved is the tensor ``_softmax`` receives: the scores themselves, or their fp32
+    copy when a ``dtype`` converts them first (not on CUDA's fp16 -> fp32 path, which reads the
+    fp16 scores). Only where a gradient is recorded.
+    """
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func in _SOFTMAX or func in _LOG_SOFTMAX:
+            input, dim, dtype = _PARSE.get(func, _native_args)(*args, **kwargs)
+            if (
+                isinstance(input, torch.Tensor)
+                and input.requires_grad
+                and torch.is_grad_enabled()
+                and dim is not None
+            ):
+                converts = dtype is not None and input.dtype != dtype
+                if converts and not (
+                    input.device.type == "meta" and half_to_float_on_cuda(input, dim, dtype)
+                ):
+                    input, dtype = input.to(dtype), None  # ATen converts, then saves the copy
+                held = _HoldInput.apply(input)
+                plain = torch.softmax if func in _SOFTMAX else torch.log_softmax
+                return plain(held, dim, dtype=dtype) if dtype is not None else plain(held, dim)
+        return func(*args, **kwargs)
+
+
+SOFTMAX_BACKWARD = torch.ops.aten._softmax_backward_data.default
+
+
+def cuda_kernel_temporaries(func, args: tuple) -> list[tuple[str, torch.Tensor]]:
+    """Tensors a CUDA kernel allocates inside one op and frees before it returns, made on meta
+    so that a tracker can count them: ``(op name, tensor)`` pairs, empty for other ops.
+
+    ``_softmax_backward_data`` on CUDA computes ``Tensor tmp = grad * output;`` before its kernel
+    (``softmax_backward_cuda_out``, aten/src/ATen/native/cuda/SoftMax.cu): a temporary the size
+    of the scores in the gradient's dtype (fp32 for HF eager attention, whose softmax runs with
+    ``dtype=torch.float32``), live with the saved probabilities, their gradient and the new
+    input gradient. The CPU kernel and the meta one allocate nothing of the kind. At 2 x 32
+    heads x 2048² that is 1 GiB per recomputed layer's attention backward.
+    """
+    if func is not SOFTMAX_BACKWARD:
+        return []
+    grad, output = args[0], args[1]
+    if not isinstance(grad, torch.Tensor) or grad.device.type != "meta":
+        return []
+    return [("aten::mul", torch.ops.aten.mul.Tensor(grad, output))]

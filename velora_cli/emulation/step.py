@@ -9,6 +9,8 @@ torch-function modes are no longer active), in:
 - ``MetaCudaDropout`` (dropout.py): ``native_dropout``'s bool mask instead of a noise tensor;
 - ``MetaFusedRmsNorm`` (rms_norm.py): ``_fused_rms_norm``'s saved input and rstd;
 - ``MetaHalfToFloatSoftmax`` (softmax.py): fp16 -> fp32 softmax without an fp32 copy of the input;
+- ``MetaSoftmaxSavesInput`` (softmax.py), for a run on torch < 1.11: softmax's input kept for
+  backward, as those releases saved it;
 - ``MetaAutocast`` (amp.py), with ``--amp``: CUDA autocast's cast policy.
 
 Autocast is entered last, so it is the first to see a call and casts its arguments before the
@@ -22,11 +24,13 @@ from collections.abc import Iterator
 
 
 @contextlib.contextmanager
-def cuda_emulation(amp: str | None = None) -> Iterator[None]:
+def cuda_emulation(amp: str | None = None, torch_version: str | None = None) -> Iterator[None]:
     """Run the enclosed meta-tensor code as a CUDA device would (see the module docstring).
 
     Args:
         amp: ``"bf16"`` or ``"fp16"`` to emulate autocast too; None without mixed precision.
+        torch_version: the torch release of the run (StepSpec.torch_version); None: the
+            installed one's behaviour.
 
     Example:
         >>> with cuda_emulation("bf16"):
@@ -36,9 +40,15 @@ def cuda_emulation(amp: str | None = None) -> Iterator[None]:
     from velora_cli.emulation.dropout import MetaCudaDropout
     from velora_cli.emulation.math_attention import MetaMathAttention
     from velora_cli.emulation.rms_norm import MetaFusedRmsNorm
-    from velora_cli.emulation.softmax import MetaHalfToFloatSoftmax
+    from velora_cli.emulation.softmax import (
+        MetaHalfToFloatSoftmax,
+        MetaSoftmaxSavesInput,
+        softmax_saves_input,
+    )
 
     modes = [MetaMathAttention(), MetaCudaDropout(), MetaFusedRmsNorm(), MetaHalfToFloatSoftmax()]
+    if softmax_saves_input(torch_version):
+        modes.append(MetaSoftmaxSavesInput())  # after autocast's casts, before the kernel
     if amp:
         modes.append(MetaAutocast(amp))  # last: the innermost mode sees each call first
     with contextlib.ExitStack() as stack:

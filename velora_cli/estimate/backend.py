@@ -156,7 +156,7 @@ class EstimateBackend:
         from velora_cli.measure.observe import tracked_step
         from velora_cli.timing.opcount import OpCounter
 
-        with cuda_emulation(prepared.spec.amp):
+        with cuda_emulation(prepared.spec.amp, prepared.spec.torch_version):
             ops = None
             if self.step_time:
                 ops = counter if counter is not None else OpCounter("meta")
@@ -181,7 +181,7 @@ class EstimateBackend:
         if counts is not None:
             from velora_cli.timing.offload import offload_fields
 
-            with cuda_emulation(prepared.spec.amp):
+            with cuda_emulation(prepared.spec.amp, prepared.spec.torch_version):
                 row.update(prediction_fields(prepared, counts, self.gpu, regular=regular))
             row.update(offload_fields(row, self.gpu, prepared.spec.grad_accum_steps))
         # tokens/s is not a sum over ops: `measure` derives it from the time
@@ -219,7 +219,7 @@ class EstimateBackend:
 
         prepared = prepare(spec, "meta", attn_implementation=register_estimate_attention())
         prepared.micro_batches = prepared.micro_batches[:MICRO_BATCHES]
-        with cuda_emulation(spec.amp):
+        with cuda_emulation(spec.amp, spec.torch_version):
             for _ in range(self.warmup):
                 train_step(prepared)
         row, _trace = self.observe(prepared, breakdown=breakdown)
@@ -238,7 +238,7 @@ class EstimateBackend:
                 attn_implementation=register_estimate_attention(),
                 warmup=self.warmup,
                 micro_batches=MICRO_BATCHES,
-                step_context=lambda spec: cuda_emulation(spec.amp),
+                step_context=lambda spec: cuda_emulation(spec.amp, spec.torch_version),
             )
             self._fast = Shortcuts(self, models)
         return self._fast

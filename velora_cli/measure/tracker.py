@@ -36,6 +36,8 @@ from torch.optim.optimizer import (
 from torch.utils._python_dispatch import TorchDispatchMode, is_traceable_wrapper_subclass
 from torch.utils._pytree import tree_leaves
 
+from velora_cli.emulation.softmax import cuda_kernel_temporaries
+
 # Report order; also the precedence of roles (a storage that is both takes the earlier one).
 CATEGORIES = ("params", "buffers", "grads", "optimizer", "activations", "temporaries")
 # Where a tracker's `extra_categories` go in that order: after the states, before activations.
@@ -119,6 +121,14 @@ class _OpRecorder(TorchDispatchMode):
         if self._tracker._tracing:
             self._tracker._op_names.append(func.name() if hasattr(func, "name") else str(func))
         self._tracker._record_op_outputs(out)
+        # what the CUDA kernel allocates inside the op (meta only): counted, then freed
+        temporaries = cuda_kernel_temporaries(func, args)
+        while temporaries:
+            name, tensor = temporaries.pop()
+            if self._tracker._tracing:
+                self._tracker._op_names.append(name)
+            self._tracker._record_op_outputs(tensor)
+            del tensor
         return out
 
 

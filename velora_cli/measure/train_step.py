@@ -40,6 +40,8 @@ _LATER_FIELDS: dict[str, Any] = {
     "repeat_kv": False,
     "lengths": None,
     "packing": False,
+    "zero_grad_set_to_none": True,
+    "torch_version": None,
 }
 # selective checkpointing policies (measure/selective.py) and activation offload kinds
 # (measure/host_offload.py), repeated here so a Strategy is validated without importing torch
@@ -191,6 +193,15 @@ class StepSpec:
     # packed batches (DataCollatorWithFlattening, TRL packing / padding_free): a micro-batch's
     # sequences in one row with position_ids restarting at each, no attention mask
     packing: bool = False
+    # the loop's zero_grad: True frees the gradients after each optimizer step (torch >= 2.0's
+    # default, transformers' Trainer since 4.27); False zeroes them in place, so they stay
+    # allocated through the next step's forward (torch < 2.0's default, e.g. the Trainer's
+    # model.zero_grad() of transformers 4.18-4.26: pytorch#92731, transformers#22136)
+    zero_grad_set_to_none: bool = True
+    # the torch release of the run planned ("1.10"); None: the installed one. The estimate
+    # emulates what an older release saved (emulation.step.cuda_emulation: softmax's input
+    # before 1.11); the cpu backend runs the installed torch whatever this says
+    torch_version: str | None = None
 
     def __post_init__(self):
         errors = _batch_errors(self)
@@ -313,7 +324,7 @@ class StepSpec:
 
     def to_json(self) -> dict[str, Any]:
         """The fields as JSON; fields added later (``trainer``, ``keep_outputs``, the recipe's,
-        attention, task, padding) are left out at their defaults, so the documents of setups that
+        attention, task, padding, zero_grad, torch version) are left out at their defaults, so the documents of setups that
         existed before them are unchanged."""
         data = dataclasses.asdict(self)
         if data["trainer"] == "hf":
@@ -979,7 +990,7 @@ def apply_strategy(model: nn.Module, spec: StepSpec, device: str) -> list[str]:
         if device == "meta":  # the step's emulation of CUDA is not active in a recomputation
             from velora_cli.emulation.step import cuda_emulation
 
-            recompute_context = functools.partial(cuda_emulation, spec.amp)
+            recompute_context = functools.partial(cuda_emulation, spec.amp, spec.torch_version)
         enable_checkpointing(
             model,
             strategy.gc_every,
@@ -1067,17 +1078,19 @@ def train_step(prepared: Prepared, *, forward_context=None, phase=None) -> None:
 
     spec = prepared.spec
     device_type = prepared.device.type
-    # On meta, autocast does nothing: the estimate backend wraps the step in its emulation.
-    amp = (
-        torch.autocast(device_type, dtype=torch_dtype(spec.amp))
-        if spec.amp and device_type != "meta"
-        else contextlib.nullcontext()
-    )
+    # On meta, autocast does nothing: the estimate backend wraps the step in its emulation,
+    # and this marks the region torch.autocast would cover (its weight-cast cache lives in it).
+    if spec.amp and device_type == "meta":
+        from velora_cli.emulation.amp import autocast_region as amp
+    elif spec.amp:
+        amp = functools.partial(torch.autocast, device_type, dtype=torch_dtype(spec.amp))
+    else:
+        amp = contextlib.nullcontext
     with phase("forward_backward"):
         for i, batch in enumerate(prepared.micro_batches):
             ctx = forward_context() if (forward_context and i == 0) else contextlib.nullcontext()
             with phase("forward"):
-                with ctx, amp:
+                with ctx, amp():
                     if spec.keep_outputs:  # the loop holds the logits until the next step
                         outputs = prepared.model(**batch)
                         loss = outputs.loss
@@ -1093,4 +1106,4 @@ def train_step(prepared: Prepared, *, forward_context=None, phase=None) -> None:
     if spec.keep_outputs:
         del outputs  # held through the optimizer step, freed before the next step's zero_grad
     with phase("zero_grad"):
-        prepared.optimizer.zero_grad(set_to_none=True)
+        prepared.optimizer.zero_grad(set_to_none=spec.zero_grad_set_to_none)

@@ -152,7 +152,8 @@ class MetaModels:
             return body(prepared)
         finally:
             remove_strategy(model)
-            setup.optimizer.zero_grad(set_to_none=True)  # a failed step may leave gradients
+            # a failed step may leave gradients; a loop that zeroes them in place keeps them
+            setup.optimizer.zero_grad(set_to_none=spec.zero_grad_set_to_none)
             if _fingerprint(model, setup.optimizer) != setup.fingerprint:
                 self._setups.pop(key, None)
                 self.dropped += 1

@@ -288,6 +288,10 @@ def _counted_step(prepared: Prepared, stack) -> RecordingCounter:
     from velora_cli.shortcut.record import RecordingCounter
 
     counter = RecordingCounter(prepared.device.type)
-    with cuda_emulation(prepared.spec.amp), BlockMarks(stack, counter, prepared.optimizer), counter:
+    with (
+        cuda_emulation(prepared.spec.amp, prepared.spec.torch_version),
+        BlockMarks(stack, counter, prepared.optimizer),
+        counter,
+    ):
         train_step(prepared, phase=counter.phase)
     return counter

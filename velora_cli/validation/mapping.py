@@ -265,6 +265,23 @@ RULES: tuple[Rule, ...] = (
         lambda v: f"empty_cache before measuring: {v}",
     ),
     Rule(
+        "torch version",
+        _get("torch_version"),
+        {None: {}, SKIP: {}, "1.10": {"spec.torch_version": "1.10"}},
+        _words("torch"),
+    ),
+    Rule(
+        "zero_grad",
+        _loop("zero_grad_set_to_none"),
+        {
+            True: {},
+            None: {},
+            SKIP: {},
+            False: {"spec.zero_grad_set_to_none": False},  # gradients kept, zeroed in place
+        },
+        lambda v: f"zero_grad set_to_none: {v}",
+    ),
+    Rule(
         "outputs held",
         _loop("holds_outputs"),
         {True: {"spec.keep_outputs": True}, False: {}},
