@@ -249,3 +249,35 @@ def test_whole_corpus_memory_tiers_within_bounds():
         (c["id"], f) for c in expressible for f in c["out_of_bounds"] if not f.startswith("tokens")
     ]
     assert not memory, memory
+
+
+# One case per source, GPU and mechanism that decides its memory (SDPA with K/V repeated, eager
+# attention with CUDA's softmax temporary, QLoRA, a long sequence, a holdout and an OOM boundary
+# of fitcheck's T4; the transformers guide's V100 with gradients kept between steps, and with fp16
+# AMP and checkpointing): all within the memory bounds at the last whole-corpus run
+# (docs/validation.md). CI runs these; the whole corpus is VELORA_VALIDATE_ALL=1 above.
+REGRESSION = [
+    SMALL,
+    "fitcheck/t4-2026-09-15-eager-none-fp16-adamw-r32-ckpt-HuggingFaceTB_SmolLM2-135M-bs2-seq512",
+    "fitcheck/t4-2026-09-16-flash-nf4-fp16-adamw-r32-ckpt-TinyLlama_TinyLlama-1.1B-Chat-v1.0-bs2-seq1024",
+    "fitcheck/t4-2026-09-16-eager-nf4-fp16-adamw-r32-ckpt-TinyLlama_TinyLlama-1.1B-Chat-v1.0-bs2-seq1024",
+    "fitcheck/t4-2026-09-15-eager-nf4-fp16-adamw-r32-ckpt-HuggingFaceTB_SmolLM2-135M-bs1-seq4096",
+    "fitcheck/t4-2026-09-15-flash-none-fp16-adamw-r32-ckpt-HuggingFaceTB_SmolLM2-360M-bs1-seq4096",
+    "fitcheck/t4-2026-09-21-holdout-5b933ab49870",
+    "fitcheck/t4-2026-09-21-boundary-7286009d5a41",
+    "hf-guide-v100/vanilla-bs4",
+    "hf-guide-v100/bs1-ga4-gc-fp16",
+]  # fmt: skip
+
+
+@pytest.mark.slow
+def test_a_case_of_every_source_and_mechanism_stays_within_the_memory_bounds():
+    cases = [c for c in load_cases(ids=REGRESSION) if c.id in REGRESSION]  # ids match as prefixes
+    document = validate(cases)
+    assert sorted(c["id"] for c in document["cases"]) == sorted(REGRESSION)
+    assert {c["gpu"] for c in document["cases"]} == {"t4", "v100-16gb"}
+    for case in document["cases"]:
+        assert case["expressible"] and case["status"] == "ok", case["id"]
+        assert set(case["predicted"]) >= set(case["measured"]) - {"tokens_per_second"}, case["id"]
+        memory = [f for f in case["out_of_bounds"] if not f.startswith("tokens")]
+        assert not memory, (case["id"], memory)
