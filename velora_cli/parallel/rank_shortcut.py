@@ -64,11 +64,20 @@ class RankShortcuts:
         """``((row, trace, prepared) or None, estimate_method)``: the rank's tracked-step row
         (`rank_step.tracked_rank_step`'s fields) and synthesized trace, or None and the reason
         to run the real depth."""
+        from velora_cli.measure.cpu import _is_user_error
+        from velora_cli.measure.train_step import SpecError
+
         try:
             out = self._extrapolated(spec, rank, warmup, breakdown)
         except NotExtrapolable as exc:
             self.full += 1
             return None, f"full depth ({exc})"
+        except (RuntimeError, ValueError, TypeError, KeyError, IndexError, AttributeError) as exc:
+            if isinstance(exc, SpecError) or _is_user_error(exc):
+                raise  # the reference path raises it too: the request is wrong
+            # a shallow rank the shortcut could not record: the real depth answers
+            self.full += 1
+            return None, f"full depth (the shortcut failed: {type(exc).__name__})"
         self.extrapolated += 1
         return out, out[3]
 
