@@ -91,6 +91,8 @@ class RankShortcuts:
         model_spec = self.single.resolve(single)
         unit = 2 if spec.parallel in FSDP else 1
         depth, period, depths, shallow = self.single.depth_plan(single, model_spec, unit=unit)
+        if sum(depths) >= depth:  # each shallow rank is built, sharded and warmed up
+            raise NotExtrapolable(f"{depth} blocks: the shallow ranks would step as many")
         rows, logs, records = [], [], []
         prepared = None
         for d, shallow_spec in zip(depths, shallow, strict=True):
