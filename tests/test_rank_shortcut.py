@@ -1,8 +1,9 @@
 """The per-rank estimate's depth shortcut (parallel/rank_shortcut.py) against the reference path
 (every rank stepped at its real depth): identical rows, or the shortcut is not used.
 
-A tiny llama of 16 blocks built from a config (FSDP2 ranks extrapolate in units of two blocks,
-so the shortcut needs 16), world sizes 2 and 4, DDP and FSDP2, with checkpointing and VeLoRA.
+A tiny llama of 20 blocks built from a config (FSDP2 ranks extrapolate in units of two blocks
+from 4, 6 and 8, so the shortcut needs more than 18: the shallow ranks must step fewer blocks
+than the real one), world sizes 2 and 4, DDP and FSDP2, with checkpointing and VeLoRA.
 The extrapolation's rule for a pass whose last unit differs (FSDP2's backward prefetch) is also
 checked on a memory curve made up here, against the same curve at the real depth.
 """
@@ -23,10 +24,10 @@ from velora_cli.shortcut.extrapolate import (
 
 
 @pytest.fixture(scope="module")
-def llama16(tmp_path_factory):
-    path = tmp_path_factory.mktemp("rank-shortcut") / "llama16"
+def llama20(tmp_path_factory):
+    path = tmp_path_factory.mktemp("rank-shortcut") / "llama20"
     LlamaConfig(
-        hidden_size=64, intermediate_size=128, num_hidden_layers=16, num_attention_heads=4,
+        hidden_size=64, intermediate_size=128, num_hidden_layers=20, num_attention_heads=4,
         num_key_value_heads=2, vocab_size=256, max_position_embeddings=256,
     ).save_pretrained(path)  # fmt: skip
     return str(path)
@@ -50,10 +51,10 @@ CASES = [
 
 
 @pytest.mark.parametrize(("parallel", "world", "strategy", "expected"), CASES)
-def test_rank_rows_equal_the_reference_byte_for_byte(llama16, parallel, world, strategy,
+def test_rank_rows_equal_the_reference_byte_for_byte(llama20, parallel, world, strategy,
                                                       expected):  # fmt: skip
     spec = StepSpec(
-        model=llama16, batch_size=2, seq_len=32, world_size=world, parallel=parallel,
+        model=llama20, batch_size=2, seq_len=32, world_size=world, parallel=parallel,
         strategy=Strategy(**strategy),
     )  # fmt: skip
     # the default ranks: 0 and N − 1 under FSDP2 (the extremes), 0 under DDP
