@@ -89,8 +89,12 @@ class RankShortcuts:
         # the model before sharding is the one-process model: the plan's checks are shared
         single = dataclasses.replace(spec, world_size=1, parallel=None, cpu_offload=False)
         model_spec = self.single.resolve(single)
-        unit = 2 if spec.parallel in FSDP else 1
-        depth, period, depths, shallow = self.single.depth_plan(single, model_spec, unit=unit)
+        # FSDP2: units of two blocks (its backward prefetch looks one ahead); DDP: from 3 units
+        # up (at 2 its reducer's work after backward falls differently)
+        unit, units = (2, (2, 3, 4)) if spec.parallel in FSDP else (1, (3, 4, 5))
+        depth, period, depths, shallow = self.single.depth_plan(
+            single, model_spec, unit=unit, units=units
+        )
         if sum(depths) >= depth:  # each shallow rank is built, sharded and warmed up
             raise NotExtrapolable(f"{depth} blocks: the shallow ranks would step as many")
         rows, logs, records = [], [], []
@@ -146,8 +150,10 @@ def _logged(breakdown: bool, depth: int, period: int):
         if not periodic([block_signature(b) for b in stack], period):
             raise NotExtrapolable(f"with this strategy the blocks do not repeat every {period}")
         owned = block_storages(stack, prepared.optimizer)
-        if roles.buckets is not None:
-            owned.update(_bucket_blocks(stack, roles.buckets))
+        # DDP's buckets: given their blocks after the step, for the synthesis to cut the
+        # storages alive at the start by block, not while it runs (the ops DDP runs on a bucket
+        # after backward would then count for that block too, out of the passes' order)
+        buckets = _bucket_blocks(stack, roles.buckets) if roles.buckets is not None else {}
         tracker = RecordingTracker(
             prepared.model,
             prepared.optimizer,
@@ -158,6 +164,12 @@ def _logged(breakdown: bool, depth: int, period: int):
         del owned  # the tracker's alone (`block_storages`)
         with BlockMarks(stack, tracker, prepared.optimizer, first=True):
             row, trace = tracked_rank_step(prepared, roles, breakdown=breakdown, tracker=tracker)
+        initial = {sid for sid, _ in trace.initial}
+        for key, (j, _storage) in buckets.items():
+            entry = tracker._live.get(key)
+            if entry is not None and entry.seq in initial:
+                tracker.initial_blocks.setdefault(entry.seq, j)
+        buckets.clear()
         categories = tracker.categories
         log = PositionLog(
             depth, tracker.log, lambda events: breakdown_at(trace, events, categories)
