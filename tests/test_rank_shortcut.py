@@ -43,7 +43,7 @@ CASES = [
                  id="fsdp-2-velora", marks=pytest.mark.slow),
     pytest.param("fsdp-no-reshard", 4, {**VELORA, "gc": True}, "extrapolated",
                  id="fsdp-no-reshard-4-velora-gc", marks=pytest.mark.slow),
-    # a tiny model's DDP ranks hold one gradient bucket for every block: not periodic, refused
+    # DDP ranks run at full depth (rank_shortcut.py says why): the same rows either way
     pytest.param("ddp", 2, {}, "full depth", id="ddp-2", marks=pytest.mark.slow),
     pytest.param("ddp", 4, {**VELORA, "gc": True}, "full depth",
                  id="ddp-4-velora-gc", marks=pytest.mark.slow),

@@ -19,17 +19,18 @@ reduce-scatter of its gradients; DDP's gradient buckets) repeated with it. So, f
    step's allocation trace written out op for op (`synthesis.synthesize`), which must reach
    the extrapolated peak; the caller replays the allocator over that trace as over a real one.
 
-Anything not exactly periodic (a DDP bucket that holds the gradients of several blocks and of
-the rest, a tiny model's single bucket, uneven FSDP2 shards that change with depth, ...) is
-refused with the reason, and the real depth runs: the row's ``estimate_method`` says which.
-DDP buckets are given to a block (the one most of their bytes belong to) only to cut the
-storages into units; whether they then repeat is the synthesis' check, as for everything else.
+FSDP2 ranks only: DDP ranks run at full depth (their reducer's work on the gradient buckets
+did not repeat by block at 2 to 5 blocks of Llama-2-7b; a small model has one bucket for every
+block). FSDP2's backward prefetch looks one block ahead, so the units are two blocks (two
+checkpointing periods), and the first unit a pass runs may differ from the middle ones
+(`extrapolate.memory_at_depth` with ``edges``). Anything not exactly periodic is refused with
+the reason, and the real depth runs: the row's ``estimate_method`` says which.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from velora_cli.parallel import FSDP
 from velora_cli.shortcut.extrapolate import (
@@ -84,17 +85,18 @@ class RankShortcuts:
     def _extrapolated(self, spec: StepSpec, rank: int, warmup: int, breakdown: bool):
         from velora_cli.parallel.fake import run_rank
 
+        if spec.parallel not in FSDP:
+            # Llama-2-7b's DDP buckets repeat by block, but the reducer's work on them does not
+            # fall into the same runs at 2-5 blocks (measured: refused), and a small model's one
+            # bucket holds every block: the three shallow ranks would be spent for nothing
+            raise NotExtrapolable("DDP ranks run at full depth (their buckets' work)")
         if spec.cpu_offload:  # the row splits device and host storages of the real trace
             raise NotExtrapolable("--cpu-offload: the host share is counted at full depth")
         # the model before sharding is the one-process model: the plan's checks are shared
         single = dataclasses.replace(spec, world_size=1, parallel=None, cpu_offload=False)
         model_spec = self.single.resolve(single)
-        # FSDP2: units of two blocks (its backward prefetch looks one ahead); DDP: from 3 units
-        # up (at 2 its reducer's work after backward falls differently)
-        unit, units = (2, (2, 3, 4)) if spec.parallel in FSDP else (1, (3, 4, 5))
-        depth, period, depths, shallow = self.single.depth_plan(
-            single, model_spec, unit=unit, units=units
-        )
+        # FSDP2's backward prefetch looks one block ahead: units of two blocks
+        depth, period, depths, shallow = self.single.depth_plan(single, model_spec, unit=2)
         if sum(depths) >= depth:  # each shallow rank is built, sharded and warmed up
             raise NotExtrapolable(f"{depth} blocks: the shallow ranks would step as many")
         rows, logs, records = [], [], []
@@ -150,10 +152,6 @@ def _logged(breakdown: bool, depth: int, period: int):
         if not periodic([block_signature(b) for b in stack], period):
             raise NotExtrapolable(f"with this strategy the blocks do not repeat every {period}")
         owned = block_storages(stack, prepared.optimizer)
-        # DDP's buckets: given their blocks after the step, for the synthesis to cut the
-        # storages alive at the start by block, not while it runs (the ops DDP runs on a bucket
-        # after backward would then count for that block too, out of the passes' order)
-        buckets = _bucket_blocks(stack, roles.buckets) if roles.buckets is not None else {}
         tracker = RecordingTracker(
             prepared.model,
             prepared.optimizer,
@@ -164,12 +162,6 @@ def _logged(breakdown: bool, depth: int, period: int):
         del owned  # the tracker's alone (`block_storages`)
         with BlockMarks(stack, tracker, prepared.optimizer, first=True):
             row, trace = tracked_rank_step(prepared, roles, breakdown=breakdown, tracker=tracker)
-        initial = {sid for sid, _ in trace.initial}
-        for key, (j, _storage) in buckets.items():
-            entry = tracker._live.get(key)
-            if entry is not None and entry.seq in initial:
-                tracker.initial_blocks.setdefault(entry.seq, j)
-        buckets.clear()
         categories = tracker.categories
         log = PositionLog(
             depth, tracker.log, lambda events: breakdown_at(trace, events, categories)
@@ -180,22 +172,3 @@ def _logged(breakdown: bool, depth: int, period: int):
         return row, log, StepRecord.of(depth, tracker, None), prepared
 
     return body
-
-
-def _bucket_blocks(stack, buckets) -> dict[int, tuple[int, Any]]:
-    """id(storage) -> (block, storage) for DDP's gradient buckets: the block most of a bucket's
-    parameter bytes belong to (buckets of the layers outside the stack: none)."""
-    block_of = {id(p): j for j, b in enumerate(stack) for p in b.parameters()}
-    out: dict[int, tuple[int, Any]] = {}
-    for index, buffer in buckets.buffers.items():
-        weights: dict[int | None, int] = {}
-        for p in buckets.params.get(index, ()):
-            j = block_of.get(id(p))
-            weights[j] = weights.get(j, 0) + p.numel() * p.element_size()
-        if not weights:
-            continue
-        j = max(weights, key=lambda k: (weights[k], k is not None))
-        if j is not None:
-            storage = buffer.untyped_storage()
-            out.setdefault(id(storage), (j, storage))
-    return out

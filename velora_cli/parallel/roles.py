@@ -45,7 +45,6 @@ class DdpBuckets:
     def __init__(self, fake_world: bool = False) -> None:
         self.fake_world = fake_world
         self.buffers: dict[int, torch.Tensor] = {}
-        self.params: dict[int, list[torch.Tensor]] = {}  # bucket index -> its parameters
 
     def register(self, ddp: torch.nn.Module) -> None:
         ddp.register_comm_hook(None, self.hook)
@@ -53,7 +52,6 @@ class DdpBuckets:
     def reset(self) -> None:
         """Forget the buckets seen so far (DDP rebuilds them after its first iteration)."""
         self.buffers.clear()
-        self.params.clear()
 
     # No return annotation: DDP accepts none or the real Future[Tensor] object, and annotations
     # are strings in this module.
@@ -62,7 +60,6 @@ class DdpBuckets:
 
         buffer = bucket.buffer()
         self.buffers[bucket.index()] = buffer
-        self.params[bucket.index()] = list(bucket.parameters())
         if not self.fake_world:
             return allreduce_hook(state, bucket)
         buffer.div_(torch.distributed.get_world_size())

@@ -104,15 +104,13 @@ class Shortcuts:
         model_spec: ModelSpec,
         *,
         unit: int = 1,
-        units: tuple[int, ...] = SHALLOW_UNITS,
     ) -> tuple[int, int, list, list]:
         """The depth shortcut's plan for ``spec``: (real depth, period, shallow depths, shallow
         model specs), the real model's blocks checked to repeat (module docstring, 1-2).
 
         Args:
             unit: checkpointing periods per unit of the extrapolation (a DDP/FSDP2 rank whose
-                engine looks one block ahead takes 2: `parallel.rank_shortcut`).
-            units: the shallow depths, in units (a DDP rank's take 3, 4, 5).
+                engine looks one block ahead, FSDP2, takes 2: `parallel.rank_shortcut`).
 
         Raises:
             NotExtrapolable: with the reason the real depth must run.
@@ -132,7 +130,7 @@ class Shortcuts:
             raise NotExtrapolable(f"units of {period} blocks do not divide {depth}")
         if depth < MIN_UNITS * period:
             raise NotExtrapolable(f"{depth} blocks: shallow enough to run in full")
-        depths = [u * period for u in units]
+        depths = [u * period for u in SHALLOW_UNITS]
         try:
             shallow = [self._shallow_spec(model_spec, d) for d in depths]
         except DepthError as exc:
