@@ -128,3 +128,17 @@ def test_a_different_last_unit_is_extrapolated_exactly_with_edges(depth):
     with pytest.raises(NotExtrapolable, match="different op counts"):
         memory_at_depth(logs, depth, 1)
     assert memory_at_depth(logs, depth, 1, edges=True) == memory_of_log(_curve(depth))
+
+
+@pytest.mark.slow
+def test_a_7b_fsdp_rank_equals_the_reference():
+    # Llama-2-7b's real shapes (32 blocks, from 4, 6 and 8), rank 0 of 4 as a tune asks for it
+    spec = StepSpec(
+        model="meta-llama/Llama-2-7b", batch_size=1, seq_len=512, dtype="bf16", mode="full",
+        world_size=4, parallel="fsdp", strategy=Strategy(gc=True),
+    )  # fmt: skip
+    row = ParallelEstimateBackend(ranks=(0,), expandable=False).measure(spec)
+    ref = ParallelEstimateBackend(ranks=(0,), expandable=False, shortcuts=False).measure(spec)
+    assert row.pop("estimate_method") == "extrapolated from 4, 6, 8 blocks"
+    ref.pop("estimate_method")
+    assert row == ref
