@@ -137,6 +137,7 @@ class CachingAllocator:
         self.peak_allocated = self.peak_reserved = self.allocated_at_peak = 0
         self.segments = self.device_allocs = self.device_frees = 0
         self._next_addr = 1 << 30
+        self._rounded: dict[int, int] = {}  # request -> round_size (a replay repeats its sizes)
 
     # -- public --------------------------------------------------------------------------------
 
@@ -146,7 +147,9 @@ class CachingAllocator:
         Raises:
             AllocatorOutOfMemory: over ``capacity`` after the retry path.
         """
-        size = round_size(nbytes, self.config)
+        size = self._rounded.get(nbytes)
+        if size is None:
+            size = self._rounded[nbytes] = round_size(nbytes, self.config)
         pool = self.pools[size <= SMALL_SIZE]
         block = self._get_free_block(pool, size)
         if block is None:

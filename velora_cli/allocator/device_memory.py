@@ -183,23 +183,28 @@ def _step_events(
     else:
         stolen = {}
     events: list[Event] = []
+    append = events.append
     live: dict[int, int] = {}  # step-local storage -> its key
     freed_slots: list[int] = []
+    offset = (step + 1) * keys.stride  # keys.step(step, sid) == offset + sid
+    slot = keys.slot
+    extra = inserts.keys() | scratch_at.keys()  # event indices with something before them
     for index, (_op, sid, nbytes) in enumerate(trace.events):
-        events.extend(inserts.get(index, ()))
-        scratch = [(keys.special(), size) for size in scratch_at.get(index, ())]
-        events += [(ALLOC, key, size) for key, size in scratch]  # live together in the op,
-        events += [(FREE, key, 0) for key, _ in reversed(scratch)]  # freed as it returns
+        if index in extra:
+            events.extend(inserts.get(index, ()))
+            scratch = [(keys.special(), size) for size in scratch_at.get(index, ())]
+            events += [(ALLOC, key, size) for key, size in scratch]  # live together in the op,
+            events += [(FREE, key, 0) for key, _ in reversed(scratch)]  # freed as it returns
         if sid in stolen:  # the first step's backward buffer that became a gradient
             if nbytes > 0:
-                events.append((ALLOC, keys.slot[stolen[sid]], nbytes))
+                append((ALLOC, slot[stolen[sid]], nbytes))
         elif nbytes > 0:
-            live[sid] = keys.step(step, sid)
-            events.append((ALLOC, live[sid], nbytes))
+            key = live[sid] = offset + sid
+            append((ALLOC, key, nbytes))
         elif sid in live:
-            events.append((FREE, live.pop(sid), 0))
-        elif sid in keys.slot:  # a loaded storage (or what replaced it) freed in the step
-            events.append((FREE, keys.slot[sid], 0))
+            append((FREE, live.pop(sid), 0))
+        elif sid in slot:  # a loaded storage (or what replaced it) freed in the step
+            append((FREE, slot[sid], 0))
             freed_slots.append(sid)
     events.extend(inserts.get(len(trace.events), ()))
     # What the step leaves alive replaces the loaded storages it freed (e.g. a refreshed

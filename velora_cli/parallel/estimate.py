@@ -16,10 +16,12 @@ or every rank with ``ranks="all"``.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
+from velora_cli.estimate.backend import REFERENCE_ENV
 from velora_cli.measure import failed_row
 from velora_cli.measure.tracker import AllocationTrace
 from velora_cli.measure.train_step import SpecError, StepSpec
@@ -47,6 +49,7 @@ def estimate_rank(
     warmup: int = 1,
     breakdown: bool = False,
     device_memory: Callable[[Any, AllocationTrace], dict[str, Any]] | None = None,
+    shortcut: Any = None,
 ):
     """Estimate one rank of ``spec``'s job.
 
@@ -55,40 +58,35 @@ def estimate_rank(
             (`EstimateBackend.device_memory_of`: the caching allocator replayed over the rank's
             trace, the CUDA context); with ``--cpu-offload`` it sees only the storages that stay
             on the device.
+        shortcut: a `rank_shortcut.RankShortcuts`: the rank's step from three shallow ones
+            where that is exact (the row's ``estimate_method`` says); None: the real depth.
 
     Returns:
         (row, trace): the rank's row (`rank_step.tracked_rank_step`, with ``rank``) and its
-        `AllocationTrace`, for the allocator model and the memory timeline.
+        `AllocationTrace` (synthesized by the shortcut), for the allocator model and the
+        memory timeline.
 
     Raises:
         SpecError: the model or strategy cannot be built as asked.
     """
-    from velora_cli.measure.train_step import prepare
-    from velora_cli.parallel.fake import (
-        ddp_on_fake_tensors,
-        fake_tensors,
-        fake_world,
-        real_bucket_indices,
-        register_rank_attention,
-        to_fake_cpu,
-    )
-    from velora_cli.parallel.rank_step import rank_roles, tracked_rank_step, warm_up
-    from velora_cli.parallel.shard import shard_prepared
+    from velora_cli.parallel.fake import run_rank
+    from velora_cli.parallel.rank_step import tracked_rank_step
 
-    attention = register_rank_attention()
-    with fake_world(spec.world_size, rank):
-        prepared = prepare(spec, "meta", attn_implementation=attention)
-        # As the single-process estimate: micro-batches after the second repeat it exactly.
-        prepared.micro_batches = prepared.micro_batches[:2]
-        with fake_tensors():
-            to_fake_cpu(prepared)
-            with ddp_on_fake_tensors():
-                shard_prepared(prepared)
-            if spec.parallel == "ddp":
-                real_bucket_indices(prepared.model)
-            roles = rank_roles(prepared, fake_world=True)
-            warm_up(prepared, warmup, roles.buckets)
-            row, trace = tracked_rank_step(prepared, roles, breakdown=breakdown)
+    done, method = None, "full depth (reference: every rank at its real depth)"
+    if shortcut is not None:
+        done, method = shortcut.rank_step(spec, rank, warmup=warmup, breakdown=breakdown)
+    if done is not None:
+        row, trace, prepared, _ = done
+    else:
+        row, trace, prepared = run_rank(
+            spec,
+            rank,
+            lambda prepared, roles: (
+                *tracked_rank_step(prepared, roles, breakdown=breakdown),
+                prepared,
+            ),
+            warmup=warmup,
+        )
     device_trace = trace
     if spec.cpu_offload:
         from velora_cli.parallel.offload import device_resident, offloaded_row
@@ -101,7 +99,7 @@ def estimate_rank(
             "; not modelled: NCCL's own communicator buffers (allocated outside PyTorch's caching "
             "allocator)"
         )
-    row.update(rank=rank, status="ok", step_seconds=None)
+    row.update(rank=rank, status="ok", step_seconds=None, estimate_method=method)
     return row, trace
 
 
@@ -125,6 +123,9 @@ class ParallelEstimateBackend:
     name: str = "estimate"
     alloc_conf: str | None = None  # the allocator model's settings (EstimateBackend's)
     expandable: bool = True  # also replay with expandable_segments:True
+    # the depth shortcut per rank (`rank_shortcut`); False (or VELORA_ESTIMATE_REFERENCE=1):
+    # every rank at its real depth, the reference path
+    shortcuts: bool = field(default_factory=lambda: os.environ.get(REFERENCE_ENV, "") != "1")
 
     def __post_init__(self) -> None:
         from velora_cli.estimate.backend import EstimateBackend
@@ -134,6 +135,15 @@ class ParallelEstimateBackend:
             gpu=self.gpu, alloc_conf=self.alloc_conf, expandable=self.expandable
         )
         self.gpu, self.alloc_conf = self.device.gpu, self.device.alloc_conf
+        self._shortcut = None
+
+    def shortcut(self):
+        """The `rank_shortcut.RankShortcuts` of this backend (None on the reference path)."""
+        if self.shortcuts and self._shortcut is None:
+            from velora_cli.parallel.rank_shortcut import RankShortcuts
+
+            self._shortcut = RankShortcuts(self.device.fast_path())
+        return self._shortcut
 
     def measure(self, spec: StepSpec, *, breakdown: bool = False) -> dict[str, Any]:
         from velora_cli.emulation.attention import padded_batches, target_gpu
@@ -155,6 +165,7 @@ class ParallelEstimateBackend:
                         warmup=self.warmup,
                         breakdown=breakdown,
                         device_memory=self.device.device_memory_of,
+                        shortcut=self.shortcut(),
                     )
                 rows.append(row)
             except (SpecError, ValueError, RuntimeError, NotImplementedError) as exc:

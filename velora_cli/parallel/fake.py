@@ -29,17 +29,18 @@ data; each gets the smallest workaround we found:
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
-from typing import Any
+from collections.abc import Callable, Iterator
+from typing import Any, TypeVar
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from velora_cli.measure.train_step import Prepared
+from velora_cli.measure.train_step import Prepared, StepSpec
 
 # Not ESTIMATE_ATTENTION itself: the same attention function with a mask function that also
 # reads a fake padding mask as "no padding" (a fake tensor has no values to check).
 RANK_ATTENTION = "velora_rank_estimate"
+T = TypeVar("T")
 
 
 def register_rank_attention() -> str:
@@ -139,3 +140,38 @@ def real_bucket_indices(ddp: torch.nn.Module) -> None:
             return original(*args, **kwargs)
 
     ddp._pre_forward = pre_forward
+
+
+def run_rank(
+    spec: StepSpec,
+    rank: int,
+    body: Callable[[Any, Any], T],
+    *,
+    warmup: int = 1,
+    model_spec: Any = None,
+) -> T:
+    """Build rank ``rank`` of ``spec``'s job on fake tensors, shard and warm it up, and return
+    ``body(prepared, roles)`` (the tracked step), still inside the fake world.
+
+    Args:
+        model_spec: the resolved model to build (the depth shortcut's shallow one); None:
+            ``spec.model``.
+    """
+    from velora_cli.measure.train_step import prepare
+    from velora_cli.parallel.rank_step import rank_roles, warm_up
+    from velora_cli.parallel.shard import shard_prepared
+
+    attention = register_rank_attention()
+    with fake_world(spec.world_size, rank):
+        prepared = prepare(spec, "meta", attn_implementation=attention, model_spec=model_spec)
+        # As the single-process estimate: micro-batches after the second repeat it exactly.
+        prepared.micro_batches = prepared.micro_batches[:2]
+        with fake_tensors():
+            to_fake_cpu(prepared)
+            with ddp_on_fake_tensors():
+                shard_prepared(prepared)
+            if spec.parallel == "ddp":
+                real_bucket_indices(prepared.model)
+            roles = rank_roles(prepared, fake_world=True)
+            warm_up(prepared, warmup, roles.buckets)
+            return body(prepared, roles)

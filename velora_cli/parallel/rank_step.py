@@ -71,10 +71,27 @@ def local_numel_bytes(tensors) -> int:
     return total
 
 
+def rank_tracker_options(roles: RankRoles, *, on_gloo: bool = False) -> dict[str, Any]:
+    """What a rank's `MemoryTracker` is told beyond the model and optimizer (module docstring);
+    ``on_gloo``: a real gloo rank, whose collectives' own storages get the `GLOO_ONLY` category."""
+    extra = EXTRA_CATEGORIES + ((GLOO_ONLY,) if on_gloo else ())
+    return {"extra_categories": extra, "roles": roles, "track_resize": True}
+
+
 def tracked_rank_step(
-    prepared: Prepared, roles: RankRoles, *, breakdown: bool = False, round_to: int = 512
+    prepared: Prepared,
+    roles: RankRoles,
+    *,
+    breakdown: bool = False,
+    round_to: int = 512,
+    tracker: MemoryTracker | None = None,
 ) -> tuple[dict[str, Any], AllocationTrace]:
     """Run one step under the tracker with this rank's roles; return its row and trace.
+
+    Args:
+        tracker: a tracker made for ``prepared`` with ``trace=True`` and
+            `rank_tracker_options` (the depth shortcut's recording one); None: a plain one
+            rounding to ``round_to``.
 
     Returns:
         (row, trace): the row has the fields of `observe.tracked_step`'s, per rank, with
@@ -86,15 +103,14 @@ def tracked_rank_step(
     model, optimizer = prepared.model, prepared.optimizer
     # Saved unsharded weights (a linear saves W for grad_input) are parameters, not activations.
     counter = SavedTensorCounter(model, exclude=roles.unsharded())
-    tracker = MemoryTracker(
-        model,
-        optimizer,
-        round_to=round_to,
-        trace=True,
-        extra_categories=EXTRA_CATEGORIES + ((GLOO_ONLY,) if on_gloo else ()),
-        roles=roles,
-        track_resize=True,
-    )
+    if tracker is None:
+        tracker = MemoryTracker(
+            model,
+            optimizer,
+            round_to=round_to,
+            trace=True,
+            **rank_tracker_options(roles, on_gloo=on_gloo),
+        )
 
     @contextlib.contextmanager
     def phase(name: str):

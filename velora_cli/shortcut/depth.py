@@ -136,8 +136,12 @@ class PositionTracker(CachedTracker):
         *,
         op_cache: MetaOpCache | None,
         round_to: int = 512,
+        **kwargs: Any,
     ) -> None:
-        super().__init__(model, optimizer, op_cache=op_cache, round_to=round_to, trace=True)
+        # kwargs: the rest of `MemoryTracker`'s (a rank's roles, extra categories, resizes)
+        super().__init__(
+            model, optimizer, op_cache=op_cache, round_to=round_to, trace=True, **kwargs
+        )
         self.label: tuple = ("start",)
         self.log: list[tuple[tuple, tuple[str, ...], int, int]] = []
 
@@ -163,15 +167,18 @@ class PositionTracker(CachedTracker):
             yield
 
 
-def breakdown_at(trace: AllocationTrace, events: int) -> dict[str, int]:
-    """Live bytes by category after the first ``events`` events of ``trace`` (final roles)."""
+def breakdown_at(
+    trace: AllocationTrace, events: int, categories: tuple[str, ...] = CATEGORIES
+) -> dict[str, int]:
+    """Live bytes by category after the first ``events`` events of ``trace`` (final roles), in
+    the order of ``categories`` (a rank's tracker has more: `MemoryTracker.categories`)."""
     live = {sid: trace.rounded(n) for sid, n in trace.initial}
     for _, sid, nbytes in trace.events[:events]:
         if nbytes > 0:
             live[sid] = trace.rounded(nbytes)
         else:
             live.pop(sid, None)
-    totals = dict.fromkeys(CATEGORIES, 0)
+    totals = dict.fromkeys(categories, 0)
     for sid, nbytes in live.items():
         totals[trace.categories[sid]] += nbytes
     return totals
@@ -210,16 +217,23 @@ class BlockMarks:
     iterated, and put back on exit. Foreach groups run one op per group: nothing to mark.
     """
 
-    def __init__(self, stack: nn.ModuleList, tracker: PositionTracker, optimizer=None) -> None:
+    def __init__(
+        self, stack: nn.ModuleList, tracker: PositionTracker, optimizer=None, *, first=False
+    ) -> None:
         self.stack = stack
         self.tracker = tracker
         self.optimizer = optimizer
+        # first: the forward pre-hooks run before the block's others (FSDP2's unshard of the
+        # block's parameters then counts for the block, not for the stretch before it)
+        self.first = first
         self._handles: list[Any] = []
         self._groups: list[tuple[dict, list]] = []
 
     def __enter__(self) -> BlockMarks:
         for j, block in enumerate(self.stack):
-            self._handles.append(block.register_forward_pre_hook(self._pre(j), with_kwargs=True))
+            self._handles.append(
+                block.register_forward_pre_hook(self._pre(j), with_kwargs=True, prepend=self.first)
+            )
             self._handles.append(block.register_forward_hook(self._post(j), with_kwargs=True))
         if self.optimizer is not None:
             block_of = {id(p): j for j, b in enumerate(self.stack) for p in b.parameters()}

@@ -170,7 +170,9 @@ def _phases(log: PositionLog, points: list[int]) -> list[tuple[str, ...]]:
     return [log.points[i][1] for i in points]
 
 
-def memory_points(logs: list[PositionLog], depth: int, period: int) -> list[_Point]:
+def memory_points(
+    logs: list[PositionLog], depth: int, period: int, *, edges: bool = False
+) -> list[_Point]:
     """Every point of the step's memory curve at ``depth`` blocks, from the three ``logs``.
 
     Raises:
@@ -198,14 +200,33 @@ def memory_points(logs: list[PositionLog], depth: int, period: int) -> list[_Poi
                 value = _line_at(ms, ys, big_m, "the memory at a point outside blocks")
                 points.append(_Point(value, (s, 0, p), phases.pop(), ("at", s, p)))
             continue
-        points += _pass_points(logs, segs, s, ms, big_m, period)
+        points += _pass_points(logs, segs, s, ms, big_m, period, edges)
     return points
 
 
-def _pass_points(logs, passes, s, ms, big_m, period) -> list[_Point]:
+def _pass_points(logs, passes, s, ms, big_m, period, edges=False) -> list[_Point]:
     direction = passes[0].direction
     units = [ps.units(period) for ps in passes]
     out: list[_Point] = []
+    # edges: a pass whose last unit differs from the middle ones (an engine that looks one
+    # unit ahead: FSDP2's backward prefetch) gets that unit's points as unit 0's, at a fixed
+    # place at every depth, and the middle units 1 … m − 2 their planes from (1, 3), (1, 4),
+    # (2, 4) units (the caller checks the result against the synthesized trace)
+    body_sizes = {len(us[u]) for us, m in zip(units, ms, strict=True) for u in range(1, m)}
+    edge = edges and len(body_sizes) > 1 and ms[1] >= 3
+    if edge:
+        if len({len(us[-1]) for us in units}) != 1:
+            raise NotExtrapolable("the last block unit differs between depths")
+        for p in range(len(units[0][-1])):
+            idx = [us[-1][p] for us in units]
+            phases = {log.points[i][1] for log, i in zip(logs, idx, strict=True)}
+            if len(phases) != 1:
+                raise NotExtrapolable("a point of the last block changed phase with depth")
+            ys = [log.points[i][2] for log, i in zip(logs, idx, strict=True)]
+            value = _line_at(ms, ys, big_m, "the memory at a point of the last block")
+            where = ("at-unitlast", s, p)
+            order = 0 if direction == "bwd" else big_m - 1  # processing order of unit M - 1
+            out.append(_Point(value, (s, order, p), phases.pop(), where))
 
     def rank(u: int, m: int) -> int:  # processing order of unit u among m units
         return m - 1 - u if direction == "bwd" else u
@@ -221,9 +242,12 @@ def _pass_points(logs, passes, s, ms, big_m, period) -> list[_Point]:
         ys = [log.points[i][2] for log, i in zip(logs, idx, strict=True)]
         value = _line_at(ms, ys, big_m, "the memory at a point of the first block")
         out.append(_Point(value, (s, rank(0, big_m), p), phases.pop(), ("at-unit0", s, p)))
-    # units 1..m-1: one plane per point
+    # units 1..m-1 (1..m-2 with edges): one plane per point
+    top = 1 if edge else 0
     body = [
-        (u, m, log, us[u]) for log, us, m in zip(logs, units, ms, strict=True) for u in range(1, m)
+        (u, m, log, us[u])
+        for log, us, m in zip(logs, units, ms, strict=True)
+        for u in range(1, m - top)
     ]
     sizes = {len(b[3]) for b in body}
     if len(sizes) != 1:
@@ -233,9 +257,9 @@ def _pass_points(logs, passes, s, ms, big_m, period) -> list[_Point]:
         phases = {log.points[pts[p]][1] for _, _, log, pts in body}
         if len(phases) != 1:
             raise NotExtrapolable("a point inside blocks changed phase with depth")
-        beta, at = _plane(samples, ms)
+        beta, at = _plane(samples, ms[1:] if edge else ms)
         if beta > 0 or (beta == 0 and direction == "bwd"):
-            u, which = big_m - 1, "last"
+            u, which = big_m - 1 - top, "last-edge" if edge else "last"
         else:
             u, which = 1, "first"
         out.append(
@@ -277,17 +301,23 @@ def _log_index(logs, cut, where, k: int, period: int) -> int:
     units = seg.units(period)
     if kind == "at-unit0":
         return units[0][where[2]]
-    u = 1 if where[2] == "first" else len(units) - 1
+    if kind == "at-unitlast":
+        return units[-1][where[2]]
+    u = {"first": 1, "last": len(units) - 1, "last-edge": len(units) - 2}[where[2]]
     return units[u][where[3]]
 
 
-def memory_at_depth(logs: list[PositionLog], depth: int, period: int) -> dict[str, Any]:
+def memory_at_depth(
+    logs: list[PositionLog], depth: int, period: int, *, edges: bool = False
+) -> dict[str, Any]:
     """The row's memory fields (`MEMORY_FIELDS`) at ``depth`` blocks, from three shallow logs.
 
     Args:
         logs: the step at three depths, ascending, of 2, 3 and 4 (or more) units.
         depth: the real number of blocks (a multiple of ``period``).
         period: blocks per unit (the checkpointing interval, else 1).
+        edges: a pass whose last unit differs from the middle ones is extrapolated with that
+            unit apart (`_pass_points`); only where the caller checks the result otherwise.
 
     Returns:
         ``peak_bytes``, ``peak_phase``, ``fwd_bwd_peak_bytes``, ``optimizer_peak_bytes`` and
@@ -296,7 +326,7 @@ def memory_at_depth(logs: list[PositionLog], depth: int, period: int) -> dict[st
     Raises:
         NotExtrapolable: with the reason (the caller runs the real depth).
     """
-    points = memory_points(logs, depth, period)
+    points = memory_points(logs, depth, period, edges=edges)
     if not points:
         raise NotExtrapolable("no memory points were logged")
     top = max(points, key=lambda pt: (pt.value, [-t for t in pt.time]))

@@ -45,6 +45,7 @@ def block_storages(stack: nn.ModuleList, optimizer=None) -> dict[int, tuple[int,
     out: dict[int, tuple[int, Any]] = {}
 
     def add(t: Any, j: int) -> None:
+        t = local_tensor(t)
         if isinstance(t, torch.Tensor) and not is_traceable_wrapper_subclass(t):
             storage = t.untyped_storage()
             out.setdefault(id(storage), (j, storage))
@@ -59,6 +60,12 @@ def block_storages(stack: nn.ModuleList, optimizer=None) -> dict[int, tuple[int,
         for b in block.buffers():
             add(b, j)
     return out
+
+
+def local_tensor(t: Any) -> Any:
+    """A DTensor's local shard (what a rank's tracker counts); any other value as it is."""
+    local = getattr(t, "_local_tensor", None)
+    return local if isinstance(t, torch.Tensor) and isinstance(local, torch.Tensor) else t
 
 
 class RecordingTracker(PositionTracker):
@@ -76,8 +83,10 @@ class RecordingTracker(PositionTracker):
         *,
         op_cache: MetaOpCache | None,
         owned: dict[int, tuple[int, Any]],
+        **kwargs: Any,
     ) -> None:
-        super().__init__(model, optimizer, op_cache=op_cache)
+        # kwargs: the rest of `MemoryTracker`'s (a DDP/FSDP2 rank's roles, categories, resizes)
+        super().__init__(model, optimizer, op_cache=op_cache, **kwargs)
         self._owned = owned
         self.op_labels: list[tuple] = []  # label of op k at index k - 1
         # block of op k's first tensor argument's storage where known (index k - 1): AdamW's
@@ -121,7 +130,7 @@ class RecordingTracker(PositionTracker):
             if isinstance(leaf, torch.Tensor):
                 self._hint = None
                 if inputs is not None and i < len(inputs):
-                    entry = self._live.get(id(inputs[i].untyped_storage()))
+                    entry = self._live.get(id(local_tensor(inputs[i]).untyped_storage()))
                     self._hint = entry.seq if entry is not None else None
                 self._track(leaf, category)
         self._hint = None
@@ -140,7 +149,7 @@ class RecordingTracker(PositionTracker):
         return entry
 
     def _owner_of(self, args: tuple) -> int | None:
-        first = next((a for a in args if isinstance(a, torch.Tensor)), None)
+        first = local_tensor(next((a for a in args if isinstance(a, torch.Tensor)), None))
         if first is None or is_traceable_wrapper_subclass(first):
             return None
         key = id(first.untyped_storage())

@@ -98,17 +98,36 @@ class Shortcuts:
 
     # -- the depth shortcut ------------------------------------------------------------------
 
-    def _extrapolated(self, spec, model_spec, breakdown: bool) -> dict[str, Any]:
+    def depth_plan(
+        self,
+        spec: StepSpec,
+        model_spec: ModelSpec,
+        *,
+        unit: int = 1,
+    ) -> tuple[int, int, list, list]:
+        """The depth shortcut's plan for ``spec``: (real depth, period, shallow depths, shallow
+        model specs), the real model's blocks checked to repeat (module docstring, 1-2).
+
+        Args:
+            unit: checkpointing periods per unit of the extrapolation (a DDP/FSDP2 rank whose
+                engine looks one block ahead, FSDP2, takes 2: `parallel.rank_shortcut`).
+
+        Raises:
+            NotExtrapolable: with the reason the real depth must run.
+        """
         from velora_cli.shortcut.depth import DepthError, stack_depth
 
         depth = stack_depth(model_spec)
-        period = spec.strategy.gc_every or 1
+        gc_every = spec.strategy.gc_every or 1
+        period = gc_every * unit
         if depth is None:
             raise NotExtrapolable("the config gives no number of blocks")
         if spec.strategy.offload:  # the host ledger is counted, not synthesized from a trace
             raise NotExtrapolable("activation offload: host memory is counted at full depth")
+        if depth % gc_every:
+            raise NotExtrapolable(f"checkpointing every {gc_every} blocks does not divide {depth}")
         if depth % period:
-            raise NotExtrapolable(f"checkpointing every {period} blocks does not divide {depth}")
+            raise NotExtrapolable(f"units of {period} blocks do not divide {depth}")
         if depth < MIN_UNITS * period:
             raise NotExtrapolable(f"{depth} blocks: shallow enough to run in full")
         depths = [u * period for u in SHALLOW_UNITS]
@@ -119,6 +138,10 @@ class Shortcuts:
         problem = self._check_blocks(spec, model_spec, depth, depths, shallow)
         if problem:
             raise NotExtrapolable(problem)
+        return depth, period, depths, shallow
+
+    def _extrapolated(self, spec, model_spec, breakdown: bool) -> dict[str, Any]:
+        depth, period, depths, shallow = self.depth_plan(spec, model_spec)
         rows, logs, records = [], [], []
         for d, shallow_spec in zip(depths, shallow, strict=True):
             row, log, record, prepared = self.models.run(
@@ -259,6 +282,10 @@ class Shortcuts:
             if seen is None or seen[0] != blocks[:d] or seen[1] != outside:
                 return "the shallow model differs from the real one outside its depth"
         return None
+
+    def resolve(self, spec: StepSpec) -> ModelSpec:
+        """``spec.model`` resolved (once per model, task and trust setting)."""
+        return self._resolve(spec)
 
     def _resolve(self, spec: StepSpec) -> ModelSpec:
         from velora_cli.models import resolve_model

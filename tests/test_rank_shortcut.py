@@ -1,0 +1,144 @@
+"""The per-rank estimate's depth shortcut (parallel/rank_shortcut.py) against the reference path
+(every rank stepped at its real depth): identical rows, or the shortcut is not used.
+
+A tiny llama of 20 blocks built from a config (FSDP2 ranks extrapolate in units of two blocks
+from 4, 6 and 8, so the shortcut needs more than 18: the shallow ranks must step fewer blocks
+than the real one), world sizes 2 and 4, DDP and FSDP2, with checkpointing and VeLoRA.
+The extrapolation's rule for a pass whose last unit differs (FSDP2's backward prefetch) is also
+checked on a memory curve made up here, against the same curve at the real depth.
+"""
+
+from __future__ import annotations
+
+import pytest
+from transformers import LlamaConfig
+
+from velora_cli.measure.train_step import StepSpec, Strategy
+from velora_cli.parallel.estimate import ParallelEstimateBackend
+from velora_cli.shortcut.extrapolate import (
+    NotExtrapolable,
+    PositionLog,
+    memory_at_depth,
+    memory_of_log,
+)
+
+
+@pytest.fixture(scope="module")
+def llama20(tmp_path_factory):
+    path = tmp_path_factory.mktemp("rank-shortcut") / "llama20"
+    LlamaConfig(
+        hidden_size=64, intermediate_size=128, num_hidden_layers=20, num_attention_heads=4,
+        num_key_value_heads=2, vocab_size=256, max_position_embeddings=256,
+    ).save_pretrained(path)  # fmt: skip
+    return str(path)
+
+
+VELORA = {"placement": "paper", "num_groups": 8}
+CASES = [
+    # parallel, world size, strategy, the method the shortcut must give (prefix)
+    pytest.param("fsdp", 2, {}, "extrapolated from 4, 6, 8", id="fsdp-2"),
+    pytest.param("fsdp", 4, {"gc": True}, "extrapolated from 4, 6, 8",
+                 id="fsdp-4-gc", marks=pytest.mark.slow),
+    pytest.param("fsdp", 2, VELORA, "extrapolated from 4, 6, 8",
+                 id="fsdp-2-velora", marks=pytest.mark.slow),
+    pytest.param("fsdp-no-reshard", 4, {**VELORA, "gc": True}, "extrapolated",
+                 id="fsdp-no-reshard-4-velora-gc", marks=pytest.mark.slow),
+    # DDP ranks run at full depth (rank_shortcut.py says why): the same rows either way
+    pytest.param("ddp", 2, {}, "full depth", id="ddp-2", marks=pytest.mark.slow),
+    pytest.param("ddp", 4, {**VELORA, "gc": True}, "full depth",
+                 id="ddp-4-velora-gc", marks=pytest.mark.slow),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(("parallel", "world", "strategy", "expected"), CASES)
+def test_rank_rows_equal_the_reference_byte_for_byte(llama20, parallel, world, strategy,
+                                                      expected):  # fmt: skip
+    spec = StepSpec(
+        model=llama20, batch_size=2, seq_len=32, world_size=world, parallel=parallel,
+        strategy=Strategy(**strategy),
+    )  # fmt: skip
+    # the default ranks: 0 and N − 1 under FSDP2 (the extremes), 0 under DDP
+    fast = ParallelEstimateBackend(expandable=False)
+    reference = ParallelEstimateBackend(expandable=False, shortcuts=False)
+    row, ref = fast.measure(spec), reference.measure(spec)
+    assert row["status"] == ref["status"] == "ok", (row.get("error"), ref.get("error"))
+    method = row.pop("estimate_method")
+    assert ref.pop("estimate_method").startswith("full depth (reference")
+    differ = {k: (row.get(k), ref.get(k)) for k in row.keys() | ref.keys()
+              if row.get(k) != ref.get(k)}  # fmt: skip
+    assert not differ, f"{method}: {differ}"
+    assert list(row) == list(ref)  # same fields, same order
+    assert method.startswith(expected), method
+    shortcut = fast.shortcut()
+    assert (shortcut.extrapolated > 0) == method.startswith("extrapolated")
+
+
+def test_the_reference_environment_turns_the_rank_shortcut_off(monkeypatch):
+    monkeypatch.setenv("VELORA_ESTIMATE_REFERENCE", "1")
+    assert ParallelEstimateBackend().shortcut() is None
+    monkeypatch.delenv("VELORA_ESTIMATE_REFERENCE")
+    assert ParallelEstimateBackend().shortcut() is not None
+
+
+# -- the extrapolation with a last unit of its own, on a made-up memory curve -------------------
+
+
+def _curve(depth: int) -> PositionLog:
+    """A step over ``depth`` blocks whose backward frees the previous block's buffer before
+    making its own (so the first block it runs, the top one, has one point fewer)."""
+    live = {"params": 1000 * depth, "activations": 0, "temporaries": 0}
+    points, events = [], []
+
+    def point(label, phases, category=None, delta=0):
+        if category is not None:
+            live[category] += delta
+            events.append((category, delta))
+        points.append((label, phases, sum(live.values()), len(events)))
+
+    fb = ("forward_backward",)
+    point(("phase", "forward_backward"), fb)
+    for j in range(depth):
+        point(("fwd", j), fb, "activations", 300)
+        point(("fwd", j), fb, "temporaries", 50)
+        point(("fwd", j), fb, "temporaries", -50)
+    point(("fwd_after", depth - 1), fb, "temporaries", 2500)  # the loss
+    point(("fwd_after", depth - 1), fb, "temporaries", -2500)
+    for j in reversed(range(depth)):
+        if j != depth - 1:
+            point(("bwd", j), fb, "temporaries", -400)  # the previous block's buffer
+        point(("bwd", j), fb, "temporaries", 400)
+        point(("bwd", j), fb, "temporaries", 120)
+        point(("bwd", j), fb, "temporaries", -120)
+        point(("bwd", j), fb, "activations", -300)
+    point(("bwd_after",), fb, "temporaries", -400)
+    initial = {"params": 1000 * depth}
+
+    def breakdown(n: int) -> dict[str, int]:
+        out = {"params": initial["params"], "activations": 0, "temporaries": 0}
+        for category, delta in events[:n]:
+            out[category] += delta
+        return out
+
+    return PositionLog(depth, points, breakdown)
+
+
+@pytest.mark.parametrize("depth", [5, 8, 32])
+def test_a_different_last_unit_is_extrapolated_exactly_with_edges(depth):
+    logs = [_curve(d) for d in (2, 3, 4)]
+    with pytest.raises(NotExtrapolable, match="different op counts"):
+        memory_at_depth(logs, depth, 1)
+    assert memory_at_depth(logs, depth, 1, edges=True) == memory_of_log(_curve(depth))
+
+
+@pytest.mark.slow
+def test_a_7b_fsdp_rank_equals_the_reference():
+    # Llama-2-7b's real shapes (32 blocks, from 4, 6 and 8), rank 0 of 4 as a tune asks for it
+    spec = StepSpec(
+        model="meta-llama/Llama-2-7b", batch_size=1, seq_len=512, dtype="bf16", mode="full",
+        world_size=4, parallel="fsdp", strategy=Strategy(gc=True),
+    )  # fmt: skip
+    row = ParallelEstimateBackend(ranks=(0,), expandable=False).measure(spec)
+    ref = ParallelEstimateBackend(ranks=(0,), expandable=False, shortcuts=False).measure(spec)
+    assert row.pop("estimate_method") == "extrapolated from 4, 6, 8 blocks"
+    ref.pop("estimate_method")
+    assert row == ref
