@@ -253,8 +253,8 @@ class _Checked(MemoryTracker):
         super().__init__(*args, **kwargs)
         self.totals: list[tuple[int, int]] = []  # (events so far, live bytes)
 
-    def _record_op_outputs(self, out):
-        super()._record_op_outputs(out)
+    def _record_op_outputs(self, out, *, same_op=False):
+        super()._record_op_outputs(out, same_op=same_op)
         self.totals.append((len(self._events), self.current_bytes))
 
 

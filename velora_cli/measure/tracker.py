@@ -121,13 +121,13 @@ class _OpRecorder(TorchDispatchMode):
         if self._tracker._tracing:
             self._tracker._op_names.append(func.name() if hasattr(func, "name") else str(func))
         self._tracker._record_op_outputs(out)
-        # what the CUDA kernel allocates inside the op (meta only): counted, then freed
+        # what the CUDA kernel allocates inside the op (meta only): counted, then freed, as
+        # events of this op (no op of its own: the op counter, which the depth synthesis
+        # matches op for op, sees one kernel)
         temporaries = cuda_kernel_temporaries(func, args)
         while temporaries:
-            name, tensor = temporaries.pop()
-            if self._tracker._tracing:
-                self._tracker._op_names.append(name)
-            self._tracker._record_op_outputs(tensor)
+            _name, tensor = temporaries.pop()
+            self._tracker._record_op_outputs(tensor, same_op=True)
             del tensor
         return out
 
@@ -559,8 +559,10 @@ class MemoryTracker:
                 self.phase_peaks[name] = current
                 self._phase_entries[name] = list(self._live.values())
 
-    def _record_op_outputs(self, out: Any) -> None:
-        self._ops += 1
+    def _record_op_outputs(self, out: Any, *, same_op: bool = False) -> None:
+        """Track an op's outputs; ``same_op``: more tensors of the op recorded last (no new op)."""
+        if not same_op:
+            self._ops += 1
         category = self._context_category()
         for leaf in tree_leaves(out):
             if isinstance(leaf, torch.Tensor):

@@ -118,12 +118,13 @@ class RecordingTracker(PositionTracker):
         self._args = args
         return super().run_op(func, args, kwargs)
 
-    def _record_op_outputs(self, out: Any) -> None:
+    def _record_op_outputs(self, out: Any, *, same_op: bool = False) -> None:
         # MemoryTracker._record_op_outputs, with each output of a returned list tagged with the
         # storage of the same item of the op's first list argument as long
-        self.op_labels.append(self.label)
-        self.op_owners.append(self._owner_of(self._args))
-        self._ops += 1
+        if not same_op:
+            self.op_labels.append(self.label)
+            self.op_owners.append(self._owner_of(self._args))
+            self._ops += 1
         category = self._context_category()
         inputs = _aligned_inputs(self._args, out)
         for i, leaf in enumerate(tree_leaves(out)):
