@@ -10,6 +10,7 @@ import pytest
 
 from velora_cli.allocator.caching import ALLOC, EMPTY_CACHE, FREE, REPEAT, RESET_PEAK, simulate
 from velora_cli.allocator.device_memory import (
+    LoadPlan,
     cublas_workspace_bytes,
     cuda_schedule,
     device_memory_fields,
@@ -382,3 +383,91 @@ def test_the_context_follows_the_cuda_version(gpu, cuda, context):
     fields = device_memory_fields(toy_trace(), gpu=spec, environ=NO_ENV, cuda_version=cuda)
     assert fields["cuda_context_bytes"] == context == spec.cuda_context(cuda).nbytes
     assert fields["predicted_device_bytes"] == fields["predicted_reserved_bytes"] + context
+
+
+def quantized_load_trace() -> AllocationTrace:
+    """A QLoRA model's storages: a 4-bit weight packed in 6 MiB with its 0.75 MiB fp32 absmax,
+    a 16 MiB fp32 embedding; the step allocates and frees a 30 MiB activation."""
+    return AllocationTrace(
+        initial=((0, 6 * M), (1, 3 * M // 4), (2, 16 * M)),
+        events=((1, 3, 30 * M), (2, 3, -30 * M)),
+        categories={0: "params", 1: "buffers", 2: "params", 3: "activations"},
+        phases=(("forward", 0, 1), ("backward", 1, 2), ("optimizer", 2, 2)),
+        round_to=512,
+        ops=2,
+        op_names=("aten::mm", "aten::mm_backward"),
+    )
+
+
+# the weight was 24 MiB of fp16 when transformers materialized it for bitsandbytes to quantize;
+# the embedding was loaded as 8 MiB of fp16 and upcast to fp32 by prepare_model_for_kbit_training
+QLORA_LOAD = LoadPlan(staged={6 * M: (24 * M, (3 * M // 4,))}, upcast={16 * M: 8 * M})
+
+
+def test_load_events_stage_quantized_weights_and_upcast_after_loading():
+    trace = quantized_load_trace()
+    schedule = cuda_schedule(trace, workspace=0, warmup=0, steps=1, empty_cache=False,
+                             load=QLORA_LOAD)  # fmt: skip
+    load = schedule[:7]  # then warm-up step 1
+    full, half = load[0][1], load[4][1]
+    assert load == [
+        (ALLOC, full, 24 * M),  # the fp16 weight on the device
+        (ALLOC, 0, 6 * M),  # quantize_4bit: packed codes,
+        (ALLOC, 1, 3 * M // 4),  # then absmax,
+        (FREE, full, 0),  # the fp16 weight dropped
+        (ALLOC, half, 8 * M),  # the embedding as loaded
+        (ALLOC, 2, 16 * M),  # kbit preparation: the fp32 copy,
+        (FREE, half, 0),  # the fp16 one dropped
+    ]
+    assert full < 0 and half < 0 and full != half
+    # without a plan each storage is one allocation
+    plain = cuda_schedule(trace, workspace=0, warmup=0, steps=1, empty_cache=False)
+    assert plain[:3] == [(ALLOC, 0, 6 * M), (ALLOC, 1, 3 * M // 4), (ALLOC, 2, 16 * M)]
+
+
+def test_what_loading_reserved_stays_reserved_without_empty_cache():
+    """By hand, with CUDACachingAllocator.cpp's rules (a request under 10 MiB gets a 20 MiB
+    segment, a larger one its size rounded to 2 MiB, <= 1 MiB the 2 MiB small pool; best fit;
+    a large block is split when more than 1 MiB remains):
+
+    loaded once each: packed 6 -> new 20 MiB segment (14 free); absmax -> small 2 MiB; embedding
+    16 -> no free block fits, new 16 MiB segment: 38 MiB. Warm-up step: the 30 MiB activation
+    gets a new 30 MiB segment: 68 MiB, kept through the reset; the measured step reuses it.
+
+    loaded as transformers + peft do it: fp16 weight 24 -> new 24 MiB segment; packed 6 -> new
+    20 MiB segment (14 free); absmax -> small 2 MiB; the 24 MiB freed; fp16 embedding 8 -> best
+    fit is the 14 MiB remainder (6 left); fp32 embedding 16 -> the 24 MiB segment (8 left); the
+    fp16 one freed (14 free again): 46 MiB reserved, no free block of 30 MiB, so the activation
+    takes a new 30 MiB segment: 76 MiB. Allocated is the same either way."""
+    trace = quantized_load_trace()
+    plain = simulate(cuda_schedule(trace, workspace=0, warmup=0, steps=1, empty_cache=False))
+    loaded = simulate(cuda_schedule(trace, workspace=0, warmup=0, steps=1, empty_cache=False,
+                                    load=QLORA_LOAD))  # fmt: skip
+    assert plain.peak_reserved_bytes == 68 * M
+    assert loaded.peak_reserved_bytes == 76 * M
+    assert plain.peak_allocated_bytes == loaded.peak_allocated_bytes == (52 * M + 3 * M // 4)
+    # empty_cache() cannot undo it here: the fp32 embedding holds the 24 MiB segment and the
+    # packed weight the 20 MiB one (only the activation's free 30 MiB segment is released, and
+    # the measured step takes it again)
+    emptied = simulate(cuda_schedule(trace, workspace=0, warmup=0, steps=1, load=QLORA_LOAD))
+    assert emptied.peak_reserved_bytes == 76 * M
+
+
+def test_load_transients_of_a_quantized_layer_and_an_upcast_embedding():
+    import torch
+    from torch import nn
+
+    from velora_cli.methods.quant import MetaLinear4bit, QuantConfig, load_transients
+
+    with torch.device("meta"):
+        model = nn.Sequential(nn.Embedding(1000, 256), nn.Linear(256, 1024, bias=False))
+    model.half()
+    config = QuantConfig(double_quant=False)
+    model[1] = MetaLinear4bit.from_linear(model[1], config)
+    model[0].weight.data = model[0].weight.data.float()  # prepare_model_for_kbit_training
+    model[0].weight.requires_grad = False
+    staged, upcast = load_transients(model)
+    # packed: 256 × 1024 codes, two per byte; state: the 16-value code table (fp32), then
+    # one fp32 absmax per block of 64
+    assert staged == {256 * 1024 // 2: (256 * 1024 * 2, (16 * 4, 256 * 1024 // 64 * 4))}
+    assert upcast == {1000 * 256 * 4: 1000 * 256 * 2}

@@ -4,8 +4,9 @@
                        expandable segments, the OOM retry), read from CUDACachingAllocator.cpp
     blocks.py          its bookkeeping: segments and blocks
     config.py          its constants and ``PYTORCH_CUDA_ALLOC_CONF``, parsed as torch parses it
-    device_memory.py   a step's allocation trace replayed as the cuda backend's schedule runs it:
-                       allocated, reserved, fragmentation, device (reserved + CUDA context)
+    device_memory.py   a step's allocation trace replayed as the cuda backend's schedule runs it
+                       (after loading, with the loader's transients: LoadPlan): allocated,
+                       reserved, fragmentation, device (reserved + CUDA context)
     kernel_scratch.py  buffers GPU kernels take inside one op (flash backward, embedding backward)
 
 May import: measure (the tracker's trace) and the leaves; not timing, the estimate or above.

@@ -23,7 +23,9 @@ from __future__ import annotations
 import bisect
 import os
 import re
+from collections import defaultdict, deque
 from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from velora_cli.allocator.caching import (
@@ -105,6 +107,79 @@ def scratch_positions(
         at = allocs[-1] + 1 if allocs else lo
         out[at] = out.get(at, ()) + tuple(sizes)
     return out
+
+
+@dataclass(frozen=True)
+class LoadPlan:
+    """How the model's storages reached the GPU, where that was more than one allocation each.
+
+    The caching allocator keeps what loading freed in its segments, and nothing empties them
+    before a harness that never calls ``empty_cache()`` resets its peaks, so the reserved peak of
+    such a run starts from what loading reserved. Two loaders allocate transients:
+
+    - on-the-fly 4-bit quantization (transformers' bitsandbytes quantizer: the checkpoint
+      tensor is materialized on the device in the load dtype, then bitsandbytes'
+      ``Params4bit._quantize`` calls ``functional.quantize_4bit``, which allocates the packed
+      codes and the absmax, and the full-precision tensor is dropped): ``staged`` maps a packed
+      weight's bytes to (the full-precision tensor's bytes, the sizes of the quantization state
+      allocated with it, in order);
+    - peft's ``prepare_model_for_kbit_training``, after loading, replaces every fp16/bf16
+      parameter that is not a 4-bit weight by an fp32 copy (``param.data =
+      param.data.to(torch.float32)``, in ``model.parameters()`` order): ``upcast`` maps such a
+      parameter's bytes to its bytes as loaded.
+
+    Storages are matched by size (a trace knows sizes and roles, not modules); a trainable
+    parameter of an upcast size would be matched too (none of the common shapes is).
+    """
+
+    staged: Mapping[int, tuple[int, tuple[int, ...]]] = field(default_factory=dict)
+    upcast: Mapping[int, int] = field(default_factory=dict)
+
+
+def load_events(trace: AllocationTrace, keys: _Keys, plan: LoadPlan | None) -> list[Event]:
+    """The allocator events of loading the model: each loaded storage once, in the trace's
+    order, with the transients of `plan` (staged tensors freed as their quantized form is made;
+    upcast parameters replaced after everything is loaded)."""
+    loaded = [
+        (sid, nbytes)
+        for sid, nbytes in trace.initial
+        if trace.categories.get(sid) not in ("optimizer", "grads")
+    ]
+    if plan is None or not (plan.staged or plan.upcast):
+        return [(ALLOC, keys.slot[sid], nbytes) for sid, nbytes in loaded]
+    buffers: dict[int, deque[int]] = defaultdict(deque)
+    for sid, nbytes in loaded:
+        if trace.categories.get(sid) == "buffers":
+            buffers[nbytes].append(sid)
+    companions: dict[int, list[tuple[int, int]]] = {}  # packed weight -> its state
+    for sid, nbytes in loaded:
+        if trace.categories.get(sid) != "params" or nbytes not in plan.staged:
+            continue
+        sizes = plan.staged[nbytes][1]
+        need: dict[int, int] = {}
+        for size in sizes:
+            need[size] = need.get(size, 0) + 1
+        if all(len(buffers[size]) >= count for size, count in need.items()):
+            companions[sid] = [(buffers[size].popleft(), size) for size in sizes]
+    taken = {c for state in companions.values() for c, _ in state}
+    events: list[Event] = []
+    after: list[Event] = []
+    for sid, nbytes in loaded:
+        if sid in taken:
+            continue
+        if sid in companions:
+            full = keys.special()
+            events.append((ALLOC, full, plan.staged[nbytes][0]))
+            events.append((ALLOC, keys.slot[sid], nbytes))
+            events += [(ALLOC, keys.slot[c], size) for c, size in companions[sid]]
+            events.append((FREE, full, 0))
+        elif trace.categories.get(sid) == "params" and nbytes in plan.upcast:
+            half = keys.special()
+            events.append((ALLOC, half, plan.upcast[nbytes]))
+            after += [(ALLOC, keys.slot[sid], nbytes), (FREE, half, 0)]
+        else:
+            events.append((ALLOC, keys.slot[sid], nbytes))
+    return events + after
 
 
 def _first_index(trace: AllocationTrace, phase: str, default: int) -> int:
@@ -224,6 +299,7 @@ def cuda_schedule(
     warmup: int = CUDA_WARMUP,
     steps: int = CUDA_STEPS,
     empty_cache: bool = True,
+    load: LoadPlan | None = None,
 ) -> list[Event]:
     """The allocator events of a cuda-backend row, built from one traced step.
 
@@ -235,6 +311,7 @@ def cuda_schedule(
         steps: timed steps.
         empty_cache: the harness empties the cache before the peak is reset (the cuda backend
             does); False: the pool the warm-up grew is still reserved when measuring starts.
+        load: the loader's transients (`LoadPlan`; None: each storage allocated once).
 
     Returns:
         Load, ``warmup`` + 1 steps (the first creates the optimizer state and the workspaces),
@@ -249,6 +326,7 @@ def cuda_schedule(
             warmup=warmup,
             steps=steps,
             empty_cache=empty_cache,
+            load=load,
         )  # fmt: skip
     )
 
@@ -267,17 +345,13 @@ class Schedule:
         warmup: int = CUDA_WARMUP,
         steps: int = CUDA_STEPS,
         empty_cache: bool = True,
+        load: LoadPlan | None = None,
     ) -> None:
         self.trace, self.workspace, self.warmup, self.steps = trace, workspace, warmup, steps
         self.empty_cache = empty_cache
         self.keys = _Keys(trace)
         self.scratch_at = scratch_positions(trace, scratch or {})
-        load = [
-            (ALLOC, self.keys.slot[sid], nbytes)
-            for sid, nbytes in trace.initial
-            if trace.categories.get(sid) not in ("optimizer", "grads")
-        ]
-        self.parts: list[list[Event]] = [load]
+        self.parts: list[list[Event]] = [load_events(trace, self.keys, load)]
         self._next = 0  # the next step to build
 
     def _build(self) -> bool:
@@ -316,6 +390,7 @@ def device_memory_fields(
     expandable: bool = True,
     empty_cache: bool = True,
     cuda_version: str | None = None,
+    load: LoadPlan | None = None,
 ) -> dict[str, Any]:
     """The device-level prediction of one row, from its traced step.
 
@@ -331,6 +406,8 @@ def device_memory_fields(
         cuda_version: the CUDA runtime of the run (``torch.version.cuda``): the context figure
             for that version (`GpuSpec.cuda_context`); None: the GPU's figure for a current CUDA.
         environ: where ``CUBLAS_WORKSPACE_CONFIG`` is read (default: os.environ).
+        load: how the model was loaded (`LoadPlan`: quantization on load, kbit upcasts); what
+            loading reserved stays reserved when the schedule never empties the cache.
 
     Returns:
         Row fields: ``predicted_allocated_bytes`` (what max_memory_allocated would read),
@@ -342,7 +419,7 @@ def device_memory_fields(
     config = config or AllocatorConfig()
     workspace = cublas_workspace_bytes(gpu, environ)
     schedule = Schedule(trace, workspace=workspace, scratch=scratch, warmup=warmup, steps=steps,
-                        empty_cache=empty_cache)  # fmt: skip
+                        empty_cache=empty_cache, load=load)  # fmt: skip
     base = simulate(schedule, config)
     grown = simulate(schedule, config.with_expandable_segments(True)) if expandable else None
     cuda_context = gpu.cuda_context(cuda_version)

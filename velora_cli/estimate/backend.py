@@ -193,22 +193,32 @@ class EstimateBackend:
 
     def device_memory_of(self, prepared, trace) -> dict[str, Any]:
         """The device-level fields of one traced step (see device_memory.device_memory_fields)."""
-        from velora_cli.allocator.device_memory import device_memory_fields, scratch_for_step
+        from velora_cli.allocator.device_memory import (
+            LoadPlan,
+            device_memory_fields,
+            scratch_for_step,
+        )
         from velora_cli.gpus import get_gpu
 
+        model = getattr(prepared.model, "module", prepared.model)
+        load = None
+        if prepared.spec.mode == "qlora":  # quantized on load, upcast by kbit preparation
+            from velora_cli.methods.quant import load_transients
+
+            staged, upcast = load_transients(model)
+            load = LoadPlan(staged=staged, upcast=upcast)
         return device_memory_fields(
             trace,
             gpu=get_gpu(self.gpu),
             config=self.allocator,
             # a DDP rank's model is the wrapped one's .module (its config names the shapes)
-            scratch=scratch_for_step(
-                prepared.spec, getattr(prepared.model, "module", prepared.model)
-            ),
+            scratch=scratch_for_step(prepared.spec, model),
             warmup=self.cuda_warmup,
             steps=self.cuda_steps,
             expandable=self.expandable,
             empty_cache=self.cuda_empty_cache,
             cuda_version=self.cuda_version,
+            load=load,
         )
 
     def _reference(self, spec: StepSpec, breakdown: bool) -> dict[str, Any]:

@@ -478,3 +478,35 @@ def quantized_storage(model: nn.Module) -> dict[str, int]:
             if name.startswith("weight_")
         )
     return {"quantized_params": params, "quantized_bytes": nbytes} if params else {}
+
+
+def load_transients(
+    model: nn.Module,
+) -> tuple[dict[int, tuple[int, tuple[int, ...]]], dict[int, int]]:
+    """What loading a QLoRA model with transformers puts on the device besides its storages.
+
+    Returns ``(staged, upcast)`` (allocator.device_memory.LoadPlan): for each 4-bit weight, its
+    packed bytes -> (bytes of the full-precision tensor the quantizer reads, ``O × D`` in the
+    dtype it was quantized from; the sizes of its quantization state, in registration order),
+    as bitsandbytes 0.50 ``Params4bit._quantize`` makes them on the device the tensor was
+    materialized on; and for each frozen fp32 parameter that was fp16/bf16 when loaded (peft's
+    ``prepare_model_for_kbit_training`` cast, `prepare_for_kbit_training`), fp32 bytes -> bytes
+    as loaded. Both keyed by size: the caller matches them against a trace's storages.
+    """
+    staged: dict[int, tuple[int, tuple[int, ...]]] = {}
+    load_dtype = None
+    for module in model.modules():
+        if not isinstance(module, MetaLinear4bit):
+            continue
+        load_dtype = load_dtype or module.weight_dtype
+        full = module.out_features * module.in_features * module.weight_dtype.itemsize
+        state = tuple(b.untyped_storage().nbytes() for b in module.buffers(recurse=False))
+        staged[module.weight.untyped_storage().nbytes()] = (full, state)
+    upcast: dict[int, int] = {}
+    if load_dtype in (torch.float16, torch.bfloat16):
+        packed = {id(m.weight) for m in model.modules() if isinstance(m, MetaLinear4bit)}
+        for param in model.parameters():
+            if id(param) in packed or param.requires_grad or param.dtype != torch.float32:
+                continue
+            upcast[param.untyped_storage().nbytes()] = param.numel() * load_dtype.itemsize
+    return staged, upcast
