@@ -260,7 +260,7 @@ REGRESSION = [
     SMALL,
     "fitcheck/t4-2026-09-15-eager-none-fp16-adamw-r32-ckpt-HuggingFaceTB_SmolLM2-135M-bs2-seq512",
     "fitcheck/t4-2026-09-16-flash-nf4-fp16-adamw-r32-ckpt-TinyLlama_TinyLlama-1.1B-Chat-v1.0-bs2-seq1024",
-    "fitcheck/t4-2026-09-16-eager-nf4-fp16-adamw-r32-ckpt-TinyLlama_TinyLlama-1.1B-Chat-v1.0-bs2-seq1024",
+    "fitcheck/t4-2026-09-16-eager-nf4-fp16-adamw-r32-ckpt-TinyLlama_TinyLlama-1.1B-Chat-v1.0-bs8-seq1024",
     "fitcheck/t4-2026-09-15-eager-nf4-fp16-adamw-r32-ckpt-HuggingFaceTB_SmolLM2-135M-bs1-seq4096",
     "fitcheck/t4-2026-09-15-flash-none-fp16-adamw-r32-ckpt-HuggingFaceTB_SmolLM2-360M-bs1-seq4096",
     "fitcheck/t4-2026-09-21-holdout-5b933ab49870",
