@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     import torch
@@ -238,23 +238,9 @@ def tokenize(
     """
     import torch
 
-    reason = BYTE_LEVEL
-    if model_spec.tokenizer_path is not None:
-        try:
-            from transformers import AutoTokenizer
-
-            tokenizer = AutoTokenizer.from_pretrained(
-                model_spec.tokenizer_path, local_files_only=True
-            )
-        except Exception as exc:  # missing files, no sentencepiece, ...
-            lines = str(exc).strip().splitlines()
-            why = (lines[0] if lines else type(exc).__name__)[:160]
-            reason = (
-                f"byte-level (UTF-8 bytes as token ids): the tokenizer of "
-                f"{model_spec.tokenizer_path} could not be loaded locally ({why})"
-            )
-        else:
-            return _tokenizer_ids(texts, tokenizer, model_spec, vocab_size, max_tokens)
+    tokenizer, reason = _local_tokenizer(model_spec, "token ids")
+    if tokenizer is not None:
+        return _tokenizer_ids(texts, tokenizer, model_spec, vocab_size, max_tokens)
     if vocab_size < BYTE_VOCAB:
         raise DataError(
             f"byte-level tokenization needs a vocabulary of at least {BYTE_VOCAB} ids, but "
@@ -265,6 +251,24 @@ def tokenize(
         stream = stream[:max_tokens]
     ids = torch.frombuffer(bytearray(stream), dtype=torch.uint8).long()  # (N,)
     return ids, reason
+
+
+def _local_tokenizer(model_spec: ModelSpec, units: str) -> tuple[Any, str]:
+    """The model's tokenizer if it loads from local files, else None and why bytes stand in
+    (``units``: what the bytes are used as, in the description); `BYTE_LEVEL` without one."""
+    if model_spec.tokenizer_path is None:
+        return None, BYTE_LEVEL
+    try:
+        from transformers import AutoTokenizer
+
+        return AutoTokenizer.from_pretrained(model_spec.tokenizer_path, local_files_only=True), ""
+    except Exception as exc:  # missing files, no sentencepiece, ...
+        lines = str(exc).strip().splitlines()
+        why = (lines[0] if lines else type(exc).__name__)[:160]
+        return None, (
+            f"byte-level (UTF-8 bytes as {units}): the tokenizer of "
+            f"{model_spec.tokenizer_path} could not be loaded locally ({why})"
+        )
 
 
 def _tokenizer_ids(texts, tokenizer, model_spec, vocab_size, max_tokens):
@@ -305,25 +309,11 @@ def token_lengths(
     Returns:
         ``(lengths, description)``: one length >= 1 per non-empty document.
     """
-    reason = BYTE_LEVEL
-    if model_spec.tokenizer_path is not None:
-        try:
-            from transformers import AutoTokenizer
-
-            tokenizer = AutoTokenizer.from_pretrained(
-                model_spec.tokenizer_path, local_files_only=True
-            )
-        except Exception as exc:  # missing files, no sentencepiece, ...
-            lines = str(exc).strip().splitlines()
-            why = (lines[0] if lines else type(exc).__name__)[:160]
-            reason = (
-                f"byte-level (UTF-8 bytes as tokens): the tokenizer of "
-                f"{model_spec.tokenizer_path} could not be loaded locally ({why})"
-            )
-        else:
-            ids = tokenizer(texts, truncation=True, max_length=max_length)["input_ids"]
-            name = type(tokenizer).__name__
-            return [len(x) for x in ids if x], f"{name} from {model_spec.tokenizer_path}"
+    tokenizer, reason = _local_tokenizer(model_spec, "tokens")
+    if tokenizer is not None:
+        ids = tokenizer(texts, truncation=True, max_length=max_length)["input_ids"]
+        name = type(tokenizer).__name__
+        return [len(x) for x in ids if x], f"{name} from {model_spec.tokenizer_path}"
     lengths = [min(max_length, len(t.encode("utf-8"))) for t in texts]
     return [n for n in lengths if n], reason
 
