@@ -92,6 +92,11 @@ CASES = [
     ("llama8", {"amp": "bf16", "mode": "lora"}, {"placement": "all-linear", "num_groups": 16,
                                                  "gc": True}, "extrapolated"),
     ("llama8", {"mode": "qlora", "dtype": "bf16"}, G16, "extrapolated"),
+    # fused AdamW (the Trainer's default): one kernel over the group, outside the stack
+    ("llama8", {"mode": "qlora", "dtype": "bf16", "optimizer": "adamw_torch_fused"}, {"gc": True},
+     "extrapolated"),
+    ("llama8", {"mode": "lora", "optimizer": "adamw_torch_fused"}, G16, "extrapolated"),
+    ("llama16", {"optimizer": "adamw_torch_fused"}, {"gc": 2}, "extrapolated from 4, 6, 8"),
     ("llama8", {"batch_size": 4, "grad_accum_steps": 2}, {}, "extrapolated"),
     ("llama8", {"optimizer": "sgd", "amp": "fp16"}, {"gc": True}, "extrapolated"),
     ("llama16", {}, {"gc": 2}, "extrapolated from 4, 6, 8"),
