@@ -273,6 +273,23 @@ def choice_list(text: str, option: str, choices: tuple[str, ...]) -> list[str]:
     return [] if text.strip() == "none" else word_list(text, option, choices)
 
 
+def recipe_of(o, modes: list[str] | tuple[str, ...]) -> dict:
+    """The recipe options of profile's or tune's options ``o`` as `StepSpec` fields
+    (`measure.recipe.recipe_fields`), for ``modes`` and the GPU ``--gpu`` names."""
+    from velora_cli.gpus import get_gpu
+    from velora_cli.measure.recipe import recipe_fields
+
+    return recipe_fields(
+        gc_reentrant=o.gc_reentrant,
+        double_quant=o.double_quant,
+        compute_dtype=o.compute_dtype,
+        quant_storage=o.quant_storage,
+        kbit_prepare=o.kbit_prepare,
+        modes=modes,
+        gpu=get_gpu(o.gpu) if o.gpu else None,
+    )
+
+
 # Options of tune and export-config.
 Budget = Annotated[
     str | None,

@@ -50,6 +50,7 @@ from velora_cli.commands.options import (
     Weights,
     choice_list,
     int_list,
+    recipe_of,
     word_list,
 )
 from velora_cli.commands.output import err, wide_console
@@ -309,7 +310,7 @@ def profile_plan(o: ProfileOptions) -> ProfilePlan:
     from velora_cli import models
     from velora_cli.gpus import get_gpu
     from velora_cli.measure.lengths import for_lengths
-    from velora_cli.measure.recipe import check_precision, recipe_fields
+    from velora_cli.measure.recipe import check_precision
     from velora_cli.measure.train_step import StepSpec, check_device, for_task
     from velora_cli.parallel import PARALLEL
     from velora_cli.profiling import profiler
@@ -342,15 +343,7 @@ def profile_plan(o: ProfileOptions) -> ProfilePlan:
         padding=o.padding or bool(o.lengths or o.data) and not o.packing,
         packing=o.packing,
         repeat_kv=o.repeat_kv,
-        **recipe_fields(
-            gc_reentrant=o.gc_reentrant,
-            double_quant=o.double_quant,
-            compute_dtype=o.compute_dtype,
-            quant_storage=o.quant_storage,
-            kbit_prepare=o.kbit_prepare,
-            modes=[o.mode],
-            gpu=get_gpu(o.gpu) if o.gpu else None,
-        ),
+        **recipe_of(o, [o.mode]),
     )
     if o.gpu:  # bf16 on a T4 or V100 fails here, in one line (the cuda backend: make_backend)
         check_precision(get_gpu(o.gpu), spec)

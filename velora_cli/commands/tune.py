@@ -59,6 +59,7 @@ from velora_cli.commands.options import (
     Weights,
     choice_list,
     int_list,
+    recipe_of,
     word_list,
 )
 from velora_cli.commands.output import err, wide_console
@@ -211,7 +212,7 @@ def tune_settings(o: TuneOptions) -> tuple[TuneSettings, list[str]]:
     """Parse and check every option, before any model is built: the tune's settings (its
     budget still 0 when ``--budget`` was not given: `open_journal` resolves it) and notices."""
     from velora_cli.gpus import get_gpu
-    from velora_cli.measure.recipe import check_cuda_precision, check_precision, recipe_fields
+    from velora_cli.measure.recipe import check_cuda_precision, check_precision
     from velora_cli.measure.train_step import (
         MODES,
         OFFLOAD_KINDS,
@@ -305,15 +306,7 @@ def tune_settings(o: TuneOptions) -> tuple[TuneSettings, list[str]]:
         repeat_kv=o.repeat_kv,
         sac=tuple(choice_list(o.sac, "--sac", SAC_POLICIES)),
         offload=tuple(choice_list(o.offload, "--offload", OFFLOAD_KINDS)),
-        **recipe_fields(
-            gc_reentrant=o.gc_reentrant,
-            double_quant=o.double_quant,
-            compute_dtype=o.compute_dtype,
-            quant_storage=o.quant_storage,
-            kbit_prepare=o.kbit_prepare,
-            modes=modes,
-            gpu=get_gpu(o.gpu) if o.gpu else None,
-        ),
+        **recipe_of(o, modes),
     )
     base = settings.base_spec()  # validates batch, precision, modes × optimizers, ranks (one line)
     if o.gpu:  # bf16 on a T4 or V100: one line
