@@ -87,8 +87,8 @@ Event = tuple[str, int, int]
 # CUDA driver's and not documented; it decides the best-fit ties between equal-sized free blocks
 # (BlockComparatorSize breaks them by address). With later segments placed below, the replay of
 # fitcheck's twelve eager-attention LoRA steps on a T4 (torch 2.10/2.14, CUDA 12.8/13.0; the
-# validation corpus) gives their max_memory_reserved to within 14 MiB, where placing them above
-# missed it by one attention-score block (-512 ... +256 MiB) on eight of them.
+# validation corpus) gives their max_memory_reserved to -12 ... +4 MiB, where placing them above
+# missed it by about one attention-score block (-512 ... +256 MiB) on ten of them.
 # tests/test_allocator_gpu.py replays a trace on which the two orders differ, on a real GPU.
 # CachingAllocator's default; False places them above (what this model assumed before).
 SEGMENTS_GROW_DOWN = True
