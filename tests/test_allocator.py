@@ -270,8 +270,8 @@ def test_alloc_conf_reads_like_pytorch():
 
 
 # Two free blocks of one size in different segments: which one a request takes decides what can
-# merge later. Rules (c10/cuda/CUDACachingAllocator.cpp, read at the snapshot caching.py names;
-# the same in the torch 2.10 and 2.14 that fitcheck measured with):
+# merge later. Rules (c10/cuda/CUDACachingAllocator.cpp, read at the snapshot caching.py names; the
+# size-then-ptr comparator is the same in the older THCCachingAllocator.cpp's BlockComparator):
 # - get_allocation_size: requests of 10 MiB or more get a segment of their size rounded up to
 #   2 MiB (all sizes below are multiples of 2 MiB: one segment each, exactly that size);
 # - get_free_block: pool.blocks.lower_bound in BlockComparatorSize order (stream, size, ptr):
