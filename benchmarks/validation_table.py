@@ -107,12 +107,6 @@ TAIL = """
   run's figure lies between that (4544 MiB for 74c48249f5ad) and the bound where every fp16
   weight is on the GPU before any is quantized (6520 MiB; measured 5212 MiB). Which one a run
   gets depends on timing, so neither is taken as the prediction.
-- **Reserved, LoRA with eager attention (SmolLM2-135M/360M at 4096 tokens, TinyLlama bs2,
-  SmolLM2-1.7B 1 x 2048: −3.6 to −8.9 %).** The allocated peak is exact; the replay's reserved
-  figure is short by one fp16 (batch, heads, seq, seq) score tensor (SmolLM2-135M 288 MiB,
-  SmolLM2-360M 476 of 480, TinyLlama 2 x 2048 512, SmolLM2-1.7B 256 MiB), by about three at
-  TinyLlama 2 x 1024 (378 MiB, 3 x 128), and over by one at SmolLM2-1.7B 4 x 1024 (+256 MiB):
-  score-sized blocks placed differently from the replay. Not found.
 - Each missing feature is one value in the setup mapping's table
   (`velora_cli/validation/mapping.py`); when velora learns it, the cases that need it are
   predicted on the next run.
@@ -142,6 +136,20 @@ TAIL = """
   still, the size of one (2048 tokens x 256) fp32 tensor, i.e. a k/v-projection output in fp32
   (Qwen's K/V width is 2 heads x 128) — not explained yet. Reserved: Qwen2.5-1.5B +22 MiB, and
   SmolLM2-360M at 4096 tokens −16 MiB (one segment; −0.4 %, inside the bounds but on the low side).
+- **cudaMalloc places each new segment below the earlier ones.** Among free blocks of one size
+  the caching allocator's best fit takes the one at the lowest address (`BlockComparatorSize` in
+  c10/cuda/CUDACachingAllocator.cpp orders by stream, size, then `ptr`), so which of two equal
+  blocks a request splits, and so what can merge again later, depends on where the driver put
+  their segments. Eager attention leaves several free blocks of one size (each layer's score
+  tensors), and the replay, which gave later segments higher addresses, split the older one:
+  fitcheck's twelve eager LoRA rows came out one (batch, heads, seq, seq) score tensor off
+  (−512 … +256 MiB reserved, −8.9 … +3.3 %). With each new segment below the earlier ones
+  (`allocator.caching.SEGMENTS_GROW_DOWN`) all twelve are within −12 … +4 MiB (−0.1 … +0.1 %).
+  The order is the CUDA driver's and not documented: it is inferred from these twelve
+  measurements (T4, torch 2.10 and 2.14), not read from a source; `tests/test_allocator_gpu.py`
+  replays a trace on which the two orders differ (100 vs 150 MiB reserved) on a real GPU. It also
+  moved QLoRA rows: deepseek-coder-1.3b eager −1.8 → +1.0 %, Qwen2.5-1.5B eager 1 x 2048 (torch
+  2.10) +0.0 → −1.3 % reserved, and the guide's V100 rows −2.7 … +0.6 → −2.7 … +0.1 % device.
 - **CUDA's softmax backward takes a temporary the size of the scores.**
   `softmax_backward_cuda_out` (aten/src/ATen/native/cuda/SoftMax.cu) computes
   `Tensor tmp = grad * output;` before its kernel: with HF eager attention (softmax with

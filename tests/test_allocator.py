@@ -267,3 +267,49 @@ def test_alloc_conf_reads_like_pytorch():
         simulate([alloc(1, 3 * M)], conf.with_expandable_segments(False)).peak_reserved_bytes
         == 64 * M
     )
+
+
+# Two free blocks of one size in different segments: which one a request takes decides what can
+# merge later. Rules (c10/cuda/CUDACachingAllocator.cpp, read at the snapshot caching.py names; the
+# size-then-ptr comparator is the same in the older THCCachingAllocator.cpp's BlockComparator):
+# - get_allocation_size: requests of 10 MiB or more get a segment of their size rounded up to
+#   2 MiB (all sizes below are multiples of 2 MiB: one segment each, exactly that size);
+# - get_free_block: pool.blocks.lower_bound in BlockComparatorSize order (stream, size, ptr):
+#   the smallest block that fits, and among equal sizes the lowest address;
+# - should_split (large pool): split when more than kSmallSize (1 MiB) remains;
+# - free_block / try_merge_blocks: a freed block merges with free neighbours of its own segment.
+TIE = [
+    alloc(1, 60 * M),  # segment A, 60 MiB
+    alloc(2, 40 * M),  # segment B, 40 MiB, made after A
+    free(1),  # A: one free 60 MiB block
+    alloc(3, 20 * M),  # best fit A's 60: split, 3 = A[0:20], free A[20:60] (40 MiB)
+    free(2),  # B: one free 40 MiB block; two free 40 MiB blocks now, A's tail and B
+    alloc(4, 12 * M),  # the tie: the lower address of the two 40 MiB blocks is split
+    free(3),  # A[0:20] merges with A[20:60] only if 4 did not land in A
+    alloc(5, 50 * M),  # a 60 MiB free block (all of A) serves it; else a new 50 MiB segment
+]
+
+
+def test_a_best_fit_tie_goes_to_the_newest_segment_which_cudamalloc_places_lowest():
+    # Later segments lie below earlier ones (caching.SEGMENTS_GROW_DOWN): B's 40 MiB is the
+    # lower address, 4 splits B (B[0:12], 28 MiB free after it). Freeing 3 merges A[0:20] with
+    # A's free 40 MiB tail: A is one free 60 MiB block, and 5 (50 MiB) takes it, split (10 MiB
+    # remain). No third segment: reserved peaks at 60 + 40 = 100 MiB.
+    grows_down = CachingAllocator()
+    # Later segments above (the order this model assumed before): A's tail is the lower
+    # address, 4 takes A[20:32]; freeing 3 leaves A as 20 free | 12 held | 28 free and B one
+    # free 40 MiB block: none reaches 50 MiB, so 5 gets a new 50 MiB segment, reserved
+    # 60 + 40 + 50 = 150 MiB.
+    grows_up = CachingAllocator(segments_grow_down=False)
+    for allocator, reserved, segments in ((grows_down, 100, 2), (grows_up, 150, 3)):
+        live = {}
+        for kind, key, nbytes in TIE:
+            if kind == ALLOC:
+                live[key] = allocator.malloc(nbytes)
+            else:
+                allocator.free(live.pop(key))
+        stats = allocator.stats()
+        assert (stats.peak_reserved_bytes, stats.segments) == (reserved * M, segments)
+        assert stats.allocated_bytes == (12 + 50) * M  # 4 and 5 are live either way
+    # simulate() replays with the driver's order
+    assert simulate(TIE).peak_reserved_bytes == 100 * M

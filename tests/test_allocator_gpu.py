@@ -82,6 +82,19 @@ HAND = {
         (ALLOC, 3, 34 * M),
     ],  # fmt: skip
     "small": [(ALLOC, k, 300_000) for k in range(7)],
+    # a best-fit tie between equal free blocks of two segments (test_allocator.py's TIE): the
+    # model's reserved is 100 MiB if cudaMalloc places the later segment below the earlier one
+    # (caching.SEGMENTS_GROW_DOWN), 150 MiB if above
+    "tie": [
+        (ALLOC, 1, 60 * M),
+        (ALLOC, 2, 40 * M),
+        (FREE, 1, 0),
+        (ALLOC, 3, 20 * M),
+        (FREE, 2, 0),
+        (ALLOC, 4, 12 * M),
+        (FREE, 3, 0),
+        (ALLOC, 5, 50 * M),
+    ],
 }
 
 

@@ -20,8 +20,11 @@ Modelled, by the C++ function names:
 - ``get_pool``: requests ≤ 1 MiB use the small pool, larger ones the large pool.
 - ``get_allocation_size``: a new segment is 2 MiB (small), ``large_segment_size`` (20 MiB) for
   requests under 10 MiB, else the request rounded up to 2 MiB.
-- ``get_free_block``: best fit, the smallest cached block ≥ the request (ties: lowest address; the
-  C++ breaks ties by segment creation order, then address, and addresses here grow with creation);
+- ``get_free_block``: best fit, the smallest cached block ≥ the request; among blocks of one size
+  the lowest address (``BlockComparatorSize``: stream, then size, then ``ptr``). Which block that
+  is depends on where ``cudaMalloc`` put each segment, and the CUDA driver hands out **lower
+  addresses to later segments**: a segment made later sits below the earlier ones here
+  (``segments_grow_down``, see `SEGMENTS_GROW_DOWN`), so a tie goes to the newest segment;
   a block ≥ ``max_split_size`` serves only requests ≥ ``max_split_size`` and not more than
   ``max_non_split_rounding_size`` smaller than it; with expandable segments, a block that could
   grow into unmapped pages ranks by the size it could grow to.
@@ -80,6 +83,18 @@ ALLOC, FREE, EMPTY_CACHE, RESET_PEAK, REPEAT = (
 )  # fmt: skip
 Event = tuple[str, int, int]
 
+# Where cudaMalloc places a new segment relative to the earlier ones: below them. The order is the
+# CUDA driver's and not documented; it decides the best-fit ties between equal-sized free blocks
+# (BlockComparatorSize breaks them by address). With later segments placed below, the replay of
+# fitcheck's twelve eager-attention LoRA steps on a T4 (torch 2.10/2.14, CUDA 12.8/13.0; the
+# validation corpus) gives their max_memory_reserved to -12 ... +4 MiB, where placing them above
+# missed it by about one attention-score block (-512 ... +256 MiB) on ten of them.
+# tests/test_allocator_gpu.py replays a trace on which the two orders differ, on a real GPU.
+# CachingAllocator's default; False places them above (what this model assumed before).
+SEGMENTS_GROW_DOWN = True
+# the first segment's address (far above anything a device maps)
+FIRST_SEGMENT_ADDRESS = 1 << 47
+
 # An expandable segment reserves 9/8 of the device's memory as address space
 # (ExpandableSegment's constructor); without a device, this many bytes.
 DEFAULT_ADDRESS_SPACE = 1 << 40
@@ -119,6 +134,8 @@ class CachingAllocator:
         config: the allocator settings (`parse_alloc_conf`); default: PyTorch's defaults.
         capacity: bytes the device can reserve; None: unlimited (no OOM path).
         address_space: virtual bytes an expandable segment spans.
+        segments_grow_down: a new segment lies below the earlier ones, as cudaMalloc places
+            them (`SEGMENTS_GROW_DOWN`); False: above them.
     """
 
     def __init__(
@@ -127,8 +144,10 @@ class CachingAllocator:
         *,
         capacity: int | None = None,
         address_space: int = DEFAULT_ADDRESS_SPACE,
+        segments_grow_down: bool = SEGMENTS_GROW_DOWN,
     ) -> None:
         self.config = config or AllocatorConfig()
+        self.segments_grow_down = segments_grow_down
         self.capacity = capacity
         self.address_space = address_space
         self.pools = {True: Pool(True), False: Pool(False)}
@@ -136,7 +155,8 @@ class CachingAllocator:
         self.allocated = self.reserved = 0
         self.peak_allocated = self.peak_reserved = self.allocated_at_peak = 0
         self.segments = self.device_allocs = self.device_frees = 0
-        self._next_addr = 1 << 30
+        # growing down: the lowest address handed out yet; up: the end of the highest segment
+        self._next_addr = FIRST_SEGMENT_ADDRESS
         self._rounded: dict[int, int] = {}  # request -> round_size (a replay repeats its sizes)
 
     # -- public --------------------------------------------------------------------------------
@@ -249,7 +269,12 @@ class CachingAllocator:
         return -(-size // ROUND_LARGE) * ROUND_LARGE
 
     def _address(self, size: int, align: int = ROUND_LARGE) -> int:
-        """Fresh device addresses: segments never overlap; later segments get higher ones."""
+        """Fresh device addresses for a segment of ``size`` bytes: segments never overlap, and
+        a later one lies below the earlier ones (``segments_grow_down``; else above them)."""
+        if self.segments_grow_down:
+            addr = (self._next_addr - size) // align * align
+            self._next_addr = addr
+            return addr
         addr = -(-self._next_addr // align) * align
         self._next_addr = addr + size
         return addr
