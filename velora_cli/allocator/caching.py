@@ -22,9 +22,10 @@ Modelled, by the C++ function names:
   requests under 10 MiB, else the request rounded up to 2 MiB.
 - ``get_free_block``: best fit, the smallest cached block ≥ the request; among blocks of one size
   the lowest address (``BlockComparatorSize``: stream, then size, then ``ptr``). Which block that
-  is depends on where ``cudaMalloc`` put each segment, and the CUDA driver hands out **lower
-  addresses to later segments**: a segment made later sits below the earlier ones here
-  (``segments_grow_down``, see `SEGMENTS_GROW_DOWN`), so a tie goes to the newest segment;
+  is depends on where ``cudaMalloc`` put each segment. The driver does not document its order;
+  fitcheck's T4 measurements agree with **lower addresses for later segments** (inferred, not
+  read from a source), so a segment made later sits below the earlier ones here
+  (``segments_grow_down``, see `SEGMENTS_GROW_DOWN`) and a tie goes to the newest segment;
   a block ≥ ``max_split_size`` serves only requests ≥ ``max_split_size`` and not more than
   ``max_non_split_rounding_size`` smaller than it; with expandable segments, a block that could
   grow into unmapped pages ranks by the size it could grow to.
@@ -90,6 +91,7 @@ Event = tuple[str, int, int]
 # validation corpus) gives their max_memory_reserved to -12 ... +4 MiB, where placing them above
 # missed it by about one attention-score block (-512 ... +256 MiB) on ten of them.
 # tests/test_allocator_gpu.py replays a trace on which the two orders differ, on a real GPU.
+# Inferred from those measurements, not from a source; a GPU run of that test settles it.
 # CachingAllocator's default; False places them above (what this model assumed before).
 SEGMENTS_GROW_DOWN = True
 # the first segment's address (far above anything a device maps)
