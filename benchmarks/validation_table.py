@@ -72,8 +72,8 @@ TAIL = """
 - **Step time: what is calibrated, and what is left.** The corpus calibrates the roofline where
   the cases fitted and the cases held out agree (`CALIBRATIONS` in `velora_cli/timing/roofline.py`,
   each value with its rows): on the T4, fitted on fitcheck's 57 timed rows of 2026-09-15/16 (five
-  models), fp16 tensor-core GEMMs at 0.35 of the 65 TFLOP/s peak (assumed 0.80; the peak is at the
-  boost clock, which the 70 W card does not hold under tensor-core load), the memory-efficient
+  models), fp16 tensor-core GEMMs at 0.35 of the 65 TFLOP/s peak (assumed 0.80; a plausible
+  reason, not measured: the peak is at the boost clock and the card is held to 70 W), the memory-efficient
   SDPA kernel at 0.17 (fp16) / 0.25 (fp32) and 13 µs per kernel (eager PyTorch's per-op host cost,
   seen in the small models' steps); fp32 GEMMs and memory-bound ops stay as assumed. Its 12 rows
   of 2026-09-21 (six other models) were held out: −7.6 … +12.4 % (mean |err| 6.4 %) with the
@@ -84,7 +84,8 @@ TAIL = """
   timed step on a shared host), and the V100's fp32 rows run 13 to 22 % faster than predicted,
   which would need fp32 GEMMs above the assumed 0.80 that the T4's fp32 GEMMs do not share, so
   fp32 is not changed.
-- `benchmarks/roofline_calibration.py` prints, per GPU and GEMM precision, what the timed cases
+- `benchmarks/roofline_holdout.py` refits these values and prints the held-out error;
+  `benchmarks/roofline_calibration.py` prints, per GPU and GEMM precision, what the timed cases
   imply for each op class relative to the efficiencies in use (section above).
 - **The transformers guide (V100), fp16 AMP at 4 x 512 without checkpointing: −2.7 % device.**
   The other eight rows are within −1.7 … +0.6 % (see below what made them match); this one keeps

@@ -430,3 +430,32 @@ def test_calibrations_name_real_chips_and_their_sources():
         for kind, by_precision in calibration.efficiency.items():
             assert kind in ("gemm", "attention"), kind
             assert all(0 < e <= 1 for e in by_precision.values()), (chip, kind)
+
+
+def test_the_holdout_fit_recovers_known_factors():
+    # benchmarks/roofline_holdout.py (how CALIBRATIONS were fitted): on synthetic cases whose
+    # measured time is a known mix of the classes, the fit returns that mix and the cases it did
+    # not see are predicted exactly; a fixed class keeps its factor
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "roofline_holdout.py"
+    spec = importlib.util.spec_from_file_location("roofline_holdout", path)
+    holdout = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(holdout)
+    truth = {"gemm16": 2.3, "gemm32": 1.0, "attention16": 2.0, "attention32": 1.4,
+             "memory": 1.0, "kernel_us": 13.0}  # fmt: skip
+    rng = __import__("random").Random(0)
+    cases = []
+    for i in range(12):
+        classes = {k: rng.uniform(0.01, 1.0) for k in holdout.CLASSES}
+        classes["kernel_us"] = rng.uniform(2000, 9000) * 1e-6
+        measured = sum(classes[k] * truth[k] for k in holdout.CLASSES)
+        cases.append({"id": f"c{i}", "measured": measured, "classes": classes})
+    factors = holdout.fit(cases[:8], {"gemm32": 1.0, "memory": 1.0})
+    for k, v in truth.items():
+        assert factors[k] == pytest.approx(v, rel=1e-6), k
+    assert max(abs(e) for e in holdout.errors(cases[8:], factors)) < 1e-9
+    # as assumed (every factor 1, 5 µs per kernel) the same cases come out too fast
+    assumed = {**dict.fromkeys(holdout.CLASSES, 1.0), "kernel_us": 5.0}
+    assert min(holdout.errors(cases, assumed)) > 0
