@@ -323,3 +323,19 @@ def test_the_t4_calibration_predicts_held_out_step_times(tmp_path):
         error = cases[case_id]["error"]["tokens_per_second"]
         low, high = BOUNDS["tokens_per_second"]
         assert low <= error <= high, (case_id, error)
+
+
+def test_implied_gemm_efficiency_is_relative_to_the_one_in_use():
+    from velora_cli.timing.roofline import CALIBRATIONS, GEMM_EFFICIENCY
+    from velora_cli.validation.compare import gemm_efficiency_in_use, implied_efficiency
+
+    t4_fp16 = CALIBRATIONS["TU104"].efficiency["gemm"]["fp16"]
+    assert gemm_efficiency_in_use("t4", {"dtype": "float16"}) == t4_fp16
+    assert gemm_efficiency_in_use("t4", {"dtype": "float32"}) == GEMM_EFFICIENCY
+    assert gemm_efficiency_in_use("h100", {"amp": True}) == GEMM_EFFICIENCY
+    # GEMMs predicted 1 s, the rest 1 s, measured 3 s: the GEMMs took twice as long as predicted
+    implied = implied_efficiency(3.0, 2.0, {"gemm": 1.0, "elementwise": 1.0}, t4_fp16)
+    assert implied["gemm_efficiency"] == pytest.approx(t4_fp16 / 2)
+    assert implied_efficiency(3.0, 2.0, {"gemm": 1.0, "elementwise": 1.0})[
+        "gemm_efficiency"
+    ] == pytest.approx(GEMM_EFFICIENCY / 2)
