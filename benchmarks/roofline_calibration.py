@@ -12,7 +12,9 @@ squares over the cases), so that ``x_k`` is how much longer that class ran than 
 implied efficiency is the assumed one divided by ``x_k`` (GEMMs: of the dense peak; the memory
 bound classes: of the DRAM bandwidth). It prints the factors, the implied efficiencies, the
 signed errors left after the fit, and the same fit per source (independent harnesses), so that a
-change is made only where independent sources agree. Nothing here changes an efficiency.
+change is made only where independent sources agree. Nothing here changes an efficiency: the
+calibrated ones are in timing/roofline.py (`CALIBRATIONS`, each with the rows it was fitted on
+and the rows held out), and the factors printed are relative to the efficiencies in use.
 """
 
 from __future__ import annotations
@@ -28,7 +30,12 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from velora_cli.timing.roofline import BANDWIDTH_EFFICIENCY, GEMM_EFFICIENCY  # noqa: E402
+from velora_cli.gpus import get_gpu  # noqa: E402
+from velora_cli.timing.roofline import (  # noqa: E402
+    BANDWIDTH_EFFICIENCY,
+    CALIBRATIONS,
+    GEMM_EFFICIENCY,
+)
 
 # a compute class with under this share of the predicted time joins the memory-bound ones
 MIN_SHARE = 0.03
@@ -96,6 +103,16 @@ def nnls(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 COMPUTE = ("gemm", "attention")
 
 
+def assumed_gemm(gpu: str, precision: str) -> float:
+    """The large-GEMM efficiency the roofline uses now for ``gpu``'s GEMMs of ``precision``
+    (``half``: fp16; its chip's calibration where `CALIBRATIONS` has one)."""
+    calibration = CALIBRATIONS.get(get_gpu(gpu).chip)
+    key = "fp16" if precision == "half" else "fp32"
+    if calibration is not None:
+        return calibration.efficiency.get("gemm", {}).get(key, GEMM_EFFICIENCY)
+    return GEMM_EFFICIENCY
+
+
 def fit(cases: list[dict]) -> dict:
     """Per op class group: the factor x (measured / predicted time) and the efficiency implied.
 
@@ -125,7 +142,7 @@ def fit(cases: list[dict]) -> dict:
     shares = a.sum(axis=0) / a.sum()
     for index, (kind, factor) in enumerate(zip(columns, x, strict=True)):
         if kind == "gemm":
-            assumed = GEMM_EFFICIENCY
+            assumed = assumed_gemm(cases[0]["gpu"], cases[0]["precision"])
         elif kind == "memory-bound":
             assumed = BANDWIDTH_EFFICIENCY["elementwise"]
         else:
@@ -177,7 +194,18 @@ def report(document: dict) -> str:
                      f"(mean |err| {mean:.0%}) as assumed; ")  # fmt: skip
         lo, hi, mean = result["error_after"]
         lines[-1] += f"with the fitted factors: {lo:+.0%} … {hi:+.0%} (mean |err| {mean:.0%})."
-        if len(result["sources"]) < 2:
+        calibration = CALIBRATIONS.get(get_gpu(group[0]["gpu"]).chip)
+        if calibration is not None:
+            values = ", ".join(
+                f"{kind} {precision} {value:.2f}"
+                for kind, by_precision in calibration.efficiency.items()
+                for precision, value in by_precision.items()
+            )
+            lines.append(
+                f"This die's calibration (timing/roofline.py CALIBRATIONS): {values}, from "
+                f"{calibration.source}; the factors above are relative to the efficiencies in use."
+            )
+        elif len(result["sources"]) < 2:
             lines.append(
                 "One source (one harness): not several independent cases; no assumed efficiency "
                 "is changed from it."

@@ -390,3 +390,72 @@ def test_fresh_pages_cost_only_on_a_device_that_faults_them():
     assert op_seconds(op, cpu) == pytest.approx(1e8 / 1e10 + 5e7 * 1e-9)
     gpu = gpu_device(FAKE)
     assert op_seconds(op, gpu) == pytest.approx(1e8 / (1e9 * 0.85) + 5e-6)
+
+
+def test_a_calibrated_chip_by_hand():
+    # TU104 (the T4's die) carries the corpus's calibration (roofline.CALIBRATIONS): fp16 GEMMs
+    # at 0.35 of the fp16 peak, the fused attention at 0.17 (fp16) / 0.25 (fp32), 13 µs per
+    # kernel; fp32 GEMMs, bf16 attention and memory-bound ops keep the assumptions
+    t4 = gpu_device(dataclasses.replace(FAKE, chip="TU104"), fp32_matmul="fp32")
+    calibration = roofline.CALIBRATIONS["TU104"]
+    assert calibration.efficiency["gemm"]["fp16"] == 0.35 and calibration.launch_seconds == 13e-6
+    assert t4.launch_seconds == 13e-6 and any("calibrated (TU104)" in n for n in t4.notes)
+    half, single = gemm(256, 256, 8192, precision="fp16"), gemm(256, 256, 8192, precision="fp32")
+    assert gemm_efficiency(t4, 1, 256, 256, 8192, precision="fp16") == pytest.approx(0.35)
+    assert op_seconds(half, t4) == pytest.approx(half.flops / (1e12 * 0.35) + 13e-6)
+    assert op_seconds(single, t4) == pytest.approx(single.flops / (1e11 * 0.8) + 13e-6)
+    # the shape model scales the calibrated large-GEMM efficiency as it scales the assumed one
+    assert gemm_efficiency(t4, 1, 384, 128, 256, precision="fp16") == pytest.approx(
+        0.35 / 0.8 * gemm_efficiency(gpu_device(FAKE), 1, 384, 128, 256)
+    )
+    for precision, peak, efficiency in (("fp16", 1e12, 0.17), ("fp32", 1e11, 0.25),
+                                        ("bf16", 1e12, roofline.ATTENTION_EFFICIENCY["hopper"])):  # fmt: skip
+        op = OpCost("attention", "_scaled_dot_product_efficient_attention", precision, 10**9, 0)
+        assert op_seconds(op, t4) == pytest.approx(1e9 / (peak * efficiency) + 13e-6), precision
+    add = OpCost("elementwise", "add", "fp16", 10**6, 3 * 10**6)
+    assert op_seconds(add, t4) == pytest.approx(3e6 / (1e9 * 0.85) + 13e-6)
+    # a chip without a calibration: every assumption as before
+    plain = gpu_device(FAKE, fp32_matmul="fp32")
+    assert plain.precision_efficiency == {} and plain.launch_seconds == roofline.LAUNCH_SECONDS
+    assert op_seconds(half, plain) == pytest.approx(half.flops / (1e12 * 0.8) + 5e-6)
+
+
+def test_calibrations_name_real_chips_and_their_sources():
+    from velora_cli.gpus import GPUS
+
+    chips = {gpu.chip for gpu in GPUS.values()}
+    for chip, calibration in roofline.CALIBRATIONS.items():
+        assert chip in chips, chip
+        assert calibration.source and calibration.efficiency
+        for kind, by_precision in calibration.efficiency.items():
+            assert kind in ("gemm", "attention"), kind
+            assert all(0 < e <= 1 for e in by_precision.values()), (chip, kind)
+
+
+def test_the_holdout_fit_recovers_known_factors():
+    # benchmarks/roofline_holdout.py (how CALIBRATIONS were fitted): on synthetic cases whose
+    # measured time is a known mix of the classes, the fit returns that mix and the cases it did
+    # not see are predicted exactly; a fixed class keeps its factor
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "roofline_holdout.py"
+    spec = importlib.util.spec_from_file_location("roofline_holdout", path)
+    holdout = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(holdout)
+    truth = {"gemm16": 2.3, "gemm32": 1.0, "attention16": 2.0, "attention32": 1.4,
+             "memory": 1.0, "kernel_us": 13.0}  # fmt: skip
+    rng = __import__("random").Random(0)
+    cases = []
+    for i in range(12):
+        classes = {k: rng.uniform(0.01, 1.0) for k in holdout.CLASSES}
+        classes["kernel_us"] = rng.uniform(2000, 9000) * 1e-6
+        measured = sum(classes[k] * truth[k] for k in holdout.CLASSES)
+        cases.append({"id": f"c{i}", "measured": measured, "classes": classes})
+    factors = holdout.fit(cases[:8], {"gemm32": 1.0, "memory": 1.0})
+    for k, v in truth.items():
+        assert factors[k] == pytest.approx(v, rel=1e-6), k
+    assert max(abs(e) for e in holdout.errors(cases[8:], factors)) < 1e-9
+    # as assumed (every factor 1, 5 µs per kernel) the same cases come out too fast
+    assumed = {**dict.fromkeys(holdout.CLASSES, 1.0), "kernel_us": 5.0}
+    assert min(holdout.errors(cases, assumed)) > 0

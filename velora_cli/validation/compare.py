@@ -115,7 +115,10 @@ def summarize(cases: Iterable[Mapping[str, Any]]) -> dict[str, Any]:
 
 
 def implied_efficiency(
-    measured_seconds: float, predicted_seconds: float, by_kind: Mapping[str, float]
+    measured_seconds: float,
+    predicted_seconds: float,
+    by_kind: Mapping[str, float],
+    gemm_efficiency: float | None = None,
 ) -> dict[str, float]:
     """What a measured step time says about the roofline's assumed efficiencies.
 
@@ -124,13 +127,30 @@ def implied_efficiency(
         (1: the roofline is right; below 1: the GPU ran slower than assumed);
         ``gemm_efficiency``: the large-GEMM efficiency (of the dense peak) that would match the
         measurement if every other op's time held (absent when the other ops alone take longer
-        than measured).
+        than measured), relative to ``gemm_efficiency``, the large-GEMM efficiency the
+        prediction used (default: the roofline's assumed `GEMM_EFFICIENCY`; a calibrated die's
+        own, `gemm_efficiency_in_use`).
     """
     from velora_cli.timing.roofline import GEMM_EFFICIENCY
 
+    used = GEMM_EFFICIENCY if gemm_efficiency is None else gemm_efficiency
     out = {"scale": predicted_seconds / measured_seconds}
     gemm = by_kind.get("gemm", 0.0)
     rest = sum(by_kind.values()) - gemm
     if gemm > 0 and measured_seconds > rest:
-        out["gemm_efficiency"] = GEMM_EFFICIENCY * gemm / (measured_seconds - rest)
+        out["gemm_efficiency"] = used * gemm / (measured_seconds - rest)
     return out
+
+
+def gemm_efficiency_in_use(gpu: str, setup: Mapping[str, Any]) -> float:
+    """The large-GEMM efficiency the roofline uses for a case's GEMMs: its die's calibrated
+    fp16 value (timing.roofline.CALIBRATIONS) when the step computes in half precision (AMP, or
+    fp16/bf16 weights), else the assumed `GEMM_EFFICIENCY`."""
+    from velora_cli.gpus import get_gpu
+    from velora_cli.timing.roofline import CALIBRATIONS, GEMM_EFFICIENCY
+
+    calibration = CALIBRATIONS.get(get_gpu(gpu).chip)
+    half = bool(setup.get("amp")) or setup.get("dtype") in ("float16", "bfloat16")
+    if calibration is None or not half:
+        return GEMM_EFFICIENCY
+    return calibration.efficiency.get("gemm", {}).get("fp16", GEMM_EFFICIENCY)

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from velora_cli.validation.compare import (
+    gemm_efficiency_in_use,
     implied_efficiency,
     out_of_bounds,
     predicted_tiers,
@@ -201,6 +202,7 @@ def _predict_case(case, mapped, out, dirs, backends, predict) -> None:
                 measured_seconds,
                 row["predicted_step_seconds"],
                 row.get("predicted_seconds_by_kind") or {},
+                gemm_efficiency_in_use(case.gpu, case.setup),
             ),
         }
     out["status"] = "ok"
