@@ -29,10 +29,9 @@ from typing import Any
 import torch
 from torch import nn
 from torch.utils._python_dispatch import is_traceable_wrapper_subclass
-from torch.utils._pytree import tree_leaves
 
 from velora_cli.measure.meta_ops import MetaOpCache
-from velora_cli.measure.tracker import AllocationTrace
+from velora_cli.measure.tracker import AllocationTrace, leaves
 from velora_cli.shortcut.depth import PositionTracker
 from velora_cli.timing.opcount import FOREACH_CHUNK, OpCost, OpCounter
 
@@ -127,7 +126,7 @@ class RecordingTracker(PositionTracker):
             self._ops += 1
         category = self._context_category()
         inputs = _aligned_inputs(self._args, out)
-        for i, leaf in enumerate(tree_leaves(out)):
+        for i, leaf in enumerate(leaves(out)):
             if isinstance(leaf, torch.Tensor):
                 self._hint = None
                 if inputs is not None and i < len(inputs):
