@@ -52,7 +52,6 @@ Example:
 
 from __future__ import annotations
 
-import bisect
 from bisect import bisect_left
 from collections.abc import Iterable
 from dataclasses import dataclass
