@@ -149,9 +149,11 @@ class RecordingTracker(PositionTracker):
         return entry
 
     def _owner_of(self, args: tuple) -> int | None:
-        first = local_tensor(next((a for a in args if isinstance(a, torch.Tensor)), None))
-        if first is None or is_traceable_wrapper_subclass(first):
-            return None
+        first = next((a for a in args if isinstance(a, torch.Tensor)), None)
+        if type(first) is not torch.Tensor:  # a plain tensor is its own local tensor
+            first = local_tensor(first)
+            if first is None or is_traceable_wrapper_subclass(first):
+                return None
         key = id(first.untyped_storage())
         entry = self._live.get(key)
         if entry is not None:
