@@ -103,6 +103,11 @@ CASES = [
     ("llama8", {"mode": "qlora", "dtype": "bf16"}, G16, "extrapolated"),
     ("llama8", {"batch_size": 4, "grad_accum_steps": 2}, {}, "extrapolated"),
     ("llama8", {"optimizer": "sgd", "amp": "fp16"}, {"gc": True}, "extrapolated"),
+    # fused AdamW (the Trainer's default) on LoRA/QLoRA: every trainable parameter is in a block
+    ("llama8", {"mode": "lora", "optimizer": "adamw_torch_fused"}, {"gc": True}, "extrapolated"),
+    ("llama16", {"mode": "qlora", "dtype": "bf16", "optimizer": "adamw_torch_fused"}, {"gc": 2},
+     "extrapolated from 4, 6, 8"),
+    ("llama8", {"optimizer": "adamw_torch_fused"}, G16, "extrapolated"),
     ("llama16", {}, {"gc": 2}, "extrapolated from 4, 6, 8"),
     ("llama16", {"mode": "lora", "dtype": "bf16"}, {"placement": "qkv", "num_groups": 16,
                                                    "gc": 2}, "extrapolated from 4, 6, 8"),

@@ -235,7 +235,10 @@ class BlockMarks:
     Optimizer: a parameter group stepped one parameter at a time (not ``foreach``: galore,
     adarankgrad) gets ``("opt", j)`` while a parameter of block j is updated and
     ``("opt_out",)`` for the others; its parameter list is swapped for one that marks as it is
-    iterated, and put back on exit. Foreach groups run one op per group: nothing to mark.
+    iterated, and put back on exit. Foreach and fused groups (AdamW's ``fused=True``,
+    `methods.optimizers.MetaFusedAdamW`) run their ops per group, after walking the list:
+    nothing to mark (marked, a LoRA model's group, all of whose parameters are in blocks, would
+    leave its fused op labelled with the last block, and the step was run in full).
     """
 
     def __init__(
@@ -259,7 +262,7 @@ class BlockMarks:
         if self.optimizer is not None:
             block_of = {id(p): j for j, b in enumerate(self.stack) for p in b.parameters()}
             for group in self.optimizer.param_groups:
-                if not group.get("foreach"):
+                if not (group.get("foreach") or group.get("fused")):
                     self._groups.append((group, group["params"]))
                     group["params"] = _MarkingParams(group["params"], block_of, self.tracker)
         return self
