@@ -222,11 +222,16 @@ def test_bitsandbytes_optimizers_without_bitsandbytes(monkeypatch):
 
 
 @pytest.mark.parametrize("name", ["adafactor", "adamw_torch_fused", "paged_adamw_8bit"])
-def test_depth_shortcut_gives_the_reference_rows(tmp_path, name):
+def test_depth_shortcut_gives_the_reference_rows(tmp_path, monkeypatch, name):
     """The fast path synthesizes a deep step from shallow ones; Adafactor replaces state of
     parameters outside the layer stack (the final norm's RMS) inside its step, which the
-    synthesis must place (it once failed on it)."""
+    synthesis must place (it once failed on it). (8 blocks: the shortcut is forced, its cost
+    rule would run them in full.)"""
     from transformers import LlamaConfig
+
+    from velora_cli.shortcut import shortcuts
+
+    monkeypatch.setattr(shortcuts, "shallow_runs_pay", lambda *_: True)
 
     LlamaConfig(
         hidden_size=64, intermediate_size=128, num_hidden_layers=8, num_attention_heads=4,

@@ -6,7 +6,7 @@ request rounding (``round_size``). No torch; used by allocator.py.
 
 from __future__ import annotations
 
-import bisect
+from bisect import bisect_left, insort
 
 from velora_cli.allocator.config import MIN_BLOCK_SIZE, AllocatorConfig
 
@@ -50,18 +50,18 @@ class Pool:
 
     def add(self, block: Block) -> None:
         if block.mapped:
-            bisect.insort(self.keys, (block.size, block.addr))
+            insort(self.keys, (block.size, block.addr))
             self.free[block.addr] = block
         else:
-            bisect.insort(self.unmapped_addrs, block.addr)
+            insort(self.unmapped_addrs, block.addr)
             self.unmapped[block.addr] = block
 
     def remove(self, block: Block) -> None:
         if block.mapped:
-            del self.keys[bisect.bisect_left(self.keys, (block.size, block.addr))]
+            del self.keys[bisect_left(self.keys, (block.size, block.addr))]
             del self.free[block.addr]
         else:
-            del self.unmapped_addrs[bisect.bisect_left(self.unmapped_addrs, block.addr)]
+            del self.unmapped_addrs[bisect_left(self.unmapped_addrs, block.addr)]
             del self.unmapped[block.addr]
 
 

@@ -77,6 +77,24 @@ def _torch_dropout_args(input, p, train):
 _ARGS = {F.dropout: _f_dropout_args, torch.dropout: _torch_dropout_args}
 
 
+def emulate(func, args: tuple, kwargs: dict):
+    """One dropout call (``func`` in `EMULATES`) as CUDA runs it: ``native_dropout`` where the
+    GPU fuses it, the call itself otherwise."""
+    input, p, train, inplace = _ARGS[func](*args, **kwargs)
+    if (
+        isinstance(input, torch.Tensor)
+        and input.device.type == "meta"
+        and fused_on_cuda(input, p, train, inplace)
+    ):
+        return torch.native_dropout(input, p, True)[0]
+    return func(*args, **kwargs)
+
+
+# the torch functions this module emulates, each with its handler (emulation/step.py merges
+# the emulations' tables into one torch-function mode)
+EMULATES = dict.fromkeys(_ARGS, emulate)
+
+
 class MetaCudaDropout(TorchFunctionMode):
     """``with MetaCudaDropout():`` — dropout on meta tensors saves CUDA's bool mask.
 
@@ -90,13 +108,6 @@ class MetaCudaDropout(TorchFunctionMode):
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        parse = _ARGS.get(func)
-        if parse is not None:
-            input, p, train, inplace = parse(*args, **kwargs)
-            if (
-                isinstance(input, torch.Tensor)
-                and input.device.type == "meta"
-                and fused_on_cuda(input, p, train, inplace)
-            ):
-                return torch.native_dropout(input, p, True)[0]
+        if func in EMULATES:
+            return emulate(func, args, kwargs)
         return func(*args, **kwargs)

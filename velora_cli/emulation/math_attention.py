@@ -144,6 +144,20 @@ def _replays(call: dict) -> bool:
     )
 
 
+def emulate(func, args: tuple, kwargs: dict):
+    """One SDPA call: ``math_attention`` where it replays the inputs, with torch-function modes
+    disabled as ATen's C++ body would have them; the call itself otherwise."""
+    call = _sdpa_args(*args, **kwargs)
+    if _replays(call):
+        with torch._C.DisableTorchFunction():
+            return math_attention(**call)
+    return func(*args, **kwargs)
+
+
+# the torch functions this module emulates, each with its handler (emulation/step.py)
+EMULATES = {F.scaled_dot_product_attention: emulate}
+
+
 class MetaMathAttention(TorchFunctionMode):
     """``with MetaMathAttention():`` — meta SDPA calls run ``math_attention``.
 
@@ -157,9 +171,6 @@ class MetaMathAttention(TorchFunctionMode):
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        if func is F.scaled_dot_product_attention:
-            call = _sdpa_args(*args, **kwargs)
-            if _replays(call):
-                with torch._C.DisableTorchFunction():
-                    return math_attention(**call)
+        if func in EMULATES:
+            return emulate(func, args, kwargs)
         return func(*args, **kwargs)

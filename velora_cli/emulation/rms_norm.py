@@ -85,6 +85,23 @@ def _rms_norm_args(input, normalized_shape, weight=None, eps=None):
 _RMS_NORM = {F.rms_norm, torch.rms_norm}
 
 
+def emulate(func, args: tuple, kwargs: dict):
+    """One ``rms_norm`` call as CUDA runs it: `FusedRmsNormMeta` where the GPU fuses it, the
+    call itself otherwise."""
+    input, shape, weight, eps = _rms_norm_args(*args, **kwargs)
+    if (
+        isinstance(input, torch.Tensor)
+        and input.device.type == "meta"
+        and fused_on_cuda(input, weight)
+    ):
+        return FusedRmsNormMeta.apply(input, shape, weight, eps)
+    return func(*args, **kwargs)
+
+
+# the torch functions this module emulates, each with its handler (emulation/step.py)
+EMULATES = dict.fromkeys(_RMS_NORM, emulate)
+
+
 class MetaFusedRmsNorm(TorchFunctionMode):
     """``with MetaFusedRmsNorm():`` — RMSNorm on meta tensors saves what CUDA's kernel saves.
 
@@ -98,12 +115,6 @@ class MetaFusedRmsNorm(TorchFunctionMode):
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        if func in _RMS_NORM:
-            input, shape, weight, eps = _rms_norm_args(*args, **kwargs)
-            if (
-                isinstance(input, torch.Tensor)
-                and input.device.type == "meta"
-                and fused_on_cuda(input, weight)
-            ):
-                return FusedRmsNormMeta.apply(input, shape, weight, eps)
+        if func in EMULATES:
+            return emulate(func, args, kwargs)
         return func(*args, **kwargs)

@@ -52,6 +52,24 @@ def half_to_float_on_cuda(input: torch.Tensor, dim: int | None, dtype) -> bool:
     return dim is not None and input.dtype == torch.float16 and dtype == torch.float32
 
 
+def emulate(func, args: tuple, kwargs: dict):
+    """One softmax or log_softmax call as CUDA runs it: ``_softmax(x, dim, half_to_float=True)``
+    for fp16 -> fp32, the call itself otherwise."""
+    input, dim, dtype = _PARSE.get(func, _native_args)(*args, **kwargs)
+    if (
+        isinstance(input, torch.Tensor)
+        and input.device.type == "meta"
+        and half_to_float_on_cuda(input, dim, dtype)
+    ):
+        kernel = torch._softmax if func in _SOFTMAX else torch._log_softmax
+        return kernel(input, dim, True)
+    return func(*args, **kwargs)
+
+
+# the torch functions this module emulates, each with its handler (emulation/step.py)
+EMULATES = dict.fromkeys(_SOFTMAX | _LOG_SOFTMAX, emulate)
+
+
 class MetaHalfToFloatSoftmax(TorchFunctionMode):
     """``with MetaHalfToFloatSoftmax():`` — fp16 -> fp32 softmax on meta without the fp32 copy.
 
@@ -63,15 +81,8 @@ class MetaHalfToFloatSoftmax(TorchFunctionMode):
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        if func in _SOFTMAX or func in _LOG_SOFTMAX:
-            input, dim, dtype = _PARSE.get(func, _native_args)(*args, **kwargs)
-            if (
-                isinstance(input, torch.Tensor)
-                and input.device.type == "meta"
-                and half_to_float_on_cuda(input, dim, dtype)
-            ):
-                kernel = torch._softmax if func in _SOFTMAX else torch._log_softmax
-                return kernel(input, dim, True)
+        if func in EMULATES:
+            return emulate(func, args, kwargs)
         return func(*args, **kwargs)
 
 

@@ -15,12 +15,52 @@ torch-function modes are no longer active), in:
 
 Autocast is entered last, so it is the first to see a call and casts its arguments before the
 other modes see them, as CUDA autocast casts before the kernel is chosen.
+
+The first four emulate disjoint sets of torch functions, each of which calls nothing the others
+emulate, so they run as one mode (`MetaCudaKernels`: one handler lookup per torch call instead of
+four stacked modes, each called for every torch function of the step); each module's own mode
+stays for use alone.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 from collections.abc import Iterator
+
+from torch.overrides import TorchFunctionMode
+
+
+@functools.cache
+def _handlers() -> dict:
+    from velora_cli.emulation import dropout, math_attention, rms_norm, softmax
+
+    handlers: dict = {}
+    for module in (math_attention, dropout, rms_norm, softmax):
+        assert not handlers.keys() & module.EMULATES.keys()  # disjoint, so one mode does
+        handlers.update(module.EMULATES)
+    return handlers
+
+
+class MetaCudaKernels(TorchFunctionMode):
+    """``MetaMathAttention``, ``MetaCudaDropout``, ``MetaFusedRmsNorm`` and
+    ``MetaHalfToFloatSoftmax`` as one mode: each call goes to the handler of the module that
+    emulates its function (their ``EMULATES`` tables), every other call runs as it is.
+
+    Example:
+        >>> with MetaCudaKernels():
+        ...     y = F.dropout(x, 0.1, training=True)  # a meta x: native_dropout's bool mask
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.handlers = _handlers()
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        handler = self.handlers.get(func)
+        if handler is None:
+            return func(*args, **(kwargs or {}))
+        return handler(func, args, kwargs or {})
 
 
 @contextlib.contextmanager
@@ -37,16 +77,9 @@ def cuda_emulation(amp: str | None = None, torch_version: str | None = None) -> 
         ...     loss = model(**batch).loss  # a meta model
     """
     from velora_cli.emulation.amp import MetaAutocast
-    from velora_cli.emulation.dropout import MetaCudaDropout
-    from velora_cli.emulation.math_attention import MetaMathAttention
-    from velora_cli.emulation.rms_norm import MetaFusedRmsNorm
-    from velora_cli.emulation.softmax import (
-        MetaHalfToFloatSoftmax,
-        MetaSoftmaxSavesInput,
-        softmax_saves_input,
-    )
+    from velora_cli.emulation.softmax import MetaSoftmaxSavesInput, softmax_saves_input
 
-    modes = [MetaMathAttention(), MetaCudaDropout(), MetaFusedRmsNorm(), MetaHalfToFloatSoftmax()]
+    modes: list = [MetaCudaKernels()]
     if softmax_saves_input(torch_version):
         modes.append(MetaSoftmaxSavesInput())  # after autocast's casts, before the kernel
     if amp:

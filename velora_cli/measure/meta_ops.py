@@ -67,16 +67,42 @@ def _kind(func) -> str | None:
     return "writes" if returns_written else None
 
 
-def _key(value: Any) -> Any:
-    if type(value) is torch.Tensor:
-        if value.layout != torch.strided:
-            raise _Bypass
-        return (value.device, value.dtype, tuple(value.shape), value.stride(),
-                value.storage_offset(), value.is_conj(), value.is_neg())  # fmt: skip
-    if isinstance(value, (list, tuple)):
-        return (len(value), *(_key(v) for v in value))
-    if isinstance(value, _SCALARS):
-        return (type(value), value)
+_EXACT_SCALARS = frozenset(_SCALARS)
+_Tensor, _STRIDED = torch.Tensor, torch.strided
+
+
+def _tensor_key(value: torch.Tensor) -> tuple:
+    if value.layout is not _STRIDED:
+        raise _Bypass
+    # value.shape is a torch.Size: a tuple, equal and hashed as one
+    return (value.device, value.dtype, value.shape, value.stride(),
+            value.storage_offset(), value.is_conj(), value.is_neg())  # fmt: skip
+
+
+def _key(value: Any, storages: list | None = None) -> Any:
+    """The cache key of an argument (a plain tensor's metadata, a scalar's value, lists and
+    tuples item by item); with ``storages``, each tensor's storage is appended to it in the
+    order met (`opcount`'s aliasing pattern). Raises `_Bypass` for anything else."""
+    kind = type(value)
+    if kind is _Tensor:
+        if storages is not None:
+            storages.append(value.untyped_storage()._cdata)
+        return _tensor_key(value)
+    if kind is tuple or kind is list or isinstance(value, (list, tuple)):
+        out: list = [len(value)]
+        for v in value:  # the common items inline, the rest through `_key`
+            item = type(v)
+            if item is _Tensor:
+                if storages is not None:
+                    storages.append(v.untyped_storage()._cdata)
+                out.append(_tensor_key(v))
+            elif item in _EXACT_SCALARS:
+                out.append((item, v))
+            else:
+                out.append(_key(v, storages))
+        return tuple(out)
+    if kind in _EXACT_SCALARS or isinstance(value, _SCALARS):
+        return (kind, value)
     raise _Bypass
 
 
@@ -117,7 +143,7 @@ class MetaOpCache:
             self.bypassed += 1
             return func(*args, **kwargs)
         try:
-            key = (func, _key(args), _key(tuple(sorted(kwargs.items()))))
+            key = (func, _key(args), _key(tuple(sorted(kwargs.items()))) if kwargs else ())
         except _Bypass:
             self.bypassed += 1
             return func(*args, **kwargs)

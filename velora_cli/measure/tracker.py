@@ -116,6 +116,14 @@ class _OpRecorder(TorchDispatchMode):
         super().__init__()
         self._tracker = tracker
 
+    @classmethod
+    def _should_skip_dynamo(cls) -> bool:
+        # torch wraps a mode's __torch_dispatch__ in `torch._disable_dynamo` unless this says
+        # False (torch/utils/_python_dispatch.py, TorchDispatchMode.__init_subclass__): the
+        # wrapper swaps the frame-evaluation callback twice per op, for nothing here, where no
+        # step is compiled (a third of the tracked step's Python calls on meta)
+        return False
+
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[override]
         out = self._tracker.run_op(func, args, kwargs or {})
         if self._tracker._tracing:
@@ -132,11 +140,25 @@ class _OpRecorder(TorchDispatchMode):
         return out
 
 
+def leaves(out: Any) -> Any:
+    """``tree_leaves(out)``, without pytree for what ops mostly return: a plain tensor, or a
+    list or tuple of plain tensors."""
+    kind = type(out)
+    if kind is torch.Tensor:
+        return (out,)
+    if (kind is tuple or kind is list) and all(type(o) is torch.Tensor for o in out):
+        return out
+    return tree_leaves(out)
+
+
 def _storages(t: torch.Tensor) -> Iterator[tuple[torch.UntypedStorage, str]]:
     """Yield (storage, device type) behind a tensor, looking inside traceable wrapper subclasses.
 
     The device is the tensor's, not the storage's: a FakeTensor's storage is on meta.
     """
+    if type(t) is torch.Tensor:  # not a subclass: one storage (the common case, quickly)
+        yield t.untyped_storage(), t.device.type
+        return
     if is_traceable_wrapper_subclass(t):
         names, _ = t.__tensor_flatten__()
         for name in names:
@@ -564,7 +586,7 @@ class MemoryTracker:
         if not same_op:
             self._ops += 1
         category = self._context_category()
-        for leaf in tree_leaves(out):
+        for leaf in leaves(out):
             if isinstance(leaf, torch.Tensor):
                 self._track(leaf, category)
         self._new_peak_check()

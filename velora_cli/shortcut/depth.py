@@ -109,6 +109,27 @@ def outside_signature(model: nn.Module, stack: nn.ModuleList) -> tuple:
     return modules, params
 
 
+def step_units(model: nn.Module, stack: nn.ModuleList) -> tuple[int, int]:
+    """What one step of ``model`` costs on meta, outside the stack and per block: (fixed, per
+    block), in leaf modules plus parameters (each leaf module runs a few ops forward and
+    backward, each parameter its gradient's and the optimizer's; the embeddings, final norm and
+    head are outside). The unit follows the dispatched ops: llama-60m steps 92 ops outside its
+    blocks and 254 per block (two micro-batches, AdamW), 7 and 19 units
+    (`shortcuts.shallow_runs_pay`; tests/test_estimate_shortcuts.py checks the rule's choice
+    against the ops really stepped)."""
+
+    def units(modules, params) -> int:
+        return sum(1 for m in modules if next(m.children(), None) is None) + len(params)
+
+    inside = {id(m) for m in stack.modules()}
+    inside_params = {id(p) for p in stack.parameters()}
+    fixed = units(
+        [m for m in model.modules() if id(m) not in inside],
+        [p for p in model.parameters() if id(p) not in inside_params],
+    )
+    return fixed, units(list(stack[0].modules()), list(stack[0].parameters()))
+
+
 def periodic(signatures: list[tuple], period: int) -> bool:
     """True when block j looks like block j mod ``period`` for every j."""
     return all(sig == signatures[j % period] for j, sig in enumerate(signatures))
@@ -214,9 +235,10 @@ class BlockMarks:
     Optimizer: a parameter group stepped one parameter at a time (not ``foreach``: galore,
     adarankgrad) gets ``("opt", j)`` while a parameter of block j is updated and
     ``("opt_out",)`` for the others; its parameter list is swapped for one that marks as it is
-    iterated, and put back on exit. Foreach and fused groups run one op per group: nothing to
-    mark (a fused group's walk over its parameters only gathers them; marking it would label
-    the fused kernel that follows with the last block's label, a pass of one block).
+    iterated, and put back on exit. Foreach and fused groups (AdamW's ``fused=True``,
+    `methods.optimizers.MetaFusedAdamW`) run their ops per group, after walking the list:
+    nothing to mark (marked, a LoRA model's group, all of whose parameters are in blocks, would
+    leave its fused op labelled with the last block, and the step was run in full).
     """
 
     def __init__(

@@ -29,10 +29,9 @@ from typing import Any
 import torch
 from torch import nn
 from torch.utils._python_dispatch import is_traceable_wrapper_subclass
-from torch.utils._pytree import tree_leaves
 
 from velora_cli.measure.meta_ops import MetaOpCache
-from velora_cli.measure.tracker import AllocationTrace
+from velora_cli.measure.tracker import AllocationTrace, leaves
 from velora_cli.shortcut.depth import PositionTracker
 from velora_cli.timing.opcount import FOREACH_CHUNK, OpCost, OpCounter
 
@@ -127,7 +126,7 @@ class RecordingTracker(PositionTracker):
             self._ops += 1
         category = self._context_category()
         inputs = _aligned_inputs(self._args, out)
-        for i, leaf in enumerate(tree_leaves(out)):
+        for i, leaf in enumerate(leaves(out)):
             if isinstance(leaf, torch.Tensor):
                 self._hint = None
                 if inputs is not None and i < len(inputs):
@@ -150,9 +149,11 @@ class RecordingTracker(PositionTracker):
         return entry
 
     def _owner_of(self, args: tuple) -> int | None:
-        first = local_tensor(next((a for a in args if isinstance(a, torch.Tensor)), None))
-        if first is None or is_traceable_wrapper_subclass(first):
-            return None
+        first = next((a for a in args if isinstance(a, torch.Tensor)), None)
+        if type(first) is not torch.Tensor:  # a plain tensor is its own local tensor
+            first = local_tensor(first)
+            if first is None or is_traceable_wrapper_subclass(first):
+                return None
         key = id(first.untyped_storage())
         entry = self._live.get(key)
         if entry is not None:

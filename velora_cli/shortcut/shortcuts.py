@@ -4,8 +4,9 @@ wherever the extrapolation is not exact.
 
 For one row:
 1. The depth plan: a stack of D blocks with checkpointing every n (n = 1 without it or with
-   every block) is run at 2n, 3n and 4n blocks when D is a multiple of n and at least 8n (below
-   that the three shallow runs cost about as much as the real one). Otherwise: the real depth.
+   every block) is run at 2n, 3n and 4n blocks when D is a multiple of n, deeper than 4n, and
+   the three shallow runs cost less than the real one (`shallow_runs_pay`, counted on the real
+   model: `depth.step_units`). Otherwise: the real depth.
 2. The blocks must repeat: the real model's blocks all have one signature
    (`depth.block_signature`: structure, parameters, buffers), the shallow models' blocks and
    everything outside the stack look like the real model's (checked once per setup on the real
@@ -45,7 +46,26 @@ if TYPE_CHECKING:
     from velora_cli.shortcut.record import RecordingCounter
 
 SHALLOW_UNITS = (2, 3, 4)  # depths run, in units of the checkpointing period
-MIN_UNITS = 8  # the real stack must have at least this many units to be extrapolated
+
+
+def shallow_runs_pay(depth: int, period: int, fixed: int, per_block: int) -> bool:
+    """Whether the shallow runs step less than the real one.
+
+    A meta step costs about the same per dispatched op whatever the shapes (no kernel computes
+    anything), and its ops are a fixed part (embeddings, head, loss, the step's own bookkeeping)
+    plus a part per block: ``fixed + depth * per_block``, in any unit proportional to ops
+    (`depth.step_units` counts modules and parameters, which follow the ops: llama-60m dispatches
+    92 + 254 ops per block per step, 7 + 19 units). The shortcut steps the model at
+    ``u * period`` blocks for each ``u`` in `SHALLOW_UNITS`, so it pays when
+
+        sum(fixed + u * period * per_block for u in SHALLOW_UNITS) < fixed + depth * per_block
+
+    i.e. 2·fixed + 9·period·per_block < depth·per_block (llama-60m, 8 blocks: no; Llama-2-7b,
+    32 blocks: yes up to checkpointing every 2 blocks). The synthesis of the deep trace and the
+    row checks are left out of the count (the rule errs towards the shortcut).
+    """
+    shallow = sum(fixed + u * period * per_block for u in SHALLOW_UNITS)
+    return shallow < fixed + depth * per_block
 
 
 class Shortcuts:
@@ -66,6 +86,7 @@ class Shortcuts:
         self._resolved: dict[tuple[str, bool], ModelSpec] = {}
         self._shallow: dict[tuple[str, int], ModelSpec] = {}
         self._checked: dict[tuple, str | None] = {}
+        self._units: dict[tuple, tuple[int, int] | None] = {}
         self.extrapolated = 0  # rows given by the depth shortcut
         self.full = 0  # rows run at the real depth
 
@@ -128,9 +149,15 @@ class Shortcuts:
             raise NotExtrapolable(f"checkpointing every {gc_every} blocks does not divide {depth}")
         if depth % period:
             raise NotExtrapolable(f"units of {period} blocks do not divide {depth}")
-        if depth < MIN_UNITS * period:
-            raise NotExtrapolable(f"{depth} blocks: shallow enough to run in full")
         depths = [u * period for u in SHALLOW_UNITS]
+        if depth <= depths[-1]:
+            raise NotExtrapolable(f"{depth} blocks: shallow enough to run in full")
+        units = self._step_units(spec, model_spec, depth)
+        if units is not None and not shallow_runs_pay(depth, period, *units):
+            raise NotExtrapolable(
+                f"{depth} blocks: shallow enough to run in full (the runs at "
+                f"{', '.join(map(str, depths))} blocks would step more ops)"
+            )
         try:
             shallow = [self._shallow_spec(model_spec, d) for d in depths]
         except DepthError as exc:
@@ -241,6 +268,22 @@ class Shortcuts:
             return row, log, StepRecord.of(depth, tracker, counter, regular), prepared
 
         return body
+
+    def _step_units(self, spec, model_spec, depth: int) -> tuple[int, int] | None:
+        """`depth.step_units` of the real model (built on meta, no step; the full-depth run
+        reuses it), once per setup; None without a stack (the block check then says why)."""
+        key = (setup_key(spec), model_spec.name)
+        if key not in self._units:
+            from velora_cli.measure.train_step import Strategy
+            from velora_cli.shortcut.depth import decoder_stack, step_units
+
+            def look(prepared: Prepared):
+                stack = decoder_stack(prepared.model, depth)
+                return None if stack is None else step_units(prepared.model, stack)
+
+            bare = spec.with_strategy(Strategy())
+            self._units[key] = self.models.run(bare, model_spec, look, step=False)
+        return self._units[key]
 
     def _check_blocks(self, spec, model_spec, depth: int, depths, shallow) -> str | None:
         """Why the real model's blocks do not repeat, or the shallow models differ from it

@@ -34,6 +34,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
+from velora_cli.measure.meta_ops import _Bypass, _key
 from velora_cli.timing.flops import gemm_shape, op_flops
 
 # Op classes: each has its own efficiency in the roofline (timing/roofline.py).
@@ -424,6 +425,12 @@ class OpCounter(TorchDispatchMode):
         finally:
             self._phases.pop()
 
+    @classmethod
+    def _should_skip_dynamo(cls) -> bool:
+        # no per-op `torch._disable_dynamo` wrapper: nothing counted is compiled (tracker.py's
+        # `_OpRecorder` says more)
+        return False
+
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[override]
         kwargs = kwargs or {}
         out = func(*args, **kwargs)
@@ -458,16 +465,15 @@ def _cost_key(func, args: tuple, kwargs: dict, out: Any) -> tuple | None:
     """What an op's `OpCost` depends on: the op, its arguments' and outputs' metadata (shape,
     stride, dtype, device, offset: `meta_ops` keys) and which outputs alias an input; None when
     an argument has no such key (then the cost is computed afresh)."""
-    from velora_cli.measure.meta_ops import _Bypass, _key
-    from velora_cli.measure.meta_ops import _tensors as tensors_in
-
+    storages: list[int] = []  # every tensor's storage, in the order the keys meet them
     try:
-        first: dict[int, int] = {}  # storage -> index of the first tensor holding it
-        pattern = []  # the same tensor read twice counts once: which tensors share storages
-        for value in (args, tuple(kwargs.values()), out):
-            for t in tensors_in(value):
-                pattern.append(first.setdefault(t.untyped_storage()._cdata, len(pattern)))
-        return (func, _key(args), _key(tuple(sorted(kwargs.items()))), _key(out),
-                tuple(pattern))  # fmt: skip
+        key = (func, _key(args, storages),
+               _key(tuple(sorted(kwargs.items())), storages) if kwargs else (),
+               _key(out, storages))  # fmt: skip
     except _Bypass:
         return None
+    # the same tensor read twice counts once: which tensors share storages (each tensor as the
+    # index of the first one holding its storage)
+    first: dict[int, int] = {}
+    pattern = tuple([first.setdefault(s, i) for i, s in enumerate(storages)])
+    return (*key, pattern)
