@@ -180,3 +180,43 @@ def test_a_7b_ddp_rank_equals_the_reference():
     assert row.pop("estimate_method") == "extrapolated from 2, 3, 4 blocks"
     ref.pop("estimate_method")
     assert row == ref
+
+
+# -- the fake ranks' warm-up: one step with the fewest forwards (rank_step.warm_up) ---------------
+
+WARMUPS = [
+    # model, parallel, optimizer, accumulation, strategy
+    pytest.param("wide12", "ddp", "galore", 2, {"gc": True}, id="ddp-galore-accum2"),
+    pytest.param("llama20", "ddp", "adamw", 1, VELORA, id="ddp-velora-accum1",
+                 marks=pytest.mark.slow),
+    pytest.param("llama20", "fsdp", "adamw_torch_fused", 2, {**VELORA, "gc": True},
+                 id="fsdp-velora-gc-accum2"),
+    pytest.param("llama20", "fsdp-no-reshard", "adamw", 4, {}, id="fsdp-no-reshard-accum4",
+                 marks=pytest.mark.slow),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(("model", "parallel", "optimizer", "accum", "strategy"), WARMUPS)
+def test_the_fewest_warm_up_forwards_give_the_same_rank_rows(
+    request, monkeypatch, model, parallel, optimizer, accum, strategy
+):
+    # The estimate warms a fake rank up with one step of one forward (two under DDP, whose
+    # buckets are rebuilt at the second); a real rank's warm-up is one step over all its
+    # micro-batches (two steps under DDP). The tracked step after either must be the same:
+    # optimizer state, VeLoRA's v, FSDP2's lazy init, DDP's rebuilt buckets, a low-rank
+    # optimizer's projections (its tracked step is a forced refresh).
+    from velora_cli.parallel import fake
+
+    spec = StepSpec(
+        model=request.getfixturevalue(model), batch_size=2 * accum, seq_len=32,
+        grad_accum_steps=accum, world_size=2, parallel=parallel, optimizer=optimizer,
+        strategy=Strategy(**strategy),
+    )  # fmt: skip
+    fewest = ParallelEstimateBackend(expandable=False, shortcuts=False).measure(spec)
+    monkeypatch.setattr(fake, "FEWEST_WARMUP", False)
+    steps = ParallelEstimateBackend(expandable=False, shortcuts=False).measure(spec)
+    assert fewest["status"] == "ok", fewest.get("error")
+    differ = {k: (fewest.get(k), steps.get(k)) for k in fewest.keys() | steps.keys()
+              if fewest.get(k) != steps.get(k)}  # fmt: skip
+    assert not differ
+    assert list(fewest) == list(steps)
