@@ -220,3 +220,29 @@ def test_the_fewest_warm_up_forwards_give_the_same_rank_rows(
               if fewest.get(k) != steps.get(k)}  # fmt: skip
     assert not differ
     assert list(fewest) == list(steps)
+
+
+@pytest.mark.parametrize(
+    "optimizer",
+    [
+        "sgd",
+        pytest.param("paged_adamw_32bit", marks=pytest.mark.slow),
+        pytest.param("galore", marks=pytest.mark.slow),
+        pytest.param("adafactor", marks=pytest.mark.slow),
+    ],
+)
+def test_ddp_ranks_with_other_optimizers_equal_the_reference(wide12, optimizer):
+    # DDP ranks take the shortcut with the optimizers checked here; galore (its refresh step)
+    # and adafactor gave other rows through it, so they are refused (`DDP_CHECKED_OPTIMIZERS`)
+    spec = StepSpec(
+        model=wide12, batch_size=4, seq_len=32, grad_accum_steps=2, world_size=2,
+        parallel="ddp", optimizer=optimizer, strategy=Strategy(gc=True),
+    )  # fmt: skip
+    row = ParallelEstimateBackend(expandable=False).measure(spec)
+    ref = ParallelEstimateBackend(expandable=False, shortcuts=False).measure(spec)
+    method = row.pop("estimate_method")
+    ref.pop("estimate_method")
+    assert row == ref, method
+    refused = optimizer in ("galore", "adafactor")
+    expected = "full depth (DDP with" if refused else "extrapolated from 2, 3, 4"
+    assert method.startswith(expected), method
