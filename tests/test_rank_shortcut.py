@@ -3,7 +3,11 @@
 
 A tiny llama of 20 blocks built from a config (FSDP2 ranks extrapolate in units of two blocks
 from 4, 6 and 8, so the shortcut needs more than 18: the shallow ranks must step fewer blocks
-than the real one), world sizes 2 and 4, DDP and FSDP2, with checkpointing and VeLoRA.
+than the real one), world sizes 2 and 4, DDP and FSDP2, with checkpointing and VeLoRA. DDP ranks
+extrapolate from 2, 3 and 4 blocks where their gradient buckets repeat by block: a llama of 12
+blocks with 32 MiB MLP matrices (fp32, fake tensors: nothing is allocated), whose attention
+projections and norms share a bucket with the block below's down projection, as Llama-2-7b's
+input norm does; the 20-block llama's buckets each hold several blocks (refused).
 The extrapolation's rule for a pass whose last unit differs (FSDP2's backward prefetch) is also
 checked on a memory curve made up here, against the same curve at the real depth.
 """
@@ -33,6 +37,16 @@ def llama20(tmp_path_factory):
     return str(path)
 
 
+@pytest.fixture(scope="module")
+def wide12(tmp_path_factory):
+    path = tmp_path_factory.mktemp("rank-shortcut") / "wide12"
+    LlamaConfig(
+        hidden_size=1024, intermediate_size=8192, num_hidden_layers=12, num_attention_heads=4,
+        num_key_value_heads=2, vocab_size=256, max_position_embeddings=256,
+    ).save_pretrained(path)  # fmt: skip
+    return str(path)
+
+
 VELORA = {"placement": "paper", "num_groups": 8}
 CASES = [
     # parallel, world size, strategy, the method the shortcut must give (prefix)
@@ -43,18 +57,27 @@ CASES = [
                  id="fsdp-2-velora", marks=pytest.mark.slow),
     pytest.param("fsdp-no-reshard", 4, {**VELORA, "gc": True}, "extrapolated",
                  id="fsdp-no-reshard-4-velora-gc", marks=pytest.mark.slow),
-    # DDP ranks run at full depth (rank_shortcut.py says why): the same rows either way
-    pytest.param("ddp", 2, {}, "full depth", id="ddp-2", marks=pytest.mark.slow),
-    pytest.param("ddp", 4, {**VELORA, "gc": True}, "full depth",
+    # one bucket over many blocks: DDP ranks at full depth, the same rows either way
+    pytest.param("ddp", 2, {}, "full depth (DDP's gradient buckets", id="ddp-2",
+                 marks=pytest.mark.slow),
+    pytest.param("ddp", 4, {**VELORA, "gc": True}, "full depth (DDP broadcasts",
                  id="ddp-4-velora-gc", marks=pytest.mark.slow),
+    # buckets that repeat by block (`wide12`): from 2, 3 and 4 blocks
+    pytest.param("ddp", 2, {}, "extrapolated from 2, 3, 4", id="wide-ddp-2"),
+    pytest.param("ddp", 4, {"gc": True}, "extrapolated from 2, 3, 4", id="wide-ddp-4-gc",
+                 marks=pytest.mark.slow),
+    # VeLoRA's vectors are block buffers, which DDP broadcasts in one tensor at each forward
+    pytest.param("ddp", 2, VELORA, "full depth (DDP broadcasts", id="wide-ddp-2-velora",
+                 marks=pytest.mark.slow),
 ]  # fmt: skip
 
 
 @pytest.mark.parametrize(("parallel", "world", "strategy", "expected"), CASES)
-def test_rank_rows_equal_the_reference_byte_for_byte(llama20, parallel, world, strategy,
+def test_rank_rows_equal_the_reference_byte_for_byte(request, parallel, world, strategy,
                                                       expected):  # fmt: skip
+    model = request.getfixturevalue("wide12" if "wide" in request.node.callspec.id else "llama20")
     spec = StepSpec(
-        model=llama20, batch_size=2, seq_len=32, world_size=world, parallel=parallel,
+        model=model, batch_size=2, seq_len=32, world_size=world, parallel=parallel,
         strategy=Strategy(**strategy),
     )  # fmt: skip
     # the default ranks: 0 and N − 1 under FSDP2 (the extremes), 0 under DDP
@@ -142,3 +165,84 @@ def test_a_7b_fsdp_rank_equals_the_reference():
     assert row.pop("estimate_method") == "extrapolated from 4, 6, 8 blocks"
     ref.pop("estimate_method")
     assert row == ref
+
+
+@pytest.mark.slow
+def test_a_7b_ddp_rank_equals_the_reference():
+    # Llama-2-7b's real shapes and DDP's default buckets (every matrix ≥ 32 MiB in bf16, so a
+    # bucket each; the norms join the next matrix's), from 2, 3 and 4 blocks
+    spec = StepSpec(
+        model="meta-llama/Llama-2-7b", batch_size=2, seq_len=512, dtype="bf16", mode="full",
+        grad_accum_steps=2, world_size=2, parallel="ddp", strategy=Strategy(gc=True),
+    )  # fmt: skip
+    row = ParallelEstimateBackend(ranks=(0,), expandable=False).measure(spec)
+    ref = ParallelEstimateBackend(ranks=(0,), expandable=False, shortcuts=False).measure(spec)
+    assert row.pop("estimate_method") == "extrapolated from 2, 3, 4 blocks"
+    ref.pop("estimate_method")
+    assert row == ref
+
+
+# -- the fake ranks' warm-up: one step with the fewest forwards (rank_step.warm_up) ---------------
+
+WARMUPS = [
+    # model, parallel, optimizer, accumulation, strategy
+    pytest.param("wide12", "ddp", "galore", 2, {"gc": True}, id="ddp-galore-accum2"),
+    pytest.param("llama20", "ddp", "adamw", 1, VELORA, id="ddp-velora-accum1",
+                 marks=pytest.mark.slow),
+    pytest.param("llama20", "fsdp", "adamw_torch_fused", 2, {**VELORA, "gc": True},
+                 id="fsdp-velora-gc-accum2"),
+    pytest.param("llama20", "fsdp-no-reshard", "adamw", 4, {}, id="fsdp-no-reshard-accum4",
+                 marks=pytest.mark.slow),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(("model", "parallel", "optimizer", "accum", "strategy"), WARMUPS)
+def test_the_fewest_warm_up_forwards_give_the_same_rank_rows(
+    request, monkeypatch, model, parallel, optimizer, accum, strategy
+):
+    # The estimate warms a fake rank up with one step of one forward (two under DDP, whose
+    # buckets are rebuilt at the second); a real rank's warm-up is one step over all its
+    # micro-batches (two steps under DDP). The tracked step after either must be the same:
+    # optimizer state, VeLoRA's v, FSDP2's lazy init, DDP's rebuilt buckets, a low-rank
+    # optimizer's projections (its tracked step is a forced refresh).
+    from velora_cli.parallel import fake
+
+    spec = StepSpec(
+        model=request.getfixturevalue(model), batch_size=2 * accum, seq_len=32,
+        grad_accum_steps=accum, world_size=2, parallel=parallel, optimizer=optimizer,
+        strategy=Strategy(**strategy),
+    )  # fmt: skip
+    fewest = ParallelEstimateBackend(expandable=False, shortcuts=False).measure(spec)
+    monkeypatch.setattr(fake, "FEWEST_WARMUP", False)
+    steps = ParallelEstimateBackend(expandable=False, shortcuts=False).measure(spec)
+    assert fewest["status"] == "ok", fewest.get("error")
+    differ = {k: (fewest.get(k), steps.get(k)) for k in fewest.keys() | steps.keys()
+              if fewest.get(k) != steps.get(k)}  # fmt: skip
+    assert not differ
+    assert list(fewest) == list(steps)
+
+
+@pytest.mark.parametrize(
+    "optimizer",
+    [
+        "sgd",
+        pytest.param("paged_adamw_32bit", marks=pytest.mark.slow),
+        pytest.param("galore", marks=pytest.mark.slow),
+        pytest.param("adafactor", marks=pytest.mark.slow),
+    ],
+)
+def test_ddp_ranks_with_other_optimizers_equal_the_reference(wide12, optimizer):
+    # DDP ranks take the shortcut with the optimizers checked here; galore (its refresh step)
+    # and adafactor gave other rows through it, so they are refused (`DDP_CHECKED_OPTIMIZERS`)
+    spec = StepSpec(
+        model=wide12, batch_size=4, seq_len=32, grad_accum_steps=2, world_size=2,
+        parallel="ddp", optimizer=optimizer, strategy=Strategy(gc=True),
+    )  # fmt: skip
+    row = ParallelEstimateBackend(expandable=False).measure(spec)
+    ref = ParallelEstimateBackend(expandable=False, shortcuts=False).measure(spec)
+    method = row.pop("estimate_method")
+    ref.pop("estimate_method")
+    assert row == ref, method
+    refused = optimizer in ("galore", "adafactor")
+    expected = "full depth (DDP with" if refused else "extrapolated from 2, 3, 4"
+    assert method.startswith(expected), method

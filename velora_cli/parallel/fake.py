@@ -40,6 +40,9 @@ from velora_cli.measure.train_step import Prepared, StepSpec
 # Not ESTIMATE_ATTENTION itself: the same attention function with a mask function that also
 # reads a fake padding mask as "no padding" (a fake tensor has no values to check).
 RANK_ATTENTION = "velora_rank_estimate"
+# One warm-up step with the fewest forwards (`rank_step.warm_up`'s ``fewest``): the tracked
+# step that follows is the same (tests/test_rank_shortcut.py compares the rows both ways).
+FEWEST_WARMUP = True
 T = TypeVar("T")
 
 
@@ -173,5 +176,5 @@ def run_rank(
             if spec.parallel == "ddp":
                 real_bucket_indices(prepared.model)
             roles = rank_roles(prepared, fake_world=True)
-            warm_up(prepared, warmup, roles.buckets)
+            warm_up(prepared, warmup, roles.buckets, fewest=FEWEST_WARMUP)
             return body(prepared, roles)

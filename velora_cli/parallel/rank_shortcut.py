@@ -19,18 +19,24 @@ reduce-scatter of its gradients; DDP's gradient buckets) repeated with it. So, f
    step's allocation trace written out op for op (`synthesis.synthesize`), which must reach
    the extrapolated peak; the caller replays the allocator over that trace as over a real one.
 
-FSDP2 ranks only: DDP ranks run at full depth (their reducer's work on the gradient buckets
-did not repeat by block at 2 to 5 blocks of Llama-2-7b; a small model has one bucket for every
-block). FSDP2's backward prefetch looks one block ahead, so the units are two blocks (two
+FSDP2's backward prefetch looks one block ahead, so its units are two blocks (two
 checkpointing periods), and the first unit a pass runs may differ from the middle ones
-(`extrapolate.memory_at_depth` with ``edges``). Anything not exactly periodic is refused with
-the reason, and the real depth runs: the row's ``estimate_method`` says which.
+(`extrapolate.memory_at_depth` with ``edges``). DDP's units are one block (one period): its
+gradient buckets, allocated by the C++ ``Reducer`` and alive from the start, each belong to
+the block of their first parameter (`bucket_storages`; Llama-2-7b: a block's last bucket
+holds its input norm's gradient and the down projection's of the block below), and their layout at
+the real depth is checked against torch's own bucket assignment before any shallow step is
+tracked (`check_buckets`; a small model whose buckets hold several blocks is refused there).
+The reducer's copies from the buckets back into the gradients after backward are ops outside
+the blocks' passes that the synthesis gives to the block of their first argument. Anything not
+exactly periodic is refused with the reason, and the real depth runs: the row's
+``estimate_method`` says which. ``--cpu-offload`` runs at full depth.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from velora_cli.parallel import FSDP
 from velora_cli.shortcut.extrapolate import (
@@ -43,8 +49,15 @@ from velora_cli.shortcut.extrapolate import (
 )
 from velora_cli.shortcut.synthesis import synthesize
 
+# The optimizers whose DDP ranks the shortcut gave rows equal to the real depth's (a 12-block
+# llama, tests/test_rank_shortcut.py; fused AdamW also Llama-2-7b). Measured unequal, so run at
+# full depth: galore and adarankgrad (their refresh step's optimizer peak), adafactor (by 53 KiB);
+# cause not found yet. adamw_torch_forloop is refused by the synthesis anyway.
+DDP_CHECKED_OPTIMIZERS = ("adamw", "adamw_torch", "adamw_torch_fused", "sgd", "paged_adamw_32bit")
+
 if TYPE_CHECKING:
     from velora_cli.measure.train_step import StepSpec
+    from velora_cli.parallel.roles import DdpBuckets
     from velora_cli.shortcut.shortcuts import Shortcuts
 
 
@@ -85,18 +98,16 @@ class RankShortcuts:
     def _extrapolated(self, spec: StepSpec, rank: int, warmup: int, breakdown: bool):
         from velora_cli.parallel.fake import run_rank
 
-        if spec.parallel not in FSDP:
-            # Llama-2-7b's DDP buckets repeat by block, but the reducer's work on them does not
-            # fall into the same runs at 2-5 blocks (measured: refused), and a small model's one
-            # bucket holds every block: the three shallow ranks would be spent for nothing
-            raise NotExtrapolable("DDP ranks run at full depth (their buckets' work)")
+        if spec.parallel == "ddp" and spec.optimizer not in DDP_CHECKED_OPTIMIZERS:
+            raise NotExtrapolable(f"DDP with --optimizer {spec.optimizer}: not checked exact")
         if spec.cpu_offload:  # the row splits device and host storages of the real trace
             raise NotExtrapolable("--cpu-offload: the host share is counted at full depth")
         # the model before sharding is the one-process model: the plan's checks are shared
         single = dataclasses.replace(spec, world_size=1, parallel=None, cpu_offload=False)
         model_spec = self.single.resolve(single)
         # FSDP2's backward prefetch looks one block ahead: units of two blocks
-        depth, period, depths, shallow = self.single.depth_plan(single, model_spec, unit=2)
+        unit = 2 if spec.parallel in FSDP else 1
+        depth, period, depths, shallow = self.single.depth_plan(single, model_spec, unit=unit)
         if sum(depths) >= depth:  # each shallow rank is built, sharded and warmed up
             raise NotExtrapolable(f"{depth} blocks: the shallow ranks would step as many")
         rows, logs, records = [], [], []
@@ -105,7 +116,7 @@ class RankShortcuts:
             row, log, record, prepared = run_rank(
                 spec,
                 rank,
-                _logged(breakdown, d, period),
+                _logged(breakdown, d, period, depth),
                 warmup=warmup,
                 model_spec=shallow_spec,
             )
@@ -133,7 +144,7 @@ class RankShortcuts:
         return out, trace, prepared, method
 
 
-def _logged(breakdown: bool, depth: int, period: int):
+def _logged(breakdown: bool, depth: int, period: int, real_depth: int):
     """The body `run_rank` runs at a shallow ``depth``: the rank's tracked step, recorded."""
     from velora_cli.parallel.rank_step import rank_tracker_options, tracked_rank_step
     from velora_cli.shortcut.depth import (
@@ -152,6 +163,13 @@ def _logged(breakdown: bool, depth: int, period: int):
         if not periodic([block_signature(b) for b in stack], period):
             raise NotExtrapolable(f"with this strategy the blocks do not repeat every {period}")
         owned = block_storages(stack, prepared.optimizer)
+        if roles.buckets is not None:  # DDP: after the warm-up's rebuild
+            if prepared.model.broadcast_buffers and any(True for b in stack for _ in b.buffers()):
+                # `_sync_buffers` at every forward: one flat copy of all of them (torch 2.13
+                # `_distributed_broadcast_coalesced`), a storage whose size grows with depth
+                raise NotExtrapolable("DDP broadcasts the blocks' buffers in one growing tensor")
+            check_buckets(prepared.model, roles.buckets, stack, period, real_depth)
+            owned.update(bucket_storages(roles.buckets, stack))
         tracker = RecordingTracker(
             prepared.model,
             prepared.optimizer,
@@ -172,3 +190,128 @@ def _logged(breakdown: bool, depth: int, period: int):
         return row, log, StepRecord.of(depth, tracker, None), prepared
 
     return body
+
+
+# -- DDP's gradient buckets at the real depth -----------------------------------------------------
+
+
+def bucket_storages(buckets: DdpBuckets, stack) -> dict[int, tuple[int, Any]]:
+    """DDP's gradient buckets as `record.block_storages` gives a block's storages: a bucket
+    belongs to the block of its first parameter (one outside the stack, the first bucket's
+    head say, is left out: it is outside, the same at every depth, `check_buckets` checks)."""
+    block_of = {id(p): j for j, b in enumerate(stack) for p in b.parameters()}
+    out: dict[int, tuple[int, Any]] = {}
+    for index, buffer in buckets.buffers.items():
+        params = buckets.parameters.get(index) or []
+        j = block_of.get(id(params[0])) if params else None
+        if j is not None:
+            storage = buffer.untyped_storage()
+            out[id(storage)] = (j, storage)
+    return out
+
+
+def check_buckets(ddp, buckets: DdpBuckets, stack, period: int, depth: int) -> None:
+    """Check, without a step, that DDP's gradient buckets at the real ``depth`` repeat as this
+    shallow rank's do.
+
+    After its first iteration DDP's ``Reducer`` rebuilds its buckets over the parameters in the
+    order their gradients became ready: a first bucket of at most 1 MiB, then 25 MiB each,
+    greedily (a bucket closes once it reaches its cap: ``dist._compute_bucket_assignment_by_size``,
+    called by ``Reducer::rebuild_buckets`` in torch 2.13's ``reducer.cpp``). Here: the shallow
+    rank's ready order (its buckets, in order) must be parameters outside the stack, every
+    block's in one order from the top block down, then the rest; torch's assignment over that
+    order must give this rank's buckets back; and over the same order written out at
+    ``depth``, it must give the same buckets outside the stack, in the top and bottom units and
+    in every unit between (a bucket described by its first parameter's unit and its parameters
+    relative to that unit). A small model whose buckets each hold several blocks fails here,
+    in its first shallow rank, before the other two are spent.
+
+    Raises:
+        NotExtrapolable: with the reason.
+    """
+    import torch
+    import torch.distributed as dist
+
+    where = {id(p): (j, name) for j, b in enumerate(stack) for name, p in b.named_parameters()}
+    groups = [buckets.parameters[i] for i in sorted(buckets.parameters)]
+    order = [p for group in groups for p in group]
+    d = len(stack)
+    spots = [where.get(id(p)) for p in order]
+    inside = [k for k, s in enumerate(spots) if s is not None]
+    if not inside or inside != list(range(inside[0], inside[-1] + 1)) or len(inside) % d:
+        raise NotExtrapolable(
+            "DDP's gradient buckets: the blocks' gradients are not ready together"
+        )
+    head, tail = order[: inside[0]], order[inside[-1] + 1 :]
+    per_block = len(inside) // d
+    template = [name for _, name in spots[inside[0] : inside[0] + per_block]]
+    if spots[inside[0] : inside[-1] + 1] != [
+        (j, name) for j in reversed(range(d)) for name in template
+    ]:
+        raise NotExtrapolable("DDP's gradient buckets: the blocks' gradients are not ready alike")
+    limits = [dist._DEFAULT_FIRST_BUCKET_BYTES, ddp.bucket_bytes_cap]
+
+    def assign(params: list) -> list[list[int]]:
+        like = [torch.empty(p.shape, dtype=p.dtype, device="meta") for p in params]
+        n = len(like)
+        return dist._compute_bucket_assignment_by_size(like, limits, [False] * n, list(range(n)))[0]
+
+    def places(blocks: int) -> list:
+        return (
+            [("out", k) for k in range(len(head))]
+            + [(j, name) for j in reversed(range(blocks)) for name in template]
+            + [("out", len(head) + k) for k in range(len(tail))]
+        )
+
+    seen, start = [], 0
+    for group in groups:
+        seen.append(list(range(start, start + len(group))))
+        start += len(group)
+    if assign(order) != seen:
+        raise NotExtrapolable("DDP's gradient buckets are not the ones torch's assignment gives")
+    block_params = order[inside[0] : inside[0] + per_block]  # the top block's, in ready order
+    here = _by_unit(seen, places(d), d, period)
+    there = _by_unit(assign(head + block_params * depth + tail), places(depth), depth, period)
+    if any(here[k] != there[k] for k in ("head", "top", "bottom", "tail")) or (
+        here["middle"] is not None and here["middle"] != there["middle"]
+    ):
+        raise NotExtrapolable(f"DDP's gradient buckets at {depth} blocks differ from {d}'s")
+
+
+def _by_unit(assignment: list[list[int]], places: list, depth: int, period: int) -> dict:
+    """Buckets by unit (`check_buckets`): ``head`` and ``tail`` (first parameter outside the
+    stack, before and after it), ``top`` and ``bottom`` (the first and last unit of the
+    backward), ``middle`` (every unit between, all alike; None at two units)."""
+    m = depth // period
+    owned: list[tuple[int | None, tuple]] = []
+    for bucket in assignment:
+        first = places[bucket[0]][0]
+        unit = None if first == "out" else first // period
+        items = []
+        for k in bucket:
+            j, name = places[k]
+            if j == "out":
+                items.append(("out", name))
+            elif unit is None:  # the final norm's bucket, holding the top block's last layer
+                items.append(("from_top", depth - 1 - j, name))
+            else:
+                items.append(("rel", j - unit * period, name))
+        owned.append((unit, tuple(items)))
+    units = [u for u, _ in owned if u is not None]
+    if not units:
+        raise NotExtrapolable("DDP's gradient buckets: none starts inside the stack")
+    lo = next(k for k, (u, _) in enumerate(owned) if u is not None)
+    hi = max(k for k, (u, _) in enumerate(owned) if u is not None)
+    if any(u is None for u, _ in owned[lo : hi + 1]) or units != sorted(units, reverse=True):
+        raise NotExtrapolable("DDP's gradient buckets do not follow the blocks down")
+    by_unit = [tuple(b for u, b in owned if u == unit) for unit in reversed(range(m))]
+    middles = set(by_unit[1:-1])
+    if len(middles) > 1:
+        raise NotExtrapolable(f"DDP's gradient buckets do not repeat by unit at {depth} blocks")
+    return {
+        "head": tuple(b for _, b in owned[:lo]),
+        "tail": tuple(b for _, b in owned[hi + 1 :]),
+        "top": by_unit[0],
+        "bottom": by_unit[-1],
+        "middle": middles.pop() if middles else None,
+    }

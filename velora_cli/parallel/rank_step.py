@@ -38,8 +38,30 @@ from velora_cli.parallel.roles import (
 DDP_WARMUP = 2
 
 
-def warm_up(prepared: Prepared, steps: int, buckets: DdpBuckets | None) -> None:
-    """Warm-up steps (optimizer state, VeLoRA's v, FSDP2's lazy init, DDP's bucket rebuild)."""
+def warm_up(
+    prepared: Prepared, steps: int, buckets: DdpBuckets | None, *, fewest: bool = False
+) -> None:
+    """Warm-up steps (optimizer state, VeLoRA's v, FSDP2's lazy init, DDP's bucket rebuild).
+
+    Args:
+        fewest: one step with the fewest forwards that reach the same state, for the estimate's
+            fake ranks (nothing to time there): one micro-batch, two under DDP (its buckets are
+            rebuilt at the second forward, the optimizer state is made by the step), instead
+            of ``steps`` steps (two under DDP) over all the step's micro-batches. Only where
+            ``steps`` is 1 (the default): more asked for are run as asked.
+    """
+    if fewest and steps == 1:
+        batches = prepared.micro_batches
+        prepared.micro_batches = (
+            (batches * 2)[:2] if prepared.spec.parallel == "ddp" else batches[:1]
+        )
+        try:
+            if buckets is not None:
+                buckets.reset()
+            train_step(prepared)
+        finally:
+            prepared.micro_batches = batches
+        return
     if prepared.spec.parallel == "ddp":
         steps = max(steps, DDP_WARMUP)
     for _ in range(steps):

@@ -67,6 +67,9 @@ class DdpBuckets:
     def __init__(self, fake_world: bool = False) -> None:
         self.fake_world = fake_world
         self.buffers: dict[int, torch.Tensor] = {}
+        # bucket index -> its parameters, in the bucket's order (the depth shortcut gives each
+        # bucket the block of its first parameter: `rank_shortcut.bucket_blocks`)
+        self.parameters: dict[int, list[torch.Tensor]] = {}
 
     def register(self, ddp: torch.nn.Module) -> None:
         ddp.register_comm_hook(None, self.hook)
@@ -74,6 +77,7 @@ class DdpBuckets:
     def reset(self) -> None:
         """Forget the buckets seen so far (DDP rebuilds them after its first iteration)."""
         self.buffers.clear()
+        self.parameters.clear()
 
     # No return annotation: DDP accepts none or the real Future[Tensor] object, and annotations
     # are strings in this module.
@@ -82,6 +86,7 @@ class DdpBuckets:
 
         buffer = bucket.buffer()
         self.buffers[bucket.index()] = buffer
+        self.parameters[bucket.index()] = bucket.parameters()
         if not self.fake_world:
             return allreduce_hook(state, bucket)
         buffer.div_(torch.distributed.get_world_size())
