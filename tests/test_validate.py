@@ -270,22 +270,27 @@ REGRESSION = [
 ]  # fmt: skip
 
 
-@pytest.mark.slow
-def test_a_case_of_every_source_and_mechanism_stays_within_the_memory_bounds(tmp_path):
-    # as users run it: the CLI in a fresh process (about 35 s here; inside a pytest worker that
-    # ran other tests first it took ten times that)
+def validate_cli(tmp_path, case_ids) -> dict:
+    """``velora validate --case …`` as users run it, the CLI in a fresh process (the regression
+    cases take about 35 s here; in-process inside a pytest worker that ran other tests first they
+    took ten times that): its cases by id."""
     import os
     import subprocess
     import sys
 
     out = tmp_path / "validate.json"
     args = [sys.executable, "-m", "velora_cli", "validate", "--format", "json", "-o", str(out)]
-    for case_id in REGRESSION:
+    for case_id in case_ids:
         args += ["--case", case_id]
     proc = subprocess.run(args, capture_output=True, text=True, timeout=900,
                           env={**os.environ, "HF_HUB_OFFLINE": "1"})  # fmt: skip
-    assert proc.returncode in (0, 1), proc.stderr[-2000:]  # 1: step times out of bounds
-    cases = {c["id"]: c for c in json.loads(out.read_text())["cases"]}
+    assert proc.returncode in (0, 1), proc.stderr[-2000:]  # 1: some case out of its bounds
+    return {c["id"]: c for c in json.loads(out.read_text())["cases"]}
+
+
+@pytest.mark.slow
+def test_a_case_of_every_source_and_mechanism_stays_within_the_memory_bounds(tmp_path):
+    cases = validate_cli(tmp_path, REGRESSION)
     assert set(REGRESSION) <= set(cases)  # --case also keeps ids that contain one
     assert {cases[i]["gpu"] for i in REGRESSION} == {"t4", "v100-16gb"}
     for case in (cases[i] for i in REGRESSION):
@@ -307,18 +312,7 @@ HELD_OUT_T4 = [
 
 @pytest.mark.slow
 def test_the_t4_calibration_predicts_held_out_step_times(tmp_path):
-    import os
-    import subprocess
-    import sys
-
-    out = tmp_path / "validate.json"
-    args = [sys.executable, "-m", "velora_cli", "validate", "--format", "json", "-o", str(out)]
-    for case_id in HELD_OUT_T4:
-        args += ["--case", case_id]
-    proc = subprocess.run(args, capture_output=True, text=True, timeout=900,
-                          env={**os.environ, "HF_HUB_OFFLINE": "1"})  # fmt: skip
-    assert proc.returncode in (0, 1), proc.stderr[-2000:]
-    cases = {c["id"]: c for c in json.loads(out.read_text())["cases"]}
+    cases = validate_cli(tmp_path, HELD_OUT_T4)
     for case_id in HELD_OUT_T4:
         error = cases[case_id]["error"]["tokens_per_second"]
         low, high = BOUNDS["tokens_per_second"]
