@@ -255,6 +255,14 @@ def test_optimizer_settings_are_validated_together():
         VeloraConfig(model="m", optimizer="adam")
 
 
+@pytest.mark.parametrize("optimizer", ["galore", "adafactor"])
+def test_a_config_refuses_an_optimizer_fsdp2_cannot_step(optimizer):
+    # the same refusal as StepSpec's (measure.layout), for a hand-written config file
+    with pytest.raises(ConfigError, match=f"optimizer {optimizer} does not run under FSDP2"):
+        VeloraConfig(model="m", world_size=2, parallel="fsdp", optimizer=optimizer)
+    VeloraConfig(model="m", world_size=2, parallel="ddp", optimizer=optimizer)
+
+
 def test_optimizer_constants_match_the_optimizers():
     from velora_cli import configs
     from velora_cli.measure.train_step import LOWRANK_OPTIMIZERS, OPTIMIZERS

@@ -180,6 +180,8 @@ def test_cuda_backend_needs_one_gpu_per_rank():
         ({"parallel": "zero3"}, "choose ddp|fsdp|fsdp-no-reshard"),
         ({"parallel": "ddp", "cpu_offload": True}, "use it with --parallel fsdp"),
         ({"parallel": "fsdp", "optimizer": "galore"}, "use --parallel ddp"),
+        ({"parallel": "fsdp", "optimizer": "adafactor"}, "does not run under FSDP2"),
+        ({"parallel": "fsdp-no-reshard", "optimizer": "adafactor"}, "use --parallel ddp"),
         ({"parallel": "fsdp", "amp": "bf16"}, "not supported yet"),
     ],
 )

@@ -189,6 +189,26 @@ def test_search_space_merges_gc_spellings_and_crosses_modes_and_optimizers():
     assert len(space) == 2 * 3 * 2 * 2  # modes × gc × micro (2, 1) × optimizers
 
 
+def test_search_space_keeps_optimizers_fsdp2_cannot_step_off_fsdp_layouts():
+    from velora_cli.measure.train_step import StepSpec
+
+    space = search_space(
+        batch_size=2,
+        modes=["full"],
+        placements=[None],
+        num_groups=[32],
+        gc_options=[False],
+        micro_batches=[2],
+        optimizers=("adamw", "adafactor", "galore"),
+        layouts=((2, "ddp"), (2, "fsdp"), (2, "fsdp-no-reshard")),
+    )
+    pairs = {(c.optimizer, c.parallel) for c in space}
+    assert pairs == {("adamw", "ddp"), ("adamw", "fsdp"), ("adamw", "fsdp-no-reshard"),
+                     ("adafactor", "ddp"), ("galore", "ddp")}  # fmt: skip
+    for c in space:  # every candidate left is one StepSpec accepts
+        StepSpec(model="llama-tiny", optimizer=c.optimizer, world_size=2, parallel=c.parallel)
+
+
 def test_search_space_crosses_low_rank_optimizers_with_full_mode_only():
     space = search_space(
         batch_size=2,

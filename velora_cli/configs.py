@@ -257,6 +257,13 @@ def _layout_errors(config: VeloraConfig) -> list[str]:
         errors.append("world_size > 1 needs a parallel strategy (ddp, fsdp, fsdp-no-reshard)")
     if config.cpu_offload and not (config.parallel or "").startswith("fsdp"):
         errors.append("cpu_offload is FSDP2's CPUOffloadPolicy: it needs parallel fsdp*")
+    # measure.layout's reasons: GaLore/AdaRankGrad project whole gradients, and transformers'
+    # Adafactor mixes plain-tensor state with FSDP2's DTensor gradients
+    if (config.parallel or "").startswith("fsdp") and config.optimizer in (
+        *LOWRANK_OPTIMIZERS,
+        "adafactor",
+    ):
+        errors.append(f"optimizer {config.optimizer} does not run under FSDP2: use parallel ddp")
     return errors
 
 

@@ -14,6 +14,12 @@ from typing import Any
 # forward to backward: ZeRO-2 like).
 PARALLEL = ("ddp", "fsdp", "fsdp-no-reshard")
 FSDP = ("fsdp", "fsdp-no-reshard")
+# optimizers whose step fails on FSDP2's DTensor gradients: transformers 5.25 Adafactor.step
+# (optimization.py) makes its factored row/column state with torch.zeros from the gradient's
+# shape, plain tensors, then adds the DTensor gradient's means into them; the real FSDP2 ranks
+# of `--backend cpu` raise there too. Factored moments would need a reduction per parameter
+# across the shards (pytorch/pytorch#109581).
+FSDP_INCOMPATIBLE_OPTIMIZERS = ("adafactor",)
 
 
 def layout_errors(spec: Any) -> list[str]:
@@ -48,6 +54,13 @@ def layout_errors(spec: Any) -> list[str]:
         errors.append(
             f"--optimizer {spec.optimizer} projects whole weight gradients, and under FSDP each "
             "rank holds a shard of them: use --parallel ddp, or --optimizer adamw|sgd"
+        )
+    if parallel in FSDP and spec.optimizer in FSDP_INCOMPATIBLE_OPTIMIZERS:
+        errors.append(
+            f"--optimizer {spec.optimizer} does not run under FSDP2: transformers' Adafactor keeps "
+            "its factored state as plain tensors and FSDP2's gradients are DTensors "
+            "(Adafactor.step raises 'got mixed torch.Tensor and DTensor'; pytorch/pytorch#109581): "
+            "use --parallel ddp, or --optimizer adamw"
         )
     if spec.amp is not None:
         errors.append(

@@ -11,6 +11,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
 from velora_cli.measure.train_step import LOWRANK_OPTIMIZERS  # plain names: no torch import
+from velora_cli.measure.layout import FSDP, FSDP_INCOMPATIBLE_OPTIMIZERS
 
 
 @dataclass(frozen=True)
@@ -163,8 +164,9 @@ def search_space(
             `batch_size` itself. grad_accum_steps = batch_size // micro.
         optimizers: optimizer names; low-rank ones go with full mode only (`optimizers_for`).
         layouts: (world size, parallel strategy) pairs, ``(1, None)`` for one process; the
-            batch is per rank. Low-rank optimizers are not crossed with FSDP (each rank holds
-            a shard of every gradient).
+            batch is per rank. Low-rank optimizers (each rank holds a shard of every gradient)
+            and Adafactor (plain-tensor state against DTensor gradients) are not crossed with
+            FSDP: `measure.layout.layout_errors` refuses them.
         sac_options: selective checkpointing policies, each tried where every layer is
             checkpointed (gc True), besides plain checkpointing.
         offload_options: activation offload kinds: ``inputs`` tried with every-layer
@@ -218,10 +220,11 @@ def search_space(
                         for opt in optimizers_for(mode, optimizers):
                             accum = batch_size // micro
                             for world, parallel in layouts:
-                                if opt in LOWRANK_OPTIMIZERS and (parallel or "").startswith(
-                                    "fsdp"
+                                if parallel in FSDP and (
+                                    opt in LOWRANK_OPTIMIZERS
+                                    or opt in FSDP_INCOMPATIBLE_OPTIMIZERS
                                 ):
-                                    continue
+                                    continue  # refused by `layout_errors`
                                 out.append(
                                     Candidate(
                                         mode,
