@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as _dt
+import importlib.metadata
 import platform
 from collections.abc import Callable
 from pathlib import Path
@@ -159,11 +160,9 @@ def environment() -> dict[str, Any]:
         "transformers": transformers.__version__,
         "cpu_threads": torch.get_num_threads(),
     }
-    try:
-        import peft
-
-        env["peft"] = peft.__version__
-    except ImportError:
+    try:  # the installed distribution's version: importing peft costs seconds (bitsandbytes)
+        env["peft"] = importlib.metadata.version("peft")
+    except importlib.metadata.PackageNotFoundError:
         env["peft"] = None
     if torch.cuda.is_available():
         props = torch.cuda.get_device_properties(0)
