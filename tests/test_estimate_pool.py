@@ -1,4 +1,4 @@
-"""The tune's helper process for dear estimates (velora_cli/search/estimate_pool.py): it changes no
+"""The tune's helper process for dear estimates (velora_cli.estimate.pool.py): it changes no
 estimate, and the tune goes on alone when it fails or is turned off."""
 
 import time
@@ -6,7 +6,7 @@ import time
 import pytest
 
 from velora_cli.search import autotune
-from velora_cli.search.estimate_pool import HELPER, helper_wanted
+from velora_cli.estimate.pool import HELPER, helper_wanted
 
 SPACE = dict(
     model="llama-tiny", batch_size=4, seq_len=64, budget_bytes=2 * 10**9, backend="estimate",

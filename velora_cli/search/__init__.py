@@ -7,7 +7,6 @@
     autotune.py       ``velora tune`` end to end: space, backends, probes, journal, the document
     world_sizes.py    ``--world-size 1,2,4,8``: one tune per GPU count, the fewest that fit
     estimator.py      the tune's ``estimate(c)``/``measure(c)`` on the backends, with floors
-    estimate_pool.py  a second process estimating the list from its far end
     prober.py, probes.py, data.py   accuracy probes (gradient fidelity, a short training run) and
                       the probe text
     journal.py, resume.py   finished results as JSON lines; which journal ``--resume`` continues

@@ -105,7 +105,7 @@ class Estimator:
         self.cache: dict[str, Measurement] = {}
         self.floors: dict[tuple, int] = {}  # (mode, optimizer[, world size, parallel]) -> bytes
         self.calls = 0
-        # the helper process (estimate_pool.py): the planned candidates, their indices, the pool
+        # the helper process (estimate/pool.py): the planned candidates, their indices, the pool
         self._planned: list[Candidate] = []
         self._index: dict[str, int] = {}
         self._pool = None
@@ -146,7 +146,7 @@ class Estimator:
             static = row["param_bytes"] + row["grad_bytes"] + row["optimizer_bytes"]
             self.floors.setdefault(_floor_key(c), static)
 
-    # -- a second process for dear estimates (estimate_pool.py) ------------------------------
+    # -- a second process for dear estimates (estimate/pool.py) ------------------------------
 
     def plan(self, candidates: list[Candidate]) -> None:
         """The candidates the tune will ask for, in its order: the helper process works the list
@@ -163,7 +163,7 @@ class Estimator:
     def _pooled_row(self, c: Candidate) -> dict[str, Any]:
         import time
 
-        from velora_cli.search.estimate_pool import MINE, EstimatePool, helper_wanted
+        from velora_cli.estimate.pool import MINE, EstimatePool, helper_wanted
 
         index, pool = self._index.get(c.key), self._pool
         if pool is not None and index is not None:
