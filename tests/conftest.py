@@ -5,6 +5,9 @@ import os
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# no helper process for estimates unless a test asks for one (tests/test_estimate_pool.py):
+# the suite already runs on every core (pytest-xdist)
+os.environ.setdefault("VELORA_ESTIMATE_WORKERS", "1")
 
 import pytest  # noqa: E402
 import torch  # noqa: E402

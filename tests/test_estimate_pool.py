@@ -87,3 +87,58 @@ def test_a_helper_starts_only_where_it_pays(monkeypatch, env, spent, estimates, 
     assert helper_wanted(spent, estimates, left) is wanted
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0}, raising=False)
     assert helper_wanted(spent, estimates, left) is False
+
+
+def _profile(monkeypatch, workers: str, backend=None):
+    from velora_cli.estimate.backend import EstimateBackend
+    from velora_cli.measure.train_step import StepSpec
+    from velora_cli.profiling.profiler import plan_strategies, run_profile
+
+    monkeypatch.setenv("VELORA_ESTIMATE_WORKERS", workers)
+    spec = StepSpec(model="llama-tiny", batch_size=2, seq_len=32)
+    strategies = plan_strategies(["paper", "all-linear"], num_groups=[4, 8], gc_every=[1, 2])
+    document = run_profile(spec, strategies, backend or EstimateBackend())
+    document.pop("created")
+    return document
+
+
+def test_a_profile_with_a_forked_helper_answers_as_without(monkeypatch):
+    from velora_cli.estimate import pool
+
+    taken = []
+    take = pool.EstimatePool.take
+
+    def counted(self, index, **kwargs):
+        row = take(self, index, **kwargs)
+        taken.append(row is not None)
+        return row
+
+    monkeypatch.setattr(pool.EstimatePool, "take", counted)
+    alone = _profile(monkeypatch, "1")
+    assert taken == []
+    shared = _profile(monkeypatch, "2")
+    assert len(shared["rows"]) >= 8
+    assert any(taken), "the helper made no row"
+    assert shared == alone  # every row and field, the helper's included
+
+
+def test_a_helper_that_hangs_is_stopped_and_the_profile_finishes(monkeypatch):
+    import os
+
+    from velora_cli.estimate.backend import EstimateBackend
+    from velora_cli.profiling import profiler
+
+    parent = os.getpid()
+
+    class Hanging(EstimateBackend):
+        def measure(self, spec, **kwargs):
+            if os.getpid() != parent:  # the forked helper only
+                time.sleep(3600)
+            return super().measure(spec, **kwargs)
+
+    alone = _profile(monkeypatch, "1")
+    monkeypatch.setattr(profiler, "HELPER_PATIENCE", 2.0)
+    start = time.monotonic()
+    shared = _profile(monkeypatch, "2", Hanging())
+    assert shared == alone
+    assert time.monotonic() - start < 120

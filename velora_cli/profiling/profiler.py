@@ -405,28 +405,98 @@ def run_profile(
         write_atomic(save_path, document)  # the settings are saved before the first row
     rows: list[dict[str, Any]] = []
     plan = [(s, strategy) for s in specs for strategy in strategies]
-    for index, (row_spec, strategy) in enumerate(plan):
-        if before_row:
-            before_row(index, len(plan), strategy)
-        if strategy in invalid:
-            row = {"status": "error", "backend": backend.name, "error": invalid[strategy]}
-        else:
-            row = check_host(
-                backend.measure(row_spec.with_strategy(strategy), breakdown=breakdown),
-                backend.name,
-            )
-        row = {**strategy_fields(strategy), "optimizer": row_spec.optimizer_label, **row}
-        if len(specs) > 1:
-            varying = [row_spec.optimizer] * (len(specs) > len(parallels or [None]))
-            varying += [row_spec.parallel] * (len(parallels or []) > 1)
-            row["label"] = " · ".join([*varying, row["label"]])
-        if strategy.placement and placement_notes.get(strategy.placement):
-            row.setdefault("note", placement_notes[strategy.placement])
-        rows.append(row)
-        document["rows"] = with_deltas(rows)
-        document["verdict"] = dataclasses.asdict(choose(document["rows"], budget))
-        if save_path is not None:
-            write_atomic(save_path, document)
-        if on_row:
-            on_row(index, len(plan), document["rows"][-1])
+    # what each row measures (None: an invalid strategy, reported as an error, never measured)
+    items = [None if t in invalid else s.with_strategy(t) for s, t in plan]
+    measure = _Rows(backend, breakdown)
+    try:
+        for index, (row_spec, strategy) in enumerate(plan):
+            if before_row:
+                before_row(index, len(plan), strategy)
+            if items[index] is None:
+                row = {"status": "error", "backend": backend.name, "error": invalid[strategy]}
+            else:
+                row = check_host(measure(items, index), backend.name)
+            rows.append(_labelled(row, row_spec, strategy, len(specs), parallels, placement_notes))
+            document["rows"] = with_deltas(rows)
+            document["verdict"] = dataclasses.asdict(choose(document["rows"], budget))
+            if save_path is not None:
+                write_atomic(save_path, document)
+            if on_row:
+                on_row(index, len(plan), document["rows"][-1])
+    finally:
+        measure.close()
     return document
+
+
+def _labelled(row, row_spec, strategy, n_specs, parallels, placement_notes) -> dict[str, Any]:
+    """A measured row with its strategy's fields, optimizer, label and placement note."""
+    row = {**strategy_fields(strategy), "optimizer": row_spec.optimizer_label, **row}
+    if n_specs > 1:
+        varying = [row_spec.optimizer] * (n_specs > len(parallels or [None]))
+        varying += [row_spec.parallel] * (len(parallels or []) > 1)
+        row["label"] = " · ".join([*varying, row["label"]])
+    if strategy.placement and placement_notes.get(strategy.placement):
+        row.setdefault("note", placement_notes[strategy.placement])
+    return row
+
+
+# seconds the profile waits for a row its helper process is on before it stops the helper and
+# measures the rest itself (or 20 of its own rows' mean time, if longer)
+HELPER_PATIENCE = 60.0
+
+
+class _Rows:
+    """The rows of one profile on its backend, the far end estimated by a forked helper process
+    once that pays (`estimate.pool`: estimate rows only; rows that time real steps never share
+    the machine with a helper). The helper changes no row: each is the backend's row of its
+    spec, whichever process ran it.
+    """
+
+    def __init__(self, backend, breakdown: bool) -> None:
+        self.backend = backend
+        self.breakdown = breakdown
+        self.pool = None
+        self.started = False
+        self.spent, self.measured = 0.0, 0  # this process's seconds and rows
+
+    def __call__(self, items: list[StepSpec | None], index: int) -> dict[str, Any]:
+        import time
+
+        if self.pool is not None:
+            patience = max(HELPER_PATIENCE, 20 * self.spent / max(1, self.measured))
+            row = self.pool.take(index, patience=patience)
+            if row is not None:
+                return row
+        start = time.perf_counter()
+        row = self.row(items[index])
+        self.spent += time.perf_counter() - start
+        self.measured += 1
+        if not self.started and self.backend.name == "estimate":
+            from velora_cli.estimate.pool import EstimatePool, fork_pays
+
+            left = sum(item is not None for item in items[index + 1 :])
+            if fork_pays(self.spent / self.measured, left):
+                self.started = True  # once: a helper that died is not replaced
+                self.pool = EstimatePool(self, items, _itself, method="fork", mine=index + 1)
+        return row
+
+    # the helper's worker (estimate.pool): the same rows, nothing skipped but invalid strategies
+
+    def row(self, spec: StepSpec) -> dict[str, Any]:
+        return self.backend.measure(spec, breakdown=self.breakdown)
+
+    def floored(self, spec: StepSpec | None) -> bool:
+        return spec is None
+
+    def note_floor(self, spec: StepSpec, row: dict[str, Any]) -> None:
+        pass
+
+    def close(self) -> None:
+        pool, self.pool = self.pool, None
+        if pool is not None:
+            pool.close()
+
+
+def _itself(worker: _Rows) -> _Rows:
+    """The forked helper's worker: the parent's, copied with its process."""
+    return worker

@@ -163,7 +163,7 @@ class Estimator:
     def _pooled_row(self, c: Candidate) -> dict[str, Any]:
         import time
 
-        from velora_cli.estimate.pool import MINE, EstimatePool, helper_wanted
+        from velora_cli.estimate.pool import EstimatePool, helper_wanted
 
         index, pool = self._index.get(c.key), self._pool
         if pool is not None and index is not None:
@@ -179,10 +179,10 @@ class Estimator:
             left = len(self._planned) - index - 1
             if helper_wanted(self._spent, self._estimates, left):
                 self._pool_started = True  # once: a helper that died is not replaced
-                self._pool = EstimatePool(self.settings, self._planned, type(self))
-                with self._pool.lock:  # the tune is past these: not the helper's to do
-                    for i in range(index + 1):
-                        self._pool.claims[i] = MINE
+                # the tune is past index: not the helper's to do
+                self._pool = EstimatePool(
+                    self.settings, self._planned, type(self), mine=index + 1
+                )
         return row
 
 
