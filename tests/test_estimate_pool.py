@@ -1,12 +1,12 @@
-"""The tune's helper process for dear estimates (velora_cli.estimate.pool.py): it changes no
-estimate, and the tune goes on alone when it fails or is turned off."""
+"""The helper process for dear estimates (velora_cli/estimate/pool.py), the tune's and the
+profile's: it changes no row, and the caller goes on alone when it fails, hangs or is off."""
 
 import time
 
 import pytest
 
+from velora_cli.estimate.pool import HELPER, fork_pays, helper_wanted
 from velora_cli.search import autotune
-from velora_cli.estimate.pool import HELPER, helper_wanted
 
 SPACE = dict(
     model="llama-tiny", batch_size=4, seq_len=64, budget_bytes=2 * 10**9, backend="estimate",
@@ -21,9 +21,14 @@ def plain_estimates(settings):
     return space, [estimator(c) for c in space]
 
 
-def helped_estimator(settings, space, monkeypatch):
-    """An Estimator whose helper process has started and claimed a candidate."""
+def helped_estimator(settings, space, monkeypatch, method="fork"):
+    """An Estimator whose helper process (forked, or spawned where fork is ruled out) has
+    started and claimed a candidate."""
+    from velora_cli.estimate import pool as pools
+
     monkeypatch.setenv("VELORA_ESTIMATE_WORKERS", "2")  # whatever the first estimate costs
+    if method == "spawn":
+        monkeypatch.setattr(pools, "fork_pays", lambda seconds, left: False)
     estimator = autotune.Estimator(settings)
     estimator.plan(space)
     first = estimator(space[0])
@@ -36,11 +41,13 @@ def helped_estimator(settings, space, monkeypatch):
     return estimator, first
 
 
-def test_the_helper_process_changes_no_estimate(monkeypatch):
+@pytest.mark.parametrize("method", ["fork", "spawn"])
+def test_the_helper_process_changes_no_estimate(monkeypatch, method):
     settings = autotune.TuneSettings(**SPACE)
     space, reference = plain_estimates(settings)
     assert len(space) >= 20
-    estimator, first = helped_estimator(settings, space, monkeypatch)
+    estimator, first = helped_estimator(settings, space, monkeypatch, method)
+    assert estimator._forked is (method == "fork")
     helped = [first] + [estimator(c) for c in space[1:]]
     estimator.finish()
     assert helped == reference  # every field, the helper's rows included
@@ -48,10 +55,11 @@ def test_the_helper_process_changes_no_estimate(monkeypatch):
     assert estimator._pool is None
 
 
-def test_a_dead_helper_leaves_the_rest_to_the_tune(monkeypatch):
+@pytest.mark.parametrize("method", ["fork", "spawn"])
+def test_a_dead_helper_leaves_the_rest_to_the_tune(monkeypatch, method):
     settings = autotune.TuneSettings(**SPACE)
     space, reference = plain_estimates(settings)
-    estimator, first = helped_estimator(settings, space, monkeypatch)
+    estimator, first = helped_estimator(settings, space, monkeypatch, method)
     process = estimator._pool.process
     process.kill()
     process.join(10)
@@ -87,6 +95,25 @@ def test_a_helper_starts_only_where_it_pays(monkeypatch, env, spent, estimates, 
     assert helper_wanted(spent, estimates, left) is wanted
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0}, raising=False)
     assert helper_wanted(spent, estimates, left) is False
+
+
+@pytest.mark.parametrize(
+    ("env", "seconds", "left", "methods", "pays"),
+    [("", 0.3, 18, ["fork", "spawn"], True), ("", 0.05, 18, ["fork", "spawn"], False),
+     ("", 9.0, 1, ["fork", "spawn"], False), ("", 0.3, 18, ["spawn"], False),
+     ("1", 9.0, 90, ["fork"], False), ("2", 0.0, 2, ["fork"], True)],
+)  # fmt: skip
+def test_a_fork_starts_where_the_rows_left_take_seconds(monkeypatch, env, seconds, left, methods,
+                                                        pays):  # fmt: skip
+    import multiprocessing
+    import os
+
+    monkeypatch.setenv("VELORA_ESTIMATE_WORKERS", env)
+    monkeypatch.setattr(multiprocessing, "get_all_start_methods", lambda: methods)
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1}, raising=False)
+    assert fork_pays(seconds, left) is pays
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0}, raising=False)
+    assert fork_pays(seconds, left) is False
 
 
 def _profile(monkeypatch, workers: str, backend=None):
@@ -125,8 +152,8 @@ def test_a_profile_with_a_forked_helper_answers_as_without(monkeypatch):
 def test_a_helper_that_hangs_is_stopped_and_the_profile_finishes(monkeypatch):
     import os
 
+    from velora_cli.estimate import pool
     from velora_cli.estimate.backend import EstimateBackend
-    from velora_cli.profiling import profiler
 
     parent = os.getpid()
 
@@ -137,7 +164,7 @@ def test_a_helper_that_hangs_is_stopped_and_the_profile_finishes(monkeypatch):
             return super().measure(spec, **kwargs)
 
     alone = _profile(monkeypatch, "1")
-    monkeypatch.setattr(profiler, "HELPER_PATIENCE", 2.0)
+    monkeypatch.setattr(pool, "PATIENCE", 2.0)
     start = time.monotonic()
     shared = _profile(monkeypatch, "2", Hanging())
     assert shared == alone

@@ -7,15 +7,19 @@ is claimed once, under a lock, by whichever side reaches it first, so nothing is
 
 Two callers, two ways to start the helper:
 
-- ``velora tune`` (`search.estimator.Estimator`): ``spawn``. The helper builds its own
-  estimator from the tune's settings (~5 s here), so it starts only once the first estimates
-  show that the list left is long and dear (`helper_wanted`).
-- ``velora profile`` (`profiling.profiler.run_profile`): ``fork``, where the platform has it
-  (Linux). The child starts at once with the parent's backend as it is after the first row:
-  modules imported, meta models built and warmed (`shortcut.meta_cache`), kernel results cached.
-  A profile of 19 rows at a third of a second each gains from it; a spawned helper would spend
-  longer starting than the rows take (`fork_pays`). PyTorch's own DataLoader forks its workers
-  the same way; the child runs meta tensors only, touches no device and writes nothing.
+- ``fork``, where the platform has it (Linux): the child starts at once with the caller's
+  backend as it is after the first row: modules imported, meta models built and warmed
+  (`shortcut.meta_cache`), kernel results cached. It starts as soon as the rows left would take
+  2 s alone (`fork_pays`), so even a profile of 19 rows at a third of a second each gains.
+  PyTorch's own DataLoader forks its workers the same way; the child runs meta tensors only,
+  touches no device and writes nothing, and a caller stops a child that hangs (`PATIENCE`).
+- ``spawn`` elsewhere: the helper builds its own worker from a picklable configuration (the
+  tune's settings; ~5 s here), so it starts only once the first estimates show that the list
+  left is long and dear (`helper_wanted`). The profile does not spawn one: its rows are done
+  before a spawned helper would be ready.
+
+The callers: ``velora tune`` (`search.estimator.Estimator`, fork or spawn) and ``velora
+profile`` (`profiling.profiler.run_profile`, fork only).
 
 The answer does not change: the caller still takes every item in order and decides there, as
 before, whether it needs its own estimate (the tune: or its mode's floor, params + grads +
@@ -43,6 +47,9 @@ MIN_LEFT = 6  # candidates left to estimate
 # a forked helper (the profile's) starts in milliseconds: it pays once the rows left would take
 # this long alone (a tiny model's profile, a few hundredths of a second per row, never forks)
 FORK_MIN_SECONDS = 2.0
+# seconds a caller waits for a row its forked helper is on before it stops the helper and
+# estimates the rest itself (or 20 of its own estimates' mean time, if longer)
+PATIENCE = 60.0
 FREE, MINE, HELPER = 0, 1, 2  # who claimed an index
 
 

@@ -440,11 +440,6 @@ def _labelled(row, row_spec, strategy, n_specs, parallels, placement_notes) -> d
     return row
 
 
-# seconds the profile waits for a row its helper process is on before it stops the helper and
-# measures the rest itself (or 20 of its own rows' mean time, if longer)
-HELPER_PATIENCE = 60.0
-
-
 class _Rows:
     """The rows of one profile on its backend, the far end estimated by a forked helper process
     once that pays (`estimate.pool`: estimate rows only; rows that time real steps never share
@@ -463,7 +458,9 @@ class _Rows:
         import time
 
         if self.pool is not None:
-            patience = max(HELPER_PATIENCE, 20 * self.spent / max(1, self.measured))
+            from velora_cli.estimate.pool import PATIENCE
+
+            patience = max(PATIENCE, 20 * self.spent / max(1, self.measured))
             row = self.pool.take(index, patience=patience)
             if row is not None:
                 return row

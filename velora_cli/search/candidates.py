@@ -10,8 +10,8 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
-from velora_cli.measure.train_step import LOWRANK_OPTIMIZERS  # plain names: no torch import
 from velora_cli.measure.layout import FSDP, FSDP_INCOMPATIBLE_OPTIMIZERS
+from velora_cli.measure.train_step import LOWRANK_OPTIMIZERS  # plain names: no torch import
 
 
 @dataclass(frozen=True)
@@ -221,8 +221,7 @@ def search_space(
                             accum = batch_size // micro
                             for world, parallel in layouts:
                                 if parallel in FSDP and (
-                                    opt in LOWRANK_OPTIMIZERS
-                                    or opt in FSDP_INCOMPATIBLE_OPTIMIZERS
+                                    opt in LOWRANK_OPTIMIZERS or opt in FSDP_INCOMPATIBLE_OPTIMIZERS
                                 ):
                                     continue  # refused by `layout_errors`
                                 out.append(

@@ -110,6 +110,7 @@ class Estimator:
         self._index: dict[str, int] = {}
         self._pool = None
         self._pool_started = False
+        self._forked = False
         self._spent, self._estimates = 0.0, 0  # seconds and count of this process's estimates
         self.helped = 0  # estimates the helper process made
 
@@ -163,11 +164,12 @@ class Estimator:
     def _pooled_row(self, c: Candidate) -> dict[str, Any]:
         import time
 
-        from velora_cli.estimate.pool import EstimatePool, helper_wanted
+        from velora_cli.estimate.pool import PATIENCE, EstimatePool, fork_pays, helper_wanted
 
         index, pool = self._index.get(c.key), self._pool
         if pool is not None and index is not None:
-            row = pool.take(index)
+            mean = self._spent / max(1, self._estimates)
+            row = pool.take(index, patience=max(PATIENCE, 20 * mean) if self._forked else None)
             if row is not None:
                 self.helped += 1
                 return row
@@ -177,13 +179,23 @@ class Estimator:
         self._estimates += 1
         if pool is None and index is not None and not self._pool_started:
             left = len(self._planned) - index - 1
-            if helper_wanted(self._spent, self._estimates, left):
+            # forked where the platform forks: the child starts at once with this estimator's
+            # built and warmed models; else spawned, once the estimates show that its start pays
+            if fork_pays(self._spent / self._estimates, left):
+                self._pool_started = self._forked = True
+                self._pool = EstimatePool(
+                    self, self._planned, _itself, method="fork", mine=index + 1
+                )
+            elif helper_wanted(self._spent, self._estimates, left):
                 self._pool_started = True  # once: a helper that died is not replaced
                 # the tune is past index: not the helper's to do
-                self._pool = EstimatePool(
-                    self.settings, self._planned, type(self), mine=index + 1
-                )
+                self._pool = EstimatePool(self.settings, self._planned, type(self), mine=index + 1)
         return row
+
+
+def _itself(estimator: Estimator) -> Estimator:
+    """A forked helper's worker: the tune's estimator, copied with its process."""
+    return estimator
 
 
 def _floor_key(c: Candidate) -> tuple:
