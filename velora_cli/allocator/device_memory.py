@@ -21,6 +21,7 @@ a cuda row measured.
 from __future__ import annotations
 
 import bisect
+import itertools
 import os
 import re
 from collections import defaultdict, deque
@@ -436,9 +437,13 @@ class Schedule:
         return True
 
     def __iter__(self) -> Iterator[Event]:
+        # the events of each part in turn: chained in C, the generator runs once per part
+        return itertools.chain.from_iterable(self._parts())
+
+    def _parts(self) -> Iterator[list[Event]]:
         index = 0
         while index < len(self.parts) or self._build():
-            yield from self.parts[index]
+            yield self.parts[index]
             index += 1
 
 
