@@ -99,3 +99,24 @@ def test_an_in_place_foreach_op_with_other_step_sizes_is_answered_from_the_cache
     assert (cache.misses, cache.hits) == (5, 1)  # [2.5, 3] answers as [0.0, 3]: a new key
     cache.call(pow_, (params, [1.5, 3]), {})
     assert cache.hits == 2
+
+
+def test_parameters_are_keyed_as_tensors_of_their_own_type():
+    # optimizer ops take the parameters themselves (AdamW's _foreach_addcdiv_ on every weight,
+    # under no_grad as the optimizer runs it)
+    with torch.no_grad():
+        cache = MetaOpCache()
+        params = [torch.nn.Parameter(meta(3, 2)), torch.nn.Parameter(meta(5))]
+        moments = [meta(3, 2), meta(5)]
+        for _ in range(2):
+            assert (
+                cache.call(aten._foreach_addcdiv_.Scalar, (params, moments, moments, -1e-3), {})
+                is None
+            )
+        assert (cache.misses, cache.hits, cache.bypassed) == (1, 1, 0)
+        cache.call(aten._foreach_addcdiv_.Scalar, (moments, moments, moments, -1e-3), {})
+        assert cache.misses == 2  # plain tensors of the same shapes: another key
+        out = cache.call(aten.mm.default, (meta(4, 3), params[0]), {})
+        again = cache.call(aten.mm.default, (meta(4, 3), params[0]), {})
+        assert type(out) is type(again) is torch.Tensor and again.shape == (4, 2)
+        assert cache.hits == 2

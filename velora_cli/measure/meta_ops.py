@@ -20,7 +20,8 @@ What is cached, after PyTorch's own fake-tensor dispatch cache (torch 2.13,
   the kernel, and they return nothing or exactly their written arguments;
 - keyed by the op and every argument: tensors by (device, dtype, layout, shape, stride,
   offset, conj/neg bits), Python scalars, dtypes, devices, memory formats and nested tuples of
-  these by value; anything else (a generator, a SymInt, a tensor subclass) bypasses the cache.
+  these by value (an ``nn.Parameter`` as a tensor, its type in the key); anything else (a
+  generator, a SymInt, another tensor subclass) bypasses the cache.
   One exception: the floats of an in-place ``_foreach_*`` op's scalar list count by type
   (AdamW's per-parameter step sizes change every step; an elementwise in-place op's metadata
   does not depend on a float's value; ints keep their values).
@@ -72,6 +73,9 @@ def _kind(func) -> str | None:
 
 _EXACT_SCALARS = frozenset(_SCALARS)
 _Tensor, _STRIDED = torch.Tensor, torch.strided
+# nn.Parameter: a plain tensor to every kernel (its __torch_function__ is disabled, and the
+# dispatcher sees the tensor beneath); keyed by its metadata with its type added
+_Parameter = torch.nn.Parameter
 
 
 def _tensor_key(value: torch.Tensor) -> tuple:
@@ -91,6 +95,10 @@ def _key(value: Any, storages: list | None = None) -> Any:
         if storages is not None:
             storages.append(value.untyped_storage()._cdata)
         return _tensor_key(value)
+    if kind is _Parameter:
+        if storages is not None:
+            storages.append(value.untyped_storage()._cdata)
+        return (_Parameter, _tensor_key(value))
     if kind is tuple or kind is list or isinstance(value, (list, tuple)):
         out: list = [len(value)]
         for v in value:  # the common items inline, the rest through `_key`
