@@ -313,3 +313,29 @@ def test_a_best_fit_tie_goes_to_the_newest_segment_which_cudamalloc_places_lowes
         assert stats.allocated_bytes == (12 + 50) * M  # 4 and 5 are live either way
     # simulate() replays with the driver's order
     assert simulate(TIE).peak_reserved_bytes == 100 * M
+
+
+def test_the_replay_leaves_garbage_collection_as_it_found_it():
+    # simulate turns the cyclic collector off while it replays (speed only): on again after,
+    # also when the events are bad, and still off if the caller had turned it off
+    import gc
+
+    assert gc.isenabled()
+    seen = []
+
+    def events():
+        seen.append(gc.isenabled())
+        yield (ALLOC, 1, 3 * M)
+        yield (FREE, 1, 0)
+
+    simulate(events())
+    assert seen == [False] and gc.isenabled()
+    with pytest.raises(ValueError, match="freed but not allocated"):
+        simulate([(FREE, 7, 0)])
+    assert gc.isenabled()
+    gc.disable()
+    try:
+        simulate(events())
+        assert not gc.isenabled()
+    finally:
+        gc.enable()

@@ -471,3 +471,67 @@ def test_load_transients_of_a_quantized_layer_and_an_upcast_embedding():
     # one fp32 absmax per block of 64
     assert staged == {256 * 1024 // 2: (256 * 1024 * 2, (16 * 4, 256 * 1024 // 64 * 4))}
     assert upcast == {1000 * 256 * 4: 1000 * 256 * 2}
+
+
+def every_step_by_hand(trace, *, scratch, warmup: int, steps: int) -> list:
+    """`cuda_schedule`'s events with every step made by `_step_events` (the reference of the
+    step template that builds the steps after the first)."""
+    from velora_cli.allocator.device_memory import _Keys, _step_events, load_events
+
+    keys = _Keys(trace)
+    at = scratch_positions(trace, scratch)
+    events = load_events(trace, keys, None)
+    for step in range(warmup + 1 + steps):
+        if step > warmup:
+            events.append((REPEAT, keys.stride, 0))
+        events += _step_events(trace, keys, step, at, first=step == 0, workspace=32 * M)
+        if step == warmup:
+            events += [(EMPTY_CACHE, 0, 0), (RESET_PEAK, 0, 0)]
+    return events
+
+
+def template_case(settings: dict, strategy: dict):
+    """A tiny Llama's traced step: its `_StepTemplate`, and whether `cuda_schedule` made from
+    the template equals `every_step_by_hand`."""
+    from velora_cli.allocator.device_memory import _Keys, _StepTemplate, scratch_for_step
+    from velora_cli.emulation.attention import register_estimate_attention
+    from velora_cli.emulation.step import cuda_emulation
+    from velora_cli.estimate.backend import EstimateBackend
+    from velora_cli.measure.train_step import StepSpec, Strategy, prepare, train_step
+
+    spec = StepSpec("llama-tiny", **{"batch_size": 2, "seq_len": 64, **settings},
+                    strategy=Strategy(**strategy))  # fmt: skip
+    prepared = prepare(spec, "meta", attn_implementation=register_estimate_attention())
+    with cuda_emulation(spec.amp):
+        train_step(prepared)
+    _row, trace = EstimateBackend(trace_fields=False).observe(prepared, breakdown=False)
+    scratch = scratch_for_step(spec, prepared.model)
+    template = _StepTemplate(trace, _Keys(trace).slot, scratch_positions(trace, scratch))
+    events = cuda_schedule(trace, workspace=32 * M, scratch=scratch, warmup=2, steps=5)
+    return template, events == every_step_by_hand(trace, scratch=scratch, warmup=2, steps=5)
+
+
+GALORE = ({"optimizer": "galore", "rank": 8, "zero_grad_set_to_none": False}, {"gc": 2})
+# bf16 at 4 x 1024 tokens: flash-attention and embedding-backward scratch
+SCRATCH = ({"mode": "lora", "dtype": "bf16", "batch_size": 4, "seq_len": 1024}, {})
+
+
+@pytest.mark.parametrize(
+    ("settings", "strategy"),
+    [({}, {}), GALORE, SCRATCH,
+     ({"batch_size": 4, "grad_accum_steps": 2, "optimizer": "adarankgrad", "rank": 4}, {})],
+)  # fmt: skip
+def test_the_steps_after_the_first_come_from_a_template_with_the_same_events(settings, strategy):
+    """The steps after the first repeat one template with their keys moved on: the events equal
+    those `_step_events` makes step by step (its own storages, the loaded storages a step frees
+    and replaces, kernel scratch), on real traces of a tiny Llama."""
+    _template, same = template_case(settings, strategy)
+    assert same
+
+
+def test_the_template_cases_cover_freed_loaded_storages_and_scratch():
+    # a test of the template that never met a replaced loaded storage or kernel scratch could
+    # not fail on them: the galore case frees and replaces loaded storages (its refreshed
+    # projections), the bf16 case takes kernel scratch
+    assert template_case(*GALORE)[0].freed_slots
+    assert template_case(*SCRATCH)[0].scratch_count

@@ -283,3 +283,19 @@ def test_adafactor_on_the_fast_path_equals_the_reference():
     spec = StepSpec("llama-60m", batch_size=1, seq_len=32, optimizer="adafactor")
     row, reference = both(EstimateBackend(), spec, breakdown=False)
     assert_identical(row, reference)
+
+
+@pytest.mark.parametrize(
+    ("model", "expected"), [("llama8", "extrapolated"), ("llama-tiny", "full depth")]
+)
+def test_a_backend_without_timelines_gives_the_same_rows_less_the_timeline(models, model,
+                                                                          expected):  # fmt: skip
+    # a tune drops every candidate's timeline (search/estimator.py), so it asks for none
+    spec = StepSpec(model=models.get(model, model), batch_size=2, seq_len=32,
+                    strategy=Strategy(gc=True))  # fmt: skip
+    row = EstimateBackend().measure(spec)
+    lean = EstimateBackend(timeline=False).measure(spec)
+    assert row["estimate_method"].startswith(expected)
+    assert "timeline" in row and "timeline" not in lean
+    del row["timeline"]
+    assert lean == row and list(lean) == list(row)

@@ -78,3 +78,45 @@ def test_an_op_that_changes_its_argument_shape_is_not_cached():
     grown2 = meta(2)
     cache.call(aten.resize_.default, (grown2, [8]), {})
     assert grown2.shape == (8,) and cache.hits == 0
+
+
+def test_an_in_place_foreach_op_with_other_step_sizes_is_answered_from_the_cache():
+    # AdamW's foreach step passes its per-parameter step sizes as a float list that changes
+    # every step: floats decide no metadata of an elementwise in-place op, so the list is keyed
+    # by its length and item types
+    cache = MetaOpCache()
+    params, avg, denom = [meta(3, 2), meta(5)], [meta(3, 2), meta(5)], [meta(3, 2), meta(5)]
+    op = aten._foreach_addcdiv_.ScalarList
+    assert cache.call(op, (params, avg, denom, [-1e-3, -2e-3]), {}) is None
+    assert cache.call(op, (params, avg, denom, [-5e-4, -7e-4]), {}) is None
+    assert (cache.misses, cache.hits) == (1, 1)
+    other = [meta(3, 3), meta(5)]
+    cache.call(op, (other, other, other, [-5e-4, -7e-4]), {})  # other shapes
+    assert cache.misses == 2
+    pow_ = aten._foreach_pow_.ScalarList  # ints keep their values in the key
+    for exponents in ([2, 3], [2, 4], [2.5, 3]):
+        cache.call(pow_, (params, exponents), {})
+    assert (cache.misses, cache.hits) == (5, 1)  # [2.5, 3] answers as [0.0, 3]: a new key
+    cache.call(pow_, (params, [1.5, 3]), {})
+    assert cache.hits == 2
+
+
+def test_parameters_are_keyed_as_tensors_of_their_own_type():
+    # optimizer ops take the parameters themselves (AdamW's _foreach_addcdiv_ on every weight,
+    # under no_grad as the optimizer runs it)
+    with torch.no_grad():
+        cache = MetaOpCache()
+        params = [torch.nn.Parameter(meta(3, 2)), torch.nn.Parameter(meta(5))]
+        moments = [meta(3, 2), meta(5)]
+        for _ in range(2):
+            assert (
+                cache.call(aten._foreach_addcdiv_.Scalar, (params, moments, moments, -1e-3), {})
+                is None
+            )
+        assert (cache.misses, cache.hits, cache.bypassed) == (1, 1, 0)
+        cache.call(aten._foreach_addcdiv_.Scalar, (moments, moments, moments, -1e-3), {})
+        assert cache.misses == 2  # plain tensors of the same shapes: another key
+        out = cache.call(aten.mm.default, (meta(4, 3), params[0]), {})
+        again = cache.call(aten.mm.default, (meta(4, 3), params[0]), {})
+        assert type(out) is type(again) is torch.Tensor and again.shape == (4, 2)
+        assert cache.hits == 2

@@ -37,20 +37,35 @@ class Block:
         return self.prev is not None or self.next is not None
 
 
+# A free block's place in its pool's best-fit order, (size, address), packed into one int
+# (size << ADDRESS_BITS | address): int comparisons keep `bisect` and `insort` cheap in the replay
+# of millions of events. Addresses stay below 2**ADDRESS_BITS (the first segment is at 2**47).
+ADDRESS_BITS = 64
+ADDRESS_MASK = (1 << ADDRESS_BITS) - 1
+
+
+def order_key(size: int, addr: int) -> int:
+    """A free block's best-fit key: sizes first, then addresses (``BlockComparatorSize``)."""
+    return size << ADDRESS_BITS | addr
+
+
 class Pool:
     """One pool's (small or large) free mapped blocks sorted by (size, address) for best fit,
-    and its unmapped blocks by address (``BlockPool::blocks`` and ``::unmapped``)."""
+    and its unmapped blocks by address (``BlockPool::blocks`` and ``::unmapped``).
+
+    ``keys`` holds the free blocks' `order_key` values, sorted; ``free`` maps an address to
+    its free block."""
 
     def __init__(self, small: bool) -> None:
         self.small = small
-        self.keys: list[tuple[int, int]] = []
+        self.keys: list[int] = []
         self.free: dict[int, Block] = {}
         self.unmapped_addrs: list[int] = []
         self.unmapped: dict[int, Block] = {}
 
     def add(self, block: Block) -> None:
         if block.mapped:
-            insort(self.keys, (block.size, block.addr))
+            insort(self.keys, block.size << ADDRESS_BITS | block.addr)
             self.free[block.addr] = block
         else:
             insort(self.unmapped_addrs, block.addr)
@@ -58,11 +73,15 @@ class Pool:
 
     def remove(self, block: Block) -> None:
         if block.mapped:
-            del self.keys[bisect_left(self.keys, (block.size, block.addr))]
+            del self.keys[bisect_left(self.keys, block.size << ADDRESS_BITS | block.addr)]
             del self.free[block.addr]
         else:
             del self.unmapped_addrs[bisect_left(self.unmapped_addrs, block.addr)]
             del self.unmapped[block.addr]
+
+    def sizes_and_addresses(self) -> list[tuple[int, int]]:
+        """The free blocks as (size, address), in best-fit order."""
+        return [(key >> ADDRESS_BITS, key & ADDRESS_MASK) for key in self.keys]
 
 
 def _roundup_power2_next_division(size: int, divisions: int) -> int:

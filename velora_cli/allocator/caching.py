@@ -56,11 +56,12 @@ Example:
 
 from __future__ import annotations
 
-from bisect import bisect_left
+import gc
+from bisect import bisect_left, insort
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-from velora_cli.allocator.blocks import Block, Pool, Segment, round_size
+from velora_cli.allocator.blocks import ADDRESS_BITS, ADDRESS_MASK, Block, Pool, Segment, round_size
 from velora_cli.allocator.config import (
     MIN_BLOCK_SIZE,
     MIN_LARGE_ALLOC,
@@ -153,6 +154,11 @@ class CachingAllocator:
         self.capacity = capacity
         self.address_space = address_space
         self.pools = {True: Pool(True), False: Pool(False)}
+        self._small_pool, self._large_pool = self.pools[True], self.pools[False]
+        # the settings the per-event paths test, read once (the config is frozen)
+        self._expandable = self.config.expandable_segments
+        self._split_limit = self.config.max_split_size
+        self._plain_best_fit = not self._expandable and self._split_limit is None
         self.expandable: dict[bool, list[Segment]] = {True: [], False: []}
         self.allocated = self.reserved = 0
         self.peak_allocated = self.peak_reserved = self.allocated_at_peak = 0
@@ -172,8 +178,13 @@ class CachingAllocator:
         size = self._rounded.get(nbytes)
         if size is None:
             size = self._rounded[nbytes] = round_size(nbytes, self.config)
-        pool = self.pools[size <= SMALL_SIZE]
-        block = self._get_free_block(pool, size)
+        pool = self._small_pool if size <= SMALL_SIZE else self._large_pool
+        if self._plain_best_fit:  # get_free_block without its expandable and oversize rules
+            keys = pool.keys
+            i = bisect_left(keys, size << ADDRESS_BITS)
+            block = pool.free.pop(keys.pop(i) & ADDRESS_MASK) if i < len(keys) else None
+        else:
+            block = self._get_free_block(pool, size)
         if block is None:
             alloc_size = self._allocation_size(size)
             block = self._alloc_block(pool, size, alloc_size)
@@ -186,12 +197,26 @@ class CachingAllocator:
                 raise AllocatorOutOfMemory(
                     f"cannot allocate {size} bytes: {self.reserved} of {self.capacity} reserved"
                 )
-        block = self._alloc_found_block(pool, block, size, self._should_split(block, size))
-        self._note_peaks()
+        # should_split, alloc_found_block and the peak statistics, inlined: this runs once per
+        # allocation of every replayed step (millions of times in a 7B tune)
+        remaining = block.size - size
+        if block.small or self._expandable:
+            split = remaining >= MIN_BLOCK_SIZE
+        else:
+            limit = self._split_limit
+            split = (limit is None or size < limit) and remaining > SMALL_SIZE
+        if split:
+            block = self._split(pool, block, size)
+        block.allocated = True
+        allocated = self.allocated = self.allocated + block.size
+        if allocated > self.peak_allocated:
+            self.peak_allocated = allocated
+        reserved = self.reserved
+        if reserved > self.peak_reserved:
+            self.peak_reserved, self.allocated_at_peak = reserved, allocated
+        elif reserved == self.peak_reserved and allocated > self.allocated_at_peak:
+            self.allocated_at_peak = allocated
         return block
-
-    # (malloc and free run once per event of every replayed step: a few million calls in a 7B
-    # profile, so their helpers avoid calls where a test does)
 
     def free(self, block: Block) -> None:
         """``free_locked`` + ``free_block``: return ``block`` to its pool, merged with free
@@ -200,13 +225,28 @@ class CachingAllocator:
             raise ValueError("double free of a simulated block")
         block.allocated = False
         self.allocated -= block.size
-        pool = self.pools[block.small]
-        prev, nxt = block.prev, block.next
-        if prev is not None and not prev.allocated:
-            self._merge(pool, block, prev)
-        if nxt is not None and not nxt.allocated:
-            self._merge(pool, block, nxt)
-        pool.add(block)
+        pool = self._small_pool if block.small else self._large_pool
+        # try_merge_blocks with each neighbour, inlined: an allocated block is mapped, so a
+        # neighbour merges when it is free and mapped (it is then in pool.keys and pool.free)
+        keys, free = pool.keys, pool.free
+        prev = block.prev
+        if prev is not None and not prev.allocated and prev.mapped:
+            del keys[bisect_left(keys, prev.size << ADDRESS_BITS | prev.addr)]
+            del free[prev.addr]
+            block.addr, block.prev = prev.addr, prev.prev
+            if block.prev is not None:
+                block.prev.next = block
+            block.size += prev.size
+        nxt = block.next
+        if nxt is not None and not nxt.allocated and nxt.mapped:
+            del keys[bisect_left(keys, nxt.size << ADDRESS_BITS | nxt.addr)]
+            del free[nxt.addr]
+            block.next = nxt.next
+            if block.next is not None:
+                block.next.prev = block
+            block.size += nxt.size
+        insort(keys, block.size << ADDRESS_BITS | block.addr)
+        free[block.addr] = block
 
     def empty_cache(self) -> None:
         """``release_cached_blocks``: free whole free segments; unmap free expandable pages."""
@@ -261,15 +301,6 @@ class CachingAllocator:
 
     # -- the C++ helpers -----------------------------------------------------------------------
 
-    def _note_peaks(self) -> None:
-        allocated, reserved = self.allocated, self.reserved
-        if allocated > self.peak_allocated:
-            self.peak_allocated = allocated
-        if reserved > self.peak_reserved:
-            self.peak_reserved, self.allocated_at_peak = reserved, allocated
-        elif reserved == self.peak_reserved and allocated > self.allocated_at_peak:
-            self.allocated_at_peak = allocated
-
     def _allocation_size(self, size: int) -> int:
         """``get_allocation_size``."""
         if size <= SMALL_SIZE:
@@ -297,21 +328,21 @@ class CachingAllocator:
     def _get_free_block(self, pool: Pool, size: int) -> Block | None:
         """``get_free_block``: best fit with the expandable and oversize rules."""
         keys = pool.keys
-        i = bisect_left(keys, (size, -1))
+        i = bisect_left(keys, size << ADDRESS_BITS)  # the first (size', addr) with size' >= size
         if i == len(keys):
             return None
-        block = pool.free[keys[i][1]]
-        if self.config.expandable_segments and block.segment.expandable:
+        block = pool.free[keys[i] & ADDRESS_MASK]
+        if self._expandable and block.segment.expandable:
             # a block that can grow into unmapped pages counts at the size it can grow to
             while i + 1 < len(keys):
-                nxt = pool.free[keys[i + 1][1]]
+                nxt = pool.free[keys[i + 1] & ADDRESS_MASK]
                 if not (
                     block.segment.expandable
                     and self._expandable_size(nxt) < self._expandable_size(block)
                 ):
                     break
                 i, block = i + 1, nxt
-        split_limit = self.config.max_split_size
+        split_limit = self._split_limit
         if split_limit is not None:
             if size < split_limit <= block.size:
                 return None  # do not hand an oversize block to a smaller request
@@ -321,26 +352,17 @@ class CachingAllocator:
         del pool.free[block.addr]
         return block
 
-    def _should_split(self, block: Block, size: int) -> bool:
-        remaining = block.size - size
-        if block.small or self.config.expandable_segments:
-            return remaining >= MIN_BLOCK_SIZE
-        limit = self.config.max_split_size
-        return (limit is None or size < limit) and remaining > SMALL_SIZE
-
-    def _alloc_found_block(self, pool: Pool, block: Block, size: int, split: bool) -> Block:
-        if split:
-            remaining = block
-            block = Block(remaining.addr, size, remaining.small, remaining.segment)
-            block.prev = remaining.prev
-            if block.prev is not None:
-                block.prev.next = block
-            block.next, remaining.prev = remaining, block
-            remaining.addr += size
-            remaining.size -= size
-            pool.add(remaining)
-        block.allocated = True
-        self.allocated += block.size
+    def _split(self, pool: Pool, remaining: Block, size: int) -> Block:
+        """The split half of ``alloc_found_block``: the first ``size`` bytes of free block
+        ``remaining`` become a new block; what is left goes back to ``pool``."""
+        block = Block(remaining.addr, size, remaining.small, remaining.segment)
+        block.prev = remaining.prev
+        if block.prev is not None:
+            block.prev.next = block
+        block.next, remaining.prev = remaining, block
+        remaining.addr += size
+        remaining.size -= size
+        pool.add(remaining)
         return block
 
     def _fits(self, nbytes: int) -> bool:
@@ -374,7 +396,7 @@ class CachingAllocator:
         want = max(size, limit)
         oversize = [
             pool.free[addr]
-            for s, addr in pool.keys
+            for s, addr in pool.sizes_and_addresses()
             if s >= limit and not pool.free[addr].segment.expandable
         ]
         enough = [b for b in oversize if b.size >= want]
@@ -539,7 +561,20 @@ def simulate(
         ValueError: a key allocated twice while live, or freed without being allocated.
         AllocatorOutOfMemory: an allocation that does not fit ``capacity``.
     """
-    allocator = CachingAllocator(config, capacity=capacity)
+    # no cyclic garbage collection during the replay: it links and drops ~10^5 blocks per
+    # step (prev/next cycles), and each collection would also walk the caller's heap (a CLI
+    # run holds meta models and caches: a fifth of the replay's time in the 7B profile went to
+    # collections); what it drops is collected after
+    collecting = gc.isenabled()
+    gc.disable()
+    try:
+        return _replay(events, CachingAllocator(config, capacity=capacity))
+    finally:
+        if collecting:
+            gc.enable()
+
+
+def _replay(events: Iterable[Event], allocator: CachingAllocator) -> AllocatorStats:
     malloc, free = allocator.malloc, allocator.free
     live: dict[int, Block | None] = {}
     last_state = None

@@ -21,6 +21,7 @@ a cuda row measured.
 from __future__ import annotations
 
 import bisect
+import itertools
 import os
 import re
 from collections import defaultdict, deque
@@ -291,6 +292,64 @@ def _step_events(
     return events
 
 
+# how a `_StepTemplate` entry's key is made: the step's own storage (offset + storage id), a
+# loaded storage's current holder (keys.slot), a kernel scratch buffer (a fresh negative key)
+_LOCAL, _SLOT, _SCRATCH = 0, 1, 2
+
+
+class _StepTemplate:
+    """`_step_events` of a step after the first, worked out once per trace: which storages the
+    step allocates, which loaded storages it frees and where the scratch goes are the same in
+    every such step; only the keys move on (each step's own keys one stride further, the
+    loaded storages' holders as the previous step left them, fresh scratch keys). A 7B replay
+    builds a few steps of ~10^4 events each for every row, and the events of one are a list
+    comprehension over this template. tests/test_device_memory.py checks the events equal
+    `_step_events`'s."""
+
+    def __init__(self, trace: AllocationTrace, slots, scratch_at) -> None:
+        entries: list[tuple[int, str, int, int]] = []  # (how, kind, storage or scratch no., bytes)
+        live: dict[int, None] = {}  # the step's own storages alive, in allocation order
+        self.freed_slots: list[int] = []
+        scratch_count = 0
+        for index, (_op, sid, nbytes) in enumerate(trace.events):
+            sizes = scratch_at.get(index, ())
+            first = scratch_count
+            for size in sizes:
+                scratch_count += 1
+                entries.append((_SCRATCH, ALLOC, scratch_count, size))
+            for number in range(scratch_count, first, -1):
+                entries.append((_SCRATCH, FREE, number, 0))
+            if nbytes > 0:
+                live[sid] = None
+                entries.append((_LOCAL, ALLOC, sid, nbytes))
+            elif sid in live:
+                del live[sid]
+                entries.append((_LOCAL, FREE, sid, 0))
+            elif sid in slots:
+                entries.append((_SLOT, FREE, sid, 0))
+                self.freed_slots.append(sid)
+        self.entries = entries
+        self.survivors = list(live)
+        self.scratch_count = scratch_count
+
+    def events(self, keys: _Keys, step: int) -> list[Event]:
+        """Step ``step``'s events (`_step_events` with ``first`` False); moves ``keys`` on."""
+        offset, slot = (step + 1) * keys.stride, keys.slot
+        scratch = keys._special  # the n-th scratch buffer of the step gets scratch - n
+        events: list[Event] = [
+            (kind, offset + ref, nbytes) if how == _LOCAL
+            else (kind, slot[ref], nbytes) if how == _SLOT
+            else (kind, scratch - ref, nbytes)
+            for how, kind, ref, nbytes in self.entries
+        ]  # fmt: skip
+        keys._special = scratch - self.scratch_count
+        survivors = [offset + sid for sid in self.survivors]
+        for sid, key in zip(self.freed_slots, survivors, strict=False):
+            slot[sid] = key
+        events += [(FREE, key, 0) for key in survivors[len(self.freed_slots) :]]
+        return events
+
+
 def cuda_schedule(
     trace: AllocationTrace,
     *,
@@ -353,13 +412,19 @@ class Schedule:
         self.scratch_at = scratch_positions(trace, scratch or {})
         self.parts: list[list[Event]] = [load_events(trace, self.keys, load)]
         self._next = 0  # the next step to build
+        self._template: _StepTemplate | None = None  # the steps after the first, made once
 
     def _build(self) -> bool:
         step, warm = self._next, self.warmup + 1
         if step >= warm + self.steps:
             return False
-        events = _step_events(self.trace, self.keys, step, self.scratch_at, first=step == 0,
-                              workspace=self.workspace)  # fmt: skip
+        if step == 0:
+            events = _step_events(self.trace, self.keys, step, self.scratch_at, first=True,
+                                  workspace=self.workspace)  # fmt: skip
+        else:
+            if self._template is None:
+                self._template = _StepTemplate(self.trace, self.keys.slot, self.scratch_at)
+            events = self._template.events(self.keys, step)
         if step >= warm:
             # each timed step is the previous one with its keys one stride on: the replay may
             # stop once the allocator is steady (allocator.simulate)
@@ -372,9 +437,13 @@ class Schedule:
         return True
 
     def __iter__(self) -> Iterator[Event]:
+        # the events of each part in turn: chained in C, the generator runs once per part
+        return itertools.chain.from_iterable(self._parts())
+
+    def _parts(self) -> Iterator[list[Event]]:
         index = 0
         while index < len(self.parts) or self._build():
-            yield from self.parts[index]
+            yield self.parts[index]
             index += 1
 
 

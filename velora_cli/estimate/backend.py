@@ -73,6 +73,9 @@ class EstimateBackend:
     trace_fields: bool = True  # device memory and the timeline, from the real step's trace
     expandable: bool = True  # also predict device memory with expandable_segments:True
     step_time: bool = True  # the roofline's predicted step time, from the real step's ops
+    # the row's memory timeline (with ``trace_fields``); a tune, which drops it from every
+    # candidate (search/estimator.py), leaves it out
+    timeline: bool = True
 
     def __post_init__(self) -> None:
         from velora_cli.allocator.config import alloc_conf_from_env, parse_alloc_conf
@@ -150,7 +153,8 @@ class EstimateBackend:
     ) -> tuple:
         """The tracked step alone: its memory fields (`observe.tracked_step`), its trace, and its
         op counts (None without ``step_time``; ``counter``: the `OpCounter` to count them with).
-        The row has a timeline with ``trace_fields`` unless ``with_timeline`` says otherwise.
+        The row has a timeline with ``trace_fields`` and ``timeline`` unless ``with_timeline``
+        says otherwise.
         """
         from velora_cli.emulation.step import cuda_emulation
         from velora_cli.measure.observe import tracked_step
@@ -165,7 +169,9 @@ class EstimateBackend:
                 breakdown=breakdown,
                 tracker=tracker,
                 op_counter=ops,
-                with_timeline=self.trace_fields if with_timeline is None else with_timeline,
+                with_timeline=(
+                    self.trace_fields and self.timeline if with_timeline is None else with_timeline
+                ),
             )
         return row, trace, None if ops is None else ops.counts()
 

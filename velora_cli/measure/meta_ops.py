@@ -20,7 +20,11 @@ What is cached, after PyTorch's own fake-tensor dispatch cache (torch 2.13,
   the kernel, and they return nothing or exactly their written arguments;
 - keyed by the op and every argument: tensors by (device, dtype, layout, shape, stride,
   offset, conj/neg bits), Python scalars, dtypes, devices, memory formats and nested tuples of
-  these by value; anything else (a generator, a SymInt, a tensor subclass) bypasses the cache.
+  these by value (an ``nn.Parameter`` as a tensor, its type in the key); anything else (a
+  generator, a SymInt, another tensor subclass) bypasses the cache.
+  One exception: the floats of an in-place ``_foreach_*`` op's scalar list count by type
+  (AdamW's per-parameter step sizes change every step; an elementwise in-place op's metadata
+  does not depend on a float's value; ints keep their values).
 Views and everything else run their kernel every time. The storage tracker sees the same new
 storages either way, and the tests compare every row of the fast path with the reference path
 (which does not use this cache) byte for byte.
@@ -69,6 +73,9 @@ def _kind(func) -> str | None:
 
 _EXACT_SCALARS = frozenset(_SCALARS)
 _Tensor, _STRIDED = torch.Tensor, torch.strided
+# nn.Parameter: a plain tensor to every kernel (its __torch_function__ is disabled, and the
+# dispatcher sees the tensor beneath); keyed by its metadata with its type added
+_Parameter = torch.nn.Parameter
 
 
 def _tensor_key(value: torch.Tensor) -> tuple:
@@ -88,6 +95,10 @@ def _key(value: Any, storages: list | None = None) -> Any:
         if storages is not None:
             storages.append(value.untyped_storage()._cdata)
         return _tensor_key(value)
+    if kind is _Parameter:
+        if storages is not None:
+            storages.append(value.untyped_storage()._cdata)
+        return (_Parameter, _tensor_key(value))
     if kind is tuple or kind is list or isinstance(value, (list, tuple)):
         out: list = [len(value)]
         for v in value:  # the common items inline, the rest through `_key`
@@ -104,6 +115,25 @@ def _key(value: Any, storages: list | None = None) -> Any:
     if kind in _EXACT_SCALARS or isinstance(value, _SCALARS):
         return (kind, value)
     raise _Bypass
+
+
+def _foreach_scalar_list(func) -> bool:
+    """An in-place ``_foreach_*`` op with a ``Scalar[]`` argument (``_foreach_addcdiv_
+    .ScalarList``: AdamW's per-parameter step sizes, which change every step)."""
+    return func.__name__.startswith("_foreach_") and any(
+        str(a.type) == "List[number]" for a in func._schema.arguments
+    )
+
+
+def _floats_by_type(value: Any) -> Any:
+    """A list argument with its floats all made 0.0: the key of an in-place foreach op's
+    scalar list by its length and item types. Such an op writes each tensor of its first list
+    in place, elementwise (the per-tensor op in a loop); a float's value decides no shape,
+    stride or dtype there (type promotion goes by the scalar's type), so metadata recorded for
+    one step's values holds for the next step's."""
+    if isinstance(value, (list, tuple)) and any(type(v) is float for v in value):
+        return type(value)(0.0 if type(v) is float else v for v in value)
+    return value
 
 
 def _tensors(value: Any):
@@ -132,6 +162,7 @@ class MetaOpCache:
         self.capacity = capacity
         self._entries: dict[tuple, Any] = {}
         self._kinds: dict[Any, str | None] = {}
+        self._float_lists: set = set()  # in-place foreach ops with a list of scalars
         self.hits = self.misses = self.bypassed = 0
 
     def call(self, func, args: tuple, kwargs: dict) -> Any:
@@ -139,11 +170,17 @@ class MetaOpCache:
         kind = self._kinds.get(func, _UNKNOWN)
         if kind is _UNKNOWN:
             kind = self._kinds[func] = _kind(func)
+            if kind == "writes" and _foreach_scalar_list(func):
+                self._float_lists.add(func)
         if kind is None:
             self.bypassed += 1
             return func(*args, **kwargs)
         try:
-            key = (func, _key(args), _key(tuple(sorted(kwargs.items()))) if kwargs else ())
+            if kind == "writes" and func in self._float_lists:
+                args_key = _key(tuple(_floats_by_type(a) for a in args))
+            else:
+                args_key = _key(args)
+            key = (func, args_key, _key(tuple(sorted(kwargs.items()))) if kwargs else ())
         except _Bypass:
             self.bypassed += 1
             return func(*args, **kwargs)

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as _dt
-import importlib.metadata
 import platform
 from collections.abc import Callable
 from pathlib import Path
@@ -148,6 +147,21 @@ def validate_strategies(
     return invalid
 
 
+def _installed_version(name: str) -> str | None:
+    """A package's version without importing it (importing peft takes seconds: it imports
+    bitsandbytes, which imports torch._inductor); its ``__version__`` if already imported."""
+    import importlib.metadata
+    import sys
+
+    module = sys.modules.get(name)
+    if module is not None:
+        return getattr(module, "__version__", None)
+    try:
+        return importlib.metadata.version(name)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
 def environment() -> dict[str, Any]:
     """Versions and the device a profile was measured on."""
     import torch
@@ -160,10 +174,7 @@ def environment() -> dict[str, Any]:
         "transformers": transformers.__version__,
         "cpu_threads": torch.get_num_threads(),
     }
-    try:  # the installed distribution's version: importing peft costs seconds (bitsandbytes)
-        env["peft"] = importlib.metadata.version("peft")
-    except importlib.metadata.PackageNotFoundError:
-        env["peft"] = None
+    env["peft"] = _installed_version("peft")
     if torch.cuda.is_available():
         props = torch.cuda.get_device_properties(0)
         env.update(

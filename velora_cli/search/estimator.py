@@ -93,7 +93,9 @@ class Estimator:
         self.settings = settings
         self.base = settings.base_spec()
         # the budget is compared with the default allocator settings: no expandable replay
-        single = EstimateBackend(gpu=settings.gpu, alloc_conf=settings.alloc_conf, expandable=False)
+        # and no memory timeline (`measurement_of` drops it from every candidate)
+        single = EstimateBackend(gpu=settings.gpu, alloc_conf=settings.alloc_conf,
+                                 expandable=False, timeline=False)  # fmt: skip
         self.backend = with_ranks(single, gpu=settings.gpu)
         # rank 0 holds the largest FSDP2 shards, so its peak is the job's (parallel/estimate.py)
         self.backend.ranks.ranks = (0,)

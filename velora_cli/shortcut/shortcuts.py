@@ -198,7 +198,7 @@ class Shortcuts:
             if max(lives) != out["peak_bytes"]:
                 raise NotExtrapolable("the synthesized trace does not reach the extrapolated peak")
         out = {key: out[key] for key in rows[0] if key in out}  # the real run's field order
-        if trace is not None:  # the last field of the real run's tracked step
+        if trace is not None and backend.timeline:  # the last field of the real run's step
             out["timeline"] = timeline.compact(
                 trace, micro_batches=(len(prepared.micro_batches), spec.grad_accum_steps)
             )

@@ -498,11 +498,25 @@ def _repeats(sequences: list[tuple], ms: list[int]) -> bool:
     if fixed < 0:
         return False
     first = sequences[0]
-    for h in range(fixed + 1):
+    # the head is a prefix and the tail a suffix of every sequence: only head lengths h with
+    # h ≤ their longest common prefix and fixed − h ≤ their longest common suffix can hold
+    # (each h tried below builds whole sequences; the range is usually one or two values)
+    prefix = _common_length(sequences, fixed)
+    suffix = _common_length([s[::-1] for s in sequences], fixed)
+    for h in range(max(0, fixed - suffix), min(fixed, prefix) + 1):
         head, unit, tail = first[:h], first[h : h + body], first[h + body * ms[0] :]
         if all(s == head + unit * m + tail for s, m in zip(sequences, ms, strict=True)):
             return True
     return False
+
+
+def _common_length(sequences: list[tuple], limit: int) -> int:
+    """How many leading items all ``sequences`` share, up to ``limit``."""
+    first = sequences[0]
+    n = 0
+    while n < limit and all(n < len(s) and s[n] == first[n] for s in sequences):
+        n += 1
+    return n
 
 
 def _line_at(xs: Sequence[int], ys: Sequence[int], x: int, what: str) -> int:
@@ -636,7 +650,10 @@ def _counts(sequence: list[tuple[str, int | None, OpCost | None]]) -> StepCounts
     segments: dict[tuple[str, int | None], Counter] = {}
     for phase, micro, cost in sequence:
         if cost is not None:
-            segments.setdefault((phase, micro), Counter())[cost] += 1
+            ops = segments.get((phase, micro))
+            if ops is None:  # (not setdefault: it would build a Counter per op)
+                ops = segments[phase, micro] = Counter()
+            ops[cost] += 1
     return StepCounts(
         tuple(Segment(phase, micro, tuple(ops.items())) for (phase, micro), ops in segments.items())
     )

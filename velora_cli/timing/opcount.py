@@ -446,7 +446,10 @@ class OpCounter(TorchDispatchMode):
             phase = self._phases[-1] if self._phases else "other"
             micro = self._micro if phase in ("forward", "backward") else None
             if cost is not None:
-                self._segments.setdefault((phase, micro), Counter())[cost] += 1
+                ops = self._segments.get((phase, micro))
+                if ops is None:  # (not setdefault: it would build a Counter per op)
+                    ops = self._segments[phase, micro] = Counter()
+                ops[cost] += 1
             if self.sequence is not None:
                 self.sequence.append((phase, micro, cost))
         return out
