@@ -281,3 +281,58 @@ def test_the_recorder_keeps_no_fake_rank_storage_alive(recording):
     frees = [(trace.op_names[op - 1], nbytes) for op, _, nbytes in trace.events if nbytes < 0]
     # each new basis (16 × 8 fp32, 512 bytes rounded), then the old one freed at its op
     assert frees == [("aten::ones", -512), ("aten::ones", -512)], trace.events
+
+
+# -- a DDP rank is the same at every world size (parallel/estimate.py `_DDP_ROWS`) ---------------
+
+
+@pytest.mark.parametrize(
+    ("optimizer", "strategy"),
+    [
+        pytest.param("galore", {"gc": True}, id="galore-gc"),
+        pytest.param("adamw", VELORA, id="adamw-velora", marks=pytest.mark.slow),
+    ],
+)
+def test_a_ddp_rank_row_does_not_depend_on_the_world_size(wide12, optimizer, strategy):
+    # What lets a GPU-count tune step a DDP rank once for every N: on the reference path (every
+    # rank stepped at its real depth), rank 0's row at N = 4 and 8 is N = 2's, every field
+    def rank_row(world: int) -> dict:
+        spec = StepSpec(
+            model=wide12, batch_size=4, seq_len=32, grad_accum_steps=2, world_size=world,
+            parallel="ddp", optimizer=optimizer, strategy=Strategy(**strategy),
+        )  # fmt: skip
+        row = ParallelEstimateBackend(expandable=False, shortcuts=False).measure(spec)
+        assert row["status"] == "ok", row.get("error")
+        return row["ranks"][0]
+
+    two = rank_row(2)
+    for world in (4, 8):
+        assert rank_row(world) == two, world
+
+
+def test_a_ddp_rank_is_stepped_once_for_every_world_size(monkeypatch, wide12):
+    from velora_cli.parallel import estimate
+
+    monkeypatch.setattr(estimate, "_DDP_ROWS", {})
+    calls = []
+    stepped = estimate.estimate_rank
+    monkeypatch.setattr(
+        estimate, "estimate_rank", lambda *a, **k: calls.append(a[0].world_size) or stepped(*a, **k)
+    )
+
+    def spec(world: int) -> StepSpec:
+        return StepSpec(
+            model=wide12, batch_size=2, seq_len=32, world_size=world, parallel="ddp",
+            optimizer="sgd", strategy=Strategy(gc=True),
+        )  # fmt: skip
+
+    backend = ParallelEstimateBackend(expandable=False)
+    first, again = backend.measure(spec(2)), backend.measure(spec(4))
+    assert calls == [2]  # the second world size reused the first's rank row
+    assert again["estimate_method"].endswith("the same at every world size")
+    # the reused rank row and the job row are the reference's at N = 4
+    ref = ParallelEstimateBackend(expandable=False, shortcuts=False).measure(spec(4))
+    for row in (again, ref):
+        row.pop("estimate_method")
+    assert again == ref
+    assert first["estimate_method"] == "extrapolated from 2, 3, 4 blocks"
