@@ -6,19 +6,27 @@ by DDP or ``fully_shard`` exactly as a real rank does (`shard`), warmed up and t
 (`rank_step`). Nothing is allocated; the tracker rounds every storage to 512 bytes as the CUDA
 caching allocator does, so the row predicts each rank's ``max_memory_allocated``.
 
-Which ranks: DDP ranks are identical (rank 0 is estimated). FSDP2 pads every rank's shard of a
-parameter to ``ceil(dim0 / N)`` rows (the sharded storage, gradient and all-gather buffers are
-the same size on every rank); only the optimizer state, created like the unpadded local shard,
-is smaller on the last ranks when ``dim0`` is not a multiple of N. Rank 0 holds the largest
+Which ranks: DDP ranks are identical (rank 0 is estimated), and the same at every world size: a
+rank's allocations do not depend on N (torch 2.13: the Reducer's buckets are assigned by
+parameter sizes alone, ``dist._compute_bucket_assignment_by_size``; the all-reduce and the
+division by N are in place in the buckets; the fake group's collectives allocate nothing; the
+batch is per rank). So a process that estimates a DDP rank at several world sizes (a GPU-count
+tune, one round per N) steps it once and reuses the row (`_DDP_ROWS`; its ``estimate_method``
+says so); tests/test_rank_shortcut.py checks the rows of N = 2, 4, 8 equal on the reference path.
+FSDP2 pads every rank's shard of a parameter to ``ceil(dim0 / N)`` rows (the sharded storage,
+gradient and all-gather buffers are the same size on every rank); only the optimizer state,
+created like the unpadded local shard, is smaller on the last ranks when ``dim0`` is not a
+multiple of N. Rank 0 holds the largest
 shard of every parameter, hence the largest peak; ranks 0 and N−1 are estimated (the extremes),
 or every rank with ``ranks="all"``.
 """
 
 from __future__ import annotations
 
+import copy
 import os
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from velora_cli.estimate.backend import REFERENCE_ENV
@@ -103,6 +111,29 @@ def estimate_rank(
     return row, trace
 
 
+# A DDP rank's row, the same at every world size (module docstring), by `_ddp_key`. The per-rank
+# shortcut's alone: the reference path steps every rank.
+_DDP_ROWS: dict[tuple, dict[str, Any]] = {}
+_DDP_ROWS_KEPT = 256  # rows of one process; a tune asks for a few dozen
+
+
+def _ddp_key(backend: ParallelEstimateBackend, spec: StepSpec, rank: int, breakdown: bool):
+    """What a DDP rank's row depends on, all but the world size (None: not reusable)."""
+    from velora_cli.parallel import fake
+
+    if spec.parallel != "ddp" or not backend.shortcuts:
+        return None
+    key = (
+        replace(spec, world_size=2), rank, breakdown, backend.warmup, backend.gpu,
+        backend.alloc_conf, backend.expandable, fake.FEWEST_WARMUP,
+    )  # fmt: skip
+    try:
+        hash(key)
+    except TypeError:
+        return None
+    return key
+
+
 @dataclass
 class ParallelEstimateBackend:
     """Predicted per-rank memory of a DDP/FSDP2 step (rows: `job.job_row`); no timing.
@@ -145,6 +176,27 @@ class ParallelEstimateBackend:
             self._shortcut = RankShortcuts(self.device.fast_path())
         return self._shortcut
 
+    def _rank_row(self, spec: StepSpec, rank: int, breakdown: bool) -> dict[str, Any]:
+        """`estimate_rank`'s row, or a DDP rank's row already made at another world size."""
+        key = _ddp_key(self, spec, rank, breakdown)
+        if key is not None and key in _DDP_ROWS:
+            row = copy.deepcopy(_DDP_ROWS[key])
+            row["estimate_method"] += "; reused: a DDP rank is the same at every world size"
+            return row
+        row, _trace = estimate_rank(
+            spec,
+            rank,
+            warmup=self.warmup,
+            breakdown=breakdown,
+            device_memory=self.device.device_memory_of,
+            shortcut=self.shortcut(),
+        )
+        if key is not None:
+            if len(_DDP_ROWS) >= _DDP_ROWS_KEPT:
+                _DDP_ROWS.pop(next(iter(_DDP_ROWS)))
+            _DDP_ROWS[key] = copy.deepcopy(row)
+        return row
+
     def measure(self, spec: StepSpec, *, breakdown: bool = False) -> dict[str, Any]:
         from velora_cli.emulation.attention import padded_batches, target_gpu
         from velora_cli.measure.cpu import _is_user_error
@@ -159,14 +211,7 @@ class ParallelEstimateBackend:
                     target_gpu(self.gpu),
                     padded_batches(spec.padding, spec.real_tokens(), spec.packed_sequences),
                 ):
-                    row, _trace = estimate_rank(
-                        spec,
-                        rank,
-                        warmup=self.warmup,
-                        breakdown=breakdown,
-                        device_memory=self.device.device_memory_of,
-                        shortcut=self.shortcut(),
-                    )
+                    row = self._rank_row(spec, rank, breakdown)
                 rows.append(row)
             except (SpecError, ValueError, RuntimeError, NotImplementedError) as exc:
                 if isinstance(exc, SpecError) or _is_user_error(exc):

@@ -50,10 +50,15 @@ from velora_cli.shortcut.extrapolate import (
 from velora_cli.shortcut.synthesis import synthesize
 
 # The optimizers whose DDP ranks the shortcut gave rows equal to the real depth's (a 12-block
-# llama, tests/test_rank_shortcut.py; fused AdamW also Llama-2-7b). Measured unequal, so run at
-# full depth: galore and adarankgrad (their refresh step's optimizer peak), adafactor (by 53 KiB);
-# cause not found yet. adamw_torch_forloop is refused by the synthesis anyway.
-DDP_CHECKED_OPTIMIZERS = ("adamw", "adamw_torch", "adamw_torch_fused", "sgd", "paged_adamw_32bit")
+# llama, tests/test_rank_shortcut.py; fused AdamW also Llama-2-7b). galore, adarankgrad and
+# adafactor were off by their replaced state (a refresh's old bases, 72 MiB on that llama;
+# adafactor's 53 KiB) until the recording tracker stopped keeping a fake rank's storages alive
+# (`record.RecordingTracker.__enter__`). adamw_torch_forloop is refused by the synthesis; the
+# bitsandbytes 8-bit ones do not run on fake tensors.
+DDP_CHECKED_OPTIMIZERS = (
+    "adamw", "adamw_torch", "adamw_torch_fused", "sgd", "paged_adamw_32bit",
+    "galore", "adarankgrad", "adafactor",
+)  # fmt: skip
 
 if TYPE_CHECKING:
     from velora_cli.measure.train_step import StepSpec

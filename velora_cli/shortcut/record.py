@@ -104,13 +104,12 @@ class RecordingTracker(PositionTracker):
             if owner is not None:
                 self.initial_blocks[entry.seq] = owner[0]
         self._blocks.update(self.initial_blocks)
-        # keep only what the tracker does not count (CPU step counters): the step may free the
-        # counted ones, and a reference here would keep them alive
-        self._owned = {
-            key: owner
-            for key, owner in self._owned.items()
-            if owner[1].device.type != self.device_type
-        }
+        # keep only what the tracker does not count (CPU step counters of a meta step): the step
+        # may free the counted ones (a refreshed GaLore basis), and a reference here would keep
+        # them alive. Asked of the tracker, not of the storage's device: a fake tensor's storage
+        # is on meta whatever its tensor's device (the per-rank estimate's fake CPU tensors), so
+        # a device test kept every storage of a fake rank alive through its step.
+        self._owned = {key: owner for key, owner in self._owned.items() if key not in self._live}
         return self
 
     def run_op(self, func: Any, args: tuple, kwargs: dict) -> Any:
