@@ -320,6 +320,22 @@ def test_alloc_conf_option_errors_in_one_line():
     assert result.exit_code == 1 and "True or False" in result.output
 
 
+def traced_tiny_llama(settings: dict, strategy: dict):
+    """A tiny Llama's step on meta, warmed up: (spec, prepared, trace of one tracked step)."""
+    from velora_cli.emulation.attention import register_estimate_attention
+    from velora_cli.emulation.step import cuda_emulation
+    from velora_cli.estimate.backend import EstimateBackend
+    from velora_cli.measure.train_step import StepSpec, Strategy, prepare, train_step
+
+    spec = StepSpec("llama-tiny", **{"batch_size": 2, "seq_len": 64, **settings},
+                    strategy=Strategy(**strategy))  # fmt: skip
+    prepared = prepare(spec, "meta", attn_implementation=register_estimate_attention())
+    with cuda_emulation(spec.amp):
+        train_step(prepared)
+    _row, trace = EstimateBackend(trace_fields=False).observe(prepared, breakdown=False)
+    return spec, prepared, trace
+
+
 @pytest.mark.parametrize(
     ("settings", "strategy"),
     [({}, {}), ({"dtype": "bf16"}, {"gc": True}), ({"mode": "lora"}, {"placement": "paper",
@@ -334,17 +350,8 @@ def test_a_steady_replay_stops_early_with_the_statistics_of_the_whole_replay(
     equals the previous step's, the replay stops (allocator.REPEAT). The reference replays every
     step: the same statistics, on real traces of a tiny Llama."""
     from velora_cli.allocator.config import parse_alloc_conf
-    from velora_cli.emulation.attention import register_estimate_attention
-    from velora_cli.emulation.step import cuda_emulation
-    from velora_cli.estimate.backend import EstimateBackend
-    from velora_cli.measure.train_step import StepSpec, Strategy, prepare, train_step
 
-    spec = StepSpec("llama-tiny", **{"batch_size": 2, "seq_len": 64, **settings},
-                    strategy=Strategy(**strategy))  # fmt: skip
-    prepared = prepare(spec, "meta", attn_implementation=register_estimate_attention())
-    with cuda_emulation(spec.amp):
-        train_step(prepared)
-    _row, trace = EstimateBackend(trace_fields=False).observe(prepared, breakdown=False)
+    _spec, _prepared, trace = traced_tiny_llama(settings, strategy)
     events = cuda_schedule(trace, workspace=32 * M, warmup=2, steps=5)
     config = parse_alloc_conf(alloc_conf)
     every_step = [e for e in events if e[0] != REPEAT]
@@ -494,17 +501,8 @@ def template_case(settings: dict, strategy: dict):
     """A tiny Llama's traced step: its `_StepTemplate`, and whether `cuda_schedule` made from
     the template equals `every_step_by_hand`."""
     from velora_cli.allocator.device_memory import _Keys, _StepTemplate, scratch_for_step
-    from velora_cli.emulation.attention import register_estimate_attention
-    from velora_cli.emulation.step import cuda_emulation
-    from velora_cli.estimate.backend import EstimateBackend
-    from velora_cli.measure.train_step import StepSpec, Strategy, prepare, train_step
 
-    spec = StepSpec("llama-tiny", **{"batch_size": 2, "seq_len": 64, **settings},
-                    strategy=Strategy(**strategy))  # fmt: skip
-    prepared = prepare(spec, "meta", attn_implementation=register_estimate_attention())
-    with cuda_emulation(spec.amp):
-        train_step(prepared)
-    _row, trace = EstimateBackend(trace_fields=False).observe(prepared, breakdown=False)
+    spec, prepared, trace = traced_tiny_llama(settings, strategy)
     scratch = scratch_for_step(spec, prepared.model)
     template = _StepTemplate(trace, _Keys(trace).slot, scratch_positions(trace, scratch))
     events = cuda_schedule(trace, workspace=32 * M, scratch=scratch, warmup=2, steps=5)
