@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import os
 import queue
+import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -202,3 +203,68 @@ def _work(make_worker, config, items, claims, lock, results) -> None:
             continue
         worker.note_floor(item, row)
         results.put((index, "row", row))
+
+
+class Helped:
+    """A list of items estimated in order by this process and, once that pays, from the far end
+    by a helper (module docstring): forked where the platform forks, else spawned from
+    ``spawn`` = (config, make_worker) where given (None: this process alone).
+
+    Args:
+        worker: this process's worker (``row``, ``floored``, ``note_floor``); a forked helper
+            runs a copy of it.
+        items: the list, in the caller's order.
+    """
+
+    def __init__(
+        self, worker: Any, items: Sequence[Any], *, spawn: tuple[Any, Callable] | None = None
+    ) -> None:
+        self.worker = worker
+        self.items = list(items)
+        self.spawn = spawn
+        self.pool: EstimatePool | None = None
+        self.started = False  # once: a helper that died is not replaced
+        self.forked = False
+        self.spent, self.measured = 0.0, 0  # this process's seconds and rows
+        self.helped = 0  # rows the helper made
+
+    def row(self, index: int) -> dict[str, Any]:
+        """The row of ``items[index]``: the helper's where it has it or is on it, else made here
+        (and the helper started after it, where it pays)."""
+        if self.pool is not None:
+            mean = self.spent / max(1, self.measured)
+            row = self.pool.take(index, patience=max(PATIENCE, 20 * mean) if self.forked else None)
+            if row is not None:
+                self.helped += 1
+                return row
+        start = time.perf_counter()
+        row = self.worker.row(self.items[index])
+        self.spent += time.perf_counter() - start
+        self.measured += 1
+        if not self.started:
+            self._start(index)
+        return row
+
+    def _start(self, index: int) -> None:
+        left = len(self.items) - index - 1
+        # the caller is past index: not the helper's to do
+        if fork_pays(self.spent / self.measured, left):
+            self.started = self.forked = True
+            self.pool = EstimatePool(
+                self.worker, self.items, _itself, method="fork", mine=index + 1
+            )
+        elif self.spawn is not None and helper_wanted(self.spent, self.measured, left):
+            self.started = True
+            config, make_worker = self.spawn
+            self.pool = EstimatePool(config, self.items, make_worker, mine=index + 1)
+
+    def close(self) -> None:
+        """Stop the helper, if one runs."""
+        pool, self.pool = self.pool, None
+        if pool is not None:
+            pool.close()
+
+
+def _itself(worker: Any) -> Any:
+    """A forked helper's worker: the caller's, copied with its process."""
+    return worker

@@ -364,6 +364,7 @@ def run_profile(
         budget: device memory in bytes: the verdict (``document["verdict"]``,
             `profiling.verdict`) says which rows fit.
     """
+    from velora_cli.estimate.pool import Helped
     from velora_cli.profiling.verdict import choose
 
     specs = [
@@ -418,7 +419,10 @@ def run_profile(
     plan = [(s, strategy) for s in specs for strategy in strategies]
     # what each row measures (None: an invalid strategy, reported as an error, never measured)
     items = [None if t in invalid else s.with_strategy(t) for s, t in plan]
-    measure = _Rows(backend, breakdown)
+    worker = _Rows(backend, breakdown)
+    # estimate rows only get a helper process (`estimate.pool`): rows that time real steps never
+    # share the machine with one
+    helped = Helped(worker, items) if backend.name == "estimate" else None
     try:
         for index, (row_spec, strategy) in enumerate(plan):
             if before_row:
@@ -426,7 +430,8 @@ def run_profile(
             if items[index] is None:
                 row = {"status": "error", "backend": backend.name, "error": invalid[strategy]}
             else:
-                row = check_host(measure(items, index), backend.name)
+                row = helped.row(index) if helped else worker.row(items[index])
+                row = check_host(row, backend.name)
             rows.append(_labelled(row, row_spec, strategy, len(specs), parallels, placement_notes))
             document["rows"] = with_deltas(rows)
             document["verdict"] = dataclasses.asdict(choose(document["rows"], budget))
@@ -435,7 +440,8 @@ def run_profile(
             if on_row:
                 on_row(index, len(plan), document["rows"][-1])
     finally:
-        measure.close()
+        if helped is not None:
+            helped.close()
     return document
 
 
@@ -452,43 +458,12 @@ def _labelled(row, row_spec, strategy, n_specs, parallels, placement_notes) -> d
 
 
 class _Rows:
-    """The rows of one profile on its backend, the far end estimated by a forked helper process
-    once that pays (`estimate.pool`: estimate rows only; rows that time real steps never share
-    the machine with a helper). The helper changes no row: each is the backend's row of its
-    spec, whichever process ran it.
-    """
+    """The profile's worker for `estimate.pool.Helped`: a row is the backend's row of its spec,
+    whichever process ran it; invalid strategies (None) are never estimated."""
 
     def __init__(self, backend, breakdown: bool) -> None:
         self.backend = backend
         self.breakdown = breakdown
-        self.pool = None
-        self.started = False
-        self.spent, self.measured = 0.0, 0  # this process's seconds and rows
-
-    def __call__(self, items: list[StepSpec | None], index: int) -> dict[str, Any]:
-        import time
-
-        if self.pool is not None:
-            from velora_cli.estimate.pool import PATIENCE
-
-            patience = max(PATIENCE, 20 * self.spent / max(1, self.measured))
-            row = self.pool.take(index, patience=patience)
-            if row is not None:
-                return row
-        start = time.perf_counter()
-        row = self.row(items[index])
-        self.spent += time.perf_counter() - start
-        self.measured += 1
-        if not self.started and self.backend.name == "estimate":
-            from velora_cli.estimate.pool import EstimatePool, fork_pays
-
-            left = sum(item is not None for item in items[index + 1 :])
-            if fork_pays(self.spent / self.measured, left):
-                self.started = True  # once: a helper that died is not replaced
-                self.pool = EstimatePool(self, items, _itself, method="fork", mine=index + 1)
-        return row
-
-    # the helper's worker (estimate.pool): the same rows, nothing skipped but invalid strategies
 
     def row(self, spec: StepSpec) -> dict[str, Any]:
         return self.backend.measure(spec, breakdown=self.breakdown)
@@ -498,13 +473,3 @@ class _Rows:
 
     def note_floor(self, spec: StepSpec, row: dict[str, Any]) -> None:
         pass
-
-    def close(self) -> None:
-        pool, self.pool = self.pool, None
-        if pool is not None:
-            pool.close()
-
-
-def _itself(worker: _Rows) -> _Rows:
-    """The forked helper's worker: the parent's, copied with its process."""
-    return worker

@@ -10,10 +10,13 @@ measure(c)   the chosen backend: cuda (budget against the device-level peak), cp
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from velora_cli.search.candidates import Candidate, Measurement
 from velora_cli.search.settings import TuneSettings, candidate_spec
+
+if TYPE_CHECKING:
+    from velora_cli.estimate.pool import Helped
 
 PREDICTED_DEVICE_SOURCE = (
     "predicted_device_bytes (estimate: the caching allocator's predicted reserved memory + CUDA "
@@ -107,14 +110,9 @@ class Estimator:
         self.cache: dict[str, Measurement] = {}
         self.floors: dict[tuple, int] = {}  # (mode, optimizer[, world size, parallel]) -> bytes
         self.calls = 0
-        # the helper process (estimate/pool.py): the planned candidates, their indices, the pool
-        self._planned: list[Candidate] = []
+        # the helper process (estimate/pool.py): the planned candidates' indices and the list
         self._index: dict[str, int] = {}
-        self._pool = None
-        self._pool_started = False
-        self._forked = False
-        self._spent, self._estimates = 0.0, 0  # seconds and count of this process's estimates
-        self.helped = 0  # estimates the helper process made
+        self._helped: Helped | None = None
 
     def __call__(self, c: Candidate) -> Measurement:
         if c.key not in self.cache:
@@ -154,50 +152,34 @@ class Estimator:
     def plan(self, candidates: list[Candidate]) -> None:
         """The candidates the tune will ask for, in its order: the helper process works the list
         from its end once a first estimate shows it pays."""
-        self._planned = list(candidates)
-        self._index = {c.key: i for i, c in enumerate(self._planned)}
+        from velora_cli.estimate.pool import Helped
+
+        self._index = {c.key: i for i, c in enumerate(candidates)}
+        self._helped = Helped(self, candidates, spawn=(self.settings, type(self)))
 
     def finish(self) -> None:
         """Stop the helper process, if one runs (the tune asks for no more estimates)."""
-        pool, self._pool = self._pool, None
-        if pool is not None:
-            pool.close()
+        if self._helped is not None:
+            self._helped.close()
+
+    @property
+    def helped(self) -> int:
+        """Estimates the helper process made."""
+        return 0 if self._helped is None else self._helped.helped
+
+    @property
+    def _pool(self):
+        return None if self._helped is None else self._helped.pool
+
+    @property
+    def _forked(self) -> bool:
+        return self._helped is not None and self._helped.forked
 
     def _pooled_row(self, c: Candidate) -> dict[str, Any]:
-        import time
-
-        from velora_cli.estimate.pool import PATIENCE, EstimatePool, fork_pays, helper_wanted
-
-        index, pool = self._index.get(c.key), self._pool
-        if pool is not None and index is not None:
-            mean = self._spent / max(1, self._estimates)
-            row = pool.take(index, patience=max(PATIENCE, 20 * mean) if self._forked else None)
-            if row is not None:
-                self.helped += 1
-                return row
-        start = time.perf_counter()
-        row = self.row(c)
-        self._spent += time.perf_counter() - start
-        self._estimates += 1
-        if pool is None and index is not None and not self._pool_started:
-            left = len(self._planned) - index - 1
-            # forked where the platform forks: the child starts at once with this estimator's
-            # built and warmed models; else spawned, once the estimates show that its start pays
-            if fork_pays(self._spent / self._estimates, left):
-                self._pool_started = self._forked = True
-                self._pool = EstimatePool(
-                    self, self._planned, _itself, method="fork", mine=index + 1
-                )
-            elif helper_wanted(self._spent, self._estimates, left):
-                self._pool_started = True  # once: a helper that died is not replaced
-                # the tune is past index: not the helper's to do
-                self._pool = EstimatePool(self.settings, self._planned, type(self), mine=index + 1)
-        return row
-
-
-def _itself(estimator: Estimator) -> Estimator:
-    """A forked helper's worker: the tune's estimator, copied with its process."""
-    return estimator
+        index = self._index.get(c.key)
+        if index is None or self._helped is None:
+            return self.row(c)
+        return self._helped.row(index)
 
 
 def _floor_key(c: Candidate) -> tuple:
