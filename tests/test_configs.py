@@ -255,7 +255,7 @@ def test_optimizer_settings_are_validated_together():
         VeloraConfig(model="m", optimizer="adam")
 
 
-@pytest.mark.parametrize("optimizer", ["galore", "adafactor"])
+@pytest.mark.parametrize("optimizer", ["galore", "adafactor", "adamw_8bit", "paged_adamw_32bit"])
 def test_a_config_refuses_an_optimizer_fsdp2_cannot_step(optimizer):
     # the same refusal as StepSpec's (measure.layout), for a hand-written config file
     with pytest.raises(ConfigError, match=f"optimizer {optimizer} does not run under FSDP2"):

@@ -182,6 +182,8 @@ def test_cuda_backend_needs_one_gpu_per_rank():
         ({"parallel": "fsdp", "optimizer": "galore"}, "use --parallel ddp"),
         ({"parallel": "fsdp", "optimizer": "adafactor"}, "does not run under FSDP2"),
         ({"parallel": "fsdp-no-reshard", "optimizer": "adafactor"}, "use --parallel ddp"),
+        ({"parallel": "fsdp", "optimizer": "adamw_bnb_8bit"}, "bitsandbytes#1633"),
+        ({"parallel": "fsdp", "optimizer": "paged_adamw_32bit"}, "use --parallel ddp"),
         ({"parallel": "fsdp", "amp": "bf16"}, "not supported yet"),
     ],
 )
@@ -239,6 +241,20 @@ def test_ddp_estimate_runs_the_low_rank_optimizers_over_the_wrapped_module():
         single = EstimateBackend().measure(spec(None, world_size=1, optimizer=name))
         assert row["optimizer_bytes"] == single["optimizer_bytes"], name  # same projections
         assert row["optimizer_rank_cap"] == single["optimizer_rank_cap"] == 16  # hidden 64 / 4
+
+
+@pytest.mark.parametrize("name", ["adamw_bnb_8bit", "paged_adamw_8bit"])
+def test_ddp_estimate_runs_the_bitsandbytes_optimizers_as_their_stand_ins(name):
+    # A fake rank's parameters are fake tensors: bitsandbytes' real step reads a scalar back
+    # from the device and every row failed with "aten._local_scalar_dense". Its state is the
+    # one-process estimate's (DDP replicates it on every rank).
+    from velora_cli.estimate.backend import EstimateBackend
+
+    row, _ = estimate_rank(spec("ddp", optimizer=name), 0)
+    assert row["status"] == "ok", row.get("error")
+    single = EstimateBackend().measure(spec(None, world_size=1, optimizer=name))
+    assert row["optimizer_bytes"] == single["optimizer_bytes"] > 0
+    assert row.get("paged_optimizer_bytes") == single.get("paged_optimizer_bytes")
 
 
 def test_rank_rows_predict_what_the_gpu_must_hold_as_one_process_rows_do():

@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from velora_cli.measure.layout import FSDP_INCOMPATIBLE_OPTIMIZERS  # names only: no torch
 from velora_cli.methods.optimizer_names import LOWRANK as LOWRANK_OPTIMIZERS
 from velora_cli.methods.optimizer_names import OPTIMIZER_NAMES as OPTIMIZERS
 
@@ -257,11 +258,10 @@ def _layout_errors(config: VeloraConfig) -> list[str]:
         errors.append("world_size > 1 needs a parallel strategy (ddp, fsdp, fsdp-no-reshard)")
     if config.cpu_offload and not (config.parallel or "").startswith("fsdp"):
         errors.append("cpu_offload is FSDP2's CPUOffloadPolicy: it needs parallel fsdp*")
-    # measure.layout's reasons: GaLore/AdaRankGrad project whole gradients, and transformers'
-    # Adafactor mixes plain-tensor state with FSDP2's DTensor gradients
-    if (config.parallel or "").startswith("fsdp") and config.optimizer in (
-        *LOWRANK_OPTIMIZERS,
-        "adafactor",
+    # measure.layout's reasons: GaLore/AdaRankGrad project whole gradients; Adafactor and the
+    # bitsandbytes optimizers cannot step FSDP2's DTensor parameters
+    if (config.parallel or "").startswith("fsdp") and (
+        config.optimizer in LOWRANK_OPTIMIZERS or config.optimizer in FSDP_INCOMPATIBLE_OPTIMIZERS
     ):
         errors.append(f"optimizer {config.optimizer} does not run under FSDP2: use parallel ddp")
     return errors

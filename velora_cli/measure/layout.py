@@ -8,18 +8,36 @@ from __future__ import annotations
 
 from typing import Any
 
+from velora_cli.methods.optimizer_names import NEEDS_BITSANDBYTES  # names only: nothing heavy
+
 # ddp: torch.nn.parallel.DistributedDataParallel (replicated states, gradient all-reduce);
 # fsdp: FSDP2 fully_shard per decoder layer + root, reshard_after_forward=True (ZeRO-3 like);
 # fsdp-no-reshard: the same with reshard_after_forward=False (parameters stay unsharded from
 # forward to backward: ZeRO-2 like).
 PARALLEL = ("ddp", "fsdp", "fsdp-no-reshard")
 FSDP = ("fsdp", "fsdp-no-reshard")
-# optimizers whose step fails on FSDP2's DTensor gradients: transformers 5.25 Adafactor.step
-# (optimization.py) makes its factored row/column state with torch.zeros from the gradient's
-# shape, plain tensors, then adds the DTensor gradient's means into them; the real FSDP2 ranks
-# of `--backend cpu` raise there too. Factored moments would need a reduction per parameter
-# across the shards (pytorch/pytorch#109581).
-FSDP_INCOMPATIBLE_OPTIMIZERS = ("adafactor",)
+# optimizers whose step fails on FSDP2's DTensor parameters and gradients, and why (each name's
+# message says it):
+# - transformers 5.25 Adafactor.step (optimization.py) makes its factored row/column state with
+#   torch.zeros from the gradient's shape, plain tensors, then adds the DTensor gradient's means
+#   into them; the real FSDP2 ranks of `--backend cpu` raise there too. Factored moments would
+#   need a reduction per parameter across the shards (pytorch/pytorch#109581).
+# - bitsandbytes' optimizers (0.50.2, optim/optimizer.py): `get_state_buffer` makes the state with
+#   zeros_like(p), a DTensor, and `update_step` hands the DTensor parameter and gradient to the
+#   CUDA kernel, which reads them as plain buffers: illegal memory access under FSDP2
+#   (bitsandbytes-foundation/bitsandbytes#1633, open; #89 for FSDP1).
+_ADAFACTOR_UNDER_FSDP = (
+    "transformers' Adafactor keeps its factored state as plain tensors and FSDP2's gradients are "
+    "DTensors (Adafactor.step raises 'got mixed torch.Tensor and DTensor'; pytorch/pytorch#109581)"
+)
+_BNB_UNDER_FSDP = (
+    "bitsandbytes' optimizer kernels take FSDP2's DTensor parameters as plain buffers (an "
+    "illegal memory access; bitsandbytes-foundation/bitsandbytes#1633)"
+)
+FSDP_INCOMPATIBLE_OPTIMIZERS = {
+    "adafactor": _ADAFACTOR_UNDER_FSDP,
+    **dict.fromkeys(NEEDS_BITSANDBYTES, _BNB_UNDER_FSDP),
+}
 
 
 def layout_errors(spec: Any) -> list[str]:
@@ -57,10 +75,9 @@ def layout_errors(spec: Any) -> list[str]:
         )
     if parallel in FSDP and spec.optimizer in FSDP_INCOMPATIBLE_OPTIMIZERS:
         errors.append(
-            f"--optimizer {spec.optimizer} does not run under FSDP2: transformers' Adafactor keeps "
-            "its factored state as plain tensors and FSDP2's gradients are DTensors "
-            "(Adafactor.step raises 'got mixed torch.Tensor and DTensor'; pytorch/pytorch#109581): "
-            "use --parallel ddp, or --optimizer adamw"
+            f"--optimizer {spec.optimizer} does not run under FSDP2: "
+            f"{FSDP_INCOMPATIBLE_OPTIMIZERS[spec.optimizer]}: use --parallel ddp, or --optimizer "
+            "adamw"
         )
     if spec.amp is not None:
         errors.append(

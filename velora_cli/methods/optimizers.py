@@ -99,7 +99,7 @@ def make(name: str, params: list[torch.nn.Parameter], *, lr: float) -> torch.opt
         OptimizerError: an unknown or low-rank name, or bitsandbytes missing on a real device.
     """
     info = optimizer_info(name)
-    meta = bool(params) and params[0].device.type == "meta"
+    meta = bool(params) and _without_memory(params[0])
     if info.family == "adamw":
         if info.impl == "fused":
             if meta:
@@ -119,6 +119,17 @@ def make(name: str, params: list[torch.nn.Parameter], *, lr: float) -> torch.opt
         bnb = _bitsandbytes()
         return bnb.optim.AdamW(params, lr=lr, optim_bits=info.bits, is_paged=info.paged)
     raise OptimizerError(f"{name} is built by velora_cli.methods.lowrank")
+
+
+def _without_memory(p: torch.Tensor) -> bool:
+    """A meta tensor (the estimate) or a fake one (a fake rank of the per-rank estimate): the
+    stand-ins' case. bitsandbytes' real step reads a scalar back from the device, which a fake
+    tensor cannot give (``aten._local_scalar_dense``)."""
+    if p.device.type == "meta":
+        return True
+    from torch._subclasses.fake_tensor import is_fake
+
+    return is_fake(p)
 
 
 def paged_bytes(optimizer: torch.optim.Optimizer) -> int:

@@ -164,9 +164,9 @@ def search_space(
             `batch_size` itself. grad_accum_steps = batch_size // micro.
         optimizers: optimizer names; low-rank ones go with full mode only (`optimizers_for`).
         layouts: (world size, parallel strategy) pairs, ``(1, None)`` for one process; the
-            batch is per rank. Low-rank optimizers (each rank holds a shard of every gradient)
-            and Adafactor (plain-tensor state against DTensor gradients) are not crossed with
-            FSDP: `measure.layout.layout_errors` refuses them.
+            batch is per rank. Low-rank optimizers (each rank holds a shard of every gradient),
+            Adafactor and the bitsandbytes optimizers (neither steps FSDP2's DTensor parameters)
+            are not crossed with FSDP: `measure.layout.layout_errors` refuses them.
         sac_options: selective checkpointing policies, each tried where every layer is
             checkpointed (gc True), besides plain checkpointing.
         offload_options: activation offload kinds: ``inputs`` tried with every-layer
