@@ -62,6 +62,10 @@ def main() -> None:
     import logging
     import warnings
 
+    from velora_cli import gcpause
+
+    gcpause.pause()  # until the first model is built (measure.train_step.prepare)
+
     # bitsandbytes (when installed) warns at import, on CPUs with AVX512-BF16, that an optional
     # hub kernel package is missing; peft/transformers import it even for full training.
     logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)

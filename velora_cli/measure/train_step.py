@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 # velora's optimizer names (adamw, sgd, galore, adarankgrad) and the HF Trainer's
 # (adamw_torch_fused, paged_adamw_8bit, adafactor, ...): velora_cli.methods.optimizers
+from velora_cli import gcpause
 from velora_cli.methods.optimizer_names import LOWRANK as LOWRANK_OPTIMIZERS
 from velora_cli.methods.optimizer_names import OPTIMIZER_NAMES as OPTIMIZERS
 
@@ -933,6 +934,7 @@ def prepare(
     vocab_size = getattr(model_spec.config.get_text_config(), "vocab_size", None)
     inputs = batch_shape(model_spec)
     batches = make_batch(spec, vocab_size, device, inputs)
+    gcpause.resume()  # the imports are done: the CLI's collector back on (velora_cli.gcpause)
     return Prepared(
         spec,
         model,
