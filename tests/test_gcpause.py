@@ -14,11 +14,11 @@ from velora_cli import gcpause
 def collector():
     """Leave the collector, its frozen generation and the module's flags as they were."""
     enabled = gc.isenabled()
-    flags = gcpause._paused, gcpause._owned
-    gcpause._paused = gcpause._owned = False
+    paused = gcpause._paused
+    gcpause._paused = False
     gc.unfreeze()
     yield
-    gcpause._paused, gcpause._owned = flags
+    gcpause._paused = paused
     gc.unfreeze()
     (gc.enable if enabled else gc.disable)()
 
@@ -41,22 +41,8 @@ def test_a_collector_someone_else_turned_off_stays_off(collector):
     gc.disable()
     gcpause.pause()
     gcpause.resume()
-    gcpause.freeze_long_lived()
     assert not gc.isenabled()
     assert gc.get_freeze_count() == 0
-
-
-def test_long_lived_objects_are_frozen_only_in_the_cli_s_process(collector):
-    gc.enable()
-    gcpause.freeze_long_lived()  # not the CLI: no freeze
-    assert gc.get_freeze_count() == 0
-    gcpause.pause()
-    gcpause.freeze_long_lived()  # still paused: resume will freeze
-    assert gc.get_freeze_count() == 0
-    gcpause.resume()
-    gc.unfreeze()
-    gcpause.freeze_long_lived()
-    assert gc.get_freeze_count() > 0
 
 
 def test_the_cli_pauses_until_the_first_model_is_built(collector, monkeypatch):

@@ -22,15 +22,14 @@ from __future__ import annotations
 import gc
 
 _paused = False
-_owned = False  # the CLI paused the collector once: it owns this process's collector policy
 
 
 def pause() -> None:
     """Turn the cyclic collector off until `resume`, if it is on."""
-    global _paused, _owned
+    global _paused
     if gc.isenabled():
         gc.disable()
-        _paused = _owned = True
+        _paused = True
 
 
 def resume() -> None:
@@ -40,11 +39,3 @@ def resume() -> None:
         _paused = False
         gc.freeze()
         gc.enable()
-
-
-def freeze_long_lived() -> None:
-    """Freeze what is alive now, in a process whose collector the CLI owns: for objects made once
-    and kept to the end (the estimate's cached meta models, `shortcut.meta_cache`), which every
-    later full collection would walk again. A no-op in anyone else's process."""
-    if _owned and not _paused:
-        gc.freeze()

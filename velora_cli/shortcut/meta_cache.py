@@ -26,7 +26,6 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, TypeVar
 
-from velora_cli import gcpause
 from velora_cli.measure.train_step import Prepared, StepSpec, Strategy
 
 if TYPE_CHECKING:
@@ -133,7 +132,6 @@ class MetaModels:
         self._setups.move_to_end(key)
         if step and not setup.warmed:
             self._warm_up(setup, spec)
-            gcpause.freeze_long_lived()  # the setup is kept: later collections skip it
         model = setup.model
         try:
             wrapped = apply_strategy(model, spec, "meta")
