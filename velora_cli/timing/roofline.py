@@ -148,9 +148,9 @@ CALIBRATIONS: dict[str, Calibration] = {
     # accumulated with checkpointing; with Adafactor; with 8-bit Adam) imply fp16 GEMMs 1.78x
     # the assumed time (0.80 -> 0.45), with every other class as assumed; each row left out of
     # the fit in turn is predicted within −10 … +9%. Independent of the T4's source, it agrees
-    # that pre-Ampere tensor cores reach well under the assumed 0.80 in these steps. Its fp32
-    # rows run ~20% faster than predicted: fp32 GEMMs above 0.80 of the peak would be needed,
-    # which the T4's fp32 GEMMs (as assumed) do not share, so fp32 is left as assumed.
+    # that pre-Ampere tensor cores reach well under the assumed 0.80 in these steps (the same
+    # benchmark as below puts a V100's fp16 8192³ torch.mm at 97.36 TFLOP/s, 0.78: the gap to
+    # 0.45 is in the AMP step, not in the large GEMM, and is not explained).
     #
     # fp32 GEMMs (CUDA cores, no tensor cores for fp32 on Volta) are NOT fitted to the guide: they
     # are a published measurement of the chip. torch.mm of two 8192 x 8192 fp32 matrices on a
@@ -159,7 +159,9 @@ CALIBRATIONS: dict[str, Calibration] = {
     # 14.38 / 15.7 = 0.916 of the datasheet's fp32 peak, where 0.80 was assumed. The same run's
     # other sizes (1024³ 10.56, 2048³ 12.71, 4096³ 13.85 TFLOP/s) are reproduced by the GEMM
     # shape model from that one point within 6 % (tests/test_roofline_measured.py). The guide's
-    # 4 fp32 rows, not used to set it, then come out −14 … −4 % (−22 … −13 % before).
+    # 4 fp32 rows, not used to set it, then come out −14 … −4 % (−22 … −13 % before). The same
+    # source's T4 (4.43 TFLOP/s on Kaggle, 0.55 of 8.1) is not taken: fitcheck's T4 rows, whose
+    # fp32 GEMMs are LoRA's skinny ones, disagree with it (docs/validation.md).
     "GV100": Calibration(
         efficiency={"gemm": {"fp16": 0.45, "fp32": V100_SGEMM_8192 / 15.7e12}},
         source="transformers guide V100 fp16-AMP rows (4, each held out in turn); fp32 GEMMs: "
