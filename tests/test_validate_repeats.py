@@ -102,3 +102,16 @@ def test_the_spread_changes_neither_the_bounds_nor_the_verdict(tmp_path):
     (case,) = alone["cases"]
     assert case["repeats"]["runs"] == [first["id"], second["id"]]
     assert case["out_of_bounds"] == second["out_of_bounds"]
+
+
+def test_the_text_formats_show_the_repeats(tmp_path):
+    from velora_cli.report.validate import render
+
+    base = load_cases(ids=[EAGER_17B])[0].record
+    folder = _corpus(tmp_path, base, {"": 4.0, "#2": 5.0})
+    document = validate(load_cases(folder), predict=_predictor(1000.0))
+    text = render(document, "markdown")
+    assert "Repeated runs of one setup" in text
+    # both runs' rows: 2 runs, 819 … 1,024 tokens/s measured, 25 % apart, 0 against the range
+    rows = [line for line in text.splitlines() if line.startswith("| " + base["id"])]
+    assert len([r for r in rows if "| 819 … 1,024 | 25.00% |" in r and "+0.00%" in r]) == 2
