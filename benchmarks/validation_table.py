@@ -228,15 +228,20 @@ TAIL = """
   go from −7.6 … +12.4 % to −16.1 … +13.4 %; left free, the fit keeps fp32 at 0.995 of the
   assumed time. The corpus and the square-GEMM benchmark disagree for the T4's skinny fp32 GEMMs;
   fp32 on the T4 stays assumed.
-- **Not modelled in the guide's step, both small:** the Trainer of v4.18–4.26 clips gradients
+- **Not modelled in the guide's step, all small:** the Trainer of v4.18–4.26 clips gradients
   (`max_grad_norm` 1.0 by default: a norm per parameter and an in-place scale, about 2 % of the
-  fp32 step by their bytes and launches), and `adamw_hf` is transformers' own AdamW, planned as
-  torch's for-loop AdamW (7 kernels and 18 bytes per parameter of traffic against torch's 8 and
-  20, about 1 % less with the launches). Both estimated from the kernels' bytes, not measured; together about
-  +1 % on the predicted step. The guide's samples/s is the Trainer's `train_samples_per_second`,
-  512 samples over the whole `train()` (the first step's start-up included), so the real steady
-  step is a little faster than the corpus's `step_seconds`: the remaining −4 … −14 % on the fp32
-  rows is in the direction of an unmodelled cost, not of noise in the measurement.
+  fp32 step by their bytes and launches); BERT of that era adds the extended attention mask to
+  the scores even when it is all ones (one more pass over the (4, 16, 512, 512) fp32 scores per
+  layer, about 1 %; velora's step, today's transformers BERT, adds none); and `adamw_hf` is
+  transformers' own AdamW, planned as torch's for-loop AdamW (7 kernels and 18 bytes per
+  parameter of traffic against torch's 8 and 20, about 1 % less with the launches). All three
+  estimated from the kernels' bytes, not measured; together about +2 % on the predicted step.
+  The guide's samples/s is the Trainer's `train_samples_per_second`, 512 samples over the whole
+  `train()` (the first step's start-up included), so the steady step is a little faster than the
+  corpus's `step_seconds`. Neither explains the remaining −4 … −14 % (predicted slower than
+  measured): both would widen it. It is largest on the bs 1 rows (−13 … −14 %), whose GEMMs are
+  512 tokens tall, below the sizes the benchmark covers (square, 1024 and up): the shape model's
+  penalty for short GEMMs on the V100's CUDA cores is the likely place, not established.
 - **fitcheck's T4 rows out of bounds are its own run-to-run spread and a session offset.**
   - *Repeats.* fitcheck's sweep runs one setup three times, each in a fresh process, "as
     allocator noise-floor evidence" (its `scripts/calibration_sweep.py`, `REPEAT =
