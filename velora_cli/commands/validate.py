@@ -59,7 +59,9 @@ def validate(
 
             write_text_atomic(output, _text(document, output_format))
 
-    document = run_validate(cases, progress=progress, on_case=write)
+    # the whole corpus: the repeats of a selected case's setup (information beside its error)
+    everything = load_cases(corpus) if (case or source) else cases
+    document = run_validate(cases, progress=progress, on_case=write, corpus=everything)
     text = _text(document, output_format)
     if output:
         err(f"wrote {output}")

@@ -110,6 +110,24 @@ def timing_rows(document: Mapping[str, Any]) -> list[list[str]]:
     return rows
 
 
+def repeat_rows(document: Mapping[str, Any]) -> list[list[str]]:
+    """Per case whose setup the source ran more than once: the runs, their measured tokens/s
+    range and spread, and the prediction's error against the range (information only)."""
+    rows = []
+    for case in document["cases"]:
+        repeats = case.get("repeats")
+        if not repeats:
+            continue
+        rows.append([
+            case["id"], case["gpu"], str(len(repeats["runs"])),
+            f"{repeats['min']:,.0f} … {repeats['max']:,.0f}", _pct(repeats["spread"]).lstrip("+"),
+            _pct(case["error"].get("tokens_per_second")), _pct(repeats.get("error_vs_range")),
+        ])  # fmt: skip
+    return rows
+
+
+REPEAT_HEADER = ["case", "gpu", "runs of its setup", "measured tokens/s", "spread", "error",
+                 "error vs the runs' range"]  # fmt: skip
 TIMING_HEADER = ["case", "gpu", "measured s/step", "predicted s/step", "efficiency scale",
                  "GEMM efficiency alone"]  # fmt: skip
 CASE_HEADER = ["case", "gpu", "tier", "measured", "predicted", "error", "bounds"]
@@ -156,6 +174,11 @@ def render(document: Mapping[str, Any], fmt: str = "table") -> str:
     if timing:
         parts += [title("Step time: what the measurements imply for the roofline"),
                   table(TIMING_HEADER, timing)]  # fmt: skip
+    repeats = repeat_rows(document)
+    if repeats:
+        parts += [title("Repeated runs of one setup: the source's own spread (information; the "
+                        "bounds apply to each run's own error)"),
+                  table(REPEAT_HEADER, repeats)]  # fmt: skip
     missing = missing_rows(document)
     if missing:
         parts += [title("Not expressible yet"), table(MISSING_HEADER, missing)]

@@ -144,13 +144,48 @@ def implied_efficiency(
 
 def gemm_efficiency_in_use(gpu: str, setup: Mapping[str, Any]) -> float:
     """The large-GEMM efficiency the roofline uses for a case's GEMMs: its die's calibrated
-    fp16 value (timing.roofline.CALIBRATIONS) when the step computes in half precision (AMP, or
-    fp16/bf16 weights), else the assumed `GEMM_EFFICIENCY`."""
+    value (timing.roofline.CALIBRATIONS) of the precision the step computes in (fp16 under AMP
+    or with fp16/bf16 weights, else fp32), else the assumed `GEMM_EFFICIENCY`."""
     from velora_cli.gpus import get_gpu
     from velora_cli.timing.roofline import CALIBRATIONS, GEMM_EFFICIENCY
 
     calibration = CALIBRATIONS.get(get_gpu(gpu).chip)
     half = bool(setup.get("amp")) or setup.get("dtype") in ("float16", "bfloat16")
-    if calibration is None or not half:
+    if calibration is None:
         return GEMM_EFFICIENCY
-    return calibration.efficiency.get("gemm", {}).get("fp16", GEMM_EFFICIENCY)
+    precision = "fp16" if half else "fp32"
+    return calibration.efficiency.get("gemm", {}).get(precision, GEMM_EFFICIENCY)
+
+
+def repeat_spread(measured: Mapping[str, float], predicted: float | None) -> dict[str, Any]:
+    """How far apart a source's own repeats of one setup are, and the prediction against them.
+
+    Information only: the bounds and the pass/fail verdict of a case stay its own measurement's.
+    A prediction's error cannot be read more finely than the spread of the runs it is compared
+    with (fitcheck times one step per run: its three runs of SmolLM2-1.7B, bs 4 x 1024, in one
+    session are up to 12 % apart).
+
+    Args:
+        measured: case id -> measured tokens/s of every run of the setup (two or more).
+        predicted: the predicted tokens/s (None: no prediction).
+
+    Returns:
+        ``runs`` (the ids), ``min``/``median``/``max`` tokens/s, ``spread`` (max / min − 1), and
+        with a prediction ``error_vs_median`` and ``error_vs_range`` (0 when the prediction lies
+        between the slowest and the fastest run, else its signed error against the nearer one).
+    """
+    values = sorted(measured.values())
+    n = len(values)
+    median = values[n // 2] if n % 2 else (values[n // 2 - 1] + values[n // 2]) / 2
+    out: dict[str, Any] = {
+        "runs": list(measured),
+        "min": values[0],
+        "median": median,
+        "max": values[-1],
+        "spread": values[-1] / values[0] - 1,
+    }
+    if predicted is not None:
+        out["error_vs_median"] = (predicted - median) / median
+        nearest = min(max(predicted, values[0]), values[-1])
+        out["error_vs_range"] = (predicted - nearest) / nearest
+    return out

@@ -122,3 +122,26 @@ def load_cases(
         what += f" --source {' '.join(sources)}" if sources else ""
         raise CorpusError(f"no case matches{what or ''} (sources: {known})")
     return cases
+
+
+def repeat_groups(cases: Iterable[Case]) -> dict[str, tuple[str, ...]]:
+    """Runs of one setup that a source repeated: case id -> the ids of its group, in corpus order.
+
+    Two records are repeats when they come from the same corpus file, GPU and CUDA version and
+    give the same ``setup`` and the same ``versions``, and both timed the step (a
+    ``tokens_per_second`` figure). Rows of one setup from sessions with other library versions
+    are not repeats (fitcheck's 2026-09-15 session ran torch 2.14 / transformers 5.17, its
+    2026-09-16 session torch 2.10 / transformers 5.0). Cases in no group of two or more are left
+    out.
+    """
+    groups: dict[str, list[str]] = {}
+    for case in cases:
+        if not case.measured.get("tokens_per_second"):
+            continue
+        key = json.dumps(
+            [case.source, case.gpu, case.cuda_version, case.setup,
+             case.record.get("versions")],
+            sort_keys=True, default=str,
+        )  # fmt: skip
+        groups.setdefault(key, []).append(case.id)
+    return {i: tuple(ids) for ids in groups.values() if len(ids) > 1 for i in ids}

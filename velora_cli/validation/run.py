@@ -22,10 +22,11 @@ from velora_cli.validation.compare import (
     implied_efficiency,
     out_of_bounds,
     predicted_tiers,
+    repeat_spread,
     signed_errors,
     summarize,
 )
-from velora_cli.validation.corpus import Case
+from velora_cli.validation.corpus import Case, repeat_groups
 from velora_cli.validation.mapping import Mapped, map_setup
 
 Progress = Callable[[int, int, Mapping[str, Any], float], None]
@@ -114,6 +115,7 @@ def validate(
     progress: Progress | None = None,
     on_case: Callable[[dict[str, Any]], None] | None = None,
     predict: Callable[[Case, Mapped, Any], Mapping[str, Any]] | None = None,
+    corpus: Iterable[Case] | None = None,
 ) -> dict[str, Any]:
     """Predict and compare every case.
 
@@ -123,6 +125,9 @@ def validate(
         on_case: called with the document so far after each case (to write it as it goes).
         predict: (case, mapped, StepSpec) -> estimate row; default: the estimate backend. Tests
             pass a fake one to check the arithmetic and the exit code.
+        corpus: every case the repeats of a validated case are looked up in (default: ``cases``);
+            a case whose setup the source ran more than once gets ``repeats``
+            (`compare.repeat_spread`): information only, its bounds and verdict are unchanged.
 
     Returns:
         ``{"cases": [...], "summary": {...}, "passed": bool}``: every case's JSON (measured,
@@ -130,6 +135,9 @@ def validate(
         expressible case was predicted within its bounds.
     """
     cases = list(cases)
+    everything = {c.id: c for c in (cases if corpus is None else corpus)}
+    everything.update({c.id: c for c in cases})
+    groups = repeat_groups(everything.values())
     document: dict[str, Any] = {"cases": [], "summary": {}, "passed": True}
     backends: dict[tuple, Any] = {}
     with tempfile.TemporaryDirectory(prefix="velora-validate-") as tmp:
@@ -140,6 +148,11 @@ def validate(
             out = case_json(case, mapped)
             if mapped.expressible:
                 _predict_case(case, mapped, out, dirs, backends, predict)
+            if case.id in groups:
+                out["repeats"] = repeat_spread(
+                    {i: everything[i].measured["tokens_per_second"] for i in groups[case.id]},
+                    out["predicted"].get("tokens_per_second"),
+                )
             document["cases"].append(out)
             document["summary"] = summarize(document["cases"])
             document["passed"] = all(
