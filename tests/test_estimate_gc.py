@@ -1,4 +1,4 @@
-"""The estimate's rows pause Python's cyclic garbage collector (`backend.cyclic_gc_paused`): a
+"""The estimate's rows pause Python's cyclic garbage collector (`velora_cli.gcpause.paused`): a
 row must not depend on when that collector runs. The tracker hears a storage's free through a
 weakref callback, so a storage freed only by a collection (one held in a reference cycle) would
 show up wherever the collector happened to run. Here collections are forced every few
@@ -13,8 +13,8 @@ import gc
 import pytest
 from transformers import LlamaConfig
 
-from velora_cli.estimate import backend as backend_module
-from velora_cli.estimate.backend import EstimateBackend, cyclic_gc_paused
+from velora_cli import gcpause
+from velora_cli.estimate.backend import EstimateBackend
 from velora_cli.measure.train_step import StepSpec, Strategy
 from velora_cli.shortcut import shortcuts
 
@@ -45,12 +45,12 @@ def collecting_often():
 
 def test_the_pause_restores_the_collector():
     gc.enable()
-    with cyclic_gc_paused():
+    with gcpause.paused():
         assert not gc.isenabled()
     assert gc.isenabled()
     gc.disable()
     try:
-        with cyclic_gc_paused():
+        with gcpause.paused():
             assert not gc.isenabled()
         assert not gc.isenabled()  # it was off before: it stays off
     finally:
@@ -72,7 +72,7 @@ def test_rows_do_not_depend_on_when_the_collector_runs(
     monkeypatch.setattr(shortcuts, "shallow_runs_pay", lambda *_: True)  # extrapolate at 8
     spec = StepSpec(model=llama8, seq_len=32, **{"batch_size": 2, **settings}, strategy=strategy)
     paused = EstimateBackend(shortcuts=not reference).measure(spec, breakdown=True)
-    monkeypatch.setattr(backend_module, "cyclic_gc_paused", collecting_often)
+    monkeypatch.setattr(gcpause, "paused", collecting_often)
     before = [g["collections"] for g in gc.get_stats()]
     forced = EstimateBackend(shortcuts=not reference).measure(spec, breakdown=True)
     after = [g["collections"] for g in gc.get_stats()]

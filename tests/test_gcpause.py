@@ -14,11 +14,11 @@ from velora_cli import gcpause
 def collector():
     """Leave the collector, its frozen generation and the module's flags as they were."""
     enabled = gc.isenabled()
-    paused = gcpause._paused
-    gcpause._paused = False
+    state = gcpause._paused, gcpause._rows, gcpause._on_after_rows
+    gcpause._paused, gcpause._rows, gcpause._on_after_rows = False, 0, False
     gc.unfreeze()
     yield
-    gcpause._paused = paused
+    gcpause._paused, gcpause._rows, gcpause._on_after_rows = state
     gc.unfreeze()
     (gc.enable if enabled else gc.disable)()
 
@@ -53,3 +53,15 @@ def test_the_cli_pauses_until_the_first_model_is_built(collector, monkeypatch):
     gcpause.pause()
     prepare(StepSpec(model="llama-tiny", batch_size=1, seq_len=8), "meta")
     assert gc.isenabled() and gc.get_freeze_count() > 0
+
+
+def test_the_import_pause_ending_inside_a_row_turns_the_collector_on_after_the_row(collector):
+    # the first estimate row builds the first model: `resume` runs inside the row's pause
+    gc.enable()
+    gcpause.pause()
+    with gcpause.paused():
+        with gcpause.paused():
+            gcpause.resume()
+            assert not gc.isenabled()
+        assert not gc.isenabled()  # the outer row is still running
+    assert gc.isenabled()

@@ -26,13 +26,11 @@ estimate row is computed.
 
 from __future__ import annotations
 
-import contextlib
-import gc
 import os
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
+from velora_cli import gcpause
 from velora_cli.measure import failed_row
 from velora_cli.measure.train_step import SpecError, StepSpec
 
@@ -107,7 +105,7 @@ class EstimateBackend:
         try:
             # attention kernels as torch picks them on this GPU, masks as the batches pad
             with (
-                cyclic_gc_paused(),
+                gcpause.paused(),  # a row's collections walked the whole heap
                 target_gpu(self.gpu, self.cuda_version) as kernels,
                 padded_batches(spec.padding, spec.real_tokens(), spec.packed_sequences),
             ):
@@ -262,28 +260,6 @@ class EstimateBackend:
             )
             self._fast = Shortcuts(self, models)
         return self._fast
-
-
-@contextlib.contextmanager
-def cyclic_gc_paused() -> Iterator[None]:
-    """Python's cyclic garbage collector off for one row, back as it was after.
-
-    A row allocates ~10^6 short-lived Python objects (dispatch keys, trace events, the synthesis'
-    positions, allocator blocks), which trigger collections of the oldest generation, and each of
-    those walks the whole heap: in a tune it holds the built meta models and kernel caches, ~6·10^5
-    objects. On the 7B tune's rows that was 15-20% of a row's CPU time (docs/estimate.md). What
-    the row leaves as cyclic garbage is collected after it, as usual. No storage of a step is
-    freed by the cyclic collector (the tracker hears frees from refcounts: the rows are the same
-    with collections forced every few allocations, tests/test_estimate_gc.py), so the row does
-    not change.
-    """
-    collecting = gc.isenabled()
-    gc.disable()
-    try:
-        yield
-    finally:
-        if collecting:
-            gc.enable()
 
 
 def add_paged_state(row: dict[str, Any]) -> None:
