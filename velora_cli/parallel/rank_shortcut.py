@@ -28,7 +28,12 @@ holds its input norm's gradient and the down projection's of the block below), a
 the real depth is checked against torch's own bucket assignment before any shallow step is
 tracked (`check_buckets`; a small model whose buckets hold several blocks is refused there).
 The reducer's copies from the buckets back into the gradients after backward are ops outside
-the blocks' passes that the synthesis gives to the block of their first argument. Anything not
+the blocks' passes that the synthesis gives to the block of their first argument. Blocks with
+buffers (VeLoRA's vectors): DDP copies every buffer into one flat tensor at each forward, whose
+bytes grow with depth; its pieces are labelled by block (`record.RecordingTracker`'s
+``pieces``), the bucket layout at the real depth checked (`check_broadcast`), the synthesis
+told it may grow, and the memory curves stand its rounded size in by a line (`grown_logs`).
+Anything not
 exactly periodic is refused with the reason, and the real depth runs: the row's
 ``estimate_method`` says which. ``--cpu-offload`` runs at full depth.
 """
