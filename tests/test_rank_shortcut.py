@@ -295,7 +295,7 @@ def test_the_recorder_keeps_no_fake_rank_storage_alive(recording):
     assert frees == [("aten::ones", -512), ("aten::ones", -512)], trace.events
 
 
-# -- a DDP rank is the same at every world size (parallel/estimate.py `_DDP_ROWS`) ---------------
+# -- a DDP rank is the same at every world size (parallel/estimate.py `DdpRows`) -----------------
 
 
 @pytest.mark.parametrize(
@@ -325,7 +325,6 @@ def test_a_ddp_rank_row_does_not_depend_on_the_world_size(wide12, optimizer, str
 def test_a_ddp_rank_is_stepped_once_for_every_world_size(monkeypatch, wide12):
     from velora_cli.parallel import estimate
 
-    monkeypatch.setattr(estimate, "_DDP_ROWS", {})
     calls = []
     stepped = estimate.estimate_rank
     monkeypatch.setattr(
@@ -421,3 +420,33 @@ def test_without_the_stand_in_a_rounded_copy_is_refused_and_the_reference_answer
     ref.pop("estimate_method")
     assert method.startswith("full depth (the memory at a point outside blocks"), method
     assert row == ref
+
+
+def test_a_ddp_rank_row_from_another_process_is_reused(monkeypatch, wide12):
+    # The tune's helper process returns job rows: the rank row is read back from one
+    # (`rank_of_job`) and serves the other world sizes, as if this process had stepped it; one
+    # `DdpRows` is shared by the rounds (`search.world_sizes`)
+    from velora_cli.parallel import estimate
+
+    def spec(world: int) -> StepSpec:
+        return StepSpec(
+            model=wide12, batch_size=2, seq_len=32, world_size=world, parallel="ddp",
+            optimizer="sgd", strategy=Strategy(gc=True),
+        )  # fmt: skip
+
+    helper = ParallelEstimateBackend(expandable=False, ranks=(0,))
+    made = helper.measure(spec(2))
+    rank_row = next(iter(helper.ddp_rows.rows.values()))
+    assert estimate.rank_of_job(made) == rank_row  # every field, in order
+    shared = estimate.DdpRows()
+    first = ParallelEstimateBackend(expandable=False, ranks=(0,), ddp_rows=shared)
+    first.learn(spec(2), made)
+    monkeypatch.setattr(estimate, "estimate_rank", lambda *a, **k: pytest.fail("stepped"))
+    later = ParallelEstimateBackend(expandable=False, ranks=(0,), ddp_rows=shared)
+    again = later.measure(spec(4))
+    assert again["estimate_method"].endswith("the same at every world size")
+    monkeypatch.undo()
+    ref = ParallelEstimateBackend(expandable=False, ranks=(0,), shortcuts=False).measure(spec(4))
+    for row in (again, ref):
+        row.pop("estimate_method")
+    assert again == ref

@@ -469,9 +469,7 @@ class _Templates:
             line = None
             if self.grows and all(u is None for _, _, u in event_samples):
                 line = ([s.m for s, _, _ in event_samples], self.big_m)  # one per depth
-            return _same_events(
-                [s.event(slots[id(s)][j], u) for s, j, u in event_samples], line
-            )
+            return _same_events([s.event(slots[id(s)][j], u) for s, j, u in event_samples], line)
 
         return ("runs", _template_runs(instances, item))
 
@@ -565,7 +563,11 @@ def _walk(runs: list[tuple[str, list, list, list]], m: int) -> Iterator[tuple]:
 
 
 def synthesize(
-    records: list[StepRecord], depth: int, period: int, *, trace: bool = True,
+    records: list[StepRecord],
+    depth: int,
+    period: int,
+    *,
+    trace: bool = True,
     grows: bool = False,
 ) -> tuple[AllocationTrace | None, StepCounts | None, StepCounts | None]:
     """The trace and counts of the step at ``depth`` blocks from three shallow records.
