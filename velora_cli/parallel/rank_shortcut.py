@@ -140,7 +140,9 @@ class RankShortcuts:
             logs = grown_logs(logs, records, flats, depth, period)
         out.update(memory_at_depth(logs, depth, period, edges=True))
         try:
-            trace, _, _ = synthesize(records, depth, period, trace=True, grows=grows)
+            trace, _, _ = synthesize(
+                records, depth, period, trace=True, grows=[set(f) for f in flats] if grows else None
+            )
         except (TypeError, IndexError, KeyError) as exc:
             raise NotExtrapolable(
                 f"the synthesis cannot place this step's events ({type(exc).__name__})"

@@ -407,9 +407,9 @@ class _Templates:
     outside the stack), evaluated at ``big_m`` units."""
 
     def __init__(self, steps: list[_Shallow], big_m: int, traced: bool,
-                 grows: bool = False) -> None:  # fmt: skip
+                 grows: Sequence | None = None) -> None:  # fmt: skip
         self.steps, self.big_m, self.traced = steps, big_m, traced
-        self.grows = grows  # `synthesize`'s
+        self.grows = grows  # `synthesize`'s: per step, the storage ids that may grow
         self.ms = [s.m for s in steps]
         self.ops = _template_runs([(s, s.runs) for s in steps], self._op)
         if traced:
@@ -467,7 +467,10 @@ class _Templates:
 
         def item(event_samples):
             line = None
-            if self.grows and all(u is None for _, _, u in event_samples):
+            if self.grows and all(
+                u is None and s.trace.events[slots[id(s)][j]][1] in self.grows[self.steps.index(s)]
+                for s, j, u in event_samples
+            ):
                 line = ([s.m for s, _, _ in event_samples], self.big_m)  # one per depth
             return _same_events([s.event(slots[id(s)][j], u) for s, j, u in event_samples], line)
 
@@ -568,7 +571,7 @@ def synthesize(
     period: int,
     *,
     trace: bool = True,
-    grows: bool = False,
+    grows: Sequence | None = None,
 ) -> tuple[AllocationTrace | None, StepCounts | None, StepCounts | None]:
     """The trace and counts of the step at ``depth`` blocks from three shallow records.
 
@@ -577,10 +580,11 @@ def synthesize(
         depth: the real number of blocks, a multiple of ``period``.
         period: blocks per unit.
         trace: write the allocation trace out (False: the op counts only).
-        grows: an allocation by an op outside the stack may grow with depth, its bytes exactly
-            affine in the units (DDP's flat copy of every module buffer,
-            `parallel.rank_shortcut`); only where the caller has checked that the op makes
-            one such storage at the real depth too. False: it must be the same at every depth.
+        grows: per record, the ids of the storages (in its trace) that may grow with depth:
+            allocated and freed by ops outside the stack, their bytes exactly affine in the
+            units (DDP's flat copy of every module buffer, `parallel.rank_shortcut`, which
+            checks that the real depth makes them so too). None: every storage the same at
+            every depth.
 
     Returns:
         (the `AllocationTrace` of the tracked step or None, its `StepCounts` or None when its
