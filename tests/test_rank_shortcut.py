@@ -60,15 +60,19 @@ CASES = [
     # one bucket over many blocks: DDP ranks at full depth, the same rows either way
     pytest.param("ddp", 2, {}, "full depth (DDP's gradient buckets", id="ddp-2",
                  marks=pytest.mark.slow),
-    pytest.param("ddp", 4, {**VELORA, "gc": True}, "full depth (DDP broadcasts",
+    pytest.param("ddp", 4, {**VELORA, "gc": True}, "full depth (DDP's gradient buckets",
                  id="ddp-4-velora-gc", marks=pytest.mark.slow),
     # buckets that repeat by block (`wide12`): from 2, 3 and 4 blocks
     pytest.param("ddp", 2, {}, "extrapolated from 2, 3, 4", id="wide-ddp-2"),
     pytest.param("ddp", 4, {"gc": True}, "extrapolated from 2, 3, 4", id="wide-ddp-4-gc",
                  marks=pytest.mark.slow),
-    # VeLoRA's vectors are block buffers, which DDP broadcasts in one tensor at each forward
-    pytest.param("ddp", 2, VELORA, "full depth (DDP broadcasts", id="wide-ddp-2-velora",
+    # VeLoRA's vectors are block buffers, which DDP copies into one flat tensor at each forward
+    # (its bytes grow with depth, `rank_shortcut.check_broadcast`): 4,608 bytes a block here,
+    # and 2,304 with 16 groups (not a multiple of the tracker's 512: `grown_logs`)
+    pytest.param("ddp", 2, VELORA, "extrapolated from 2, 3, 4", id="wide-ddp-2-velora",
                  marks=pytest.mark.slow),
+    pytest.param("ddp", 2, {**VELORA, "num_groups": 16, "gc": True}, "extrapolated from 2, 3, 4",
+                 id="wide-ddp-2-velora-g16-gc"),
 ]  # fmt: skip
 
 
@@ -168,15 +172,20 @@ def test_a_7b_fsdp_rank_equals_the_reference():
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("optimizer", ["adamw", "galore"])
-def test_a_7b_ddp_rank_equals_the_reference(optimizer):
+@pytest.mark.parametrize(
+    ("optimizer", "strategy"),
+    [("adamw", {"gc": True}), ("galore", {"gc": True}),
+     ("adamw_torch_fused", {"placement": "paper", "num_groups": 32, "gc": True})],
+)  # fmt: skip
+def test_a_7b_ddp_rank_equals_the_reference(optimizer, strategy):
     # Llama-2-7b's real shapes and DDP's default buckets (every matrix ≥ 32 MiB in bf16, so a
     # bucket each; the norms join the next matrix's), from 2, 3 and 4 blocks; galore's tracked
-    # step is a refresh (its optimizer peak, 50.36 GB, is the rank's peak)
+    # step is a refresh (its optimizer peak, 50.36 GB, is the rank's peak); VeLoRA's vectors
+    # (1,888 bytes a block with 32 groups) are copied into one flat tensor at each forward
     spec = StepSpec(
         model="meta-llama/Llama-2-7b", batch_size=2, seq_len=512, dtype="bf16", mode="full",
         grad_accum_steps=2, world_size=2, parallel="ddp", optimizer=optimizer,
-        strategy=Strategy(gc=True),
+        strategy=Strategy(**strategy),
     )  # fmt: skip
     row = ParallelEstimateBackend(ranks=(0,), expandable=False).measure(spec)
     ref = ParallelEstimateBackend(ranks=(0,), expandable=False, shortcuts=False).measure(spec)
@@ -286,7 +295,7 @@ def test_the_recorder_keeps_no_fake_rank_storage_alive(recording):
     assert frees == [("aten::ones", -512), ("aten::ones", -512)], trace.events
 
 
-# -- a DDP rank is the same at every world size (parallel/estimate.py `_DDP_ROWS`) ---------------
+# -- a DDP rank is the same at every world size (parallel/estimate.py `DdpRows`) -----------------
 
 
 @pytest.mark.parametrize(
@@ -316,7 +325,6 @@ def test_a_ddp_rank_row_does_not_depend_on_the_world_size(wide12, optimizer, str
 def test_a_ddp_rank_is_stepped_once_for_every_world_size(monkeypatch, wide12):
     from velora_cli.parallel import estimate
 
-    monkeypatch.setattr(estimate, "_DDP_ROWS", {})
     calls = []
     stepped = estimate.estimate_rank
     monkeypatch.setattr(
@@ -339,3 +347,106 @@ def test_a_ddp_rank_is_stepped_once_for_every_world_size(monkeypatch, wide12):
         row.pop("estimate_method")
     assert again == ref
     assert first["estimate_method"] == "extrapolated from 2, 3, 4 blocks"
+
+
+# -- DDP's flat copy of the module buffers (rank_shortcut.check_broadcast, grown_logs) ----------
+
+
+def _buffered_stack(blocks: int, per_block: int):
+    import torch
+    from torch import nn
+
+    stack = nn.ModuleList()
+    for _ in range(blocks):
+        block = nn.Module()
+        block.register_buffer("v", torch.empty(per_block, device="meta"))
+        stack.append(block)
+    return stack
+
+
+def test_the_buffer_broadcast_is_refused_where_a_dtype_splits_over_buckets():
+    # torch's own assignment (`dist._compute_bucket_assignment_by_size`, as the C++
+    # broadcast_coalesced calls it) over the buffers written out at the real depth: 4 blocks of
+    # 1 KiB fit one bucket of 250 MiB (DDP's broadcast_bucket_size), not one of 3 KiB
+    from types import SimpleNamespace
+
+    import torch
+
+    from velora_cli.parallel.rank_shortcut import check_broadcast
+
+    stack = _buffered_stack(2, 256)
+    outside = torch.empty(64, device="meta")
+    ddp = SimpleNamespace(modules_buffers=[*stack.buffers(), outside],
+                          broadcast_bucket_size=250 * 1024 * 1024)  # fmt: skip
+    check_broadcast(ddp, stack, 4)
+    ddp.broadcast_bucket_size = 3 * 1024
+    check_broadcast(ddp, stack, 2)  # 2 KiB and the outside buffer: one bucket
+    with pytest.raises(NotExtrapolable, match="splits a dtype's buffers"):
+        check_broadcast(ddp, stack, 4)
+    ddp.modules_buffers = [outside, *reversed(list(stack.buffers()))]
+    with pytest.raises(NotExtrapolable, match="not in block order"):
+        check_broadcast(ddp, stack, 4)
+
+
+def test_a_storage_outside_the_blocks_grows_only_when_asked_and_only_on_a_line():
+    from velora_cli.shortcut.synthesis import _same_events
+
+    grown = [("+", 4288, "activations"), ("+", 6176, "activations"), ("+", 8064, "activations")]
+    with pytest.raises(NotExtrapolable, match="differs between depths"):
+        _same_events(grown)  # the single-process synthesis: the same at every depth
+    assert _same_events(grown, ([2, 3, 4], 32)) == ("+", 4288 + 30 * 1888, "activations")
+    bent = [*grown[:2], ("+", 8065, "activations")]
+    with pytest.raises(NotExtrapolable, match="not affine"):
+        _same_events(bent, ([2, 3, 4], 32))
+
+
+@pytest.mark.slow
+def test_without_the_stand_in_a_rounded_copy_is_refused_and_the_reference_answers(
+    monkeypatch, wide12
+):
+    # 2,304 bytes of VeLoRA vectors a block: the flat copy rounds to 5,632, 8,192, 10,240 bytes
+    # at 2, 3 and 4 blocks, not a line; without `grown_logs` the curve is refused, and the row
+    # is the real depth's
+    from velora_cli.parallel import rank_shortcut
+
+    monkeypatch.setattr(rank_shortcut, "grown_logs", lambda logs, *a: logs)
+    spec = StepSpec(
+        model=wide12, batch_size=2, seq_len=32, world_size=2, parallel="ddp",
+        strategy=Strategy(**{**VELORA, "num_groups": 16}),
+    )  # fmt: skip
+    row = ParallelEstimateBackend(expandable=False).measure(spec)
+    ref = ParallelEstimateBackend(expandable=False, shortcuts=False).measure(spec)
+    method = row.pop("estimate_method")
+    ref.pop("estimate_method")
+    assert method.startswith("full depth (the memory at a point outside blocks"), method
+    assert row == ref
+
+
+def test_a_ddp_rank_row_from_another_process_is_reused(monkeypatch, wide12):
+    # The tune's helper process returns job rows: the rank row is read back from one
+    # (`rank_of_job`) and serves the other world sizes, as if this process had stepped it; one
+    # `DdpRows` is shared by the rounds (`search.world_sizes`)
+    from velora_cli.parallel import estimate
+
+    def spec(world: int) -> StepSpec:
+        return StepSpec(
+            model=wide12, batch_size=2, seq_len=32, world_size=world, parallel="ddp",
+            optimizer="sgd", strategy=Strategy(gc=True),
+        )  # fmt: skip
+
+    helper = ParallelEstimateBackend(expandable=False, ranks=(0,))
+    made = helper.measure(spec(2))
+    rank_row = next(iter(helper.ddp_rows.rows.values()))
+    assert estimate.rank_of_job(made) == rank_row  # every field, in order
+    shared = estimate.DdpRows()
+    first = ParallelEstimateBackend(expandable=False, ranks=(0,), ddp_rows=shared)
+    first.learn(spec(2), made)
+    monkeypatch.setattr(estimate, "estimate_rank", lambda *a, **k: pytest.fail("stepped"))
+    later = ParallelEstimateBackend(expandable=False, ranks=(0,), ddp_rows=shared)
+    again = later.measure(spec(4))
+    assert again["estimate_method"].endswith("the same at every world size")
+    monkeypatch.undo()
+    ref = ParallelEstimateBackend(expandable=False, ranks=(0,), shortcuts=False).measure(spec(4))
+    for row in (again, ref):
+        row.pop("estimate_method")
+    assert again == ref

@@ -43,9 +43,15 @@ class RankAware:
 
 
 def with_ranks(
-    single: Any, *, warmup: int | None = None, steps: int | None = None, gpu: str | None = None
+    single: Any,
+    *,
+    warmup: int | None = None,
+    steps: int | None = None,
+    gpu: str | None = None,
+    ddp_rows: Any = None,
 ) -> RankAware:
-    """``single`` paired with the per-rank backend of the same kind (module docstring)."""
+    """``single`` paired with the per-rank backend of the same kind (module docstring);
+    ``ddp_rows``: the estimate's `estimate.DdpRows` to share (None: its own)."""
     from velora_cli.parallel.estimate import ParallelEstimateBackend
     from velora_cli.parallel.launch import RanksBackend
 
@@ -58,4 +64,6 @@ def with_ranks(
             alloc_conf=getattr(single, "alloc_conf", None),
             expandable=getattr(single, "expandable", True),
         )
+        if ddp_rows is not None:
+            ranks.ddp_rows = ddp_rows
     return RankAware(single, ranks)

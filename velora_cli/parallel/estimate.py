@@ -11,7 +11,7 @@ rank's allocations do not depend on N (torch 2.13: the Reducer's buckets are ass
 parameter sizes alone, ``dist._compute_bucket_assignment_by_size``; the all-reduce and the
 division by N are in place in the buckets; the fake group's collectives allocate nothing; the
 batch is per rank). So a process that estimates a DDP rank at several world sizes (a GPU-count
-tune, one round per N) steps it once and reuses the row (`_DDP_ROWS`; its ``estimate_method``
+tune, one round per N) steps it once and reuses the row (`DdpRows`; its ``estimate_method``
 says so); tests/test_rank_shortcut.py checks the rows of N = 2, 4, 8 equal on the reference path.
 FSDP2 pads every rank's shard of a parameter to ``ceil(dim0 / N)`` rows (the sharded storage,
 gradient and all-gather buffers are the same size on every rank); only the optimizer state,
@@ -111,27 +111,79 @@ def estimate_rank(
     return row, trace
 
 
-# A DDP rank's row, the same at every world size (module docstring), by `_ddp_key`. The per-rank
-# shortcut's alone: the reference path steps every rank.
-_DDP_ROWS: dict[tuple, dict[str, Any]] = {}
-_DDP_ROWS_KEPT = 256  # rows of one process; a tune asks for a few dozen
+class DdpRows:
+    """A DDP rank's rows, the same at every world size (module docstring), by what they depend on
+    (`key`): one object shared by the rounds of a GPU-count tune (`search.world_sizes`), so that
+    a candidate's DDP rank is stepped in the first round with ranks and reused in the others.
+    The per-rank shortcut's alone: the reference path steps every rank.
+
+    Rows made in another process (the tune's helper, `estimate.pool`) come back as job rows; the
+    rank row is read back from them (`learn`), so the helper's work is reused too.
+    """
+
+    KEPT = 256  # rows of one tune; a GPU-count tune asks for a few dozen
+
+    def __init__(self) -> None:
+        self.rows: dict[tuple, dict[str, Any]] = {}
+
+    @staticmethod
+    def key(backend: ParallelEstimateBackend, spec: StepSpec, rank: int, breakdown: bool):
+        """What a DDP rank's row depends on, all but the world size (None: not reusable)."""
+        from velora_cli.parallel import fake
+
+        if spec.parallel != "ddp" or not backend.shortcuts:
+            return None
+        key = (
+            replace(spec, world_size=2), rank, breakdown, backend.warmup, backend.gpu,
+            backend.alloc_conf, backend.expandable, fake.FEWEST_WARMUP,
+        )  # fmt: skip
+        try:
+            hash(key)
+        except TypeError:
+            return None
+        return key
+
+    def get(self, key) -> dict[str, Any] | None:
+        row = self.rows.get(key) if key is not None else None
+        return None if row is None else copy.deepcopy(row)
+
+    def put(self, key, row: dict[str, Any]) -> None:
+        if key is None or row.get("status") != "ok":
+            return
+        if key not in self.rows and len(self.rows) >= self.KEPT:
+            self.rows.pop(next(iter(self.rows)))
+        self.rows[key] = copy.deepcopy(row)
+
+    def learn(self, backend: ParallelEstimateBackend, spec: StepSpec, job: dict[str, Any]) -> None:
+        """Keep the rank row behind ``job``, a DDP job row of one estimated rank made by
+        ``backend``'s twin in another process (`rank_of_job`)."""
+        if job.get("estimated_ranks") != [0] or job.get("status") != "ok":
+            return
+        key = self.key(backend, spec, 0, False)
+        if key is not None and key not in self.rows:
+            row = rank_of_job(job)
+            if row.get("estimate_method", "").endswith(REUSED):
+                row["estimate_method"] = row["estimate_method"][: -len(REUSED)]
+            self.put(key, row)
 
 
-def _ddp_key(backend: ParallelEstimateBackend, spec: StepSpec, rank: int, breakdown: bool):
-    """What a DDP rank's row depends on, all but the world size (None: not reusable)."""
-    from velora_cli.parallel import fake
+REUSED = "; reused: a DDP rank is the same at every world size"
+# What `job.job_row` and `ParallelEstimateBackend.measure` add after a rank row's own fields.
+_JOB_FIELDS = ("backend", "world_size", "parallel", "cpu_offload", "global_batch_size", "ranks",
+               "peak_rank", "estimated_ranks", "tokens_per_second", "ranks_note")  # fmt: skip
 
-    if spec.parallel != "ddp" or not backend.shortcuts:
-        return None
-    key = (
-        replace(spec, world_size=2), rank, breakdown, backend.warmup, backend.gpu,
-        backend.alloc_conf, backend.expandable, fake.FEWEST_WARMUP,
-    )  # fmt: skip
-    try:
-        hash(key)
-    except TypeError:
-        return None
-    return key
+
+def rank_of_job(job: dict[str, Any]) -> dict[str, Any]:
+    """The row of the one rank behind a job row (`job.job_row` of a single rank: its fields in
+    order, without ``rank``, then the job's; ``rank`` went just before ``status``)."""
+    row: dict[str, Any] = {}
+    for k, v in job.items():
+        if k in _JOB_FIELDS:
+            continue
+        if k == "status":
+            row["rank"] = job["peak_rank"]
+        row[k] = copy.deepcopy(v)
+    return row
 
 
 @dataclass
@@ -157,6 +209,8 @@ class ParallelEstimateBackend:
     # the depth shortcut per rank (`rank_shortcut`); False (or VELORA_ESTIMATE_REFERENCE=1):
     # every rank at its real depth, the reference path
     shortcuts: bool = field(default_factory=lambda: os.environ.get(REFERENCE_ENV, "") != "1")
+    # DDP rank rows reused at other world sizes; a GPU-count tune hands every round one object
+    ddp_rows: DdpRows = field(default_factory=lambda: DdpRows())
 
     def __post_init__(self) -> None:
         from velora_cli.estimate.backend import EstimateBackend
@@ -178,10 +232,10 @@ class ParallelEstimateBackend:
 
     def _rank_row(self, spec: StepSpec, rank: int, breakdown: bool) -> dict[str, Any]:
         """`estimate_rank`'s row, or a DDP rank's row already made at another world size."""
-        key = _ddp_key(self, spec, rank, breakdown)
-        if key is not None and key in _DDP_ROWS:
-            row = copy.deepcopy(_DDP_ROWS[key])
-            row["estimate_method"] += "; reused: a DDP rank is the same at every world size"
+        key = DdpRows.key(self, spec, rank, breakdown)
+        row = self.ddp_rows.get(key)
+        if row is not None:
+            row["estimate_method"] += REUSED
             return row
         row, _trace = estimate_rank(
             spec,
@@ -191,11 +245,14 @@ class ParallelEstimateBackend:
             device_memory=self.device.device_memory_of,
             shortcut=self.shortcut(),
         )
-        if key is not None:
-            if len(_DDP_ROWS) >= _DDP_ROWS_KEPT:
-                _DDP_ROWS.pop(next(iter(_DDP_ROWS)))
-            _DDP_ROWS[key] = copy.deepcopy(row)
+        self.ddp_rows.put(key, row)
         return row
+
+    def learn(self, spec: StepSpec, job: dict[str, Any]) -> None:
+        """A job row of ``spec`` made elsewhere (the tune's helper process): keep its DDP rank
+        row for the other world sizes (`DdpRows.learn`)."""
+        if spec.parallel == "ddp":
+            self.ddp_rows.learn(self, spec, job)
 
     def measure(self, spec: StepSpec, *, breakdown: bool = False) -> dict[str, Any]:
         from velora_cli.emulation.attention import padded_batches, target_gpu

@@ -28,7 +28,12 @@ holds its input norm's gradient and the down projection's of the block below), a
 the real depth is checked against torch's own bucket assignment before any shallow step is
 tracked (`check_buckets`; a small model whose buckets hold several blocks is refused there).
 The reducer's copies from the buckets back into the gradients after backward are ops outside
-the blocks' passes that the synthesis gives to the block of their first argument. Anything not
+the blocks' passes that the synthesis gives to the block of their first argument. Blocks with
+buffers (VeLoRA's vectors): DDP copies every buffer into one flat tensor at each forward, whose
+bytes grow with depth; its pieces are labelled by block (`record.RecordingTracker`'s
+``pieces``), the bucket layout at the real depth checked (`check_broadcast`), the synthesis
+told it may grow, and the memory curves stand its rounded size in by a line (`grown_logs`).
+Anything not
 exactly periodic is refused with the reason, and the real depth runs: the row's
 ``estimate_method`` says which. ``--cpu-offload`` runs at full depth.
 """
@@ -115,10 +120,10 @@ class RankShortcuts:
         depth, period, depths, shallow = self.single.depth_plan(single, model_spec, unit=unit)
         if sum(depths) >= depth:  # each shallow rank is built, sharded and warmed up
             raise NotExtrapolable(f"{depth} blocks: the shallow ranks would step as many")
-        rows, logs, records = [], [], []
+        rows, logs, records, flats = [], [], [], []
         prepared = None
         for d, shallow_spec in zip(depths, shallow, strict=True):
-            row, log, record, prepared = run_rank(
+            row, log, record, prepared, flat = run_rank(
                 spec,
                 rank,
                 _logged(breakdown, d, period, depth),
@@ -128,10 +133,16 @@ class RankShortcuts:
             rows.append(row)
             logs.append(log)
             records.append(record)
+            flats.append(flat)
         out = fields_at_depth(rows, depths, depth, skip=MEMORY_FIELDS)
+        grows = any(flats)
+        if grows:  # DDP's flat copy of the module buffers, at every forward
+            logs = grown_logs(logs, records, flats, depth, period)
         out.update(memory_at_depth(logs, depth, period, edges=True))
         try:
-            trace, _, _ = synthesize(records, depth, period, trace=True)
+            trace, _, _ = synthesize(
+                records, depth, period, trace=True, grows=[set(f) for f in flats] if grows else None
+            )
         except (TypeError, IndexError, KeyError) as exc:
             raise NotExtrapolable(
                 f"the synthesis cannot place this step's events ({type(exc).__name__})"
@@ -168,11 +179,11 @@ def _logged(breakdown: bool, depth: int, period: int, real_depth: int):
         if not periodic([block_signature(b) for b in stack], period):
             raise NotExtrapolable(f"with this strategy the blocks do not repeat every {period}")
         owned = block_storages(stack, prepared.optimizer)
+        pieces = False
         if roles.buckets is not None:  # DDP: after the warm-up's rebuild
-            if prepared.model.broadcast_buffers and any(True for b in stack for _ in b.buffers()):
-                # `_sync_buffers` at every forward: one flat copy of all of them (torch 2.13
-                # `_distributed_broadcast_coalesced`), a storage whose size grows with depth
-                raise NotExtrapolable("DDP broadcasts the blocks' buffers in one growing tensor")
+            if broadcasts_block_buffers(prepared.model, stack):
+                check_broadcast(prepared.model, stack, real_depth)
+                pieces = True
             check_buckets(prepared.model, roles.buckets, stack, period, real_depth)
             owned.update(bucket_storages(roles.buckets, stack))
         tracker = RecordingTracker(
@@ -180,6 +191,7 @@ def _logged(breakdown: bool, depth: int, period: int, real_depth: int):
             prepared.optimizer,
             op_cache=None,
             owned=owned,
+            pieces=pieces,
             **rank_tracker_options(roles),
         )
         del owned  # the tracker's alone (`block_storages`)
@@ -192,9 +204,132 @@ def _logged(breakdown: bool, depth: int, period: int, real_depth: int):
         rebuilt = memory_of_log(log)
         if any(rebuilt[k] != row.get(k) for k in MEMORY_FIELDS):
             raise NotExtrapolable("the tracker's log does not rebuild its peaks")
-        return row, log, StepRecord.of(depth, tracker, None), prepared
+        flats = sorted(tracker.pieces) if tracker.pieces else []  # storage ids, in order
+        return row, log, StepRecord.of(depth, tracker, None), prepared, flats
 
     return body
+
+
+# -- DDP's broadcast of the module buffers --------------------------------------------------------
+
+
+def broadcasts_block_buffers(ddp, stack) -> bool:
+    """Whether DDP copies the blocks' buffers into one flat tensor at every forward (VeLoRA's
+    vectors are block buffers): ``broadcast_buffers`` (the default) and any buffer in a block."""
+    return bool(ddp.broadcast_buffers) and any(True for b in stack for _ in b.buffers())
+
+
+def check_broadcast(ddp, stack, depth: int) -> None:
+    """Check, without a step, that DDP's buffer broadcast at the real ``depth`` makes the same
+    flat tensors as at this shallow rank's, each as long as its buffers.
+
+    At each forward DDP broadcasts ``modules_buffers`` from rank 0 (torch 2.13
+    ``_sync_buffers`` -> ``_default_broadcast_coalesced`` -> ``dist._broadcast_coalesced`` with
+    ``broadcast_bucket_size``, 250 MiB): the C++ ``broadcast_coalesced`` (``comm.cpp``) groups
+    the buffers with ``compute_bucket_assignment_by_size`` (by dtype and device, a bucket
+    closed once it reaches the limit) and concatenates each bucket into one flat tensor
+    (``flatten_dense_tensors``), then copies the broadcast values back through views of it. So
+    each bucket is one allocation whose size is the sum of its buffers, affine in depth as long
+    as the buckets at the real depth are the shallow rank's, grown: here every dtype's buffers
+    in one bucket at the real depth (hence at every smaller one), the blocks' buffers in block
+    order between the same buffers outside the stack.
+
+    Raises:
+        NotExtrapolable: with the reason.
+    """
+    import torch
+    import torch.distributed as dist
+
+    buffers = list(ddp.modules_buffers)
+    block_of = {id(b): j for j, blk in enumerate(stack) for b in blk.buffers()}
+    spots = [block_of.get(id(b)) for b in buffers]
+    inside = [k for k, j in enumerate(spots) if j is not None]
+    per_block = len(inside) // len(stack)
+    if (
+        not inside
+        or inside != list(range(inside[0], inside[-1] + 1))
+        or len(inside) % len(stack)
+        or spots[inside[0] : inside[-1] + 1]
+        != [j for j in range(len(stack)) for _ in range(per_block)]
+    ):
+        raise NotExtrapolable("DDP's buffer broadcast: the blocks' buffers are not in block order")
+    head, tail = buffers[: inside[0]], buffers[inside[-1] + 1 :]
+    block = buffers[inside[0] : inside[0] + per_block]
+    deep = head + block * depth + tail
+    like = [torch.empty(b.shape, dtype=b.dtype, device="meta") for b in deep]
+    n = len(like)
+    buckets = dist._compute_bucket_assignment_by_size(
+        like, [ddp.broadcast_bucket_size], [False] * n, list(range(n))
+    )[0]
+    kinds = {(b.dtype, b.device.type) for b in deep}
+    if len(buckets) != len(kinds):
+        raise NotExtrapolable(
+            f"DDP's buffer broadcast at {depth} blocks splits a dtype's buffers over buckets"
+        )
+
+
+def grown_logs(logs: list, records: list, flats: list[list[int]], depth: int, period: int):
+    """The shallow logs with DDP's flat buffer copies counted so that their memory is exactly
+    affine in depth and reaches, at ``depth``, the copy's true size there.
+
+    A flat copy's bytes are affine in depth (`check_broadcast`), its rounded bytes (what the
+    tracker's curve counts) not: 4,288 bytes at 2 blocks rounds to 4,608, not a line. Wherever
+    a copy is live in a shallow log, its rounded bytes there are replaced by the value at that
+    depth of a line through its rounded bytes at the real depth (any slope: the memory at a
+    point is then exactly affine if the rest of the point is, and `memory_at_depth` checks
+    that). The synthesis writes the copy out at its true size, and the caller checks the
+    synthesized trace against these peaks.
+
+    Raises:
+        NotExtrapolable: the copies differ in number between depths, or their bytes are not
+            exactly affine in depth.
+    """
+    from velora_cli.shortcut.extrapolate import PositionLog
+
+    if len({len(f) for f in flats}) != 1:
+        raise NotExtrapolable("DDP's buffer broadcast makes a different number of copies")
+    ms = [log.depth // period for log in logs]
+    big_m = depth // period
+    spans = []  # per log: (first event, last event, sid, raw bytes) per copy
+    for record, ids in zip(records, flats, strict=True):
+        events = record.trace.events
+        made = {sid: k for k, (_, sid, n) in enumerate(events) if n > 0 and sid in ids}
+        gone = {sid: k for k, (_, sid, n) in enumerate(events) if n < 0 and sid in ids}
+        spans.append([(made[s], gone.get(s, len(events)), events[made[s]][2]) for s in ids])
+    adjusted = [[] for _ in logs]
+    trace0 = records[0].trace
+    for c in range(len(flats[0])):
+        sizes = [spans[k][c][2] for k in range(len(logs))]
+        rise, run = sizes[1] - sizes[0], ms[1] - ms[0]
+        if (sizes[2] - sizes[1]) * run != rise * (ms[2] - ms[1]) or rise % run:
+            raise NotExtrapolable("DDP's buffer copy is not affine in depth")
+        slope = rise // run
+        at_depth = trace0.rounded(sizes[0] + slope * (big_m - ms[0]))
+        for k in range(len(logs)):
+            first, last, raw = spans[k][c]
+            stand_in = at_depth - slope * (big_m - ms[k])
+            adjusted[k].append((first, last, stand_in - records[k].trace.rounded(raw),
+                                records[k].trace.categories[flats[k][c]]))  # fmt: skip
+    out = []
+    for log, shifts in zip(logs, adjusted, strict=True):
+
+        def shift_at(events: int, shifts=shifts) -> list[tuple[str, int]]:
+            # after the copy's allocation (event ``first``) and before its free
+            return [(cat, d) for first, last, d, cat in shifts if first < events <= last]
+
+        points = [
+            (label, phases, live + sum(d for _, d in shift_at(events)), events)
+            for label, phases, live, events in log.points
+        ]
+
+        def breakdown(events: int, log=log, shift_at=shift_at) -> dict[str, int]:
+            parts = dict(log.breakdown_at(events))
+            for cat, d in shift_at(events):
+                parts[cat] += d
+            return parts
+
+        out.append(PositionLog(log.depth, points, breakdown))
+    return out
 
 
 # -- DDP's gradient buckets at the real depth -----------------------------------------------------

@@ -162,6 +162,7 @@ def run(
     echo: Callable[[str], None] | None = None,
     backend=None,
     notices: list[str] | None = None,
+    ddp_rows=None,
 ) -> dict[str, Any]:
     """Run a tune and return its document (also written to ``save_path`` when given).
 
@@ -173,6 +174,8 @@ def run(
         echo: one-line notes to the user (stderr).
         backend: a backend object replacing ``settings.backend``'s (tests count its calls).
         notices: lines for the document (e.g. how the budget was read).
+        ddp_rows: DDP rank rows shared with the other rounds of a GPU-count tune
+            (`parallel.estimate.DdpRows`); None: this tune's own.
 
     Returns:
         The tune document (see ``velora tune --format json``).
@@ -208,7 +211,7 @@ def run(
     notices += dropped
     if any(c.optimizer in LOWRANK_OPTIMIZERS for c in candidates):
         notices.append(LOWRANK_NOTICE)
-    estimator = Estimator(settings)
+    estimator = Estimator(settings, ddp_rows)
     measurer = Measurer(settings, estimator, backend)
     device, why = probe_device(settings, estimator, candidates[0]) if candidates else (None, None)
     prober = Prober(settings, journal, device) if device else None

@@ -89,7 +89,8 @@ class Estimator:
     that "nothing fits" can name the smallest configuration and its real estimate.
     """
 
-    def __init__(self, settings: TuneSettings):
+    def __init__(self, settings: TuneSettings, ddp_rows=None):
+        # ddp_rows: a `parallel.estimate.DdpRows` shared by the rounds of a GPU-count tune
         from velora_cli.estimate.backend import EstimateBackend
         from velora_cli.parallel.backends import with_ranks
 
@@ -99,7 +100,7 @@ class Estimator:
         # and no memory timeline (`measurement_of` drops it from every candidate)
         single = EstimateBackend(gpu=settings.gpu, alloc_conf=settings.alloc_conf,
                                  expandable=False, timeline=False)  # fmt: skip
-        self.backend = with_ranks(single, gpu=settings.gpu)
+        self.backend = with_ranks(single, gpu=settings.gpu, ddp_rows=ddp_rows)
         # rank 0 holds the largest FSDP2 shards, so its peak is the job's (parallel/estimate.py)
         self.backend.ranks.ranks = (0,)
         # the budget is a GPU's memory: compare it with what the device must hold (a cpu tune
@@ -179,7 +180,11 @@ class Estimator:
         index = self._index.get(c.key)
         if index is None or self._helped is None:
             return self.row(c)
-        return self._helped.row(index)
+        row = self._helped.row(index)
+        learn = getattr(self.backend.ranks, "learn", None)
+        if c.parallel is not None and learn is not None:
+            learn(candidate_spec(self.base, c), row)  # a DDP rank the helper stepped: every round
+        return row
 
 
 def _floor_key(c: Candidate) -> tuple:

@@ -52,11 +52,13 @@ def run_world_sizes(
         (None when none fits) and every count's candidates; written to ``save_path``.
     """
     from velora_cli.budget import format_bytes
+    from velora_cli.parallel.estimate import DdpRows
     from velora_cli.profiling.profiler import write_atomic
     from velora_cli.search import autotune
 
     echo = echo or (lambda line: None)
     documents = {}
+    ddp_rows = DdpRows()  # a DDP rank's row is the same at every world size: stepped once
     for n in settings.world_sizes:
         echo(f"— {n} GPU{'s' if n > 1 else ''} —")
         one = dataclasses.replace(settings, world_sizes=(n,))
@@ -68,6 +70,7 @@ def run_world_sizes(
             echo=echo,
             backend=backend,
             notices=list(notices or []) if n == settings.world_sizes[0] else [],
+            ddp_rows=ddp_rows,
         )
     fits = [n for n, d in documents.items() if d["recommendation"] is not None]
     needed = min(fits) if fits else None

@@ -21,6 +21,7 @@ output for one parameter):
 
 from __future__ import annotations
 
+import bisect
 import contextlib
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -82,11 +83,18 @@ class RecordingTracker(PositionTracker):
         *,
         op_cache: MetaOpCache | None,
         owned: dict[int, tuple[int, Any]],
+        pieces: bool = False,
         **kwargs: Any,
     ) -> None:
         # kwargs: the rest of `MemoryTracker`'s (a DDP/FSDP2 rank's roles, categories, resizes)
         super().__init__(model, optimizer, op_cache=op_cache, **kwargs)
         self._owned = owned
+        # pieces: a flat 1-D ``cat`` of tensors some of which a block owns (DDP's coalesced
+        # broadcast of the module buffers) keeps, by element offset, whose each piece is; an op
+        # on a slice of it then counts for that piece's block (`_owner_of`)
+        # (element offsets, owners, the owner of the piece an op read last) by storage id
+        self.pieces: dict[int, tuple[list[int], list, int | None]] | None = {} if pieces else None
+        self._func: Any = None
         self.op_labels: list[tuple] = []  # label of op k at index k - 1
         # block of op k's first tensor argument's storage where known (index k - 1): AdamW's
         # per-parameter reads of its step counters are ops outside the blocks' passes
@@ -113,7 +121,7 @@ class RecordingTracker(PositionTracker):
         return self
 
     def run_op(self, func: Any, args: tuple, kwargs: dict) -> Any:
-        self._args = args
+        self._args, self._func = args, func
         return super().run_op(func, args, kwargs)
 
     def _record_op_outputs(self, out: Any, *, same_op: bool = False) -> None:
@@ -121,7 +129,7 @@ class RecordingTracker(PositionTracker):
         # storage of the same item of the op's first list argument as long
         if not same_op:
             self.op_labels.append(self.label)
-            self.op_owners.append(self._owner_of(self._args))
+            self.op_owners.append(self._owner_of(self._args, out))
             self._ops += 1
         category = self._context_category()
         inputs = _aligned_inputs(self._args, out)
@@ -133,8 +141,32 @@ class RecordingTracker(PositionTracker):
                     self._hint = entry.seq if entry is not None else None
                 self._track(leaf, category)
         self._hint = None
+        if self.pieces is not None and not same_op:
+            self._note_pieces(out)
         self._args = ()
         self._new_peak_check()
+
+    def _note_pieces(self, out: Any) -> None:
+        """Keep the pieces of a flat ``cat`` whose inputs a block owns (``pieces``)."""
+        args = self._args
+        if self._func is not torch.ops.aten.cat.default or not _plain(out):
+            return
+        parts = args[0] if args else None
+        dim = args[1] if len(args) > 1 else 0
+        if out.dim() != 1 or dim not in (0, -1) or not isinstance(parts, (list, tuple)):
+            return
+        entry = self._live.get(id(out.untyped_storage()))
+        if entry is None or out.storage_offset():
+            return
+        starts, owners, start = [], [], 0
+        for t in parts:
+            if not _plain(t) or t.dim() != 1:
+                return
+            starts.append(start)
+            owners.append(self._owner_of((t,)))
+            start += t.numel()
+        if any(o is not None for o in owners):
+            self.pieces[entry.seq] = (starts, owners, None)
 
     def _add(self, key, storage, raw, category):
         entry = super()._add(key, storage, raw, category)
@@ -147,18 +179,41 @@ class RecordingTracker(PositionTracker):
             self._blocks[entry.seq] = block
         return entry
 
-    def _owner_of(self, args: tuple) -> int | None:
+    def _owner_of(self, args: tuple, out: Any = None) -> int | None:
         first = next((a for a in args if isinstance(a, torch.Tensor)), None)
         if type(first) is not torch.Tensor:  # a plain tensor is its own local tensor
             first = local_tensor(first)
             if first is None or is_traceable_wrapper_subclass(first):
                 return None
-        key = id(first.untyped_storage())
+        storage = first.untyped_storage()
+        key = id(storage)
         entry = self._live.get(key)
         if entry is not None:
+            pieces = self.pieces.get(entry.seq) if self.pieces else None
+            if pieces is not None:
+                # a slice of a flat cat: the piece at the offset the op returns (a slice or a
+                # view of it) or reads; an op on the whole flat tensor that returns none of it
+                # (``prim::device`` between the slices) counts for the piece sliced last
+                starts, owners, last = pieces
+                if _plain(out) and out.untyped_storage() is storage:
+                    at = out.storage_offset()
+                elif first.storage_offset() or first.numel() != storage.nbytes() // max(
+                    first.element_size(), 1
+                ):
+                    at = first.storage_offset()
+                else:
+                    return last
+                owner = owners[bisect.bisect_right(starts, at) - 1]
+                self.pieces[entry.seq] = (starts, owners, owner)
+                return owner
             return self._blocks.get(entry.seq)
         owner = self._owned.get(key)  # e.g. a CPU step counter of a block's parameter
         return owner[0] if owner is not None else None
+
+
+def _plain(t: Any) -> bool:
+    """A tensor with a storage of its own kind (a fake tensor too; not a wrapper subclass)."""
+    return isinstance(t, torch.Tensor) and not is_traceable_wrapper_subclass(t)
 
 
 def _aligned_inputs(args: tuple, out: Any) -> list[torch.Tensor] | None:

@@ -323,9 +323,20 @@ def _resolve(names: frozenset, context: int | None, m: int, length: Callable) ->
 # -- templates: what every depth and unit agrees on ---------------------------------------------
 
 
-def _same_events(samples: list[tuple]) -> tuple:
-    """One event's description agreed by all samples (frees: the ways that hold for all)."""
+def _same_events(samples: list[tuple], line: tuple | None = None) -> tuple:
+    """One event's description agreed by all samples (frees: the ways that hold for all).
+
+    ``line``: ``(ms, big_m)`` where the samples are one per depth, outside the stack, and a
+    storage may grow with depth (`synthesize`'s ``grows``): the bytes it is allocated or freed
+    with exactly affine in the units ``ms``, written out at ``big_m``."""
     first = samples[0]
+    if line is not None and any(s[1] != first[1] for s in samples):
+        if any(s[0] != first[0] for s in samples):
+            raise NotExtrapolable("an allocation or free differs between depths or blocks")
+        ms, big_m = line
+        grown = _line_at(ms, [s[1] for s in samples], big_m, "a storage outside the blocks")
+        samples = [(s[0], grown, *s[2:]) for s in samples]
+        first = samples[0]
     if any(s[:2] != first[:2] for s in samples):
         raise NotExtrapolable("an allocation or free differs between depths or blocks")
     if first[0] == "+":
@@ -395,8 +406,10 @@ class _Templates:
     """Everything the three shallow steps agree on, and what changes with depth (foreach costs
     outside the stack), evaluated at ``big_m`` units."""
 
-    def __init__(self, steps: list[_Shallow], big_m: int, traced: bool) -> None:
+    def __init__(self, steps: list[_Shallow], big_m: int, traced: bool,
+                 grows: Sequence | None = None) -> None:  # fmt: skip
         self.steps, self.big_m, self.traced = steps, big_m, traced
+        self.grows = grows  # `synthesize`'s: per step, the storage ids that may grow
         self.ms = [s.m for s in steps]
         self.ops = _template_runs([(s, s.runs) for s in steps], self._op)
         if traced:
@@ -453,7 +466,13 @@ class _Templates:
         slots = {id(s): s.slots[k] for s, k, _ in samples}
 
         def item(event_samples):
-            return _same_events([s.event(slots[id(s)][j], u) for s, j, u in event_samples])
+            line = None
+            if self.grows and all(
+                u is None and s.trace.events[slots[id(s)][j]][1] in self.grows[self.steps.index(s)]
+                for s, j, u in event_samples
+            ):
+                line = ([s.m for s, _, _ in event_samples], self.big_m)  # one per depth
+            return _same_events([s.event(slots[id(s)][j], u) for s, j, u in event_samples], line)
 
         return ("runs", _template_runs(instances, item))
 
@@ -547,7 +566,12 @@ def _walk(runs: list[tuple[str, list, list, list]], m: int) -> Iterator[tuple]:
 
 
 def synthesize(
-    records: list[StepRecord], depth: int, period: int, *, trace: bool = True
+    records: list[StepRecord],
+    depth: int,
+    period: int,
+    *,
+    trace: bool = True,
+    grows: Sequence | None = None,
 ) -> tuple[AllocationTrace | None, StepCounts | None, StepCounts | None]:
     """The trace and counts of the step at ``depth`` blocks from three shallow records.
 
@@ -556,6 +580,11 @@ def synthesize(
         depth: the real number of blocks, a multiple of ``period``.
         period: blocks per unit.
         trace: write the allocation trace out (False: the op counts only).
+        grows: per record, the ids of the storages (in its trace) that may grow with depth:
+            allocated and freed by ops outside the stack, their bytes exactly affine in the
+            units (DDP's flat copy of every module buffer, `parallel.rank_shortcut`, which
+            checks that the real depth makes them so too). None: every storage the same at
+            every depth.
 
     Returns:
         (the `AllocationTrace` of the tracked step or None, its `StepCounts` or None when its
@@ -572,7 +601,7 @@ def synthesize(
     synthesized, counts = None, None
     if trace or counted:
         steps = [_Shallow(r.ops, r if trace else None, r.depth, period) for r in records]
-        templates = _Templates(steps, big_m, traced=trace)
+        templates = _Templates(steps, big_m, traced=trace, grows=grows)
         synthesized, sequence = _write(templates, big_m, records[0].trace if trace else None)
         counts = _counts(sequence) if counted else None
     regular = None
