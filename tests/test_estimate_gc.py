@@ -84,3 +84,21 @@ def test_rows_do_not_depend_on_when_the_collector_runs(
               if paused.get(k) != forced.get(k)}  # fmt: skip
     assert not differ
     assert reference or paused["estimate_method"].startswith("extrapolated")
+
+
+@pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
+def test_rank_rows_do_not_depend_on_when_the_collector_runs(llama8, monkeypatch, parallel):
+    # the per-rank estimate pauses the collector the same way (parallel/estimate.py)
+    from velora_cli.parallel.estimate import ParallelEstimateBackend
+
+    spec = StepSpec(
+        model=llama8, batch_size=2, seq_len=32, world_size=2, parallel=parallel,
+        strategy=Strategy(placement="paper", num_groups=16),
+    )  # fmt: skip
+    paused = ParallelEstimateBackend(shortcuts=False).measure(spec)
+    monkeypatch.setattr(gcpause, "paused", collecting_often)
+    before = gc.get_stats()[0]["collections"]
+    forced = ParallelEstimateBackend(shortcuts=False).measure(spec)
+    assert gc.get_stats()[0]["collections"] > before + 100
+    assert paused["status"] == "ok", paused.get("error")
+    assert paused == forced

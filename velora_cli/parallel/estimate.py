@@ -29,6 +29,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from typing import Any
 
+from velora_cli import gcpause
 from velora_cli.estimate.backend import REFERENCE_ENV
 from velora_cli.measure import failed_row
 from velora_cli.measure.tracker import AllocationTrace
@@ -265,6 +266,7 @@ class ParallelEstimateBackend:
             try:
                 # attention kernels as torch picks them on this GPU, masks as the batches pad
                 with (
+                    gcpause.paused(),  # as an estimate row: collections walked the whole heap
                     target_gpu(self.gpu),
                     padded_batches(spec.padding, spec.real_tokens(), spec.packed_sequences),
                 ):
