@@ -8,6 +8,7 @@ than 2 % low. No torch.
 
 from __future__ import annotations
 
+import statistics
 from collections.abc import Iterable, Mapping
 from typing import Any
 
@@ -175,8 +176,7 @@ def repeat_spread(measured: Mapping[str, float], predicted: float | None) -> dic
         between the slowest and the fastest run, else its signed error against the nearer one).
     """
     values = sorted(measured.values())
-    n = len(values)
-    median = values[n // 2] if n % 2 else (values[n // 2 - 1] + values[n // 2]) / 2
+    median = statistics.median(values)
     out: dict[str, Any] = {
         "runs": list(measured),
         "min": values[0],
