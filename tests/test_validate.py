@@ -208,6 +208,19 @@ def test_mapping_is_data_driven():
     assert small.backend == {"cuda_warmup": 0, "cuda_steps": 1, "cuda_empty_cache": False}
 
 
+def test_autocast_over_half_weights_is_named_missing():
+    # the Trainer's bf16=True over torch_dtype=bfloat16 (fms-acceleration's 2024-09 rows): autocast
+    # without fp32 master weights, which StepSpec refuses (--amp wants --dtype fp32); the case is
+    # "not expressible" with that reason, not a failed estimate
+    setup = {**load_cases(ids=[SMALL])[0].setup, "dtype": "bfloat16", "amp": True,
+             "amp_dtype": "bfloat16"}  # fmt: skip
+    assert mapping.map_setup(setup).missing == [
+        "amp bf16 on bfloat16 weights (autocast without fp32 master weights)"
+    ]
+    fp32 = mapping.map_setup({**setup, "dtype": "float32"})
+    assert fp32.expressible and fp32.spec["amp"] == "bf16"
+
+
 def test_every_corpus_record_maps():
     cases = load_cases(default_corpus())
     assert len({c.id for c in cases}) == len(cases)

@@ -70,6 +70,16 @@ def _amp(setup: Mapping[str, Any]) -> str:
     return "bf16" if "bf16" in named or "bfloat16" in named else "fp16"
 
 
+def _amp_weights(setup: Mapping[str, Any]) -> Any:
+    """Autocast over half-precision weights (the Trainer's ``bf16=True`` with
+    ``torch_dtype=bfloat16``): ``"<amp> on <dtype>"``; SKIP without autocast or on fp32 weights
+    (AMP's usual fp32 master weights)."""
+    amp, dtype = _amp(setup), setup.get("dtype")
+    if amp == "off" or dtype in (None, "float32"):
+        return SKIP
+    return f"{amp} on {dtype}"
+
+
 def _padding(setup: Mapping[str, Any]) -> str:
     text = str(setup.get("padding") or "")
     return "none" if text.startswith("none") else text
@@ -146,6 +156,14 @@ RULES: tuple[Rule, ...] = (
         _amp,
         {"off": {}, "fp16": {"spec.amp": "fp16"}, "bf16": {"spec.amp": "bf16"}},
         lambda v: f"amp {v}",
+    ),
+    # velora's AMP keeps fp32 master weights (StepSpec: --amp with --dtype fp32); autocast over
+    # bf16/fp16 weights (no master copy, autocast's fp32 ops upcasting) is not planned yet
+    Rule(
+        "amp on half weights",
+        _amp_weights,
+        {SKIP: {}},
+        lambda v: f"amp {v} weights (autocast without fp32 master weights)",
     ),
     Rule(
         "optimizer",
