@@ -13,6 +13,7 @@ from velora_cli.allocator.device_memory import (
     LoadPlan,
     cublas_workspace_bytes,
     cuda_schedule,
+    device_capacity,
     device_memory_fields,
     estimate_error,
     expandable_saving,
@@ -533,3 +534,60 @@ def test_the_template_cases_cover_freed_loaded_storages_and_scratch():
     # projections), the bf16 case takes kernel scratch
     assert template_case(*GALORE)[0].freed_slots
     assert template_case(*SCRATCH)[0].scratch_count
+
+
+def _gpu_with_capacity(capacity: int):
+    """The H100's entry with a total that leaves ``capacity`` to the allocator after the context."""
+    import dataclasses
+
+    return dataclasses.replace(
+        H100, total_bytes=capacity + H100.context_bytes, total_source="a test's figure"
+    )
+
+
+def test_near_capacity_the_allocator_frees_its_cache_and_retries():
+    # The toy step reserves 294 MiB unlimited (test_the_cuda_schedule_replayed_by_hand) while
+    # 264 MiB are allocated at most. With 284 MiB reservable: in warm-up step 1 the 40 MiB
+    # temporary would take reserved from 254 to 294 MiB; cudaMalloc fails, the retry path frees
+    # the cached 30 MiB activation segment (224), and the temporary gets its segment: 264 MiB.
+    # Steps 2-3 reuse the cached 40 MiB blocks (the activation splits one): no growth.
+    # empty_cache leaves 184 MiB (parameter, workspaces, moments); timed step 1 repeats warm-up
+    # step 1's pattern and its retry (2 retries in all); timed step 2 reuses cached blocks.
+    # Reserved peaks at 264 MiB, within the 284 MiB, with nothing trapped.
+    capacity = 284 * M
+    gpu = _gpu_with_capacity(capacity)
+    fields = device_memory_fields(toy_trace(), gpu=gpu, environ=NO_ENV)
+    assert fields["device_capacity_bytes"] == capacity
+    assert fields["fits_device"] is True and fields["alloc_retries"] == 2
+    assert fields["predicted_reserved_bytes"] == 264 * M
+    assert fields["predicted_allocated_bytes"] == 264 * M  # what the step allocates is unchanged
+    assert fields["fragmentation_bytes"] == 0
+    assert fields["predicted_device_bytes"] == 264 * M + H100.context_bytes
+    assert fields["predicted_device_bytes"] <= gpu.total_bytes
+    assert fields["fits_device_expandable"] is True
+    assert fields["predicted_reserved_expandable_bytes"] <= capacity
+    assert "freed cached segments and retried" in fields["device_memory_notes"]
+    # far from the limit nothing changes: the H100's own total leaves the 294 MiB alone
+    roomy = device_memory_fields(toy_trace(), gpu=H100, environ=NO_ENV)
+    assert roomy["predicted_reserved_bytes"] == 294 * M
+    assert roomy["fits_device"] is True and roomy["alloc_retries"] == 0
+    assert "retried" not in roomy["device_memory_notes"]
+
+
+def test_a_step_over_capacity_does_not_fit_and_keeps_its_unlimited_figures():
+    # 250 MiB reservable: the 264 MiB allocated at once cannot fit however the cache is freed
+    # (an out-of-memory error on the card); the row says so and carries the unlimited replay.
+    fields = device_memory_fields(toy_trace(), gpu=_gpu_with_capacity(250 * M), environ=NO_ENV)
+    assert fields["fits_device"] is False and fields["fits_device_expandable"] is False
+    assert fields["predicted_reserved_bytes"] == 294 * M
+    assert fields["predicted_allocated_bytes"] == 264 * M
+    assert fields["predicted_device_bytes"] > fields["device_capacity_bytes"] + H100.context_bytes
+    assert "DOES NOT FIT" in fields["device_memory_notes"]
+
+
+def test_the_capacity_is_cudas_total_less_the_context():
+    t4 = get_gpu("t4")
+    capacity, source = device_capacity(t4, "12.8")
+    # fitcheck's T4: 15,636,365,312 B total (torch), 140.875 MiB context after a step
+    assert capacity == 15_636_365_312 - int(140.875 * M)
+    assert "measured" in source

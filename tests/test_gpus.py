@@ -470,3 +470,42 @@ def test_cuda_version_and_module_loading_are_checked():
         parse_cuda_version("cu128")
     with pytest.raises(ValueError, match="expected LAZY or EAGER"):
         GPUS["t4"].cuda_context("12.8", module_loading="sometimes")
+
+
+# -- total memory as CUDA reports it --------------------------------------------------------------
+
+
+def test_every_measured_total_has_its_source_and_the_rest_are_labelled():
+    measured = {k: g for k, g in GPUS.items() if g.total_bytes is not None}
+    assert {"t4", "a100-40gb", "a100-80gb", "h100", "l40s", "v100-16gb"} <= set(measured)
+    for gpu in measured.values():
+        total = gpu.device_total()
+        assert total.basis == "measured" and total.nbytes == gpu.total_bytes
+        assert "github" in gpu.total_source or "fitcheck" in gpu.total_source
+        # what CUDA reports lies near the datasheet's figure (ECC and driver regions aside)
+        assert 0.9 * gpu.memory_bytes < gpu.total_bytes < 1.1 * gpu.memory_bytes
+    for gpu in GPUS.values():
+        if gpu.total_bytes is None:
+            total = gpu.device_total()
+            assert total.basis == "not measured" and "not measured" in total.source
+            # the rule takes the lowest measured ratio: never above a measured GPU's ratio
+            assert all(
+                total.nbytes / gpu.memory_bytes <= m.total_bytes / m.memory_bytes + 1e-9
+                for m in measured.values()
+            )
+
+
+def test_totals_are_cudas_not_the_datasheets():
+    import json
+    from pathlib import Path
+
+    # fitcheck measured its T4 (torch total_memory, ECC on): below the datasheet's 16 GB
+    corpus = Path(__file__).resolve().parents[1] / "validation/published/fitcheck_t4.json"
+    records = json.loads(corpus.read_text())["records"]
+    totals = {r["gpu_total_bytes"] for r in records if r.get("gpu_total_bytes")}
+    assert totals == {GPUS["t4"].device_total().nbytes}
+    assert GPUS["t4"].device_total().nbytes < GPUS["t4"].memory_bytes
+    # the A100 80GB's HBM is 80 GiB; CUDA reports 79.1-79.4 GiB of it, above the nominal 80e9
+    a100 = GPUS["a100-80gb"].device_total().nbytes
+    assert GPUS["a100-80gb"].memory_bytes < a100 < 80 * GiB
+    assert GPUS["a100-40gb"].device_total().nbytes == 42_298_834_944  # deviceQuery's bytes

@@ -184,6 +184,16 @@ class CudaContext:
         return self.basis == "measured"
 
 
+@dataclass(frozen=True)
+class DeviceTotal:
+    """A GPU's total memory as CUDA reports it, and whether a reading was published
+    (``basis`` "measured") or a stated rule gave it ("not measured")."""
+
+    nbytes: int
+    basis: str
+    source: str
+
+
 def parse_cuda_version(version: str | tuple[int, int] | None) -> tuple[int, int] | None:
     """``"12.8"``, ``"12.8.1"`` or ``(12, 8)`` as ``(12, 8)``; None stays None.
 
@@ -251,6 +261,31 @@ class GpuSpec:
     # bytes/s, one direction: an upper bound (`PCIE_LINKS`; `HOST_LINK_NOTE` says why)
     host_link_bandwidth: float | None = None
     host_link_source: str | None = None
+    # the device's total memory as CUDA reports it (cudaMemGetInfo's total, torch's
+    # ``get_device_properties().total_memory``), where a published reading exists, with its source;
+    # None: not measured (`device_total` then applies a stated rule)
+    total_bytes: int | None = None
+    total_source: str | None = None
+
+    def device_total(self) -> DeviceTotal:
+        """The device's memory as CUDA reports it (what the caching allocator and the CUDA context
+        share), with where the figure comes from.
+
+        A published reading when the table has one (``basis`` "measured"); else the nominal
+        memory times the lowest measured/nominal ratio among the table's measured GPUs (``basis``
+        "not measured"): the lower side, so that a fit verdict says "won't fit" earlier rather
+        than later.
+        """
+        if self.total_bytes is not None:
+            return DeviceTotal(self.total_bytes, "measured", self.total_source or "")
+        ratio, ref = lowest_total_ratio()
+        return DeviceTotal(
+            int(self.memory_bytes * ratio),
+            "not measured",
+            f"not measured for {self.name}: nominal {self.memory_bytes / GB:g} GB x {ratio:.4f}, "
+            f"the lowest total/nominal ratio among the measured GPUs of this table ({ref}; a "
+            "lower capacity is the safe side for a fit verdict)",
+        )
 
     def cuda_context(
         self,
@@ -397,6 +432,17 @@ SM_SOURCE = (
     "pytorch/ao#4002: NVIDIA publishes no per-GPU SM count for it)"
 )
 
+# torch's OOM message on an H100 80GB (form factor not stated): "GPU 0 has a total capacity of
+# 79.11 GiB" (github vllm-project/vllm#27508); the lowest total that prints so is taken. It is
+# carried to the PCIe part, whose HBM is the same 80 GB.
+_TOTAL_H100 = int(79.105 * GiB)
+_TOTAL_H100_SOURCE = (
+    "torch's OOM message 'GPU 0 has a total capacity of 79.11 GiB' on an H100 80GB (github "
+    "vllm-project/vllm#27508; form factor not stated); the lowest total that prints as 79.11 "
+    "(79.105 GiB) is taken. nvidia-smi's 81559MiB total (modal-labs/modal-client#2797) is not what "
+    "CUDA reports"
+)
+
 GPUS: dict[str, GpuSpec] = {
     g.key: g
     for g in (
@@ -412,6 +458,8 @@ GPUS: dict[str, GpuSpec] = {
             source=_DATASHEET.format("H100 Tensor Core GPU"),
             aliases=("h100-sxm", "h100-sxm5", "h100-80gb"),
             chip="GH100",
+            total_bytes=_TOTAL_H100,
+            total_source=_TOTAL_H100_SOURCE,
             **_link("PCIe 5.0 x16", "H100 datasheet: 'PCIe Gen5: 128GB/s' (both directions)"),
         ),
         GpuSpec(
@@ -425,6 +473,8 @@ GPUS: dict[str, GpuSpec] = {
             dense_flops=_tflops(bf16=756.5, fp16=756.5, tf32=378.0, fp32=51.2),
             source=_DATASHEET.format("H100 Tensor Core GPU"),
             chip="GH100",
+            total_bytes=_TOTAL_H100,
+            total_source=_TOTAL_H100_SOURCE,
             **_link("PCIe 5.0 x16", "H100 datasheet: 'PCIe Gen5: 128GB/s' (both directions)"),
         ),
         GpuSpec(
@@ -476,6 +526,13 @@ GPUS: dict[str, GpuSpec] = {
             source=_DATASHEET.format("A100 Tensor Core GPU"),
             aliases=("a100", "a100-80g", "a100-sxm"),
             chip="GA100",
+            total_bytes=int(79.135 * GiB),
+            total_source="torch's OOM message 'GPU 0 has a total capacity of 79.14 GiB' on an A100 "
+            "80GB (github lianqi1008/Control-GIC#6); the lowest total that prints as 79.14 "
+            "(79.135 GiB) is taken. Others agree: mixbench on an A100 80GB PCIe, driver 12.3, "
+            "'Total global mem: 81049 MB' (= 79.15 GiB; ekondis/mixbench#47); '79.25 GiB total "
+            "capacity' (levihsu/OOTDiffusion#235). nvidia-smi's 81920MiB total (modal-labs/"
+            "modal-client#2797) is not what CUDA reports",
             **_link("PCIe 4.0 x16", "A100 datasheet: 'PCIe Gen4: 64 GB/s' (both directions)"),
         ),
         GpuSpec(
@@ -490,6 +547,9 @@ GPUS: dict[str, GpuSpec] = {
             source=_DATASHEET.format("A100 Tensor Core GPU"),
             aliases=("a100-40g",),
             chip="GA100",
+            total_bytes=42_298_834_944,
+            total_source="deviceQuery on an A100-SXM4-40GB, driver 12.2: 'Total amount of global "
+            "memory: 40339 MBytes (42298834944 bytes)' (github bottlerocket-os/bottlerocket#3873)",
             **_link("PCIe 4.0 x16", "A100 datasheet: 'PCIe Gen4: 64 GB/s' (both directions)"),
         ),
         GpuSpec(
@@ -503,6 +563,10 @@ GPUS: dict[str, GpuSpec] = {
             dense_flops=_tflops(bf16=362.05, fp16=362.05, tf32=183.0, fp32=91.6),
             source=_DATASHEET.format("L40S GPU"),
             chip="AD102",
+            total_bytes=int(44.415 * GiB),
+            total_source="torch's OOM message 'GPU has a total capacity of 44.42 GiB' on 8 x L40S "
+            "(github stepfun-ai/Step-Video-T2V#8); the lowest total that prints as 44.42 "
+            "(44.415 GiB) is taken",
             **_link("PCIe 4.0 x16", "L40S datasheet: 'PCIe Gen4 x16: 64GB/s bidirectional'"),
         ),
         GpuSpec(
@@ -599,6 +663,9 @@ GPUS: dict[str, GpuSpec] = {
             # also fits the 32 GB one (their throughputs are the same)
             aliases=("v100", "v100-16g", "v100-sxm2", "v100-sxm2-16gb", "tesla-v100"),
             chip="GV100",
+            total_bytes=int(15.775 * GiB),
+            total_source="torch's OOM message '15.78 GiB total capacity' on a 16G V100 (github "
+            "kchengiva/Shift-GCN#34); the lowest total that prints as 15.78 (15.775 GiB) is taken",
             **_link(
                 "PCIe 3.0 x16",
                 "NVIDIA Tesla V100 GPU architecture whitepaper: GV100's host "
@@ -620,6 +687,10 @@ GPUS: dict[str, GpuSpec] = {
             "tensor cores before Ampere",
             aliases=("v100-32g", "v100-sxm2-32gb"),
             chip="GV100",
+            total_bytes=int(31.735 * GiB),
+            total_source="torch's OOM message '31.74 GiB total capacity' on a V100 32GB (github "
+            "liucongg/ChatGLM-Finetuning#73); the lowest total that prints as 31.74 (31.735 GiB) "
+            "is taken",
             **_link(
                 "PCIe 3.0 x16",
                 "NVIDIA Tesla V100 GPU architecture whitepaper: GV100's host "
@@ -642,6 +713,9 @@ GPUS: dict[str, GpuSpec] = {
             aliases=("tesla-t4", "nvidia-t4", "t4-16gb"),
             notes=("the driver reports 14,912 MiB usable with ECC on (fitcheck's T4 sessions)",),
             chip="TU104",
+            total_bytes=15_636_365_312,
+            total_source="fitcheck (github Anassbzdd/fitcheck) data/measurements: gpu_total_bytes "
+            "15636365312 (torch total_memory, ECC on; validation/published/fitcheck_t4.json)",
             **_link("PCIe 3.0 x16", "T4 datasheet: 'x16 PCIe Gen3'"),
         ),
         GpuSpec(
@@ -672,6 +746,10 @@ GPUS: dict[str, GpuSpec] = {
             "fp32 accumulation, dense)",
             aliases=("4090", "rtx-4090"),
             chip="AD102",
+            total_bytes=int(23.635 * GiB),
+            total_source="torch's OOM message 'GPU 0 has a total capacty of 23.64 GiB' on an RTX "
+            "4090 (github 3DTopia/Phidias-Diffusion#8; zai-org/CogVideo#36 read 23.68 GiB); the "
+            "lowest total that prints as 23.64 (23.635 GiB) is taken",
             **_link("PCIe 4.0 x16", "NVIDIA GeForce RTX 4090 specifications: PCIe Gen 4"),
         ),
         GpuSpec(
@@ -810,6 +888,14 @@ def _lookup() -> dict[str, str]:
         for name in (key, *gpu.aliases):
             assert table.setdefault(name, key) == key, f"{name!r} names {table[name]} and {key}"
     return table
+
+
+def lowest_total_ratio() -> tuple[float, str]:
+    """The lowest measured total / nominal memory among the table's GPUs, and which GPU it is
+    (`GpuSpec.device_total`'s rule for a GPU without a reading)."""
+    measured = [g for g in GPUS.values() if g.total_bytes is not None]
+    gpu = min(measured, key=lambda g: g.total_bytes / g.memory_bytes)
+    return gpu.total_bytes / gpu.memory_bytes, f"{gpu.name}: {gpu.total_bytes:,} B measured"
 
 
 def get_gpu(name: str | None) -> GpuSpec:

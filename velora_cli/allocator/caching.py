@@ -124,6 +124,9 @@ class AllocatorStats:
     segments: int  # segments (expandable: mapped ranges are not counted) held at the end
     device_allocs: int  # cudaMalloc calls (expandable: page mappings)
     device_frees: int
+    # times a malloc over ``capacity`` freed cached segments and tried again (both steps of the
+    # retry path count; PyTorch's ``num_alloc_retries`` counts the ``release_cached_blocks`` one)
+    alloc_retries: int = 0
 
     @property
     def fragmentation_bytes(self) -> int:
@@ -163,6 +166,7 @@ class CachingAllocator:
         self.allocated = self.reserved = 0
         self.peak_allocated = self.peak_reserved = self.allocated_at_peak = 0
         self.segments = self.device_allocs = self.device_frees = 0
+        self.alloc_retries = 0  # the OOM retry path's releases of cached segments
         # growing down: the lowest address handed out yet; up: the end of the highest segment
         self._next_addr = FIRST_SEGMENT_ADDRESS
         self._rounded: dict[int, int] = {}  # request -> round_size (a replay repeats its sizes)
@@ -189,8 +193,10 @@ class CachingAllocator:
             alloc_size = self._allocation_size(size)
             block = self._alloc_block(pool, size, alloc_size)
             if block is None and self._release_available_cached_blocks(pool, size):
+                self.alloc_retries += 1
                 block = self._alloc_block(pool, size, alloc_size)
             if block is None:
+                self.alloc_retries += 1
                 self.empty_cache()
                 block = self._alloc_block(pool, size, alloc_size)
             if block is None:
@@ -297,6 +303,7 @@ class CachingAllocator:
             segments=self.segments + sum(len(s) for s in self.expandable.values()),
             device_allocs=self.device_allocs,
             device_frees=self.device_frees,
+            alloc_retries=self.alloc_retries,
         )
 
     # -- the C++ helpers -----------------------------------------------------------------------

@@ -35,6 +35,7 @@ from velora_cli.allocator.caching import (
     FREE,
     REPEAT,
     RESET_PEAK,
+    AllocatorOutOfMemory,
     Event,
     simulate,
 )
@@ -62,6 +63,30 @@ def cublas_workspace_bytes(gpu: GpuSpec, environ: Mapping[str, str] | None = Non
     if pairs:
         return sum(int(size) * 1024 * int(count) for size, count in pairs)
     return gpu.cublas_workspace_bytes
+
+
+def device_capacity(gpu: GpuSpec, cuda_version: str | None = None) -> tuple[int, str]:
+    """What the caching allocator can reserve on ``gpu``: the device's total as CUDA reports it
+    (`GpuSpec.device_total`) less the CUDA context (`GpuSpec.cuda_context`), and where both
+    figures come from. cudaMalloc fails beyond it, and the allocator's OOM retry path frees its
+    cache (allocator/caching.py)."""
+    total, context = gpu.device_total(), gpu.cuda_context(cuda_version)
+    source = (
+        f"{format_bytes(total.nbytes)} total as CUDA reports it ({total.basis}: {total.source}) "
+        f"- CUDA context {format_bytes(context.nbytes)} ({context.basis})"
+    )
+    return total.nbytes - context.nbytes, source
+
+
+def replay_within(events, config: AllocatorConfig, capacity: int):
+    """`simulate` with the device's ``capacity``: (statistics, fits). A step that runs out even
+    after the allocator frees its cache does not fit; it is replayed again without a capacity, so
+    its figures say how much it would take (then above the card). ``events`` is replayed twice
+    then, so it must be re-iterable (a `Schedule` or a list)."""
+    try:
+        return simulate(events, config, capacity=capacity), True
+    except AllocatorOutOfMemory:
+        return simulate(events, config), False
 
 
 class _Keys:
@@ -483,14 +508,24 @@ def device_memory_fields(
         ``predicted_reserved_bytes`` (max_memory_reserved), ``fragmentation_bytes``, the same
         two with ``expandable_segments:True``, ``predicted_device_bytes`` (+ the CUDA context;
         NVML's used memory) and its expandable counterpart, the constants used and
-        ``device_memory_notes`` saying what is modelled and what is a constant.
+        ``device_memory_notes`` saying what is modelled and what is a constant. Both replays
+        run within ``device_capacity_bytes`` (`device_capacity`: the card's total less the
+        context), as the real allocator does: near the limit cudaMalloc fails and the allocator
+        frees its cache and retries (``alloc_retries``; reserved then stays within the card).
+        ``fits_device`` (``fits_device_expandable``) is False when even that fails: the step
+        does not fit the card, and the figures are the replay without a limit.
     """
     config = config or AllocatorConfig()
     workspace = cublas_workspace_bytes(gpu, environ)
     schedule = Schedule(trace, workspace=workspace, scratch=scratch, warmup=warmup, steps=steps,
                         empty_cache=empty_cache, load=load)  # fmt: skip
-    base = simulate(schedule, config)
-    grown = simulate(schedule, config.with_expandable_segments(True)) if expandable else None
+    capacity, capacity_source = device_capacity(gpu, cuda_version)
+    base, fits = replay_within(schedule, config, capacity)
+    grown, grown_fits = (
+        replay_within(schedule, config.with_expandable_segments(True), capacity)
+        if expandable
+        else (None, None)
+    )
     cuda_context = gpu.cuda_context(cuda_version)
     context = cuda_context.nbytes
     scratch_at = scratch_positions(trace, scratch or {})
@@ -505,8 +540,24 @@ def device_memory_fields(
             else ""
         )
         + f") + CUDA context {format_bytes(context)} (constant for {gpu.key}: "
-        f"{cuda_context.source})"
+        f"{cuda_context.source}); replayed within what the allocator can reserve, "
+        f"{format_bytes(capacity)} = {capacity_source}"
     )
+    if not fits:
+        notes += (
+            f"; DOES NOT FIT: the step needs more than the {format_bytes(capacity)} the allocator "
+            f"can reserve on {gpu.name} even after it frees its cache (cudaMalloc fails, the "
+            "retry path frees cached segments, the retry fails: an out-of-memory error); the "
+            "figures are the replay without that limit"
+        )
+    elif base.alloc_retries:
+        notes += (
+            f"; near the card's limit: cudaMalloc failed {base.alloc_retries} time(s) in the "
+            "replay and the allocator freed cached segments and retried (reserved held at "
+            f"most at {format_bytes(capacity)}; the real run slows down with each such retry)"
+        )
+    if grown is not None and not grown_fits:
+        notes += "; with expandable_segments:True it does not fit either (figures without limit)"
     fields = {
         "predicted_allocated_bytes": base.peak_allocated_bytes,
         "predicted_reserved_bytes": base.peak_reserved_bytes,
@@ -518,6 +569,11 @@ def device_memory_fields(
     fields["predicted_device_bytes"] = base.peak_reserved_bytes + context
     if grown is not None:
         fields["predicted_device_expandable_bytes"] = grown.peak_reserved_bytes + context
+    fields["device_capacity_bytes"] = capacity
+    fields["fits_device"] = fits
+    fields["alloc_retries"] = base.alloc_retries
+    if grown is not None:
+        fields["fits_device_expandable"] = grown_fits
     return {
         **fields,
         "cuda_context_bytes": context,

@@ -81,6 +81,10 @@ def job_row(spec, rank_rows: list[dict[str, Any]], *, backend: str) -> dict[str,
         values = [r[key] for r in rank_rows if r.get(key) is not None]
         if values:
             row[key] = max(values)
+    for key in ("fits_device", "fits_device_expandable"):  # the job fits when every rank does
+        flags = [r[key] for r in rank_rows if r.get(key) is not None]
+        if flags:
+            row[key] = all(flags)
     times = [r.get("step_seconds") for r in rank_rows]
     if all(t is not None for t in times):
         step = max(times)

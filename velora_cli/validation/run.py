@@ -192,7 +192,9 @@ def _predict_case(case, mapped, out, dirs, backends, predict) -> None:
     if case.outcome is not None and "device_bytes" in out["predicted"]:
         total = case.record.get("gpu_total_bytes")
         if total:
-            fits = out["predicted"]["device_bytes"] <= total
+            # fits_device False: the replay ran out of the card's memory even after the
+            # allocator freed its cache (its figures are then the replay without a limit)
+            fits = out["predicted"]["device_bytes"] <= total and row.get("fits_device") is not False
             out["verdict"] = {
                 "outcome": case.outcome,
                 "predicted_fits": fits,
