@@ -11,7 +11,11 @@ of that architecture's whitepaper) and the source says so.
 
 Memory is the advertised capacity (datasheet "GB", taken as 10^9 bytes); the driver reports a
 little less as usable (ECC, reserved regions), so a budget taken from this table is labelled as
-nominal.
+nominal. What CUDA reports (cudaMemGetInfo's total: below the nominal figure on a T4 with ECC,
+above it on an A100 or H100 80GB, whose 80 GiB of HBM are more than 80e9 bytes) is
+`GpuSpec.total_bytes`, a published reading with its source where one was found;
+`GpuSpec.device_total` gives it, or a stated lower figure labelled as not measured. The device
+memory model replays the allocator within it, less the CUDA context.
 
 Beyond the caching allocator's segments a training process holds the CUDA context (driver state
 and the kernels loaded, lazily since CUDA 11.7) and per-thread cuBLAS workspaces; the latter are

@@ -13,6 +13,10 @@ untimed step that counts saved tensors; ``empty_cache()``; ``reset_peak_memory_s
 steps. Every step replays the one traced step (`AllocationTrace`), with the kernel scratch of
 kernel_scratch.py inserted after the outputs of the ops that take it.
 
+The replay runs within what the allocator can reserve on the GPU (`device_capacity`: the total
+CUDA reports less the context): near that limit the allocator's OOM retry path frees its cache,
+as the real one does, and a step that runs out even then is reported as not fitting.
+
 `device_memory_fields` is a function of one trace, so a caller that estimates from a shallower
 model (fewer layers) can call it on that trace. `estimate_error` compares a prediction with what
 a cuda row measured.
