@@ -346,3 +346,26 @@ def test_implied_gemm_efficiency_is_relative_to_the_one_in_use():
     assert implied_efficiency(3.0, 2.0, {"gemm": 1.0, "elementwise": 1.0})[
         "gemm_efficiency"
     ] == pytest.approx(GEMM_EFFICIENCY / 2)
+
+
+def test_a_step_that_does_not_fit_after_the_cache_is_freed_is_an_oom_verdict(tmp_path):
+    # The estimate row says the replay ran out of the card even after freeing the cache
+    # (fits_device False); its device figure, from loading to the reset, can still read below
+    # the card's total: the verdict follows fits_device, not the figure alone.
+    record = _record("s/edge", {})
+    record["outcome"], record["gpu_total_bytes"] = "oom", 10 * 2**30
+    cases = load_cases(_corpus(tmp_path, [record]))
+
+    def predict(fits):
+        return lambda case, mapped, spec: {
+            "status": "ok",
+            "predicted_allocated_bytes": 2**30,
+            "predicted_reserved_bytes": 2**30,
+            "predicted_device_bytes": 2 * 2**30,
+            "fits_device": fits,
+        }
+
+    verdict = validate(cases, predict=predict(False))["cases"][0]["verdict"]
+    assert verdict["predicted_fits"] is False and verdict["agrees"] is True
+    verdict = validate(cases, predict=predict(True))["cases"][0]["verdict"]
+    assert verdict["predicted_fits"] is True and verdict["agrees"] is False
