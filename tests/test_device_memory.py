@@ -591,3 +591,25 @@ def test_the_capacity_is_cudas_total_less_the_context():
     # fitcheck's T4: 15,636,365,312 B total (torch), 140.875 MiB context after a step
     assert capacity == 15_636_365_312 - int(140.875 * M)
     assert "measured" in source
+
+
+def test_a_harness_that_never_resets_its_peaks():
+    # fms-acceleration reads max_memory_allocated once after train(): no reset, so the peaks
+    # cover the load and every step (validation/published/fms_*.json, setup.loop.peak_reset)
+    kept = cuda_schedule(toy_trace(), workspace=32 * M, warmup=1, steps=1, empty_cache=False)
+    whole = cuda_schedule(toy_trace(), workspace=32 * M, warmup=1, steps=1, empty_cache=False,
+                          reset_peak=False)  # fmt: skip
+    assert RESET_PEAK in [k for k, _, _ in kept]
+    assert whole == [e for e in kept if e[0] != RESET_PEAK]
+    # a load transient above the step's peak (a 100 MiB fp16 weight staged for quantization):
+    # the step after a reset peaks at 52.75 MiB allocated (test above's trace), the whole run at
+    # the load's 100 + 6 + 0.75 MiB; reserved keeps the load's segments either way (122 MiB)
+    plan = LoadPlan(staged={6 * M: (100 * M, (3 * M // 4,))}, upcast={})
+    trace = quantized_load_trace()
+    after_reset = simulate(cuda_schedule(trace, workspace=0, warmup=0, steps=1,
+                                         empty_cache=False, load=plan))  # fmt: skip
+    run = simulate(cuda_schedule(trace, workspace=0, warmup=0, steps=1, empty_cache=False,
+                                 load=plan, reset_peak=False))  # fmt: skip
+    assert after_reset.peak_allocated_bytes == 52 * M + 3 * M // 4
+    assert run.peak_allocated_bytes == 106 * M + 3 * M // 4
+    assert run.peak_reserved_bytes == after_reset.peak_reserved_bytes == 122 * M

@@ -206,6 +206,10 @@ def test_mapping_is_data_driven():
                           "lora_targets": "q_proj,k_proj,v_proj,o_proj"}  # fmt: skip
     assert small.strategy == {"gc": True}
     assert small.backend == {"cuda_warmup": 0, "cuda_steps": 1, "cuda_empty_cache": False}
+    # a loop whose peaks are never reset (fms-acceleration's) replays without RESET_PEAK
+    setup = load_cases(ids=[SMALL])[0].setup
+    whole = {**setup, "loop": {**setup["loop"], "peak_reset": False}}
+    assert mapping.map_setup(whole).backend == {**small.backend, "cuda_reset_peak": False}
 
 
 def test_autocast_over_half_weights_is_named_missing():

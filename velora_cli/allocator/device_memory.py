@@ -388,6 +388,7 @@ def cuda_schedule(
     steps: int = CUDA_STEPS,
     empty_cache: bool = True,
     load: LoadPlan | None = None,
+    reset_peak: bool = True,
 ) -> list[Event]:
     """The allocator events of a cuda-backend row, built from one traced step.
 
@@ -400,11 +401,14 @@ def cuda_schedule(
         empty_cache: the harness empties the cache before the peak is reset (the cuda backend
             does); False: the pool the warm-up grew is still reserved when measuring starts.
         load: the loader's transients (`LoadPlan`; None: each storage allocated once).
+        reset_peak: the harness resets the peak counters after the warm-up (the cuda backend
+            does); False: its peaks cover the whole run from the load (a published run that
+            reads ``max_memory_allocated`` once after training).
 
     Returns:
         Load, ``warmup`` + 1 steps (the first creates the optimizer state and the workspaces),
-        EMPTY_CACHE (with ``empty_cache``), RESET_PEAK, ``steps`` steps, each after a REPEAT
-        marker.
+        EMPTY_CACHE (with ``empty_cache``), RESET_PEAK (with ``reset_peak``), ``steps`` steps,
+        each after a REPEAT marker.
     """
     return list(
         Schedule(
@@ -415,6 +419,7 @@ def cuda_schedule(
             steps=steps,
             empty_cache=empty_cache,
             load=load,
+            reset_peak=reset_peak,
         )  # fmt: skip
     )
 
@@ -434,9 +439,10 @@ class Schedule:
         steps: int = CUDA_STEPS,
         empty_cache: bool = True,
         load: LoadPlan | None = None,
+        reset_peak: bool = True,
     ) -> None:
         self.trace, self.workspace, self.warmup, self.steps = trace, workspace, warmup, steps
-        self.empty_cache = empty_cache
+        self.empty_cache, self.reset_peak = empty_cache, reset_peak
         self.keys = _Keys(trace)
         self.scratch_at = scratch_positions(trace, scratch or {})
         self.parts: list[list[Event]] = [load_events(trace, self.keys, load)]
@@ -461,7 +467,8 @@ class Schedule:
         self.parts.append(events)
         if step == warm - 1:
             empty = [(EMPTY_CACHE, 0, 0)] if self.empty_cache else []
-            self.parts.append([*empty, (RESET_PEAK, 0, 0)])
+            reset = [(RESET_PEAK, 0, 0)] if self.reset_peak else []
+            self.parts.append([*empty, *reset])
         self._next += 1
         return True
 
@@ -489,6 +496,7 @@ def device_memory_fields(
     empty_cache: bool = True,
     cuda_version: str | None = None,
     load: LoadPlan | None = None,
+    reset_peak: bool = True,
 ) -> dict[str, Any]:
     """The device-level prediction of one row, from its traced step.
 
@@ -499,8 +507,8 @@ def device_memory_fields(
         expandable: also replay with ``expandable_segments:True`` (the ``*_expandable_*``
             fields; a tune, which compares the budget with the default settings, leaves it out).
         scratch: op name -> kernel scratch sizes (kernel_scratch.scratch_for_model).
-        warmup, steps, empty_cache: the schedule of the run predicted (default: the cuda
-            backend's; `cuda_schedule`).
+        warmup, steps, empty_cache, reset_peak: the schedule of the run predicted (default: the
+            cuda backend's; `cuda_schedule`).
         cuda_version: the CUDA runtime of the run (``torch.version.cuda``): the context figure
             for that version (`GpuSpec.cuda_context`); None: the GPU's figure for a current CUDA.
         environ: where ``CUBLAS_WORKSPACE_CONFIG`` is read (default: os.environ).
@@ -522,7 +530,7 @@ def device_memory_fields(
     config = config or AllocatorConfig()
     workspace = cublas_workspace_bytes(gpu, environ)
     schedule = Schedule(trace, workspace=workspace, scratch=scratch, warmup=warmup, steps=steps,
-                        empty_cache=empty_cache, load=load)  # fmt: skip
+                        empty_cache=empty_cache, load=load, reset_peak=reset_peak)  # fmt: skip
     capacity, capacity_source = device_capacity(gpu, cuda_version)
     base, fits = replay_within(schedule, config, capacity)
     grown, grown_fits = (

@@ -66,6 +66,9 @@ class EstimateBackend:
     cuda_steps: int = 5
     # a harness that does not empty the cache before measuring (validation's published runs)
     cuda_empty_cache: bool = True
+    # a harness whose peaks cover the whole run (no reset after the warm-up; validation's
+    # published runs that read the peaks once after training)
+    cuda_reset_peak: bool = True
     # the CUDA runtime of the run predicted (torch.version.cuda, e.g. "12.8"): the context figure
     # for that version (GpuSpec.cuda_context); None: the GPU's figure for a current CUDA
     cuda_version: str | None = None
@@ -225,6 +228,7 @@ class EstimateBackend:
             steps=self.cuda_steps,
             expandable=self.expandable,
             empty_cache=self.cuda_empty_cache,
+            reset_peak=self.cuda_reset_peak,
             cuda_version=self.cuda_version,
             load=load,
         )

@@ -283,6 +283,12 @@ RULES: tuple[Rule, ...] = (
         lambda v: f"empty_cache before measuring: {v}",
     ),
     Rule(
+        "peak reset",
+        _loop("peak_reset"),
+        {None: {}, True: {}, False: {"backend.cuda_reset_peak": False}},
+        lambda v: f"peak counters reset after the warm-up: {v}",
+    ),
+    Rule(
         "torch version",
         _get("torch_version"),
         {None: {}, SKIP: {}, "1.10": {"spec.torch_version": "1.10"}},
