@@ -450,3 +450,39 @@ def test_a_ddp_rank_row_from_another_process_is_reused(monkeypatch, wide12):
     for row in (again, ref):
         row.pop("estimate_method")
     assert again == ref
+
+
+# -- warmed ranks shared by candidates differing in micro-batch size (fake.WarmRanks) ------------
+
+
+def test_warmed_ranks_shared_across_micro_batch_sizes_give_the_reference_rows(llama20):
+    # A tune asks for FSDP2 jobs interleaved, each at several micro-batch sizes (batch 4 as 4x1,
+    # 2x2, 1x4): the fast path keeps each shallow rank warmed and steps it again at the next
+    # size. Every row must be the reference path's (fresh ranks at the real depth), byte for
+    # byte, and the kept ranks must have been used (else this checks nothing).
+    from velora_cli.parallel.fake import WarmRanks
+
+    def spec(parallel, accum, strategy):
+        return StepSpec(
+            model=llama20, batch_size=4, seq_len=32, grad_accum_steps=accum, world_size=2,
+            parallel=parallel, strategy=Strategy(**strategy),
+        )  # fmt: skip
+
+    specs = [spec("fsdp", 1, {**VELORA, "gc": True}), spec("fsdp-no-reshard", 2, {}),
+             spec("fsdp", 4, {**VELORA, "gc": True})]  # fmt: skip
+    fast = ParallelEstimateBackend(expandable=False, ranks=(0,))  # rank 0, as the tune asks
+    fast.keep_warm()
+    rows = [fast.measure(s) for s in specs]
+    kept = fast.shortcut().warm
+    assert kept.reused == 3  # the second fsdp job: its three shallow ranks
+    # the reference path opens its own fake world: the kept one is closed first
+    reference = ParallelEstimateBackend(expandable=False, ranks=(0,), shortcuts=False)
+    refs = [reference.measure(s) for s in specs]
+    assert WarmRanks._held is None and not kept.entries
+    for row, ref in zip(rows, refs, strict=True):
+        assert row["status"] == "ok", row.get("error")
+        assert row.pop("estimate_method").startswith("extrapolated from 4, 6, 8")
+        ref.pop("estimate_method")
+        assert row == ref and list(row) == list(ref)
+    fast.release()
+    assert fast.shortcut().warm is None

@@ -95,6 +95,7 @@ def estimate_rank(
                 prepared,
             ),
             warmup=warmup,
+            warm=getattr(shortcut, "warm", None),
         )
     device_trace = trace
     if spec.cpu_offload:
@@ -222,6 +223,7 @@ class ParallelEstimateBackend:
         )
         self.gpu, self.alloc_conf = self.device.gpu, self.device.alloc_conf
         self._shortcut = None
+        self._keep_warm = False  # `keep_warm`
 
     def shortcut(self):
         """The `rank_shortcut.RankShortcuts` of this backend (None on the reference path)."""
@@ -229,7 +231,32 @@ class ParallelEstimateBackend:
             from velora_cli.parallel.rank_shortcut import RankShortcuts
 
             self._shortcut = RankShortcuts(self.device.fast_path())
+            self._shortcut.warm = self._warm()
         return self._shortcut
+
+    def keep_warm(self) -> None:
+        """Keep warmed FSDP2 ranks between estimates (`fake.WarmRanks`: a candidate differing
+        only in micro-batch size is stepped on the rank already warmed) until `release`; the
+        fast path's alone. The caller must `release` before anything else in the process
+        opens a process group or runs a step that looks for one (the tune's estimator does,
+        once its estimates are done)."""
+        self._keep_warm = True
+        if self._shortcut is not None and self._shortcut.warm is None:
+            self._shortcut.warm = self._warm()
+
+    def _warm(self):
+        """A `fake.WarmRanks` for this backend's shortcut, once `keep_warm` asked for one."""
+        from velora_cli.parallel.fake import WarmRanks
+
+        return WarmRanks() if self._keep_warm else None
+
+    def release(self) -> None:
+        """Forget the warmed ranks and close their fake process group (`keep_warm`)."""
+        shortcut = self._shortcut
+        self._keep_warm = False
+        if shortcut is not None and shortcut.warm is not None:
+            shortcut.warm.release()
+            shortcut.warm = None
 
     def _rank_row(self, spec: StepSpec, rank: int, breakdown: bool) -> dict[str, Any]:
         """`estimate_rank`'s row, or a DDP rank's row already made at another world size."""

@@ -76,6 +76,7 @@ def fake_world(world_size: int, rank: int) -> Iterator[None]:
     import torch.distributed as dist
     from torch.testing._internal.distributed.fake_pg import FakeStore
 
+    WarmRanks.release_held()  # a world kept open for warm ranks (`WarmRanks`) is closed first
     if dist.is_initialized():
         raise RuntimeError("a process group is already initialized; the estimate needs its own")
     dist.init_process_group("fake", store=FakeStore(), rank=rank, world_size=world_size)
@@ -152,6 +153,7 @@ def run_rank(
     *,
     warmup: int = 1,
     model_spec: Any = None,
+    warm: WarmRanks | None = None,
 ) -> T:
     """Build rank ``rank`` of ``spec``'s job on fake tensors, shard and warm it up, and return
     ``body(prepared, roles)`` (the tracked step), still inside the fake world.
@@ -159,22 +161,142 @@ def run_rank(
     Args:
         model_spec: the resolved model to build (the depth shortcut's shallow one); None:
             ``spec.model``.
+        warm: warmed ranks kept between calls (`WarmRanks`, the fast path's): a rank already
+            warmed for a job differing only in micro-batch size is stepped again, not rebuilt.
     """
+    if warm is not None:
+        return warm.run(spec, rank, body, warmup=warmup, model_spec=model_spec)
+    with fake_world(spec.world_size, rank):
+        return _warmed_rank(spec, rank, warmup, model_spec, body=body)[1]
+
+
+def _warmed_rank(spec: StepSpec, rank: int, warmup: int, model_spec: Any, *, body=None):
+    """Inside a fake world: the rank built, sharded and warmed up; ``(prepared, roles, mode)``,
+    or, with ``body``, ``(prepared, body(prepared, roles), mode)`` run inside the same mode."""
     from velora_cli.measure.train_step import prepare
     from velora_cli.parallel.rank_step import rank_roles, warm_up
     from velora_cli.parallel.shard import shard_prepared
 
     attention = register_rank_attention()
-    with fake_world(spec.world_size, rank):
-        prepared = prepare(spec, "meta", attn_implementation=attention, model_spec=model_spec)
-        # As the single-process estimate: micro-batches after the second repeat it exactly.
-        prepared.micro_batches = prepared.micro_batches[:2]
-        with fake_tensors():
-            to_fake_cpu(prepared)
-            with ddp_on_fake_tensors():
-                shard_prepared(prepared)
-            if spec.parallel == "ddp":
-                real_bucket_indices(prepared.model)
-            roles = rank_roles(prepared, fake_world=True)
-            warm_up(prepared, warmup, roles.buckets, fewest=FEWEST_WARMUP)
-            return body(prepared, roles)
+    prepared = prepare(spec, "meta", attn_implementation=attention, model_spec=model_spec)
+    # As the single-process estimate: micro-batches after the second repeat it exactly.
+    prepared.micro_batches = prepared.micro_batches[:2]
+    mode = fake_tensors()
+    with mode:
+        to_fake_cpu(prepared)
+        with ddp_on_fake_tensors():
+            shard_prepared(prepared)
+        if spec.parallel == "ddp":
+            real_bucket_indices(prepared.model)
+        roles = rank_roles(prepared, fake_world=True)
+        warm_up(prepared, warmup, roles.buckets, fewest=FEWEST_WARMUP)
+        if body is not None:
+            return prepared, body(prepared, roles), mode
+    return prepared, roles, mode
+
+
+class WarmRanks:
+    """Warmed fake ranks kept for the next candidate of a tune that differs from theirs only in
+    micro-batch size (gradient accumulation steps): such a rank is not built, sharded and warmed
+    up again, its tracked step runs on the new batches. That is a small part of a candidate
+    (the tracked, recorded steps dominate): 12% of the CPU time of 12 Llama-2-7b FSDP2
+    candidates at 8 ranks (docs/estimate.md).
+
+    Why that is the same step: the state a step leaves (parameters and their shards, optimizer
+    state, FSDP2's lazily initialized groups, VeLoRA's vectors) has no batch dimension, and a
+    step ends in that state whatever its batch was: a rank warmed at one micro-batch size and
+    then stepped at others starts each tracked step in the state its own warm-up would have
+    left. tests/test_rank_shortcut.py checks the job rows of a sequence of micro-batch sizes
+    equal to fresh ranks' byte for byte (FSDP2, resharded or not, VeLoRA, checkpointing).
+
+    Only FSDP2 ranks without padding, packing or CPU offload are shared (DDP's rows are already
+    shared across world sizes, `estimate.DdpRows`); other ranks run fresh, in the kept world.
+    The fake process group of the kept ranks stays initialized between calls: `fake_world`
+    closes it before opening another, and so does `release` (the tune's estimator, once its
+    estimates are done: nothing else in the process sees a process group).
+    """
+
+    KEPT = 16  # warmed shallow ranks: a tune interleaves 4 FSDP2 jobs × 3 shallow depths
+    _held: WarmRanks | None = None  # the one whose world is open
+
+    def __init__(self) -> None:
+        import contextlib as _contextlib
+
+        self._stack = _contextlib.ExitStack()
+        self.world: tuple[int, int] | None = None
+        self.entries: dict[tuple, tuple] = {}
+        self.reused = 0  # tracked steps on a kept rank
+
+    @classmethod
+    def release_held(cls) -> None:
+        """Close the kept world, if any (before a process group is opened elsewhere)."""
+        if cls._held is not None:
+            cls._held.release()
+
+    def release(self) -> None:
+        """Forget the kept ranks and destroy their process group."""
+        self.entries.clear()
+        if self.world is not None:
+            self.world = None
+            WarmRanks._held = None
+            self._stack.close()
+
+    def _open(self, world_size: int, rank: int) -> None:
+        if self.world == (world_size, rank):
+            return
+        self.release()
+        WarmRanks.release_held()
+        self._stack.enter_context(fake_world(world_size, rank))
+        self.world = (world_size, rank)
+        WarmRanks._held = self
+
+    @staticmethod
+    def key(spec: StepSpec, rank: int, warmup: int, model_spec: Any) -> tuple | None:
+        """What a warmed rank depends on, all but the micro-batch size (None: not shared)."""
+        import dataclasses
+
+        if spec.parallel not in ("fsdp", "fsdp-no-reshard") or spec.padding or spec.packing:
+            return None
+        if spec.cpu_offload:
+            return None
+        model = None
+        if model_spec is not None:
+            model = (model_spec.name, model_spec.source, model_spec.task, model_spec.builtin,
+                     model_spec.weights_path, model_spec.config.to_json_string(use_diff=False))  # fmt: skip
+        key = (dataclasses.replace(spec, grad_accum_steps=1), rank, warmup, FEWEST_WARMUP, model)
+        try:
+            hash(key)
+        except TypeError:
+            return None
+        return key
+
+    def run(self, spec: StepSpec, rank: int, body: Callable[[Any, Any], T], *, warmup: int,
+            model_spec: Any) -> T:  # fmt: skip
+        """`run_rank`'s answer, on a kept rank where there is one (class docstring)."""
+        from velora_cli.measure.train_step import make_batch
+
+        self._open(spec.world_size, rank)
+        key = self.key(spec, rank, warmup, model_spec)
+        if key is None:
+            return _warmed_rank(spec, rank, warmup, model_spec, body=body)[1]
+        entry = self.entries.pop(key, None)
+        if entry is None:
+            entry = _warmed_rank(spec, rank, warmup, model_spec)
+            if len(self.entries) >= self.KEPT:
+                self.entries.pop(next(iter(self.entries)))
+        else:
+            self.reused += 1
+        self.entries[key] = entry  # the most recently used last
+        prepared, roles, mode = entry
+        prepared.spec = spec
+        batches = make_batch(spec, prepared.vocab_size, "meta", prepared.inputs)[:2]
+        try:
+            with mode:
+                prepared.micro_batches = [
+                    {k: torch.zeros(v.shape, dtype=v.dtype) for k, v in batch.items()}
+                    for batch in batches
+                ]
+                return body(prepared, roles)
+        except BaseException:
+            self.entries.pop(key, None)  # a step cut short may leave the rank in another state
+            raise

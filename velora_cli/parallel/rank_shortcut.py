@@ -83,6 +83,9 @@ class RankShortcuts:
         self.single = single
         self.extrapolated = 0  # rank steps given by the shortcut
         self.full = 0  # rank steps run at the real depth
+        # warmed ranks shared by candidates differing in micro-batch size (`fake.WarmRanks`);
+        # None: every rank built afresh (set by `ParallelEstimateBackend.keep_warm`)
+        self.warm = None
 
     def rank_step(self, spec: StepSpec, rank: int, *, warmup: int, breakdown: bool):
         """``((row, trace, prepared) or None, estimate_method)``: the rank's tracked-step row
@@ -129,6 +132,7 @@ class RankShortcuts:
                 _logged(breakdown, d, period, depth),
                 warmup=warmup,
                 model_spec=shallow_spec,
+                warm=self.warm,
             )
             rows.append(row)
             logs.append(log)

@@ -103,6 +103,8 @@ class Estimator:
         self.backend = with_ranks(single, gpu=settings.gpu, ddp_rows=ddp_rows)
         # rank 0 holds the largest FSDP2 shards, so its peak is the job's (parallel/estimate.py)
         self.backend.ranks.ranks = (0,)
+        # FSDP2 ranks warmed once for the candidates differing in micro-batch size, until finish
+        self.backend.ranks.keep_warm()
         # the budget is a GPU's memory: compare it with what the device must hold (a cpu tune
         # compares tracked CPU tensors, so its estimates stay allocated bytes too)
         self.device_level = settings.backend in ("estimate", "cuda")
@@ -159,7 +161,9 @@ class Estimator:
         self._helped = Helped(self, candidates, spawn=(self.settings, type(self)))
 
     def finish(self) -> None:
-        """Stop the helper process, if one runs (the tune asks for no more estimates)."""
+        """Stop the helper process, if one runs, and release the warmed ranks (the tune asks for
+        no more estimates; a later one builds its ranks afresh)."""
+        self.backend.ranks.release()
         if self._helped is not None:
             self._helped.close()
 
