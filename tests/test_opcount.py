@@ -221,3 +221,53 @@ def test_large_new_outputs_are_marked_fresh():
     assert op_cost(sqrt, (big,), {}, big.sqrt(), "meta").fresh_bytes == FRESH_ALLOCATION
     assert op_cost(sqrt, (small,), {}, small.sqrt(), "meta").fresh_bytes == 0
     assert op_cost(sqrt_, (big,), {}, big, "meta").fresh_bytes == 0  # in place: no new memory
+
+
+def test_counters_sharing_a_cost_table_count_what_each_op_costs_afresh(monkeypatch):
+    """`OpCosts` shared by counters (the estimate's fast path: one table for every row) gives
+    each step the counts of every op's cost worked out afresh (no table at all), across
+    different models and aliasing (x + x reads one tensor, x + y two of the same shape), and
+    answers ops of earlier steps from it."""
+    from velora_cli.timing import opcount
+    from velora_cli.timing.opcount import OpCosts
+
+    def steps():
+        with torch.device("meta"):
+            small, wide = nn.Linear(D, OUT), nn.Linear(D, 2 * OUT)
+        x, y = meta(T, D, grad=True), meta(T, D)
+
+        def linear(layer):
+            def step(c):
+                with c.phase("forward"):
+                    loss = layer(x).sum()
+                with c.phase("backward"):
+                    loss.backward()
+                with c.phase("optimizer"):
+                    torch.optim.AdamW(layer.parameters(), foreach=True).step()
+
+            return step
+
+        def adds(c):
+            with c.phase("forward"):
+                (x.detach() + x.detach()).sum()
+                (x.detach() + y).sum()
+                x.detach().add_(y)
+
+        return [linear(small), linear(wide), adds, linear(small), adds]
+
+    with monkeypatch.context() as patch:
+        patch.setattr(opcount, "_cost_key", lambda *args: None)  # no key: op_cost every time
+        fresh = [counted(step) for step in steps()]
+    costs = OpCosts()
+    counters = [OpCounter("meta", costs) for _ in fresh]
+    shared = []
+    for counter, step in zip(counters, steps(), strict=True):
+        with counter:
+            step(counter)
+        shared.append(counter.counts())
+    assert shared == fresh
+    alone = OpCounter("meta")
+    with alone:
+        steps()[3](alone)
+    assert counters[3].cost_hits > alone.cost_hits  # earlier steps' ops found in the table
+    assert costs.table("cpu") == {}  # one table per device type

@@ -237,8 +237,8 @@ class RecordingCounter(OpCounter):
     list as (numel, element size, chunks) per tensor (``columns``, by op index), and, when it
     counts a step on its own, labels (`mark`, phases) like `depth.PositionTracker`'s."""
 
-    def __init__(self, device_type: str = "meta") -> None:
-        super().__init__(device_type)
+    def __init__(self, device_type: str = "meta", costs=None) -> None:
+        super().__init__(device_type, costs)
         self.sequence = []
         self.columns: dict[int, tuple[tuple[int, int, int], ...]] = {}
         self.label: tuple = ("start",)
