@@ -271,3 +271,41 @@ def test_counters_sharing_a_cost_table_count_what_each_op_costs_afresh(monkeypat
         steps()[3](alone)
     assert counters[3].cost_hits > alone.cost_hits  # earlier steps' ops found in the table
     assert costs.table("cpu") == {}  # one table per device type
+
+
+@pytest.mark.parametrize("cached", [False, True])
+def test_a_tracker_counting_inside_its_mode_counts_what_a_stacked_counter_counts(cached):
+    """`MemoryTracker.counting` (the estimate's fast path: the counter called inside the
+    tracker's mode) gives the counts, the op sequence and the trace of the counter entered as a
+    mode of its own above the tracker (the reference path), through a checkpointed block's
+    recomputation in backward and a foreach AdamW step, with and without the meta-kernel cache."""
+    from torch.utils.checkpoint import checkpoint
+
+    from velora_cli.measure.meta_ops import CachedTracker, MetaOpCache
+
+    def run(fused: bool) -> list:
+        with torch.device("meta"):
+            model = nn.Sequential(nn.Linear(D, OUT), nn.GELU(), nn.Linear(OUT, OUT))
+        optimizer = torch.optim.AdamW(model.parameters(), foreach=True)
+        cache = MetaOpCache() if cached else None
+        x = meta(T, D)
+        steps = []
+        for _ in range(2):  # the second with optimizer state (and the cache's entries)
+            tracker = CachedTracker(model, optimizer, op_cache=cache, trace=True)
+            counter = OpCounter("meta")
+            counter.sequence = []
+            with tracker, tracker.counting(counter) if fused else counter:
+                with counter.phase("forward"):
+                    loss = checkpoint(model, x, use_reentrant=False).sum()
+                with counter.phase("backward"):
+                    loss.backward()
+                with counter.phase("optimizer"):
+                    optimizer.step()
+                    optimizer.zero_grad()
+            assert tracker.counter is None  # counting ended with the step
+            steps.append((counter.counts(), counter.sequence, tracker.trace, tracker.peak_bytes))
+        return steps
+
+    fused, stacked = run(True), run(False)
+    assert [s.phase for s in fused[1][0].segments] == ["forward", "backward", "optimizer"]
+    assert fused == stacked

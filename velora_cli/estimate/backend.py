@@ -177,6 +177,9 @@ class EstimateBackend:
                 breakdown=breakdown,
                 tracker=tracker,
                 op_counter=ops,
+                # a counter the caller gives (the fast path's) counts inside the tracker's mode;
+                # the reference path's own is a mode of its own above it (the tests compare them)
+                fused=counter is not None,
                 with_timeline=(
                     self.trace_fields and self.timeline if with_timeline is None else with_timeline
                 ),

@@ -258,8 +258,8 @@ class RecordingCounter(OpCounter):
         with super().phase(name):
             yield
 
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[override]
-        out = super().__torch_dispatch__(func, types, args, kwargs)
+    def count(self, func, args: tuple, kwargs: dict, out: Any) -> None:
+        super().count(func, args, kwargs, out)
         self.op_labels.append(self.label)
         cost = self.sequence[-1][2]
         if cost is not None and cost.kind == "foreach":
@@ -270,7 +270,6 @@ class RecordingCounter(OpCounter):
                     for t in first
                     if isinstance(t, torch.Tensor)
                 )
-        return out
 
 
 @dataclass

@@ -460,6 +460,14 @@ class OpCounter(TorchDispatchMode):
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[override]
         kwargs = kwargs or {}
         out = func(*args, **kwargs)
+        self.count(func, args, kwargs, out)
+        return out
+
+    def count(self, func, args: tuple, kwargs: dict, out: Any) -> None:
+        """Count one dispatched op that returned ``out``: what this mode does after each op,
+        and what a `measure.tracker.MemoryTracker` counting with this counter (its
+        ``counting``) calls inside its own mode instead, as the last thing it does per op (one
+        mode for both instead of this one stacked above the tracker's)."""
         key = _cost_key(func, args, kwargs, out)
         if key is None:
             cost = op_cost(func, args, kwargs, out, self.device_type)
@@ -482,7 +490,6 @@ class OpCounter(TorchDispatchMode):
                 ops[cost] += 1
             if self.sequence is not None:
                 self.sequence.append((phase, micro, cost))
-        return out
 
     def counts(self) -> StepCounts:
         """The ops counted so far, as plain data."""
