@@ -227,7 +227,7 @@ def test_counters_sharing_a_cost_table_count_what_each_op_costs_afresh(monkeypat
     """`OpCosts` shared by counters (the estimate's fast path: one table for every row) gives
     each step the counts of every op's cost worked out afresh (no table at all), across
     different models and aliasing (x + x reads one tensor, x + y two of the same shape), and
-    answers ops of earlier steps from it."""
+    answers ops of earlier steps from it; the views it skips (`_never_counted`) cost nothing."""
     from velora_cli.timing import opcount
     from velora_cli.timing.opcount import OpCosts
 
@@ -256,7 +256,9 @@ def test_counters_sharing_a_cost_table_count_what_each_op_costs_afresh(monkeypat
         return [linear(small), linear(wide), adds, linear(small), adds]
 
     with monkeypatch.context() as patch:
-        patch.setattr(opcount, "_cost_key", lambda *args: None)  # no key: op_cost every time
+        # no key and no op skipped: op_cost for every op, views included
+        patch.setattr(opcount, "_cost_key", lambda *args: None)
+        patch.setattr(opcount, "_never_counted", lambda func: False)
         fresh = [counted(step) for step in steps()]
     costs = OpCosts()
     counters = [OpCounter("meta", costs) for _ in fresh]

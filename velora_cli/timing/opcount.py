@@ -214,6 +214,15 @@ def _info(func) -> _OpInfo:
     )
 
 
+@functools.cache
+def _never_counted(func) -> bool:
+    """`op_cost` gives None for every call of ``func``, before it looks at an argument: a bare
+    allocation or an op outside aten/velora, or a view that writes nothing (a third of a
+    step's ops: detach, t, view, transpose, slice...)."""
+    info = _info(func)
+    return not info.counted or (info.view and not info.mutated)
+
+
 def _bind(info: _OpInfo, args: tuple, kwargs: dict) -> dict[str, Any]:
     bound = dict(zip(info.arguments, args, strict=False))  # omitted trailing args: defaults
     bound.update(kwargs)
@@ -468,9 +477,12 @@ class OpCounter(TorchDispatchMode):
         and what a `measure.tracker.MemoryTracker` counting with this counter (its
         ``counting``) calls inside its own mode instead, as the last thing it does per op (one
         mode for both instead of this one stacked above the tracker's)."""
-        key = _cost_key(func, args, kwargs, out)
+        key = None if _never_counted(func) else _cost_key(func, args, kwargs, out)
         if key is None:
-            cost = op_cost(func, args, kwargs, out, self.device_type)
+            # an op `op_cost` never counts (no key needed), or one without a key
+            cost = (
+                None if _never_counted(func) else op_cost(func, args, kwargs, out, self.device_type)
+            )
         elif key in self._costs:
             cost = self._costs[key]
             self.cost_hits += 1
