@@ -221,3 +221,93 @@ def test_large_new_outputs_are_marked_fresh():
     assert op_cost(sqrt, (big,), {}, big.sqrt(), "meta").fresh_bytes == FRESH_ALLOCATION
     assert op_cost(sqrt, (small,), {}, small.sqrt(), "meta").fresh_bytes == 0
     assert op_cost(sqrt_, (big,), {}, big, "meta").fresh_bytes == 0  # in place: no new memory
+
+
+def test_counters_sharing_a_cost_table_count_what_each_op_costs_afresh(monkeypatch):
+    """`OpCosts` shared by counters (the estimate's fast path: one table for every row) gives
+    each step the counts of every op's cost worked out afresh (no table at all), across
+    different models and aliasing (x + x reads one tensor, x + y two of the same shape), and
+    answers ops of earlier steps from it; the views it skips (`_never_counted`) cost nothing."""
+    from velora_cli.timing import opcount
+    from velora_cli.timing.opcount import OpCosts
+
+    def steps():
+        with torch.device("meta"):
+            small, wide = nn.Linear(D, OUT), nn.Linear(D, 2 * OUT)
+        x, y = meta(T, D, grad=True), meta(T, D)
+
+        def linear(layer):
+            def step(c):
+                with c.phase("forward"):
+                    loss = layer(x).sum()
+                with c.phase("backward"):
+                    loss.backward()
+                with c.phase("optimizer"):
+                    torch.optim.AdamW(layer.parameters(), foreach=True).step()
+
+            return step
+
+        def adds(c):
+            with c.phase("forward"):
+                (x.detach() + x.detach()).sum()
+                (x.detach() + y).sum()
+                x.detach().add_(y)
+
+        return [linear(small), linear(wide), adds, linear(small), adds]
+
+    with monkeypatch.context() as patch:
+        # no key and no op skipped: op_cost for every op, views included
+        patch.setattr(opcount, "_cost_key", lambda *args: None)
+        patch.setattr(opcount, "_never_counted", lambda func: False)
+        fresh = [counted(step) for step in steps()]
+    costs = OpCosts()
+    counters = [OpCounter("meta", costs) for _ in fresh]
+    shared = []
+    for counter, step in zip(counters, steps(), strict=True):
+        with counter:
+            step(counter)
+        shared.append(counter.counts())
+    assert shared == fresh
+    alone = OpCounter("meta")
+    with alone:
+        steps()[3](alone)
+    assert counters[3].cost_hits > alone.cost_hits  # earlier steps' ops found in the table
+    assert costs.table("cpu") == {}  # one table per device type
+
+
+@pytest.mark.parametrize("cached", [False, True])
+def test_a_tracker_counting_inside_its_mode_counts_what_a_stacked_counter_counts(cached):
+    """`MemoryTracker.counting` (the estimate's fast path: the counter called inside the
+    tracker's mode) gives the counts, the op sequence and the trace of the counter entered as a
+    mode of its own above the tracker (the reference path), through a checkpointed block's
+    recomputation in backward and a foreach AdamW step, with and without the meta-kernel cache."""
+    from torch.utils.checkpoint import checkpoint
+
+    from velora_cli.measure.meta_ops import CachedTracker, MetaOpCache
+
+    def run(fused: bool) -> list:
+        with torch.device("meta"):
+            model = nn.Sequential(nn.Linear(D, OUT), nn.GELU(), nn.Linear(OUT, OUT))
+        optimizer = torch.optim.AdamW(model.parameters(), foreach=True)
+        cache = MetaOpCache() if cached else None
+        x = meta(T, D)
+        steps = []
+        for _ in range(2):  # the second with optimizer state (and the cache's entries)
+            tracker = CachedTracker(model, optimizer, op_cache=cache, trace=True)
+            counter = OpCounter("meta")
+            counter.sequence = []
+            with tracker, tracker.counting(counter) if fused else counter:
+                with counter.phase("forward"):
+                    loss = checkpoint(model, x, use_reentrant=False).sum()
+                with counter.phase("backward"):
+                    loss.backward()
+                with counter.phase("optimizer"):
+                    optimizer.step()
+                    optimizer.zero_grad()
+            assert tracker.counter is None  # counting ended with the step
+            steps.append((counter.counts(), counter.sequence, tracker.trace, tracker.peak_bytes))
+        return steps
+
+    fused, stacked = run(True), run(False)
+    assert [s.phase for s in fused[1][0].segments] == ["forward", "backward", "optimizer"]
+    assert fused == stacked

@@ -135,7 +135,9 @@ class EstimateBackend:
             row["step_seconds_source"] = prediction_source(self.gpu)
         return row
 
-    def observe(self, prepared, *, breakdown: bool, tracker=None) -> tuple[dict[str, Any], Any]:
+    def observe(
+        self, prepared, *, breakdown: bool, tracker=None, counter=None
+    ) -> tuple[dict[str, Any], Any]:
         """One tracked step of a prepared (warmed-up) meta model: the row's fields and the trace.
 
         The reference path runs it once per row, the fast path once per row at the real depth;
@@ -146,11 +148,15 @@ class EstimateBackend:
             prepared: from `prepare` (or the fast path's reused model), on meta, warmed up.
             breakdown: add saved activations per module pattern.
             tracker: the tracker to use (`observe.tracked_step`); None: a plain one.
+            counter: the `OpCounter` to count the step's ops with (the fast path's shares its
+                costs between rows); None: a fresh one (with ``step_time``).
 
         Returns:
             (row fields, `AllocationTrace` of the tracked step).
         """
-        row, trace, counts = self.tracked(prepared, breakdown=breakdown, tracker=tracker)
+        row, trace, counts = self.tracked(
+            prepared, breakdown=breakdown, tracker=tracker, counter=counter
+        )
         return self.finish(prepared, row, trace, counts), trace
 
     def tracked(
@@ -174,6 +180,9 @@ class EstimateBackend:
                 breakdown=breakdown,
                 tracker=tracker,
                 op_counter=ops,
+                # a counter the caller gives (the fast path's) counts inside the tracker's mode;
+                # the reference path's own is a mode of its own above it (the tests compare them)
+                fused=counter is not None,
                 with_timeline=(
                     self.trace_fields and self.timeline if with_timeline is None else with_timeline
                 ),

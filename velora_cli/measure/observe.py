@@ -25,6 +25,7 @@ def tracked_step(
     op_counter=None,
     tracker: MemoryTracker | None = None,
     with_timeline: bool = True,
+    fused: bool = False,
 ) -> tuple[dict[str, Any], AllocationTrace]:
     """Run one step under the tracker; return the memory fields of a row and the step's
     allocation trace (for the allocator model). The row's ``timeline`` is the trace made
@@ -40,6 +41,8 @@ def tracked_step(
             `measure.depth.PositionTracker`); None makes a plain one rounding to ``round_to``.
         with_timeline: add the ``timeline`` field (a shallow step of the depth shortcut, whose
             timeline is made from the synthesized deep trace instead, leaves it out).
+        fused: ``op_counter`` counts inside the tracker's mode (`MemoryTracker.counting`: the
+            same counts, one Python dispatch per op) instead of as a mode of its own above it.
     """
     force_refresh(prepared)
     ledger = getattr(prepared.model, "_velora_host_ledger", None)  # activation offload
@@ -51,7 +54,11 @@ def tracked_step(
     phase = tracker.phase
     if op_counter is not None:
         phase = _both(tracker.phase, op_counter.phase)
-    with tracker, op_counter if op_counter is not None else contextlib.nullcontext():
+    if op_counter is None:
+        counting = contextlib.nullcontext()
+    else:
+        counting = tracker.counting(op_counter) if fused else op_counter
+    with tracker, counting:
         train_step(prepared, forward_context=lambda: counter, phase=phase)
     row: dict[str, Any] = {
         **peak_fields(tracker, counter),

@@ -125,7 +125,8 @@ class _OpRecorder(TorchDispatchMode):
         return False
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[override]
-        out = self._tracker.run_op(func, args, kwargs or {})
+        kwargs = kwargs or {}
+        out = self._tracker.run_op(func, args, kwargs)
         if self._tracker._tracing:
             self._tracker._op_names.append(func.name() if hasattr(func, "name") else str(func))
         self._tracker._record_op_outputs(out)
@@ -137,6 +138,9 @@ class _OpRecorder(TorchDispatchMode):
             _name, tensor = temporaries.pop()
             self._tracker._record_op_outputs(tensor, same_op=True)
             del tensor
+        counter = self._tracker.counter
+        if counter is not None:  # last, as a counter's mode stacked above this one counts
+            counter.count(func, args, kwargs, out)
         return out
 
 
@@ -278,6 +282,9 @@ class MemoryTracker:
         self._active = False
         self._handles: list[Any] = []
         self._recorder: _OpRecorder | None = None
+        # an op counter (`timing.opcount.OpCounter`) counting each op inside this tracker's mode
+        # while `counting` is entered: one Python dispatch per op instead of two stacked modes
+        self.counter: Any = None
         self._seq = 0
         self._ops = 0
         self._tracing = trace
@@ -330,6 +337,24 @@ class MemoryTracker:
             handle.remove()
         self._handles.clear()
         self._active = False
+
+    @contextlib.contextmanager
+    def counting(self, counter: Any) -> Iterator[None]:
+        """Let ``counter`` (an `OpCounter`) count every op this tracker's mode sees while
+        entered, as if its own mode were entered here, stacked above the tracker's (which sees
+        the same ops, each after the ops below it ran): ``with tracker, tracker.counting(c)``
+        counts what ``with tracker, c`` counts, with one Python dispatch per op.
+
+        Args:
+            counter: anything with ``count(func, args, kwargs, out)``.
+        """
+        if self.counter is not None:
+            raise RuntimeError("the tracker counts with one counter at a time")
+        self.counter = counter
+        try:
+            yield
+        finally:
+            self.counter = None
 
     @contextlib.contextmanager
     def phase(self, name: str) -> Iterator[None]:

@@ -237,8 +237,8 @@ class RecordingCounter(OpCounter):
     list as (numel, element size, chunks) per tensor (``columns``, by op index), and, when it
     counts a step on its own, labels (`mark`, phases) like `depth.PositionTracker`'s."""
 
-    def __init__(self, device_type: str = "meta") -> None:
-        super().__init__(device_type)
+    def __init__(self, device_type: str = "meta", costs=None) -> None:
+        super().__init__(device_type, costs)
         self.sequence = []
         self.columns: dict[int, tuple[tuple[int, int, int], ...]] = {}
         self.label: tuple = ("start",)
@@ -258,8 +258,8 @@ class RecordingCounter(OpCounter):
         with super().phase(name):
             yield
 
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[override]
-        out = super().__torch_dispatch__(func, types, args, kwargs)
+    def count(self, func, args: tuple, kwargs: dict, out: Any) -> None:
+        super().count(func, args, kwargs, out)
         self.op_labels.append(self.label)
         cost = self.sequence[-1][2]
         if cost is not None and cost.kind == "foreach":
@@ -270,7 +270,6 @@ class RecordingCounter(OpCounter):
                     for t in first
                     if isinstance(t, torch.Tensor)
                 )
-        return out
 
 
 @dataclass

@@ -78,11 +78,14 @@ class Shortcuts:
 
     def __init__(self, backend: EstimateBackend, models: MetaModels) -> None:
         from velora_cli.measure.meta_ops import MetaOpCache
+        from velora_cli.timing.opcount import OpCosts
 
         self.backend = backend
         self.models = models
         # meta-kernel results, shared by every tracked run (None: kernels run every time)
         self.op_cache: MetaOpCache | None = MetaOpCache()
+        # op costs by op and metadata, shared by every row's op counter (`opcount.OpCosts`)
+        self.op_costs = OpCosts()
         self._resolved: dict[tuple[str, bool], ModelSpec] = {}
         self._shallow: dict[tuple[str, int], ModelSpec] = {}
         self._checked: dict[tuple, str | None] = {}
@@ -211,12 +214,16 @@ class Shortcuts:
 
     def _full(self, breakdown: bool) -> Callable[[Prepared], dict[str, Any]]:
         from velora_cli.measure.meta_ops import CachedTracker
+        from velora_cli.timing.opcount import OpCounter
 
         def body(prepared: Prepared) -> dict[str, Any]:
             tracker = CachedTracker(
                 prepared.model, prepared.optimizer, op_cache=self.op_cache, trace=True
             )
-            return self.backend.observe(prepared, breakdown=breakdown, tracker=tracker)[0]
+            counter = OpCounter("meta", self.op_costs) if self.backend.step_time else None
+            return self.backend.observe(
+                prepared, breakdown=breakdown, tracker=tracker, counter=counter
+            )[0]
 
         return body
 
@@ -249,7 +256,7 @@ class Shortcuts:
                 op_cache=self.op_cache,
                 owned=block_storages(stack, prepared.optimizer),  # the tracker's alone
             )
-            counter = RecordingCounter("meta") if backend.step_time else None
+            counter = RecordingCounter("meta", self.op_costs) if backend.step_time else None
             with BlockMarks(stack, tracker, prepared.optimizer):
                 row, trace, _ = backend.tracked(
                     prepared,

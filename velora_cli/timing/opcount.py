@@ -214,6 +214,15 @@ def _info(func) -> _OpInfo:
     )
 
 
+@functools.cache
+def _never_counted(func) -> bool:
+    """`op_cost` gives None for every call of ``func``, before it looks at an argument: a bare
+    allocation or an op outside aten/velora, or a view that writes nothing (a third of a
+    step's ops: detach, t, view, transpose, slice...)."""
+    info = _info(func)
+    return not info.counted or (info.view and not info.mutated)
+
+
 def _bind(info: _OpInfo, args: tuple, kwargs: dict) -> dict[str, Any]:
     bound = dict(zip(info.arguments, args, strict=False))  # omitted trailing args: defaults
     bound.update(kwargs)
@@ -386,6 +395,31 @@ class StepCounts:
         return total
 
 
+class OpCosts:
+    """`OpCost`s by `_cost_key`, one table per counted device type, to share between counters:
+    an op's cost is a function of its key alone (the op, every argument's and output's metadata,
+    scalars by value, which tensors share a storage), so a cost worked out in one step holds in
+    any other step, of any model, that dispatches an op with the same key. The estimate's fast
+    path shares one between all its rows (`measure.meta_ops.MetaOpCache.costs`); a counter made
+    without one keeps its own (the reference path: each row's counter works out its costs
+    afresh, which the tests compare with the shared table's rows).
+
+    Example:
+        >>> costs = OpCosts()
+        >>> with OpCounter("meta", costs): ...  # works out each distinct op's cost
+        >>> with OpCounter("meta", costs): ...  # finds them in the table
+    """
+
+    capacity = 200_000  # keys per device type; the table starts again beyond it
+
+    def __init__(self) -> None:
+        self._tables: dict[str, dict[tuple, OpCost | None]] = {}
+
+    def table(self, device_type: str) -> dict[tuple, OpCost | None]:
+        """The (mutable) table of one device type's costs."""
+        return self._tables.setdefault(device_type, {})
+
+
 class OpCounter(TorchDispatchMode):
     """Count the FLOPs and bytes of every op dispatched while active, by step phase.
 
@@ -400,7 +434,7 @@ class OpCounter(TorchDispatchMode):
         123456789
     """
 
-    def __init__(self, device_type: str = "meta") -> None:
+    def __init__(self, device_type: str = "meta", costs: OpCosts | None = None) -> None:
         super().__init__()
         self.device_type = device_type
         self._phases: list[str] = []
@@ -408,8 +442,9 @@ class OpCounter(TorchDispatchMode):
         self._segments: dict[tuple[str, int | None], Counter] = {}
         # op cost by the op and its tensors' metadata (the same key as the meta-kernel cache,
         # meta_ops), plus which outputs alias an input: a block repeats the same ops on the same
-        # shapes, and an op's cost depends on nothing else
-        self._costs: dict[tuple, OpCost | None] = {}
+        # shapes, and an op's cost depends on nothing else; ``costs``: a table shared with other
+        # counters (every row of a profile steps the same ops), else this counter's own
+        self._costs = (costs if costs is not None else OpCosts()).table(device_type)
         self.cost_hits = 0
         # every op in order as (phase, micro, cost or None) when a list is set here (the depth
         # shortcut synthesizes a deeper step's counts from shallow sequences: step_synthesis.py)
@@ -434,14 +469,29 @@ class OpCounter(TorchDispatchMode):
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[override]
         kwargs = kwargs or {}
         out = func(*args, **kwargs)
-        key = _cost_key(func, args, kwargs, out)
+        self.count(func, args, kwargs, out)
+        return out
+
+    def count(self, func, args: tuple, kwargs: dict, out: Any) -> None:
+        """Count one dispatched op that returned ``out``: what this mode does after each op,
+        and what a `measure.tracker.MemoryTracker` counting with this counter (its
+        ``counting``) calls inside its own mode instead, as the last thing it does per op (one
+        mode for both instead of this one stacked above the tracker's)."""
+        key = None if _never_counted(func) else _cost_key(func, args, kwargs, out)
         if key is None:
-            cost = op_cost(func, args, kwargs, out, self.device_type)
+            # an op `op_cost` never counts (no key needed), or one without a key
+            cost = (
+                None if _never_counted(func) else op_cost(func, args, kwargs, out, self.device_type)
+            )
         elif key in self._costs:
             cost = self._costs[key]
             self.cost_hits += 1
         else:
-            cost = self._costs[key] = op_cost(func, args, kwargs, out, self.device_type)
+            cost = op_cost(func, args, kwargs, out, self.device_type)
+            costs = self._costs
+            if len(costs) >= OpCosts.capacity:
+                costs.clear()
+            costs[key] = cost
         if cost is not None or self.sequence is not None:
             phase = self._phases[-1] if self._phases else "other"
             micro = self._micro if phase in ("forward", "backward") else None
@@ -452,7 +502,6 @@ class OpCounter(TorchDispatchMode):
                 ops[cost] += 1
             if self.sequence is not None:
                 self.sequence.append((phase, micro, cost))
-        return out
 
     def counts(self) -> StepCounts:
         """The ops counted so far, as plain data."""
