@@ -35,6 +35,7 @@ from velora_cli.allocator.caching import (
     FREE,
     REPEAT,
     RESET_PEAK,
+    SKIP,
     Event,
     simulate,
 )
@@ -373,9 +374,9 @@ def cuda_schedule(
         load: the loader's transients (`LoadPlan`; None: each storage allocated once).
 
     Returns:
-        Load, ``warmup`` + 1 steps (the first creates the optimizer state and the workspaces),
-        EMPTY_CACHE (with ``empty_cache``), RESET_PEAK, ``steps`` steps, each after a REPEAT
-        marker.
+        Load, ``warmup`` + 1 steps (the first creates the optimizer state and the workspaces;
+        each later one after a SKIP marker), EMPTY_CACHE (with ``empty_cache``), RESET_PEAK,
+        ``steps`` steps, each after a REPEAT marker.
     """
     return list(
         Schedule(
@@ -413,6 +414,7 @@ class Schedule:
         self.parts: list[list[Event]] = [load_events(trace, self.keys, load)]
         self._next = 0  # the next step to build
         self._template: _StepTemplate | None = None  # the steps after the first, made once
+        self._holders: dict[int, int] | None = None  # loaded storage -> its holder mod stride
 
     def _build(self) -> bool:
         step, warm = self._next, self.warmup + 1
@@ -424,7 +426,17 @@ class Schedule:
         else:
             if self._template is None:
                 self._template = _StepTemplate(self.trace, self.keys.slot, self.scratch_at)
+            # the warm-up steps after the first: each repeats the one before (the same template,
+            # its keys one stride on) when the loaded storages it frees are held by the same
+            # storages of the step before (modulo the stride) as they were for that step; the
+            # replay may then pass over it (allocator.SKIP)
+            stride = self.keys.stride
+            holders = {sid: key % stride for sid, key in self.keys.slot.items()}
+            again = int(holders == self._holders)
+            self._holders = holders
             events = self._template.events(self.keys, step)
+            if step < warm:
+                events.insert(0, (SKIP, stride, again))
         if step >= warm:
             # each timed step is the previous one with its keys one stride on: the replay may
             # stop once the allocator is steady (allocator.simulate)
