@@ -601,3 +601,15 @@ def test_the_template_cases_cover_freed_loaded_storages_and_scratch():
     # projections), the bf16 case takes kernel scratch
     assert template_case(*GALORE)[0].freed_slots
     assert template_case(*SCRATCH)[0].scratch_count
+
+
+def test_a_steady_replay_builds_no_step_after_the_marker_it_stops_at():
+    # the timed steps' REPEAT markers are parts of their own: the replay stops at one before the
+    # step behind it is built; the events, all of them built, are `cuda_schedule`'s
+    from velora_cli.allocator.device_memory import Schedule
+
+    schedule = Schedule(toy_trace(), workspace=32 * M, warmup=2, steps=5)
+    stats = simulate(schedule)
+    assert schedule.parts[-1] == [(REPEAT, 6, 0)] and schedule._next < 3 + 5
+    assert stats == simulate(cuda_schedule(toy_trace(), workspace=32 * M, warmup=2, steps=5))
+    assert list(schedule) == cuda_schedule(toy_trace(), workspace=32 * M, warmup=2, steps=5)

@@ -415,11 +415,20 @@ class Schedule:
         self._next = 0  # the next step to build
         self._template: _StepTemplate | None = None  # the steps after the first, made once
         self._holders: dict[int, int] | None = None  # loaded storage -> its holder mod stride
+        self._marked = False  # the next timed step's REPEAT marker is out, the step not yet
 
     def _build(self) -> bool:
         step, warm = self._next, self.warmup + 1
         if step >= warm + self.steps:
             return False
+        if step >= warm and not self._marked:
+            # each timed step is the previous one with its keys one stride on: the replay may
+            # stop once the allocator is steady (allocator.simulate), at the marker, so the
+            # marker is a part of its own and the step is built only if the replay goes on
+            self.parts.append([(REPEAT, self.keys.stride, 0)])
+            self._marked = True
+            return True
+        self._marked = False
         if step == 0:
             events = _step_events(self.trace, self.keys, step, self.scratch_at, first=True,
                                   workspace=self.workspace)  # fmt: skip
@@ -437,10 +446,6 @@ class Schedule:
             events = self._template.events(self.keys, step)
             if step < warm:
                 events.insert(0, (SKIP, stride, again))
-        if step >= warm:
-            # each timed step is the previous one with its keys one stride on: the replay may
-            # stop once the allocator is steady (allocator.simulate)
-            events.insert(0, (REPEAT, self.keys.stride, 0))
         self.parts.append(events)
         if step == warm - 1:
             empty = [(EMPTY_CACHE, 0, 0)] if self.empty_cache else []
