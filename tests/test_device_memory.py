@@ -8,7 +8,16 @@ import types
 
 import pytest
 
-from velora_cli.allocator.caching import ALLOC, EMPTY_CACHE, FREE, REPEAT, RESET_PEAK, simulate
+from velora_cli.allocator.caching import (
+    ALLOC,
+    EMPTY_CACHE,
+    FREE,
+    REPEAT,
+    RESET_PEAK,
+    SKIP,
+    AllocatorOutOfMemory,
+    simulate,
+)
 from velora_cli.allocator.device_memory import (
     LoadPlan,
     cublas_workspace_bytes,
@@ -98,10 +107,12 @@ def test_the_schedule_follows_the_cuda_backend():
     events = cuda_schedule(toy_trace(), workspace=32 * M, warmup=2, steps=5)
     kinds = [kind for kind, _, _ in events]
     # load (1) + first step (2 workspaces + 2 moments + 6) + 2 more warm-up/counting steps (6
-    # each), then the cache is emptied, peaks reset, and 5 timed steps follow
-    assert kinds.index(EMPTY_CACHE) == 1 + 10 + 2 * 6 and kinds.index(RESET_PEAK) == 24
-    assert len(events) == 25 + 5 * (1 + 6)  # each timed step after its REPEAT marker
+    # each, after a SKIP marker), then the cache is emptied, peaks reset, and 5 timed steps
+    assert kinds.index(EMPTY_CACHE) == 1 + 10 + 2 * (1 + 6) and kinds.index(RESET_PEAK) == 26
+    assert len(events) == 27 + 5 * (1 + 6)  # each timed step after its REPEAT marker
     assert kinds.count(REPEAT) == 5
+    # the second warm-up step starts a run of repeats, the third may repeat it
+    assert [e for e in events if e[0] == SKIP] == [(SKIP, 6, 0), (SKIP, 6, 1)]
     assert events[0] == (ALLOC, 0, 40 * M)  # the parameter, loaded before any step
     first_optimizer = [e for e in events[:12] if e[2] == 40 * M and e[1] in (1, 2)]
     assert len(first_optimizer) == 2  # the moments are created in the first step only
@@ -355,8 +366,74 @@ def test_a_steady_replay_stops_early_with_the_statistics_of_the_whole_replay(
     _spec, _prepared, trace = traced_tiny_llama(settings, strategy)
     events = cuda_schedule(trace, workspace=32 * M, warmup=2, steps=5)
     config = parse_alloc_conf(alloc_conf)
-    every_step = [e for e in events if e[0] != REPEAT]
+    every_step = [e for e in events if e[0] not in (REPEAT, SKIP)]
     assert simulate(events, config) == simulate(every_step, config)
+
+
+@pytest.mark.parametrize(
+    ("settings", "strategy", "warmup"),
+    [({}, {}, 3), ({"dtype": "bf16"}, {"gc": True}, 2), ({"mode": "lora"}, {}, 4),
+     ({"mode": "lora"}, {"placement": "paper", "num_groups": 4}, 3),
+     ({"batch_size": 4, "grad_accum_steps": 2, "zero_grad_set_to_none": False}, {}, 3)],
+)  # fmt: skip
+@pytest.mark.parametrize("alloc_conf", ["", "expandable_segments:True", "max_split_size_mb:20"])
+def test_a_repeated_warm_up_step_is_skipped_with_the_statistics_of_the_whole_replay(
+    settings, strategy, warmup, alloc_conf
+):
+    """A warm-up step that starts where the one before started is passed over (allocator.SKIP):
+    the same statistics as the replay of every event, on real traces of a tiny Llama, and the
+    skip happens (it would not be tested otherwise)."""
+    from velora_cli.allocator.caching import CachingAllocator, _replay
+    from velora_cli.allocator.config import parse_alloc_conf
+
+    _spec, _prepared, trace = traced_tiny_llama(settings, strategy)
+    events = cuda_schedule(trace, workspace=32 * M, warmup=warmup, steps=5)
+    config = parse_alloc_conf(alloc_conf)
+    allocator = CachingAllocator(config)
+    stats = _replay(events, allocator)
+    every_event = [e for e in events if e[0] not in (REPEAT, SKIP)]
+    assert stats == simulate(every_event, config)
+    assert allocator.skipped_steps >= 1
+    # within a card's capacity (the estimate always has one, allocator/device_memory.py): at
+    # the replay's own peak the skip still happens, with the whole replay's statistics (a step
+    # is passed over only when the one before made no retry, so retries count the same)
+    allocator = CachingAllocator(config, capacity=stats.peak_reserved_bytes)
+    assert _replay(events, allocator) == simulate(
+        every_event, config, capacity=stats.peak_reserved_bytes
+    )
+    assert allocator.skipped_steps >= 1
+
+
+def test_a_skip_marker_says_whether_the_step_repeats_the_one_before():
+    """``(SKIP, stride, 1)`` only before a warm-up step whose events are the previous step's with
+    the keys of that step (≥ stride) one stride on; kernel scratch (negative keys, allocated and
+    freed in the op) aside. Checked against the steps `_step_events` makes one by one, on the
+    tiny Llama cases of the template test (a refreshed projection among them)."""
+    from velora_cli.allocator.device_memory import (
+        _Keys,
+        _step_events,
+        load_events,
+        scratch_for_step,
+    )
+
+    for settings, strategy in [({}, {}), GALORE, SCRATCH]:
+        spec, prepared, trace = traced_tiny_llama(settings, strategy)
+        scratch = scratch_for_step(spec, prepared.model)
+        events = cuda_schedule(trace, workspace=32 * M, scratch=scratch, warmup=3, steps=1)
+        marks = [e for e in events if e[0] == SKIP]
+        keys = _Keys(trace)
+        at = scratch_positions(trace, scratch)
+        load_events(trace, keys, None)
+        steps = [_step_events(trace, keys, s, at, first=s == 0, workspace=32 * M) for s in range(4)]
+        stride = keys.stride
+
+        def named(step, shift, stride=stride):
+            return [(kind, "scratch" if key < 0 else key + shift if key >= stride else key, n)
+                    for kind, key, n in step]  # fmt: skip
+
+        repeats = [int(named(steps[s], 0) == named(steps[s - 1], stride)) for s in (2, 3)]
+        assert marks == [(SKIP, stride, 0)] + [(SKIP, stride, r) for r in repeats]
+        assert repeats == [1, 1]
 
 
 def test_a_harness_that_keeps_the_pool_before_measuring():
@@ -507,6 +584,7 @@ def template_case(settings: dict, strategy: dict):
     scratch = scratch_for_step(spec, prepared.model)
     template = _StepTemplate(trace, _Keys(trace).slot, scratch_positions(trace, scratch))
     events = cuda_schedule(trace, workspace=32 * M, scratch=scratch, warmup=2, steps=5)
+    events = [e for e in events if e[0] != SKIP]  # (their own test below)
     return template, events == every_step_by_hand(trace, scratch=scratch, warmup=2, steps=5)
 
 
@@ -613,3 +691,15 @@ def test_a_harness_that_never_resets_its_peaks():
     assert after_reset.peak_allocated_bytes == 52 * M + 3 * M // 4
     assert run.peak_allocated_bytes == 106 * M + 3 * M // 4
     assert run.peak_reserved_bytes == after_reset.peak_reserved_bytes == 122 * M
+
+
+def test_a_steady_replay_builds_no_step_after_the_marker_it_stops_at():
+    # the timed steps' REPEAT markers are parts of their own: the replay stops at one before the
+    # step behind it is built; the events, all of them built, are `cuda_schedule`'s
+    from velora_cli.allocator.device_memory import Schedule
+
+    schedule = Schedule(toy_trace(), workspace=32 * M, warmup=2, steps=5)
+    stats = simulate(schedule)
+    assert schedule.parts[-1] == [(REPEAT, 6, 0)] and schedule._next < 3 + 5
+    assert stats == simulate(cuda_schedule(toy_trace(), workspace=32 * M, warmup=2, steps=5))
+    assert list(schedule) == cuda_schedule(toy_trace(), workspace=32 * M, warmup=2, steps=5)

@@ -47,3 +47,43 @@ def test_repeats_agrees_with_trying_every_head():
         assert _repeats(sequences, ms) == expected, (sequences, expected)
         seen[expected] += 1
     assert seen[True] > 500 and seen[False] > 500  # both answers were exercised
+
+
+def counts_by_equality(sequence):
+    """`_counts` with every cost hashed (the code before it counted repeated objects by
+    identity): a `Counter` per (phase, micro) in first-seen order."""
+    from collections import Counter
+
+    from velora_cli.timing.opcount import Segment, StepCounts
+
+    segments = {}
+    for phase, micro, cost in sequence:
+        if cost is not None:
+            segments.setdefault((phase, micro), Counter())[cost] += 1
+    return StepCounts(tuple(Segment(p, m, tuple(ops.items())) for (p, m), ops in segments.items()))
+
+
+def test_counts_by_identity_agree_with_counting_by_equality():
+    # a synthesized sequence repeats template objects, and equal costs may be distinct
+    # objects (from different templates): both must land in one entry, at the place and
+    # with the key of the first one seen
+    from velora_cli.shortcut.synthesis import _counts
+    from velora_cli.timing.opcount import OpCost
+
+    rng = random.Random(26)
+    twins = 0  # sequences holding equal, distinct cost objects
+    for _ in range(200):
+        pool = [OpCost("gemm", rng.choice(["mm", "addmm"]), "bf16", rng.randint(1, 3), 8)
+                for _ in range(rng.randint(1, 8))]  # fmt: skip
+        sequence = [
+            (rng.choice(["forward", "backward"]), rng.choice([None, 0, 1]),
+             rng.choice([*pool, None]))
+            for _ in range(rng.randint(0, 60))
+        ]  # fmt: skip
+        costs = [c for _, _, c in sequence if c is not None]
+        twins += any(a == b and a is not b for a in costs for b in costs)
+        got, want = _counts(sequence), counts_by_equality(sequence)
+        assert got == want
+        for a, b in zip(got.segments, want.segments, strict=True):  # the same key objects
+            assert [id(c) for c, _ in a.ops] == [id(c) for c, _ in b.ops]
+    assert twins > 50

@@ -73,15 +73,21 @@ from velora_cli.allocator.config import (
 )
 
 __all__ = [
-    "ALLOC", "EMPTY_CACHE", "FREE", "REPEAT", "RESET_PEAK", "AllocatorOutOfMemory", "AllocatorStats",
+    "ALLOC", "EMPTY_CACHE", "FREE", "REPEAT", "RESET_PEAK", "SKIP", "AllocatorOutOfMemory",
+    "AllocatorStats",
     "CachingAllocator", "MiB", "round_size", "simulate",
 ]  # fmt: skip
 
 # Event kinds: (ALLOC, key, nbytes), (FREE, key, 0), (EMPTY_CACHE, 0, 0), (RESET_PEAK, 0, 0),
 # (REPEAT, stride, 0): what follows, up to the next REPEAT or the end, repeats what followed the
-# previous REPEAT with every key k ≥ 0 replaced by k + stride (see `simulate`).
-ALLOC, FREE, EMPTY_CACHE, RESET_PEAK, REPEAT = (
-    "alloc", "free", "empty_cache", "reset_peak", "repeat"
+# previous REPEAT with every key k ≥ 0 replaced by k + stride (see `simulate`);
+# (SKIP, stride, again): with ``again`` 1, what follows, up to the next marker, repeats what
+# followed the previous SKIP with every key k ≥ stride replaced by k + stride (keys below stride
+# are the same in both, but for keys allocated and freed within the step, whose names do not
+# matter), and may be skipped (see `simulate`); with ``again`` 0, a step that starts such a run
+# (nothing is skipped).
+ALLOC, FREE, EMPTY_CACHE, RESET_PEAK, REPEAT, SKIP = (
+    "alloc", "free", "empty_cache", "reset_peak", "repeat", "skip"
 )  # fmt: skip
 Event = tuple[str, int, int]
 
@@ -170,6 +176,7 @@ class CachingAllocator:
         # growing down: the lowest address handed out yet; up: the end of the highest segment
         self._next_addr = FIRST_SEGMENT_ADDRESS
         self._rounded: dict[int, int] = {}  # request -> round_size (a replay repeats its sizes)
+        self.skipped_steps = 0  # steps a replay passed over (`simulate`, SKIP)
 
     # -- public --------------------------------------------------------------------------------
 
@@ -585,7 +592,14 @@ def _replay(events: Iterable[Event], allocator: CachingAllocator) -> AllocatorSt
     malloc, free = allocator.malloc, allocator.free
     live: dict[int, Block | None] = {}
     last_state = None
+    skip_state = None  # the state at the last SKIP marker, while its run goes on
+    skip_retries = 0  # the retry path's count at that marker
+    skipping = False  # a repeated step's events are being passed over
     for kind, key, nbytes in events:
+        if skipping:
+            if kind in (ALLOC, FREE):
+                continue
+            skipping = False
         if kind == ALLOC:
             if key in live:
                 raise ValueError(f"key {key} allocated twice")
@@ -596,14 +610,26 @@ def _replay(events: Iterable[Event], allocator: CachingAllocator) -> AllocatorSt
                 raise ValueError(f"key {key} freed but not allocated")
             if block is not None:
                 free(block)
+        elif kind == SKIP:
+            state = allocator.state(live, stride=key)
+            # the previous step left the state as it found it without the retry path freeing
+            # cache (which only a capacity can take): this one would do the same
+            if nbytes and state == skip_state and allocator.alloc_retries == skip_retries:
+                skipping = True
+                allocator.skipped_steps += 1
+                live = {k + key if k >= key else k: block for k, block in live.items()}
+            skip_state, skip_retries = state, allocator.alloc_retries
         elif kind == REPEAT:
+            skip_state = None
             state = allocator.state(live, stride=key)
             if state == last_state:
                 break  # steady: every later step replays the previous one
             last_state = state
         elif kind == EMPTY_CACHE:
+            skip_state = None
             allocator.empty_cache()
         elif kind == RESET_PEAK:
+            skip_state = None
             allocator.reset_peak()
         else:
             raise ValueError(f"unknown event kind {kind!r}")

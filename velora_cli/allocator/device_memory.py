@@ -39,6 +39,7 @@ from velora_cli.allocator.caching import (
     FREE,
     REPEAT,
     RESET_PEAK,
+    SKIP,
     AllocatorOutOfMemory,
     Event,
     simulate,
@@ -406,9 +407,9 @@ def cuda_schedule(
             reads ``max_memory_allocated`` once after training).
 
     Returns:
-        Load, ``warmup`` + 1 steps (the first creates the optimizer state and the workspaces),
-        EMPTY_CACHE (with ``empty_cache``), RESET_PEAK (with ``reset_peak``), ``steps`` steps,
-        each after a REPEAT marker.
+        Load, ``warmup`` + 1 steps (the first creates the optimizer state and the workspaces;
+        each later one after a SKIP marker), EMPTY_CACHE (with ``empty_cache``), RESET_PEAK
+        (with ``reset_peak``), ``steps`` steps, each after a REPEAT marker.
     """
     return list(
         Schedule(
@@ -448,22 +449,38 @@ class Schedule:
         self.parts: list[list[Event]] = [load_events(trace, self.keys, load)]
         self._next = 0  # the next step to build
         self._template: _StepTemplate | None = None  # the steps after the first, made once
+        self._holders: dict[int, int] | None = None  # loaded storage -> its holder mod stride
+        self._marked = False  # the next timed step's REPEAT marker is out, the step not yet
 
     def _build(self) -> bool:
         step, warm = self._next, self.warmup + 1
         if step >= warm + self.steps:
             return False
+        if step >= warm and not self._marked:
+            # each timed step is the previous one with its keys one stride on: the replay may
+            # stop once the allocator is steady (allocator.simulate), at the marker, so the
+            # marker is a part of its own and the step is built only if the replay goes on
+            self.parts.append([(REPEAT, self.keys.stride, 0)])
+            self._marked = True
+            return True
+        self._marked = False
         if step == 0:
             events = _step_events(self.trace, self.keys, step, self.scratch_at, first=True,
                                   workspace=self.workspace)  # fmt: skip
         else:
             if self._template is None:
                 self._template = _StepTemplate(self.trace, self.keys.slot, self.scratch_at)
+            # the warm-up steps after the first: each repeats the one before (the same template,
+            # its keys one stride on) when the loaded storages it frees are held by the same
+            # storages of the step before (modulo the stride) as they were for that step; the
+            # replay may then pass over it (allocator.SKIP)
+            stride = self.keys.stride
+            holders = {sid: key % stride for sid, key in self.keys.slot.items()}
+            again = int(holders == self._holders)
+            self._holders = holders
             events = self._template.events(self.keys, step)
-        if step >= warm:
-            # each timed step is the previous one with its keys one stride on: the replay may
-            # stop once the allocator is steady (allocator.simulate)
-            events.insert(0, (REPEAT, self.keys.stride, 0))
+            if step < warm:
+                events.insert(0, (SKIP, stride, again))
         self.parts.append(events)
         if step == warm - 1:
             empty = [(EMPTY_CACHE, 0, 0)] if self.empty_cache else []

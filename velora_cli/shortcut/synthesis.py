@@ -675,14 +675,27 @@ def _write(templates: _Templates, m: int, like: AllocationTrace | None):
 
 def _counts(sequence: list[tuple[str, int | None, OpCost | None]]) -> StepCounts:
     """`OpCounter.counts` of an op sequence: per (phase, micro) in first-seen order, each
-    distinct cost with its count in first-seen order."""
-    segments: dict[tuple[str, int | None], Counter] = {}
+    distinct cost with its count in first-seen order.
+
+    The sequence repeats a few template costs once per unit, the same objects: they are
+    counted by identity (an `OpCost` hashes its ten fields), then equal ones merged in the
+    order they were first seen, which keeps each class of equal costs where its first member
+    came and that member as its key (what a `Counter` of the sequence keeps)."""
+    segments: dict[tuple[str, int | None], dict[int, list]] = {}
     for phase, micro, cost in sequence:
         if cost is not None:
             ops = segments.get((phase, micro))
-            if ops is None:  # (not setdefault: it would build a Counter per op)
-                ops = segments[phase, micro] = Counter()
-            ops[cost] += 1
-    return StepCounts(
-        tuple(Segment(phase, micro, tuple(ops.items())) for (phase, micro), ops in segments.items())
-    )
+            if ops is None:  # (not setdefault: it would build a dict per op)
+                ops = segments[phase, micro] = {}
+            seen = ops.get(id(cost))  # the sequence holds every cost: ids stay unique
+            if seen is None:
+                ops[id(cost)] = [cost, 1]
+            else:
+                seen[1] += 1
+    out = []
+    for (phase, micro), ops in segments.items():
+        merged: Counter = Counter()
+        for cost, count in ops.values():
+            merged[cost] += count
+        out.append(Segment(phase, micro, tuple(merged.items())))
+    return StepCounts(tuple(out))
