@@ -15,7 +15,6 @@ from velora_cli.allocator.caching import (
     REPEAT,
     RESET_PEAK,
     SKIP,
-    AllocatorOutOfMemory,
     simulate,
 )
 from velora_cli.allocator.device_memory import (
