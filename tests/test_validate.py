@@ -14,6 +14,7 @@ import pytest
 from typer.testing import CliRunner
 
 from velora_cli.cli import app
+from velora_cli.report.validate import render as render_validate
 from velora_cli.validation import mapping
 from velora_cli.validation.compare import BOUNDS, out_of_bounds, signed_errors, summarize
 from velora_cli.validation.corpus import default_corpus, load_cases
@@ -378,3 +379,14 @@ def test_a_step_that_does_not_fit_after_the_cache_is_freed_is_an_oom_verdict(tmp
     assert verdict["predicted_fits"] is False and verdict["agrees"] is True
     verdict = validate(cases, predict=predict(True))["cases"][0]["verdict"]
     assert verdict["predicted_fits"] is True and verdict["agrees"] is False
+    assert verdict["at_the_edge"] is False
+
+    # a fit that needed the allocator's retry path is at the card's edge, and the report says
+    # how such verdicts went
+    def edge(case, mapped, spec):
+        return {**predict(True)(case, mapped, spec), "alloc_retries": 2}
+
+    document = validate(cases, predict=edge)
+    assert document["cases"][0]["verdict"]["at_the_edge"] is True
+    assert "1 of the predicted fits are at the card's edge" in render_validate(document)
+    assert "0 completed, 1 ran out (s/edge)" in render_validate(document)

@@ -583,7 +583,11 @@ def device_memory_fields(
         notes += (
             f"; near the card's limit: cudaMalloc failed {base.alloc_retries} time(s) in the "
             "replay and the allocator freed cached segments and retried (reserved held at "
-            f"most at {format_bytes(capacity)}; the real run slows down with each such retry)"
+            f"most at {format_bytes(capacity)}; the real run slows down with each such retry). "
+            "A prediction at the card's edge: it fits only if freeing the cache is enough, and "
+            "fragmentation the replay does not see (a loader's staging segments, say) can still "
+            "make the real run fail (docs/validation.md: such runs that completed and one that "
+            "ran out)"
         )
     if grown is not None and not grown_fits:
         notes += "; with expandable_segments:True it does not fit either (figures without limit)"

@@ -189,10 +189,21 @@ def render(document: Mapping[str, Any], fmt: str = "table") -> str:
     verdicts = [c for c in document["cases"] if c.get("verdict")]
     if verdicts:
         agree = sum(c["verdict"]["agrees"] for c in verdicts)
-        parts.append(
+        line = (
             f"Fit/OOM verdicts: the predicted device figure agrees with {agree} of "
             f"{len(verdicts)} recorded outcomes."
         )
+        edge = [c for c in verdicts if c["verdict"].get("at_the_edge")]
+        if edge:
+            ran_out = [c["id"] for c in edge if c["verdict"]["outcome"] != "completed"]
+            line += (
+                f" {len(edge)} of the predicted fits are at the card's edge (they fit only after "
+                f"the allocator frees its cache in the replay): {len(edge) - len(ran_out)} "
+                f"completed, {len(ran_out)} ran out"
+                + (f" ({', '.join(ran_out)})" if ran_out else "")
+                + "."
+            )
+        parts.append(line)
     parts.append(
         "PASSED: every expressible case within its bounds"
         if document["passed"]

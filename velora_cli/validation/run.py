@@ -199,6 +199,8 @@ def _predict_case(case, mapped, out, dirs, backends, predict) -> None:
                 "outcome": case.outcome,
                 "predicted_fits": fits,
                 "agrees": fits == (case.outcome == "completed"),
+                # fits only after the allocator freed its cache in the replay: at the edge
+                "at_the_edge": bool(fits and row.get("alloc_retries")),
                 "gpu_total_bytes": total,
             }
     out["cuda_context_bytes"] = row.get("cuda_context_bytes")
