@@ -400,7 +400,7 @@ class OpCosts:
     an op's cost is a function of its key alone (the op, every argument's and output's metadata,
     scalars by value, which tensors share a storage), so a cost worked out in one step holds in
     any other step, of any model, that dispatches an op with the same key. The estimate's fast
-    path shares one between all its rows (`measure.meta_ops.MetaOpCache.costs`); a counter made
+    path shares one between all its rows (`shortcut.shortcuts.Shortcuts.op_costs`); a counter made
     without one keeps its own (the reference path: each row's counter works out its costs
     afresh, which the tests compare with the shared table's rows).
 
@@ -477,12 +477,10 @@ class OpCounter(TorchDispatchMode):
         and what a `measure.tracker.MemoryTracker` counting with this counter (its
         ``counting``) calls inside its own mode instead, as the last thing it does per op (one
         mode for both instead of this one stacked above the tracker's)."""
-        key = None if _never_counted(func) else _cost_key(func, args, kwargs, out)
-        if key is None:
-            # an op `op_cost` never counts (no key needed), or one without a key
-            cost = (
-                None if _never_counted(func) else op_cost(func, args, kwargs, out, self.device_type)
-            )
+        if _never_counted(func):  # no key needed: `op_cost` gives None for every call
+            cost = None
+        elif (key := _cost_key(func, args, kwargs, out)) is None:  # an argument without a key
+            cost = op_cost(func, args, kwargs, out, self.device_type)
         elif key in self._costs:
             cost = self._costs[key]
             self.cost_hits += 1
