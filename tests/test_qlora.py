@@ -279,12 +279,41 @@ def test_estimator_floors_the_candidates_of_a_mode_that_cannot_fit():
     d = first.detail
     assert floor.peak_bytes == d["param_bytes"] + d["grad_bytes"] + d["optimizer_bytes"]
     assert floor.peak_bytes <= first.peak_bytes
-    # the leanest candidates (gc, smallest micro-batch) are stepped: "nothing fits" names them
-    leanest = estimator(Candidate("full", "all-linear", 4, gc=True, micro_batch_size=4))
+    # the leanest candidates (gc, smallest micro-batch) get the floor too, and are stepped
+    # only when the tuner asks (nothing fits: the answer names the smallest configuration)
+    lean = Candidate("full", "all-linear", 4, gc=True, micro_batch_size=4)
+    assert estimator(lean).detail["lower_bound"] and estimator.calls == 1
+    assert estimator.refinable(lean) and not estimator.refinable(Candidate("full", gc=False))
+    leanest = estimator.refine(lean)
     assert estimator.calls == 2 and not leanest.detail.get("lower_bound")
     assert floor.peak_bytes <= leanest.peak_bytes < first.peak_bytes
+    assert estimator(lean) is leanest  # kept
     estimator(Candidate("qlora", micro_batch_size=4))  # another mode: stepped
     assert estimator.calls == 3
+
+
+def test_tune_steps_the_floored_leanest_candidates_only_when_nothing_fits():
+    from velora_cli.search import autotune
+
+    def run(budget):
+        settings = _tune_settings(modes=("full",), micro_batches=(2, 4), budget_bytes=budget)
+        doc = autotune.run(settings, save_path=None, journal=None)
+        return doc, {r["key"]: r for r in doc["candidates"]}
+
+    # a budget under every full candidate's floor: the leanest ones (gc, micro-batch 2) get
+    # their real estimates, the others keep the floor, and the answer names the smallest
+    doc, rows = run(10**6)
+    assert doc["recommendation"] is None
+    lean = [r for r in rows.values() if r["gc"] is True and r["micro_batch_size"] == 2]
+    assert lean and not any(r["estimate_lower_bound"] for r in lean)
+    others = [r for r in rows.values() if r not in lean]
+    assert sum(not r["estimate_lower_bound"] for r in others) == 1  # the first: the floor's
+    smallest = min(lean, key=lambda r: (r["estimate_peak_bytes"], r["key"]))
+    assert doc["smallest"]["key"] == smallest["key"]
+    assert doc["smallest"]["smallest_peak_bytes"] == smallest["estimate_peak_bytes"]
+    assert "the smallest estimate is" in doc["reason"] and smallest["key"] in doc["reason"]
+    floor = min(r["estimate_peak_bytes"] for r in others if r["estimate_lower_bound"])
+    assert all(floor <= r["estimate_peak_bytes"] for r in lean)
 
 
 def test_tune_space_leaves_out_qlora_where_bitsandbytes_is_needed_and_missing(monkeypatch):
@@ -369,3 +398,34 @@ def test_profile_footer_shows_the_4bit_base():
     }
     line = next(x for x in report.profile_footer(document) if x.startswith("4-bit base"))
     assert "4,000,000 weights" in line and "4.127 bits each" in line
+
+
+def test_tune_leaves_the_floored_leanest_candidates_unstepped_when_something_fits(tmp_path):
+    from transformers import LlamaConfig
+
+    from velora_cli import report
+    from velora_cli.search import autotune
+
+    # 2 blocks of 2048 wide: ~100M parameters, so full training's params + grads + AdamW state
+    # (16 B each, ~1.6 GB) is over a 1 GB budget that QLoRA fits on a T4 (141 MiB context)
+    model = str(tmp_path / "llama-2048")
+    LlamaConfig(
+        hidden_size=2048, intermediate_size=5504, num_hidden_layers=2, num_attention_heads=16,
+        num_key_value_heads=16, vocab_size=1024, max_position_embeddings=256,
+    ).save_pretrained(model)  # fmt: skip
+    settings = _tune_settings(model=model, modes=("full", "qlora"), micro_batches=(2, 4),
+                              budget_bytes=10**9, gpu="t4")  # fmt: skip
+    doc = autotune.run(settings, save_path=None, journal=None)
+    assert doc["recommendation"]["mode"] == "qlora"
+    full = [r for r in doc["candidates"] if r["mode"] == "full"]
+    assert all(r["status"] == "infeasible-estimate" for r in full)
+    stepped = [r for r in full if not r["estimate_lower_bound"]]
+    assert len(stepped) == 1 and stepped[0]["micro_batch_size"] == 4  # the floor's, no other
+    floor = min(r["estimate_peak_bytes"] for r in full if r["estimate_lower_bound"])
+    assert floor > settings.budget_bytes
+    # the table's row for full training is its floor, shown as a lower bound
+    (unfit,) = report.unfit_modes(doc["candidates"])
+    assert unfit["mode"] == "full" and unfit["estimate_lower_bound"]
+    assert unfit["estimate_peak_bytes"] == floor
+    table = report.tune_table(doc)
+    assert any(cell.startswith("≥ ") for cell in table.columns[3]._cells)

@@ -87,7 +87,8 @@ def tune_table(document: dict[str, Any]):
             mark,
             describe(r),
             r["status"],
-            fmt_bytes(r.get("estimate_peak_bytes")),
+            ("≥ " if r.get("estimate_lower_bound") else "")
+            + fmt_bytes(r.get("estimate_peak_bytes")),
             fmt_bytes(r.get("peak_bytes")),
             fmt_seconds(r.get("step_seconds")),
             "—" if r.get("tokens_per_second") is None else f"{r['tokens_per_second']:,.0f}",
@@ -100,9 +101,10 @@ def tune_table(document: dict[str, Any]):
 
 
 def unfit_modes(candidates: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """One row per mode whose every candidate was estimated over budget: its smallest estimate
-    (a real one; lower bounds only when there is nothing else), so the table says why the mode
-    is out."""
+    """One row per mode whose every candidate was estimated over budget, so the table says why
+    the mode is out: the smallest real estimate of its leanest candidates (full checkpointing
+    at the smallest micro-batch), which the tune steps when nothing fits; else its smallest
+    lower bound (params + gradients + optimizer state); else its smallest estimate."""
     out = []
     for mode, world in dict.fromkeys((r["mode"], r.get("world_size", 1)) for r in candidates):
         rows = [r for r in candidates if (r["mode"], r.get("world_size", 1)) == (mode, world)]
@@ -111,8 +113,13 @@ def unfit_modes(candidates: list[dict[str, Any]]) -> list[dict[str, Any]]:
         known = [r for r in rows if r.get("estimate_peak_bytes") is not None]
         if not known:
             continue
-        real = [r for r in known if not r.get("estimate_lower_bound")] or known
-        best = min(real, key=lambda r: r["estimate_peak_bytes"])
+        smallest_micro = min(r["micro_batch_size"] for r in rows)
+        real = [r for r in known if not r.get("estimate_lower_bound")]
+        leanest = [
+            r for r in real if r.get("gc") is True and r["micro_batch_size"] == smallest_micro
+        ]
+        lower = [r for r in known if r.get("estimate_lower_bound")]
+        best = min(leanest or lower or real, key=lambda r: r["estimate_peak_bytes"])
         where = f" at {world} GPUs" if world > 1 else ""
         note = f"all {len(rows)} {mode} candidates{where} over budget"
         floors = [r["estimate_peak_bytes"] for r in rows if r.get("estimate_lower_bound")]

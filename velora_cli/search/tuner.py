@@ -390,6 +390,42 @@ class _Search:
         return False
 
     # -- results ------------------------------------------------------------------------------
+    def refine_floors(self) -> None:
+        """Nothing fits: the candidates the estimate answered with a lower bound (their mode's
+        params + gradients + optimizer state) and can estimate for real (the estimate's
+        ``refinable``/``refine``: the leanest ones, `search.estimator.Estimator`) get their real
+        estimate, so that the answer names the smallest configuration. They stay over the
+        budget either way (a peak is at least its floor); a failed estimate leaves the floor."""
+        refine = getattr(self.estimate_fn, "refine", None)
+        refinable = getattr(self.estimate_fn, "refinable", None)
+        if refine is None or refinable is None:
+            return
+        todo = [e for e in self.entries
+                if e.estimate.detail.get("lower_bound") and refinable(e.candidate)]  # fmt: skip
+        for i, e in enumerate(todo):
+            self._report(f"estimate {e.candidate.key}", i, len(todo))
+            try:
+                est = refine(e.candidate)
+            except Exception as exc:  # the floor stands; one broken estimate ends nothing
+                est = Measurement(None, None, None, "error",
+                                  detail={"error": f"{type(exc).__name__}: {exc}"})  # fmt: skip
+            if est.status not in ("ok", "oom"):
+                e.note += f"; its real estimate failed ({est.detail.get('error', est.status)})"
+                continue
+            if self.journal is not None:
+                self.journal.record("estimate", e.candidate.key, asdict(est))
+            e.estimate = est
+            e.cost = cost_rank(e.candidate, est.detail.get("velora_layers"))
+            if est.status == "oom":
+                e.note = "the estimate ran out of memory"
+            else:
+                e.note = (
+                    f"estimated peak {format_bytes(est.peak_bytes)} > budget "
+                    f"{format_bytes(self.budget)}"
+                )
+        if todo:
+            self._report("estimate done", len(todo), len(todo))
+
     def row(self, e: _Entry, detail: dict | None = None) -> dict:
         """One candidate as plain data; the measurement's detail fields join it (ours win)."""
         c, est, m, p, v = e.candidate, e.estimate, e.measurement, e.probe, e.verification
@@ -597,6 +633,8 @@ def tune(
         dominated = any(s.dominates(a, e) for a in s.entries if a.status in ("feasible", "chosen"))
         limited = s.limit_reached() and not dominated
         e.status = "not-measured-limit" if limited else "not-measured-dominated"
+    if chosen is None:
+        s.refine_floors()
     smallest = s.smallest()
     recommendation = s.recommendation(chosen, fallbacks) if chosen is not None else None
     reason = recommendation["reason"] if recommendation else s.nothing_fits(smallest)
