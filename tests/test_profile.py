@@ -371,3 +371,26 @@ def test_a_full_mode_estimate_does_not_import_peft_or_bitsandbytes():
     )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert json.loads(done.stdout.strip().splitlines()[-1]) == ["ok", []]
+
+
+def test_cli_debug_shows_the_traceback_of_a_row_that_failed(monkeypatch):
+    import logging
+
+    from velora_cli.estimate.backend import EstimateBackend
+
+    def broken(self):
+        raise RuntimeError("a kernel the estimate cannot run")
+
+    monkeypatch.setattr(EstimateBackend, "fast_path", broken)
+    logger = logging.getLogger("velora_cli")
+    level, handlers = logger.level, list(logger.handlers)
+    args = ["profile", "llama-tiny", "--backend", "estimate", "--placements", "paper",
+            "--no-save", "--format", "json"]  # fmt: skip
+    try:
+        quiet = runner.invoke(app, args)
+        loud = runner.invoke(app, ["--debug", *args])
+    finally:
+        logger.setLevel(level)
+        logger.handlers[:] = handlers
+    assert "a kernel the estimate cannot run" in quiet.output and "Traceback" not in quiet.output
+    assert "Traceback" in loud.stderr and "in broken" in loud.stderr

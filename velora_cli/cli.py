@@ -44,9 +44,30 @@ def root(
 ) -> None:
     """velora: will VeLoRA, checkpointing or both make your training run fit, and how fast?"""
     state["debug"] = debug
+    _debug_log(debug)  # with --debug, a row that failed shows its traceback (`measure.failed_row`)
     if ctx.invoked_subcommand is None:  # no command: help is what was asked for, not an error
         typer.echo(ctx.get_help())
         raise typer.Exit(0)
+
+
+def _debug_log(debug: bool) -> None:
+    """velora's debug log on stderr with --debug (stderr as it is at each record), else off."""
+    import logging
+    import sys
+
+    if not debug:
+        logging.getLogger("velora_cli").setLevel(logging.NOTSET)  # the root's: warnings only
+        return
+
+    class Stderr(logging.StreamHandler):
+        stream = property(lambda self: sys.stderr, lambda self, value: None)
+
+    logger = logging.getLogger("velora_cli")
+    if not any(isinstance(h, Stderr) for h in logger.handlers):
+        handler = Stderr()
+        handler.setFormatter(logging.Formatter("velora debug: %(message)s"))
+        logger.addHandler(handler)
+    logger.setLevel(logging.DEBUG)
 
 
 app.command()(profile.profile)
