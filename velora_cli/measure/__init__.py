@@ -46,6 +46,8 @@ def failed_row(backend: str, exc: BaseException) -> dict[str, Any]:
 
     message = " ".join(str(exc).split()) or type(exc).__name__
     # ``velora --debug`` shows where it failed (cli.root); otherwise the row's one line says it
-    logging.getLogger("velora_cli").debug("a row of the %s backend failed: %s", backend, message, exc_info=exc)
+    logging.getLogger("velora_cli").debug(
+        "a row of the %s backend failed: %s", backend, message, exc_info=exc
+    )
     oom = "out of memory" in message.lower() or type(exc).__name__ == "OutOfMemoryError"
     return {"status": "oom" if oom else "error", "backend": backend, "error": message}
