@@ -235,6 +235,7 @@ def test_the_cuda_backend_reports_the_estimate_beside_its_measurement(monkeypatc
         100 * (predicted - 120 * M) / (120 * M)
     )
     assert row["context_implied_bytes"] == 580 * M
+    assert row["predicted_fits_device"] is True and row["predicted_alloc_retries"] == 0
     assert "max_split_size_mb:64" in row["device_memory_notes"]
     # a GPU the table does not know: predicted with the default GPU's constants, and said so
     measured["gpu_name"] = "NVIDIA Mystery 1"

@@ -41,6 +41,11 @@ def estimate_beside(backend: CudaBackend, spec: StepSpec, row: dict[str, Any]) -
         if k.startswith("predicted_") or k in PREDICTED_FIELDS or k == "device_memory_notes"
     ]
     out = {k: estimate[k] for k in keys}
+    # whether the replay fitted this card (after how many cache releases), as the estimate of a
+    # named GPU says it (`device_memory.device_capacity`)
+    for key in ("fits_device", "fits_device_expandable", "alloc_retries"):
+        if key in estimate:
+            out[f"predicted_{key}"] = estimate[key]
     out["estimate_gpu"] = estimate_gpu = gpu.key if gpu else DEFAULT_GPU
     if gpu is None:
         out["estimate_error_note"] = (
