@@ -151,3 +151,19 @@ def test_a_tiny_mixtral_estimates_in_every_dtype(tmp_path, dtype):
     row = EstimateBackend(gpu="a100-80gb").measure(spec)
     assert row["status"] == "ok", row.get("error")
     assert row["predicted_step_seconds"] > 0
+
+
+def test_only_meta_calls_in_a_cuda_layout_are_replayed():
+    def grad_fn(device, dtype, a_rows=8):
+        a = torch.ones(a_rows, 16, device=device, dtype=dtype, requires_grad=True)
+        w = torch.ones(2, 16, 16, device=device, dtype=dtype, requires_grad=True)
+        offs = torch.tensor([3, 8], device=device, dtype=torch.int32)
+        with cuda_emulation():
+            return torch._grouped_mm(a, w.transpose(-2, -1), offs=offs).grad_fn.name()
+
+    assert grad_fn("meta", torch.float16) == "GroupedMmBackward"
+    assert grad_fn("meta", torch.float32) == "GroupedMmBackward"
+    assert grad_fn("cpu", torch.float16) == "GroupedMmBackward0"  # the real kernel, untouched
+    with cuda_emulation(), pytest.raises(RuntimeError, match="BF16"):  # torch's own meta check
+        a = torch.empty(2, 8, 16, device="meta", dtype=torch.float16)  # 3-D x 3-D: not replayed
+        torch._grouped_mm(a, torch.empty(2, 16, 16, device="meta", dtype=torch.float16))

@@ -9,7 +9,10 @@ neither CPU nor CUDA, so ``_can_use_grouped_mm`` says yes), but torch 2.13's met
 float16 or float32 MoE model failed to estimate ("Expected inputs of BF16 type").
 
 What CUDA does instead (PyTorch, ``aten/src/ATen/native/cuda/GroupedBlas.cpp``,
-``_grouped_mm_cuda``; ``aten/src/ATen/native/GroupedMMUtils.h``; the 2.13 line):
+``_grouped_mm_cuda``, and ``aten/src/ATen/native/GroupedMMUtils.h``, read at pytorch/pytorch
+00d4eaf9 and in a later copy that adds the cuBLASLt path; the installed 2.13.0 build, git
+cf30153c, is CPU-only and its CUDA sources were not at hand, so this is the code of that line
+around it, not of the tag):
 
 - ``_grouped_mm_validate_inputs`` accepts float32, bfloat16 and float16 operands (2-D or 3-D,
   strides with one unit dimension and the other a multiple of 16 bytes, int32 ``offs``, no bias);
@@ -24,12 +27,18 @@ What CUDA does instead (PyTorch, ``aten/src/ATen/native/cuda/GroupedBlas.cpp``,
   sm90-sm110 to cuBLASLt's grouped GEMM; the output is the same tensor. The few hundred bytes of
   per-group arguments the CUTLASS/cuBLASLt paths stage on the device are not modelled.
 
-Backward (torch 2.13's ``tools/autograd/derivatives.yaml``, as packaged in
-``torchgen/packaged/autograd``): ``_grouped_mm`` saves ``self``, ``mat2`` and ``offs``;
-``_grouped_mm_mat2_backward`` and ``_grouped_mm_mat1_backward`` (``FunctionsManual.cpp``) run, in
-that order, ``_grouped_mm(grad.T, self, offs).transpose(-2, -1)`` (2-D x 2-D: the (G, N, K)
-weight gradient, transposed back) and ``_grouped_mm(grad, mat2.transpose(-2, -1), offs)`` — the
-calls torch 2.13 dispatches for them (seen op by op on CPU, where the same autograd code runs).
+Backward (torch 2.13's ``tools/autograd/derivatives.yaml``, as installed in
+``torchgen/packaged/autograd``): ``_grouped_mm`` saves ``self``, ``mat2`` and ``offs``, and its
+gradients are ``_grouped_mm_mat2_backward`` and ``_grouped_mm_mat1_backward``. What those
+dispatch, seen op by op with the installed torch on CPU (the same device-independent autograd
+code runs on CUDA), in this order: ``_grouped_mm(grad.T, self, offs)`` (2-D x 2-D: the (G, N, K)
+weight gradient), returned transposed, then ``_grouped_mm(grad, mat2.transpose(-2, -1), offs)``;
+nothing else is allocated.
+
+For a GPU below sm80 (T4, V100) transformers calls its own ``grouped_mm_fallback`` op instead
+(a per-expert ``torch.mm`` loop into one output, saving input and weight; its backward fills
+``zeros_like`` input and weight gradients): the same tensors, which the estimate takes from this
+emulation as well.
 
 ``GroupedMm`` is that node on meta; its GEMMs are ``velora::grouped_mm``, whose meta kernel
 makes CUDA's output tensor and which the op counter (timing/opcount.py) counts as a GEMM of
