@@ -9,6 +9,8 @@ torch-function modes are no longer active), in:
 - ``MetaCudaDropout`` (dropout.py): ``native_dropout``'s bool mask instead of a noise tensor;
 - ``MetaFusedRmsNorm`` (rms_norm.py): ``_fused_rms_norm``'s saved input and rstd;
 - ``MetaHalfToFloatSoftmax`` (softmax.py): fp16 -> fp32 softmax without an fp32 copy of the input;
+- ``GroupedMm`` (grouped_mm.py): ``torch._grouped_mm`` (MoE experts) as CUDA runs it, fp16 and
+  fp32 included, where torch's meta kernel takes bf16 only;
 - ``MetaSoftmaxSavesInput`` (softmax.py), for a run on torch < 1.11: softmax's input kept for
   backward, as those releases saved it;
 - ``MetaAutocast`` (amp.py), with ``--amp``: CUDA autocast's cast policy.
@@ -16,10 +18,10 @@ torch-function modes are no longer active), in:
 Autocast is entered last, so it is the first to see a call and casts its arguments before the
 other modes see them, as CUDA autocast casts before the kernel is chosen.
 
-The first four emulate disjoint sets of torch functions, each of which calls nothing the others
+The first five emulate disjoint sets of torch functions, each of which calls nothing the others
 emulate, so they run as one mode (`MetaCudaKernels`: one handler lookup per torch call instead of
-four stacked modes, each called for every torch function of the step); each module's own mode
-stays for use alone.
+stacked modes, each called for every torch function of the step); each module's own mode stays
+for use alone (grouped_mm.py has none: its handler is only used here).
 """
 
 from __future__ import annotations
@@ -33,19 +35,20 @@ from torch.overrides import TorchFunctionMode
 
 @functools.cache
 def _handlers() -> dict:
-    from velora_cli.emulation import dropout, math_attention, rms_norm, softmax
+    from velora_cli.emulation import dropout, grouped_mm, math_attention, rms_norm, softmax
 
     handlers: dict = {}
-    for module in (math_attention, dropout, rms_norm, softmax):
+    for module in (math_attention, dropout, rms_norm, softmax, grouped_mm):
         assert not handlers.keys() & module.EMULATES.keys()  # disjoint, so one mode does
         handlers.update(module.EMULATES)
     return handlers
 
 
 class MetaCudaKernels(TorchFunctionMode):
-    """``MetaMathAttention``, ``MetaCudaDropout``, ``MetaFusedRmsNorm`` and
-    ``MetaHalfToFloatSoftmax`` as one mode: each call goes to the handler of the module that
-    emulates its function (their ``EMULATES`` tables), every other call runs as it is.
+    """``MetaMathAttention``, ``MetaCudaDropout``, ``MetaFusedRmsNorm``,
+    ``MetaHalfToFloatSoftmax`` and ``GroupedMm`` as one mode: each call goes to the handler of
+    the module that emulates its function (their ``EMULATES`` tables), every other call runs as
+    it is.
 
     Example:
         >>> with MetaCudaKernels():

@@ -6,6 +6,9 @@ convolutions; for the rest, and where torch counts what the kernel does not comp
   counts the full N×N score matrix even when ``is_causal`` (its comment says so); the kernels
   skip masked tiles, so we count the unmasked (query, key) pairs only;
 - mv/addmv/dot (VeLoRA's compression z = X·v is an ``mv``): 2 FLOPs per multiply-add;
+- grouped GEMMs (``aten::_grouped_mm``, and ``velora::grouped_mm``, its meta stand-in:
+  emulation/grouped_mm.py), which torch does not count: 2·M·N·K over all groups together, the
+  group sizes in ``offs`` summing to the jagged dimension (MoE experts: every routed token);
 - ``_linalg_svd`` and ``linalg_qr`` (GaLore/AdaRankGrad refreshes), from Golub & Van Loan,
   *Matrix Computations* (4th ed.): R-SVD with thin U and V 6·m·n² + 20·n³ (Fig. 8.6.1),
   Householder QR with thin Q 4·n²·(m − n/3) (§5.2: R costs 2·n²·(m − n/3), forming Q as much);
@@ -18,9 +21,40 @@ from __future__ import annotations
 import math
 from typing import Any
 
+GROUPED = ("_grouped_mm", "grouped_mm")
+
+
+def grouped_gemm(bound: dict[str, Any]) -> tuple[int, tuple[int, int, int, int]]:
+    """FLOPs and (groups, m, n, k) of a grouped GEMM (``_grouped_mm``'s layouts, GroupedMMUtils.h).
+
+    The jagged dimension (2-D operands, split by ``offs``) is all routed rows; on meta its split
+    is unknown, so the shape takes G equal groups of ceil(rows / G) (what a balanced router gives;
+    CUDA's fallback runs one GEMM per group, an A100's every time): the shape only sets the
+    efficiency, the FLOPs are exact.
+    """
+    a = bound.get("mat_a", bound.get("self"))
+    b = bound.get("mat_b", bound.get("mat2"))
+    if a.dim() == 3 and b.dim() == 3:  # a bmm
+        groups, m, k = a.shape
+        n = b.shape[-1]
+        return 2 * groups * m * n * k, (groups, m, n, k)
+    offs = bound["offs"]
+    groups = offs.shape[0]
+    if a.dim() == 2 and b.dim() == 2:  # (M, total K) x (total K, N): a K split per group
+        (m, k), n = a.shape, b.shape[1]
+        return 2 * m * n * k, (groups, m, n, -(-k // groups))
+    if a.dim() == 2:  # (total M, K) x (G, K, N): the MoE forward and input gradient
+        (m, k), n = a.shape, b.shape[-1]
+        return 2 * m * n * k, (groups, -(-m // groups), n, k)
+    _, m, k = a.shape  # (G, M, K) x (K, total N)
+    n = b.shape[1]
+    return 2 * m * n * k, (groups, m, -(-n // groups), k)
+
 
 def gemm_shape(op: str, bound: dict[str, Any]) -> tuple[int, int, int, int]:
     """(batch, m, n, k) of a matrix-product op: out (m×n) = (m×k)·(k×n), ``batch`` times."""
+    if op in GROUPED:
+        return grouped_gemm(bound)[1]
     if op in ("mm", "_scaled_mm"):
         a, b = bound["self"], bound["mat2"]
     elif op == "addmm":
@@ -99,6 +133,8 @@ def op_flops(kind: str, op: str, func, bound, args, kwargs, out, written, read) 
     if kind == "gemm":
         from torch.utils.flop_counter import flop_registry
 
+        if op in GROUPED:
+            return grouped_gemm(bound)[0]
         formula = flop_registry.get(func.overloadpacket)
         if formula is not None:
             return int(formula(*args, **kwargs, out_val=out))

@@ -40,7 +40,8 @@ from velora_cli.timing.flops import gemm_shape, op_flops
 # Op classes: each has its own efficiency in the roofline (timing/roofline.py).
 KINDS = ("gemm", "attention", "linalg", "elementwise", "reduction", "copy", "foreach")
 
-_GEMM = {"mm", "addmm", "bmm", "baddbmm", "addbmm", "mv", "addmv", "dot", "vdot", "_scaled_mm"}
+_GEMM = {"mm", "addmm", "bmm", "baddbmm", "addbmm", "mv", "addmv", "dot", "vdot", "_scaled_mm",
+         "_grouped_mm", "grouped_mm"}  # fmt: skip
 _ATTENTION = {
     "_scaled_dot_product_flash_attention",
     "_scaled_dot_product_flash_attention_backward",
