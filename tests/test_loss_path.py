@@ -159,3 +159,30 @@ def test_llama_before_4_49_copies_the_shifted_fp32_logits_cpu_and_estimate(llama
     assert abs((cpu[1] - cpu[0]) - (held_bytes - installed)) <= LABELS, cpu
     assert abs((cpu[2] - cpu[0]) - (inline_bytes - installed)) <= LABELS, cpu
     assert [e - est[0] for e in est] == [c - cpu[0] for c in cpu], (est, cpu)
+
+
+def test_cli_profile_plans_the_releases_loss(llama_dir, tmp_path):
+    # `velora profile --transformers-version`: the step's spec carries it, and the estimate's
+    # peak moves by the count of test_llama_before_4_49_... (here B=2, L=64: 4.48 holds more)
+    from typer.testing import CliRunner
+
+    from velora_cli.cli import app
+
+    runner = CliRunner()
+    base = ["profile", llama_dir, "--backend", "estimate", "--dtype", "bf16"]
+    base += ["--batch-size", str(B), "--seq-len", str(L), "--format", "json"]
+    rows = {}
+    for version in (None, "4.48.1"):
+        out = tmp_path / f"{version}.json"
+        args = base + ["-o", str(out)] + (["--transformers-version", version] if version else [])
+        result = runner.invoke(app, args)
+        assert result.exit_code == 0, result.output
+        document = json.loads(out.read_text())
+        assert document["settings"].get("transformers_version") == version
+        rows[version] = document["rows"][0]["peak_bytes"]
+    assert rows["4.48.1"] > rows[None]
+    result = runner.invoke(app, [*base, "--transformers-version", "four"])
+    assert result.exit_code == 1
+    assert result.output.strip().splitlines() == [
+        "error: transformers version 'four': give MAJOR.MINOR[.PATCH], e.g. 4.48.1"
+    ]
