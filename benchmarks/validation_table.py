@@ -120,12 +120,16 @@ TAIL = """
   entries at 8 x 2048 tokens, 4.83 GB less); Llama/Mistral/Mixtral/Granite before they called
   `loss_function` upcast in place and copied the shifted fp32 logits (the same 12 bytes); 4.46-4.48's
   `ForCausalLMLoss` did the copy while the model kept its bf16 logits (14 bytes, in the forward).
-  The mapping passes the record's `versions.transformers` (`StepSpec.transformers_version`) and
-  the step wraps the model's forward with that release's loss. santacoder bs4 went from +10.8 to
-  +0.0 % allocated (its peak is now the optimizer step, as measured); bs8 from +19.9 to −11.9 %:
-  the run held 1.81 GB more at the loss than the release's code allocates, about one more bf16
-  logits tensor (1.61 GB) and 0.2 GB, not explained yet. Mistral and PowerLM peak elsewhere or
-  hold the same bytes and did not move.
+  And GPTBigCode 4.39-4.52 kept each block's `present` (a view of its whole `c_attn` output)
+  while `use_cache` was on, its config's default, with no check for gradient checkpointing (4.53
+  added one): under reentrant checkpointing that is 24 x (8 x 2048) x 2304 x 2 = 1.81 GB more at
+  the loss. The mapping passes the record's `versions.transformers` (`StepSpec.transformers_version`)
+  and the step wraps the model's forward with that release's loss and presents. santacoder went
+  from +10.8 / +19.9 % allocated (bs4 / bs8) to +0.01 / −0.01 % (bs4's peak is now the optimizer
+  step, bs8's the forward's loss); Mistral and PowerLM peak elsewhere or hold the same bytes and
+  did not move. santacoder's device figures stay +0.6 … +12.8 %: the two sessions that ran the
+  same setup read nvidia-smi 1.2 GB apart with identical allocated peaks, and the A100's context
+  is the unmeasured 1 GiB default.
 - **fitcheck's SDPA rows repeat K/V before SDPA.** Its harness `repeat_interleave`s K/V to the
   query heads (a shim that also drops `enable_gqa`), so torch runs the memory-efficient kernel on
   the T4 and keeps the repeated K/V. transformers 5 instead passes `enable_gqa`, which torch

@@ -186,3 +186,31 @@ def test_cli_profile_plans_the_releases_loss(llama_dir, tmp_path):
     assert result.output.strip().splitlines() == [
         "error: transformers version 'four': give MAJOR.MINOR[.PATCH], e.g. 4.48.1"
     ]
+
+
+def test_gpt_bigcode_before_4_53_holds_each_blocks_kv_projection(tmp_path):
+    # GPTBigCode 4.39-4.52 kept every block's `present` (a view of its c_attn output) while
+    # use_cache was on, checkpointing or not, until the output was dropped: under reentrant
+    # checkpointing, where the blocks save nothing, that is n_layer x (B, L, E + 2 kv) bf16 more
+    # at the loss. 2 blocks, E 32, one K/V head of 16: 2 x 2 x 64 x 64 x 2 = 32,768 bytes.
+    from velora_cli.measure.loss_path import holds_presents
+    from velora_cli.measure.train_step import Strategy
+
+    assert holds_presents("gpt_bigcode", "4.48.1") and holds_presents("gpt_bigcode", "4.52.4")
+    assert not holds_presents("gpt_bigcode", "4.53.0") and not holds_presents("llama", "4.48.1")
+    specs = []
+    for use_cache in (True, False):
+        folder = tmp_path / f"cache-{use_cache}"
+        folder.mkdir()
+        config = {**BIGCODE, "n_layer": 2, "use_cache": use_cache}
+        (folder / "config.json").write_text(json.dumps(config))
+        specs.append(
+            StepSpec(
+                model=str(folder), batch_size=B, seq_len=L, dtype="bf16",
+                transformers_version="4.48.1", strategy=Strategy(gc=True), gc_reentrant=True,
+            )
+        )  # fmt: skip
+    presents = 2 * B * L * (32 + 2 * 16) * 2
+    cpu, est = peaks(specs)
+    assert cpu[0] - cpu[1] == presents, cpu
+    assert est[0] - est[1] == presents, est

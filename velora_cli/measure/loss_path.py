@@ -1,4 +1,5 @@
-"""The causal-LM loss as the run's transformers release computed it from the logits.
+"""The causal-LM loss as the run's transformers release computed it from the logits, and the
+K/V that release's GPTBigCode kept in training (`holds_presents`).
 
 The model's own loss (``model(**batch).loss``, the ``hf`` trainer's step) is computed by the
 installed transformers. Earlier releases computed it differently, and the logits are the step's
@@ -32,6 +33,12 @@ of 4.39.3, 4.43.3, 4.44.2, 4.45.2, 4.46.3, 4.47.1, 4.48.1 and ``modeling_granite
 4.46.3, 4.47.1, 4.48.1. Releases between two read ones that agree are taken to agree; a model
 type or release not read (before 4.39, or another architecture before 4.49) keeps the installed
 model's loss, and `loss_path` says so by returning None.
+
+GPTBigCode 4.39-4.52 also kept each block's ``present`` (a view of its ``c_attn`` output)
+whenever the config's ``use_cache`` was on (its default), gradient checkpointing or not, until
+the model's output was dropped (`holds_presents`): under reentrant checkpointing, where the
+blocks save nothing, santacoder's 24 blocks at 8 x 2048 tokens hold 24 x 16384 x 2304 x 2 =
+1.81 GB more at the loss.
 
 The path is patched in by wrapping the model's ``forward``: the installed forward runs without
 ``labels`` (its logits, no loss), then the release's loss is computed from its output, so the
@@ -142,12 +149,48 @@ def shifted_cross_entropy(
     return loss if num_items_in_batch is None else loss / num_items_in_batch
 
 
-def _forward_with(path: str, forward):
-    """``forward`` (the installed model's) computing its loss by ``path``."""
+def holds_presents(model_type: str | None, transformers_version: str | None) -> bool:
+    """Whether the release's forward kept each layer's K/V (``presents``) in training.
+
+    GPTBigCode 4.39-4.52 (read: 4.39.3, 4.43.3, 4.44.2, 4.45.2, 4.48.1, 4.49.0, 4.50.0, 4.51.3,
+    4.52.4) appended every block's ``present`` to ``presents`` whenever ``use_cache`` was on,
+    gradient checkpointing or not, and returned them as ``past_key_values``; 4.53.0 turned the
+    cache off under checkpointing (``GradientCheckpointingLayer``). ``present`` is ``key_value``,
+    a view of the block's ``c_attn`` output (``c_attn(h).split((embed_dim, 2 * kv_dim))`` with
+    multi-query attention), so the whole (B, L, embed_dim + 2 kv_dim) projection stays allocated
+    until the model's output is dropped: through the loss, where the forward's peak is.
+    """
+    if transformers_version is None or model_type != "gpt_bigcode":
+        return False
+    return READ_FROM <= release(transformers_version) < (4, 53)
+
+
+def _forward_with(path: str | None, forward, projections: list):
+    """``forward`` (the installed model's) computing its loss by ``path`` (None: its own), and
+    holding the output of every module in ``projections`` in its output's ``past_key_values``
+    (`holds_presents`)."""
+
+    def hold(module, inputs, output):
+        held.append(output)  # (B, L, E + 2 kv): the storage a release's `present` viewed
+
+    held: list = []
 
     def patched(*args: Any, labels: Any = None, num_items_in_batch: Any = None, **kwargs: Any):
-        outputs = forward(*args, **kwargs)  # no labels: the installed logits, no loss
-        if labels is None:
+        # hooks only around this call: a checkpointed block's recompute in the backward holds
+        # nothing, as the release's recomputed presents were dropped
+        handles = [module.register_forward_hook(hold) for module in projections]
+        try:
+            if path is None:  # the installed loss
+                outputs = forward(*args, labels=labels, **kwargs)
+            else:  # no labels: the installed logits, no loss
+                outputs = forward(*args, **kwargs)
+        finally:
+            for handle in handles:
+                handle.remove()
+        if held:
+            outputs["past_key_values"] = tuple(held)
+            held.clear()
+        if labels is None or path is None:
             return outputs
         if path == "inline_fp32":  # logits = logits.float(): the half logits are let go
             outputs["logits"] = outputs.logits.float()
@@ -162,21 +205,35 @@ def _forward_with(path: str, forward):
     return patched
 
 
-def apply_loss_path(model: nn.Module, task: str, transformers_version: str | None) -> str | None:
-    """Make ``model`` compute its causal-LM loss as ``transformers_version`` did.
+def apply_loss_path(
+    model: nn.Module, task: str, transformers_version: str | None, use_cache: bool = False
+) -> str | None:
+    """Make ``model`` compute its causal-LM loss as ``transformers_version`` did, and hold what
+    that release's forward held (`holds_presents`, where the config's ``use_cache`` is on).
 
     Args:
         model: the model the step trains (under PEFT, its base model is patched).
         task: the model's task (`models.TASKS`); only ``causal-lm`` is patched.
         transformers_version: the release of the run planned; None: the installed one.
+        use_cache: the model config's ``use_cache`` as the run had it (velora builds every
+            model with it off; GPTBigCodeConfig's default is on).
 
     Returns:
-        The path patched in (one of `LOSS_PATHS`), or None where the model keeps its own loss.
+        The loss path patched in (one of `LOSS_PATHS`), or None where the model keeps its own
+        loss.
     """
     if task != "causal-lm":
         return None
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    path = loss_path(getattr(base.config, "model_type", None), transformers_version)
-    if path is not None:
-        base.forward = _forward_with(path, base.forward)
+    model_type = getattr(base.config, "model_type", None)
+    path = loss_path(model_type, transformers_version)
+    projections = []
+    if use_cache and holds_presents(model_type, transformers_version):
+        projections = [
+            module
+            for name, module in base.named_modules()
+            if name.endswith("attn.c_attn") and not name.endswith("crossattention.c_attn")
+        ]
+    if path is not None or projections:
+        base.forward = _forward_with(path, base.forward, projections)
     return path

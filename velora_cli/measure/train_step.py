@@ -206,8 +206,9 @@ class StepSpec:
     torch_version: str | None = None
     # the transformers release of the run planned ("4.48.1"); None: the installed one. A causal
     # LM then computes its loss from the logits as that release did (measure.loss_path: the
-    # shifted copy of the logits before 4.49, without the fp32 upcast for GPTBigCode); the cpu
-    # backend runs the same patched loss
+    # shifted copy of the logits before 4.49, without the fp32 upcast for GPTBigCode), and
+    # GPTBigCode before 4.53 keeps each block's K/V while the config's use_cache is on; the cpu
+    # backend runs the same patched forward
     transformers_version: str | None = None
 
     def __post_init__(self):
@@ -937,7 +938,8 @@ def prepare(
     if spec.trainer == "hf":  # the model's own loss, as the run's transformers computed it
         from velora_cli.measure.loss_path import apply_loss_path
 
-        apply_loss_path(model, model_spec.task, spec.transformers_version)
+        use_cache = bool(getattr(model_spec.config.get_text_config(), "use_cache", False))
+        apply_loss_path(model, model_spec.task, spec.transformers_version, use_cache)
     model.train()
     optimizer = build_optimizer(
         spec.optimizer,
