@@ -111,6 +111,25 @@ TAIL = """
 
 ## What made the memory tiers match
 
+- **The loss of the run's transformers release (fms-acceleration's A100 rows).** The estimate
+  ran the installed transformers (5.x), whose `ForCausalLMLoss` upcasts the logits to fp32 and
+  pads the labels: at the loss's backward the fp32 log-softmax, its gradient and its result, 12
+  bytes per logit. The recorded releases computed it otherwise (read in their wheels;
+  `velora_cli/measure/loss_path.py` lists the files): GPTBigCode through 4.48 copied the shifted
+  logits and took `CrossEntropyLoss` in bf16, 3 x 2 bytes per logit (on santacoder's 49,153
+  entries at 8 x 2048 tokens, 4.83 GB less); Llama/Mistral/Mixtral/Granite before they called
+  `loss_function` upcast in place and copied the shifted fp32 logits (the same 12 bytes); 4.46-4.48's
+  `ForCausalLMLoss` did the copy while the model kept its bf16 logits (14 bytes, in the forward).
+  And GPTBigCode 4.39-4.52 kept each block's `present` (a view of its whole `c_attn` output)
+  while `use_cache` was on, its config's default, with no check for gradient checkpointing (4.53
+  added one): under reentrant checkpointing that is 24 x (8 x 2048) x 2304 x 2 = 1.81 GB more at
+  the loss. The mapping passes the record's `versions.transformers` (`StepSpec.transformers_version`)
+  and the step wraps the model's forward with that release's loss and presents. santacoder went
+  from +10.8 / +19.9 % allocated (bs4 / bs8) to +0.01 / −0.01 % (bs4's peak is now the optimizer
+  step, bs8's the forward's loss); Mistral and PowerLM peak elsewhere or hold the same bytes and
+  did not move. santacoder's device figures stay +0.6 … +12.8 %: the two sessions that ran the
+  same setup read nvidia-smi 1.2 GB apart with identical allocated peaks, and the A100's context
+  is the unmeasured 1 GiB default.
 - **fitcheck's SDPA rows repeat K/V before SDPA.** Its harness `repeat_interleave`s K/V to the
   query heads (a shim that also drops `enable_gqa`), so torch runs the memory-efficient kernel on
   the T4 and keeps the repeated K/V. transformers 5 instead passes `enable_gqa`, which torch

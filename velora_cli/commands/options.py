@@ -110,6 +110,19 @@ RepeatKv = Annotated[
         "path. Default: what transformers 5 does.",
     ),
 ]
+TransformersVersion = Annotated[
+    str | None,
+    typer.Option(
+        "--transformers-version",
+        metavar="X.Y[.Z]",
+        help="The transformers release of the run planned, where it is not the installed one: a "
+        "causal LM's loss is then computed from the logits as that release did (before 4.49 a "
+        "shifted copy of the logits; GPTBigCode in bf16, without the fp32 upcast, and to 4.52 "
+        "each block's K/V kept while use_cache is on). Releases "
+        "read: 4.39-4.48 for Llama, Mistral, Mixtral, Granite and GPTBigCode; others keep the "
+        "installed loss. Default: the installed transformers.",
+    ),
+]
 LengthsOption = Annotated[
     str | None,
     typer.Option(

@@ -45,6 +45,7 @@ from velora_cli.commands.options import (
     SeqLen,
     Task,
     TrainerOption,
+    TransformersVersion,
     TrustRemoteCode,
     UpdateGap,
     Weights,
@@ -176,6 +177,7 @@ def profile(
     task: Task = None,
     padding: Padding = False,
     repeat_kv: RepeatKv = False,
+    transformers_version: TransformersVersion = None,
     lengths: LengthsOption = None,
     data: LengthData = None,
     packing: Packing = False,
@@ -256,6 +258,7 @@ class ProfileOptions:
     task: str | None
     padding: bool
     repeat_kv: bool
+    transformers_version: str | None
     lengths: str | None
     data: str | None
     packing: bool
@@ -343,6 +346,7 @@ def profile_plan(o: ProfileOptions) -> ProfilePlan:
         padding=o.padding or bool(o.lengths or o.data) and not o.packing,
         packing=o.packing,
         repeat_kv=o.repeat_kv,
+        transformers_version=o.transformers_version,
         **recipe_of(o, [o.mode]),
     )
     if o.gpu:  # bf16 on a T4 or V100 fails here, in one line (the cuda backend: make_backend)

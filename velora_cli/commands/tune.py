@@ -48,6 +48,7 @@ from velora_cli.commands.options import (
     SeqLen,
     Task,
     TrainerOption,
+    TransformersVersion,
     TrustRemoteCode,
     TuneBackend,
     TuneGcEvery,
@@ -132,6 +133,7 @@ def tune(
     task: Task = None,
     padding: Padding = False,
     repeat_kv: RepeatKv = False,
+    transformers_version: TransformersVersion = None,
     packing: Packing = False,
     lengths: LengthsOption = None,
     sac: Sac = "none",
@@ -202,6 +204,7 @@ class TuneOptions:
     task: str | None
     padding: bool
     repeat_kv: bool
+    transformers_version: str | None
     packing: bool
     lengths: str | None
     sac: str
@@ -304,6 +307,7 @@ def tune_settings(o: TuneOptions) -> tuple[TuneSettings, list[str]]:
         padding=padding,
         packing=o.packing,
         repeat_kv=o.repeat_kv,
+        transformers_version=o.transformers_version,
         sac=tuple(choice_list(o.sac, "--sac", SAC_POLICIES)),
         offload=tuple(choice_list(o.offload, "--offload", OFFLOAD_KINDS)),
         **recipe_of(o, modes),

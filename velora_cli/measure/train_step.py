@@ -43,6 +43,7 @@ _LATER_FIELDS: dict[str, Any] = {
     "packing": False,
     "zero_grad_set_to_none": True,
     "torch_version": None,
+    "transformers_version": None,
 }
 # selective checkpointing policies (measure/selective.py) and activation offload kinds
 # (measure/host_offload.py), repeated here so a Strategy is validated without importing torch
@@ -203,6 +204,12 @@ class StepSpec:
     # emulates what an older release saved (emulation.step.cuda_emulation: softmax's input
     # before 1.11); the cpu backend runs the installed torch whatever this says
     torch_version: str | None = None
+    # the transformers release of the run planned ("4.48.1"); None: the installed one. A causal
+    # LM then computes its loss from the logits as that release did (measure.loss_path: the
+    # shifted copy of the logits before 4.49, without the fp32 upcast for GPTBigCode), and
+    # GPTBigCode before 4.53 keeps each block's K/V while the config's use_cache is on; the cpu
+    # backend runs the same patched forward
+    transformers_version: str | None = None
 
     def __post_init__(self):
         errors = _batch_errors(self)
@@ -273,6 +280,13 @@ class StepSpec:
         from velora_cli.measure.layout import layout_errors
 
         errors += layout_errors(self)
+        if self.transformers_version is not None:
+            from velora_cli.measure.loss_path import VersionError, release
+
+            try:
+                release(self.transformers_version)
+            except VersionError as exc:
+                errors.append(str(exc))
         if errors:
             raise SpecError("; ".join(errors))
 
@@ -921,6 +935,11 @@ def prepare(
         patch_model(model, spec.trainer)  # trl: SFTTrainer's fused LM head
     except (TrainerUnavailable, ValueError) as exc:
         raise SpecError(str(exc)) from None
+    if spec.trainer == "hf":  # the model's own loss, as the run's transformers computed it
+        from velora_cli.measure.loss_path import apply_loss_path
+
+        use_cache = bool(getattr(model_spec.config.get_text_config(), "use_cache", False))
+        apply_loss_path(model, model_spec.task, spec.transformers_version, use_cache)
     model.train()
     optimizer = build_optimizer(
         spec.optimizer,

@@ -94,6 +94,8 @@ class TuneSettings:
     task: str | None = None  # the head trained (StepSpec.task); None: the config's
     padding: bool = False  # padded batches (StepSpec.padding)
     repeat_kv: bool = False  # K/V repeated before SDPA (StepSpec.repeat_kv)
+    # the run's transformers release (StepSpec.transformers_version); None: the installed one
+    transformers_version: str | None = None
     packing: bool = False  # packed rows (StepSpec.packing)
     sac: tuple[str, ...] = ()  # selective checkpointing policies tried with gc on every layer
     offload: tuple[str, ...] = ()  # activation offload kinds (inputs with gc, all without)
@@ -120,6 +122,8 @@ class TuneSettings:
             context["padding"] = True
         if self.repeat_kv:
             context["repeat_kv"] = True
+        if self.transformers_version is not None:
+            context["transformers_version"] = self.transformers_version
         if self.packing:
             context["packing"] = True
         for key in ("sac", "offload"):  # only where tried: earlier journals' headers still match
@@ -180,6 +184,7 @@ class TuneSettings:
             padding=self.padding,
             repeat_kv=self.repeat_kv,
             packing=self.packing,
+            transformers_version=self.transformers_version,
         )
 
 

@@ -343,8 +343,22 @@ def _lora_settings(setup: Mapping[str, Any]) -> dict[str, Any]:
     return out
 
 
-def map_setup(setup: Mapping[str, Any], rules: tuple[Rule, ...] = RULES) -> Mapped:
-    """Apply every rule to ``setup``; a value no rule accepts is a missing feature."""
+def _version_settings(versions: Mapping[str, Any] | None) -> dict[str, Any]:
+    """The run's transformers release, taken as given (free-valued): the step computes a causal
+    LM's loss as that release did (velora_cli.measure.loss_path). A record without one runs the
+    installed transformers' loss."""
+    version = (versions or {}).get("transformers") if isinstance(versions, Mapping) else None
+    return {"spec.transformers_version": str(version)} if version else {}
+
+
+def map_setup(
+    setup: Mapping[str, Any],
+    rules: tuple[Rule, ...] = RULES,
+    versions: Mapping[str, Any] | None = None,
+) -> Mapped:
+    """Apply every rule to ``setup``; a value no rule accepts is a missing feature.
+    ``versions``: the record's library versions (its ``versions``), where the step depends on
+    one."""
     mapped = Mapped()
     for rule in rules:
         value = rule.read(setup)
@@ -359,6 +373,7 @@ def map_setup(setup: Mapping[str, Any], rules: tuple[Rule, ...] = RULES) -> Mapp
             continue
         _apply(mapped, settings)
     _apply(mapped, _lora_settings(setup))  # rank and targets are free-valued: taken as given
+    _apply(mapped, _version_settings(versions))
     return mapped
 
 

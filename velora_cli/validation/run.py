@@ -64,7 +64,7 @@ def mapped_case(case: Case) -> Mapped:
         # the corpus's own reasons: its figure is not one step velora could rebuild, whatever
         # the mapping of the setup says
         return Mapped(missing=list(case.record.get("missing") or ["marked not expressible"]))
-    mapped = map_setup(case.setup)
+    mapped = map_setup(case.setup, versions=case.record.get("versions"))
     if not (case.setup.get("model_config") or {}):
         mapped.missing.append("model config not in the corpus")
     try:
