@@ -74,6 +74,10 @@ def same(events, config, capacity=None, grow_down=True) -> tuple:
 
 
 def random_size(rng: random.Random) -> int:
+    """Bytes from each pool's range, and whole multiples of 2 MiB (sizes that meet the limits
+    of ``max_split_size`` and ``max_non_split_rounding`` exactly)."""
+    if rng.random() < 0.125:
+        return rng.randint(1, 45) * 2 * M
     return rng.choice(
         [rng.randint(1, 4096), rng.randint(1, M), rng.randint(M, 12 * M), rng.randint(10 * M, 90 * M)]
     )  # fmt: skip
@@ -94,7 +98,7 @@ def random_step(rng: random.Random, length: int) -> list[tuple[str, int, int]]:
     return events + [(FREE, k, 0) for k in live]
 
 
-def scheduled(rng: random.Random, warmup: int = 3, steps: int = 4) -> list[tuple[str, int, int]]:
+def scheduled(rng: random.Random, warmup: int = 4, steps: int = 4) -> list[tuple[str, int, int]]:
     """A cuda-backend-like schedule of one random step: loaded storages, warm-up steps after
     SKIP markers, EMPTY_CACHE, RESET_PEAK, timed steps after REPEAT markers (allocator.SKIP,
     REPEAT), each step the same one with its keys a stride on."""

@@ -600,12 +600,13 @@ def _replay(events: Iterable[Event], allocator: CachingAllocator) -> AllocatorSt
 
     `_replay_reference` with ``malloc`` and ``free`` written into the loop: a 7B tune replays
     millions of events, and a method call, its attribute look-ups and the statistics kept on
-    the allocator cost more than the best fit itself. The common paths are inlined (a cached
-    block found by best fit, its split, a free and its merges, the peak statistics, kept in
-    local variables and written back to the allocator around everything else); a new segment,
-    the OOM retry path, the expandable and oversize rules of ``get_free_block`` and the markers
-    go through the allocator's methods as in the reference. tests/test_allocator_replay.py
-    holds the two equal (statistics, and the allocator's state after) on random and real traces.
+    the allocator cost more than the best fit itself. The common paths are inlined (the cached
+    block ``get_free_block`` finds, with its expandable and oversize rules; its split; a free and
+    its merges; the peak statistics, kept in local variables and written back to the allocator
+    around everything else); a new segment, the OOM retry path and the markers go through the
+    allocator's methods as in the reference. tests/test_allocator_replay.py holds the two equal
+    (statistics, error, and the allocator's blocks and counters after) on random and real
+    traces.
     """
     small_pool, large_pool = allocator._small_pool, allocator._large_pool
     small_keys, small_free = small_pool.keys, small_pool.free
@@ -613,7 +614,7 @@ def _replay(events: Iterable[Event], allocator: CachingAllocator) -> AllocatorSt
     rounded, config = allocator._rounded, allocator.config
     plain = allocator._plain_best_fit
     expandable, split_limit = allocator._expandable, allocator._split_limit
-    get_free_block, new_block = allocator._get_free_block, allocator._new_block
+    new_block, non_split_rounding = allocator._new_block, config.non_split_rounding
     alloc_kind, free_kind = ALLOC, FREE
     shift, mask = ADDRESS_BITS, ADDRESS_MASK
     new_object = object.__new__
@@ -647,11 +648,38 @@ def _replay(events: Iterable[Event], allocator: CachingAllocator) -> AllocatorSt
                     pool, keys, free = small_pool, small_keys, small_free
                 else:
                     pool, keys, free = large_pool, large_keys, large_free
+                i = bisect_left(keys, size << shift)
                 if plain:
-                    i = bisect_left(keys, size << shift)
                     block = free.pop(keys.pop(i) & mask) if i < len(keys) else None
-                else:
-                    block = get_free_block(pool, size)
+                elif i == len(keys):
+                    block = None
+                else:  # get_free_block with its expandable and oversize rules
+                    block = free[keys[i] & mask]
+                    if expandable and block.segment.expandable:
+                        # a block that can grow into unmapped pages ranks by the size it can
+                        # grow to (_expandable_size)
+                        after = block.next
+                        grown = block.size
+                        if after is not None and not after.mapped:
+                            grown += after.size
+                        last = len(keys) - 1
+                        while i < last:
+                            nxt = free[keys[i + 1] & mask]
+                            after = nxt.next
+                            grown_next = nxt.size
+                            if after is not None and not after.mapped:
+                                grown_next += after.size
+                            if not (block.segment.expandable and grown_next < grown):
+                                break
+                            i, block, grown = i + 1, nxt, grown_next
+                    if split_limit is not None and (
+                        size < split_limit <= block.size
+                        or (size >= split_limit and block.size >= size + non_split_rounding)
+                    ):
+                        block = None  # no oversize block for a smaller request, nor too large
+                    else:
+                        del keys[i]
+                        del free[block.addr]
                 if block is None:  # a new segment (the statistics it reads, then what it changed)
                     allocator.allocated, allocator.peak_allocated = allocated, peak_allocated
                     allocator.peak_reserved, allocator.allocated_at_peak = peak_reserved, at_peak
