@@ -322,43 +322,59 @@ def _step_events(
     return events
 
 
-# how a `_StepTemplate` entry's key is made: the step's own storage (offset + storage id), a
-# loaded storage's current holder (keys.slot), a kernel scratch buffer (a fresh negative key)
-_LOCAL, _SLOT, _SCRATCH = 0, 1, 2
-
-
 class _StepTemplate:
     """`_step_events` of a step after the first, worked out once per trace: which storages the
     step allocates, which loaded storages it frees and where the scratch goes are the same in
     every such step; only the keys move on (each step's own keys one stride further, the
-    loaded storages' holders as the previous step left them, fresh scratch keys). A 7B replay
-    builds a few steps of ~10^4 events each for every row, and the events of one are a list
-    comprehension over this template. tests/test_device_memory.py checks the events equal
-    `_step_events`'s."""
+    loaded storages' holders as the previous step left them, fresh scratch keys). A 7B tune
+    builds a few steps of ~10^4 events each for every row: the events of one are zipped in C
+    from the template's columns (kinds, storage ids moved on by the step's offset, sizes), and
+    the few entries that are not the step's own storages are written over after.
+    tests/test_device_memory.py checks the events equal `_step_events`'s."""
 
     def __init__(self, trace: AllocationTrace, slots, scratch_at) -> None:
-        entries: list[tuple[int, str, int, int]] = []  # (how, kind, storage or scratch no., bytes)
+        kinds: list[str] = []
+        refs: list[int] = []  # the step's own storage id (else 0: written over)
+        sizes: list[int] = []
+        kind_of, ref_of, size_of = kinds.append, refs.append, sizes.append
+        # (index, kind, loaded storage id, bytes): a loaded storage's current holder freed
+        self.slot_entries: list[tuple[int, str, int, int]] = []
+        # (index, kind, n, bytes): the step's n-th kernel scratch buffer
+        self.scratch_entries: list[tuple[int, str, int, int]] = []
         live: dict[int, None] = {}  # the step's own storages alive, in allocation order
         self.freed_slots: list[int] = []
         scratch_count = 0
         for index, (_op, sid, nbytes) in enumerate(trace.events):
-            sizes = scratch_at.get(index, ())
-            first = scratch_count
-            for size in sizes:
-                scratch_count += 1
-                entries.append((_SCRATCH, ALLOC, scratch_count, size))
-            for number in range(scratch_count, first, -1):
-                entries.append((_SCRATCH, FREE, number, 0))
+            if index in scratch_at:
+                first = scratch_count
+                for size in scratch_at[index]:
+                    scratch_count += 1
+                    self.scratch_entries.append((len(kinds), ALLOC, scratch_count, size))
+                    kind_of(ALLOC)
+                    ref_of(0)
+                    size_of(size)
+                for number in range(scratch_count, first, -1):
+                    self.scratch_entries.append((len(kinds), FREE, number, 0))
+                    kind_of(FREE)
+                    ref_of(0)
+                    size_of(0)
             if nbytes > 0:
                 live[sid] = None
-                entries.append((_LOCAL, ALLOC, sid, nbytes))
+                kind_of(ALLOC)
+                ref_of(sid)
+                size_of(nbytes)
             elif sid in live:
                 del live[sid]
-                entries.append((_LOCAL, FREE, sid, 0))
+                kind_of(FREE)
+                ref_of(sid)
+                size_of(0)
             elif sid in slots:
-                entries.append((_SLOT, FREE, sid, 0))
+                self.slot_entries.append((len(kinds), FREE, sid, 0))
+                kind_of(FREE)
+                ref_of(0)
+                size_of(0)
                 self.freed_slots.append(sid)
-        self.entries = entries
+        self.kinds, self.refs, self.sizes = kinds, refs, sizes
         self.survivors = list(live)
         self.scratch_count = scratch_count
 
@@ -366,12 +382,12 @@ class _StepTemplate:
         """Step ``step``'s events (`_step_events` with ``first`` False); moves ``keys`` on."""
         offset, slot = (step + 1) * keys.stride, keys.slot
         scratch = keys._special  # the n-th scratch buffer of the step gets scratch - n
-        events: list[Event] = [
-            (kind, offset + ref, nbytes) if how == _LOCAL
-            else (kind, slot[ref], nbytes) if how == _SLOT
-            else (kind, scratch - ref, nbytes)
-            for how, kind, ref, nbytes in self.entries
-        ]  # fmt: skip
+        moved = map(offset.__add__, self.refs)
+        events: list[Event] = list(zip(self.kinds, moved, self.sizes, strict=True))
+        for index, kind, sid, nbytes in self.slot_entries:
+            events[index] = (kind, slot[sid], nbytes)
+        for index, kind, number, nbytes in self.scratch_entries:
+            events[index] = (kind, scratch - number, nbytes)
         keys._special = scratch - self.scratch_count
         survivors = [offset + sid for sid in self.survivors]
         for sid, key in zip(self.freed_slots, survivors, strict=False):
@@ -557,8 +573,7 @@ def device_memory_fields(
     )
     cuda_context = gpu.cuda_context(cuda_version)
     context = cuda_context.nbytes
-    scratch_at = scratch_positions(trace, scratch or {})
-    largest_scratch = max((sum(s) for s in scratch_at.values()), default=0)
+    largest_scratch = max((sum(s) for s in schedule.scratch_at.values()), default=0)
     notes = (
         f"device = reserved (modelled: allocator replay of the traced step as the cuda backend "
         f"runs it, settings {config.describe()}, incl. {CUBLAS_HANDLES} cuBLAS workspaces of "
