@@ -703,3 +703,33 @@ def test_a_steady_replay_builds_no_step_after_the_marker_it_stops_at():
     assert schedule.parts[-1] == [(REPEAT, 6, 0)] and schedule._next < 3 + 5
     assert stats == simulate(cuda_schedule(toy_trace(), workspace=32 * M, warmup=2, steps=5))
     assert list(schedule) == cuda_schedule(toy_trace(), workspace=32 * M, warmup=2, steps=5)
+
+
+@pytest.mark.parametrize("capacity", [250 * M, 263 * M, 264 * M, 284 * M])
+def test_a_step_over_capacity_skips_its_replays_within_the_card_and_loses_nothing(
+    capacity, monkeypatch
+):
+    # live_peak: with the H100's cuBLAS workspaces the toy step's requests hold 264 MiB at once,
+    # and a replay within less runs out
+    from velora_cli.allocator import device_memory
+
+    workspace = device_memory.cublas_workspace_bytes(H100, NO_ENV)
+    schedule = device_memory.Schedule(toy_trace(), workspace=workspace)
+    assert device_memory.live_peak(schedule) == 264 * M
+    assert simulate(schedule, capacity=264 * M) and _raises_oom(schedule, 264 * M - 512)
+    gpu = _gpu_with_capacity(capacity)
+    fast = device_memory_fields(toy_trace(), gpu=gpu, environ=NO_ENV)
+    monkeypatch.setattr(device_memory, "live_peak", lambda events: 0)  # the replays within, always
+    slow = device_memory_fields(toy_trace(), gpu=gpu, environ=NO_ENV)
+    assert fast == slow
+    assert fast["fits_device"] is (capacity >= 264 * M)
+
+
+def _raises_oom(events, capacity: int) -> bool:
+    from velora_cli.allocator.caching import AllocatorOutOfMemory
+
+    try:
+        simulate(events, capacity=capacity)
+    except AllocatorOutOfMemory:
+        return True
+    return False

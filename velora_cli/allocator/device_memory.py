@@ -83,15 +83,41 @@ def device_capacity(gpu: GpuSpec, cuda_version: str | None = None) -> tuple[int,
     return total.nbytes - context.nbytes, source
 
 
-def replay_within(events, config: AllocatorConfig, capacity: int):
+def replay_within(events, config: AllocatorConfig, capacity: int, *, over: bool = False):
     """`simulate` with the device's ``capacity``: (statistics, fits). A step that runs out even
     after the allocator frees its cache does not fit; it is replayed again without a capacity, so
     its figures say how much it would take (then above the card). ``events`` is replayed twice
-    then, so it must be re-iterable (a `Schedule` or a list)."""
+    then, so it must be re-iterable (a `Schedule` or a list).
+
+    Args:
+        over: the caller knows the step cannot fit (`live_peak` above ``capacity``): only the
+            replay without a capacity runs (the one within it would raise).
+    """
+    if over:
+        return simulate(events, config), False
     try:
         return simulate(events, config, capacity=capacity), True
     except AllocatorOutOfMemory:
         return simulate(events, config), False
+
+
+def live_peak(events) -> int:
+    """The most bytes ``events`` hold live at once, as requested (the allocator rounds each up,
+    and holds at least that in its segments): above a capacity, a replay within it must run out
+    however the cache is freed. Markers are passed over; a step the replay skips repeats one
+    before it, so its live bytes are among those counted."""
+    sizes: dict[int, int] = {}
+    live = peak = 0
+    for kind, key, nbytes in events:
+        if kind == ALLOC:
+            if nbytes:
+                sizes[key] = nbytes
+                live += nbytes
+                if live > peak:
+                    peak = live
+        elif kind == FREE:
+            live -= sizes.pop(key, 0)
+    return peak
 
 
 class _Keys:
@@ -565,9 +591,14 @@ def device_memory_fields(
     schedule = Schedule(trace, workspace=workspace, scratch=scratch, warmup=warmup, steps=steps,
                         empty_cache=empty_cache, load=load, reset_peak=reset_peak)  # fmt: skip
     capacity, capacity_source = device_capacity(gpu, cuda_version)
-    base, fits = replay_within(schedule, config, capacity)
+    # a step that holds more than the card at once runs out however the cache is freed: its
+    # replays within the card (half a replay or so, each) are left out. The traced step's own
+    # live bytes say when the schedule's are worth counting (the 7B profile's default rows, fp32
+    # full training on an H100, all do).
+    over = max(trace.live_bytes()) > capacity and live_peak(schedule) > capacity
+    base, fits = replay_within(schedule, config, capacity, over=over)
     grown, grown_fits = (
-        replay_within(schedule, config.with_expandable_segments(True), capacity)
+        replay_within(schedule, config.with_expandable_segments(True), capacity, over=over)
         if expandable
         else (None, None)
     )
