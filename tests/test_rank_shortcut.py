@@ -100,6 +100,23 @@ def test_rank_rows_equal_the_reference_byte_for_byte(request, parallel, world, s
     assert (shortcut.extrapolated > 0) == method.startswith("extrapolated")
 
 
+def test_fsdp_checkpointing_every_2_blocks_takes_units_of_2_blocks_exactly(llama20):
+    # FSDP2's units are the least common multiple of its two blocks and the checkpointing
+    # interval (`Shortcuts.depth_plan`): 4, 6 and 8 blocks here (units of 4 would step 8, 12
+    # and 16: more than the real 20, refused), and the row must be the real depth's, byte for
+    # byte (rank 0 of 4, as a tune asks for it)
+    spec = StepSpec(
+        model=llama20, batch_size=2, seq_len=32, world_size=4,
+        parallel="fsdp", strategy=Strategy(gc=2),
+    )  # fmt: skip
+    row = ParallelEstimateBackend(ranks=(0,), expandable=False).measure(spec)
+    ref = ParallelEstimateBackend(ranks=(0,), expandable=False, shortcuts=False).measure(spec)
+    assert row.pop("estimate_method") == "extrapolated from 4, 6, 8 blocks"
+    ref.pop("estimate_method")
+    assert row == ref
+    assert list(row) == list(ref)
+
+
 def test_the_reference_environment_turns_the_rank_shortcut_off(monkeypatch):
     monkeypatch.setenv("VELORA_ESTIMATE_REFERENCE", "1")
     assert ParallelEstimateBackend().shortcut() is None

@@ -19,9 +19,13 @@ reduce-scatter of its gradients; DDP's gradient buckets) repeated with it. So, f
    step's allocation trace written out op for op (`synthesis.synthesize`), which must reach
    the extrapolated peak; the caller replays the allocator over that trace as over a real one.
 
-FSDP2's backward prefetch looks one block ahead, so its units are two blocks (two
-checkpointing periods), and the first unit a pass runs may differ from the middle ones
-(`extrapolate.memory_at_depth` with ``edges``). DDP's units are one block (one period): its
+FSDP2's backward prefetch looks one block ahead, and its pre-backward hook on block j's output
+(registered by ``_post_forward`` before the shortcut's mark on the same tensor, so run before
+it) runs under block j + 1's label: block j + 1's stretch holds the prefetch of block j − 1's
+all-gather, two blocks down. So its units are two blocks, or the least common multiple of 2 and
+the checkpointing interval (`Shortcuts.depth_plan`: 2 blocks with checkpointing every block or
+every 2, from 4, 6 and 8 blocks; 6 every 3), and the first unit a pass runs may differ from the
+middle ones (`extrapolate.memory_at_depth` with ``edges``). DDP's units are one block (one period): its
 gradient buckets, allocated by the C++ ``Reducer`` and alive from the start, each belong to
 the block of their first parameter (`bucket_storages`; Llama-2-7b: a block's last bucket
 holds its input norm's gradient and the down projection's of the block below), and their layout at
@@ -118,7 +122,8 @@ class RankShortcuts:
         # the model before sharding is the one-process model: the plan's checks are shared
         single = dataclasses.replace(spec, world_size=1, parallel=None, cpu_offload=False)
         model_spec = self.single.resolve(single)
-        # FSDP2's backward prefetch looks one block ahead: units of two blocks
+        # FSDP2's work for a block is labelled two blocks up (module docstring): units of at
+        # least two blocks, a whole number of checkpointing periods
         unit = 2 if spec.parallel in FSDP else 1
         depth, period, depths, shallow = self.single.depth_plan(single, model_spec, unit=unit)
         if sum(depths) >= depth:  # each shallow rank is built, sharded and warmed up

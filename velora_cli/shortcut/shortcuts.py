@@ -23,6 +23,7 @@ For one row:
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
@@ -133,8 +134,12 @@ class Shortcuts:
         model specs), the real model's blocks checked to repeat (module docstring, 1-2).
 
         Args:
-            unit: checkpointing periods per unit of the extrapolation (a DDP/FSDP2 rank whose
-                engine looks one block ahead, FSDP2, takes 2: `parallel.rank_shortcut`).
+            unit: the fewest blocks a unit of the extrapolation may hold (an FSDP2 rank takes 2:
+                its engine's work for a block is labelled two blocks up, `parallel.rank_shortcut`);
+                the period is the least common multiple of it and the checkpointing interval
+                (a unit is both a whole number of checkpointing periods and at least ``unit``
+                blocks: FSDP2 checkpointing every 2 blocks runs 4, 6 and 8 blocks, not 8, 12
+                and 16).
 
         Raises:
             NotExtrapolable: with the reason the real depth must run.
@@ -143,7 +148,7 @@ class Shortcuts:
 
         depth = stack_depth(model_spec)
         gc_every = spec.strategy.gc_every or 1
-        period = gc_every * unit
+        period = math.lcm(gc_every, unit)
         if depth is None:
             raise NotExtrapolable("the config gives no number of blocks")
         if spec.strategy.offload:  # the host ledger is counted, not synthesized from a trace
