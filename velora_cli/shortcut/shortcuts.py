@@ -23,7 +23,6 @@ For one row:
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
@@ -123,23 +122,10 @@ class Shortcuts:
 
     # -- the depth shortcut ------------------------------------------------------------------
 
-    def depth_plan(
-        self,
-        spec: StepSpec,
-        model_spec: ModelSpec,
-        *,
-        unit: int = 1,
-    ) -> tuple[int, int, list, list]:
+    def depth_plan(self, spec: StepSpec, model_spec: ModelSpec) -> tuple[int, int, list, list]:
         """The depth shortcut's plan for ``spec``: (real depth, period, shallow depths, shallow
-        model specs), the real model's blocks checked to repeat (module docstring, 1-2).
-
-        Args:
-            unit: the fewest blocks a unit of the extrapolation may hold (an FSDP2 rank takes 2:
-                its engine's work for a block is labelled two blocks up, `parallel.rank_shortcut`);
-                the period is the least common multiple of it and the checkpointing interval
-                (a unit is both a whole number of checkpointing periods and at least ``unit``
-                blocks: FSDP2 checkpointing every 2 blocks runs 4, 6 and 8 blocks, not 8, 12
-                and 16).
+        model specs), the real model's blocks checked to repeat (module docstring, 1-2). The
+        period is the checkpointing interval, for a DDP/FSDP2 rank too (`parallel.rank_shortcut`).
 
         Raises:
             NotExtrapolable: with the reason the real depth must run.
@@ -148,15 +134,13 @@ class Shortcuts:
 
         depth = stack_depth(model_spec)
         gc_every = spec.strategy.gc_every or 1
-        period = math.lcm(gc_every, unit)
+        period = gc_every
         if depth is None:
             raise NotExtrapolable("the config gives no number of blocks")
         if spec.strategy.offload:  # the host ledger is counted, not synthesized from a trace
             raise NotExtrapolable("activation offload: host memory is counted at full depth")
         if depth % gc_every:
             raise NotExtrapolable(f"checkpointing every {gc_every} blocks does not divide {depth}")
-        if depth % period:
-            raise NotExtrapolable(f"units of {period} blocks do not divide {depth}")
         depths = [u * period for u in SHALLOW_UNITS]
         if depth <= depths[-1]:
             raise NotExtrapolable(f"{depth} blocks: shallow enough to run in full")
