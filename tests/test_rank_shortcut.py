@@ -1,9 +1,11 @@
 """The per-rank estimate's depth shortcut (parallel/rank_shortcut.py) against the reference path
 (every rank stepped at its real depth): identical rows, or the shortcut is not used.
 
-A tiny llama of 20 blocks built from a config (FSDP2 ranks extrapolate in units of two blocks
-from 4, 6 and 8, so the shortcut needs more than 18: the shallow ranks must step fewer blocks
-than the real one), world sizes 2 and 4, DDP and FSDP2, with checkpointing and VeLoRA. DDP ranks
+Tiny llamas of 10 and 20 blocks built from a config (ranks extrapolate in units of one
+checkpointing period, from 2, 3 and 4 blocks without checkpointing or with it every block, so
+the shortcut needs more than 9: the shallow ranks must step fewer blocks than the real one; from
+4, 6 and 8 with checkpointing every 2, more than 18), world sizes 2 and 4, DDP and FSDP2, with
+checkpointing and VeLoRA. DDP ranks
 extrapolate from 2, 3 and 4 blocks where their gradient buckets repeat by block: a llama of 12
 blocks with 32 MiB MLP matrices (fp32, fake tensors: nothing is allocated), whose attention
 projections and norms share a bucket with the block below's down projection, as Llama-2-7b's
@@ -24,6 +26,7 @@ from velora_cli.shortcut.extrapolate import (
     PositionLog,
     memory_at_depth,
     memory_of_log,
+    memory_points,
 )
 
 
@@ -32,6 +35,16 @@ def llama20(tmp_path_factory):
     path = tmp_path_factory.mktemp("rank-shortcut") / "llama20"
     LlamaConfig(
         hidden_size=64, intermediate_size=128, num_hidden_layers=20, num_attention_heads=4,
+        num_key_value_heads=2, vocab_size=256, max_position_embeddings=256,
+    ).save_pretrained(path)  # fmt: skip
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def llama10(tmp_path_factory):
+    path = tmp_path_factory.mktemp("rank-shortcut") / "llama10"
+    LlamaConfig(
+        hidden_size=64, intermediate_size=128, num_hidden_layers=10, num_attention_heads=4,
         num_key_value_heads=2, vocab_size=256, max_position_embeddings=256,
     ).save_pretrained(path)  # fmt: skip
     return str(path)
@@ -50,10 +63,11 @@ def wide12(tmp_path_factory):
 VELORA = {"placement": "paper", "num_groups": 8}
 CASES = [
     # parallel, world size, strategy, the method the shortcut must give (prefix)
-    pytest.param("fsdp", 2, {}, "extrapolated from 4, 6, 8", id="fsdp-2"),
-    pytest.param("fsdp", 4, {"gc": True}, "extrapolated from 4, 6, 8",
+    # FSDP2 on the 10-block llama
+    pytest.param("fsdp", 2, {}, "extrapolated from 2, 3, 4", id="fsdp-2"),
+    pytest.param("fsdp", 4, {"gc": True}, "extrapolated from 2, 3, 4",
                  id="fsdp-4-gc", marks=pytest.mark.slow),
-    pytest.param("fsdp", 2, VELORA, "extrapolated from 4, 6, 8",
+    pytest.param("fsdp", 2, VELORA, "extrapolated from 2, 3, 4",
                  id="fsdp-2-velora", marks=pytest.mark.slow),
     pytest.param("fsdp-no-reshard", 4, {**VELORA, "gc": True}, "extrapolated",
                  id="fsdp-no-reshard-4-velora-gc", marks=pytest.mark.slow),
@@ -79,7 +93,10 @@ CASES = [
 @pytest.mark.parametrize(("parallel", "world", "strategy", "expected"), CASES)
 def test_rank_rows_equal_the_reference_byte_for_byte(request, parallel, world, strategy,
                                                       expected):  # fmt: skip
-    model = request.getfixturevalue("wide12" if "wide" in request.node.callspec.id else "llama20")
+    case = request.node.callspec.id
+    model = request.getfixturevalue(
+        "wide12" if "wide" in case else "llama10" if case.startswith("fsdp") else "llama20"
+    )
     spec = StepSpec(
         model=model, batch_size=2, seq_len=32, world_size=world, parallel=parallel,
         strategy=Strategy(**strategy),
@@ -98,6 +115,22 @@ def test_rank_rows_equal_the_reference_byte_for_byte(request, parallel, world, s
     assert method.startswith(expected), method
     shortcut = fast.shortcut()
     assert (shortcut.extrapolated > 0) == method.startswith("extrapolated")
+
+
+def test_fsdp_checkpointing_every_2_blocks_takes_units_of_2_blocks_exactly(llama20):
+    # An FSDP2 rank's units are the checkpointing interval, 2 blocks: from 4, 6 and 8 blocks
+    # (units of 4, two periods, would step 8, 12 and 16: more than the real 20, refused), the
+    # row the real depth's, byte for byte (rank 0 of 4, as a tune asks for it)
+    spec = StepSpec(
+        model=llama20, batch_size=2, seq_len=32, world_size=4,
+        parallel="fsdp", strategy=Strategy(gc=2),
+    )  # fmt: skip
+    row = ParallelEstimateBackend(ranks=(0,), expandable=False).measure(spec)
+    ref = ParallelEstimateBackend(ranks=(0,), expandable=False, shortcuts=False).measure(spec)
+    assert row.pop("estimate_method") == "extrapolated from 4, 6, 8 blocks"
+    ref.pop("estimate_method")
+    assert row == ref
+    assert list(row) == list(ref)
 
 
 def test_the_reference_environment_turns_the_rank_shortcut_off(monkeypatch):
@@ -157,16 +190,73 @@ def test_a_different_last_unit_is_extrapolated_exactly_with_edges(depth):
     assert memory_at_depth(logs, depth, 1, edges=True) == memory_of_log(_curve(depth))
 
 
+def _prefetch_curve(depth: int) -> PositionLog:
+    """A step over ``depth`` blocks as an FSDP2 rank's, marked as the shortcut marks it: each
+    block's backward prefetches the all-gather of the block below (the top block all-gathers
+    its own first, the bottom one prefetches nothing) and keeps its gradient, so memory rises
+    down the backward and peaks inside the last middle block, whose neighbours, the first and
+    last blocks of the pass, have other points."""
+    live = {"params": 1000 * depth, "gradients": 0, "activations": 0, "comm": 0, "temps": 0}
+    initial = dict(live)
+    points, events = [], []
+
+    def point(label, phases, category=None, delta=0):
+        if category is not None:
+            live[category] += delta
+            events.append((category, delta))
+        points.append((label, phases, sum(live.values()), len(events)))
+
+    fb = ("forward_backward",)
+    point(("phase", "forward_backward"), fb)
+    for j in range(depth):
+        point(("fwd", j), fb, "comm", 200)  # the block's all-gather
+        point(("fwd", j), fb, "activations", 300)
+        point(("fwd", j), fb, "comm", -200)  # its reshard
+    point(("fwd_after", depth - 1), fb, "temps", 100)  # the loss
+    point(("fwd_after", depth - 1), fb, "temps", -100)
+    for j in reversed(range(depth)):
+        if j == depth - 1:
+            point(("bwd", j), fb, "comm", 200)  # the top block's own all-gather
+        if j > 0:
+            point(("bwd", j), fb, "comm", 200)  # the prefetch of block j - 1's
+        point(("bwd", j), fb, "gradients", 400)
+        point(("bwd", j), fb, "temps", 120)
+        point(("bwd", j), fb, "temps", -120)
+        point(("bwd", j), fb, "activations", -300)
+        point(("bwd", j), fb, "comm", -200)  # its reshard
+
+    def breakdown(n: int) -> dict[str, int]:
+        out = dict(initial)
+        for category, delta in events[:n]:
+            out[category] += delta
+        return out
+
+    return PositionLog(depth, points, breakdown)
+
+
+@pytest.mark.parametrize("depth", [5, 8, 32])
+def test_a_peak_between_edges_takes_its_breakdown_from_the_middle_blocks(depth):
+    # The peak is in block 1, a middle block at every depth but 2 blocks, where block 1 is the
+    # top one (one point more: its own all-gather): its breakdown comes from the middle blocks
+    # of 3 and 4 blocks (at 2, 3 and 4 blocks' block 1 it was refused: not affine)
+    logs = [_prefetch_curve(d) for d in (2, 3, 4)]
+    top = max(
+        memory_points(logs, depth, 1, edges=True), key=lambda pt: (pt.value, [-t for t in pt.time])
+    )
+    assert top.where[:3] == ("unit", 3, "first")
+    assert memory_at_depth(logs, depth, 1, edges=True) == memory_of_log(_prefetch_curve(depth))
+
+
 @pytest.mark.slow
 def test_a_7b_fsdp_rank_equals_the_reference():
-    # Llama-2-7b's real shapes (32 blocks, from 4, 6 and 8), rank 0 of 4 as a tune asks for it
+    # Llama-2-7b's real shapes (32 blocks, from 2, 3 and 4), rank 0 of 4 as a tune asks for it
     spec = StepSpec(
         model="meta-llama/Llama-2-7b", batch_size=1, seq_len=512, dtype="bf16", mode="full",
         world_size=4, parallel="fsdp", strategy=Strategy(gc=True),
     )  # fmt: skip
     row = ParallelEstimateBackend(ranks=(0,), expandable=False).measure(spec)
     ref = ParallelEstimateBackend(ranks=(0,), expandable=False, shortcuts=False).measure(spec)
-    assert row.pop("estimate_method") == "extrapolated from 4, 6, 8 blocks"
+    assert row.pop("estimate_method") == "extrapolated from 2, 3, 4 blocks"
     ref.pop("estimate_method")
     assert row == ref
 
@@ -481,7 +571,7 @@ def test_warmed_ranks_shared_across_micro_batch_sizes_give_the_reference_rows(ll
     assert WarmRanks._held is None and not kept.entries
     for row, ref in zip(rows, refs, strict=True):
         assert row["status"] == "ok", row.get("error")
-        assert row.pop("estimate_method").startswith("extrapolated from 4, 6, 8")
+        assert row.pop("estimate_method").startswith("extrapolated from 2, 3, 4")
         ref.pop("estimate_method")
         assert row == ref and list(row) == list(ref)
     fast.release()

@@ -19,9 +19,19 @@ reduce-scatter of its gradients; DDP's gradient buckets) repeated with it. So, f
    step's allocation trace written out op for op (`synthesis.synthesize`), which must reach
    the extrapolated peak; the caller replays the allocator over that trace as over a real one.
 
-FSDP2's backward prefetch looks one block ahead, so its units are two blocks (two
-checkpointing periods), and the first unit a pass runs may differ from the middle ones
-(`extrapolate.memory_at_depth` with ``edges``). DDP's units are one block (one period): its
+Units are one checkpointing period (one block without checkpointing), and the first unit a
+pass runs may differ from the middle ones (`extrapolate.memory_at_depth` with ``edges``), as the
+last one may: FSDP2's backward of block j starts with its pre-backward hook (the block's
+unshard, a no-op when prefetched, and the prefetch of block j − 1's all-gather), so the top
+block, which nothing prefetched, all-gathers its own parameters and the bottom one prefetches
+nothing. That hook is registered on the block's output by FSDP2's ``_post_forward`` and tensor
+hooks run in the order registered, so the shortcut's backward mark of block j is registered
+before it (`depth.BlockMarks`' ``backward_first``): the hook's work then counts for block j.
+Marked after it, block j + 1's stretch held the prefetch of block j − 1, two blocks down, and
+FSDP2's units had to be two blocks (from 4, 6 and 8 blocks, and 8, 12 and 16 with
+checkpointing every 2: more than Llama-2-7b's 32, so those ran at full depth). A peak inside a
+middle unit of such a pass takes its breakdown from the middle units alone (`extrapolate`), and
+the synthesized trace must hold that breakdown where it first reaches the peak. DDP's
 gradient buckets, allocated by the C++ ``Reducer`` and alive from the start, each belong to
 the block of their first parameter (`bucket_storages`; Llama-2-7b: a block's last bucket
 holds its input norm's gradient and the down projection's of the block below), and their layout at
@@ -110,6 +120,7 @@ class RankShortcuts:
 
     def _extrapolated(self, spec: StepSpec, rank: int, warmup: int, breakdown: bool):
         from velora_cli.parallel.fake import run_rank
+        from velora_cli.shortcut.depth import breakdown_at
 
         if spec.parallel == "ddp" and spec.optimizer not in DDP_CHECKED_OPTIMIZERS:
             raise NotExtrapolable(f"DDP with --optimizer {spec.optimizer}: not checked exact")
@@ -118,9 +129,7 @@ class RankShortcuts:
         # the model before sharding is the one-process model: the plan's checks are shared
         single = dataclasses.replace(spec, world_size=1, parallel=None, cpu_offload=False)
         model_spec = self.single.resolve(single)
-        # FSDP2's backward prefetch looks one block ahead: units of two blocks
-        unit = 2 if spec.parallel in FSDP else 1
-        depth, period, depths, shallow = self.single.depth_plan(single, model_spec, unit=unit)
+        depth, period, depths, shallow = self.single.depth_plan(single, model_spec)
         if sum(depths) >= depth:  # each shallow rank is built, sharded and warmed up
             raise NotExtrapolable(f"{depth} blocks: the shallow ranks would step as many")
         rows, logs, records, flats = [], [], [], []
@@ -129,7 +138,7 @@ class RankShortcuts:
             row, log, record, prepared, flat = run_rank(
                 spec,
                 rank,
-                _logged(breakdown, d, period, depth),
+                _logged(breakdown, d, period, depth, backward_first=spec.parallel in FSDP),
                 warmup=warmup,
                 model_spec=shallow_spec,
                 warm=self.warm,
@@ -154,6 +163,9 @@ class RankShortcuts:
         lives = trace.live_bytes()
         if max(lives) != out["peak_bytes"]:
             raise NotExtrapolable("the synthesized trace does not reach the extrapolated peak")
+        peak = out["peak_breakdown"]  # the trace's where it first reaches the peak
+        if breakdown_at(trace, lives.index(max(lives)), tuple(peak)) != peak:
+            raise NotExtrapolable("the synthesized trace's breakdown at the peak differs")
         for name, key in (("forward_backward", "fwd_bwd_peak_bytes"),
                           ("optimizer", "optimizer_peak_bytes")):  # fmt: skip
             spans = [lives[a : b + 1] for phase, a, b in trace.phases if phase == name]
@@ -164,8 +176,11 @@ class RankShortcuts:
         return out, trace, prepared, method
 
 
-def _logged(breakdown: bool, depth: int, period: int, real_depth: int):
-    """The body `run_rank` runs at a shallow ``depth``: the rank's tracked step, recorded."""
+def _logged(
+    breakdown: bool, depth: int, period: int, real_depth: int, *, backward_first: bool = False
+):
+    """The body `run_rank` runs at a shallow ``depth``: the rank's tracked step, recorded
+    (``backward_first``: an FSDP2 rank's, `depth.BlockMarks`)."""
     from velora_cli.parallel.rank_step import rank_tracker_options, tracked_rank_step
     from velora_cli.shortcut.depth import (
         BlockMarks,
@@ -199,7 +214,10 @@ def _logged(breakdown: bool, depth: int, period: int, real_depth: int):
             **rank_tracker_options(roles),
         )
         del owned  # the tracker's alone (`block_storages`)
-        with BlockMarks(stack, tracker, prepared.optimizer, first=True):
+        marks = BlockMarks(
+            stack, tracker, prepared.optimizer, first=True, backward_first=backward_first
+        )
+        with marks:
             row, trace = tracked_rank_step(prepared, roles, breakdown=breakdown, tracker=tracker)
         categories = tracker.categories
         log = PositionLog(

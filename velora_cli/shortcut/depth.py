@@ -242,7 +242,13 @@ class BlockMarks:
     """
 
     def __init__(
-        self, stack: nn.ModuleList, tracker: PositionTracker, optimizer=None, *, first=False
+        self,
+        stack: nn.ModuleList,
+        tracker: PositionTracker,
+        optimizer=None,
+        *,
+        first: bool = False,
+        backward_first: bool = False,
     ) -> None:
         self.stack = stack
         self.tracker = tracker
@@ -250,6 +256,12 @@ class BlockMarks:
         # first: the forward pre-hooks run before the block's others (FSDP2's unshard of the
         # block's parameters then counts for the block, not for the stretch before it)
         self.first = first
+        # backward_first: the backward mark's hook on a block's output is registered before
+        # the other forward hooks run (FSDP2's ``_post_forward`` registers its pre-backward hook
+        # on the same tensor; tensor hooks run in the order registered): FSDP2's pre-backward
+        # of block j (its unshard, the prefetch of block j − 1's all-gather) then counts for
+        # block j, not for the block above it
+        self.backward_first = backward_first
         self._handles: list[Any] = []
         self._groups: list[tuple[dict, list]] = []
 
@@ -259,6 +271,10 @@ class BlockMarks:
                 block.register_forward_pre_hook(self._pre(j), with_kwargs=True, prepend=self.first)
             )
             self._handles.append(block.register_forward_hook(self._post(j), with_kwargs=True))
+            if self.backward_first:
+                self._handles.append(
+                    block.register_forward_hook(self._grad_mark(j), with_kwargs=True, prepend=True)
+                )
         if self.optimizer is not None:
             block_of = {id(p): j for j, b in enumerate(self.stack) for p in b.parameters()}
             for group in self.optimizer.param_groups:
@@ -301,6 +317,16 @@ class BlockMarks:
             if _in_backward():
                 return None
             self.tracker.mark(("fwd_after", j))
+            if not self.backward_first:
+                self._grad_mark(j)(module, args, kwargs, output)
+            return None
+
+        return hook
+
+    def _grad_mark(self, j: int):
+        def hook(module, args, kwargs, output):
+            if _in_backward():
+                return None
             out = _first_grad_tensor(output)
             if out is not None:
                 self._mark_on_grad(out, ("bwd", j))

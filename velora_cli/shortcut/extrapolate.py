@@ -155,7 +155,9 @@ class _Point:
     value: int
     time: tuple[int, int, int]  # (segment, unit in processing order, point in unit)
     phases: tuple[str, ...]
-    where: tuple  # ("at", segment, point) | ("unit", segment, "first"|"last", point)
+    # ("at", segment, point) | ("at-unit0" | "at-unitlast", segment, point) |
+    # ("unit", segment, "first" | "last" | "last-edge", point, whether the pass has an edge)
+    where: tuple
 
 
 def _aligned(logs: list[PositionLog], period: int) -> list[list[_Gap | _Pass]]:
@@ -263,7 +265,7 @@ def _pass_points(logs, passes, s, ms, big_m, period, edges=False) -> list[_Point
         else:
             u, which = 1, "first"
         out.append(
-            _Point(at(u, big_m), (s, rank(u, big_m), p), phases.pop(), ("unit", s, which, p))
+            _Point(at(u, big_m), (s, rank(u, big_m), p), phases.pop(), ("unit", s, which, p, edge))
         )
     return out
 
@@ -332,17 +334,42 @@ def memory_at_depth(
     top = max(points, key=lambda pt: (pt.value, [-t for t in pt.time]))
     cut = [_segments(log) for log in logs]
     ms = [log.depth // period for log in logs]
-    parts: dict[str, list[int]] = {}
-    for k, log in enumerate(logs):
-        events = log.points[_log_index(logs, cut, top.where, k, period)][3]
-        for name, nbytes in log.breakdown_at(events).items():
-            parts.setdefault(name, []).append(nbytes)
-    breakdown = {
-        name: _line_at(ms, ys, depth // period, f"{name} at the peak") for name, ys in parts.items()
-    }
+    if top.where[0] == "unit" and top.where[4]:
+        breakdown = _edge_breakdown(logs, cut, top.where, ms, depth // period, period)
+    else:
+        parts: dict[str, list[int]] = {}
+        for k, log in enumerate(logs):
+            events = log.points[_log_index(logs, cut, top.where, k, period)][3]
+            for name, nbytes in log.breakdown_at(events).items():
+                parts.setdefault(name, []).append(nbytes)
+        breakdown = {
+            name: _line_at(ms, ys, depth // period, f"{name} at the peak")
+            for name, ys in parts.items()
+        }
     if sum(breakdown.values()) != top.value:
         raise NotExtrapolable("the extrapolated breakdown does not sum to the peak")
     return {"peak_bytes": top.value, **_phase_fields(points), "peak_breakdown": breakdown}
+
+
+def _edge_breakdown(logs, cut, where, ms: list[int], big_m: int, period: int) -> dict[str, int]:
+    """The breakdown at a peak inside a middle unit of a pass whose last unit has its own
+    points (`_pass_points` with an edge): each category's bytes at that point, on the plane
+    through the middle units (1, 3), (1, 4), (2, 4) as the point's value is (the shallowest
+    depth has no middle unit: its units 0 and 1 are the first and the last)."""
+    _, s, which, p, _ = where
+    samples: dict[str, dict[tuple[int, int], int]] = {}
+    for log, segs, m in zip(logs, cut, ms, strict=True):
+        units = segs[s].units(period)
+        for u in range(1, m - 1):
+            events = log.points[units[u][p]][3]
+            for name, nbytes in log.breakdown_at(events).items():
+                samples.setdefault(name, {})[(u, m)] = nbytes
+    u = 1 if which == "first" else big_m - 2
+    out = {}
+    for name, values in samples.items():
+        _, at = _plane(values, ms[1:])
+        out[name] = at(u, big_m)
+    return out
 
 
 def _phase_fields(points) -> dict[str, Any]:

@@ -122,19 +122,10 @@ class Shortcuts:
 
     # -- the depth shortcut ------------------------------------------------------------------
 
-    def depth_plan(
-        self,
-        spec: StepSpec,
-        model_spec: ModelSpec,
-        *,
-        unit: int = 1,
-    ) -> tuple[int, int, list, list]:
+    def depth_plan(self, spec: StepSpec, model_spec: ModelSpec) -> tuple[int, int, list, list]:
         """The depth shortcut's plan for ``spec``: (real depth, period, shallow depths, shallow
-        model specs), the real model's blocks checked to repeat (module docstring, 1-2).
-
-        Args:
-            unit: checkpointing periods per unit of the extrapolation (a DDP/FSDP2 rank whose
-                engine looks one block ahead, FSDP2, takes 2: `parallel.rank_shortcut`).
+        model specs), the real model's blocks checked to repeat (module docstring, 1-2). The
+        period is the checkpointing interval, for a DDP/FSDP2 rank too (`parallel.rank_shortcut`).
 
         Raises:
             NotExtrapolable: with the reason the real depth must run.
@@ -143,15 +134,13 @@ class Shortcuts:
 
         depth = stack_depth(model_spec)
         gc_every = spec.strategy.gc_every or 1
-        period = gc_every * unit
+        period = gc_every
         if depth is None:
             raise NotExtrapolable("the config gives no number of blocks")
         if spec.strategy.offload:  # the host ledger is counted, not synthesized from a trace
             raise NotExtrapolable("activation offload: host memory is counted at full depth")
         if depth % gc_every:
             raise NotExtrapolable(f"checkpointing every {gc_every} blocks does not divide {depth}")
-        if depth % period:
-            raise NotExtrapolable(f"units of {period} blocks do not divide {depth}")
         depths = [u * period for u in SHALLOW_UNITS]
         if depth <= depths[-1]:
             raise NotExtrapolable(f"{depth} blocks: shallow enough to run in full")
