@@ -279,9 +279,13 @@ def test_estimator_floors_the_candidates_of_a_mode_that_cannot_fit():
     d = first.detail
     assert floor.peak_bytes == d["param_bytes"] + d["grad_bytes"] + d["optimizer_bytes"]
     assert floor.peak_bytes <= first.peak_bytes
-    # the leanest candidates (gc, smallest micro-batch) get the floor too, and are stepped
-    # only when the tuner asks (nothing fits: the answer names the smallest configuration)
+    # the leanest candidates (gc, smallest micro-batch) get the floor too while another planned
+    # mode may fit (qlora: no floor yet), and are stepped only when the tuner asks (nothing
+    # fits: the answer names the smallest configuration)
     lean = Candidate("full", "all-linear", 4, gc=True, micro_batch_size=4)
+    estimator.plan(
+        [Candidate("full", micro_batch_size=4), lean, Candidate("qlora", micro_batch_size=4)]
+    )
     assert estimator(lean).detail["lower_bound"] and estimator.calls == 1
     assert estimator.refinable(lean) and not estimator.refinable(Candidate("full", gc=False))
     leanest = estimator.refine(lean)
@@ -290,25 +294,41 @@ def test_estimator_floors_the_candidates_of_a_mode_that_cannot_fit():
     assert estimator(lean) is leanest  # kept
     estimator(Candidate("qlora", micro_batch_size=4))  # another mode: stepped
     assert estimator.calls == 3
+    estimator.finish()
+    # no other mode planned: nothing can fit, so the leanest is estimated in its turn
+    alone = autotune.Estimator(_tune_settings(budget_bytes=10**6))
+    alone.plan([Candidate("full", micro_batch_size=4), lean])
+    alone(Candidate("full", micro_batch_size=4))
+    assert not alone(lean).detail.get("lower_bound") and alone.calls == 2
+    alone.finish()
 
 
 def test_tune_steps_the_floored_leanest_candidates_only_when_nothing_fits():
     from velora_cli.search import autotune
 
     def run(budget):
-        settings = _tune_settings(modes=("full",), micro_batches=(2, 4), budget_bytes=budget)
-        doc = autotune.run(settings, save_path=None, journal=None)
+        settings = _tune_settings(modes=("full", "qlora"), micro_batches=(2, 4),
+                                  budget_bytes=budget)  # fmt: skip
+        doc = autotune.run(settings, save_path=None, journal=None,
+                           progress=lambda message, done, total: said.append(message))  # fmt: skip
         return doc, {r["key"]: r for r in doc["candidates"]}
 
-    # a budget under every full candidate's floor: the leanest ones (gc, micro-batch 2) get
-    # their real estimates, the others keep the floor, and the answer names the smallest
+    # a budget under every candidate (the CUDA context alone is over it) and under full
+    # training's floor, not under QLoRA's: full's leanest ones (gc, micro-batch 2) wait with
+    # their floor while QLoRA may fit, and get their real estimates once nothing does; the others
+    # keep the floor, and the answer names the smallest configuration
+    said: list[str] = []
     doc, rows = run(10**6)
     assert doc["recommendation"] is None
-    lean = [r for r in rows.values() if r["gc"] is True and r["micro_batch_size"] == 2]
+    full = [r for r in rows.values() if r["mode"] == "full"]
+    lean = [r for r in full if r["gc"] is True and r["micro_batch_size"] == 2]
     assert lean and not any(r["estimate_lower_bound"] for r in lean)
-    others = [r for r in rows.values() if r not in lean]
+    others = [r for r in full if r not in lean]
     assert sum(not r["estimate_lower_bound"] for r in others) == 1  # the first: the floor's
-    smallest = min(lean, key=lambda r: (r["estimate_peak_bytes"], r["key"]))
+    done = said.index("estimate done")
+    assert {f"estimate {r['key']}" for r in lean} <= set(said[done + 1 :])  # after the search
+    real = [r for r in rows.values() if not r["estimate_lower_bound"]]
+    smallest = min(real, key=lambda r: (r["estimate_peak_bytes"], r["key"]))
     assert doc["smallest"]["key"] == smallest["key"]
     assert doc["smallest"]["smallest_peak_bytes"] == smallest["estimate_peak_bytes"]
     assert "the smallest estimate is" in doc["reason"] and smallest["key"] in doc["reason"]

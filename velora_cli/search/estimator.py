@@ -85,10 +85,12 @@ class Estimator:
     in the optimizer step, so the first estimate of a mode gives a floor under all its peaks.
     When the floor alone exceeds the budget, the mode's candidates get it as their estimate,
     marked ``lower_bound``. So do the leanest ones (full checkpointing at the smallest
-    micro-batch, `refinable`): the tuner asks for their real estimates (`refine`) only when
-    nothing fits, so that its answer can name the smallest configuration and its real estimate.
-    When something fits, they cannot change the answer (a peak is at least its floor, over the
-    budget); a 7B tune at 10 GB saves their 18 steps on meta.
+    micro-batch, `refinable`) while another mode may still fit: the tuner asks for their real
+    estimates (`refine`) only when nothing does, so that its answer can name the smallest
+    configuration and its real estimate. When something fits, they cannot change the answer (a
+    peak is at least its floor, over the budget): a 7B tune at 10 GB saves their 18 steps on
+    meta. When every planned mode's floor is over the budget (a GPU-count tune's rounds with too
+    few GPUs), nothing can fit, and the leanest are estimated as the tune reaches them.
     """
 
     def __init__(self, settings: TuneSettings, ddp_rows=None):
@@ -117,6 +119,7 @@ class Estimator:
         self.calls = 0
         # the helper process (estimate/pool.py): the planned candidates' indices and the list
         self._index: dict[str, int] = {}
+        self._floor_keys: set[tuple] | None = None  # the planned candidates' (`floored`)
         self._helped: Helped | None = None
 
     def __call__(self, c: Candidate) -> Measurement:
@@ -137,9 +140,19 @@ class Estimator:
         return self.cache[c.key]
 
     def floored(self, c: Candidate) -> bool:
-        """Whether ``c`` gets its mode's floor instead of an estimate (class docstring)."""
+        """Whether ``c`` gets its mode's floor instead of an estimate (class docstring): a
+        leanest one only while another mode (optimizer, layout) of the planned candidates may
+        still fit, by its floor; when none can, the answer will name the smallest configuration,
+        so the leanest are estimated in turn, as the tune goes (not after it, one by one)."""
         floor = self.floors.get(_floor_key(c))
-        return floor is not None and floor > self.budget
+        if floor is None or floor <= self.budget:
+            return False
+        return not self.refinable(c) or self._another_may_fit()
+
+    def _another_may_fit(self) -> bool:
+        if self._floor_keys is None:  # no plan: nothing known of the others
+            return False
+        return any(self.floors.get(k, 0) <= self.budget for k in self._floor_keys)
 
     def refinable(self, c: Candidate) -> bool:
         """Whether the tuner may ask for the real estimate of ``c``, given its mode's floor:
@@ -174,6 +187,7 @@ class Estimator:
         from velora_cli.estimate.pool import Helped
 
         self._index = {c.key: i for i, c in enumerate(candidates)}
+        self._floor_keys = {_floor_key(c) for c in candidates}
         self._helped = Helped(self, candidates, spawn=(self.settings, type(self)))
 
     def finish(self) -> None:
