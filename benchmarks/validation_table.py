@@ -47,8 +47,8 @@ velora validate --source fitcheck_t4 --format json -o validate.json
 velora validate --case flash-none-fp16-adamw-r32-ckpt-HuggingFaceTB_SmolLM2-135M-bs2-seq512
 ```
 
-The whole corpus runs offline in about 5 minutes on a loaded 2-core machine (126 cases, 100 of
-them predicted; model configs come from the corpus). The test suite runs a few small cases
+The whole corpus runs offline in about 3.5 minutes on this project's 2-core machine, idle (228
+cases, 129 of them predicted; model configs come from the corpus). The test suite runs a few small cases
 (`tests/test_validate.py`) and holds ten, one of every source, GPU and memory mechanism (K/V
 repeated before SDPA, eager attention, QLoRA, 4096 tokens, a holdout and an out-of-memory
 boundary row of fitcheck's T4; the guide's V100 with and without fp16 AMP and checkpointing), to
