@@ -214,3 +214,27 @@ def test_gpt_bigcode_before_4_53_holds_each_blocks_kv_projection(tmp_path):
     cpu, est = peaks(specs)
     assert cpu[0] - cpu[1] == presents, cpu
     assert est[0] - est[1] == presents, est
+
+
+def test_a_release_whose_loss_was_not_read_is_said():
+    from velora_cli.measure.loss_path import unread
+
+    assert unread("llama", "4.48.1") is None  # read: the step takes that release's loss
+    assert unread("llama", "4.50.0") is None and unread("llama", None) is None  # today's loss
+    for model_type, version in (("llama", "4.30.0"), ("qwen2", "4.45.2"), (None, "4.40")):
+        note = unread(model_type, version)
+        assert note and f"--transformers-version {version}" in note and "not read" in note
+
+
+def test_cli_profile_says_when_it_keeps_the_installed_loss(tmp_path):
+    from typer.testing import CliRunner
+
+    from velora_cli.cli import app
+
+    out = tmp_path / "profile.json"
+    args = ["profile", "llama-tiny", "--backend", "estimate", "--placements", "paper",
+            "--transformers-version", "4.30", "--format", "json", "-o", str(out)]  # fmt: skip
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    notices = json.loads(out.read_text())["notices"]
+    assert any("--transformers-version 4.30" in n and "not read" in n for n in notices)

@@ -119,6 +119,23 @@ def loss_path(model_type: str | None, transformers_version: str | None) -> str |
     return _INLINE[model_type]
 
 
+def unread(model_type: str | None, transformers_version: str | None) -> str | None:
+    """What a user planning for ``transformers_version`` should know when the step cannot take
+    that release's loss: a release before 4.49 whose loss (``model_type``'s, or any before 4.39)
+    was not read keeps the installed model's, which may hold other bytes at the logits; None
+    when the loss is the release's."""
+    if transformers_version is None or release(transformers_version) >= PADDED_FROM:
+        return None
+    if loss_path(model_type, transformers_version) is not None:
+        return None
+    return (
+        f"--transformers-version {transformers_version}: the loss of {model_type or 'this model'} "
+        f"in that release was not read (velora reads 4.39-4.48 for "
+        f"{', '.join(sorted(_INLINE))}); the step takes the installed transformers' loss, whose "
+        "logits copies may differ from that release's"
+    )
+
+
 def shifted_bytes(batch: int, seq_len: int, vocab: int, itemsize: int) -> int:
     """Bytes of one ``[B, L-1, V]`` tensor: the shifted copy of the logits, or the log-softmax,
     its gradient and its result, each of which the shifted paths allocate once."""
