@@ -222,17 +222,21 @@ class _Search:
             if est is None:  # unknown estimate: kept, sorted as the biggest
                 est = Measurement(None, None, None, "error", detail={"error": error})
             e = _Entry(c, est, cost=cost_rank(c, est.detail.get("velora_layers")))
-            if est.status == "oom":
-                e.status, e.note = "infeasible-estimate", "the estimate ran out of memory"
-            elif est.peak_bytes is not None and est.peak_bytes > self.budget:
-                e.status = "infeasible-estimate"
-                floor = est.detail.get("lower_bound")  # params + grads + optimizer state only
-                what = "params+grads+optimizer state" if floor else "estimated peak"
-                e.note = (
-                    f"{what} {format_bytes(est.peak_bytes)} > budget {format_bytes(self.budget)}"
-                )
+            note = self._over_budget(est)
+            if note is not None:
+                e.status, e.note = "infeasible-estimate", note
             self.entries.append(e)
         self._report("estimate done", len(todo), len(todo))
+
+    def _over_budget(self, est: Measurement) -> str | None:
+        """Why an estimate rules its candidate out (None when it does not)."""
+        if est.status == "oom":
+            return "the estimate ran out of memory"
+        if est.peak_bytes is None or est.peak_bytes <= self.budget:
+            return None
+        floor = est.detail.get("lower_bound")  # params + grads + optimizer state only
+        what = "params+grads+optimizer state" if floor else "estimated peak"
+        return f"{what} {format_bytes(est.peak_bytes)} > budget {format_bytes(self.budget)}"
 
     def pending(self) -> list[_Entry]:
         return [e for e in self.entries if e.status == "pending"]
@@ -416,13 +420,7 @@ class _Search:
                 self.journal.record("estimate", e.candidate.key, asdict(est))
             e.estimate = est
             e.cost = cost_rank(e.candidate, est.detail.get("velora_layers"))
-            if est.status == "oom":
-                e.note = "the estimate ran out of memory"
-            else:
-                e.note = (
-                    f"estimated peak {format_bytes(est.peak_bytes)} > budget "
-                    f"{format_bytes(self.budget)}"
-                )
+            e.note = self._over_budget(est) or e.note
         if todo:
             self._report("estimate done", len(todo), len(todo))
 
