@@ -556,7 +556,6 @@ def device_memory_fields(
     cuda_version: str | None = None,
     load: LoadPlan | None = None,
     reset_peak: bool = True,
-    peak_bytes: int | None = None,
 ) -> dict[str, Any]:
     """The device-level prediction of one row, from its traced step.
 
@@ -574,9 +573,6 @@ def device_memory_fields(
         environ: where ``CUBLAS_WORKSPACE_CONFIG`` is read (default: os.environ).
         load: how the model was loaded (`LoadPlan`: quantization on load, kbit upcasts); what
             loading reserved stays reserved when the schedule never empties the cache.
-        peak_bytes: the traced step's live peak where the caller has it (its row's), so the
-            trace is not walked again to find it; it only says whether the step may hold more
-            than the card at once (`live_peak` decides).
 
     Returns:
         Row fields: ``predicted_allocated_bytes`` (what max_memory_allocated would read),
@@ -599,9 +595,7 @@ def device_memory_fields(
     # replays within the card (half a replay or so, each) are left out. The traced step's own
     # live bytes say when the schedule's are worth counting (the 7B profile's default rows, fp32
     # full training on an H100, all do).
-    if peak_bytes is None:
-        peak_bytes = max(trace.live_bytes())
-    over = peak_bytes > capacity and live_peak(schedule) > capacity
+    over = max(trace.live_bytes()) > capacity and live_peak(schedule) > capacity
     base, fits = replay_within(schedule, config, capacity, over=over)
     grown, grown_fits = (
         replay_within(schedule, config.with_expandable_segments(True), capacity, over=over)

@@ -207,13 +207,12 @@ class EstimateBackend:
         # tokens/s is not a sum over ops: `measure` derives it from the time
         row.pop("predicted_tokens_per_second", None)
         if self.trace_fields:
-            row.update(self.device_memory_of(prepared, trace, row.get("peak_bytes")))
+            row.update(self.device_memory_of(prepared, trace))
             add_paged_state(row)
         return row
 
-    def device_memory_of(self, prepared, trace, peak_bytes: int | None = None) -> dict[str, Any]:
-        """The device-level fields of one traced step (see device_memory.device_memory_fields;
-        ``peak_bytes``: the row's, the trace's own peak)."""
+    def device_memory_of(self, prepared, trace) -> dict[str, Any]:
+        """The device-level fields of one traced step (see device_memory.device_memory_fields)."""
         from velora_cli.allocator.device_memory import (
             LoadPlan,
             device_memory_fields,
@@ -241,7 +240,6 @@ class EstimateBackend:
             reset_peak=self.cuda_reset_peak,
             cuda_version=self.cuda_version,
             load=load,
-            peak_bytes=peak_bytes,
         )
 
     def _reference(self, spec: StepSpec, breakdown: bool) -> dict[str, Any]:
