@@ -238,3 +238,26 @@ def test_cli_profile_says_when_it_keeps_the_installed_loss(tmp_path):
     assert result.exit_code == 0, result.output
     notices = json.loads(out.read_text())["notices"]
     assert any("--transformers-version 4.30" in n and "not read" in n for n in notices)
+
+
+def test_cli_tune_says_when_it_keeps_the_installed_loss(tmp_path, monkeypatch):
+    from typer.testing import CliRunner
+
+    from velora_cli.cli import app
+
+    monkeypatch.setenv("VELORA_PROFILES_DIR", str(tmp_path / "profiles"))
+    args = ["tune", "llama-tiny", "--backend", "estimate", "--seq-len", "32", "--mode", "full",
+            "--optimizer", "adamw", "--placements", "paper", "--micro-batches", "4",
+            "--gc-every", "1", "--probe-steps", "0", "--budget", "2GB",
+            "--transformers-version", "4.30", "--format", "json"]  # fmt: skip
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    notices = json.loads(result.stdout[result.stdout.index("{") :])["notices"]
+    assert any("--transformers-version 4.30" in n and "not read" in n for n in notices)
+
+
+def test_a_head_other_than_a_causal_lm_gets_no_loss_notice():
+    from velora_cli.measure.loss_path import unread
+
+    assert unread("llama", "4.30", "causal-lm") is not None
+    assert unread("roberta", "4.30", "sequence-classification") is None

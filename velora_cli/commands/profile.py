@@ -373,10 +373,11 @@ def profile_plan(o: ProfileOptions) -> ProfilePlan:
     notices += [note for note in (seq_note, length_note) if note]
     if o.model is None:
         notices.append(f"no MODEL given: profiling the built-in default {spec.model}")
-    if spec.transformers_version is not None and resolved.task == "causal-lm":
+    if spec.transformers_version is not None:
         from velora_cli.measure.loss_path import unread
 
-        note = unread(getattr(resolved.config, "model_type", None), spec.transformers_version)
+        model_type = getattr(resolved.config, "model_type", None)
+        note = unread(model_type, spec.transformers_version, resolved.task)
         notices += [note] if note else []
     if o.weights:
         notices.append(_weights_notice(resolved, backend.name))

@@ -119,11 +119,16 @@ def loss_path(model_type: str | None, transformers_version: str | None) -> str |
     return _INLINE[model_type]
 
 
-def unread(model_type: str | None, transformers_version: str | None) -> str | None:
+def unread(
+    model_type: str | None, transformers_version: str | None, task: str = "causal-lm"
+) -> str | None:
     """What a user planning for ``transformers_version`` should know when the step cannot take
-    that release's loss: a release before 4.49 whose loss (``model_type``'s, or any before 4.39)
-    was not read keeps the installed model's, which may hold other bytes at the logits; None
-    when the loss is the release's."""
+    that release's loss: a release before 4.49 whose causal-LM loss (``model_type``'s, or any
+    before 4.39) was not read keeps the installed model's, which may hold other bytes at the
+    logits; None when the loss is the release's, or the head (``task``) is not a causal LM,
+    whose loss the release's version does not change in the step."""
+    if task != "causal-lm":
+        return None
     if transformers_version is None or release(transformers_version) >= PADDED_FROM:
         return None
     if loss_path(model_type, transformers_version) is not None:

@@ -207,6 +207,12 @@ def run(
             f"--weights: {check_weights(resolved)}, loaded for {where} (estimates take shapes "
             "from the config)"
         )
+    if settings.transformers_version is not None:
+        from velora_cli.measure.loss_path import unread
+
+        model_type = getattr(resolved.config, "model_type", None)
+        note = unread(model_type, settings.transformers_version, resolved.task)
+        notices += [note] if note else []
     candidates, dropped = build_space(settings)
     notices += dropped
     if any(c.optimizer in LOWRANK_OPTIMIZERS for c in candidates):
