@@ -1,6 +1,6 @@
 """Speed of the allocator replay behind every estimate's device-memory fields, in one process:
-the inlined replay (`caching._replay`, what `simulate` runs) against the reference that sends
-every event through ``CachingAllocator.malloc`` and ``.free`` (`caching._replay_reference`).
+the inlined replay (`replay._replay`, what `simulate` runs) against the reference that sends
+every event through ``CachingAllocator.malloc`` and ``.free`` (`replay._replay_reference`).
 
     python benchmarks/allocator_replay.py                       # llama-60m and Llama-2-7b rows
     python benchmarks/allocator_replay.py --models llama-60m --repeats 5
@@ -123,7 +123,7 @@ def main() -> None:
     args = parser.parse_args()
     sys.path.insert(0, str(ROOT))
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    from velora_cli.allocator.caching import _replay, _replay_reference
+    from velora_cli.allocator.replay import _replay, _replay_reference
 
     if args.traces:
         captured = pickle.loads(args.traces.read_bytes())

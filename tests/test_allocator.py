@@ -11,17 +11,9 @@ import random
 
 import pytest
 
-from velora_cli.allocator.caching import (
-    ALLOC,
-    EMPTY_CACHE,
-    FREE,
-    RESET_PEAK,
-    AllocatorOutOfMemory,
-    CachingAllocator,
-    round_size,
-    simulate,
-)
+from velora_cli.allocator.caching import AllocatorOutOfMemory, CachingAllocator, round_size
 from velora_cli.allocator.config import AllocConfError, parse_alloc_conf
+from velora_cli.allocator.replay import ALLOC, EMPTY_CACHE, FREE, RESET_PEAK, simulate
 
 M = 1 << 20
 EXPANDABLE = parse_alloc_conf("expandable_segments:True")

@@ -16,8 +16,8 @@ import sys
 import pytest
 import torch
 
-from velora_cli.allocator.caching import ALLOC, EMPTY_CACHE, FREE, RESET_PEAK, simulate
 from velora_cli.allocator.config import parse_alloc_conf
+from velora_cli.allocator.replay import ALLOC, EMPTY_CACHE, FREE, RESET_PEAK, simulate
 
 pytestmark = [
     pytest.mark.gpu,

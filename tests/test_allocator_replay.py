@@ -1,5 +1,5 @@
-"""The allocator replay that every estimate runs (`caching._replay`, malloc and free written into
-its loop) against the reference (`caching._replay_reference`, every event through
+"""The allocator replay that every estimate runs (`replay._replay`, malloc and free written into
+its loop) against the reference (`replay._replay_reference`, every event through
 ``CachingAllocator.malloc`` and ``.free``): the same statistics, the same error, and the
 allocator left in the same state, on random traces (with the markers the cuda schedule uses,
 within capacities that take the OOM retry path or run out) and on real traces of a tiny Llama.
@@ -11,19 +11,18 @@ import random
 
 import pytest
 
-from velora_cli.allocator.caching import (
+from velora_cli.allocator.caching import AllocatorOutOfMemory, CachingAllocator
+from velora_cli.allocator.config import parse_alloc_conf
+from velora_cli.allocator.replay import (
     ALLOC,
     EMPTY_CACHE,
     FREE,
     REPEAT,
     RESET_PEAK,
     SKIP,
-    AllocatorOutOfMemory,
-    CachingAllocator,
     _replay,
     _replay_reference,
 )
-from velora_cli.allocator.config import parse_alloc_conf
 
 M = 1 << 20
 CONFS = [

@@ -8,15 +8,6 @@ import types
 
 import pytest
 
-from velora_cli.allocator.caching import (
-    ALLOC,
-    EMPTY_CACHE,
-    FREE,
-    REPEAT,
-    RESET_PEAK,
-    SKIP,
-    simulate,
-)
 from velora_cli.allocator.device_memory import (
     LoadPlan,
     cublas_workspace_bytes,
@@ -32,6 +23,15 @@ from velora_cli.allocator.kernel_scratch import (
     FLASH_BACKWARD,
     embedding_backward_scratch,
     flash_attention_backward_scratch,
+)
+from velora_cli.allocator.replay import (
+    ALLOC,
+    EMPTY_CACHE,
+    FREE,
+    REPEAT,
+    RESET_PEAK,
+    SKIP,
+    simulate,
 )
 from velora_cli.gpus import get_gpu
 from velora_cli.measure.tracker import AllocationTrace
@@ -383,8 +383,9 @@ def test_a_repeated_warm_up_step_is_skipped_with_the_statistics_of_the_whole_rep
     """A warm-up step that starts where the one before started is passed over (allocator.SKIP):
     the same statistics as the replay of every event, on real traces of a tiny Llama, and the
     skip happens (it would not be tested otherwise)."""
-    from velora_cli.allocator.caching import CachingAllocator, _replay
+    from velora_cli.allocator.caching import CachingAllocator
     from velora_cli.allocator.config import parse_alloc_conf
+    from velora_cli.allocator.replay import _replay
 
     _spec, _prepared, trace = traced_tiny_llama(settings, strategy)
     events = cuda_schedule(trace, workspace=32 * M, warmup=warmup, steps=5)

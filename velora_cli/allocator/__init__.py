@@ -3,6 +3,8 @@
     caching.py         the allocator model (pools, rounding, segments, best fit, split/merge,
                        expandable segments, the OOM retry), read from CUDACachingAllocator.cpp
     blocks.py          its bookkeeping: segments and blocks
+    replay.py          allocation traces replayed through it (`simulate`): the inlined loop every
+                       estimate runs, and the reference that calls malloc/free per event
     config.py          its constants and ``PYTORCH_CUDA_ALLOC_CONF``, parsed as torch parses it
     device_memory.py   a step's allocation trace replayed as the cuda backend's schedule runs it
                        (after loading, with the loader's transients: LoadPlan): allocated,

@@ -3,7 +3,7 @@ replaying the step's allocation trace as the cuda backend runs it, plus the CUDA
 
     predicted_device_bytes = predicted_reserved_bytes (modelled) + CUDA context (a constant)
 
-The reserved peak comes from `allocator.simulate` over the cuda backend's schedule
+The reserved peak comes from `replay.simulate` over the cuda backend's schedule
 (measure/cuda.py): parameters and buffers as the model is loaded; warm-up step 1, in which the
 optimizer creates its state at the start of its step and cuBLAS takes its two workspaces (one per
 handle: the Python thread's at the first forward GEMM, the autograd device thread's at the first
@@ -33,18 +33,18 @@ from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from velora_cli.allocator.caching import (
+from velora_cli.allocator.caching import AllocatorOutOfMemory
+from velora_cli.allocator.config import AllocatorConfig
+from velora_cli.allocator.replay import (
     ALLOC,
     EMPTY_CACHE,
     FREE,
     REPEAT,
     RESET_PEAK,
     SKIP,
-    AllocatorOutOfMemory,
     Event,
     simulate,
 )
-from velora_cli.allocator.config import AllocatorConfig
 from velora_cli.budget import format_bytes
 
 if TYPE_CHECKING:
@@ -500,7 +500,7 @@ class Schedule:
             return False
         if step >= warm and not self._marked:
             # each timed step is the previous one with its keys one stride on: the replay may
-            # stop once the allocator is steady (allocator.simulate), at the marker, so the
+            # stop once the allocator is steady (replay.simulate), at the marker, so the
             # marker is a part of its own and the step is built only if the replay goes on
             self.parts.append([(REPEAT, self.keys.stride, 0)])
             self._marked = True
