@@ -101,11 +101,18 @@ def test_rank_rows_equal_the_reference_byte_for_byte(request, parallel, world, s
         model=model, batch_size=2, seq_len=32, world_size=world, parallel=parallel,
         strategy=Strategy(**strategy),
     )  # fmt: skip
-    # the default ranks: 0 and N − 1 under FSDP2 (the extremes), 0 under DDP
+    # the default ranks: 0 and N − 1 under FSDP2 (the extremes), 0 under DDP; the fast path
+    # steps rank 0 alone where rank N − 1 is the same (every dim0 here a multiple of 2 and 4:
+    # `estimate.uniform_shards`, tests/test_fsdp_uniform_shards.py), and says so
     fast = ParallelEstimateBackend(expandable=False)
     reference = ParallelEstimateBackend(expandable=False, shortcuts=False)
     row, ref = fast.measure(spec), reference.measure(spec)
     assert row["status"] == ref["status"] == "ok", (row.get("error"), ref.get("error"))
+    if parallel != "ddp":
+        assert row.pop("estimated_ranks") == [0]
+        assert ref.pop("estimated_ranks") == [0, world - 1]
+        assert row.pop("ranks_note").startswith(f"rank 0 of {world} estimated; rank {world - 1}")
+        ref.pop("ranks_note", None)
     method = row.pop("estimate_method")
     assert ref.pop("estimate_method").startswith("full depth (reference")
     differ = {k: (row.get(k), ref.get(k)) for k in row.keys() | ref.keys()

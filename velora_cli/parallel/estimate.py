@@ -19,10 +19,31 @@ created like the unpadded local shard, is smaller on the last ranks when ``dim0`
 multiple of N. Rank 0 holds the largest
 shard of every parameter, hence the largest peak; ranks 0 and N−1 are estimated (the extremes),
 or every rank with ``ranks="all"``.
+
+Where every parameter's dim0 is a multiple of N, rank N−1 holds exactly what rank 0 holds, and
+the fast path steps rank 0 alone and gives rank N−1 its figures (`uniform_shards`; the job row's
+``estimated_ranks`` is ``[0]`` and its ``ranks_note`` says why). What differs between FSDP2
+ranks, from torch 2.13's ``torch/distributed/fsdp/_fully_shard/``: ``FSDPParam._init_sharded_param``
+splits each parameter with ``_chunk_with_empty`` (``torch.chunk`` along dim 0, the only sharded
+dim without a placement function: ``Shard(0)``), chunks of ``ceil(dim0 / N)`` rows, the last
+ones shorter and, when ``dim0`` is small, empty (``torch.chunk`` of 10 rows in 8 gives 5 chunks
+of 2; ranks 5-7 get none); rank r's local tensor (hence its optimizer state and
+``reset_sharded_param``'s re-padding at lazy init) is chunk r, everything else is sized by
+chunk 0 (``padded_sharded_param_size``: the sharded storage, all-gather inputs and outputs,
+the reduce-scatter output of which the gradient is a view). The rank number itself only offsets
+views (``all_gather_copy_in``'s ``narrow``, the post-forward shard's). Buffers are not sharded,
+the batch and the loss are the same on every rank (nothing in velora reads the rank but
+VeLoRA's in-place broadcast of its vectors from rank 0), and the fake group's collectives
+allocate nothing. So with every dim0 a multiple of N every chunk is ``dim0 / N`` rows and every
+rank makes the same allocations in the same order. Anything else (a dim0 that is not, a
+parameter of a tensor subclass, a 0-d one, QLoRA's packed weights) steps both ranks, and so
+does the reference path (``VELORA_ESTIMATE_REFERENCE=1``), against which the fast path is tested
+(tests/test_fsdp_uniform_shards.py).
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import os
 from collections.abc import Callable
@@ -111,6 +132,36 @@ def estimate_rank(
         )
     row.update(rank=rank, status="ok", step_seconds=None, estimate_method=method)
     return row, trace
+
+
+def uniform_shards(spec: StepSpec) -> str | None:
+    """Why every rank of ``spec``'s FSDP2 job holds exactly what rank 0 holds (the ranks note's
+    words), or None where ranks may differ (module docstring): every parameter of the model
+    the rank builds (`train_step.prepare` on meta, as `fake.run_rank` does, strategy and LoRA
+    adapters included) a plain ``nn.Parameter`` of at least one dimension whose dim0 is a
+    positive multiple of the world size."""
+    import torch
+
+    from velora_cli.measure.train_step import prepare
+    from velora_cli.parallel import FSDP
+    from velora_cli.parallel.fake import register_rank_attention
+
+    world = spec.world_size
+    if spec.parallel not in FSDP or world < 2 or spec.mode == "qlora":
+        return None
+    try:
+        prepared = prepare(spec, "meta", attn_implementation=register_rank_attention())
+    except Exception:  # noqa: BLE001 - not known: the ranks are stepped, which raise it
+        return None
+    for p in prepared.model.parameters():
+        if type(p) is not torch.nn.Parameter or p.ndim == 0:
+            return None
+        if p.shape[0] == 0 or p.shape[0] % world:
+            return None
+    return (
+        f"every sharded parameter's dim0 is a multiple of {world}, so FSDP2's torch.chunk "
+        "gives every rank a local shard, gradient and optimizer state of the same size"
+    )
 
 
 class DdpRows:
@@ -287,25 +338,46 @@ class ParallelEstimateBackend:
         from velora_cli.measure.cpu import _is_user_error
         from velora_cli.parallel.job import job_row
 
-        rows = []
-        ranks = estimated_ranks(spec, self.ranks)
-        for rank in ranks:
+        @contextlib.contextmanager
+        def as_the_rank():
+            # attention kernels as torch picks them on this GPU, masks as the batches pad
+            with (
+                gcpause.paused(),  # as an estimate row: collections walked the whole heap
+                target_gpu(self.gpu),
+                padded_batches(spec.padding, spec.real_tokens(), spec.packed_sequences),
+            ):
+                yield
+
+        def step(rank: int) -> dict[str, Any]:
             try:
-                # attention kernels as torch picks them on this GPU, masks as the batches pad
-                with (
-                    gcpause.paused(),  # as an estimate row: collections walked the whole heap
-                    target_gpu(self.gpu),
-                    padded_batches(spec.padding, spec.real_tokens(), spec.packed_sequences),
-                ):
-                    row = self._rank_row(spec, rank, breakdown)
-                rows.append(row)
+                with as_the_rank():
+                    return self._rank_row(spec, rank, breakdown)
             except (SpecError, ValueError, RuntimeError, NotImplementedError) as exc:
                 if isinstance(exc, SpecError) or _is_user_error(exc):
                     raise
-                rows.append({**failed_row(self.name, exc), "rank": rank})
+                return {**failed_row(self.name, exc), "rank": rank}
+
+        ranks = estimated_ranks(spec, self.ranks)
+        last = spec.world_size - 1
+        same = None  # why rank N − 1 holds what rank 0 holds (module docstring)
+        if self.shortcuts and self.ranks is None and spec.parallel != "ddp" and ranks == [0, last]:
+            with as_the_rank():
+                same = uniform_shards(spec)
+        rows = [step(rank) for rank in ([0] if same else ranks)]
+        if same and rows[0].get("status") == "ok":
+            rows.append({**copy.deepcopy(rows[0]), "rank": last})  # rank 0's figures
+            ranks = [0]
+        elif same:  # a failed rank 0: rank N − 1's own failure too, as the reference path
+            rows.append(step(last))
+            same = None
         row = job_row(spec, rows, backend=self.name)
         row.update(estimated_ranks=ranks, step_seconds=None, tokens_per_second=None)
-        if len(ranks) < spec.world_size and row["status"] == "ok":
+        if same and row["status"] == "ok":
+            row["ranks_note"] = (
+                f"rank 0 of {spec.world_size} estimated; rank {last} given rank 0's figures: "
+                + same
+            )
+        elif len(ranks) < spec.world_size and row["status"] == "ok":
             row["ranks_note"] = (
                 f"ranks {', '.join(map(str, ranks))} of {spec.world_size} estimated: "
                 + (
