@@ -289,14 +289,13 @@ def _names(pos: tuple, context: int | None, m: int, length: int | None) -> froze
     if slot is None:
         return frozenset({("at", pos)})
     unit, index = pos[slot], pos[slot + 1]
-    units = {"from_first": unit, "from_last": m - 1 - unit}
+    head, tail = pos[:slot], pos[slot + 2 :]
+    units = [("from_first", unit), ("from_last", m - 1 - unit)]
     if context is not None:
-        units["relative"] = unit - context
-    return frozenset(
-        (way, (*pos[:slot], u, i, *pos[slot + 2 :]))
-        for way, u in units.items()
-        for i in (index, index - length)
-    )
+        units.append(("relative", unit - context))
+    return frozenset([
+        (way, head + (u, i) + tail) for way, u in units for i in (index, index - length)
+    ])  # fmt: skip
 
 
 def _resolve(names: frozenset, context: int | None, m: int, length: Callable) -> tuple:
@@ -448,7 +447,7 @@ class _Templates:
         name, phase, micro, cost = heads[0]
         if any(h[:3] != heads[0][:3] for h in heads):
             raise NotExtrapolable(f"an op differs between depths or blocks ({name})")
-        if any(h[3] != cost for h in heads):
+        if any(h[3] is not cost and h[3] != cost for h in heads):  # (mostly one cost object)
             cost = self._growing_cost(samples, heads)
         slot = None
         if self.traced:
