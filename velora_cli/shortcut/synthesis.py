@@ -650,8 +650,10 @@ class _DeepTrace:
             self.init_ids[r][u or 0].append(sid)
         self.op_ids = [self._table(run) for run in templates.ops]
         self.sub_ids: dict[tuple[int, int], list] = {}  # (run, item) of an op outside
-        self.starts: list[tuple[list[int], ...]] = []  # per run and unit part: each op's
-        for r, run in enumerate(templates.ops):  # first event in the unit (and the end)
+        # per run, per unit part (first, middle, last): where each op's events start in the
+        # unit's list, then their end (`_starts`)
+        self.starts: list[tuple[list[int], ...]] = []
+        for r, run in enumerate(templates.ops):
             if run[0] == OUT:
                 for i, (_, _, _, _, slot) in enumerate(run[1]):
                     self.sub_ids[r, i] = [self._table(events) for events in slot[1]]
