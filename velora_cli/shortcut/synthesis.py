@@ -289,14 +289,13 @@ def _names(pos: tuple, context: int | None, m: int, length: int | None) -> froze
     if slot is None:
         return frozenset({("at", pos)})
     unit, index = pos[slot], pos[slot + 1]
-    units = {"from_first": unit, "from_last": m - 1 - unit}
+    head, tail = pos[:slot], pos[slot + 2 :]
+    units = [("from_first", unit), ("from_last", m - 1 - unit)]
     if context is not None:
-        units["relative"] = unit - context
-    return frozenset(
-        (way, (*pos[:slot], u, i, *pos[slot + 2 :]))
-        for way, u in units.items()
-        for i in (index, index - length)
-    )
+        units.append(("relative", unit - context))
+    return frozenset([
+        (way, head + (u, i) + tail) for way, u in units for i in (index, index - length)
+    ])  # fmt: skip
 
 
 def _resolve(names: frozenset, context: int | None, m: int, length: Callable) -> tuple:
@@ -448,7 +447,7 @@ class _Templates:
         name, phase, micro, cost = heads[0]
         if any(h[:3] != heads[0][:3] for h in heads):
             raise NotExtrapolable(f"an op differs between depths or blocks ({name})")
-        if any(h[3] != cost for h in heads):
+        if any(h[3] is not cost and h[3] != cost for h in heads):  # (mostly one cost object)
             cost = self._growing_cost(samples, heads)
         slot = None
         if self.traced:
@@ -620,57 +619,264 @@ def _write(templates: _Templates, m: int, like: AllocationTrace | None):
             if name is not None:
                 sequence.append((phase, micro, cost))
         return None, sequence
-    initial: list[tuple[int, int]] = []
-    categories: dict[int, str] = {}
-    where: dict[tuple, int] = {}  # position at m units -> storage id
-    for r, u, i, (nbytes, role) in _walk(templates.initial, m):
-        sid = len(categories)
-        categories[sid] = role
-        initial.append((sid, nbytes))
-        where[("init", r, u, i)] = sid
-    length = templates.length_at
-    wanted: dict[tuple, list[frozenset]] = {}  # phase boundary at m units -> its names
-    for _, start, end in templates.phases:
-        for names in (start, end):
-            wanted.setdefault(_resolve(names, None, m, length), []).append(names)
-    marks: dict[frozenset, int] = {}
-    events: list[tuple[int, int, int]] = []
-    op_names: list[str] = []
-    for k, (r, u, i, (name, phase, micro, cost, slot)) in enumerate(_walk(templates.ops, m)):
-        if k:
-            op_names.append(name)
-            sequence.append((phase, micro, cost))
-        if slot[0] == "events":
-            placed = [(("op", r, u, i, e), u, ev) for e, ev in enumerate(slot[1])]
-        else:
-            placed = [(("op", r, None, i, r2, u2, e), u2, ev)
-                      for r2, u2, e, ev in _walk(slot[1], m)]  # fmt: skip
-        for pos, context, (sign, nbytes, extra) in placed:
-            for names in wanted.get(pos, ()):
-                marks.setdefault(names, len(events))
-            if sign == "+":
+    deep = _DeepTrace(templates, m)
+    return deep.trace(like), deep.sequence
+
+
+class _DeepTrace:
+    """The deep step's trace, written out a unit at a time from the templates at ``m`` units.
+
+    A free names the storage it frees by position (`_names`). The storage ids are kept in
+    tables shaped like the positions, filled in the order the step is written, so that a
+    position not written yet, or one where a storage was freed, names none (as in the real
+    step): per run of the storages alive at the start, per run of ops, and per run of the
+    events of an op outside the stack, a list per unit (one for a run outside the stack) of
+    its items' ids in order (an op's events one after another; None for a free). Each unit
+    template is compiled once (`_program`) to a flat list of events with their op's offset in
+    the unit, each free to its table and the ways it is named, so that the repeated middle
+    units are written by one loop over plain tuples.
+    """
+
+    def __init__(self, templates: _Templates, m: int) -> None:
+        self.templates, self.m = templates, m
+        self.initial: list[tuple[int, int]] = []
+        self.categories: dict[int, str] = {}
+        self.events: list[tuple[int, int, int]] = []
+        self.init_ids = [self._table(run) for run in templates.initial]
+        for r, u, _, (nbytes, role) in _walk(templates.initial, m):
+            sid = len(self.categories)
+            self.categories[sid] = role
+            self.initial.append((sid, nbytes))
+            self.init_ids[r][u or 0].append(sid)
+        self.op_ids = [self._table(run) for run in templates.ops]
+        self.sub_ids: dict[tuple[int, int], list] = {}  # (run, item) of an op outside
+        # per run, per unit part (first, middle, last): where each op's events start in the
+        # unit's list, then their end (`_starts`)
+        self.starts: list[tuple[list[int], ...]] = []
+        for r, run in enumerate(templates.ops):
+            if run[0] == OUT:
+                for i, (_, _, _, _, slot) in enumerate(run[1]):
+                    self.sub_ids[r, i] = [self._table(events) for events in slot[1]]
+            self.starts.append(tuple(_starts(part) if run[0] != OUT else [] for part in run[1:]))
+        self._programs: dict[int, list[tuple]] = {}  # id(a unit's template) -> its program
+        self._ops: dict[int, tuple[list, list]] = {}  # id(a unit's template) -> `_heads`
+        self._frees: dict[int, tuple] = {}  # id(names) -> the free compiled
+        # phase boundaries: the unit they are in, the event in it, and the names they go by
+        self.wanted: dict[tuple, list[frozenset]] = {}  # position at m units -> its names
+        for _, start, end in templates.phases:
+            for names in (start, end):
+                pos = _resolve(names, None, m, templates.length_at)
+                self.wanted.setdefault(pos, []).append(names)
+        self.hits: dict[tuple, dict[int, list[frozenset]]] = {}
+        for pos, group in self.wanted.items():
+            if pos[0] == "op" and len(pos) == 7:  # unit (r, None, i, r2, u2), event e
+                self.hits.setdefault(pos[1:6], {})[pos[6]] = group
+            elif pos[0] == "op":  # unit (r, u), op i, event e
+                at = self._address(self.starts[pos[1]], pos[2], pos[3], pos[4])
+                if at is not None:
+                    self.hits.setdefault(pos[1:3], {})[at] = group
+        self.marks: dict[frozenset, int] = {}
+        self.op_names: list[str] = []
+        self.sequence: list[tuple[str, int | None, OpCost | None]] = []
+        self._write_ops()
+
+    def _table(self, run: tuple[str, list, list, list]) -> list[list]:
+        return [[] for _ in range(1 if run[0] == OUT else self.m)]
+
+    def _address(self, starts: tuple, unit: int, index: int, e: int) -> int | None:
+        """Where event e of op ``index`` of ``unit`` is in its unit's list (None: nowhere)."""
+        part = _unit_items(("", *starts), unit, self.m)
+        if not 0 <= index < len(part) - 1 or part[index] + e >= part[index + 1]:
+            return None
+        return part[index] + e
+
+    def _write_ops(self) -> None:
+        m, k = self.m, 0
+        for r, (kind, first, middle, last) in enumerate(self.templates.ops):
+            for u in _order(kind, m):
+                items = _unit_items((kind, first, middle, last), u, m)
+                names, sequence = self._heads(items)
+                self.op_names.extend(names)
+                self.sequence.extend(sequence)
+                if kind != OUT:  # the unit's events in one list
+                    program = self._program(items, "ops")
+                    self._place(k, program, u, self.op_ids[r][u], self.hits.get((r, u)))
+                    k += len(items)
+                    continue
+                for i, (_, _, _, _, slot) in enumerate(items):  # each op's runs of events
+                    for r2, (kind2, *parts) in enumerate(slot[1]):
+                        table = self.sub_ids[r, i][r2]
+                        for u2 in _order(kind2, m):
+                            events = _unit_items((kind2, *parts), u2, m)
+                            self._place(k, self._program(events, "events"), u2,
+                                        table[u2 or 0], self.hits.get((r, None, i, r2, u2)))  # fmt: skip
+                    k += 1
+        del self.op_names[0], self.sequence[0]  # op 0: the stretch before the first op
+
+    def _heads(self, items: list[tuple]) -> tuple[list, list]:
+        """The names and ``(phase, micro, cost)`` of a unit's ops."""
+        heads = self._ops.get(id(items))
+        if heads is None:
+            heads = self._ops[id(items)] = (
+                [name for name, _, _, _, _ in items],
+                [(phase, micro, cost) for _, phase, micro, cost, _ in items],
+            )
+        return heads
+
+    def _program(self, template: list, kind: str) -> list[tuple]:
+        """A unit's events from its template (its ops' or, ``"events"``, one op's):
+        ``(op in the unit, True, bytes, role)`` or ``(op, False, bytes, free)`` (`_free`)."""
+        program = self._programs.get(id(template))
+        if program is None:
+            ops = [slot[1] for _, _, _, _, slot in template] if kind == "ops" else [template]
+            program = self._programs[id(template)] = [
+                (i, True, nbytes, extra) if sign == "+" else (i, False, nbytes, self._free(extra))
+                for i, events in enumerate(ops)
+                for sign, nbytes, extra in events
+            ]  # fmt: skip
+        return program
+
+    def _place(self, k: int, program: list[tuple], context: int | None, ids: list,
+               hits: dict[int, list[frozenset]] | None) -> None:  # fmt: skip
+        """Append a unit's events (ops k, k + 1, … of unit ``context``) and their ids."""
+        events, categories, find = self.events, self.categories, self._find
+        for at in sorted(hits or ()):  # a phase starts or ends at event `at` of the unit
+            if at < len(program):
+                for names in hits[at]:  # type: ignore[index]
+                    self.marks.setdefault(names, len(events) + at)
+        for i, allocates, nbytes, what in program:
+            if allocates:
                 sid = len(categories)
-                categories[sid] = extra
-                where[pos] = sid
+                categories[sid] = what
+                ids.append(sid)
             else:
-                sid = where.get(_resolve(extra, context, m, length))
-                if sid is None:
-                    raise NotExtrapolable("a free names no storage of the deep step")
-            events.append((k, sid, nbytes))
-    for names in wanted.get(_END, ()):
-        marks[names] = len(events)
-    if any(names not in marks for group in wanted.values() for names in group):
-        raise NotExtrapolable("a phase boundary is not in the deep step")
-    trace = AllocationTrace(
-        initial=tuple(initial),
-        events=tuple(events),
-        categories=categories,
-        phases=tuple((name, marks[start], marks[end]) for name, start, end in templates.phases),
-        round_to=like.round_to,
-        ops=len(op_names),
-        op_names=tuple(op_names),
-    )
-    return trace, sequence
+                sid = find(what, context)
+                ids.append(None)
+            events.append((k + i, sid, nbytes))
+
+    def _free(self, names: frozenset) -> tuple:
+        """A free compiled: ``(table, how, found, ways)``. ``table``: the storage ids of its run;
+        ``ways``: ``(starts, event, ((way, unit, item), ...), lengths, units)``, its ops'
+        first events per unit part and the event in the op (or None: the table holds no ops),
+        the ways it is named by (`_names`: they differ in unit and item only), the items of
+        the first, middle and last unit parts and the units in the table. ``how``: ``"fixed"`` where no way is relative to the
+        freeing unit (``found``: `_locate`'s answer, None where it raises); ``"shift"`` where
+        every way is the freeing unit plus one ``shift`` (``found``: ``(shift, answers)``,
+        `_locate`'s address in a first, a middle and a last unit, each None where it raises),
+        else ``"any"`` (`_locate` at every free)."""
+        free = self._frees.get(id(names))
+        if free is not None:
+            return free
+        templates, wheres, named = self.templates, set(), []
+        for way, pos in names:
+            if pos[0] == "init":  # ("init", r, u, i)
+                where = self.init_ids[pos[1]], None, None, templates.initial[pos[1]]
+            elif len(pos) == 5:  # ("op", r, u, i, e)
+                r = pos[1]
+                where = self.op_ids[r], self.starts[r], pos[4], templates.ops[r]
+            else:  # ("op", r, None, i, r2, u2, e): an op outside the stack, its run r2
+                r, i, r2 = pos[1], pos[3], pos[4]
+                where = self.sub_ids[r, i][r2], None, None, templates.ops[r][1][i][4][1][r2]
+            unit = 2 if pos[0] == "init" or len(pos) == 5 else 5
+            wheres.add((id(where[0]), where[2]))
+            named.append((way, pos[unit], pos[unit + 1]))
+        assert len(wheres) == 1, "ways of naming a storage differ in its unit and item only"
+        table, starts, e, run = where
+        ways = (starts, e, tuple(named), tuple(len(part) for part in run[1:]), len(table))
+        shifts = {unit for way, unit, _ in named if way == "relative"}
+        if not shifts:
+            free = (table, "fixed", self._try_locate(ways, None), ways)
+        elif len(shifts) == 1 and all(way == "relative" for way, _, _ in named):
+            shift, m = shifts.pop(), self.m
+            found = tuple(self._try_locate(ways, unit - shift) for unit in (0, 1, m - 1))
+            answers = tuple(None if a is None else a[1] for a in found)
+            free = (table, "shift", (shift, answers), ways)
+        else:
+            free = (table, "any", None, ways)
+        self._frees[id(names)] = free
+        return free
+
+    def _find(self, free: tuple, context: int | None) -> int:
+        """The id of the storage a compiled free (`_free`) names from an event of unit
+        ``context``: `_resolve`'s position, then the storage written there by now."""
+        table, how, found, ways = free
+        if how == "shift":
+            shift, answers = found
+            unit = context + shift
+            m = self.m
+            at = answers[0 if unit == 0 else 2 if unit == m - 1 else 1] if 0 <= unit < m else None
+            found = (unit, at) if at is not None else None
+        if found is None:
+            found = self._locate(ways, context)
+        unit, at = found
+        ids = table[unit]
+        if at < len(ids):
+            sid = ids[at]
+            if sid is not None:
+                return sid
+        raise NotExtrapolable("a free names no storage of the deep step")
+
+    def _locate(self, ways: tuple, context: int | None) -> tuple[int, int]:
+        """``(unit, place in the unit's list)`` of the position a free's ways name from unit
+        ``context`` (`_resolve`, on `_free`'s ``ways``).
+
+        Raises:
+            NotExtrapolable: the ways differ, or the position is none of the deep step's.
+        """
+        starts, e, named, (first, middle, last), units = ways
+        m = self.m
+        found = set()
+        for way, unit, index in named:
+            if way != "at":
+                if way == "from_last":
+                    unit = m - 1 - unit
+                elif way == "relative":
+                    unit = context + unit
+                if index < 0:  # counted from the end of its unit part (`_unit_items`)
+                    index += first if unit == 0 else last if unit == m - 1 else middle
+            found.add((unit, index))
+        if len(found) != 1:
+            raise NotExtrapolable("a freed storage is named two ways that differ deeper down")
+        unit, index = found.pop()
+        unit = unit or 0  # a run outside the stack has one list
+        if starts is not None:  # an op's event: its place in the unit's list
+            index = self._address(starts, unit, index, e) if 0 <= unit < m else None
+        if index is None or not 0 <= unit < units or index < 0:
+            raise NotExtrapolable("a free names no storage of the deep step")
+        return unit, index
+
+    def _try_locate(self, ways: tuple, context: int) -> tuple[int, int] | None:
+        try:
+            return self._locate(ways, context)
+        except NotExtrapolable:
+            return None
+
+    def trace(self, like: AllocationTrace) -> AllocationTrace:
+        """The trace written, its phases placed."""
+        for names in self.wanted.get(_END, ()):
+            self.marks[names] = len(self.events)
+        if any(names not in self.marks for group in self.wanted.values() for names in group):
+            raise NotExtrapolable("a phase boundary is not in the deep step")
+        return AllocationTrace(
+            initial=tuple(self.initial),
+            events=tuple(self.events),
+            categories=self.categories,
+            phases=tuple(
+                (name, self.marks[start], self.marks[end])
+                for name, start, end in self.templates.phases
+            ),
+            round_to=like.round_to,
+            ops=len(self.op_names),
+            op_names=tuple(self.op_names),
+        )
+
+
+def _starts(part: list[tuple]) -> list[int]:
+    """Where each op of a unit's template starts in the unit's events, then their end."""
+    out = [0]
+    for _, _, _, _, slot in part:
+        out.append(out[-1] + len(slot[1]))
+    return out
 
 
 def _counts(sequence: list[tuple[str, int | None, OpCost | None]]) -> StepCounts:
