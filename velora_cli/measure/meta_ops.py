@@ -28,11 +28,16 @@ What is cached, after PyTorch's own fake-tensor dispatch cache (torch 2.13,
 Views and everything else run their kernel every time. The storage tracker sees the same new
 storages either way, and the tests compare every row of the fast path with the reference path
 (which does not use this cache) byte for byte.
+
+The key of an op's arguments is also the first part of the op counter's cost key
+(``timing.opcount._cost_key``): `MetaOpCache.call` leaves what it worked out in ``last`` (an
+`OpKey`), and a tracker counting ops hands it to its counter, which then keys only the outputs,
+or nothing at all for outputs replayed from the cache (their key is recorded with them).
 """
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 
@@ -148,6 +153,23 @@ def _layout(t: torch.Tensor) -> tuple:
     return tuple(t.shape), t.stride(), t.storage_offset(), t.untyped_storage().nbytes()
 
 
+class OpKey(NamedTuple):
+    """The argument keys `MetaOpCache.call` worked out for the op it answered last, valid after
+    it ran (its arguments unchanged: a functional op, or a written-to op answered without
+    running), to share with ``opcount._cost_key`` instead of computing them again.
+
+    ``key``: ``(op, args key, kwargs key)``, as the cost key starts; ``storages``: the
+    arguments' storages (``_cdata``) in the order `_key` met them; ``out``: for outputs replayed
+    from the cache, their key (`_key` of `_build`'s tensors, fresh storages one per tensor), and
+    ``fresh`` how many tensors they are; None (and 0) when the counter must key the outputs.
+    """
+
+    key: tuple
+    storages: tuple[int, ...]
+    out: Any = None
+    fresh: int = 0
+
+
 class MetaOpCache:
     """Kernel results of meta ops by input metadata (module docstring).
 
@@ -164,9 +186,12 @@ class MetaOpCache:
         self._kinds: dict[Any, str | None] = {}
         self._float_lists: set = set()  # in-place foreach ops with a list of scalars
         self.hits = self.misses = self.bypassed = 0
+        # the argument keys of the op answered last where they still hold after it (`OpKey`)
+        self.last: OpKey | None = None
 
     def call(self, func, args: tuple, kwargs: dict) -> Any:
         """``func(*args, **kwargs)``, or its recorded result for inputs with this metadata."""
+        self.last = None
         kind = self._kinds.get(func, _UNKNOWN)
         if kind is _UNKNOWN:
             kind = self._kinds[func] = _kind(func)
@@ -175,21 +200,32 @@ class MetaOpCache:
         if kind is None:
             self.bypassed += 1
             return func(*args, **kwargs)
+        # the tensors' storages in key order, for `OpKey` (None: floats keyed by type, which
+        # the cost key keys by value)
+        storages: list | None = []
         try:
             if kind == "writes" and func in self._float_lists:
+                storages = None
                 args_key = _key(tuple(_floats_by_type(a) for a in args))
             else:
-                args_key = _key(args)
-            key = (func, args_key, _key(tuple(sorted(kwargs.items()))) if kwargs else ())
+                args_key = _key(args, storages)
+            key = (func, args_key,
+                   _key(tuple(sorted(kwargs.items())), storages) if kwargs else ())  # fmt: skip
         except _Bypass:
             self.bypassed += 1
             return func(*args, **kwargs)
         entry = self._entries.get(key)
         if entry is _UNCACHEABLE:
             self.bypassed += 1
-            return func(*args, **kwargs)
+            out = func(*args, **kwargs)
+            if kind == "functional" and storages is not None:  # it cannot change its arguments
+                self.last = OpKey(key, tuple(storages))
+            return out
         if entry is not None:
             self.hits += 1
+            if storages is not None:  # nothing ran: the arguments are as keyed
+                out, fresh = entry[-1] if entry[0] == "new" else (None, 0)
+                self.last = OpKey(key, tuple(storages), out, fresh)
             return self._replay(entry, args)
         self.misses += 1
         before = [_layout(t) for t in _tensors((args, kwargs))] if kind == "writes" else None
@@ -200,6 +236,8 @@ class MetaOpCache:
             self._entries[key] = self._record(kind, args, kwargs, out, before)
         except _Bypass:
             self._entries[key] = _UNCACHEABLE
+        if kind == "functional" and storages is not None:
+            self.last = OpKey(key, tuple(storages))
         return out
 
     def _record(self, kind: str, args, kwargs, out, before) -> tuple:
@@ -229,7 +267,14 @@ class MetaOpCache:
             if (type(t) is not torch.Tensor or t.device.type != "meta" or t.storage_offset()
                     or t.untyped_storage().nbytes() != exact.untyped_storage().nbytes()):  # fmt: skip
                 raise _Bypass
-        return ("new", self._shape_of(out))
+        shape = self._shape_of(out)
+        # the key of the outputs every replay builds (for `OpKey`), and how many tensors
+        replayed: list = []
+        try:
+            out_key = (_key(_build(shape), replayed), len(replayed))
+        except _Bypass:
+            out_key = (None, 0)
+        return ("new", shape, out_key)
 
     def _shape_of(self, out: Any) -> Any:
         if out is None:
@@ -272,3 +317,6 @@ class CachedTracker(MemoryTracker):
         if self.op_cache is None:
             return func(*args, **kwargs)
         return self.op_cache.call(func, args, kwargs)
+
+    def op_key(self) -> OpKey | None:
+        return None if self.op_cache is None else self.op_cache.last

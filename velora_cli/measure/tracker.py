@@ -127,6 +127,7 @@ class _OpRecorder(TorchDispatchMode):
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[override]
         kwargs = kwargs or {}
         out = self._tracker.run_op(func, args, kwargs)
+        known = self._tracker.op_key()
         if self._tracker._tracing:
             self._tracker._op_names.append(func.name() if hasattr(func, "name") else str(func))
         self._tracker._record_op_outputs(out)
@@ -140,7 +141,7 @@ class _OpRecorder(TorchDispatchMode):
             del tensor
         counter = self._tracker.counter
         if counter is not None:  # last, as a counter's mode stacked above this one counts
-            counter.count(func, args, kwargs, out)
+            counter.count(func, args, kwargs, out, known=known)
         return out
 
 
@@ -346,7 +347,8 @@ class MemoryTracker:
         counts what ``with tracker, c`` counts, with one Python dispatch per op.
 
         Args:
-            counter: anything with ``count(func, args, kwargs, out)``.
+            counter: anything with ``count(func, args, kwargs, out, known=...)`` (``known``:
+                `op_key` of the op).
         """
         if self.counter is not None:
             raise RuntimeError("the tracker counts with one counter at a time")
@@ -486,6 +488,11 @@ class MemoryTracker:
     def run_op(self, func: Any, args: tuple, kwargs: dict) -> Any:
         """Run one dispatched op (a subclass may answer it from a cache: `meta_ops`)."""
         return func(*args, **kwargs)
+
+    def op_key(self) -> Any:
+        """What `run_op` worked out of the op it ran last that the op counter can reuse (a
+        `meta_ops.OpKey`: its arguments' keys), or None."""
+        return None
 
     # -- bookkeeping -----------------------------------------------------------------------------
 

@@ -258,8 +258,8 @@ class RecordingCounter(OpCounter):
         with super().phase(name):
             yield
 
-    def count(self, func, args: tuple, kwargs: dict, out: Any) -> None:
-        super().count(func, args, kwargs, out)
+    def count(self, func, args: tuple, kwargs: dict, out: Any, known=None) -> None:
+        super().count(func, args, kwargs, out, known)
         self.op_labels.append(self.label)
         cost = self.sequence[-1][2]
         if cost is not None and cost.kind == "foreach":
