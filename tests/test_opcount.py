@@ -318,8 +318,9 @@ def test_cost_keys_from_the_meta_kernel_cache_equal_the_keys_worked_out_afresh(m
     replay, the outputs' key) to its counter (`meta_ops.OpKey`): every op's cost key built so
     must equal `_cost_key` worked out from the op's arguments and outputs alone (the reference
     path), on ops that differ only in strides, dtype or aliasing (x + x reads one storage, x + y
-    two), multi-output and in-place ops, views, and a foreach AdamW step whose step sizes change
-    (the cache keys those floats by type, the cost key by value)."""
+    two), multi-output and in-place ops, views, an ``out=`` op that resizes its output (keyed as
+    it is after the op), and a foreach AdamW step whose step sizes change (the cache keys those
+    floats by type, the cost key by value)."""
     from velora_cli.measure.meta_ops import CachedTracker, MetaOpCache
     from velora_cli.timing import opcount
 
@@ -351,4 +352,5 @@ def test_cost_keys_from_the_meta_kernel_cache_equal_the_keys_worked_out_afresh(m
             with counter.phase("optimizer"):
                 optimizer.step()
                 x.add_(y)
+                torch.add(x, y, out=meta(0))  # resizes its out= argument: keyed after the op
     assert any(shared)  # replayed outputs keyed from the cache's record

@@ -191,7 +191,11 @@ class MetaOpCache:
 
     def call(self, func, args: tuple, kwargs: dict) -> Any:
         """``func(*args, **kwargs)``, or its recorded result for inputs with this metadata."""
-        self.last = None
+        out, self.last = self._answer(func, args, kwargs)  # ``last`` set once the op is done
+        return out
+
+    def _answer(self, func, args: tuple, kwargs: dict) -> tuple[Any, OpKey | None]:
+        """The op's result, and its `OpKey` where the counter can use it."""
         kind = self._kinds.get(func, _UNKNOWN)
         if kind is _UNKNOWN:
             kind = self._kinds[func] = _kind(func)
@@ -199,7 +203,7 @@ class MetaOpCache:
                 self._float_lists.add(func)
         if kind is None:
             self.bypassed += 1
-            return func(*args, **kwargs)
+            return func(*args, **kwargs), None
         # the tensors' storages in key order, for `OpKey` (None: floats keyed by type, which
         # the cost key keys by value)
         storages: list | None = []
@@ -213,20 +217,18 @@ class MetaOpCache:
                    _key(tuple(sorted(kwargs.items())), storages) if kwargs else ())  # fmt: skip
         except _Bypass:
             self.bypassed += 1
-            return func(*args, **kwargs)
+            return func(*args, **kwargs), None
+        # the key holds after the op where it ran no kernel, or one that writes no argument
+        shared = None if storages is None else OpKey(key, tuple(storages))
         entry = self._entries.get(key)
         if entry is _UNCACHEABLE:
             self.bypassed += 1
-            out = func(*args, **kwargs)
-            if kind == "functional" and storages is not None:  # it cannot change its arguments
-                self.last = OpKey(key, tuple(storages))
-            return out
+            return func(*args, **kwargs), shared if kind == "functional" else None
         if entry is not None:
             self.hits += 1
-            if storages is not None:  # nothing ran: the arguments are as keyed
-                out, fresh = entry[-1] if entry[0] == "new" else (None, 0)
-                self.last = OpKey(key, tuple(storages), out, fresh)
-            return self._replay(entry, args)
+            if shared is not None and entry[0] == "new":
+                shared = OpKey(key, shared.storages, *entry[2])  # the outputs' key too
+            return self._replay(entry, args), shared
         self.misses += 1
         before = [_layout(t) for t in _tensors((args, kwargs))] if kind == "writes" else None
         out = func(*args, **kwargs)
@@ -236,9 +238,7 @@ class MetaOpCache:
             self._entries[key] = self._record(kind, args, kwargs, out, before)
         except _Bypass:
             self._entries[key] = _UNCACHEABLE
-        if kind == "functional" and storages is not None:
-            self.last = OpKey(key, tuple(storages))
-        return out
+        return out, shared if kind == "functional" else None
 
     def _record(self, kind: str, args, kwargs, out, before) -> tuple:
         if kind == "writes":

@@ -508,7 +508,11 @@ class MemoryTracker:
 
     def _track(self, t: torch.Tensor, category: str) -> None:
         """Count the tensor's storages if new; upgrade their role if `category` ranks higher."""
-        for storage, device_type in _storages(t):
+        if type(t) is torch.Tensor:  # `_storages`' common case, without a generator per tensor
+            storages: Iterable = ((t.untyped_storage(), t.device.type),)
+        else:
+            storages = _storages(t)
+        for storage, device_type in storages:
             if device_type != self.device_type:
                 continue
             key = id(storage)
