@@ -165,7 +165,7 @@ class OpKey(NamedTuple):
     """
 
     key: tuple
-    storages: tuple[int, ...]
+    storages: list[int]  # (read only)
     out: Any = None
     fresh: int = 0
 
@@ -218,17 +218,19 @@ class MetaOpCache:
         except _Bypass:
             self.bypassed += 1
             return func(*args, **kwargs), None
-        # the key holds after the op where it ran no kernel, or one that writes no argument
-        shared = None if storages is None else OpKey(key, tuple(storages))
+        # once a kernel ran, the key holds only for an op that writes no argument
+        holds_after_run = storages is not None and kind == "functional"
         entry = self._entries.get(key)
         if entry is _UNCACHEABLE:
             self.bypassed += 1
-            return func(*args, **kwargs), shared if kind == "functional" else None
+            return func(*args, **kwargs), OpKey(key, storages) if holds_after_run else None
         if entry is not None:
             self.hits += 1
-            if shared is not None and entry[0] == "new":
-                shared = OpKey(key, shared.storages, *entry[2])  # the outputs' key too
-            return self._replay(entry, args), shared
+            if storages is None:  # the floats keyed by type
+                return self._replay(entry, args), None
+            if entry[0] == "new":  # the replayed outputs' key too
+                return self._replay(entry, args), OpKey(key, storages, *entry[2])
+            return self._replay(entry, args), OpKey(key, storages)
         self.misses += 1
         before = [_layout(t) for t in _tensors((args, kwargs))] if kind == "writes" else None
         out = func(*args, **kwargs)
@@ -238,7 +240,7 @@ class MetaOpCache:
             self._entries[key] = self._record(kind, args, kwargs, out, before)
         except _Bypass:
             self._entries[key] = _UNCACHEABLE
-        return out, shared if kind == "functional" else None
+        return out, OpKey(key, storages) if holds_after_run else None
 
     def _record(self, kind: str, args, kwargs, out, before) -> tuple:
         if kind == "writes":
