@@ -311,3 +311,46 @@ def test_a_tracker_counting_inside_its_mode_counts_what_a_stacked_counter_counts
     fused, stacked = run(True), run(False)
     assert [s.phase for s in fused[1][0].segments] == ["forward", "backward", "optimizer"]
     assert fused == stacked
+
+
+def test_cost_keys_from_the_meta_kernel_cache_equal_the_keys_worked_out_afresh(monkeypatch):
+    """A tracker answering ops from a `MetaOpCache` hands the cache's argument keys (and, for a
+    replay, the outputs' key) to its counter (`meta_ops.OpKey`): every op's cost key built so
+    must equal `_cost_key` worked out from the op's arguments and outputs alone (the reference
+    path), on ops that differ only in strides, dtype or aliasing (x + x reads one storage, x + y
+    two), multi-output and in-place ops, views, an ``out=`` op that resizes its output (keyed as
+    it is after the op), and a foreach AdamW step whose step sizes change (the cache keys those
+    floats by type, the cost key by value)."""
+    from velora_cli.measure.meta_ops import CachedTracker, MetaOpCache
+    from velora_cli.timing import opcount
+
+    reference = opcount._cost_key
+    shared = []
+
+    def checked(func, args, kwargs, out, known=None):
+        key = reference(func, args, kwargs, out, known)
+        assert key == reference(func, args, kwargs, out), func
+        shared.append(known is not None and known.out is not None)
+        return key
+
+    monkeypatch.setattr(opcount, "_cost_key", checked)
+    with torch.device("meta"):
+        layer = nn.Linear(D, OUT)
+    optimizer = torch.optim.AdamW(layer.parameters(), foreach=True)
+    cache = MetaOpCache()
+    x, y = meta(T, D), meta(T, D)
+    for _ in range(2):  # the second step answered from the cache
+        tracker = CachedTracker(layer, optimizer, op_cache=cache)
+        counter = OpCounter("meta")
+        with tracker, tracker.counting(counter):
+            with counter.phase("forward"):
+                loss = layer(x).sum() + layer(x.t().contiguous().t()).sum()  # other strides
+                loss = loss + (x + x).sum() + (x + y).sum() + x.bfloat16().sum()
+                loss = loss + x.max(dim=1).values.sum() + x.view(D, T).sum()
+            with counter.phase("backward"):
+                loss.backward()
+            with counter.phase("optimizer"):
+                optimizer.step()
+                x.add_(y)
+                torch.add(x, y, out=meta(0))  # resizes its out= argument: keyed after the op
+    assert any(shared)  # replayed outputs keyed from the cache's record

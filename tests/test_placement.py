@@ -322,3 +322,29 @@ def test_gradient_probe_on_a_lora_subset_placement():
                     lora_targets="q_proj,v_proj", strategy=Strategy("qkv", num_groups=4))  # fmt: skip
     result = probes.gradient_fidelity(spec)
     assert len(result["layers"]) == 4 and 0.0 < result["cosine_min"] <= 1.0
+
+
+def test_candidates_of_a_lora_model_are_its_lora_layers_and_the_linears_that_train_outside():
+    """`candidate_layers` skips the submodules of the LoRA layer met last only (named_modules
+    walks depth first): the same layers as skipping whatever lies inside any LoRA layer, with
+    trainable linears after and between LoRA layers (down_proj after up_proj, lm_head)."""
+    from velora_cli.methods.placement import candidate_layers
+
+    pytest.importorskip("peft")
+    model = _lora(tiny_llama(), ["q_proj", "v_proj", "up_proj"])
+    for name, module in model.named_modules():
+        if type(module) is nn.Linear and name.endswith(("mlp.down_proj", "lm_head")):
+            module.weight.requires_grad_(True)
+    lora = [n for n, m in model.named_modules() if hasattr(m, "lora_A")]
+    expected = [
+        n
+        for n, m in model.named_modules()
+        if n in lora
+        or (
+            not any(n.startswith(p + ".") for p in lora)
+            and type(m) is nn.Linear
+            and m.weight.requires_grad
+        )
+    ]
+    assert any(n.endswith("down_proj") for n in expected)
+    assert list(candidate_layers(model)) == expected

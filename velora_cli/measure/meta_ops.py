@@ -28,11 +28,16 @@ What is cached, after PyTorch's own fake-tensor dispatch cache (torch 2.13,
 Views and everything else run their kernel every time. The storage tracker sees the same new
 storages either way, and the tests compare every row of the fast path with the reference path
 (which does not use this cache) byte for byte.
+
+The key of an op's arguments is also the first part of the op counter's cost key
+(``timing.opcount._cost_key``): `MetaOpCache.call` leaves what it worked out in ``last`` (an
+`OpKey`), and a tracker counting ops hands it to its counter, which then keys only the outputs,
+or nothing at all for outputs replayed from the cache (their key is recorded with them).
 """
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 
@@ -148,6 +153,23 @@ def _layout(t: torch.Tensor) -> tuple:
     return tuple(t.shape), t.stride(), t.storage_offset(), t.untyped_storage().nbytes()
 
 
+class OpKey(NamedTuple):
+    """The argument keys `MetaOpCache.call` worked out for the op it answered last, valid after
+    it ran (its arguments unchanged: a functional op, or a written-to op answered without
+    running), to share with ``opcount._cost_key`` instead of computing them again.
+
+    ``key``: ``(op, args key, kwargs key)``, as the cost key starts; ``storages``: the
+    arguments' storages (``_cdata``) in the order `_key` met them; ``out``: for outputs replayed
+    from the cache, their key (`_key` of `_build`'s tensors, fresh storages one per tensor), and
+    ``fresh`` how many tensors they are; None (and 0) when the counter must key the outputs.
+    """
+
+    key: tuple
+    storages: list[int]  # (read only)
+    out: Any = None
+    fresh: int = 0
+
+
 class MetaOpCache:
     """Kernel results of meta ops by input metadata (module docstring).
 
@@ -164,9 +186,16 @@ class MetaOpCache:
         self._kinds: dict[Any, str | None] = {}
         self._float_lists: set = set()  # in-place foreach ops with a list of scalars
         self.hits = self.misses = self.bypassed = 0
+        # the argument keys of the op answered last where they still hold after it (`OpKey`)
+        self.last: OpKey | None = None
 
     def call(self, func, args: tuple, kwargs: dict) -> Any:
         """``func(*args, **kwargs)``, or its recorded result for inputs with this metadata."""
+        out, self.last = self._answer(func, args, kwargs)  # ``last`` set once the op is done
+        return out
+
+    def _answer(self, func, args: tuple, kwargs: dict) -> tuple[Any, OpKey | None]:
+        """The op's result, and its `OpKey` where the counter can use it."""
         kind = self._kinds.get(func, _UNKNOWN)
         if kind is _UNKNOWN:
             kind = self._kinds[func] = _kind(func)
@@ -174,23 +203,34 @@ class MetaOpCache:
                 self._float_lists.add(func)
         if kind is None:
             self.bypassed += 1
-            return func(*args, **kwargs)
+            return func(*args, **kwargs), None
+        # the tensors' storages in key order, for `OpKey` (None: floats keyed by type, which
+        # the cost key keys by value)
+        storages: list | None = []
         try:
             if kind == "writes" and func in self._float_lists:
+                storages = None
                 args_key = _key(tuple(_floats_by_type(a) for a in args))
             else:
-                args_key = _key(args)
-            key = (func, args_key, _key(tuple(sorted(kwargs.items()))) if kwargs else ())
+                args_key = _key(args, storages)
+            key = (func, args_key,
+                   _key(tuple(sorted(kwargs.items())), storages) if kwargs else ())  # fmt: skip
         except _Bypass:
             self.bypassed += 1
-            return func(*args, **kwargs)
+            return func(*args, **kwargs), None
+        # once a kernel ran, the key holds only for an op that writes no argument
+        holds_after_run = storages is not None and kind == "functional"
         entry = self._entries.get(key)
         if entry is _UNCACHEABLE:
             self.bypassed += 1
-            return func(*args, **kwargs)
+            return func(*args, **kwargs), OpKey(key, storages) if holds_after_run else None
         if entry is not None:
             self.hits += 1
-            return self._replay(entry, args)
+            if storages is None:  # the floats keyed by type
+                return self._replay(entry, args), None
+            if entry[0] == "new":  # the replayed outputs' key too
+                return self._replay(entry, args), OpKey(key, storages, *entry[2])
+            return self._replay(entry, args), OpKey(key, storages)
         self.misses += 1
         before = [_layout(t) for t in _tensors((args, kwargs))] if kind == "writes" else None
         out = func(*args, **kwargs)
@@ -200,7 +240,7 @@ class MetaOpCache:
             self._entries[key] = self._record(kind, args, kwargs, out, before)
         except _Bypass:
             self._entries[key] = _UNCACHEABLE
-        return out
+        return out, OpKey(key, storages) if holds_after_run else None
 
     def _record(self, kind: str, args, kwargs, out, before) -> tuple:
         if kind == "writes":
@@ -229,7 +269,14 @@ class MetaOpCache:
             if (type(t) is not torch.Tensor or t.device.type != "meta" or t.storage_offset()
                     or t.untyped_storage().nbytes() != exact.untyped_storage().nbytes()):  # fmt: skip
                 raise _Bypass
-        return ("new", self._shape_of(out))
+        shape = self._shape_of(out)
+        # the key of the outputs every replay builds (for `OpKey`), and how many tensors
+        replayed: list = []
+        try:
+            out_key = (_key(_build(shape), replayed), len(replayed))
+        except _Bypass:
+            out_key = (None, 0)
+        return ("new", shape, out_key)
 
     def _shape_of(self, out: Any) -> Any:
         if out is None:
@@ -272,3 +319,6 @@ class CachedTracker(MemoryTracker):
         if self.op_cache is None:
             return func(*args, **kwargs)
         return self.op_cache.call(func, args, kwargs)
+
+    def op_key(self) -> OpKey | None:
+        return None if self.op_cache is None else self.op_cache.last

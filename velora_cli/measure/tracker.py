@@ -127,6 +127,7 @@ class _OpRecorder(TorchDispatchMode):
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[override]
         kwargs = kwargs or {}
         out = self._tracker.run_op(func, args, kwargs)
+        known = self._tracker.op_key()
         if self._tracker._tracing:
             self._tracker._op_names.append(func.name() if hasattr(func, "name") else str(func))
         self._tracker._record_op_outputs(out)
@@ -140,7 +141,7 @@ class _OpRecorder(TorchDispatchMode):
             del tensor
         counter = self._tracker.counter
         if counter is not None:  # last, as a counter's mode stacked above this one counts
-            counter.count(func, args, kwargs, out)
+            counter.count(func, args, kwargs, out, known=known)
         return out
 
 
@@ -346,7 +347,8 @@ class MemoryTracker:
         counts what ``with tracker, c`` counts, with one Python dispatch per op.
 
         Args:
-            counter: anything with ``count(func, args, kwargs, out)``.
+            counter: anything with ``count(func, args, kwargs, out, known=...)`` (``known``:
+                `op_key` of the op).
         """
         if self.counter is not None:
             raise RuntimeError("the tracker counts with one counter at a time")
@@ -487,6 +489,11 @@ class MemoryTracker:
         """Run one dispatched op (a subclass may answer it from a cache: `meta_ops`)."""
         return func(*args, **kwargs)
 
+    def op_key(self) -> Any:
+        """What `run_op` worked out of the op it ran last that the op counter can reuse (a
+        `meta_ops.OpKey`: its arguments' keys), or None."""
+        return None
+
     # -- bookkeeping -----------------------------------------------------------------------------
 
     def _by_category(self, entries: list[_Entry]) -> dict[str, int]:
@@ -501,7 +508,11 @@ class MemoryTracker:
 
     def _track(self, t: torch.Tensor, category: str) -> None:
         """Count the tensor's storages if new; upgrade their role if `category` ranks higher."""
-        for storage, device_type in _storages(t):
+        if type(t) is torch.Tensor:  # `_storages`' common case, without a generator per tensor
+            storages: Iterable = ((t.untyped_storage(), t.device.type),)
+        else:
+            storages = _storages(t)
+        for storage, device_type in storages:
             if device_type != self.device_type:
                 continue
             key = id(storage)

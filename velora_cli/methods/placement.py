@@ -114,13 +114,16 @@ def candidate_layers(model: nn.Module) -> dict[str, nn.Module]:
     wrapped, frozen layers and 4-bit (qlora) base layers are skipped.
     """
     found: dict[str, nn.Module] = {}
-    skip_prefixes: list[str] = []
+    # the LoRA layer met last: named_modules walks depth first, so its submodules (and only
+    # they) come right after it, before the next LoRA layer (one prefix, not all of them: the
+    # test against every prefix met so far took seconds on a 7B model)
+    skip = None
     for name, module in model.named_modules():
-        if any(name.startswith(p) for p in skip_prefixes):
+        if skip is not None and name.startswith(skip):
             continue
         if _is_lora_layer(module):
             found[name] = module
-            skip_prefixes.append(name + ".")
+            skip = name + "."
         elif is_velora(module) or is_quantized(module) or _frozen(module):  # no weight grad
             continue
         elif isinstance(module, nn.Linear) or _is_conv1d(module):

@@ -180,7 +180,11 @@ class RecordingTracker(PositionTracker):
         return entry
 
     def _owner_of(self, args: tuple, out: Any = None) -> int | None:
-        first = next((a for a in args if isinstance(a, torch.Tensor)), None)
+        first = None
+        for a in args:  # the first tensor argument (a loop: no generator per op)
+            if isinstance(a, torch.Tensor):
+                first = a
+                break
         if type(first) is not torch.Tensor:  # a plain tensor is its own local tensor
             first = local_tensor(first)
             if first is None or is_traceable_wrapper_subclass(first):
@@ -258,8 +262,8 @@ class RecordingCounter(OpCounter):
         with super().phase(name):
             yield
 
-    def count(self, func, args: tuple, kwargs: dict, out: Any) -> None:
-        super().count(func, args, kwargs, out)
+    def count(self, func, args: tuple, kwargs: dict, out: Any, known=None) -> None:
+        super().count(func, args, kwargs, out, known)
         self.op_labels.append(self.label)
         cost = self.sequence[-1][2]
         if cost is not None and cost.kind == "foreach":

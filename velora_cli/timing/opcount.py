@@ -34,7 +34,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
-from velora_cli.measure.meta_ops import _Bypass, _key
+from velora_cli.measure.meta_ops import OpKey, _Bypass, _key
 from velora_cli.timing.flops import gemm_shape, op_flops
 
 # Op classes: each has its own efficiency in the roofline (timing/roofline.py).
@@ -421,6 +421,9 @@ class OpCosts:
         return self._tables.setdefault(device_type, {})
 
 
+_MISSING = object()  # a cost key not in the table yet
+
+
 class OpCounter(TorchDispatchMode):
     """Count the FLOPs and bytes of every op dispatched while active, by step phase.
 
@@ -473,17 +476,17 @@ class OpCounter(TorchDispatchMode):
         self.count(func, args, kwargs, out)
         return out
 
-    def count(self, func, args: tuple, kwargs: dict, out: Any) -> None:
+    def count(self, func, args: tuple, kwargs: dict, out: Any, known: OpKey | None = None) -> None:
         """Count one dispatched op that returned ``out``: what this mode does after each op,
         and what a `measure.tracker.MemoryTracker` counting with this counter (its
         ``counting``) calls inside its own mode instead, as the last thing it does per op (one
-        mode for both instead of this one stacked above the tracker's)."""
+        mode for both instead of this one stacked above the tracker's). ``known``: the
+        meta-kernel cache's keys of this op's arguments (`meta_ops.OpKey`), not computed again."""
         if _never_counted(func):  # no key needed: `op_cost` gives None for every call
             cost = None
-        elif (key := _cost_key(func, args, kwargs, out)) is None:  # an argument without a key
+        elif (key := _cost_key(func, args, kwargs, out, known)) is None:  # an argument unkeyed
             cost = op_cost(func, args, kwargs, out, self.device_type)
-        elif key in self._costs:
-            cost = self._costs[key]
+        elif (cost := self._costs.get(key, _MISSING)) is not _MISSING:
             self.cost_hits += 1
         else:
             cost = op_cost(func, args, kwargs, out, self.device_type)
@@ -512,15 +515,27 @@ class OpCounter(TorchDispatchMode):
         )
 
 
-def _cost_key(func, args: tuple, kwargs: dict, out: Any) -> tuple | None:
+def _cost_key(
+    func, args: tuple, kwargs: dict, out: Any, known: OpKey | None = None
+) -> tuple | None:
     """What an op's `OpCost` depends on: the op, its arguments' and outputs' metadata (shape,
     stride, dtype, device, offset: `meta_ops` keys) and which outputs alias an input; None when
-    an argument has no such key (then the cost is computed afresh)."""
-    storages: list[int] = []  # every tensor's storage, in the order the keys meet them
+    an argument has no such key (then the cost is computed afresh). ``known``: the arguments'
+    keys from the meta-kernel cache (`meta_ops.OpKey`), and the outputs' for a replay, which
+    are fresh storages (each its own, none an input's)."""
     try:
-        key = (func, _key(args, storages),
-               _key(tuple(sorted(kwargs.items())), storages) if kwargs else (),
-               _key(out, storages))  # fmt: skip
+        if known is None:
+            storages: list[int] = []  # every tensor's storage, in the order the keys meet them
+            key = (func, _key(args, storages),
+                   _key(tuple(sorted(kwargs.items())), storages) if kwargs else (),
+                   _key(out, storages))  # fmt: skip
+        else:
+            storages = list(known.storages)
+            if known.out is None:
+                key = (*known.key, _key(out, storages))
+            else:  # a fresh storage per output: ids no tensor's storage has (``_cdata`` > 0)
+                key = (*known.key, known.out)
+                storages.extend(range(-1, -known.fresh - 1, -1))
     except _Bypass:
         return None
     # the same tensor read twice counts once: which tensors share storages (each tensor as the
